@@ -1,0 +1,61 @@
+# Two commands do everything on a fresh Debian 12 machine with Python 3.11:
+#   make demo   run the daemon on the example video and print its events
+#   make test   lint, type-check and run the whole test suite
+# Each installs what is missing first (Debian packages through apt-get, Python packages into .venv).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+SHARED ?= ../shared
+APT_PACKAGES := python3-venv libgl1 libglib2.0-0
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+export VIGILD_MEDIA ?= $(abspath $(SHARED)/media)
+export VIGILD_MODELS ?= $(abspath $(SHARED)/models)
+# never let ultralytics try to download or pip-install anything in the demo and tests
+export YOLO_OFFLINE ?= 1
+
+.PHONY: setup system-deps demo test lint unit e2e bench clean
+
+setup: $(VENV)/.installed
+
+system-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		echo "installing Debian packages: $$missing"; \
+		$$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml | system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q $(TORCH)
+	$(VENV)/bin/pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	@echo "vigild on $(VIGILD_MEDIA)/vtest.avi at its own 10 fps; events follow (Ctrl-C to stop)"
+	@trap 'kill $$sub $$daemon 2>/dev/null' EXIT; \
+	$(VENV)/bin/vigild sub --topics --timeout 30 & sub=$$!; \
+	$(VENV)/bin/vigild run --config configs/vtest.yaml --log-level WARNING & daemon=$$!; \
+	wait $$daemon; sleep 1
+
+lint: setup
+	$(VENV)/bin/ruff check daemon plugins tests bench
+	$(VENV)/bin/mypy daemon plugins
+
+unit: setup
+	$(VENV)/bin/python -m pytest -m "not e2e"
+
+e2e: setup
+	$(VENV)/bin/python -m pytest -m e2e
+
+test: lint
+	@$(VENV)/bin/python -m pytest; rc=$$?; \
+	if [ $$rc = 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+bench: setup
+	$(VENV)/bin/python bench/throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,297 @@
+"""The daemon's configuration: typed models for one YAML file, and `load_config` that validates it whole.
+
+Every problem is reported as `file:line: key.path: what was expected`, all of them at once, so a user fixes a
+config in one round. Plugin sections are validated by the plugin's own `Config` model, found by `type`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vigild.events import SYSTEM_CAMERA
+from vigild.plugin import PLUGIN_ID_PATTERN, Plugin, PluginConfig
+from vigild.registry import PluginLookupError, load_plugin_class
+from vigild.yamlsource import ConfigError, KeyPath, Problem, YamlDocument, expand_env, load_yaml
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ReconnectConfig(StrictModel):
+    initial_delay: float = Field(1.0, gt=0, description="Seconds before the first retry.")
+    max_delay: float = Field(30.0, gt=0, description="Retries back off exponentially up to this many seconds.")
+    jitter: float = Field(
+        0.2, ge=0, le=1, description="Random fraction added to each delay, so cameras do not retry in step."
+    )
+
+
+def _not_reserved(name: str) -> str:
+    if name == SYSTEM_CAMERA:
+        raise ValueError(f"'{SYSTEM_CAMERA}' is reserved for daemon events; choose another camera name")
+    return name
+
+
+CameraName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$"), AfterValidator(_not_reserved)]
+"""Letters, digits, `_` and `-`: a name is one segment of the event topic `vigild.<camera>.<type>`."""
+
+
+class CameraConfig(StrictModel):
+    source: str = Field(
+        description="A video file path, an rtsp:// or http(s):// URL, or a local camera (0, /dev/video0)."
+    )
+    fps: float | None = Field(None, gt=0, description="Process at most this many frames per second.")
+    resize: tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]] | None = Field(
+        None, description="[width, height] to scale frames to before the chain sees them."
+    )
+    realtime: bool = Field(
+        True,
+        description="Files: play at the file's own frame rate like a camera; false reads as fast as the chain consumes.",
+    )
+    loop: bool = Field(False, description="Files: start again at the end instead of ending the camera.")
+    enabled: bool = True
+    plugins: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-plugin overrides by plugin id: parameters, or `enabled: false`."
+    )
+    reconnect: ReconnectConfig = ReconnectConfig()
+
+
+class SchedulerConfig(StrictModel):
+    max_batch: int = Field(8, ge=1, description="Most frames (from all cameras) in one batch through the chain.")
+    max_wait_ms: float = Field(5.0, ge=0, description="How long a batch waits for more frames once it has one.")
+
+
+class PublisherConfig(StrictModel):
+    endpoint: str = Field("tcp://127.0.0.1:5555", description="ZeroMQ endpoint the PUB socket binds.")
+    hwm: int = Field(1000, ge=1, description="ZeroMQ send high-water mark per subscriber, in messages.")
+    queue_size: int = Field(
+        10000, ge=1, description="Events waiting for the publisher thread before new ones are dropped."
+    )
+    heartbeat_interval: float = Field(1.0, gt=0, description="Seconds between `vigild.sys.heartbeat` messages.")
+    linger_ms: int = Field(1000, ge=0, description="How long closing waits to flush queued messages.")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _known_transport(cls, value: str) -> str:
+        if not value.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ValueError("expected a ZeroMQ endpoint such as tcp://127.0.0.1:5555 or ipc:///run/vigild/events")
+        return value
+
+
+class DaemonSettings(StrictModel):
+    """The top level of the file, with the plugin list still raw (its entries are validated per plugin)."""
+
+    cameras: dict[CameraName, CameraConfig] = Field(min_length=1)
+    plugins: list[dict[str, Any]] = Field(default_factory=list)
+    publisher: PublisherConfig = PublisherConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    torch_threads: int | None = Field(
+        None, ge=1, description="Threads torch may use on the CPU; default: torch's own choice."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """One entry of the chain, resolved: its class, its own config, and each camera's effective config."""
+
+    id: str
+    cls: type[Plugin]
+    config: PluginConfig
+    per_camera: Mapping[str, PluginConfig]
+    """Effective config for each enabled camera that runs this plugin (with its overrides applied)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    file: Path
+    settings: DaemonSettings
+    chain: tuple[PluginSpec, ...]
+    document: YamlDocument
+    """The parsed file, kept to point at lines when a plugin finds a problem only at start."""
+
+    def error(self, path: KeyPath, message: str) -> ConfigError:
+        return ConfigError(self.file, [self.document.problem(path, message)])
+
+    @property
+    def cameras(self) -> dict[str, CameraConfig]:
+        return {name: cam for name, cam in self.settings.cameras.items() if cam.enabled}
+
+
+def load_config(file: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, expand and validate a config file; raises `ConfigError` listing every problem found."""
+    document = load_yaml(file)
+    problems = expand_env(document, environ)
+    if problems:
+        raise ConfigError(document.file, problems)
+    if not isinstance(document.data, dict):
+        raise ConfigError(document.file, [document.problem((), "expected a mapping with at least `cameras:`")])
+    try:
+        settings = DaemonSettings.model_validate(document.data)
+    except ValidationError as exc:
+        raise ConfigError(document.file, _problems(document, exc, (), DaemonSettings)) from None
+    chain, problems = _resolve_chain(document, settings)
+    if problems:
+        raise ConfigError(document.file, problems)
+    return Config(document.file, settings, tuple(chain), document)
+
+
+def _resolve_chain(document: YamlDocument, settings: DaemonSettings) -> tuple[list[PluginSpec], list[Problem]]:
+    problems: list[Problem] = []
+    chain: list[PluginSpec] = []
+    ids: dict[str, int] = {}
+    for position, raw in enumerate(settings.plugins):
+        path: KeyPath = ("plugins", position)
+        type_name = raw.get("type")
+        if not isinstance(type_name, str):
+            problems.append(document.problem((*path, "type"), "every plugin needs `type:` naming the plugin"))
+            continue
+        try:
+            cls = load_plugin_class(type_name)
+        except PluginLookupError as exc:
+            problems.append(document.problem((*path, "type"), str(exc)))
+            continue
+        try:
+            base = cls.Config.model_validate(raw)
+        except ValidationError as exc:
+            problems.extend(_problems(document, exc, path, cls.Config))
+            continue
+        plugin_id = base.id or base.type
+        if plugin_id in ids:
+            problems.append(
+                document.problem(
+                    (*path, "id"),
+                    f"plugin id '{plugin_id}' is already used by plugins.{ids[plugin_id]}; set a distinct `id:`",
+                )
+            )
+            continue
+        ids[plugin_id] = position
+        per_camera, camera_problems = _per_camera_configs(document, settings, cls, raw, base, plugin_id, path)
+        problems.extend(camera_problems)
+        chain.append(PluginSpec(plugin_id, cls, base, per_camera))
+
+    for name, camera in settings.cameras.items():
+        for plugin_id in camera.plugins:
+            if plugin_id not in ids:
+                known = ", ".join(ids) or "none"
+                problems.append(
+                    document.problem(
+                        ("cameras", name, "plugins", plugin_id),
+                        f"no plugin with id '{plugin_id}' in `plugins:` (ids: {known})",
+                    )
+                )
+    return chain, problems
+
+
+def _per_camera_configs(
+    document: YamlDocument,
+    settings: DaemonSettings,
+    cls: type[Plugin],
+    raw: dict[str, Any],
+    base: PluginConfig,
+    plugin_id: str,
+    path: KeyPath,
+) -> tuple[dict[str, PluginConfig], list[Problem]]:
+    problems: list[Problem] = []
+    per_camera: dict[str, PluginConfig] = {}
+    for name, camera in settings.cameras.items():
+        if not camera.enabled:
+            continue
+        override = dict(camera.plugins.get(plugin_id, {}))
+        override_path: KeyPath = ("cameras", name, "plugins", plugin_id)
+        enabled = override.pop("enabled", True)
+        if not isinstance(enabled, bool):
+            problems.append(document.problem((*override_path, "enabled"), f"expected true or false, got {enabled!r}"))
+            continue
+        if not enabled:
+            continue
+        if not override:
+            per_camera[name] = base
+            continue
+        for fixed in ("type", "id"):
+            if fixed in override:
+                problems.append(document.problem((*override_path, fixed), f"`{fixed}` cannot be overridden per camera"))
+        try:
+            per_camera[name] = cls.Config.model_validate({**raw, **override})
+        except ValidationError as exc:
+            for problem in _problems(document, exc, (), cls.Config):
+                key = problem.path[0] if problem.path else None
+                where = override_path if key in override else path
+                problems.append(document.problem((*where, *problem.path), problem.message))
+    return per_camera, problems
+
+
+def _problems(document: YamlDocument, exc: ValidationError, prefix: KeyPath, model: type[BaseModel]) -> list[Problem]:
+    problems = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(
+            part
+            for part in error["loc"]
+            if not (isinstance(part, str) and (part.startswith("function-") or part == "[key]"))
+        )
+        path = (*prefix, *loc)
+        problems.append(document.problem(path, _describe(error, model, loc)))
+    return problems
+
+
+def _describe(error: Mapping[str, Any], model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    kind = error["type"]
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(model, loc[:-1])
+        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+        return f"unknown key{hint}"
+    message = str(error["msg"])
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    given = error.get("input")
+    if given is not None and not isinstance(given, (dict, list)):
+        message += f", got {json.dumps(given) if isinstance(given, str) else given!r}"
+    return message
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model found at `loc` inside `model`, for 'unknown key' hints (best effort)."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        if isinstance(part, str) and part in current.model_fields:
+            current = _model_in(current.model_fields[part].annotation)
+        else:  # a dict key or list index: the container's item model was already chosen
+            continue
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _model_in(annotation: Any) -> Any:
+    """The BaseModel inside `X`, `X | None`, `dict[str, X]` or `list[X]`, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in reversed(getattr(annotation, "__args__", ()) or ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+__all__ = [
+    "PLUGIN_ID_PATTERN",
+    "CameraConfig",
+    "Config",
+    "ConfigError",
+    "DaemonSettings",
+    "PluginSpec",
+    "PublisherConfig",
+    "SchedulerConfig",
+    "load_config",
+]

@@ -1,0 +1,65 @@
+"""Events: what plugins and the daemon tell subscribers. The wire format is documented in docs/events.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from vigild.frame import Detections
+
+SCHEMA_VERSION = 1
+TOPIC_ROOT = "vigild"
+SYSTEM_CAMERA = "sys"
+"""Pseudo-camera of daemon-wide events such as the heartbeat; no real camera may take this name."""
+
+
+@dataclass
+class Event:
+    """One event before the publisher stamps it with `seq` and `id`.
+
+    `data` holds the type-specific fields; they go to the top level of the JSON next to the common ones.
+    """
+
+    type: str
+    camera: str
+    ts_wall: float
+    frame: int | None = None
+    object: dict[str, Any] | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def topic(self) -> str:
+        return f"{TOPIC_ROOT}.{self.camera}.{self.type}"
+
+    def to_json_dict(self, seq: int, event_id: str) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "schema": SCHEMA_VERSION,
+            "seq": seq,
+            "id": event_id,
+            "type": self.type,
+            "camera": self.camera,
+            "frame": self.frame,
+            "ts": iso_utc(self.ts_wall),
+        }
+        if self.object is not None:
+            body["object"] = self.object
+        body.update(self.data)
+        return body
+
+
+def iso_utc(ts_wall: float) -> str:
+    """ISO 8601 in UTC with millisecond precision and a `Z` suffix, e.g. `2026-11-23T10:15:02.123Z`."""
+    return datetime.fromtimestamp(ts_wall, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def object_payload(detections: Detections, i: int) -> dict[str, Any]:
+    """The `object` field of an event about detection `i`."""
+    x1, y1, x2, y2 = (round(float(v), 1) for v in detections.xyxy[i])
+    return {
+        "track_id": int(detections.tracker_id[i]),
+        "label": detections.label(i),
+        "class_id": int(detections.class_id[i]),
+        "confidence": round(float(detections.confidence[i]), 4),
+        "bbox": [x1, y1, x2, y2],
+    }

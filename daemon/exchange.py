@@ -1,0 +1,113 @@
+"""The hand-over between capture threads and the scheduler: one latest-frame slot per camera.
+
+A camera that is faster than the chain overwrites its unconsumed frame (the old one is dropped and counted)
+instead of queueing it, so latency never grows. A file read "as fast as possible" waits for its slot to empty
+instead, so benchmarks see every frame. Camera notices (up, down, ended) travel through the same place so the
+scheduler handles them in order with the frames.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from enum import StrEnum
+
+from vigild.frame import Frame
+
+
+class NoticeKind(StrEnum):
+    UP = "up"
+    DOWN = "down"
+    ENDED = "ended"
+
+
+@dataclass(frozen=True)
+class Notice:
+    camera: str
+    kind: NoticeKind
+    ts_wall: float
+    frame_index: int
+    detail: dict[str, object]
+
+
+@dataclass
+class Taken:
+    frames: list[Frame]
+    opened: list[Notice]
+    """`up` notices, to handle before the frames (they were posted before these frames were captured)."""
+    closed: list[Notice]
+    """`down`/`ended` notices of cameras with no frame left waiting: handle after the frames."""
+
+
+class FrameExchange:
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._frames: dict[str, Frame] = {}
+        self._notices: deque[Notice] = deque()
+        self._closed = False
+        self.drops: Counter[str] = Counter()
+
+    def put(self, frame: Frame, wait: bool = False) -> bool:
+        """Offer `frame`; with `wait`, block until the previous one was taken. False once the exchange is closed."""
+        with self._cond:
+            if wait:
+                self._cond.wait_for(lambda: frame.camera not in self._frames or self._closed)
+            if self._closed:
+                return False
+            if frame.camera in self._frames:
+                self.drops[frame.camera] += 1
+            self._frames[frame.camera] = frame
+            self._cond.notify_all()
+            return True
+
+    def notify(self, notice: Notice) -> None:
+        with self._cond:
+            self._notices.append(notice)
+            self._cond.notify_all()
+
+    def take(self, max_frames: int, max_wait: float, want: int, timeout: float) -> Taken:
+        """Wait up to `timeout` for anything, then up to `max_wait` more until `want` frames are ready.
+
+        Returns at most `max_frames` frames, oldest capture first; a camera left out keeps its frame for the
+        next call.
+        """
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._frames or self._notices or self._closed, timeout):
+                return Taken([], [], [])
+            if self._frames and len(self._frames) < want and max_wait > 0:
+                deadline = time.monotonic() + max_wait
+                self._cond.wait_for(
+                    lambda: len(self._frames) >= want or self._closed, max(0.0, deadline - time.monotonic())
+                )
+            ready = sorted(self._frames.values(), key=lambda f: f.ts_mono)[:max_frames]
+            for frame in ready:
+                del self._frames[frame.camera]
+            opened: list[Notice] = []
+            closed: list[Notice] = []
+            kept: deque[Notice] = deque()
+            blocked: set[str] = set()
+            for notice in self._notices:
+                # a notice waits while its camera still has an older frame pending, or an earlier notice waits
+                if notice.camera in self._frames or notice.camera in blocked:
+                    blocked.add(notice.camera)
+                    kept.append(notice)
+                elif notice.kind is NoticeKind.UP:
+                    opened.append(notice)
+                else:
+                    closed.append(notice)
+                    blocked.add(notice.camera)  # a later `up` must wait for the next round, after this `down`
+            self._notices = kept
+            self._cond.notify_all()
+            return Taken(ready, opened, closed)
+
+    def close(self) -> None:
+        """Wake everyone; later puts are refused."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def pending(self) -> list[Frame]:
+        with self._cond:
+            return list(self._frames.values())

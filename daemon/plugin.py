@@ -1,0 +1,79 @@
+"""The plugin interface: a pydantic config paired with a class that processes a batch of frames.
+
+Lifecycle (as in Savant): `__init__(config, context)` validates and keeps settings, `start()` loads models and
+opens resources, `process(frames)` runs once per batch on the scheduler thread, `on_source_end(camera)` lets a
+plugin close what it holds for a camera that stopped (a file that ended), and `stop()` releases everything.
+Plugins only read and add to the frames they are given; they never call one another.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vigild.events import Event
+from vigild.frame import Frame
+
+PLUGIN_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
+
+
+class PluginConfig(BaseModel):
+    """Base of every plugin's config. Subclasses set `type: Literal["name"] = "name"` and their own fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+    id: str | None = Field(
+        default=None, pattern=PLUGIN_ID_PATTERN, description="Name used by per-camera overrides; defaults to `type`."
+    )
+
+
+@dataclass(frozen=True)
+class PluginContext:
+    """What the daemon tells a plugin about its surroundings."""
+
+    device: str
+    """Resolved compute device: `cpu` or `cuda:N`."""
+    cameras: Mapping[str, Any] = field(default_factory=dict)
+    """Config of each camera this plugin instance serves, by name."""
+    torch_threads: int | None = None
+
+
+ConfigT = TypeVar("ConfigT", bound=PluginConfig)
+
+
+class Plugin(ABC, Generic[ConfigT]):
+    Config: ClassVar[type[PluginConfig]]
+
+    def __init__(self, config: ConfigT, context: PluginContext):
+        self.config = config
+        self.context = context
+        self.log = logging.getLogger(f"vigild.plugins.{config.id or config.type}")
+
+    def start(self) -> None:
+        """Load models and open resources. An exception here stops the daemon before any camera starts."""
+
+    @abstractmethod
+    def process(self, frames: list[Frame]) -> None:
+        """Read and annotate `frames` (from one or more cameras) in place: set detections, append events."""
+
+    def on_source_end(self, camera: str, ts_wall: float, frame_index: int) -> list[Event]:
+        """`camera` will send no more frames (its file ended or the daemon stops): return the closing events."""
+        return []
+
+    def stop(self) -> None:
+        """Release resources; called once, after the last `process`."""
+
+
+class PluginConfigError(ValueError):
+    """Raised by `start()` when a setting turns out to be wrong only once the model is loaded (e.g. a class
+    name the model does not know); the daemon reports it like any config error, with the key and exit code 2."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(message)

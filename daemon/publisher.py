@@ -1,0 +1,150 @@
+"""The ZeroMQ PUB side: events go out as `[topic, json]` multipart messages from one dedicated thread.
+
+`publish()` never blocks its caller: it stamps the event with the next `seq` and puts it on a bounded queue; when
+the queue is full the event is dropped and counted, and because `seq` was already taken a subscriber sees the gap.
+The socket sends without blocking; at the high-water mark ZeroMQ drops for that subscriber, also counted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import zmq
+
+from vigild.config import PublisherConfig
+from vigild.events import Event
+
+log = logging.getLogger("vigild.publisher")
+
+_STOP = object()
+
+
+@dataclass
+class PublisherStats:
+    queued: int = 0
+    sent: int = 0
+    dropped_queue_full: int = 0
+    dropped_unsendable: int = 0
+    """Refused by ZeroMQ or not encodable as JSON. A PUB socket drops silently for one subscriber at its
+    high-water mark; that subscriber sees those drops as gaps in `seq`."""
+
+
+class PublisherError(Exception):
+    pass
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    if not endpoint.startswith("tcp://"):
+        return True  # ipc:// and inproc:// never leave the machine
+    host = urlsplit(endpoint).hostname or ""
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Publisher:
+    def __init__(
+        self,
+        config: PublisherConfig,
+        heartbeat: Callable[[], Event] | None = None,
+        context: zmq.Context | None = None,
+    ):
+        self.config = config
+        self.stats = PublisherStats()
+        self.sent_by_type: Counter[str] = Counter()
+        self._heartbeat = heartbeat
+        self._context = context or zmq.Context.instance()
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.queue_size)
+        self._seq = 0
+        self._seq_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
+        self._bound = threading.Event()
+        self._bind_error: str | None = None
+
+    def start(self) -> None:
+        """Bind in the publisher thread (sockets stay on one thread) and wait for the outcome."""
+        if not is_loopback_endpoint(self.config.endpoint):
+            log.warning(
+                "publisher binds %s, which is reachable from other machines: anyone who can connect receives "
+                "every event; bind to 127.0.0.1 unless that is intended",
+                self.config.endpoint,
+            )
+        self._thread.start()
+        self._bound.wait()
+        if self._bind_error is not None:
+            self._thread.join()
+            raise PublisherError(f"cannot bind publisher to {self.config.endpoint}: {self._bind_error}")
+
+    def publish(self, event: Event) -> None:
+        with self._seq_lock:
+            self._seq += 1
+            seq = self._seq
+        try:
+            self._queue.put_nowait((seq, event))
+            self.stats.queued += 1
+        except queue.Full:
+            self.stats.dropped_queue_full += 1
+
+    def stop(self) -> None:
+        """Send what is queued, then close the socket with the configured linger."""
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join()
+
+    def _run(self) -> None:
+        socket = self._context.socket(zmq.PUB)
+        socket.setsockopt(zmq.SNDHWM, self.config.hwm)
+        socket.setsockopt(zmq.LINGER, self.config.linger_ms)
+        try:
+            socket.bind(self.config.endpoint)
+        except zmq.ZMQError as exc:
+            self._bind_error = str(exc)
+            socket.close(linger=0)
+            self._bound.set()
+            return
+        self._bound.set()
+        interval = self.config.heartbeat_interval
+        next_heartbeat = time.monotonic() + interval
+        try:
+            while True:
+                try:
+                    item = self._queue.get(timeout=max(0.0, next_heartbeat - time.monotonic()))
+                except queue.Empty:
+                    item = None
+                if item is _STOP:
+                    break
+                if item is not None:
+                    self._send(socket, *item)
+                if self._heartbeat is not None and time.monotonic() >= next_heartbeat:
+                    next_heartbeat += interval
+                    if next_heartbeat < time.monotonic():  # we fell behind: do not burst to catch up
+                        next_heartbeat = time.monotonic() + interval
+                    self.publish(self._heartbeat())
+        finally:
+            socket.close()
+
+    def _send(self, socket: zmq.Socket, seq: int, event: Event) -> None:
+        try:
+            body = event.to_json_dict(seq, uuid.uuid4().hex)
+            payload = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+            socket.send_multipart([event.topic.encode(), payload], flags=zmq.NOBLOCK)
+        except (zmq.Again, ValueError, TypeError) as exc:
+            self.stats.dropped_unsendable += 1
+            log.warning("dropped %s event seq=%d: %s", event.topic, seq, exc)
+            return
+        self.stats.sent += 1
+        self.sent_by_type[event.type] += 1

@@ -1,0 +1,105 @@
+"""The scheduler thread: gather ready frames from all cameras into a batch, run the chain, publish the events.
+
+A batch closes when it holds `max_batch` frames, when every streaming camera has contributed one, or
+`max_wait_ms` after its first frame, whichever comes first, so one model call serves many cameras.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from vigild.chain import Chain
+from vigild.config import SchedulerConfig
+from vigild.events import Event
+from vigild.exchange import FrameExchange, Notice, NoticeKind
+from vigild.publisher import Publisher
+
+log = logging.getLogger("vigild.scheduler")
+
+POLL_S = 0.2
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        exchange: FrameExchange,
+        chain: Chain,
+        publisher: Publisher,
+        cameras: list[str],
+        streaming_count: Callable[[], int],
+        on_all_ended: Callable[[], None],
+    ):
+        self.config = config
+        self.exchange = exchange
+        self.chain = chain
+        self.publisher = publisher
+        self.cameras = cameras
+        self._streaming_count = streaming_count
+        self._on_all_ended = on_all_ended
+        self.processed: Counter[str] = Counter()
+        self.batches = 0
+        self.frames_in_batches = 0
+        self.last_latency_s: dict[str, float] = {}
+        self.last_progress = time.monotonic()
+        self._ended: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish the batch in flight, publish the closing events of every camera still open, and return."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        max_wait = self.config.max_wait_ms / 1000.0
+        while not self._stop.is_set():
+            want = max(1, min(self.config.max_batch, self._streaming_count()))
+            taken = self.exchange.take(self.config.max_batch, max_wait, want, POLL_S)
+            self.last_progress = time.monotonic()
+            for notice in taken.opened:
+                self._publish_camera_event(notice, "camera.up")
+            if taken.frames:
+                self._process(taken.frames)
+            for notice in taken.closed:
+                self._close_camera(notice)
+        for camera in self.cameras:
+            if camera not in self._ended:
+                self._close_camera(Notice(camera, NoticeKind.DOWN, time.time(), -1, {"reason": "stopped"}))
+
+    def _process(self, frames: list) -> None:
+        try:
+            passed = self.chain.process(frames)
+        except Exception:  # the chain isolates plugin failures; this is a bug in vigild itself, keep running
+            log.exception("chain failed on a batch of %d frames", len(frames))
+            return
+        now = time.monotonic()
+        self.batches += 1
+        self.frames_in_batches += len(frames)
+        for frame in passed:
+            self.processed[frame.camera] += 1
+            self.last_latency_s[frame.camera] = now - frame.ts_mono
+            for event in frame.events:
+                self.publisher.publish(event)
+
+    def _close_camera(self, notice: Notice) -> None:
+        """Let plugins close what they hold for the camera (tracks...), then say it is down."""
+        for event in self.chain.source_ended(notice.camera, notice.ts_wall, notice.frame_index):
+            self.publisher.publish(event)
+        self._publish_camera_event(notice, "camera.down")
+        if notice.kind is NoticeKind.ENDED or notice.detail.get("reason") == "stopped":
+            self._ended.add(notice.camera)
+            if notice.kind is NoticeKind.ENDED and all(camera in self._ended for camera in self.cameras):
+                log.info("every camera has ended; stopping")
+                self._on_all_ended()
+
+    def _publish_camera_event(self, notice: Notice, event_type: str) -> None:
+        frame = notice.frame_index if notice.frame_index >= 0 else None
+        self.publisher.publish(Event(event_type, notice.camera, notice.ts_wall, frame, data=dict(notice.detail)))
