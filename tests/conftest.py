@@ -48,3 +48,58 @@ def vigild(*args: str, env: dict[str, str] | None = None, **popen: object) -> su
 @pytest.fixture
 def endpoint() -> str:
     return free_endpoint()
+
+
+class PlainSubscriber:
+    """tests/plain_subscriber.py in its own process, writing what it receives to a file."""
+
+    def __init__(self, endpoint: str, out: Path, idle_s: float = 5.0):
+        self.out = out
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "plain_subscriber.py"), endpoint, str(out), str(idle_s)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None and self.process.stdout.readline().strip() == "ready"
+
+    def messages(self) -> list[dict]:
+        import json
+
+        if not self.out.exists():
+            return []
+        lines = self.out.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.endswith("}")]
+
+    def wait_for(self, predicate, timeout: float) -> list[dict]:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            messages = self.messages()
+            if predicate(messages):
+                return messages
+            time.sleep(0.1)
+        raise AssertionError(f"timed out after {timeout} s; got {len(self.messages())} messages")
+
+    def finish(self, timeout: float = 30) -> list[dict]:
+        self.process.wait(timeout)
+        return self.messages()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def subscriber_factory(tmp_path):
+    started: list[PlainSubscriber] = []
+
+    def start(endpoint: str, idle_s: float = 5.0) -> PlainSubscriber:
+        subscriber = PlainSubscriber(endpoint, tmp_path / f"events-{len(started)}.jsonl", idle_s)
+        started.append(subscriber)
+        return subscriber
+
+    yield start
+    for subscriber in started:
+        subscriber.kill()

@@ -1,0 +1,25 @@
+"""An independent subscriber for the end-to-end tests: plain pyzmq, none of vigild's code.
+
+Usage: python plain_subscriber.py ENDPOINT OUTFILE IDLE_SECONDS
+Writes one JSON line per message, `{"topic": ..., "event": {...}}`, and exits after IDLE_SECONDS without one.
+"""
+
+import json
+import sys
+
+import zmq
+
+endpoint, outfile, idle = sys.argv[1], sys.argv[2], float(sys.argv[3])
+context = zmq.Context()
+socket = context.socket(zmq.SUB)
+socket.setsockopt(zmq.RCVHWM, 0)  # keep everything: the test checks that nothing is missing
+socket.setsockopt(zmq.SUBSCRIBE, b"")
+socket.connect(endpoint)
+with open(outfile, "w", encoding="utf-8") as out:
+    print("ready", flush=True)
+    while socket.poll(int(idle * 1000)):
+        topic, payload = socket.recv_multipart()
+        out.write(json.dumps({"topic": topic.decode(), "event": json.loads(payload)}) + "\n")
+        out.flush()
+socket.close(linger=0)
+context.term()

@@ -1,0 +1,90 @@
+"""The latest-frame hand-over between capture threads and the scheduler."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from vigild.exchange import FrameExchange, Notice, NoticeKind
+from vigild.frame import Frame
+
+IMAGE = np.zeros((4, 4, 3), np.uint8)
+
+
+def frame(camera: str, index: int) -> Frame:
+    return Frame(camera, index, time.time(), time.monotonic(), IMAGE)
+
+
+def test_slower_consumer_drops_the_oldest_frame_and_counts_it():
+    exchange = FrameExchange()
+    for i in range(5):
+        exchange.put(frame("door", i))
+    taken = exchange.take(max_frames=8, max_wait=0, want=1, timeout=0.1)
+    assert [f.index for f in taken.frames] == [4]  # only the latest: no queue of stale frames
+    assert exchange.drops["door"] == 4
+
+
+def test_waiting_put_loses_nothing():
+    exchange = FrameExchange()
+    received: list[int] = []
+
+    def consume() -> None:
+        while len(received) < 50:
+            taken = exchange.take(8, 0, 1, 0.5)
+            received.extend(f.index for f in taken.frames)
+            time.sleep(0.001)
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    for i in range(50):
+        assert exchange.put(frame("file", i), wait=True)
+    consumer.join(5)
+    assert received == list(range(50))
+    assert exchange.drops["file"] == 0
+
+
+def test_batch_collects_one_frame_per_camera_oldest_first_up_to_max():
+    exchange = FrameExchange()
+    for camera in ["c", "a", "b"]:
+        exchange.put(frame(camera, 0))
+    taken = exchange.take(max_frames=2, max_wait=0, want=3, timeout=0.1)
+    assert [f.camera for f in taken.frames] == ["c", "a"]
+    assert [f.camera for f in exchange.take(2, 0, 1, 0.1).frames] == ["b"]
+
+
+def test_batch_waits_up_to_max_wait_for_more_cameras():
+    exchange = FrameExchange()
+    exchange.put(frame("a", 0))
+    threading.Timer(0.05, lambda: exchange.put(frame("b", 0))).start()
+    taken = exchange.take(max_frames=8, max_wait=2.0, want=2, timeout=0.1)
+    assert sorted(f.camera for f in taken.frames) == ["a", "b"]
+    exchange.put(frame("a", 1))
+    started = time.monotonic()
+    taken = exchange.take(max_frames=8, max_wait=0.05, want=2, timeout=0.1)
+    assert [f.camera for f in taken.frames] == ["a"]
+    assert time.monotonic() - started < 1.0
+
+
+def test_down_notice_waits_until_the_cameras_last_frame_is_taken():
+    exchange = FrameExchange()
+    exchange.notify(Notice("a", NoticeKind.UP, time.time(), 0, {}))
+    exchange.put(frame("a", 0))
+    exchange.notify(Notice("a", NoticeKind.ENDED, time.time(), 0, {}))
+    taken = exchange.take(8, 0, 1, 0.1)
+    assert [n.kind for n in taken.opened] == [NoticeKind.UP]
+    assert [f.index for f in taken.frames] == [0]
+    assert [n.kind for n in taken.closed] == [NoticeKind.ENDED]
+
+
+def test_close_releases_a_blocked_producer():
+    exchange = FrameExchange()
+    exchange.put(frame("a", 0))
+    results: list[bool] = []
+    producer = threading.Thread(target=lambda: results.append(exchange.put(frame("a", 1), wait=True)))
+    producer.start()
+    time.sleep(0.05)
+    exchange.close()
+    producer.join(2)
+    assert results == [False]

@@ -1,0 +1,151 @@
+"""The ZeroMQ publisher over real sockets: framing, seq, non-blocking under slow or absent subscribers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import zmq
+from conftest import ROOT
+
+from vigild.client import Subscriber
+from vigild.config import PublisherConfig
+from vigild.events import Event
+from vigild.publisher import Publisher, is_loopback_endpoint
+
+
+def event(i: int, camera: str = "door") -> Event:
+    return Event("track.update", camera, 1_700_000_000.0 + i, i, {"track_id": i, "label": "person"})
+
+
+def connected(subscriber: Subscriber, publisher: Publisher) -> None:
+    """Publish probes until one arrives, so the subscription is in place (ZeroMQ's slow-joiner)."""
+    for _ in range(100):
+        publisher.publish(Event("probe", "sys", time.time()))
+        if subscriber.receive(timeout=0.05) is not None:
+            while subscriber.receive(timeout=0.05) is not None:
+                pass
+            return
+    raise AssertionError("subscriber never connected")
+
+
+def test_multipart_topic_and_json_with_consecutive_seq(endpoint):
+    publisher = Publisher(PublisherConfig(endpoint=endpoint))
+    publisher.start()
+    with Subscriber(endpoint) as subscriber:
+        connected(subscriber, publisher)
+        for i in range(20):
+            publisher.publish(event(i))
+        received = [subscriber.receive(timeout=2) for _ in range(20)]
+    publisher.stop()
+    assert all(m is not None for m in received)
+    assert [m.topic for m in received] == ["vigild.door.track.update"] * 20  # type: ignore[union-attr]
+    seqs = [m.event["seq"] for m in received]  # type: ignore[union-attr]
+    assert seqs == list(range(seqs[0], seqs[0] + 20))
+    first = received[0].event  # type: ignore[union-attr]
+    assert first["ts"] == "2023-11-14T22:13:20.000Z" and first["frame"] == 0 and first["object"]["track_id"] == 0
+    assert subscriber.missed == 0
+
+
+def test_topic_prefix_filters(endpoint):
+    publisher = Publisher(PublisherConfig(endpoint=endpoint))
+    publisher.start()
+    with Subscriber(endpoint, topics=["vigild.yard."]) as subscriber:
+        for _ in range(100):  # wait until the subscription is in place
+            publisher.publish(event(0, "yard"))
+            if subscriber.receive(timeout=0.05):
+                break
+        while subscriber.receive(timeout=0.1):
+            pass
+        publisher.publish(event(1, "door"))
+        publisher.publish(event(2, "yard"))
+        message = subscriber.receive(timeout=2)
+        assert message is not None and message.event["frame"] == 2
+        assert subscriber.receive(timeout=0.2) is None
+    publisher.stop()
+
+
+def test_full_queue_drops_and_counts_and_leaves_a_visible_gap():
+    publisher = Publisher(PublisherConfig(queue_size=2))  # not started: nothing drains the queue
+    for i in range(5):
+        publisher.publish(event(i))
+    assert publisher.stats.queued == 2 and publisher.stats.dropped_queue_full == 3
+    publisher.publish(event(5))
+    assert publisher._seq == 6  # seq was taken for the dropped ones too, so subscribers see the gap
+
+
+def test_slow_subscriber_never_blocks_publish(endpoint):
+    publisher = Publisher(PublisherConfig(endpoint=endpoint, hwm=10, queue_size=100_000))
+    publisher.start()
+    context = zmq.Context.instance()
+    sluggish = context.socket(zmq.SUB)
+    sluggish.setsockopt(zmq.RCVHWM, 1)
+    sluggish.setsockopt(zmq.SUBSCRIBE, b"")
+    sluggish.connect(endpoint)  # and never reads
+    big = {"blob": "x" * 20_000}
+    done = threading.Event()
+
+    def flood() -> None:
+        for i in range(20_000):
+            publisher.publish(Event("bulk", "door", time.time(), i, data=big))
+        done.set()
+
+    threading.Thread(target=flood, daemon=True).start()
+    assert done.wait(60), "publish() blocked behind a subscriber that does not read"
+    stopper = threading.Thread(target=publisher.stop, daemon=True)
+    stopper.start()
+    stopper.join(30)
+    assert not stopper.is_alive(), "stop() hung on a subscriber that does not read"
+    assert publisher.stats.sent + publisher.stats.dropped_unsendable == 20_000
+    sluggish.close(linger=0)
+
+
+def test_heartbeat_is_published_on_its_interval(endpoint):
+    beats = iter(range(1000))
+    publisher = Publisher(
+        PublisherConfig(endpoint=endpoint, heartbeat_interval=0.1),
+        heartbeat=lambda: Event("heartbeat", "sys", time.time(), data={"n": next(beats)}),
+    )
+    publisher.start()
+    with Subscriber(endpoint, topics=["vigild.sys.heartbeat"]) as subscriber:
+        got = [subscriber.receive(timeout=2) for _ in range(3)]
+    publisher.stop()
+    assert all(m is not None and m.event["type"] == "heartbeat" for m in got)
+    ns = [m.event["n"] for m in got]  # type: ignore[union-attr]
+    assert ns == sorted(ns) and len(set(ns)) == 3
+
+
+def test_vigild_sub_prints_json_lines(endpoint):
+    publisher = Publisher(PublisherConfig(endpoint=endpoint))
+    publisher.start()
+    sub = subprocess.Popen(
+        [sys.executable, "-m", "vigild", "sub", "--endpoint", endpoint, "--count", "3", "vigild.door."],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while sub.poll() is None and time.monotonic() < deadline:
+            publisher.publish(event(0, "yard"))  # filtered out
+            publisher.publish(event(1, "door"))
+            time.sleep(0.05)
+        out, _ = sub.communicate(timeout=10)
+    finally:
+        sub.kill()
+        publisher.stop()
+    assert sub.returncode == 0
+    lines = out.strip().splitlines()
+    assert len(lines) == 3
+    assert all(json.loads(line)["camera"] == "door" for line in lines)
+
+
+def test_loopback_detection():
+    assert is_loopback_endpoint("tcp://127.0.0.1:5555")
+    assert is_loopback_endpoint("tcp://localhost:5555")
+    assert is_loopback_endpoint("ipc:///run/vigild/events")
+    assert not is_loopback_endpoint("tcp://0.0.0.0:5555")
+    assert not is_loopback_endpoint("tcp://*:5555")
