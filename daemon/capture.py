@@ -114,7 +114,8 @@ class CameraCapture:
             log.exception("camera %s: capture thread failed", self.name)
             self.stats.last_error = f"{type(exc).__name__}: {exc}"
         finally:
-            self._set_state(CameraState.STOPPED if self._stop.is_set() else CameraState.ENDED)
+            if self.stats.state is not CameraState.ENDED:  # a file that ended stays `ended`, even once stopped
+                self._set_state(CameraState.STOPPED if self._stop.is_set() else CameraState.ENDED)
 
     def _stream_once(self) -> str:
         """Open the source and stream until it fails ('failed'/'streamed'), ends ('ended') or we stop ('stopped')."""

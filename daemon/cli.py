@@ -75,25 +75,27 @@ def _run(config: Config, log_level: str) -> int:
 
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     daemon = Daemon(config)
-    try:
-        daemon.start()
-    except PluginStartError as exc:
-        if isinstance(exc.cause, PluginConfigError):
-            error = config.error(("plugins", exc.position, exc.cause.key), str(exc.cause))
-            print(f"vigild: config error: {error}", file=sys.stderr)
-        else:
-            print(f"vigild: config error: {config.file}: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except PublisherError as exc:
-        print(f"vigild: config error: {config.error(('publisher', 'endpoint'), str(exc))}", file=sys.stderr)
-        return EXIT_CONFIG
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
         daemon.request_stop()
 
-    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)  # before start: a stop asked for while models load is kept
     signal.signal(signal.SIGINT, on_signal)
+    try:
+        daemon.start()
+    except PluginStartError as exc:
+        cause = exc.cause
+        if isinstance(cause, PluginConfigError):
+            error = config.error(("plugins", exc.position, cause.key), str(cause))
+        else:
+            error = config.error(("plugins", exc.position), f"failed to start: {type(cause).__name__}: {cause}")
+        print(f"vigild: config error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    except PublisherError as exc:
+        print(f"vigild: config error: {config.error(('publisher', 'endpoint'), str(exc))}", file=sys.stderr)
+        return EXIT_CONFIG
+
     while not daemon.wait(0.5):  # a timed wait keeps the main thread responsive to signals
         pass
     daemon.stop()

@@ -16,6 +16,7 @@ from vigild.chain import Chain
 from vigild.config import SchedulerConfig
 from vigild.events import Event
 from vigild.exchange import FrameExchange, Notice, NoticeKind
+from vigild.frame import Frame
 from vigild.publisher import Publisher
 
 log = logging.getLogger("vigild.scheduler")
@@ -74,7 +75,7 @@ class Scheduler:
             if camera not in self._ended:
                 self._close_camera(Notice(camera, NoticeKind.DOWN, time.time(), -1, {"reason": "stopped"}))
 
-    def _process(self, frames: list) -> None:
+    def _process(self, frames: list[Frame]) -> None:
         try:
             passed = self.chain.process(frames)
         except Exception:  # the chain isolates plugin failures; this is a bug in vigild itself, keep running

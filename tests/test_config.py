@@ -244,3 +244,16 @@ def test_cli_check_accepts_the_example():
     )
     assert result.returncode == 0, result.stderr
     assert "ok: 1 camera(s) [vtest]" in result.stdout
+
+
+def test_run_refuses_a_class_the_model_does_not_know_with_exit_2(tmp_path):
+    path = write(tmp_path, minimal(plugins=DARKNET.replace("classes: [person]", "classes: [person, unicorn]")))
+    result = subprocess.run(
+        [sys.executable, "-m", "vigild", "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=daemon_env(),
+    )
+    assert result.returncode == 2
+    assert f"vigild: config error: {path}:11: plugins.0.classes: the model has no class 'unicorn'" in result.stderr
