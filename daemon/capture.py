@@ -45,7 +45,6 @@ class CameraStats:
     read_errors: int = 0
     last_error: str | None = None
     source_fps: float | None = None
-    size: tuple[int, int] | None = None
     state_since: float = field(default_factory=time.monotonic)
 
 
@@ -137,8 +136,7 @@ class CameraCapture:
     def _read_loop(self, capture: cv2.VideoCapture) -> str:
         config = self.config
         min_interval = 1.0 / config.fps if config.fps else 0.0
-        native_interval = 1.0 / self.stats.source_fps if self.stats.source_fps else 0.0
-        pace = self.is_file and config.realtime and native_interval > 0
+        pace = self.is_file and config.realtime and self.stats.source_fps is not None
         wait_for_consumer = self.is_file and not config.realtime
         announced = False
         started = time.monotonic()
@@ -175,7 +173,6 @@ class CameraCapture:
                 next_due = max(next_due + min_interval, stream_time)
             if not announced:
                 height, width = image.shape[:2]
-                self.stats.size = (width, height)
                 self._set_state(CameraState.STREAMING)
                 self._notify(
                     NoticeKind.UP, index, source=config.source, width=width, height=height, fps=self.stats.source_fps

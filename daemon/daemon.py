@@ -119,6 +119,7 @@ class Daemon:
                 "drops": self.exchange.drops[name],
                 "plugin_failures": failures.get(name, 0),
                 "reconnects": stats.reconnects,
+                "read_errors": stats.read_errors,
                 "latency_ms": round(self.scheduler.last_latency_s.get(name, 0.0) * 1000, 1),
                 "last_error": stats.last_error,
             }

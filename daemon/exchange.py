@@ -107,7 +107,3 @@ class FrameExchange:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-
-    def pending(self) -> list[Frame]:
-        with self._cond:
-            return list(self._frames.values())

@@ -46,7 +46,6 @@ class Scheduler:
         self.batches = 0
         self.frames_in_batches = 0
         self.last_latency_s: dict[str, float] = {}
-        self.last_progress = time.monotonic()
         self._ended: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
@@ -64,7 +63,6 @@ class Scheduler:
         while not self._stop.is_set():
             want = max(1, min(self.config.max_batch, self._streaming_count()))
             taken = self.exchange.take(self.config.max_batch, max_wait, want, POLL_S)
-            self.last_progress = time.monotonic()
             for notice in taken.opened:
                 self._publish_camera_event(notice, "camera.up")
             if taken.frames:
