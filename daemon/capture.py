@@ -68,6 +68,7 @@ class CameraCapture:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"capture-{name}", daemon=True)
         self._index = 0
+        self._down_reported = False  # a `down` was sent and no `up` since: one report per outage
 
     def start(self) -> None:
         self._thread.start()
@@ -88,6 +89,7 @@ class CameraCapture:
     def _notify(self, kind: NoticeKind, frame_index: int | None = None, **detail: object) -> None:
         """`frame_index`: the frame the notice refers to; by default the last one read (-1 before any)."""
         index = self._index - 1 if frame_index is None else frame_index
+        self._down_reported = kind is not NoticeKind.UP
         self.exchange.notify(Notice(self.name, kind, time.time(), index, detail))
 
     def _run(self) -> None:
@@ -95,11 +97,16 @@ class CameraCapture:
         try:
             while not self._stop.is_set():
                 self._set_state(CameraState.CONNECTING)
-                outcome = self._stream_once()
+                try:
+                    outcome = self._stream_once()
+                except Exception as exc:  # a bug or an odd source: count it as a failure and retry like any other
+                    log.exception("camera %s: capture failed", self.name)
+                    self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                    outcome = "failed"
                 if outcome == "ended" or self._stop.is_set():
                     break
                 failures = 0 if outcome == "streamed" else failures + 1
-                if failures == 1:  # report once per outage, not on every retry
+                if not self._down_reported:  # once per outage, not on every retry
                     self._notify(NoticeKind.DOWN, reason="unavailable", error=self.stats.last_error)
                 self.stats.reconnects += 1
                 delay = min(
@@ -109,9 +116,6 @@ class CameraCapture:
                 log.warning("camera %s: %s; retrying in %.1f s", self.name, self.stats.last_error, delay)
                 self._set_state(CameraState.BACKOFF)
                 self._stop.wait(delay)
-        except Exception as exc:  # never let a camera take the daemon down: report and end this camera only
-            log.exception("camera %s: capture thread failed", self.name)
-            self.stats.last_error = f"{type(exc).__name__}: {exc}"
         finally:
             if self.stats.state is not CameraState.ENDED:  # a file that ended stays `ended`, even once stopped
                 self._set_state(CameraState.STOPPED if self._stop.is_set() else CameraState.ENDED)

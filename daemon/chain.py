@@ -48,7 +48,7 @@ class Chain:
         torch_threads: int | None = None,
     ):
         self.stages: list[Stage] = []
-        for spec in specs:
+        for position, spec in enumerate(specs):
             groups: dict[str, tuple[PluginConfig, set[str]]] = {}
             for camera, config in spec.per_camera.items():
                 key = config.model_dump_json()
@@ -56,7 +56,10 @@ class Chain:
             instances = []
             for config, served in groups.values():
                 context = PluginContext(device, {name: cameras[name] for name in sorted(served)}, torch_threads)
-                instances.append((spec.cls(config, context), frozenset(served)))
+                try:
+                    instances.append((spec.cls(config, context), frozenset(served)))
+                except Exception as exc:
+                    raise PluginStartError(spec.id, position, exc) from exc
             self.stages.append(Stage(spec, instances))
         self._last_failure_log: dict[tuple[str, str], float] = {}
 
@@ -104,21 +107,21 @@ class Chain:
         return events
 
     def _run(self, stage: Stage, plugin: Plugin, batch: list[Frame]) -> set[int]:
+        if plugin.batched and len(batch) > 1:
+            try:
+                plugin.process(batch)
+                return set()
+            except Exception:  # run again frame by frame below, to find and report the bad frame(s)
+                pass
+        return {failed for frame in batch for failed in self._run_one(stage, plugin, frame)}
+
+    def _run_one(self, stage: Stage, plugin: Plugin, frame: Frame) -> set[int]:
         try:
-            plugin.process(batch)
+            plugin.process([frame])
             return set()
         except Exception as exc:
-            if len(batch) == 1:
-                self._report(stage, batch[0], exc)
-                return {id(batch[0])}
-        failed = set()
-        for frame in batch:  # find the frame(s) at fault; the others go on
-            try:
-                plugin.process([frame])
-            except Exception as exc:
-                self._report(stage, frame, exc)
-                failed.add(id(frame))
-        return failed
+            self._report(stage, frame, exc)
+            return {id(frame)}
 
     def _report(self, stage: Stage, frame: Frame, exc: Exception) -> None:
         stage.failures[frame.camera] += 1
@@ -141,6 +144,6 @@ class Chain:
 def failures_by_camera(chain: Chain) -> dict[str, int]:
     total: dict[str, int] = defaultdict(int)
     for stage in chain.stages:
-        for camera, count in stage.failures.items():
+        for camera, count in dict(stage.failures).items():  # a copy: the scheduler thread may add a camera
             total[camera] += count
     return dict(total)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 
 from vigild import __version__
+from vigild.chain import PluginStartError
 from vigild.client import DEFAULT_ENDPOINT, Subscriber
 from vigild.config import Config, ConfigError, load_config
 from vigild.plugin import PluginConfigError
@@ -69,14 +71,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(config: Config, log_level: str) -> int:
-    from vigild.chain import PluginStartError
     from vigild.daemon import Daemon
     from vigild.publisher import PublisherError
 
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    daemon = Daemon(config)
+    try:
+        daemon = Daemon(config)
+    except PluginStartError as exc:
+        return _refuse_plugin(config, exc)
 
     def on_signal(signum: int, _frame: object) -> None:
+        if daemon.wait(0):
+            log.warning("received %s again: exiting without a clean stop", signal.Signals(signum).name)
+            os._exit(EXIT_FAILURE)
         log.info("received %s, stopping", signal.Signals(signum).name)
         daemon.request_stop()
 
@@ -85,13 +92,7 @@ def _run(config: Config, log_level: str) -> int:
     try:
         daemon.start()
     except PluginStartError as exc:
-        cause = exc.cause
-        if isinstance(cause, PluginConfigError):
-            error = config.error(("plugins", exc.position, cause.key), str(cause))
-        else:
-            error = config.error(("plugins", exc.position), f"failed to start: {type(cause).__name__}: {cause}")
-        print(f"vigild: config error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _refuse_plugin(config, exc)
     except PublisherError as exc:
         print(f"vigild: config error: {config.error(('publisher', 'endpoint'), str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
@@ -100,6 +101,16 @@ def _run(config: Config, log_level: str) -> int:
         pass
     daemon.stop()
     return EXIT_OK
+
+
+def _refuse_plugin(config: Config, exc: PluginStartError) -> int:
+    cause = exc.cause
+    if isinstance(cause, PluginConfigError):
+        error = config.error(("plugins", exc.position, cause.key), str(cause))
+    else:
+        error = config.error(("plugins", exc.position), f"failed to start: {type(cause).__name__}: {cause}")
+    print(f"vigild: config error: {error}", file=sys.stderr)
+    return EXIT_CONFIG
 
 
 def _sub(args: argparse.Namespace) -> int:

@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from vigild.events import SYSTEM_CAMERA
 from vigild.plugin import PLUGIN_ID_PATTERN, Plugin, PluginConfig
 from vigild.registry import PluginLookupError, load_plugin_class
 from vigild.yamlsource import ConfigError, KeyPath, Problem, YamlDocument, expand_env, load_yaml
+
+_BOOL = TypeAdapter(bool)
 
 
 class StrictModel(BaseModel):
@@ -206,9 +208,10 @@ def _per_camera_configs(
             continue
         override = dict(camera.plugins.get(plugin_id, {}))
         override_path: KeyPath = ("cameras", name, "plugins", plugin_id)
-        enabled = override.pop("enabled", True)
-        if not isinstance(enabled, bool):
-            problems.append(document.problem((*override_path, "enabled"), f"expected true or false, got {enabled!r}"))
+        try:
+            enabled = _BOOL.validate_python(override.pop("enabled", True))  # also "false" from ${VAR}
+        except ValidationError as exc:
+            problems.append(document.problem((*override_path, "enabled"), _describe(exc.errors()[0], cls.Config, ())))
             continue
         if not enabled:
             continue
@@ -254,7 +257,8 @@ def _describe(error: Mapping[str, Any], model: type[BaseModel], loc: tuple[Any, 
         message = message[len("Value error, ") :]
     given = error.get("input")
     if given is not None and not isinstance(given, (dict, list)):
-        message += f", got {json.dumps(given) if isinstance(given, str) else given!r}"
+        shown = json.dumps(given) if isinstance(given, str) else repr(given)
+        message += f", got {shown}"
     return message
 
 

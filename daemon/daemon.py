@@ -18,6 +18,7 @@ from vigild.scheduler import Scheduler
 log = logging.getLogger("vigild")
 
 CAPTURE_JOIN_TIMEOUT_S = 2.0
+SCHEDULER_JOIN_TIMEOUT_S = 10.0
 
 
 def resolve_device(device: str) -> str:
@@ -84,7 +85,11 @@ class Daemon:
         for capture in self.captures.values():
             capture.stop()
         self.exchange.close()
-        self.scheduler.stop()
+        self.scheduler.stop(SCHEDULER_JOIN_TIMEOUT_S)
+        if self.scheduler.is_alive():
+            log.error(
+                "a plugin is still busy after %.0f s: stopping without its closing events", SCHEDULER_JOIN_TIMEOUT_S
+            )
         self.chain.stop()
         self.publisher.stop()
         deadline = time.monotonic() + CAPTURE_JOIN_TIMEOUT_S

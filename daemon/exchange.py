@@ -81,7 +81,16 @@ class FrameExchange:
                 self._cond.wait_for(
                     lambda: len(self._frames) >= want or self._closed, max(0.0, deadline - time.monotonic())
                 )
-            ready = sorted(self._frames.values(), key=lambda f: f.ts_mono)[:max_frames]
+            # a frame captured after its camera went down (it reconnected meanwhile) waits until the `down` is handled
+            first_close: dict[str, int] = {}
+            for notice in self._notices:
+                if notice.kind is not NoticeKind.UP:
+                    first_close.setdefault(notice.camera, notice.frame_index)
+            ready = [
+                frame
+                for frame in sorted(self._frames.values(), key=lambda f: f.ts_mono)
+                if frame.index <= first_close.get(frame.camera, frame.index)
+            ][:max_frames]
             for frame in ready:
                 del self._frames[frame.camera]
             opened: list[Notice] = []
@@ -89,8 +98,9 @@ class FrameExchange:
             kept: deque[Notice] = deque()
             blocked: set[str] = set()
             for notice in self._notices:
-                # a notice waits while its camera still has an older frame pending, or an earlier notice waits
-                if notice.camera in self._frames or notice.camera in blocked:
+                # a notice waits while its camera has an older frame still pending, or an earlier notice waits
+                pending = self._frames.get(notice.camera)
+                if (pending is not None and pending.index <= notice.frame_index) or notice.camera in blocked:
                     blocked.add(notice.camera)
                     kept.append(notice)
                 elif notice.kind is NoticeKind.UP:

@@ -61,13 +61,12 @@ class Publisher:
         self,
         config: PublisherConfig,
         heartbeat: Callable[[], Event] | None = None,
-        context: zmq.Context | None = None,
     ):
         self.config = config
         self.stats = PublisherStats()
         self.sent_by_type: Counter[str] = Counter()
         self._heartbeat = heartbeat
-        self._context = context or zmq.Context.instance()
+        self._context = zmq.Context()  # our own, terminated on stop: that is what makes `linger_ms` flush
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.queue_size)
         self._seq = 0
         self._seq_lock = threading.Lock()
@@ -114,6 +113,7 @@ class Publisher:
         except zmq.ZMQError as exc:
             self._bind_error = str(exc)
             socket.close(linger=0)
+            self._context.term()
             self._bound.set()
             return
         self._bound.set()
@@ -133,9 +133,13 @@ class Publisher:
                     next_heartbeat += interval
                     if next_heartbeat < time.monotonic():  # we fell behind: do not burst to catch up
                         next_heartbeat = time.monotonic() + interval
-                    self.publish(self._heartbeat())
+                    try:
+                        self.publish(self._heartbeat())
+                    except Exception:  # a broken heartbeat must not take the event stream down with it
+                        log.exception("could not make the heartbeat")
         finally:
-            socket.close()
+            socket.close()  # with LINGER = linger_ms
+            self._context.term()  # blocks until queued messages are sent or the linger runs out
 
     def _send(self, socket: zmq.Socket, seq: int, event: Event) -> None:
         try:

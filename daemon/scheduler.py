@@ -47,11 +47,16 @@ class Scheduler:
         self.frames_in_batches = 0
         self.last_latency_s: dict[str, float] = {}
         self._ended: set[str] = set()
+        self._down: set[str] = set()
+        """Cameras whose `camera.down` was published and which have not come up since."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish the batch in flight, publish the closing events of every camera still open, and return."""
@@ -64,13 +69,14 @@ class Scheduler:
             want = max(1, min(self.config.max_batch, self._streaming_count()))
             taken = self.exchange.take(self.config.max_batch, max_wait, want, POLL_S)
             for notice in taken.opened:
+                self._down.discard(notice.camera)
                 self._publish_camera_event(notice, "camera.up")
             if taken.frames:
                 self._process(taken.frames)
             for notice in taken.closed:
                 self._close_camera(notice)
         for camera in self.cameras:
-            if camera not in self._ended:
+            if camera not in self._down:  # cameras already down (or ended) were closed then
                 self._close_camera(Notice(camera, NoticeKind.DOWN, time.time(), -1, {"reason": "stopped"}))
 
     def _process(self, frames: list[Frame]) -> None:
@@ -85,6 +91,7 @@ class Scheduler:
         for frame in passed:
             self.processed[frame.camera] += 1
             self.last_latency_s[frame.camera] = now - frame.ts_mono
+        for frame in frames:  # a frame a later plugin failed on still carries what earlier plugins decided
             for event in frame.events:
                 self.publisher.publish(event)
 
@@ -93,9 +100,10 @@ class Scheduler:
         for event in self.chain.source_ended(notice.camera, notice.ts_wall, notice.frame_index):
             self.publisher.publish(event)
         self._publish_camera_event(notice, "camera.down")
-        if notice.kind is NoticeKind.ENDED or notice.detail.get("reason") == "stopped":
+        self._down.add(notice.camera)
+        if notice.kind is NoticeKind.ENDED:
             self._ended.add(notice.camera)
-            if notice.kind is NoticeKind.ENDED and all(camera in self._ended for camera in self.cameras):
+            if all(camera in self._ended for camera in self.cameras):
                 log.info("every camera has ended; stopping")
                 self._on_all_ended()
 

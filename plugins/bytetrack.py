@@ -81,6 +81,7 @@ class _CameraTracks:
 
 class ByteTrack(Plugin[ByteTrackConfig]):
     Config = ByteTrackConfig
+    batched = False  # state per camera: a failure must not make the chain run a frame through it twice
 
     def start(self) -> None:
         from ultralytics.trackers.byte_tracker import BYTETracker
@@ -99,7 +100,7 @@ class ByteTrack(Plugin[ByteTrackConfig]):
         self._next_ids: dict[str, int] = {}
 
     def process(self, frames: list[Frame]) -> None:
-        for frame in frames:
+        for frame in frames:  # one per call (batched = False); the loop keeps direct callers working
             self._track(frame)
 
     def _camera(self, camera: str) -> _CameraTracks:

@@ -10,13 +10,17 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import Field, FilePath, ValidationInfo, field_validator
+from pydantic import BeforeValidator, Field, FilePath, ValidationInfo, field_validator
 
 from vigild.frame import Frame
 from vigild.plugin import Plugin, PluginConfig, PluginConfigError
 from vigild.plugins.backends.base import DetectorBackend
 
 Size = Annotated[int, Field(gt=0, multiple_of=32)]
+
+
+def _square(value: object) -> object:
+    return (value, value) if isinstance(value, int | str) else value
 
 
 class DetectorConfig(PluginConfig):
@@ -28,7 +32,7 @@ class DetectorConfig(PluginConfig):
     classes: list[str | int] | None = Field(None, description="Keep only these classes (names or ids); default all.")
     confidence: float = Field(0.25, ge=0, le=1)
     nms_iou: float = Field(0.45, ge=0, le=1)
-    input_size: Size | tuple[Size, Size] | None = Field(
+    input_size: Annotated[tuple[Size, Size], BeforeValidator(_square)] | None = Field(
         None, description="Network input: one side or [width, height]; default the model's own (darknet cfg, 640)."
     )
     half: bool | None = Field(None, description="fp16 inference; default on for CUDA devices.")
@@ -50,13 +54,6 @@ class DetectorConfig(PluginConfig):
             raise ValueError(f"weights file not found: {value}")
         return value  # a bare model name: ultralytics resolves it (downloads it where online)
 
-    def size(self) -> tuple[int, int] | None:
-        if self.input_size is None:
-            return None
-        if isinstance(self.input_size, int):
-            return (self.input_size, self.input_size)
-        return self.input_size
-
 
 class Detector(Plugin[DetectorConfig]):
     Config = DetectorConfig
@@ -72,7 +69,7 @@ class Detector(Plugin[DetectorConfig]):
                 config.cfg,
                 Path(config.weights),
                 config.names,
-                config.size(),
+                config.input_size,
                 config.confidence,
                 config.nms_iou,
                 self.context.device,
@@ -82,7 +79,7 @@ class Detector(Plugin[DetectorConfig]):
 
             half = config.half if config.half is not None else self.context.device.startswith("cuda")
             backend = UltralyticsBackend(
-                config.weights, config.size(), config.confidence, config.nms_iou, self.context.device, half
+                config.weights, config.input_size, config.confidence, config.nms_iou, self.context.device, half
             )
         if config.classes is not None:
             backend.class_filter = self._class_ids(config.classes, backend.class_names)

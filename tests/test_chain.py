@@ -83,3 +83,33 @@ def test_plugin_failing_on_one_camera_spares_the_others(caplog):
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1  # rate-limited: the second failure within 10 s is counted, not logged
     assert "plugin 'first' failed on camera b frame 0" in errors[0].getMessage()
+
+
+class CountingConfig(PluginConfig):
+    type: Literal["counting"] = "counting"
+
+
+class CountingTracker(Plugin[CountingConfig]):
+    """A test plugin with per-camera state, like a tracker: counts the frames it saw, fails on camera b."""
+
+    Config = CountingConfig
+    batched = False
+
+    def start(self) -> None:
+        self.seen: list[str] = []
+
+    def process(self, frames: list[Frame]) -> None:
+        assert len(frames) == 1, "an unbatched plugin gets one frame a call"
+        self.seen.append(frames[0].camera)
+        if frames[0].camera == "b":
+            raise RuntimeError("bad state")
+
+
+def test_unbatched_plugin_sees_each_frame_exactly_once_even_when_one_fails():
+    config = CountingConfig()
+    chain = Chain((PluginSpec("counting", CountingTracker, config, dict.fromkeys("abc", config)),), "cpu", CAMS)
+    chain.start()
+    passed = chain.process(frames("a", "b", "c"))
+    ((plugin, _),) = chain.stages[0].instances
+    assert plugin.seen == ["a", "b", "c"]  # no frame repeated by a retry
+    assert [f.camera for f in passed] == ["a", "c"]

@@ -76,7 +76,7 @@ def test_unset_variable_names_the_key_and_line(tmp_path):
         ),
         (
             "cameras:\n  door:\n    source: a.mp4\n    fps: fast\n",
-            ":4: cameras.door.fps: Input should be a valid number",
+            ':4: cameras.door.fps: Input should be a valid number, unable to parse string as a number, got "fast"',
         ),
         (
             "cameras:\n  door:\n    source: a.mp4\n    fps: -3\n",
@@ -173,7 +173,10 @@ def test_per_camera_override_and_disable(tmp_path):
             ":7: cameras.door.plugins.detector.confidence: Input should be less than or equal to 1",
         ),
         ("detektor: {confidence: 0.5}", ":7: cameras.door.plugins.detektor: no plugin with id 'detektor'"),
-        ("detector: {enabled: maybe}", ":7: cameras.door.plugins.detector.enabled: expected true or false"),
+        (
+            "detector: {enabled: maybe}",
+            ':7: cameras.door.plugins.detector.enabled: Input should be a valid boolean, unable to interpret input, got "maybe"',
+        ),
     ],
 )
 def test_bad_override_points_at_the_camera(tmp_path, override, expected):

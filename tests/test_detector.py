@@ -120,3 +120,12 @@ def test_ultralytics_backend_built_from_architecture_runs_batched_on_cpu(first_1
         assert set(d.class_id.tolist()) <= {0, 2}
         width, height = frame.size
         assert (d.xyxy[:, [0, 2]] <= width + 1).all() and (d.xyxy[:, [1, 3]] <= height + 1).all()
+
+
+def test_confidence_below_opencvs_default_floor_is_honoured(first_100):
+    """OpenCV's YOLO layer zeroes scores under 0.2 unless the cfg says otherwise; `confidence: 0.1` must still work."""
+    frames = as_frames(first_100[:10])
+    darknet(confidence=0.1).process(frames)
+    scores = np.concatenate([f.detections.confidence for f in frames])
+    assert scores.min() >= 0.1
+    assert ((scores >= 0.1) & (scores < 0.2)).sum() >= 3, "no boxes between 0.1 and 0.2: the floor is still 0.2"

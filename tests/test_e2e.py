@@ -113,7 +113,7 @@ def test_sigterm_stops_within_5_s_with_exit_0_and_closes_open_tracks(tmp_path, e
     new = {e["object"]["track_id"] for e in events_of(messages, "track.new")}
     ended = {e["object"]["track_id"] for e in events_of(messages, "track.end")}
     assert new == ended, "tracks still open at shutdown must be closed"
-    last = messages[-1]["event"]
+    last = [m["event"] for m in messages if m["event"]["type"] != "heartbeat"][-1]
     assert last["type"] == "camera.down" and last["reason"] == "stopped"
 
 

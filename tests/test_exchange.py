@@ -84,7 +84,22 @@ def test_close_releases_a_blocked_producer():
     results: list[bool] = []
     producer = threading.Thread(target=lambda: results.append(exchange.put(frame("a", 1), wait=True)))
     producer.start()
-    time.sleep(0.05)
+    time.sleep(0.3)
+    assert producer.is_alive(), "put(wait=True) should block while the slot is full"
     exchange.close()
     producer.join(2)
     assert results == [False]
+
+
+def test_frame_after_a_reconnect_waits_until_the_outage_is_closed():
+    exchange = FrameExchange()
+    exchange.put(frame("a", 5))
+    assert [f.index for f in exchange.take(8, 0, 1, 0.1).frames] == [5]
+    # while the scheduler was busy: the camera went down after frame 5, came back, and captured frame 6
+    exchange.notify(Notice("a", NoticeKind.DOWN, time.time(), 5, {}))
+    exchange.notify(Notice("a", NoticeKind.UP, time.time(), 6, {}))
+    exchange.put(frame("a", 6))
+    first = exchange.take(8, 0, 1, 0.1)
+    assert (first.frames, first.opened, [n.kind for n in first.closed]) == ([], [], [NoticeKind.DOWN])
+    second = exchange.take(8, 0, 1, 0.1)
+    assert [n.kind for n in second.opened] == [NoticeKind.UP] and [f.index for f in second.frames] == [6]

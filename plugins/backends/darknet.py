@@ -8,6 +8,7 @@ NMS are vectorised over the whole batch (one `batched_nms` call, grouped by fram
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import cv2
@@ -37,6 +38,16 @@ def read_net_size(cfg: Path) -> tuple[int, int]:
     return int(values.get("width", 416)), int(values.get("height", 416))
 
 
+def with_score_floor(cfg_text: str, confidence: float) -> str:
+    """The cfg with `thresh=confidence` in every [yolo] section.
+
+    OpenCV's YOLO layer zeroes class scores below its `thresh` (0.2 unless the cfg says otherwise), which would
+    silently override a lower `confidence` (ByteTrack wants boxes down to 0.1 for its second matching stage).
+    """
+    without = re.sub(r"(?m)^[ \t]*thresh[ \t]*=.*$", "", cfg_text)
+    return re.sub(r"(?m)^[ \t]*\[yolo\][ \t]*$", f"[yolo]\nthresh={confidence}", without)
+
+
 def read_names(path: Path | None, count: int = 0) -> tuple[str, ...]:
     if path is None:
         return tuple(str(i) for i in range(count))
@@ -54,7 +65,10 @@ class DarknetBackend(DetectorBackend):
         nms_iou: float,
         device: str,
     ):
-        self.net = cv2.dnn.readNetFromDarknet(str(cfg), str(weights))
+        self.net = cv2.dnn.readNetFromDarknet(
+            np.frombuffer(with_score_floor(cfg.read_text(encoding="utf-8"), confidence).encode(), np.uint8),
+            np.fromfile(weights, np.uint8),
+        )
         if device.startswith("cuda"):
             if cv2.cuda.getCudaEnabledDeviceCount() > 0:
                 self.net.setPreferableBackend(cv2.dnn.DNN_BACKEND_CUDA)
@@ -90,7 +104,7 @@ class DarknetBackend(DetectorBackend):
         xyxy = np.concatenate([centre - half, centre + half], axis=1)
         np.clip(xyxy, 0, np.tile(scale, 2), out=xyxy)
 
-        groups = frame_idx.astype(np.int64) * len(self.class_names) + class_id
+        groups = frame_idx.astype(np.int64) * (raw.shape[-1] - 5) + class_id  # NMS within one frame and class
         keep = batched_nms(
             torch.from_numpy(xyxy), torch.from_numpy(conf), torch.from_numpy(groups), self.nms_iou
         ).numpy()
