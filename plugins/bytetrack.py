@@ -67,7 +67,8 @@ class _Track:
     last_frame: int
     last_event_ts: float
     frames: int
-    object: dict[str, Any]
+    last_seen: tuple[Detections, int]
+    """The detections of the frame it was last seen in and its index there; made into JSON only for an event."""
 
 
 @dataclass
@@ -135,14 +136,17 @@ class ByteTrack(Plugin[ByteTrackConfig]):
         detections, ts = frame.detections, frame.ts_wall
         interval = self.config.update_interval
         for ours, index in seen:
-            payload = object_payload(detections, index)
             track = state.live.get(ours)
             if track is None:
-                state.live[ours] = _Track(ours, ts, frame.index, ts, frame.index, ts, 1, payload)
-                frame.events.append(Event("track.new", frame.camera, ts, frame.index, payload))
+                state.live[ours] = _Track(ours, ts, frame.index, ts, frame.index, ts, 1, (detections, index))
+                frame.events.append(
+                    Event("track.new", frame.camera, ts, frame.index, object_payload(detections, index))
+                )
                 continue
-            track.last_ts, track.last_frame, track.frames, track.object = ts, frame.index, track.frames + 1, payload
+            track.last_ts, track.last_frame, track.frames = ts, frame.index, track.frames + 1
+            track.last_seen = (detections, index)
             if ts - track.last_event_ts >= interval:
+                payload = object_payload(detections, index)
                 track.last_event_ts = ts
                 frame.events.append(
                     Event(
@@ -164,7 +168,7 @@ class ByteTrack(Plugin[ByteTrackConfig]):
             camera,
             ts,
             frame_index,
-            track.object,
+            object_payload(*track.last_seen),
             {
                 "reason": reason,
                 "duration_s": round(track.last_ts - track.first_ts, 3),
