@@ -14,7 +14,6 @@ import queue
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +63,6 @@ class Publisher:
     ):
         self.config = config
         self.stats = PublisherStats()
-        self.sent_by_type: Counter[str] = Counter()
         self._heartbeat = heartbeat
         self._context = zmq.Context()  # our own, terminated on stop: that is what makes `linger_ms` flush
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.queue_size)
@@ -151,4 +149,3 @@ class Publisher:
             log.warning("dropped %s event seq=%d: %s", event.topic, seq, exc)
             return
         self.stats.sent += 1
-        self.sent_by_type[event.type] += 1

@@ -22,11 +22,11 @@ from vigild.plugins.backends.base import DetectorBackend
 log = logging.getLogger("vigild.plugins.darknet")
 
 
-def read_net_size(cfg: Path) -> tuple[int, int]:
+def read_net_size(cfg_text: str) -> tuple[int, int]:
     """(width, height) from the `[net]` section of a darknet cfg (the section parsers choke on repeated sections)."""
     values: dict[str, str] = {}
     in_net = False
-    for raw in cfg.read_text(encoding="utf-8", errors="replace").splitlines():
+    for raw in cfg_text.splitlines():
         line = raw.split("#", 1)[0].strip()
         if line.startswith("["):
             if in_net:
@@ -65,8 +65,9 @@ class DarknetBackend(DetectorBackend):
         nms_iou: float,
         device: str,
     ):
+        cfg_text = cfg.read_text(encoding="utf-8", errors="replace")
         self.net = cv2.dnn.readNetFromDarknet(
-            np.frombuffer(with_score_floor(cfg.read_text(encoding="utf-8"), confidence).encode(), np.uint8),
+            np.frombuffer(with_score_floor(cfg_text, confidence).encode(), np.uint8),
             np.fromfile(weights, np.uint8),
         )
         if device.startswith("cuda"):
@@ -76,7 +77,7 @@ class DarknetBackend(DetectorBackend):
             else:
                 log.warning("this OpenCV has no CUDA support: the darknet detector runs on the CPU")
         self.output_names = self.net.getUnconnectedOutLayersNames()
-        self.input_size = input_size or read_net_size(cfg)
+        self.input_size = input_size or read_net_size(cfg_text)
         self.confidence = confidence
         self.nms_iou = nms_iou
         self.class_names = read_names(names, 80)
