@@ -7,7 +7,11 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 SHARED ?= ../shared
-APT_PACKAGES := python3-venv libgl1 libglib2.0-0
+APT_PACKAGES := python3-venv libgl1 libglib2.0-0 \
+	gcc pkg-config libgirepository1.0-dev libcairo2-dev \
+	gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-rtsp-server-1.0 \
+	gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly \
+	gstreamer1.0-libav gstreamer1.0-tools
 TORCH := torch==2.14.1 torchvision==0.29.1
 
 export VIGILD_MEDIA ?= $(abspath $(SHARED)/media)

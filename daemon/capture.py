@@ -1,34 +1,37 @@
-"""One thread per camera: open the source, read frames, pace and resize them, hand them to the exchange.
+"""One thread per camera: connect through a back end (GStreamer or OpenCV), hand frames to the exchange.
 
-A source that cannot be opened or fails while streaming is reopened with exponential backoff, forever, without
-touching any other camera. A file that reaches its end either loops or ends the camera.
+A source that cannot be opened, fails while streaming, ends (a live one) or sends no frame for `stall_timeout`
+seconds is torn down and reopened with exponential backoff, forever, without touching any other camera. A file
+that reaches its end either loops or ends the camera. Each connection gets a new reader, closed before the next
+one opens, so a long run of reconnects leaves no threads, sockets or decoders behind.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-import cv2
-import numpy as np
-
 from vigild.config import CameraConfig
 from vigild.exchange import FrameExchange, Notice, NoticeKind
 from vigild.frame import Frame
+from vigild.gst_pipeline import resolve_backend
+from vigild.reader import EndOfStream, FrameReader, ReaderCounters, SourceError
+from vigild.sources import SourceSpec
 
 log = logging.getLogger("vigild.capture")
 
-_URL_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
+READ_POLL_S = 0.2
+"""How often the capture thread wakes while waiting for a frame, to notice `stop` and stalls."""
 
 
 class CameraState(StrEnum):
     CONNECTING = "connecting"
     STREAMING = "streaming"
+    STALLED = "stalled"
     BACKOFF = "backoff"
     ENDED = "ended"
     STOPPED = "stopped"
@@ -39,36 +42,72 @@ class CameraStats:
     """Counters the heartbeat reports; written by the capture thread only."""
 
     state: CameraState = CameraState.CONNECTING
-    frames_read: int = 0
+    frames_decoded: int = 0
+    """Frames the source delivered (after the `fps` limit), over all connections."""
     frames_delivered: int = 0
+    """Frames handed to the exchange."""
+    source_drops: int = 0
+    """Frames the back end replaced by a newer one before the capture thread took them."""
+    decode_errors: int = 0
     reconnects: int = 0
-    read_errors: int = 0
     last_error: str | None = None
     source_fps: float | None = None
+    backend: str = ""
+    decoder: str | None = None
     state_since: float = field(default_factory=time.monotonic)
+    _closed_counters: ReaderCounters = field(default_factory=ReaderCounters)
+    """Sums over the connections already closed; the open one's are added live."""
+
+    def update_from(self, current: ReaderCounters | None) -> None:
+        closed = self._closed_counters
+        self.frames_decoded = closed.decoded + (current.decoded if current else 0)
+        self.source_drops = closed.dropped + (current.dropped if current else 0)
+        self.decode_errors = closed.decode_errors + (current.decode_errors if current else 0)
+
+    def close_connection(self, counters: ReaderCounters) -> None:
+        self._closed_counters.decoded += counters.decoded
+        self._closed_counters.dropped += counters.dropped
+        self._closed_counters.decode_errors += counters.decode_errors
+        self.update_from(None)
 
 
-def is_file_source(source: str) -> bool:
-    return not source.startswith(_URL_SCHEMES) and not source.isdigit() and not source.startswith("/dev/video")
+
+def make_reader(
+    camera: str, config: CameraConfig, spec: SourceSpec, backend: str, *, software_only: bool = False
+) -> FrameReader:
+    """`backend`: a resolved name, `gstreamer` or `opencv` (the GStreamer one is imported only when used)."""
+    if backend == "gstreamer":
+        from vigild.reader_gst import GstReader
+
+        return GstReader(camera, config, spec, software_only=software_only)
+    from vigild.reader_opencv import OpenCVReader
+
+    return OpenCVReader(camera, config, spec, software_only=software_only)
 
 
-def open_source(source: str) -> cv2.VideoCapture:
-    if source.isdigit():
-        return cv2.VideoCapture(int(source))
-    return cv2.VideoCapture(source, cv2.CAP_FFMPEG)
+class Outcome(StrEnum):
+    ENDED = "ended"
+    """A file reached its end (and does not loop): the camera is done."""
+    STOPPED = "stopped"
+    FAILED = "failed"
+    """The connection never delivered a frame."""
+    LOST = "lost"
+    """The connection delivered frames, then failed, ended or stalled."""
 
 
 class CameraCapture:
-    def __init__(self, name: str, config: CameraConfig, exchange: FrameExchange):
+    def __init__(self, name: str, config: CameraConfig, spec: SourceSpec, exchange: FrameExchange):
         self.name = name
         self.config = config
+        self.spec = spec
         self.exchange = exchange
-        self.stats = CameraStats()
-        self.is_file = is_file_source(config.source)
+        self.backend = resolve_backend(config.backend)
+        self.stats = CameraStats(backend=self.backend)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"capture-{name}", daemon=True)
         self._index = 0
         self._down_reported = False  # a `down` was sent and no `up` since: one report per outage
+        self._software_only = False  # set after a hardware decoder failed: later connections decode in software
 
     def start(self) -> None:
         self._thread.start()
@@ -98,14 +137,14 @@ class CameraCapture:
             while not self._stop.is_set():
                 self._set_state(CameraState.CONNECTING)
                 try:
-                    outcome = self._stream_once()
+                    outcome = self._connect_once()
                 except Exception as exc:  # a bug or an odd source: count it as a failure and retry like any other
                     log.exception("camera %s: capture failed", self.name)
                     self.stats.last_error = f"{type(exc).__name__}: {exc}"
-                    outcome = "failed"
-                if outcome == "ended" or self._stop.is_set():
+                    outcome = Outcome.FAILED
+                if outcome is Outcome.ENDED or self._stop.is_set():
                     break
-                failures = 0 if outcome == "streamed" else failures + 1
+                failures = 0 if outcome is Outcome.LOST else failures + 1
                 if not self._down_reported:  # once per outage, not on every retry
                     self._notify(NoticeKind.DOWN, reason="unavailable", error=self.stats.last_error)
                 self.stats.reconnects += 1
@@ -120,77 +159,88 @@ class CameraCapture:
             if self.stats.state is not CameraState.ENDED:  # a file that ended stays `ended`, even once stopped
                 self._set_state(CameraState.STOPPED if self._stop.is_set() else CameraState.ENDED)
 
-    def _stream_once(self) -> str:
-        """Open the source and stream until it fails ('failed'/'streamed'), ends ('ended') or we stop ('stopped')."""
-        source = self.config.source
-        if self.is_file and not os.path.exists(source):
-            self.stats.last_error = f"source not found: {source}"
-            return "failed"
-        capture = open_source(source)
+    def _connect_once(self) -> Outcome:
+        """One connection: open, stream until it fails, ends, stalls or we stop; always closed on return."""
+        reader = make_reader(self.name, self.config, self.spec, self.backend, software_only=self._software_only)
         try:
-            if not capture.isOpened():
-                self.stats.last_error = f"cannot open source {source}"
-                return "failed"
-            fps = capture.get(cv2.CAP_PROP_FPS)
-            self.stats.source_fps = fps if fps and 0 < fps < 1000 else None
-            return self._read_loop(capture)
-        finally:
-            capture.release()
-
-    def _read_loop(self, capture: cv2.VideoCapture) -> str:
-        config = self.config
-        min_interval = 1.0 / config.fps if config.fps else 0.0
-        pace = self.is_file and config.realtime and self.stats.source_fps is not None
-        wait_for_consumer = self.is_file and not config.realtime
-        announced = False
-        started = time.monotonic()
-        read_in_pass = 0
-        next_due = 0.0  # stream time (seconds) at which the next frame may be delivered under the fps limit
-        while not self._stop.is_set():
-            ok, image = capture.read()
-            if not ok or image is None:
-                if self.is_file and read_in_pass > 0:
-                    if config.loop:
-                        capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
-                        started, read_in_pass, next_due = time.monotonic(), 0, 0.0
-                        continue
-                    self._set_state(CameraState.ENDED)
-                    self._notify(NoticeKind.ENDED, reason="end_of_stream")
-                    return "ended"
-                self.stats.read_errors += 1
-                self.stats.last_error = (
-                    "no frame from source" if announced else f"source {config.source} gives no frames"
+            reader.open()
+            return self._stream(reader)
+        except SourceError as exc:
+            self.stats.last_error = str(exc)
+            if exc.hardware_decoder and not self._software_only:
+                log.warning(
+                    "camera %s: hardware decoder %s failed; decoding in software from now on",
+                    self.name,
+                    exc.hardware_decoder,
                 )
-                if announced:
-                    self._notify(NoticeKind.DOWN, reason="error", error=self.stats.last_error)
-                return "streamed" if announced else "failed"
-            ts_wall, ts_mono = time.time(), time.monotonic()
+                self._software_only = True
+            return self._lost("error") if self.stats.state is CameraState.STREAMING else Outcome.FAILED
+        finally:
+            reader.close()
+            self.stats.close_connection(reader.counters)
+
+    def _lost(self, reason: str) -> Outcome:
+        self._notify(NoticeKind.DOWN, reason=reason, error=self.stats.last_error)
+        return Outcome.LOST
+
+    def _stream(self, reader: FrameReader) -> Outcome:
+        config = self.config
+        wait_for_consumer = not self.spec.is_live and not config.realtime
+        stats = self.stats
+        last_progress = time.monotonic()
+        last_decoded = 0
+        while not self._stop.is_set():
+            try:
+                raw = reader.read(min(READ_POLL_S, config.stall_timeout))
+            except EndOfStream:
+                if self.spec.is_live:
+                    stats.last_error = "the source ended the stream"
+                    return self._lost("end_of_stream") if stats.state is CameraState.STREAMING else Outcome.FAILED
+                if config.loop and self._index > 0:
+                    reader.rewind()
+                    continue
+                self._set_state(CameraState.ENDED)
+                self._notify(NoticeKind.ENDED, reason="end_of_stream")
+                return Outcome.ENDED
+            stats.update_from(reader.counters)
+            now = time.monotonic()
+            if raw is None:
+                if reader.counters.decoded != last_decoded:  # frames still arrive (skipped by the fps limit)
+                    last_decoded, last_progress = reader.counters.decoded, now
+                elif now - last_progress > config.stall_timeout:
+                    was_streaming = stats.state is CameraState.STREAMING
+                    self._set_state(CameraState.STALLED)
+                    stats.last_error = f"no frame for {config.stall_timeout:g} s"
+                    return self._lost("stalled") if was_streaming else Outcome.FAILED
+                continue
             index = self._index
             self._index += 1
-            self.stats.frames_read += 1
-            read_in_pass += 1
-            pts_ms = capture.get(cv2.CAP_PROP_POS_MSEC) if self.is_file else None
-            stream_time = pts_ms / 1000.0 if pts_ms is not None else ts_mono - started
-            if min_interval:
-                if stream_time + 1e-6 < next_due:
-                    continue
-                next_due = max(next_due + min_interval, stream_time)
-            if not announced:
-                height, width = image.shape[:2]
+            if stats.state is not CameraState.STREAMING:
+                height, width = raw.image.shape[:2]
+                stats.source_fps, stats.decoder = reader.source_fps, reader.decoder
                 self._set_state(CameraState.STREAMING)
                 self._notify(
-                    NoticeKind.UP, index, source=config.source, width=width, height=height, fps=self.stats.source_fps
+                    NoticeKind.UP,
+                    index,
+                    source=self.spec.display,
+                    width=width,
+                    height=height,
+                    fps=stats.source_fps,
+                    backend=reader.backend,
+                    decoder=reader.decoder,
                 )
-                announced = True
-            if pace:
-                delay = started + stream_time - time.monotonic()
-                if delay > 0 and self._stop.wait(delay):
-                    break
-                ts_wall, ts_mono = time.time(), time.monotonic()
-            if config.resize is not None:
-                image = cv2.resize(image, config.resize, interpolation=cv2.INTER_AREA)
-            frame = Frame(self.name, index, ts_wall, ts_mono, np.ascontiguousarray(image), pts_ms)
+                log.info(
+                    "camera %s: streaming %dx%d from %s (%s, decoder %s)",
+                    self.name,
+                    width,
+                    height,
+                    self.spec.display,
+                    reader.backend,
+                    reader.decoder,
+                )
+            frame = Frame(self.name, index, raw.ts_wall, raw.ts_mono, raw.image, raw.pts_ms)
             if not self.exchange.put(frame, wait=wait_for_consumer):
                 break
-            self.stats.frames_delivered += 1
-        return "stopped"
+            stats.frames_delivered += 1
+            last_decoded, last_progress = reader.counters.decoded, time.monotonic()
+        return Outcome.STOPPED

@@ -12,11 +12,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vigild.events import SYSTEM_CAMERA
+from vigild.gst_pipeline import resolve_backend
 from vigild.plugin import PLUGIN_ID_PATTERN, Plugin, PluginConfig
 from vigild.registry import PluginLookupError, load_plugin_class
+from vigild.sources import SourceKind, SourceSpec, parse_source
 from vigild.yamlsource import ConfigError, KeyPath, Problem, YamlDocument, expand_env, load_yaml
 
 _BOOL = TypeAdapter(bool)
@@ -44,9 +56,36 @@ CameraName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$"), AfterValidator(_
 """Letters, digits, `_` and `-`: a name is one segment of the event topic `vigild.<camera>.<type>`."""
 
 
+class RtspConfig(StrictModel):
+    transport: Literal["tcp", "udp", "auto"] = Field(
+        "tcp", description="`tcp` (interleaved, works through NAT and firewalls), `udp`, or `auto` (UDP, then TCP)."
+    )
+    latency_ms: int = Field(
+        200, ge=0, description="Jitter buffer: how long RTP packets may wait to be reordered before decoding."
+    )
+
+
+CaptureBackend = Literal["auto", "gstreamer", "opencv"]
+
+
 class CameraConfig(StrictModel):
     source: str = Field(
-        description="A video file path, an rtsp:// or http(s):// URL, or a local camera (0, /dev/video0)."
+        description="A file path, file://, rtsp(s)://, http(s):// (MJPEG, HLS), /dev/videoN or a camera index, "
+        "or test://<pattern> (docs/capture.md)."
+    )
+    backend: CaptureBackend = Field(
+        "auto", description="Capture back end; `auto`: GStreamer when it is installed, else OpenCV."
+    )
+    decoder: Literal["auto", "software"] = Field(
+        "auto", description="`auto`: a hardware decoder when the machine has one, else software; `software`: never."
+    )
+    username: str | None = Field(None, description="RTSP/HTTP user; use ${VAR} to take it from the environment.")
+    password: SecretStr | None = Field(
+        None, description="RTSP/HTTP password; use ${VAR} to take it from the environment. Never logged."
+    )
+    rtsp: RtspConfig = RtspConfig()
+    stall_timeout: float = Field(
+        10.0, gt=0, description="Seconds without a frame after which the source is torn down and reopened."
     )
     fps: float | None = Field(None, gt=0, description="Process at most this many frames per second.")
     resize: tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]] | None = Field(
@@ -62,6 +101,20 @@ class CameraConfig(StrictModel):
         default_factory=dict, description="Per-plugin overrides by plugin id: parameters, or `enabled: false`."
     )
     reconnect: ReconnectConfig = ReconnectConfig()
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        parse_source(value)  # raises ValueError naming what was expected
+        return value
+
+    @model_validator(mode="after")
+    def _backend_can_open(self) -> CameraConfig:
+        kind = parse_source(self.source).kind
+        if kind is SourceKind.TEST and resolve_backend(self.backend) == "opencv":
+            why = "backend: opencv" if self.backend == "opencv" else "GStreamer is not installed (pip install vigild[gstreamer])"
+            raise ValueError(f"source: test:// patterns need the GStreamer back end, but {why}")
+        return self
 
 
 class SchedulerConfig(StrictModel):
@@ -125,6 +178,10 @@ class Config:
     @property
     def cameras(self) -> dict[str, CameraConfig]:
         return {name: cam for name, cam in self.settings.cameras.items() if cam.enabled}
+
+    def source(self, camera: str) -> SourceSpec:
+        """The camera's parsed source; relative file paths are taken from the config file's directory."""
+        return parse_source(self.settings.cameras[camera].source, self.file.parent)
 
 
 def load_config(file: str | Path, environ: Mapping[str, str] | None = None) -> Config:

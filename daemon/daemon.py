@@ -39,7 +39,9 @@ class Daemon:
 
             torch.set_num_threads(settings.torch_threads)
         self.exchange = FrameExchange()
-        self.captures = {name: CameraCapture(name, cam, self.exchange) for name, cam in config.cameras.items()}
+        self.captures = {
+            name: CameraCapture(name, cam, config.source(name), self.exchange) for name, cam in config.cameras.items()
+        }
         self.chain = Chain(config.chain, self.device, config.cameras, settings.torch_threads)
         self.publisher = Publisher(settings.publisher, heartbeat=self._heartbeat)
         self.scheduler = Scheduler(
@@ -110,7 +112,7 @@ class Daemon:
         previous_at, previous_processed, previous_read = self._last_beat
         elapsed = max(now - previous_at, 1e-6)
         processed = dict(self.scheduler.processed)
-        read = {name: c.stats.frames_read for name, c in self.captures.items()}
+        read = {name: c.stats.frames_decoded for name, c in self.captures.items()}
         self._last_beat = (now, processed, read)
         failures = failures_by_camera(self.chain)
         cameras: dict[str, Any] = {}
@@ -118,13 +120,16 @@ class Daemon:
             stats = capture.stats
             cameras[name] = {
                 "state": stats.state.value,
+                "backend": stats.backend,
+                "decoder": stats.decoder,
                 "fps": round((processed.get(name, 0) - previous_processed.get(name, 0)) / elapsed, 2),
                 "capture_fps": round((read[name] - previous_read.get(name, 0)) / elapsed, 2),
                 "frames": processed.get(name, 0),
-                "drops": self.exchange.drops[name],
-                "plugin_failures": failures.get(name, 0),
+                "captured": stats.frames_delivered,
+                "drops": self.exchange.drops[name] + stats.source_drops,
+                "decode_errors": stats.decode_errors,
                 "reconnects": stats.reconnects,
-                "read_errors": stats.read_errors,
+                "plugin_failures": failures.get(name, 0),
                 "latency_ms": round(self.scheduler.last_latency_s.get(name, 0.0) * 1000, 1),
                 "last_error": stats.last_error,
             }

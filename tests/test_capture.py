@@ -5,19 +5,27 @@ from __future__ import annotations
 import itertools
 import time
 
+import pytest
 from conftest import VTEST
 
-from vigild.capture import CameraCapture, CameraState, is_file_source
+from vigild.capture import CameraCapture, CameraState
 from vigild.config import CameraConfig, ReconnectConfig
 from vigild.exchange import FrameExchange, NoticeKind
+from vigild.sources import parse_source
 
 VTEST_FRAMES = 795
+BACKENDS = ["gstreamer", "opencv"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 def run_capture(config: CameraConfig, until: int, timeout: float = 60.0, consume_every: float = 0.0):
     """Start a camera, take frames until `until` were taken or it ended; returns (frames, notices, capture, exchange)."""
     exchange = FrameExchange()
-    capture = CameraCapture("cam", config, exchange)
+    capture = CameraCapture("cam", config, parse_source(config.source), exchange)
     capture.start()
     frames, notices = [], []
     deadline = time.monotonic() + timeout
@@ -37,8 +45,8 @@ def run_capture(config: CameraConfig, until: int, timeout: float = 60.0, consume
     return frames, notices, capture, exchange
 
 
-def test_fast_file_delivers_every_frame_in_order_then_ends():
-    frames, notices, capture, exchange = run_capture(CameraConfig(source=str(VTEST), realtime=False), until=10_000)
+def test_fast_file_delivers_every_frame_in_order_then_ends(backend: str):
+    frames, notices, capture, exchange = run_capture(CameraConfig(backend=backend, source=str(VTEST), realtime=False), until=10_000)
     assert [f.index for f in frames] == list(range(VTEST_FRAMES))
     assert exchange.drops["cam"] == 0
     assert [n.kind for n in notices] == [NoticeKind.UP, NoticeKind.ENDED]
@@ -51,56 +59,54 @@ def test_fast_file_delivers_every_frame_in_order_then_ends():
     assert frames[10].pts_ms == 1000.0  # 10 fps: frame 10 is at 1 s in the stream
 
 
-def test_realtime_file_is_paced_at_its_own_frame_rate():
+def test_realtime_file_is_paced_at_its_own_frame_rate(backend: str):
     started = time.monotonic()
-    frames, *_ = run_capture(CameraConfig(source=str(VTEST)), until=16)
+    frames, *_ = run_capture(CameraConfig(backend=backend, source=str(VTEST)), until=16)
     took = time.monotonic() - started
     assert len(frames) == 16
     assert took >= 1.4, f"16 frames of a 10 fps file came in {took:.2f} s"
     assert frames[-1].ts_mono - frames[0].ts_mono >= 1.4  # 15 intervals of 0.1 s, never sooner
 
 
-def test_fps_limit_skips_frames_by_stream_time():
-    frames, *_ = run_capture(CameraConfig(source=str(VTEST), realtime=False, fps=2.5), until=10)
-    assert [f.index for f in frames] == [0, 4, 8, 12, 16, 20, 24, 28, 32, 36]
+def test_fps_limit_skips_frames_by_stream_time(backend: str):
+    frames, *_ = run_capture(CameraConfig(backend=backend, source=str(VTEST), realtime=False, fps=2.5), until=10)
+    assert [f.pts_ms for f in frames] == pytest.approx([i * 400.0 for i in range(10)], abs=1.0)
+    assert [f.index for f in frames] == list(range(10))  # indices count the frames the camera delivered
 
 
-def test_resize_happens_before_the_chain():
-    frames, *_ = run_capture(CameraConfig(source=str(VTEST), realtime=False, resize=(320, 240)), until=3)
+def test_resize_happens_before_the_chain(backend: str):
+    frames, *_ = run_capture(CameraConfig(backend=backend, source=str(VTEST), realtime=False, resize=(320, 240)), until=3)
     assert all(f.image.shape == (240, 320, 3) and f.size == (320, 240) for f in frames)
 
 
-def test_loop_goes_on_past_the_end_with_rising_indices():
+def test_loop_goes_on_past_the_end_with_rising_indices(backend: str):
     frames, notices, *_ = run_capture(
-        CameraConfig(source=str(VTEST), realtime=False, loop=True), until=VTEST_FRAMES + 20
+        CameraConfig(backend=backend, source=str(VTEST), realtime=False, loop=True), until=VTEST_FRAMES + 20
     )
     assert [f.index for f in frames] == list(range(VTEST_FRAMES + 20))
     assert NoticeKind.ENDED not in [n.kind for n in notices]
-    assert frames[VTEST_FRAMES].pts_ms == 0.0  # the second pass starts at the beginning of the file
+    assert frames[VTEST_FRAMES].pts_ms == pytest.approx(0.0, abs=1.0)  # the second pass starts at the beginning
 
 
-def test_slow_consumer_of_a_realtime_camera_gets_the_latest_frame_and_drops_are_counted():
-    frames, _, _, exchange = run_capture(CameraConfig(source=str(VTEST)), until=4, consume_every=0.5)
-    indices = [f.index for f in frames]
-    assert len(indices) == 4 and min(b - a for a, b in itertools.pairwise(indices)) >= 3
-    assert exchange.drops["cam"] >= 6
+def test_slow_consumer_of_a_realtime_camera_gets_the_latest_frame_and_drops_are_counted(backend: str):
+    frames, _, capture, exchange = run_capture(
+        CameraConfig(backend=backend, source=str(VTEST)), until=4, consume_every=0.5
+    )
+    stream_times = [f.pts_ms or 0.0 for f in frames]
+    assert len(frames) == 4 and min(b - a for a, b in itertools.pairwise(stream_times)) >= 300  # 10 fps, 0.5 s apart
+    assert exchange.drops["cam"] + capture.stats.source_drops >= 6
 
 
-def test_missing_source_is_retried_with_backoff_and_reported_once():
-    config = CameraConfig(source="/nonexistent/cam.mp4", reconnect=ReconnectConfig(initial_delay=0.05, max_delay=0.1))
+def test_missing_source_is_retried_with_backoff_and_reported_once(backend: str):
+    config = CameraConfig(backend=backend, source="/nonexistent/cam.mp4", reconnect=ReconnectConfig(initial_delay=0.05, max_delay=0.1))
     exchange = FrameExchange()
-    capture = CameraCapture("cam", config, exchange)
+    capture = CameraCapture("cam", config, parse_source(config.source), exchange)
     capture.start()
     time.sleep(1.0)
     capture.stop()
     capture.join(5)
     taken = exchange.take(8, 0, 1, 0.1)
     assert capture.stats.reconnects >= 4
-    assert capture.stats.last_error == "source not found: /nonexistent/cam.mp4"
+    assert capture.stats.last_error == "file not found: /nonexistent/cam.mp4"
     assert [(n.kind, n.detail["reason"]) for n in taken.closed] == [(NoticeKind.DOWN, "unavailable")]
     assert not capture.is_alive() and capture.stats.state is CameraState.STOPPED
-
-
-def test_source_kinds():
-    assert is_file_source("/srv/a.mp4") and is_file_source("clips/a.avi")
-    assert not is_file_source("rtsp://cam/stream") and not is_file_source("0") and not is_file_source("/dev/video0")

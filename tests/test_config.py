@@ -72,7 +72,7 @@ def test_unset_variable_names_the_key_and_line(tmp_path):
         ("cameras:\n  door:\n    source: [unclosed\n", ":4: (top level): malformed YAML"),
         (
             "cameras:\n  door:\n    source: a.mp4\n    sauce: b.mp4\n",
-            ":4: cameras.door.sauce: unknown key (allowed: source, fps,",
+            ":4: cameras.door.sauce: unknown key (allowed: source, backend, decoder,",
         ),
         (
             "cameras:\n  door:\n    source: a.mp4\n    fps: fast\n",

@@ -141,7 +141,7 @@ def test_missing_camera_is_reported_and_retried_while_the_other_publishes(tmp_pa
         assert len(ghost_down) == 1 and ghost_down[0]["reason"] == "unavailable"  # once per outage, not per retry
         assert "not-there.mp4" in ghost_down[0]["error"]
         ghost = events_of(messages, "heartbeat")[-1]["cameras"]["ghost"]
-        assert ghost["state"] in ("backoff", "connecting") and "source not found" in ghost["last_error"]
+        assert ghost["state"] in ("backoff", "connecting") and "file not found" in ghost["last_error"]
         vtest = events_of(messages, "heartbeat")[-1]["cameras"]["vtest"]
         assert vtest["state"] == "streaming" and vtest["frames"] > 0
     finally:

@@ -1,0 +1,162 @@
+"""GStreamer pipeline descriptions for each kind of source, and the check that GStreamer is there at all.
+
+Kept apart from the reader so the pipelines can be read (and tested) as text. Every pipeline ends the same way:
+scale and rate-limit while still in YUV (cheaper than after conversion), convert to BGR, and hand frames to an
+appsink that keeps only the newest one (`max-buffers=1 drop=true`), so a slow chain drops frames instead of
+building latency. Files read "as fast as possible" are the exception: their appsink blocks instead of dropping.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from fractions import Fraction
+from typing import Any
+
+from vigild.sources import SourceKind, SourceSpec
+
+log = logging.getLogger("vigild.capture")
+
+HARDWARE_DECODERS = (
+    "nvh264dec",
+    "nvh265dec",
+    "nvv4l2decoder",
+    "vah264dec",
+    "vah265dec",
+    "vaapih264dec",
+    "vaapih265dec",
+    "v4l2slh264dec",
+    "v4l2h264dec",
+)
+"""Decoder factories that use a GPU or a video engine; `decoder: auto` ranks them above the software ones."""
+
+SINK_NAME = "sink"
+DECODEBIN_NAME = "decode"
+VIDEOCONVERT_THREADS = 2
+
+
+def gst_modules() -> Any:
+    """`(Gst, GstApp, GstVideo)`, initialised; raises ImportError when PyGObject or GStreamer is missing."""
+    return _gst_modules()
+
+
+@functools.cache
+def _gst_modules() -> Any:
+    import gi
+
+    gi.require_version("Gst", "1.0")
+    gi.require_version("GstApp", "1.0")
+    gi.require_version("GstVideo", "1.0")
+    from gi.repository import Gst, GstApp, GstVideo
+
+    Gst.init(None)
+    _prefer_hardware_decoders(Gst)
+    return Gst, GstApp, GstVideo
+
+
+@functools.cache
+def gstreamer_available() -> bool:
+    try:
+        gst_modules()
+    except (ImportError, ValueError) as exc:  # ValueError: gi present but the GStreamer typelib is not
+        log.debug("GStreamer unavailable: %s", exc)
+        return False
+    return True
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto` → `gstreamer` when PyGObject and GStreamer are installed, else `opencv`."""
+    if backend != "auto":
+        return backend
+    return "gstreamer" if gstreamer_available() else "opencv"
+
+
+def _prefer_hardware_decoders(gst: Any) -> None:
+    """decodebin picks the highest-ranked decoder that can start; put the hardware ones first.
+
+    A hardware decoder whose device is missing fails to start, and decodebin moves on to the next one, so a
+    machine without a GPU falls back to software decoding on its own.
+    """
+    registry = gst.Registry.get()
+    for name in HARDWARE_DECODERS:
+        feature = registry.lookup_feature(name)
+        if feature is not None:
+            feature.set_rank(gst.Rank.PRIMARY + 100)
+
+
+def _fraction(fps: float) -> str:
+    value = Fraction(fps).limit_denominator(1001)
+    return f"{value.numerator}/{value.denominator}"
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def source_description(spec: SourceSpec) -> tuple[str, str]:
+    """The part of the pipeline that produces decoded raw video: `(head, branches)`, where the rest of the
+    pipeline links to the end of `head` and `branches` are extra chains feeding into it (the test balls)."""
+    if spec.kind is SourceKind.TEST:
+        return _test_pattern(spec)
+    if spec.kind is SourceKind.V4L2:
+        return f"v4l2src device={_quote(spec.uri)} ! decodebin name={DECODEBIN_NAME}", ""
+    if spec.kind is SourceKind.FILE:
+        return f"filesrc location={_quote(spec.uri)} ! decodebin name={DECODEBIN_NAME}", ""
+    # rtsp and http(s): uridecodebin builds rtspsrc / souphttpsrc (+ hlsdemux, multipartdemux) and the decoder;
+    # the reader sets their properties (transport, latency, credentials) in `source-setup`
+    return f"uridecodebin name={DECODEBIN_NAME} uri={_quote(spec.uri)}", ""
+
+
+def _test_pattern(spec: SourceSpec) -> tuple[str, str]:
+    test = spec.test
+    caps = f"width={test.width},height={test.height},framerate={_fraction(test.fps)}"
+    if test.pattern != "balls":
+        return f"videotestsrc is-live=true pattern={test.pattern} ! video/x-raw,{caps}", ""
+    # three balls of different sizes on different paths, drawn on transparent layers over a dark background
+    layers = []
+    for index, (motion, color, radius_scale) in enumerate(
+        (("wavy", "0xffff4040", 1.0), ("sweep", "0xff40ff40", 0.7), ("hsweep", "0xff4040ff", 0.5))
+    ):
+        size = max(8, int(min(test.width, test.height) * 0.25 * radius_scale)) // 2 * 2
+        layers.append(
+            f"videotestsrc is-live=true pattern=ball motion={motion} foreground-color={color} "
+            f"background-color=0x00000000 ! video/x-raw,format=BGRA,width={size},height={size},"
+            f"framerate={_fraction(test.fps)} ! balls.sink_{index}"
+        )
+    placement = " ".join(
+        f"sink_{i}::xpos={x} sink_{i}::ypos={y}"
+        for i, (x, y) in enumerate(
+            ((test.width // 8, test.height // 6), (test.width // 2, test.height // 3), (test.width // 3, test.height // 2))
+        )
+    )
+    return f"compositor name=balls background=black {placement} ! video/x-raw,{caps}", " ".join(layers)
+
+
+def pipeline_description(
+    spec: SourceSpec,
+    *,
+    resize: tuple[int, int] | None,
+    fps: float | None,
+    sync: bool,
+    drop: bool,
+) -> str:
+    """The whole pipeline. `sync`: play at the stream's own pace (files in real time); `drop`: keep only the
+    newest frame in the appsink (everything but files read as fast as possible)."""
+    head, branches = source_description(spec)
+    steps = [head]
+    if resize is not None:
+        steps.append("videoscale")
+    if fps is not None:
+        steps.append("videorate drop-only=true")
+    steps.append(f"videoconvert n-threads={VIDEOCONVERT_THREADS}")
+    caps = "video/x-raw,format=BGR"
+    if resize is not None:
+        caps += f",width={resize[0]},height={resize[1]},pixel-aspect-ratio=1/1"
+    if fps is not None:
+        caps += f",framerate={_fraction(fps)}"
+    steps.append(caps)
+    steps.append(
+        f"appsink name={SINK_NAME} max-buffers=1 drop={'true' if drop else 'false'} "
+        f"sync={'true' if sync else 'false'} enable-last-sample=false"
+    )
+    return " ! ".join(steps) + (" " + branches if branches else "")

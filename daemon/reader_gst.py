@@ -1,0 +1,235 @@
+"""The GStreamer capture back end: one pipeline per connection, frames pulled from its appsink.
+
+No GLib main loop is needed: the capture thread pulls samples with a timeout and drains the pipeline's bus
+between pulls, so errors, end of stream and decoder warnings are seen on the same thread that acts on them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from vigild.config import CameraConfig
+from vigild.gst_pipeline import DECODEBIN_NAME, HARDWARE_DECODERS, SINK_NAME, gst_modules, pipeline_description
+from vigild.reader import EndOfStream, FrameReader, RawFrame, SourceError, check_local_source
+from vigild.sources import SourceKind, SourceSpec
+
+log = logging.getLogger("vigild.capture")
+
+NTP_TO_UNIX_S = 2_208_988_800
+"""Seconds from the NTP epoch (1900) to the UNIX epoch (1970)."""
+MAX_PLAUSIBLE_AGE_S = 60.0
+"""A frame whose pipeline timestamp says it is older than this has a timestamp from another clock: use now."""
+AUTOPLUG_TRY, AUTOPLUG_SKIP = 0, 2
+"""GstAutoplugSelectResult values (the enum is not introspectable)."""
+
+
+class GstReader(FrameReader):
+    backend = "gstreamer"
+
+    def __init__(self, camera: str, config: CameraConfig, spec: SourceSpec, *, software_only: bool = False):
+        super().__init__(camera, config, spec, software_only=software_only)
+        self._gst, _, self._gst_video = gst_modules()
+        self._pipeline: Any = None
+        self._sink: Any = None
+        self._bus: Any = None
+        self._probe: tuple[Any, int] | None = None
+        self._caps: Any = None
+        self._shape: tuple[int, int, int] = (0, 0, 0)  # height, width, row stride
+        self._pulled = 0
+        self._eos = False
+        self._decoder_known = False
+        self._ntp_caps = self._gst.Caps.from_string("timestamp/x-ntp")
+
+    def open(self) -> None:
+        gst = self._gst
+        is_file = self.spec.kind is SourceKind.FILE
+        description = pipeline_description(
+            self.spec,
+            resize=self.config.resize,
+            fps=self.config.fps,
+            sync=is_file and self.config.realtime,
+            drop=not (is_file and not self.config.realtime),
+        )
+        check_local_source(self.spec)
+        try:
+            self._pipeline = gst.parse_launch(description)
+        except Exception as exc:  # GLib.Error: a missing element (plugin package not installed)
+            raise SourceError(f"cannot build the GStreamer pipeline: {exc}") from None
+        self._sink = self._pipeline.get_by_name(SINK_NAME)
+        self._bus = self._pipeline.get_bus()
+        decodebin = self._pipeline.get_by_name(DECODEBIN_NAME)
+        if decodebin is not None:
+            if decodebin.find_property("uri") is not None:
+                decodebin.connect("source-setup", self._setup_source)
+            if self.software_only:
+                decodebin.connect("autoplug-select", _skip_hardware_decoders)
+        pad = self._sink.get_static_pad("sink")
+        self._probe = (pad, pad.add_probe(gst.PadProbeType.BUFFER, self._count_buffer))
+        if self._pipeline.set_state(gst.State.PLAYING) == gst.StateChangeReturn.FAILURE:
+            self._raise_bus_error(default="the pipeline refused to start")
+
+    def _setup_source(self, _bin: Any, source: Any) -> None:
+        """Called by uridecodebin once it created rtspsrc or souphttpsrc, before it connects."""
+        gst = self._gst
+        name = source.get_factory().get_name()
+        username = self.config.username
+        password = self.config.password.get_secret_value() if self.config.password else None
+        if name == "rtspsrc":
+            protocols = {"tcp": "tcp", "udp": "udp", "auto": "udp+udp-mcast+tcp"}[self.config.rtsp.transport]
+            gst.util_set_object_arg(source, "protocols", protocols)
+            source.set_property("latency", self.config.rtsp.latency_ms)
+            # give up on an unresponsive server no later than the stall watchdog would
+            source.set_property("tcp-timeout", int(self.config.stall_timeout * 1_000_000))
+            if source.find_property("add-reference-timestamp-meta") is not None:
+                source.set_property("add-reference-timestamp-meta", True)  # NTP capture time from RTCP SR
+        elif name == "souphttpsrc":
+            source.set_property("timeout", max(1, int(self.config.stall_timeout)))
+            source.set_property("retries", 0)  # the capture thread owns retrying, with backoff
+        if username and source.find_property("user-id") is not None:
+            source.set_property("user-id", username)
+            source.set_property("user-pw", password or "")
+
+    def _count_buffer(self, _pad: Any, _info: Any) -> Any:
+        self.counters.decoded += 1
+        return self._gst.PadProbeReturn.OK
+
+    def read(self, timeout: float) -> RawFrame | None:
+        gst = self._gst
+        sample = self._sink.try_pull_sample(int(timeout * 1e9))
+        self._drain_bus()
+        if sample is None:
+            if self._eos or self._sink.is_eos():
+                raise EndOfStream()
+            return None
+        self._pulled += 1
+        self.counters.dropped = max(0, self.counters.decoded - self._pulled - 1)  # one may be waiting in the sink
+        buffer = sample.get_buffer()
+        caps = sample.get_caps()
+        if self._caps is None or not caps.is_equal(self._caps):
+            self._new_caps(caps)
+        height, width, stride = self._shape
+        data = np.frombuffer(buffer.extract_dup(0, buffer.get_size()), dtype=np.uint8)
+        if stride == width * 3:
+            image = data[: height * stride].reshape(height, width, 3)
+        else:  # rows padded to 4 bytes: one copy to make the image contiguous
+            image = np.ascontiguousarray(data[: height * stride].reshape(height, stride)[:, : width * 3]).reshape(
+                height, width, 3
+            )
+        pts = buffer.pts
+        pts_ms = pts / 1e6 if pts != gst.CLOCK_TIME_NONE else None
+        ts_wall, ts_mono = self._capture_time(sample, buffer)
+        return RawFrame(image, ts_wall, ts_mono, pts_ms)
+
+    def _new_caps(self, caps: Any) -> None:
+        info = self._gst_video.VideoInfo.new_from_caps(caps)
+        self._caps = caps
+        self._shape = (info.height, info.width, info.stride[0])
+        if info.fps_n > 0 and info.fps_d > 0:
+            self.source_fps = info.fps_n / info.fps_d
+        if not self._decoder_known:
+            self.decoder, self._decoder_known = self._find_decoder(), True
+
+    def _capture_time(self, sample: Any, buffer: Any) -> tuple[float, float]:
+        """When the frame was captured, on the wall clock and the monotonic one (docs/capture.md, Timestamps)."""
+        now_wall, now_mono = time.time(), time.monotonic()
+        if self.spec.kind in (SourceKind.FILE, SourceKind.HTTP) or buffer.pts == self._gst.CLOCK_TIME_NONE:
+            return now_wall, now_mono
+        # live sources: the buffer's running time is when the source stamped it (camera driver, RTP arrival
+        # corrected by the jitter buffer), on the pipeline clock; the difference to the clock's now is its age
+        running = sample.get_segment().to_running_time(self._gst.Format.TIME, buffer.pts)
+        clock = self._pipeline.get_clock()
+        age = 0.0
+        if clock is not None and running != self._gst.CLOCK_TIME_NONE:
+            age = (clock.get_time() - self._pipeline.get_base_time() - running) / 1e9
+            if not 0.0 <= age <= MAX_PLAUSIBLE_AGE_S:
+                age = 0.0
+        ts_wall = now_wall - age
+        meta = buffer.get_reference_timestamp_meta(self._ntp_caps) if self.spec.kind is SourceKind.RTSP else None
+        if meta is not None:  # the camera's own capture time, from its RTCP sender reports
+            ts_wall = meta.timestamp / 1e9 - NTP_TO_UNIX_S
+        return ts_wall, now_mono - age
+
+    def _find_decoder(self) -> str | None:
+        iterator = self._pipeline.iterate_recurse()
+        while True:
+            result, element = iterator.next()
+            if result != self._gst.IteratorResult.OK:
+                return None
+            factory = element.get_factory()
+            if factory is not None:
+                klass = factory.get_metadata("klass") or ""
+                if "Decoder" in klass and "Video" in klass:
+                    return str(factory.get_name())
+
+    def _drain_bus(self) -> None:
+        gst = self._gst
+        while True:
+            message = self._bus.pop_filtered(gst.MessageType.ERROR | gst.MessageType.EOS | gst.MessageType.WARNING)
+            if message is None:
+                return
+            if message.type == gst.MessageType.EOS:
+                self._eos = True
+            elif message.type == gst.MessageType.ERROR:
+                self._raise_error(message)
+            else:
+                error, _debug = message.parse_warning()
+                if _is_decoder(message.src):
+                    self.counters.decode_errors += 1
+                log.debug("camera %s: GStreamer warning from %s: %s", self.camera, message.src.get_name(), error)
+
+    def _raise_bus_error(self, default: str) -> None:
+        message = self._bus.pop_filtered(self._gst.MessageType.ERROR)
+        if message is not None:
+            self._raise_error(message)
+        raise SourceError(default)
+
+    def _raise_error(self, message: Any) -> None:
+        error, debug = message.parse_error()
+        source = message.src
+        factory = source.get_factory() if hasattr(source, "get_factory") else None
+        factory_name = factory.get_name() if factory is not None else ""
+        if _is_decoder(source):
+            self.counters.decode_errors += 1
+        detail = _last_line(debug)
+        text = f"{error.message}" + (f" ({detail})" if detail and detail not in error.message else "")
+        raise SourceError(
+            f"{factory_name or source.get_name()}: {text}",
+            hardware_decoder=factory_name if factory_name in HARDWARE_DECODERS else None,
+        )
+
+    def rewind(self) -> None:
+        gst = self._gst
+        self._eos = False
+        if not self._pipeline.seek_simple(gst.Format.TIME, gst.SeekFlags.FLUSH | gst.SeekFlags.KEY_UNIT, 0):
+            raise SourceError("cannot seek back to the start of the file")
+
+    def close(self) -> None:
+        if self._pipeline is None:
+            return
+        if self._probe is not None:
+            pad, probe_id = self._probe
+            pad.remove_probe(probe_id)
+            self._probe = None
+        self._pipeline.set_state(self._gst.State.NULL)
+        self._bus.set_flushing(True)  # drop pending messages (they hold references to elements)
+        self._pipeline = self._sink = self._bus = self._caps = None
+
+
+def _skip_hardware_decoders(_bin: Any, _pad: Any, _caps: Any, factory: Any) -> int:
+    return AUTOPLUG_SKIP if factory.get_name() in HARDWARE_DECODERS else AUTOPLUG_TRY
+
+
+def _is_decoder(element: Any) -> bool:
+    factory = element.get_factory() if hasattr(element, "get_factory") else None
+    return factory is not None and "Decoder" in (factory.get_metadata("klass") or "")
+
+
+def _last_line(debug: str | None) -> str:
+    """GStreamer's debug string ends with the useful part ('Unauthorized', 'Could not connect...')."""
+    if not debug:
+        return ""
+    return debug.strip().splitlines()[-1].strip()
