@@ -162,7 +162,7 @@ class GstReader(FrameReader):
             factory = element.get_factory()
             if factory is not None:
                 klass = factory.get_metadata("klass") or ""
-                if "Decoder" in klass and "Video" in klass:
+                if "Decoder" in klass and ("Video" in klass or "Image" in klass):
                     return str(factory.get_name())
 
     def _drain_bus(self) -> None:

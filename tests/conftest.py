@@ -103,3 +103,22 @@ def subscriber_factory(tmp_path):
     yield start
     for subscriber in started:
         subscriber.kill()
+
+
+@pytest.fixture(scope="session")
+def encoded_media(tmp_path_factory) -> dict[str, Path]:
+    """vtest.avi's first 400 frames (40 s at 10 fps) as H.264 and H.265 MP4s, for the stream servers."""
+    from streams import encode
+
+    folder = tmp_path_factory.mktemp("encoded")
+    return {codec: encode(VTEST, folder / f"vtest_{codec}.mp4", codec, 400) for codec in ("h264", "h265")}
+
+
+@pytest.fixture(scope="session")
+def rtsp_server(encoded_media):
+    """One RTSP server for the session, serving /h264 and /h265 (tests that kill servers start their own)."""
+    from streams import RtspServer
+
+    server = RtspServer({"/h264": encoded_media["h264"], "/h265": encoded_media["h265"]}).start()
+    yield server
+    server.kill()

@@ -1,0 +1,159 @@
+"""Real stream servers on loopback for the capture tests: RTSP (GstRtspServer, its own process), HTTP MJPEG,
+and a server that accepts connections and then says nothing. Also the H.264/H.265 files they serve, encoded
+once per test session from the shared vtest.avi."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import cv2
+
+ROOT = Path(__file__).resolve().parent.parent
+RTSP_SERVER = ROOT / "tests" / "servers" / "rtsp_server.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def encode(source: Path, out: Path, codec: str, frames: int, size: tuple[int, int] | None = None) -> Path:
+    """Re-encode the first `frames` frames of `source` to an MP4 with x264enc (`h264`) or x265enc (`h265`)."""
+    encoder = {
+        "h264": "x264enc speed-preset=ultrafast tune=zerolatency key-int-max=10 bitrate=2000 ! h264parse",
+        "h265": "x265enc speed-preset=ultrafast tune=zerolatency key-int-max=10 bitrate=2000 ! h265parse",
+    }[codec]
+    scale = f"videoscale ! video/x-raw,width={size[0]},height={size[1]} ! " if size else ""
+    subprocess.run(
+        [
+            "gst-launch-1.0",
+            "-q",
+            *f'filesrc location="{source}" ! decodebin ! identity eos-after={frames} ! videoconvert ! {scale}'
+            f'{encoder} ! mp4mux ! filesink location="{out}"'.split(),
+        ],
+        check=True,
+        timeout=300,
+    )
+    return out
+
+
+class RtspServer:
+    """tests/servers/rtsp_server.py as a process, so a test can kill it like a camera losing power."""
+
+    def __init__(self, mounts: dict[str, Path], port: int | None = None, auth: str | None = None):
+        self.port = port or free_port()
+        self.mounts = mounts
+        self.auth = auth
+        self.process: subprocess.Popen[str] | None = None
+
+    def url(self, mount: str, userinfo: str = "") -> str:
+        return f"rtsp://{userinfo + '@' if userinfo else ''}127.0.0.1:{self.port}{mount}"
+
+    def start(self) -> RtspServer:
+        args = [sys.executable, str(RTSP_SERVER), "--port", str(self.port)]
+        for mount, path in self.mounts.items():
+            args += ["--mount", f"{mount}={path}"]
+        if self.auth:
+            args += ["--auth", self.auth]
+        deadline = time.monotonic() + 20
+        while True:  # a port just freed by a killed server can take a moment to be bindable again
+            self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert self.process.stdout is not None
+            if self.process.stdout.readline().strip() == "ready":
+                return self
+            self.process.wait()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"RTSP server did not start: {self.process.stderr.read() if self.process.stderr else ''}")
+            time.sleep(0.2)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
+class SilentServer:
+    """Accepts TCP connections and never answers: a camera that hangs after the handshake."""
+
+    def __init__(self) -> None:
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen(16)
+        self.port = int(self.socket.getsockname()[1])
+        self.accepted: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.socket.accept()
+            except OSError:
+                return
+            self.accepted.append(connection)
+
+    def close(self) -> None:
+        self.socket.close()
+        for connection in self.accepted:
+            connection.close()
+
+
+class MjpegServer:
+    """HTTP `multipart/x-mixed-replace` JPEG stream of vtest.avi at its own 10 fps, like an IP camera's /mjpeg."""
+
+    def __init__(self, source: Path, frames: int = 100, fps: float = 10.0):
+        capture = cv2.VideoCapture(str(source))
+        self.jpegs: list[bytes] = []
+        while len(self.jpegs) < frames:
+            ok, image = capture.read()
+            if not ok:
+                break
+            self.jpegs.append(cv2.imencode(".jpg", image)[1].tobytes())
+        capture.release()
+        self.size = (int(image.shape[1]), int(image.shape[0]))
+        jpegs, interval = self.jpegs, 1.0 / fps
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path != "/mjpeg":
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                try:
+                    index = 0
+                    while True:
+                        jpeg = jpegs[index % len(jpegs)]
+                        self.wfile.write(
+                            b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
+                            + str(len(jpeg)).encode()
+                            + b"\r\n\r\n"
+                            + jpeg
+                            + b"\r\n"
+                        )
+                        index += 1
+                        time.sleep(interval)
+                except (BrokenPipeError, ConnectionResetError):
+                    return
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/mjpeg"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
