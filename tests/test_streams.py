@@ -3,6 +3,7 @@ test patterns, and sources that hang, are missing or refuse us."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 
@@ -67,7 +68,7 @@ def test_rtsp_stream_delivers_frames_of_the_right_size(rtsp_server, mount, backe
     assert capture.stats.decoder == decoder
     # a live stream: capture times are now-ish and rise with the frames
     assert all(abs(f.ts_wall - time.time()) < 10 for f in frames)
-    assert all(b.ts_mono > a.ts_mono for a, b in zip(frames, frames[1:], strict=False))
+    assert all(b.ts_mono > a.ts_mono for a, b in itertools.pairwise(frames))
 
 
 def test_rtsp_over_udp(rtsp_server):
@@ -80,7 +81,7 @@ def test_rtsp_resize_and_fps_limit_happen_in_the_pipeline(rtsp_server):
     config = CameraConfig(source=rtsp_server.url("/h264"), resize=(320, 240), fps=5)
     frames, *_ = run_camera(config, frames_at_least(8))
     assert all(f.image.shape == (240, 320, 3) for f in frames)
-    spacing = [(b.pts_ms or 0) - (a.pts_ms or 0) for a, b in zip(frames, frames[1:], strict=False)]
+    spacing = [(b.pts_ms or 0) - (a.pts_ms or 0) for a, b in itertools.pairwise(frames)]
     assert min(spacing) >= 150, spacing  # 5 of the stream's 10 fps: 200 ms apart
 
 
