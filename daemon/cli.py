@@ -14,6 +14,7 @@ from vigild import __version__
 from vigild.chain import PluginStartError
 from vigild.client import DEFAULT_ENDPOINT, Subscriber
 from vigild.config import Config, ConfigError, load_config
+from vigild.gst_pipeline import resolve_backend
 from vigild.plugin import PluginConfigError
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
@@ -66,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         plugins = ", ".join(f"{spec.id} ({spec.config.type})" for spec in config.chain) or "none"
         print(f"{config.file}: ok: {len(config.cameras)} camera(s) [{', '.join(config.cameras)}], plugins: {plugins}")
+        for name, camera in config.cameras.items():
+            source = config.source(name)
+            print(f"  {name}: {source.kind.value} {source.display} via {resolve_backend(camera.backend)}")
         return EXIT_OK
     return _run(config, args.log_level or config.settings.log_level)
 

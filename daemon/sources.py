@@ -32,7 +32,7 @@ _DEVICE = re.compile(r"^/dev/video\d+$")
 
 
 @dataclass(frozen=True)
-class TestPattern:
+class PatternSpec:
     pattern: str = "balls"
     width: int = 640
     height: int = 480
@@ -46,7 +46,7 @@ class SourceSpec:
     """What the back end opens: a URI for streams, an absolute path for files, a device path for V4L2."""
     display: str
     """The source as written, with any password masked: safe for logs, events and the heartbeat."""
-    test: TestPattern = field(default_factory=TestPattern)
+    test: PatternSpec = field(default_factory=PatternSpec)
 
     @property
     def is_live(self) -> bool:
@@ -145,7 +145,7 @@ def _parse_test(text: str) -> SourceSpec:
         if not (0 < number <= (1000 if key == "fps" else 8192)) or (key != "fps" and number != int(number)):
             raise ValueError(f"test:// parameter {key}={value}: out of range")
         values[key] = number
-    test = TestPattern(
+    test = PatternSpec(
         pattern,
         int(values.get("width", 640)),
         int(values.get("height", 480)),
