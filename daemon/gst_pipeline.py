@@ -1,8 +1,9 @@
 """GStreamer pipeline descriptions for each kind of source, and the check that GStreamer is there at all.
 
 Kept apart from the reader so the pipelines can be read (and tested) as text. Every pipeline ends the same way:
-scale and rate-limit while still in YUV (cheaper than after conversion), convert to BGR, and hand frames to an
-appsink that keeps only the newest one (`max-buffers=1 drop=true`), so a slow chain drops frames instead of
+scale and rate-limit while still in YUV (cheaper than after conversion), settle on I420 (a no-op for most
+decoders; vigild.yuv converts to BGR faster than videoconvert would), and hand frames to an appsink that keeps
+only the newest one (`max-buffers=1 drop=true`), so a slow chain drops frames instead of
 building latency. Files read "as fast as possible" are the exception: their appsink blocks instead of dropping.
 """
 
@@ -32,7 +33,6 @@ HARDWARE_DECODERS = (
 
 SINK_NAME = "sink"
 DECODEBIN_NAME = "decode"
-VIDEOCONVERT_THREADS = 2
 
 
 def gst_modules() -> Any:
@@ -148,8 +148,8 @@ def pipeline_description(
         steps.append("videoscale")
     if fps is not None:
         steps.append("videorate drop-only=true")
-    steps.append(f"videoconvert n-threads={VIDEOCONVERT_THREADS}")
-    caps = "video/x-raw,format=BGR"
+    steps.append("videoconvert")
+    caps = "video/x-raw,format=I420"
     if resize is not None:
         caps += f",width={resize[0]},height={resize[1]},pixel-aspect-ratio=1/1"
     if fps is not None:

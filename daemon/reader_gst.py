@@ -16,6 +16,7 @@ from vigild.config import CameraConfig
 from vigild.gst_pipeline import DECODEBIN_NAME, HARDWARE_DECODERS, SINK_NAME, gst_modules, pipeline_description
 from vigild.reader import EndOfStream, FrameReader, RawFrame, SourceError, check_local_source
 from vigild.sources import SourceKind, SourceSpec
+from vigild.yuv import I420Layout, i420_to_bgr
 
 log = logging.getLogger("vigild.capture")
 
@@ -38,7 +39,7 @@ class GstReader(FrameReader):
         self._bus: Any = None
         self._probe: tuple[Any, int] | None = None
         self._caps: Any = None
-        self._shape: tuple[int, int, int] = (0, 0, 0)  # height, width, row stride
+        self._layout = I420Layout(0, 0, (0, 0, 0), (0, 0, 0))
         self._pulled = 0
         self._eos = False
         self._decoder_known = False
@@ -82,12 +83,12 @@ class GstReader(FrameReader):
             protocols = {"tcp": "tcp", "udp": "udp", "auto": "udp+udp-mcast+tcp"}[self.config.rtsp.transport]
             gst.util_set_object_arg(source, "protocols", protocols)
             source.set_property("latency", self.config.rtsp.latency_ms)
-            # give up on an unresponsive server no later than the stall watchdog would
-            source.set_property("tcp-timeout", int(self.config.stall_timeout * 1_000_000))
+            # the stall watchdog decides when a silent server has failed; rtspsrc's own timeout only backs it up
+            source.set_property("tcp-timeout", int((self.config.stall_timeout + 5) * 1_000_000))
             if source.find_property("add-reference-timestamp-meta") is not None:
                 source.set_property("add-reference-timestamp-meta", True)  # NTP capture time from RTCP SR
         elif name == "souphttpsrc":
-            source.set_property("timeout", max(1, int(self.config.stall_timeout)))
+            source.set_property("timeout", int(self.config.stall_timeout) + 5)
             source.set_property("retries", 0)  # the capture thread owns retrying, with backoff
         if username and source.find_property("user-id") is not None:
             source.set_property("user-id", username)
@@ -111,14 +112,8 @@ class GstReader(FrameReader):
         caps = sample.get_caps()
         if self._caps is None or not caps.is_equal(self._caps):
             self._new_caps(caps)
-        height, width, stride = self._shape
         data = np.frombuffer(buffer.extract_dup(0, buffer.get_size()), dtype=np.uint8)
-        if stride == width * 3:
-            image = data[: height * stride].reshape(height, width, 3)
-        else:  # rows padded to 4 bytes: one copy to make the image contiguous
-            image = np.ascontiguousarray(data[: height * stride].reshape(height, stride)[:, : width * 3]).reshape(
-                height, width, 3
-            )
+        image = i420_to_bgr(data, self._layout)
         pts = buffer.pts
         pts_ms = pts / 1e6 if pts != gst.CLOCK_TIME_NONE else None
         ts_wall, ts_mono = self._capture_time(sample, buffer)
@@ -127,7 +122,7 @@ class GstReader(FrameReader):
     def _new_caps(self, caps: Any) -> None:
         info = self._gst_video.VideoInfo.new_from_caps(caps)
         self._caps = caps
-        self._shape = (info.height, info.width, info.stride[0])
+        self._layout = I420Layout(info.width, info.height, tuple(info.stride[:3]), tuple(info.offset[:3]))
         if info.fps_n > 0 and info.fps_d > 0:
             self.source_fps = info.fps_n / info.fps_d
         if not self._decoder_known:

@@ -3,6 +3,7 @@ published as camera.down / camera.up, the other camera never stops, and nothing 
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from pathlib import Path
@@ -73,7 +74,7 @@ publisher:
     streaming = [b for b in beats if b["state"] == "streaming"]
     assert len(streaming) >= len(beats) - 2
     processed = [b["frames"] for b in streaming]
-    assert all(later > earlier for earlier, later in zip(processed, processed[1:], strict=False)), processed
+    assert all(later > earlier for earlier, later in itertools.pairwise(processed)), processed
     gate = events_of(messages, "heartbeat")[-1]["cameras"]["gate"]
     assert gate["reconnects"] >= CYCLES
     (threads_first, fds_first), (threads_last, fds_last) = counts

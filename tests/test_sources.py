@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vigild.config import ConfigError, load_config
-from vigild.sources import SourceKind, PatternSpec, parse_source, redact, with_credentials
+from vigild.sources import PatternSpec, SourceKind, parse_source, redact, with_credentials
 
 
 @pytest.mark.parametrize(
