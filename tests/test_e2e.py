@@ -147,7 +147,7 @@ def test_missing_camera_is_reported_and_retried_while_the_other_publishes(tmp_pa
     finally:
         code, _ = stop(daemon)
     assert code == 0
-    assert "camera ghost: source not found" in daemon.stderr.read()
+    assert "camera ghost: file not found" in daemon.stderr.read()
 
 
 def test_busy_publisher_port_is_refused_with_exit_2(tmp_path, endpoint):
