@@ -60,6 +60,7 @@ test: lint
 
 bench: setup
 	$(VENV)/bin/python bench/throughput.py
+	$(VENV)/bin/python bench/decode.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -190,7 +190,10 @@ class GstReader(FrameReader):
         if _is_decoder(source):
             self.counters.decode_errors += 1
         detail = _last_line(debug)
-        text = f"{error.message}" + (f" ({detail})" if detail and detail not in error.message else "")
+        if detail and error.message in detail:  # "Unauthorized" + "Unauthorized (401)": the detail says it all
+            text = detail
+        else:
+            text = error.message + (f" ({detail})" if detail and detail not in error.message else "")
         raise SourceError(
             f"{factory_name or source.get_name()}: {text}",
             hardware_decoder=factory_name if factory_name in HARDWARE_DECODERS else None,

@@ -236,17 +236,26 @@ def test_cli_refuses_bad_config_with_one_line_and_exit_2(tmp_path, text, fragmen
     assert result.stdout == ""
 
 
-def test_cli_check_accepts_the_example():
+@pytest.mark.parametrize(
+    ("example", "summary"),
+    [
+        ("vtest.yaml", ["ok: 1 camera(s) [vtest]", "vtest: file"]),
+        ("test-pattern.yaml", ["ok: 2 camera(s) [balls, bars]", "balls: test test://balls"]),
+        ("rtsp-cameras.yaml", ["ok: 3 camera(s) [door, yard, garage]", "door: rtsp rtsp://192.0.2.10:554/stream1"]),
+    ],
+)
+def test_cli_check_accepts_the_examples(example, summary):
     result = subprocess.run(
-        [sys.executable, "-m", "vigild", "check", "--config", "configs/vtest.yaml"],
+        [sys.executable, "-m", "vigild", "check", "--config", f"configs/{example}"],
         capture_output=True,
         text=True,
         timeout=60,
-        env=daemon_env(),
+        env=daemon_env(DOOR_USER="viewer", DOOR_PASSWORD="not-shown"),
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
-    assert "ok: 1 camera(s) [vtest]" in result.stdout
+    assert all(line in result.stdout for line in summary), result.stdout
+    assert "not-shown" not in result.stdout
 
 
 def test_run_refuses_a_class_the_model_does_not_know_with_exit_2(tmp_path):

@@ -175,3 +175,25 @@ def vigild_command() -> list[str]:
     import sys
 
     return [sys.executable, "-m", "vigild"]
+
+
+def test_test_pattern_cameras_stream_through_the_daemon(endpoint, subscriber_factory):
+    subscriber = subscriber_factory(endpoint, idle_s=10)
+    daemon = vigild("run", "--config", "configs/test-pattern.yaml", env=daemon_env(VIGILD_PUB=endpoint))
+    try:
+        messages = subscriber.wait_for(
+            lambda ms: any(
+                b["cameras"]["balls"]["frames"] >= 25 and b["cameras"]["bars"]["frames"] >= 10
+                for b in events_of(ms, "heartbeat")
+            ),
+            timeout=60,
+        )
+        code, _ = stop(daemon)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    assert code == 0
+    ups = {e["camera"]: e for e in events_of(messages, "camera.up")}
+    assert (ups["balls"]["width"], ups["balls"]["height"]) == (640, 480)
+    assert (ups["bars"]["width"], ups["bars"]["height"]) == (320, 240)
+    assert ups["balls"]["backend"] == "gstreamer"
