@@ -157,3 +157,37 @@ class MjpegServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class HlsServer:
+    """An HLS stream (playlist + MPEG-TS segments cut by GStreamer's hlssink2) served over HTTP from a folder."""
+
+    def __init__(self, h264_mp4: Path, folder: Path):
+        from functools import partial
+        from http.server import SimpleHTTPRequestHandler
+
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [
+                "gst-launch-1.0",
+                "-q",
+                *f'filesrc location="{h264_mp4}" ! qtdemux ! h264parse ! hlssink2 target-duration=2 '
+                f'playlist-length=0 max-files=0 location="{folder}/segment%05d.ts" '
+                f'playlist-location="{folder}/live.m3u8"'.split(),
+            ],
+            check=True,
+            timeout=120,
+        )
+
+        class Quiet(SimpleHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(folder)))
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/live.m3u8"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

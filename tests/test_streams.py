@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 from conftest import VTEST
-from streams import MjpegServer, RtspServer, SilentServer, free_port
+from streams import HlsServer, MjpegServer, RtspServer, SilentServer, free_port
 
 from vigild.capture import CameraCapture, CameraState
 from vigild.config import CameraConfig, ReconnectConfig
@@ -124,6 +124,16 @@ def test_http_mjpeg_stream():
         frames, notices, _ = run_camera(CameraConfig(source=server.url), frames_at_least(10))
         assert len(frames) >= 10 and frames[0].image.shape == (576, 768, 3)
         assert notices[0].detail["decoder"] == "jpegdec"
+    finally:
+        server.close()
+
+
+def test_http_hls_stream(encoded_media, tmp_path):
+    server = HlsServer(encoded_media["h264"], tmp_path / "hls")
+    try:
+        frames, notices, _ = run_camera(CameraConfig(source=server.url), frames_at_least(10))
+        assert len(frames) >= 10 and frames[0].image.shape == (576, 768, 3)
+        assert notices[0].detail["decoder"] == "avdec_h264"
     finally:
         server.close()
 
