@@ -19,8 +19,8 @@ from vigild.config import CameraConfig
 from vigild.exchange import FrameExchange, Notice, NoticeKind
 from vigild.frame import Frame
 from vigild.gst_pipeline import resolve_backend
-from vigild.reader import EndOfStream, FrameReader, ReaderCounters, SourceError
-from vigild.sources import SourceSpec
+from vigild.reader import EndOfStream, FrameReader, ReaderCounters, SourceError, SourceStalled
+from vigild.sources import SourceSpec, redact
 
 log = logging.getLogger("vigild.capture")
 
@@ -140,8 +140,8 @@ class CameraCapture:
                     outcome = self._connect_once()
                 except Exception as exc:  # a bug or an odd source: count it as a failure and retry like any other
                     log.exception("camera %s: capture failed", self.name)
-                    self.stats.last_error = f"{type(exc).__name__}: {exc}"
-                    outcome = Outcome.FAILED
+                    self.stats.last_error = self._masked(f"{type(exc).__name__}: {exc}")
+                    outcome = self._lost("error") if self.stats.state is CameraState.STREAMING else Outcome.FAILED
                 if outcome is Outcome.ENDED or self._stop.is_set():
                     break
                 failures = 0 if outcome is Outcome.LOST else failures + 1
@@ -166,7 +166,7 @@ class CameraCapture:
             reader.open()
             return self._stream(reader)
         except SourceError as exc:
-            self.stats.last_error = str(exc)
+            self.stats.last_error = self._masked(str(exc))
             if exc.hardware_decoder and not self._software_only:
                 log.warning(
                     "camera %s: hardware decoder %s failed; decoding in software from now on",
@@ -174,10 +174,19 @@ class CameraCapture:
                     exc.hardware_decoder,
                 )
                 self._software_only = True
-            return self._lost("error") if self.stats.state is CameraState.STREAMING else Outcome.FAILED
+            was_streaming = self.stats.state is CameraState.STREAMING
+            if isinstance(exc, SourceStalled):
+                self._set_state(CameraState.STALLED)
+                return self._lost("stalled") if was_streaming else Outcome.FAILED
+            return self._lost("error") if was_streaming else Outcome.FAILED
         finally:
             reader.close()
             self.stats.close_connection(reader.counters)
+
+    def _masked(self, text: str) -> str:
+        """Error texts from back ends may quote the URI they opened, credentials included."""
+        password = self.config.password.get_secret_value() if self.config.password else ""
+        return redact(text, (password,))
 
     def _lost(self, reason: str) -> Outcome:
         self._notify(NoticeKind.DOWN, reason=reason, error=self.stats.last_error)

@@ -28,7 +28,7 @@ from vigild.events import SYSTEM_CAMERA
 from vigild.gst_pipeline import resolve_backend
 from vigild.plugin import PLUGIN_ID_PATTERN, Plugin, PluginConfig
 from vigild.registry import PluginLookupError, load_plugin_class
-from vigild.sources import SourceKind, SourceSpec, parse_source
+from vigild.sources import SourceKind, SourceSpec, parse_source, redact
 from vigild.yamlsource import ConfigError, KeyPath, Problem, YamlDocument, expand_env, load_yaml
 
 _BOOL = TypeAdapter(bool)
@@ -110,6 +110,11 @@ class CameraConfig(StrictModel):
 
     @model_validator(mode="after")
     def _backend_can_open(self) -> CameraConfig:
+        if self.backend == "gstreamer" and resolve_backend("auto") != "gstreamer":
+            raise ValueError(
+                "backend: gstreamer, but GStreamer or PyGObject is not installed (pip install vigild[gstreamer]); "
+                "use backend: auto or opencv"
+            )
         kind = parse_source(self.source).kind
         if kind is SourceKind.TEST and resolve_backend(self.backend) == "opencv":
             why = "backend: opencv" if self.backend == "opencv" else "GStreamer is not installed (pip install vigild[gstreamer])"
@@ -316,7 +321,7 @@ def _describe(error: Mapping[str, Any], model: type[BaseModel], loc: tuple[Any, 
     if given is not None and not isinstance(given, (dict, list)):
         shown = json.dumps(given) if isinstance(given, str) else repr(given)
         message += f", got {shown}"
-    return message
+    return redact(message)  # a source URI with a password (perhaps from ${VAR}) is shown masked
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

@@ -132,6 +132,11 @@ def _test_pattern(spec: SourceSpec) -> tuple[str, str]:
     return f"compositor name=balls background=black {placement} ! video/x-raw,{caps}", " ".join(layers)
 
 
+def pipeline_limits_fps(fps: float) -> bool:
+    """videorate's `max-rate` is a whole number of frames per second; other limits are applied by the reader."""
+    return fps >= 1 and float(fps).is_integer()
+
+
 def pipeline_description(
     spec: SourceSpec,
     *,
@@ -140,20 +145,20 @@ def pipeline_description(
     sync: bool,
     drop: bool,
 ) -> str:
-    """The whole pipeline. `sync`: play at the stream's own pace (files in real time); `drop`: keep only the
+    """The whole pipeline. `sync`: play at the stream's own pace (files in real time, HLS); `drop`: keep only the
     newest frame in the appsink (everything but files read as fast as possible)."""
     head, branches = source_description(spec)
     steps = [head]
+    if fps is not None and pipeline_limits_fps(fps):
+        # drop-only + max-rate: never duplicates, works for sources without a fixed rate (MJPEG, many RTSP
+        # cameras) and for a limit above the source's rate; placed first so dropped frames are never scaled
+        steps.append(f"videorate drop-only=true max-rate={int(fps)}")
     if resize is not None:
         steps.append("videoscale")
-    if fps is not None:
-        steps.append("videorate drop-only=true")
     steps.append("videoconvert")
     caps = "video/x-raw,format=I420"
     if resize is not None:
         caps += f",width={resize[0]},height={resize[1]},pixel-aspect-ratio=1/1"
-    if fps is not None:
-        caps += f",framerate={_fraction(fps)}"
     steps.append(caps)
     steps.append(
         f"appsink name={SINK_NAME} max-buffers=1 drop={'true' if drop else 'false'} "

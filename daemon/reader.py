@@ -26,6 +26,10 @@ class SourceError(Exception):
         """Set when the error came from a hardware decoder: the next attempt decodes in software."""
 
 
+class SourceStalled(SourceError):
+    """The back end itself waited `stall_timeout` for a frame (OpenCV's FFmpeg read timeout)."""
+
+
 class EndOfStream(Exception):
     """The source has no more frames (a file's end; a live stream the server ended)."""
 

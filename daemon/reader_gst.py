@@ -13,7 +13,14 @@ from typing import Any
 import numpy as np
 
 from vigild.config import CameraConfig
-from vigild.gst_pipeline import DECODEBIN_NAME, HARDWARE_DECODERS, SINK_NAME, gst_modules, pipeline_description
+from vigild.gst_pipeline import (
+    DECODEBIN_NAME,
+    HARDWARE_DECODERS,
+    SINK_NAME,
+    gst_modules,
+    pipeline_description,
+    pipeline_limits_fps,
+)
 from vigild.reader import EndOfStream, FrameReader, RawFrame, SourceError, check_local_source
 from vigild.sources import SourceKind, SourceSpec
 from vigild.yuv import I420Layout, i420_to_bgr
@@ -41,8 +48,16 @@ class GstReader(FrameReader):
         self._caps: Any = None
         self._layout = I420Layout(0, 0, (0, 0, 0), (0, 0, 0))
         self._pulled = 0
+        self._skipped = 0
         self._eos = False
         self._decoder_known = False
+        fps = config.fps
+        in_reader = fps is not None and (not pipeline_limits_fps(fps) or spec.kind is SourceKind.HTTP)
+        self._fps_interval_ns = int(1e9 / fps) if fps is not None and in_reader else 0
+        """A limit videorate cannot apply (below 1 or fractional; MJPEG over HTTP, whose frames carry no
+        timestamps): frames are skipped here instead, by timestamp or arrival time, before any copy."""
+        self._next_due_ns = 0
+        self._opened_ns = time.monotonic_ns()
         self._ntp_caps = self._gst.Caps.from_string("timestamp/x-ntp")
 
     def open(self) -> None:
@@ -51,8 +66,9 @@ class GstReader(FrameReader):
         description = pipeline_description(
             self.spec,
             resize=self.config.resize,
-            fps=self.config.fps,
-            sync=is_file and self.config.realtime,
+            fps=None if self._fps_interval_ns else self.config.fps,
+            # HLS arrives in segment-sized bursts: play it at its own pace, like a file in real time
+            sync=(is_file and self.config.realtime) or self.spec.uri.split("?")[0].endswith(".m3u8"),
             drop=not (is_file and not self.config.realtime),
         )
         check_local_source(self.spec)
@@ -107,8 +123,15 @@ class GstReader(FrameReader):
                 raise EndOfStream()
             return None
         self._pulled += 1
-        self.counters.dropped = max(0, self.counters.decoded - self._pulled - 1)  # one may be waiting in the sink
         buffer = sample.get_buffer()
+        if self._fps_interval_ns:
+            stream_ns = buffer.pts if buffer.pts != gst.CLOCK_TIME_NONE else time.monotonic_ns() - self._opened_ns
+            if stream_ns < self._next_due_ns:
+                self._skipped += 1
+                return None
+            self._next_due_ns = max(self._next_due_ns + self._fps_interval_ns, stream_ns)
+        # one may be waiting in the sink; frames skipped by the fps limit are not drops
+        self.counters.dropped = max(0, self.counters.decoded - self._pulled - 1 - self._skipped)
         caps = sample.get_caps()
         if self._caps is None or not caps.is_equal(self._caps):
             self._new_caps(caps)
@@ -202,6 +225,7 @@ class GstReader(FrameReader):
     def rewind(self) -> None:
         gst = self._gst
         self._eos = False
+        self._next_due_ns = 0
         if not self._pipeline.seek_simple(gst.Format.TIME, gst.SeekFlags.FLUSH | gst.SeekFlags.KEY_UNIT, 0):
             raise SourceError("cannot seek back to the start of the file")
 

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from vigild.config import CameraConfig
-from vigild.reader import EndOfStream, FrameReader, RawFrame, SourceError, check_local_source
+from vigild.reader import EndOfStream, FrameReader, RawFrame, SourceError, SourceStalled, check_local_source
 from vigild.sources import SourceKind, SourceSpec, with_credentials
 
 
@@ -72,12 +72,15 @@ class OpenCVReader(FrameReader):
     def _decode_next(self) -> RawFrame | None:
         """The next frame within the `fps` limit; None when one was skipped by it."""
         assert self._capture is not None
+        started = time.monotonic()
         ok, image = self._capture.read()
         if not ok or image is None:
             if self._is_file and self._read_in_pass > 0:
                 raise EndOfStream()
+            if not self._is_file and time.monotonic() - started >= 0.9 * self.config.stall_timeout:
+                raise SourceStalled(f"no frame for {self.config.stall_timeout:g} s")
             self.counters.decode_errors += 1
-            raise SourceError(f"no frame from {self.spec.display} (read failed or timed out)")
+            raise SourceError(f"no frame from {self.spec.display} (read failed)")
         ts_wall, ts_mono = time.time(), time.monotonic()
         self.counters.decoded += 1
         self._read_in_pass += 1

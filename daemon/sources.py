@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 
 class SourceKind(StrEnum):
@@ -28,7 +28,7 @@ the others are GStreamer `videotestsrc` patterns."""
 
 _SCHEMES = {"rtsp": SourceKind.RTSP, "rtsps": SourceKind.RTSP, "http": SourceKind.HTTP, "https": SourceKind.HTTP}
 _EXPECTED = "a file path, file://, rtsp://, rtsps://, http://, https://, /dev/videoN, a camera index or test://"
-_DEVICE = re.compile(r"^/dev/video\d+$")
+_DEVICE = re.compile(r"^/dev/(video\d+|v4l/by-(id|path)/\S+)$")
 
 
 @dataclass(frozen=True)
@@ -54,15 +54,20 @@ class SourceSpec:
         return self.kind is not SourceKind.FILE
 
 
-def redact(uri: str) -> str:
-    """`rtsp://user:secret@host/x` → `rtsp://user:***@host/x`; anything else unchanged."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+_SECRET_QUERY_KEYS = ("password", "passwd", "pass", "pwd", "token", "key", "auth")
+_USERINFO_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:)[^\s@/]+@")
+_QUERY_SECRET = re.compile(r"(?P<head>[?&](?:" + "|".join(_SECRET_QUERY_KEYS) + r")=)[^&#\s]*", re.IGNORECASE)
+
+
+def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """Mask passwords in any text that may contain URIs: `rtsp://user:secret@host` → `rtsp://user:***@host`,
+    `?pwd=secret` → `?pwd=***`, and every literal in `secrets` (a configured password). Never raises."""
+    text = _USERINFO_PASSWORD.sub(r"\g<head>***@", text)
+    text = _QUERY_SECRET.sub(r"\g<head>***", text)
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***").replace(quote(secret, safe=""), "***")
+    return text
 
 
 def with_credentials(uri: str, username: str | None, password: str | None) -> str:
@@ -71,9 +76,7 @@ def with_credentials(uri: str, username: str | None, password: str | None) -> st
         return uri
     parts = urlsplit(uri)
     userinfo = quote(username, safe="") + (":" + quote(password, safe="") if password else "")
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    host = parts.netloc.rpartition("@")[2]  # as written: keeps IPv6 brackets and the port
     return urlunsplit(parts._replace(netloc=f"{userinfo}@{host}"))
 
 
@@ -103,9 +106,9 @@ def parse_source(source: str, base_dir: Path | None = None) -> SourceSpec:
         return _parse_test(text)
     if scheme == "file":
         parts = urlsplit(text)
-        if parts.netloc not in ("", "localhost") or not parts.path:
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
             raise ValueError(f"malformed file URI '{text}'; expected file:///absolute/path")
-        return SourceSpec(SourceKind.FILE, parts.path, text)
+        return SourceSpec(SourceKind.FILE, unquote(parts.path), text)
     kind = _SCHEMES.get(scheme)
     if kind is None:
         raise ValueError(f"unknown source scheme '{scheme}://'; expected {_EXPECTED}")

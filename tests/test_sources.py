@@ -24,6 +24,10 @@ from vigild.sources import PatternSpec, SourceKind, parse_source, redact, with_c
         ("/dev/video2", SourceKind.V4L2, "/dev/video2", "/dev/video2"),
         ("0", SourceKind.V4L2, "/dev/video0", "/dev/video0"),
         ("test://", SourceKind.TEST, "test://", "test://"),
+        ("file:///srv/my%20clip.mp4", SourceKind.FILE, "/srv/my clip.mp4", "file:///srv/my%20clip.mp4"),
+        ("/dev/v4l/by-id/usb-Cam-video-index0", SourceKind.V4L2, "/dev/v4l/by-id/usb-Cam-video-index0", "/dev/v4l/by-id/usb-Cam-video-index0"),
+        ("rtsp://cam/live?user=a&pwd=secret", SourceKind.RTSP, "rtsp://cam/live?user=a&pwd=secret", "rtsp://cam/live?user=a&pwd=***"),
+        ("rtsp://u:p@[fe80::1]:554/x", SourceKind.RTSP, "rtsp://u:p@[fe80::1]:554/x", "rtsp://u:***@[fe80::1]:554/x"),
     ],
 )
 def test_source_kinds(source, kind, uri, display):
@@ -50,6 +54,7 @@ def test_test_pattern_parameters():
         ("rtsp://cam/my stream", "contains whitespace"),
         ("http://user:secret@:80/x", "malformed URI 'http://user:***@:80/x'"),
         ("file://host/a.mp4", "malformed file URI"),
+        ("file:clip.mp4", "malformed file URI"),
         ("/dev/sda", "not a video device"),
         ("test://plaid", "unknown test pattern 'plaid'"),
         ("test://balls?width=wide", "expected a number"),
@@ -67,6 +72,12 @@ def test_bad_sources_say_what_was_expected(source, message):
 def test_credentials_are_masked_for_display_and_encoded_for_use():
     assert redact("rtsp://u:p@cam:554/x") == "rtsp://u:***@cam:554/x"
     assert redact("rtsp://cam/x") == "rtsp://cam/x"
+    assert redact("rtsp://u:p@cam:99999/x") == "rtsp://u:***@cam:99999/x"  # never raises, even on a bad port
+    # error texts from back ends quote the URI they opened; a configured password is masked wherever it appears
+    error = "souphttpsrc: Unauthorized (401), URL: http://admin:hunter2@10.0.0.5/mjpeg?password=hunter2"
+    assert "hunter2" not in redact(error)
+    assert redact("login failed for s3cr&t", ("s3cr&t",)) == "login failed for ***"
+    assert with_credentials("rtsp://[::1]:554/x", "u", "p") == "rtsp://u:p@[::1]:554/x"
     assert with_credentials("rtsp://cam:554/x", "ad min", "p@ss:w") == "rtsp://ad%20min:p%40ss%3Aw@cam:554/x"
     assert with_credentials("rtsp://u:p@cam/x", None, None) == "rtsp://u:p@cam/x"
 
@@ -85,6 +96,14 @@ def test_bad_source_is_a_config_error_with_file_line_and_camera(tmp_path, source
         load_config(path, environ={})
     assert str(info.value).startswith(f"{path}{expected}"), str(info.value)
     assert "yard" not in str(info.value)  # only the bad camera is named
+
+
+def test_config_errors_never_show_a_password(tmp_path):
+    path = tmp_path / "vigild.yaml"
+    path.write_text("cameras:\n  door:\n    source: rtsp://admin:${PW}@cam:99999/x\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={"PW": "hunter2"})
+    assert "the port is not a number" in str(info.value) and "hunter2" not in str(info.value), str(info.value)
 
 
 def test_test_pattern_needs_gstreamer(tmp_path):

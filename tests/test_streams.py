@@ -103,16 +103,22 @@ def test_rtsp_credentials_from_config(encoded_media):
         server.kill()
 
 
-def test_server_that_accepts_but_sends_nothing_is_stalled_and_retried():
+@pytest.mark.parametrize(
+    ("backend", "error"),
+    [("gstreamer", "no frame for 1 s"), ("opencv", "OpenCV cannot open rtsp://")],  # FFmpeg's open timeout
+)
+def test_server_that_accepts_but_sends_nothing_is_stalled_and_retried(backend, error):
     silent = SilentServer()
     try:
-        config = CameraConfig(source=f"rtsp://127.0.0.1:{silent.port}/cam", stall_timeout=1.0, reconnect=FAST_RETRY)
+        config = CameraConfig(
+            source=f"rtsp://127.0.0.1:{silent.port}/cam", backend=backend, stall_timeout=1.0, reconnect=FAST_RETRY
+        )
         started = time.monotonic()
         _, notices, capture = run_camera(config, lambda _f, _n, c: len(silent.accepted) >= 2, timeout=15)
         took = time.monotonic() - started
         assert len(silent.accepted) >= 2, "the camera was not retried after stalling"
         assert took < 1.0 + 0.6 + 2.0, f"the second connection came after {took:.1f} s"
-        assert capture.stats.last_error == "no frame for 1 s"
+        assert (capture.stats.last_error or "").startswith(error), capture.stats.last_error
         assert [n.detail["reason"] for n in notices] == ["unavailable"]
     finally:
         silent.close()
@@ -126,6 +132,23 @@ def test_http_mjpeg_stream():
         assert notices[0].detail["decoder"] == "jpegdec"
     finally:
         server.close()
+
+
+def test_fps_limit_on_a_source_without_a_fixed_frame_rate():
+    server = MjpegServer(VTEST)  # MJPEG over HTTP announces no frame rate (0/1)
+    try:
+        frames, *_ = run_camera(CameraConfig(source=server.url, fps=5), frames_at_least(8))
+        assert len(frames) >= 8
+        spacing = [b.ts_mono - a.ts_mono for a, b in itertools.pairwise(frames)]
+        assert sum(spacing) / len(spacing) >= 0.15, spacing  # about 5 of the stream's 10 frames a second
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("backend", ["gstreamer", "opencv"])
+def test_fps_limit_above_the_source_rate_passes_every_frame(backend):
+    frames, *_ = run_camera(CameraConfig(source=str(VTEST), backend=backend, fps=15, realtime=False), frames_at_least(20))
+    assert [round(f.pts_ms or 0) for f in frames[:20]] == [i * 100 for i in range(20)]
 
 
 def test_http_hls_stream(encoded_media, tmp_path):
