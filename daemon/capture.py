@@ -245,7 +245,7 @@ class CameraCapture:
                     height,
                     self.spec.display,
                     reader.backend,
-                    reader.decoder,
+                    reader.decoder or "none: raw video",
                 )
             frame = Frame(self.name, index, raw.ts_wall, raw.ts_mono, raw.image, raw.pts_ms)
             if not self.exchange.put(frame, wait=wait_for_consumer):
