@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from vigild.config import CameraConfig, PluginSpec
 from vigild.events import Event
 from vigild.frame import Frame
-from vigild.plugin import Plugin, PluginConfig, PluginContext
+from vigild.plugin import FrameErrors, Plugin, PluginConfig, PluginContext
 
 log = logging.getLogger("vigild.chain")
 
@@ -111,6 +111,10 @@ class Chain:
             try:
                 plugin.process(batch)
                 return set()
+            except FrameErrors as errors:  # the plugin did the rest of the batch and names the bad frames
+                for position, exc in errors.errors.items():
+                    self._report(stage, batch[position], exc)
+                return {id(batch[position]) for position in errors.errors}
             except Exception:  # run again frame by frame below, to find and report the bad frame(s)
                 pass
         return {failed for frame in batch for failed in self._run_one(stage, plugin, frame)}
@@ -119,6 +123,9 @@ class Chain:
         try:
             plugin.process([frame])
             return set()
+        except FrameErrors as errors:
+            self._report(stage, frame, next(iter(errors.errors.values())))
+            return {id(frame)}
         except Exception as exc:
             self._report(stage, frame, exc)
             return {id(frame)}

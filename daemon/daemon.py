@@ -21,18 +21,12 @@ CAPTURE_JOIN_TIMEOUT_S = 2.0
 SCHEDULER_JOIN_TIMEOUT_S = 10.0
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device if device != "cuda" else "cuda:0"
-    import torch
-
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
-
-
 class Daemon:
     def __init__(self, config: Config):
         self.config = config
         settings = config.settings
+        from vigild.device import resolve_device  # imports torch: only once a daemon is made
+
         self.device = resolve_device(settings.device)
         if settings.torch_threads:
             import torch

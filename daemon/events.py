@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
+
 from vigild.frame import Detections
 
 SCHEMA_VERSION = 1
@@ -56,10 +58,15 @@ def iso_utc(ts_wall: float) -> str:
 def object_payload(detections: Detections, i: int) -> dict[str, Any]:
     """The `object` field of an event about detection `i`."""
     x1, y1, x2, y2 = (round(float(v), 1) for v in detections.xyxy[i])
-    return {
+    payload: dict[str, Any] = {
         "track_id": int(detections.tracker_id[i]),
         "label": detections.label(i),
         "class_id": int(detections.class_id[i]),
         "confidence": round(float(detections.confidence[i]), 4),
         "bbox": [x1, y1, x2, y2],
     }
+    if detections.masks is not None:
+        payload["mask"] = detections.masks[i].to_json()
+    if detections.keypoints is not None:
+        payload["keypoints"] = np.round(detections.keypoints[i], 3).tolist()
+    return payload

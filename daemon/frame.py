@@ -6,7 +6,7 @@ numpy array indexed by object, so plugins filter, map and serialise objects with
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -38,6 +38,8 @@ class Detections:
 
     xyxy: (N, 4) float32 pixel corners in the frame's own coordinates; confidence: (N,) float32;
     class_id: (N,) int32 indices into `class_names`; tracker_id: (N,) int64, `NO_TRACK` when untracked.
+    Optional, from segmenting and pose models: masks: (N,) object array of `vigild.masks.InstanceMask`;
+    keypoints: (N, K, 3) float32 (x, y, confidence) in frame pixels.
     """
 
     xyxy: np.ndarray
@@ -45,6 +47,8 @@ class Detections:
     class_id: np.ndarray
     tracker_id: np.ndarray
     class_names: tuple[str, ...] = _EMPTY_NAMES
+    masks: np.ndarray | None = None
+    keypoints: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         xyxy = _as_array("xyxy", self.xyxy, np.float32, (None, 4))
@@ -53,6 +57,10 @@ class Detections:
         object.__setattr__(self, "confidence", _as_array("confidence", self.confidence, np.float32, (n,)))
         object.__setattr__(self, "class_id", _as_array("class_id", self.class_id, np.int32, (n,)))
         object.__setattr__(self, "tracker_id", _as_array("tracker_id", self.tracker_id, np.int64, (n,)))
+        if self.masks is not None:
+            object.__setattr__(self, "masks", _as_array("masks", self.masks, object, (n,)))
+        if self.keypoints is not None:
+            object.__setattr__(self, "keypoints", _as_array("keypoints", self.keypoints, np.float32, (n, None, 3)))
 
     @classmethod
     def empty(cls, class_names: tuple[str, ...] = _EMPTY_NAMES) -> Detections:
@@ -66,9 +74,19 @@ class Detections:
 
     @classmethod
     def untracked(
-        cls, xyxy: np.ndarray, confidence: np.ndarray, class_id: np.ndarray, class_names: tuple[str, ...]
+        cls,
+        xyxy: np.ndarray,
+        confidence: np.ndarray,
+        class_id: np.ndarray,
+        class_names: tuple[str, ...],
+        masks: np.ndarray | None = None,
+        keypoints: np.ndarray | None = None,
     ) -> Detections:
-        return cls(xyxy, confidence, class_id, np.full(len(confidence), NO_TRACK, np.int64), class_names)
+        tracker_id = np.full(len(confidence), NO_TRACK, np.int64)
+        return cls(xyxy, confidence, class_id, tracker_id, class_names, masks, keypoints)
+
+    def with_tracker_ids(self, tracker_id: np.ndarray) -> Detections:
+        return replace(self, tracker_id=tracker_id)
 
     def __len__(self) -> int:
         return int(self.xyxy.shape[0])
@@ -81,11 +99,26 @@ class Detections:
             self.class_id[index],
             self.tracker_id[index],
             self.class_names,
+            None if self.masks is None else self.masks[index],
+            None if self.keypoints is None else self.keypoints[index],
         )
 
     def label(self, i: int) -> str:
         class_id = int(self.class_id[i])
         return self.class_names[class_id] if 0 <= class_id < len(self.class_names) else str(class_id)
+
+
+@dataclass(frozen=True)
+class SemanticSegmentation:
+    """A per-pixel class map of one frame, kept at the model's resolution (the frame's aspect ratio).
+
+    class_map: (h, w) uint8 or int64 class indices into `class_names`; `fractions`: (C,) float32 share of the
+    frame's area per class. Scale the map to the frame's size to overlay it.
+    """
+
+    class_map: np.ndarray
+    fractions: np.ndarray
+    class_names: tuple[str, ...]
 
 
 @dataclass
@@ -104,6 +137,7 @@ class Frame:
     pts_ms: float | None = None
     """Position of the frame in its stream, where the source reports one."""
     detections: Detections = field(default_factory=Detections.empty)
+    segmentation: SemanticSegmentation | None = None
     events: list[Event] = field(default_factory=list)
 
     @property

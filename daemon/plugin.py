@@ -74,6 +74,18 @@ class Plugin(ABC, Generic[ConfigT]):
         """Release resources; called once, after the last `process`."""
 
 
+class FrameErrors(Exception):
+    """Raised by a batched plugin that finished the batch except for some frames: only those frames fail.
+
+    `errors` maps a frame's position in the batch to what went wrong with it. The chain reports each with its
+    camera and leaves those frames out of the rest of the chain, without running the batch again.
+    """
+
+    def __init__(self, errors: Mapping[int, Exception]):
+        self.errors = dict(errors)
+        super().__init__("; ".join(f"frame {i}: {exc}" for i, exc in self.errors.items()))
+
+
 class PluginConfigError(ValueError):
     """Raised by `start()` when a setting turns out to be wrong only once the model is loaded (e.g. a class
     name the model does not know); the daemon reports it like any config error, with the key and exit code 2."""

@@ -127,9 +127,7 @@ class ByteTrack(Plugin[ByteTrackConfig]):
                     state.next_id += 1
                 tracker_id[index] = ours
                 seen.append((ours, index))
-        frame.detections = Detections(
-            detections.xyxy, detections.confidence, detections.class_id, tracker_id, detections.class_names
-        )
+        frame.detections = detections.with_tracker_ids(tracker_id)
         self._emit(frame, state, seen)
 
     def _emit(self, frame: Frame, state: _CameraTracks, seen: list[tuple[int, int]]) -> None:

@@ -1,7 +1,8 @@
 """Object detector plugin: one model serves every camera of its group, a batch of frames per call.
 
-Two back ends behind one interface: `ultralytics` (YOLOv8/YOLO11 `.pt`, `.onnx`, `.engine`, or a model name) and
-`darknet` (`.cfg` + `.weights` through OpenCV DNN).
+Two back ends behind one interface: `ultralytics` (YOLOv8/YOLO11 detect, segment and pose models: a `.pt` file, a
+model name, or an architecture `.yaml`) on vigild's batched device pipeline, and `darknet` (`.cfg` + `.weights`
+through OpenCV DNN). A frame that cannot be a model input fails alone; the rest of the batch goes on.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BeforeValidator, Field, FilePath, ValidationInfo, field_validator
 
+from vigild.device import default_half
+from vigild.events import Event, object_payload
 from vigild.frame import Frame
-from vigild.plugin import Plugin, PluginConfig, PluginConfigError
+from vigild.letterbox import FrameRejected, check_frame
+from vigild.plugin import FrameErrors, Plugin, PluginConfig, PluginConfigError
 from vigild.plugins.backends.base import DetectorBackend
 
 Size = Annotated[int, Field(gt=0, multiple_of=32)]
@@ -33,9 +37,17 @@ class DetectorConfig(PluginConfig):
     confidence: float = Field(0.25, ge=0, le=1)
     nms_iou: float = Field(0.45, ge=0, le=1)
     input_size: Annotated[tuple[Size, Size], BeforeValidator(_square)] | None = Field(
-        None, description="Network input: one side or [width, height]; default the model's own (darknet cfg, 640)."
+        None,
+        description="Network input, one side or [width, height], multiples of 32; every frame is letterboxed into it. "
+        "Default: 640x640 (ultralytics), the cfg's size (darknet). For 16:9 cameras [640, 384] halves the work.",
     )
     half: bool | None = Field(None, description="fp16 inference; default on for CUDA devices.")
+    mask_format: Literal["polygon", "rle"] = Field(
+        "polygon", description="Segment models: instance masks in events as polygons or COCO RLE (docs/events.md)."
+    )
+    publish: bool = Field(
+        False, description="Publish a `detections` event per frame with every object (without a tracker, too)."
+    )
 
     @field_validator("cfg")
     @classmethod
@@ -77,9 +89,15 @@ class Detector(Plugin[DetectorConfig]):
         else:
             from vigild.plugins.backends.yolo import UltralyticsBackend
 
-            half = config.half if config.half is not None else self.context.device.startswith("cuda")
-            backend = UltralyticsBackend(
-                config.weights, config.input_size, config.confidence, config.nms_iou, self.context.device, half
+            half = config.half if config.half is not None else default_half(self.context.device)
+            backend = UltralyticsBackend.load(
+                config.weights,
+                config.input_size,
+                config.confidence,
+                config.nms_iou,
+                self.context.device,
+                half,
+                config.mask_format,
             )
         if config.classes is not None:
             backend.class_filter = self._class_ids(config.classes, backend.class_names)
@@ -110,5 +128,29 @@ class Detector(Plugin[DetectorConfig]):
         return np.array(sorted(set(ids)), np.int64)
 
     def process(self, frames: list[Frame]) -> None:
-        for frame, detections in zip(frames, self.backend.detect([frame.image for frame in frames]), strict=True):
-            frame.detections = detections
+        rejected: dict[int, Exception] = {}
+        good: list[Frame] = []
+        for position, frame in enumerate(frames):
+            try:
+                check_frame(frame.image)
+                good.append(frame)
+            except FrameRejected as exc:
+                rejected[position] = exc
+        if good:
+            for frame, detections in zip(good, self.backend.detect([frame.image for frame in good]), strict=True):
+                frame.detections = detections
+                if self.config.publish:
+                    frame.events.append(detections_event(frame))
+        if rejected:
+            raise FrameErrors(rejected)
+
+
+def detections_event(frame: Frame) -> Event:
+    detections = frame.detections
+    return Event(
+        "detections",
+        frame.camera,
+        frame.ts_wall,
+        frame.index,
+        data={"objects": [object_payload(detections, i) for i in range(len(detections))]},
+    )

@@ -1,55 +1,280 @@
-"""Ultralytics YOLO detectors: `.pt` weights, exported `.onnx`/`.engine` files, or a model name.
+"""Ultralytics YOLO models (YOLOv8, YOLO11; detect, segment, pose) run on vigild's own batched device pipeline.
 
-A bare name such as `yolov8n.pt` is resolved by ultralytics (downloaded when the machine is online); a name such
-as `yolov8n.yaml` builds the architecture with untrained weights, which is what the offline tests and
-throughput benchmarks use. Ultralytics batches the list of frames itself and returns boxes in each frame's pixels.
+ultralytics loads the model (a `.pt` file, a name it downloads where online, or an architecture `.yaml`, which the
+offline tests and benchmarks use) and fuses it; everything around the forward pass is vigild's, so that one call
+serves frames of every size from every camera: `Letterboxer` uploads and letterboxes on the device, the raw head
+output of the whole batch is thresholded and NMS-ed in one `batched_nms` call (grouped by frame and class), and
+boxes, masks and keypoints are mapped back to each frame's pixels before the single copy back to the host.
+End-to-end heads (NMS-free, e.g. YOLO26) are thresholded only.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.ops import batched_nms
 
+from vigild.device import OomSplitter
 from vigild.frame import Detections
+from vigild.letterbox import Geometry, Letterboxer
+from vigild.masks import InstanceMask, MaskFormat
 from vigild.plugins.backends.base import DetectorBackend
+
+log = logging.getLogger("vigild.plugins.yolo")
+
+MAX_DETECTIONS = 300
+"""Per frame, after NMS (as ultralytics)."""
+MASK_THRESHOLD = 0.5
+
+
+@dataclass
+class RawDetections:
+    """The kept objects of a whole batch, still on the device: row i belongs to frame `batch_index[i]`."""
+
+    batch_index: torch.Tensor
+    xyxy: torch.Tensor
+    """In model-input pixels."""
+    confidence: torch.Tensor
+    class_id: torch.Tensor
+    extra: torch.Tensor
+    """Mask coefficients (segment) or raw keypoints (pose) per object; (N, 0) for detect."""
+
+
+def select(
+    preds: torch.Tensor,
+    num_classes: int,
+    confidence: float,
+    nms_iou: float,
+    class_filter: torch.Tensor | None,
+    end2end: bool,
+) -> RawDetections:
+    """Threshold and NMS a whole batch of head outputs at once.
+
+    `preds` is (B, 4 + nc + extra, anchors) with boxes as centre/size (the classic head), or (B, k, 6 + extra)
+    with [x1, y1, x2, y2, score, class] (an end-to-end head, already one box per object).
+    """
+    if end2end:
+        xyxy, conf, cls, extra = preds[..., :4], preds[..., 4], preds[..., 5].long(), preds[..., 6:]
+        keep = conf >= confidence
+        if class_filter is not None:
+            keep &= torch.isin(cls, class_filter)
+        batch_index, row = keep.nonzero(as_tuple=True)
+        return RawDetections(batch_index, xyxy[batch_index, row], conf[batch_index, row], cls[batch_index, row],
+                             extra[batch_index, row])
+
+    preds = preds.transpose(1, 2)  # (B, anchors, channels)
+    scores = preds[..., 4 : 4 + num_classes]
+    if class_filter is not None:
+        scores = scores[..., class_filter]
+    conf, best = scores.max(dim=-1)
+    batch_index, anchor = (conf >= confidence).nonzero(as_tuple=True)
+    conf = conf[batch_index, anchor]
+    cls = best[batch_index, anchor]
+    if class_filter is not None:
+        cls = class_filter[cls]
+    rows = preds[batch_index, anchor]
+    centre, size = rows[:, 0:2], rows[:, 2:4]
+    xyxy = torch.cat([centre - size / 2, centre + size / 2], dim=1)
+    keep = batched_nms(xyxy.float(), conf.float(), batch_index * num_classes + cls, nms_iou)  # best score first
+    # group by frame (stable: best first within a frame) and cap each frame at MAX_DETECTIONS
+    keep = keep[torch.argsort(batch_index[keep], stable=True)]
+    frames = batch_index[keep]
+    first = torch.searchsorted(frames, frames, right=False)
+    keep = keep[torch.arange(len(keep), device=keep.device) - first < MAX_DETECTIONS]
+    return RawDetections(batch_index[keep], xyxy[keep], conf[keep], cls[keep], rows[keep, 4 + num_classes :])
+
+
+def instance_masks(
+    coefficients: torch.Tensor, prototypes: torch.Tensor, batch_index: torch.Tensor, xyxy: torch.Tensor,
+    input_hw: tuple[int, int],
+) -> torch.Tensor:
+    """(N, H, W) bool masks in model-input pixels: prototype mix, upsampled, cut to each object's box."""
+    if len(coefficients) == 0:
+        return torch.zeros((0, *input_hw), dtype=torch.bool, device=coefficients.device)
+    mixed = torch.einsum("nc,nchw->nhw", coefficients.float(), prototypes[batch_index].float())
+    masks = F.interpolate(mixed[:, None], size=input_hw, mode="bilinear", align_corners=False)[:, 0]
+    height, width = input_hw
+    cols = torch.arange(width, device=masks.device, dtype=torch.float32)
+    rows = torch.arange(height, device=masks.device, dtype=torch.float32)
+    box = xyxy.float()
+    inside = (
+        (cols[None, None, :] >= box[:, 0, None, None])
+        & (cols[None, None, :] < box[:, 2, None, None])
+        & (rows[None, :, None] >= box[:, 1, None, None])
+        & (rows[None, :, None] < box[:, 3, None, None])
+    )
+    return (masks.sigmoid() > MASK_THRESHOLD) & inside
 
 
 class UltralyticsBackend(DetectorBackend):
+    """A YOLO-style module on the device: input (B, 3, H, W) RGB 0-1; output as ultralytics' heads in export mode."""
+
     def __init__(
         self,
+        model: torch.nn.Module,
+        task: str,
+        class_names: tuple[str, ...],
+        input_size: tuple[int, int],
+        confidence: float,
+        nms_iou: float,
+        device: str,
+        half: bool,
+        mask_format: MaskFormat = "polygon",
+        kpt_shape: tuple[int, int] | None = None,
+        end2end: bool = False,
+        name: str = "yolo",
+    ):
+        self.task = task
+        self.device = torch.device(device)
+        self.half = half and self.device.type == "cuda"
+        model = model.eval().to(self.device)
+        self.model = (model.half() if self.half else model).to(memory_format=torch.channels_last)
+        self.class_names = class_names
+        self.num_classes = len(class_names)
+        self.kpt_shape = kpt_shape if task == "pose" else None
+        self.end2end = end2end
+        self.input_size = input_size
+        self.confidence = confidence
+        self.nms_iou = nms_iou
+        self.mask_format = mask_format
+        self.letterbox = Letterboxer(input_size, self.device, torch.float16 if self.half else torch.float32)
+        self.oom = OomSplitter(f"detector {name}", device)
+        self._class_filter_device: torch.Tensor | None = None
+
+    @classmethod
+    def load(
+        cls,
         weights: str,
         input_size: tuple[int, int] | None,
         confidence: float,
         nms_iou: float,
         device: str,
         half: bool,
-    ):
+        mask_format: MaskFormat = "polygon",
+    ) -> UltralyticsBackend:
+        """Load through ultralytics: a `.pt` file, a name it resolves (downloads where online), or a `.yaml`."""
         from ultralytics import YOLO  # imported here: it is slow to import and only this back end needs it
 
-        self.model = YOLO(weights, task="detect")
-        names: Any = self.model.names
-        self.class_names = tuple(names[i] for i in range(len(names))) if isinstance(names, dict) else tuple(names)
-        # ultralytics takes (height, width)
-        self.imgsz: int | tuple[int, int] = (input_size[1], input_size[0]) if input_size else 640
-        self.confidence = confidence
-        self.nms_iou = nms_iou
-        self.device = device
-        self.half = half
+        yolo = YOLO(weights)
+        if yolo.task not in ("detect", "segment", "pose"):
+            raise ValueError(f"{weights} is a '{yolo.task}' model; the detector runs detect, segment and pose models")
+        if not isinstance(yolo.model, torch.nn.Module):
+            raise ValueError(f"{weights}: the detector needs a PyTorch model (.pt or .yaml), not an exported one")
+        model: Any = yolo.model.fuse()
+        head = model.model[-1]
+        head.export = True  # the head returns its decoded output alone (with the prototypes for segment)
+        stride = int(max(model.stride))
+        size = input_size or (640, 640)
+        if size[0] % stride or size[1] % stride:
+            raise ValueError(f"input_size {list(size)} must be a multiple of the model's stride {stride}")
+        names: Any = yolo.names
+        class_names = tuple(names[i] for i in range(len(names))) if isinstance(names, dict) else tuple(names)
+        kpt_shape = (int(head.kpt_shape[0]), int(head.kpt_shape[1])) if yolo.task == "pose" else None
+        return cls(
+            model,
+            yolo.task,
+            class_names,
+            size,
+            confidence,
+            nms_iou,
+            device,
+            half,
+            mask_format,
+            kpt_shape,
+            bool(getattr(head, "end2end", False)),
+            weights,
+        )
 
     def detect(self, images: list[np.ndarray]) -> list[Detections]:
-        results = self.model.predict(
-            images,
-            imgsz=self.imgsz,
-            conf=self.confidence,
-            iou=self.nms_iou,
-            classes=None if self.class_filter is None else self.class_filter.tolist(),
-            device=self.device,
-            half=self.half,
-            verbose=False,
-        )
+        return self.oom(self._detect, images)
+
+    @torch.inference_mode()
+    def _detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        batch, geometry = self.letterbox(list(images))
+        output = self.model(batch)
+        prototypes = None
+        if self.task == "segment":
+            output, prototypes = output
+        raw = select(output, self.num_classes, self.confidence, self.nms_iou, self._class_filter(), self.end2end)
+        return self._to_frames(raw, prototypes, geometry, len(images))
+
+    def _class_filter(self) -> torch.Tensor | None:
+        if self.class_filter is None:
+            return None
+        if self._class_filter_device is None:
+            self._class_filter_device = torch.as_tensor(self.class_filter, device=self.device)
+        return self._class_filter_device
+
+    def _to_frames(
+        self, raw: RawDetections, prototypes: torch.Tensor | None, geometry: Geometry, count: int
+    ) -> list[Detections]:
+        index = raw.batch_index
+        boxes = geometry.boxes_to_frames(raw.xyxy.float(), index)
+        keypoints = None
+        if self.kpt_shape is not None:
+            points = raw.extra.float().view(len(index), *self.kpt_shape)
+            xy = geometry.points_to_frames(points[..., :2], index)
+            conf = points[..., 2:3] if self.kpt_shape[1] == 3 else torch.ones_like(points[..., :1])
+            keypoints = torch.cat([xy, conf], dim=-1).cpu().numpy()
+        masks = None
+        if prototypes is not None:
+            masks = instance_masks(raw.extra, prototypes, index, raw.xyxy, batch_shape(self.input_size))
+        counts = torch.bincount(index, minlength=count).cpu().tolist()
+        # one copy back per kind of result, then split per frame
+        index_np = index.cpu().numpy()
+        boxes_np = boxes.cpu().numpy()
+        conf_np = raw.confidence.float().cpu().numpy()
+        cls_np = raw.class_id.to(torch.int32).cpu().numpy()
+        mask_objects = self._instance_masks(masks, raw.xyxy, index_np, geometry) if masks is not None else None
+        ends = np.cumsum(counts).tolist()
         out = []
-        for result in results:
-            boxes: Any = result.boxes.cpu().numpy()  # type: ignore[union-attr]  # a detect model always has boxes
-            out.append(Detections.untracked(boxes.xyxy, boxes.conf, boxes.cls.astype(np.int32), self.class_names))
+        for start, stop in zip([0, *ends[:-1]], ends, strict=True):
+            part = slice(start, stop)
+            out.append(
+                Detections.untracked(
+                    boxes_np[part],
+                    conf_np[part],
+                    cls_np[part],
+                    self.class_names,
+                    None if mask_objects is None else mask_objects[part],
+                    None if keypoints is None else keypoints[part],
+                )
+            )
         return out
+
+    def _instance_masks(
+        self, masks: torch.Tensor, xyxy: torch.Tensor, index: np.ndarray, geometry: Geometry
+    ) -> np.ndarray:
+        """One `InstanceMask` per object: its box's crop of the mask, kept on the host until it is published."""
+        host = masks.cpu().numpy()
+        corners = xyxy.float().cpu().numpy()
+        height, width = host.shape[1:]
+        x0 = np.clip(np.floor(corners[:, 0]), 0, width - 1).astype(np.int64)
+        y0 = np.clip(np.floor(corners[:, 1]), 0, height - 1).astype(np.int64)
+        x1 = np.clip(np.ceil(corners[:, 2]), 1, width).astype(np.int64)
+        y1 = np.clip(np.ceil(corners[:, 3]), 1, height).astype(np.int64)
+        scale = geometry.scale.cpu().numpy()
+        pad = geometry.pad.cpu().numpy()
+        size = geometry.size.cpu().numpy().astype(np.int64)
+        out = np.empty(len(index), dtype=object)
+        for i, b in enumerate(index.tolist()):  # per object: a view into the batch's masks, nothing encoded yet
+            out[i] = InstanceMask(
+                host[i, y0[i] : max(y1[i], y0[i] + 1), x0[i] : max(x1[i], x0[i] + 1)],
+                (int(x0[i]), int(y0[i])),
+                float(scale[b]),
+                (float(pad[b, 0]), float(pad[b, 1])),
+                (int(size[b, 0]), int(size[b, 1])),
+                self.mask_format,
+            )
+        return out
+
+
+def batch_shape(input_size: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of the model input for an `input_size` given as (width, height)."""
+    return input_size[1], input_size[0]

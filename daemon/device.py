@@ -1,0 +1,97 @@
+"""The compute device: which one, what it supports, and surviving running out of its memory.
+
+A batch that does not fit in the device's memory is split in halves and retried, recursively; the largest size
+that worked is remembered so that the next batches are cut to it up front (and allowed to grow again slowly).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+
+log = logging.getLogger("vigild.device")
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def resolve_device(device: str) -> str:
+    """`auto` → `cuda:0` where torch sees a GPU, else `cpu`; `cuda` → `cuda:0`."""
+    if device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    return "cuda:0" if device == "cuda" else device
+
+
+def default_half(device: str) -> bool:
+    """fp16 where it is fast (CUDA); fp32 on the CPU, where half precision is slow or unsupported."""
+    return torch.device(device).type == "cuda"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU's allocation failures (plain RuntimeErrors from torch's allocator and
+    from oneDNN, which says only that it "could not create a primitive" when its buffers cannot be allocated)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(sign in text for sign in CPU_OOM_SIGNS)
+
+
+CPU_OOM_SIGNS = ("can't allocate memory", "out of memory", "could not create a primitive")
+
+
+class OomSplitter:
+    """Runs `fn` on a batch; on out-of-memory, on halves of it, until the pieces fit (down to one item)."""
+
+    GROW_AFTER = 100
+    """Batches that fit before the remembered limit is raised again by one."""
+
+    def __init__(self, name: str, device: str):
+        self.name = name
+        self.device = device
+        self.limit: int | None = None
+        """Largest batch known to fit, once a batch did not; None until then."""
+        self.splits = 0
+        self._fitted = 0
+
+    def __call__(self, fn: Callable[[Sequence[Item]], list[Result]], items: Sequence[Item]) -> list[Result]:
+        if self.limit is None or len(items) <= self.limit:
+            return self._run(fn, items)
+        out: list[Result] = []
+        for start in range(0, len(items), self.limit):
+            out.extend(self._run(fn, items[start : start + self.limit]))
+        return out
+
+    def _run(self, fn: Callable[[Sequence[Item]], list[Result]], items: Sequence[Item]) -> list[Result]:
+        try:
+            result = fn(items)
+        except Exception as exc:
+            if not is_out_of_memory(exc) or len(items) <= 1:
+                raise
+            # leave the handler before retrying: the traceback holds the failed attempt's tensors
+        else:
+            if self.limit is not None and len(items) >= self.limit:
+                self._fitted += 1
+                if self._fitted >= self.GROW_AFTER:
+                    self.limit += 1
+                    self._fitted = 0
+            return result
+        self._release()
+        half = (len(items) + 1) // 2
+        self.limit = half if self.limit is None else min(self.limit, half)
+        self.splits += 1
+        self._fitted = 0
+        log.warning(
+            "%s: out of memory on %s with a batch of %d; retrying in batches of at most %d",
+            self.name,
+            self.device,
+            len(items),
+            self.limit,
+        )
+        return self(fn, items[:half]) + self(fn, items[half:])
+
+    def _release(self) -> None:
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.empty_cache()

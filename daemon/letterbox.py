@@ -1,0 +1,128 @@
+"""Frames to a model's input tensor on the model's device: upload, letterbox, normalise, one batch at a time.
+
+Frames of any sizes go into one (B, 3, H, W) tensor of the model's fixed input size, each scaled to fit and
+centred on grey padding (ultralytics' letterbox, value 114), so that a frame gives the same input whatever it is
+batched with. The uint8 pixels travel to the device (4x fewer bytes than floats) through reused page-locked host
+buffers with non-blocking copies; conversion, resizing and normalisation run there, as tensor operations over
+each group of same-sized frames (no loop over pixels). `Geometry` maps model coordinates back to each frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+PAD_VALUE = 114
+"""Grey of the letterbox border, as in ultralytics (so its models see what they were trained on)."""
+
+
+class FrameRejected(ValueError):
+    """A frame that cannot be a model input (wrong shape or dtype); only that frame fails."""
+
+
+def check_frame(image: object) -> None:
+    if not isinstance(image, np.ndarray):
+        raise FrameRejected(f"expected a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+        raise FrameRejected(f"expected a BGR uint8 image of shape (H, W, 3), got {image.dtype} {image.shape}")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where each frame sits in the batch tensor: model pixel = frame pixel * scale + pad.
+
+    scale: (B,) float32; pad: (B, 2) float32 (left, top); size: (B, 2) float32 (width, height) of the frame;
+    all on the model's device. inner: (B, 4) int64 (x0, y0, x1, y1) of the frame's pixels inside the input.
+    """
+
+    scale: torch.Tensor
+    pad: torch.Tensor
+    size: torch.Tensor
+    inner: torch.Tensor
+
+    def boxes_to_frames(self, xyxy: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
+        """(N, 4) boxes in model pixels of frames `batch_index` → each frame's pixels, clipped to the frame."""
+        pad = self.pad[batch_index].repeat(1, 2)
+        out = (xyxy - pad) / self.scale[batch_index, None]
+        limit = self.size[batch_index].repeat(1, 2)
+        return torch.minimum(out.clamp_(min=0), limit)
+
+    def points_to_frames(self, xy: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
+        """(N, K, 2) points in model pixels → frame pixels (not clipped: keypoints may lie outside)."""
+        return (xy - self.pad[batch_index, None, :]) / self.scale[batch_index, None, None]
+
+
+def fit(width: int, height: int, input_size: tuple[int, int]) -> tuple[float, int, int, int, int]:
+    """(scale, scaled width, scaled height, left pad, top pad) of a frame letterboxed into `input_size` (w, h)."""
+    in_w, in_h = input_size
+    scale = min(in_w / width, in_h / height)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    return scale, new_w, new_h, (in_w - new_w) // 2, (in_h - new_h) // 2
+
+
+class Letterboxer:
+    """Turns a list of BGR uint8 frames into a normalised RGB batch on `device`; reuse one per model."""
+
+    def __init__(
+        self,
+        input_size: tuple[int, int],
+        device: torch.device | str,
+        dtype: torch.dtype = torch.float32,
+        mean: tuple[float, float, float] = (0.0, 0.0, 0.0),
+        std: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        channels_last: bool = True,
+    ):
+        self.input_size = input_size
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.channels_last = channels_last
+        # RGB order, applied to pixels scaled to 0-1; the padding becomes (114/255 - mean) / std
+        self._mean = torch.tensor(mean, dtype=dtype, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(std, dtype=dtype, device=self.device).view(1, 3, 1, 1)
+        self._pinned = self.device.type == "cuda"
+        self._staging = torch.empty(0, dtype=torch.uint8, pin_memory=self._pinned)
+
+    def _staging_view(self, count: int, height: int, width: int, offset: int) -> torch.Tensor:
+        """A (count, H, W, 3) uint8 slice of the reused host buffer, starting `offset` bytes in."""
+        nbytes = count * height * width * 3
+        return self._staging[offset : offset + nbytes].view(count, height, width, 3)
+
+    def _reserve(self, nbytes: int) -> None:
+        if self._staging.numel() < nbytes:
+            # grow with headroom so that small changes in the mix of frame sizes do not reallocate (pinning is slow)
+            self._staging = torch.empty(int(nbytes * 1.25), dtype=torch.uint8, pin_memory=self._pinned)
+
+    def __call__(self, images: list[np.ndarray]) -> tuple[torch.Tensor, Geometry]:
+        """Every image must have passed `check_frame`. Returns the (B, 3, H, W) input and its `Geometry`."""
+        in_w, in_h = self.input_size
+        count = len(images)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault(image.shape[:2], []).append(i)
+        self._reserve(sum(image.nbytes for image in images))
+
+        batch = torch.full((count, 3, in_h, in_w), PAD_VALUE / 255.0, dtype=self.dtype, device=self.device)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        geometry = np.zeros((count, 7), np.float32)  # scale, pad x, pad y, width, height, scaled w, scaled h
+        offset = 0
+        for (height, width), members in groups.items():
+            host = self._staging_view(len(members), height, width, offset)
+            offset += host.numel()
+            np.stack([images[i] for i in members], out=host.numpy())  # the one host copy, into the upload buffer
+            pixels = host.to(self.device, non_blocking=True)  # (n, H, W, 3) uint8
+            scale, new_w, new_h, left, top = fit(width, height, self.input_size)
+            # NHWC uint8 -> NCHW view (channels-last in memory), BGR -> RGB, 0-1
+            group = pixels.permute(0, 3, 1, 2).flip(1).to(self.dtype).div_(255.0)
+            if (new_h, new_w) != (height, width):
+                group = F.interpolate(group, size=(new_h, new_w), mode="bilinear", align_corners=False)
+            index = torch.tensor(members, device=self.device)
+            batch[index, :, top : top + new_h, left : left + new_w] = group
+            geometry[members] = (scale, left, top, width, height, new_w, new_h)
+        batch.sub_(self._mean).div_(self._std)
+        geo = torch.from_numpy(geometry).to(self.device, non_blocking=True)
+        inner = torch.cat([geo[:, 1:3], geo[:, 1:3] + geo[:, 5:7]], dim=1).round().long()
+        return batch, Geometry(scale=geo[:, 0], pad=geo[:, 1:3], size=geo[:, 3:5], inner=inner)

@@ -1,0 +1,189 @@
+"""The batched device pipeline of the ultralytics back end, on the CPU (the same code runs on CUDA).
+
+Frames of different sizes are letterboxed into one batch; what each frame gets back must not depend on what it
+was batched with, and boxes, masks and keypoints must land on the frame's own pixels. `RectangleYolo` (known
+weights, tests/known_models.py) says exactly where; the real YOLO architectures check batch = single frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from known_models import RectangleYolo
+
+from vigild.chain import Chain
+from vigild.config import CameraConfig, PluginSpec
+from vigild.frame import Frame
+from vigild.masks import rle_decode
+from vigild.plugins.backends.yolo import UltralyticsBackend
+from vigild.plugins.detector import Detector, DetectorConfig
+
+# (width, height, rectangle x1, y1, x2, y2): landscape, 4:3, portrait and tiny frames, rectangles near edges too
+SCENES = [
+    (1920, 1080, 600, 300, 1500, 900),
+    (768, 576, 0, 100, 200, 576),
+    (480, 800, 50, 60, 430, 200),
+    (1280, 720, 1000, 10, 1280, 300),
+    (64, 48, 10, 10, 40, 30),
+]
+INPUT = (640, 384)
+
+
+def scene(width: int, height: int, x1: int, y1: int, x2: int, y2: int) -> np.ndarray:
+    image = np.full((height, width, 3), 30, np.uint8)
+    image[y1:y2, x1:x2] = 255
+    return image
+
+
+def rectangle_backend(task: str, mask_format: str = "polygon") -> UltralyticsBackend:
+    kpt_shape = (4, 3) if task == "pose" else None
+    return UltralyticsBackend(
+        RectangleYolo(task), task, ("box", "other"), INPUT, 0.5, 0.45, "cpu", False, mask_format, kpt_shape  # type: ignore[arg-type]
+    )
+
+
+def tolerance(width: int, height: int) -> float:
+    """One model pixel in frame pixels (the resize blurs an edge by up to that), plus one."""
+    return max(width / INPUT[0], height / INPUT[1]) + 1.0
+
+
+@pytest.mark.parametrize("task", ["detect", "segment", "pose"])
+def test_each_frame_of_a_mixed_batch_gets_its_own_rectangle_back_as_when_alone(task):
+    backend = rectangle_backend(task)
+    images = [scene(*s) for s in SCENES]
+    batched = backend.detect(images)
+    alone = [backend.detect([image])[0] for image in images]
+    for (width, height, *rect), together, single in zip(SCENES, batched, alone, strict=True):
+        assert len(together) == len(single) == 1
+        np.testing.assert_allclose(together.xyxy, single.xyxy, atol=1.0)
+        assert together.class_id.tolist() == single.class_id.tolist() == [0]
+        assert together.label(0) == "box"
+        np.testing.assert_allclose(together.xyxy[0], rect, atol=tolerance(width, height))
+        if task == "pose":
+            assert together.keypoints is not None and together.keypoints.shape == (1, 4, 3)
+            x1, y1, x2, y2 = rect
+            corners = [[x1, y1], [x2, y1], [x2, y2], [x1, y2]]
+            np.testing.assert_allclose(together.keypoints[0, :, :2], corners, atol=tolerance(width, height))
+
+
+@pytest.mark.parametrize("mask_format", ["polygon", "rle"])
+def test_instance_masks_line_up_with_the_rectangle_in_the_frame(mask_format):
+    backend = rectangle_backend("segment", mask_format)
+    images = [scene(*s) for s in SCENES]
+    for (width, height, x1, y1, x2, y2), detections in zip(SCENES, backend.detect(images), strict=True):
+        assert detections.masks is not None
+        mask = detections.masks[0]
+        truth = np.zeros((height, width), bool)
+        truth[y1:y2, x1:x2] = True
+        full = mask.to_frame()
+        assert full.shape == (height, width)
+        iou = (full & truth).sum() / (full | truth).sum()
+        assert iou > 0.9, f"{width}x{height}: mask IoU with the rectangle {iou:.3f}"
+        encoded = mask.to_json()
+        assert encoded["format"] == mask_format
+        if mask_format == "rle":
+            np.testing.assert_array_equal(rle_decode(encoded["rle"]), full)
+        else:
+            points = np.concatenate([np.reshape(p, (-1, 2)) for p in encoded["polygons"]])
+            tol = tolerance(width, height) + 2 * width / INPUT[0]  # + the prototype's 4-pixel cells
+            np.testing.assert_allclose(points.min(0), [x1, y1], atol=tol)
+            np.testing.assert_allclose(points.max(0), [x2 - 1, y2 - 1], atol=tol)
+
+
+def _sorted(detections):
+    """Objects in a canonical order (ties of these untrained models' scores are common), boxes rounded to 1 px."""
+    box = np.round(detections.xyxy)
+    keys = [box[:, 3], box[:, 2], box[:, 1], box[:, 0], -np.round(detections.confidence, 4)]
+    if detections.keypoints is not None:  # boxes clipped to the frame's edges can coincide
+        keys = [np.round(detections.keypoints[:, :, :2].sum((1, 2))), *keys]
+    order = np.lexsort(keys)
+    return detections[order]
+
+
+@pytest.mark.parametrize(
+    ("weights", "confidence"),
+    [("yolov8n.yaml", 3e-5), ("yolov8n-seg.yaml", 3e-5), ("yolov8n-pose.yaml", 3e-4), ("yolo11n.yaml", 3e-5)],
+)
+def test_real_architectures_give_each_frame_the_same_objects_in_a_batch_as_alone(weights, confidence):
+    """Untrained (built from the yaml, no weights can be downloaded here), at a threshold that keeps objects."""
+    backend = UltralyticsBackend.load(weights, INPUT, confidence, 0.45, "cpu", False)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h, *_ in SCENES[:4]]
+    batched = backend.detect(images)
+    found = 0
+    for image, together in zip(images, batched, strict=True):
+        single = backend.detect([image])[0]
+        assert len(together) == len(single)
+        found += len(single)
+        a, b = _sorted(together), _sorted(single)
+        np.testing.assert_allclose(a.xyxy, b.xyxy, atol=1.0)
+        assert a.class_id.tolist() == b.class_id.tolist()
+        if backend.task == "pose":
+            assert a.keypoints is not None and b.keypoints is not None
+            np.testing.assert_allclose(a.keypoints[..., :2], b.keypoints[..., :2], atol=1.0)
+        if backend.task == "segment":
+            assert a.masks is not None and len(a.masks) == len(a)
+    assert found > 0, "the threshold kept no objects: the comparison would be empty"
+
+
+def test_a_corrupt_frame_fails_alone_and_is_reported_with_its_camera(caplog):
+    cameras = {name: CameraConfig(source=f"{name}.mp4") for name in ("good1", "bad", "good2")}
+    config = DetectorConfig(weights="yolov8n.yaml", input_size=(320, 192), confidence=3e-5)
+    spec = PluginSpec("detector", Detector, config, dict.fromkeys(cameras, config))
+    chain = Chain((spec,), "cpu", cameras)
+    chain.start()
+    rng = np.random.default_rng(1)
+    images = {
+        "good1": rng.integers(0, 256, (480, 640, 3), dtype=np.uint8),
+        "bad": np.zeros((480, 640), np.float32),  # grey float: not a BGR uint8 frame
+        "good2": rng.integers(0, 256, (720, 1280, 3), dtype=np.uint8),
+    }
+    frames = [Frame(name, 7, time.time(), time.monotonic(), image) for name, image in images.items()]
+    with caplog.at_level(logging.ERROR, logger="vigild.chain"):
+        passed = chain.process(frames)
+    assert [f.camera for f in passed] == ["good1", "good2"]
+    assert all(len(f.detections) > 0 for f in passed)
+    assert chain.stages[0].failures == {"bad": 1}
+    assert "camera bad frame 7" in caplog.text and "(H, W, 3)" in caplog.text
+    chain.stop()
+
+
+OOM_SCRIPT = textwrap.dedent(
+    """
+    import logging, resource, sys
+    import numpy as np
+    from vigild.plugins.backends.yolo import UltralyticsBackend
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(levelname)s %(message)s")
+    backend = UltralyticsBackend.load("yolov8n.yaml", (640, 640), 3e-5, 0.45, "cpu", False)
+    rng = np.random.default_rng(2)
+    frames = [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for _ in range(64)]
+    alone = [backend.detect([frames[i]])[0] for i in (0, 63)]
+    # cap this process's address space at what it uses now + 700 MiB: a batch of 64 needs about 2 GiB
+    vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (vm + 700 * 2**20, resource.RLIM_INFINITY))
+    out = backend.detect(frames)
+    again = backend.detect(frames)
+    same = all(np.allclose(np.sort(out[i].xyxy, 0), np.sort(a.xyxy, 0), atol=1) for i, a in zip((0, 63), alone))
+    print("RESULT", len(out), len(again), backend.oom.limit, same)
+    """
+)
+
+
+@pytest.mark.timeout(300)
+def test_running_out_of_memory_splits_the_batch_and_goes_on(tmp_path):
+    script = tmp_path / "oom.py"
+    script.write_text(OOM_SCRIPT)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=280)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "out of memory on cpu with a batch of 64" in run.stdout
+    result = next(line for line in run.stdout.splitlines() if line.startswith("RESULT")).split()
+    assert result[1:3] == ["64", "64"]
+    assert 1 <= int(result[3]) < 64
+    assert result[4] == "True"
