@@ -56,3 +56,14 @@ class RectangleYolo(nn.Module):
         prototypes = torch.zeros(batch, MASK_COEFFICIENTS, height // 4, width // 4, device=x.device)
         prototypes[:, 0] = (small[:, 0] - 0.5) * 20  # logit: > 0 where most of the 4x4 cell is bright
         return preds, prototypes.to(x.dtype)
+
+
+class BrightClassSegmenter(nn.Module):
+    """Semantic segmentation with two classes, `0` elsewhere and `1` on bright pixels, torchvision's output form.
+
+    Its input is ImageNet-normalised, where white is about 2.2, dark grey -1.6 and the letterbox border -0.2.
+    """
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        bright = (x.float().mean(1, keepdim=True) - 1.0) * 10
+        return {"out": torch.cat([-bright, bright], 1).to(x.dtype)}

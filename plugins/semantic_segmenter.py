@@ -1,0 +1,98 @@
+"""Semantic segmentation plugin (torchvision DeepLabV3, LR-ASPP, FCN): what share of each frame each class covers.
+
+Every processed frame gets a `segmentation` event with the area fraction of each class present (above
+`min_fraction`), and, with `mask: rle`, the class map itself as one COCO RLE per class at the frame's size.
+The class map also stays on the frame (`Frame.segmentation`) for later plugins.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import cv2
+import numpy as np
+from pydantic import BeforeValidator, Field, field_validator
+
+from vigild.device import default_half
+from vigild.events import Event
+from vigild.frame import Frame, SemanticSegmentation
+from vigild.letterbox import FrameRejected, check_frame
+from vigild.masks import rle_encode
+from vigild.plugin import FrameErrors, Plugin, PluginConfig
+from vigild.plugins.backends.segmentation import VOC_CLASSES, ModelName, SemanticBackend, load_torchvision
+
+Side = Annotated[int, Field(gt=0, multiple_of=8)]
+
+
+def _square(value: object) -> object:
+    return (value, value) if isinstance(value, int | str) else value
+
+
+class SemanticSegmenterConfig(PluginConfig):
+    type: Literal["semantic_segmenter"] = "semantic_segmenter"
+    model: ModelName = "lraspp_mobilenet_v3_large"
+    weights: str | None = Field(
+        "DEFAULT",
+        description="`DEFAULT`: torchvision's pretrained weights (downloaded where online, cached by torch); a "
+        "state_dict file; or null: the architecture with random weights (benchmarks only).",
+    )
+    class_names: list[str] | None = Field(
+        None, description="One name per output class; default the 21 Pascal VOC classes of torchvision's weights."
+    )
+    input_size: Annotated[tuple[Side, Side], BeforeValidator(_square)] = Field(
+        (520, 520), description="Network input, one side or [width, height]; frames are letterboxed into it."
+    )
+    half: bool | None = Field(None, description="fp16 inference; default on for CUDA devices.")
+    min_fraction: float = Field(0.001, ge=0, le=1, description="Classes covering less of the frame are left out.")
+    mask: Literal["none", "rle"] = Field("none", description="`rle`: add the class map as COCO RLE per class.")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, value: str | None) -> str | None:
+        if value not in (None, "DEFAULT") and not Path(value).is_file():
+            raise ValueError(f"weights file not found: {value} (or use DEFAULT, or null for random weights)")
+        return value
+
+
+class SemanticSegmenter(Plugin[SemanticSegmenterConfig]):
+    Config = SemanticSegmenterConfig
+
+    def start(self) -> None:
+        config = self.config
+        names = tuple(config.class_names) if config.class_names else VOC_CLASSES
+        module = load_torchvision(config.model, config.weights, len(names))
+        half = config.half if config.half is not None else default_half(self.context.device)
+        self.backend = SemanticBackend(module, names, config.input_size, self.context.device, half, config.model)
+        self.log.info("%s on %s for %s", config.model, self.context.device, ", ".join(self.context.cameras))
+
+    def process(self, frames: list[Frame]) -> None:
+        rejected: dict[int, Exception] = {}
+        good: list[Frame] = []
+        for position, frame in enumerate(frames):
+            try:
+                check_frame(frame.image)
+                good.append(frame)
+            except FrameRejected as exc:
+                rejected[position] = exc
+        if good:
+            for frame, result in zip(good, self.backend.segment([f.image for f in good]), strict=True):
+                frame.segmentation = result
+                frame.events.append(self._event(frame, result))
+        if rejected:
+            raise FrameErrors(rejected)
+
+    def _event(self, frame: Frame, result: SemanticSegmentation) -> Event:
+        present = np.flatnonzero(result.fractions >= max(self.config.min_fraction, 1e-9))
+        data: dict[str, Any] = {
+            "model": self.config.model,
+            "fractions": {result.class_names[i]: round(float(result.fractions[i]), 4) for i in present},
+        }
+        if self.config.mask == "rle":
+            width, height = frame.size
+            full = cv2.resize(result.class_map, (width, height), interpolation=cv2.INTER_NEAREST)
+            data["mask"] = {
+                "format": "rle",
+                "classes": {result.class_names[i]: rle_encode(full == i) for i in present},
+            }
+        return Event("segmentation", frame.camera, frame.ts_wall, frame.index, data=data)
