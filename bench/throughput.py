@@ -1,26 +1,72 @@
-"""Aggregate frames/s of the whole daemon (capture → batch → detector → tracker → publisher) on vtest.avi.
+"""Aggregate frames/s of detect + track + publish for N cameras: vigild against what a user would run instead.
 
-Runs the real daemon in this process, side by side in one run, for N cameras reading the same file as fast as the
-chain consumes (`realtime: false`), with batching off (`max_batch: 1`) and on, and prints the ratios. Each
-configuration runs for a fixed time after a warm-up; frames are counted by the scheduler.
+In one invocation, for each resolution (vtest.avi scaled to 1080p / 720p and re-encoded to H.264, made once and
+cached) and each number of cameras, each in a fresh process, one after the other on the same machine:
 
-    python bench/throughput.py [--cameras 1 4] [--seconds 15] [--device cpu]
+- `vigild`: the real daemon (capture threads → cross-camera batcher → detector on the device pipeline →
+  ByteTrack → ZeroMQ publisher), every camera a looping file read as fast as the chain consumes (`realtime: false`);
+  latency is capture to publish per frame;
+- `naive`: one ultralytics model per camera thread, `track(persist=True)` per frame (bench/baselines.py);
+- `streams`: ultralytics' multi-stream mode, one `.streams` file of all sources (bench/baselines.py);
+
+all with the same weights (yolov8n built from its yaml and saved once: nothing can be downloaded here; speed does
+not depend on the weights' values), the same input size and the same confidence. With `--ceilings` it also
+measures, in the same run, the decode ceiling (one OpenCV decoding process per camera, nothing else running) and
+the device-path ceiling (vigild's letterbox + forward + NMS on frames already decoded, batch `--max-batch`).
+
+    python bench/throughput.py [--cameras 1 4 16] [--resolutions 1080 720] [--seconds 20] [--device auto]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing
 import os
+import resource
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from vigild.config import load_config
-from vigild.daemon import Daemon
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("VIGILD_SHARED", ROOT.parent / "shared")).resolve()
+CACHE = Path(os.environ.get("VIGILD_BENCH_CACHE", "/tmp/vigild-bench"))
+SIZES = {1080: (1920, 1080), 720: (1280, 720)}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def h264(resolution: int, frames: int = 795) -> Path:
+    """vtest.avi (768x576, 10 fps) scaled to 16:9 `resolution` and encoded with x264; cached across runs."""
+    width, height = SIZES[resolution]
+    out = CACHE / f"vtest_{resolution}p_{frames}.mp4"
+    if not out.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        pipeline = (
+            f"filesrc location={SHARED / 'media' / 'vtest.avi'} ! decodebin ! identity eos-after={frames} ! "
+            f"videoconvert ! videoscale ! video/x-raw,width={width},height={height} ! "
+            "x264enc speed-preset=ultrafast key-int-max=30 bitrate=6000 ! h264parse ! mp4mux ! "
+            f"filesink location={out}.part"
+        )
+        subprocess.run(["gst-launch-1.0", "-q", *pipeline.split()], check=True, timeout=600)
+        Path(f"{out}.part").rename(out)
+    return out
+
+
+def bench_weights() -> Path:
+    """yolov8n with its untrained weights, saved once so that every contender loads the very same model."""
+    out = CACHE / "yolov8n-untrained.pt"
+    if not out.exists():
+        from ultralytics import YOLO
+
+        CACHE.mkdir(parents=True, exist_ok=True)
+        YOLO("yolov8n.yaml").save(str(out))
+    return out
 
 
 def free_endpoint() -> str:
@@ -29,65 +75,253 @@ def free_endpoint() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
-def config_text(cameras: int, max_batch: int, device: str, detector: str) -> str:
-    models = SHARED / "models" / "yolo-fastest-1.1"
-    cams = "".join(
-        f"  cam{i}:\n    source: {SHARED / 'media' / 'vtest.avi'}\n    realtime: false\n    loop: true\n"
-        for i in range(cameras)
+def percentiles(samples: list[float]) -> dict[str, float] | None:
+    if not samples:
+        return None
+    p50, p99 = np.percentile(np.array(samples) * 1000, [50, 99])
+    return {"p50": round(float(p50), 1), "p99": round(float(p99), 1)}
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class GpuSampler:
+    """Mean GPU utilisation over a window, through NVML where it is installed (nvidia-ml-py), else None."""
+
+    def __init__(self, device: str):
+        self.handle: Any = None
+        if device.startswith("cuda"):
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self.handle = pynvml.nvmlDeviceGetHandleByIndex(int(device.partition(":")[2] or 0))
+            except Exception:
+                self.handle = None
+        self.samples: list[float] = []
+
+    def sample(self) -> None:
+        if self.handle is not None:
+            import pynvml
+
+            self.samples.append(float(pynvml.nvmlDeviceGetUtilizationRates(self.handle).gpu))
+
+    def mean(self) -> float | None:
+        return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
+
+
+def vigild_config(args: argparse.Namespace) -> str:
+    cameras = "".join(
+        f"  cam{i}:\n    source: {args.video}\n    realtime: false\n    loop: true\n    backend: {args.capture}\n"
+        for i in range(args.cameras)
     )
-    if detector == "darknet":
-        plugin = (
-            f"  - type: detector\n    backend: darknet\n    cfg: {models}/yolo-fastest-1.1-xl.cfg\n"
-            f"    weights: {models}/yolo-fastest-1.1-xl.weights\n    names: {models}/coco.names\n"
-            "    classes: [person]\n    confidence: 0.1\n    input_size: 320\n"
-        )
-    else:  # ultralytics, built from its architecture (no weights can be downloaded here)
-        plugin = "  - type: detector\n    weights: yolov8n.yaml\n    confidence: 0.1\n    input_size: 640\n"
+    half = "" if args.half is None else f"    half: {str(args.half).lower()}\n"
     return (
-        f"cameras:\n{cams}plugins:\n{plugin}  - type: bytetrack\n"
-        f"publisher:\n  endpoint: {free_endpoint()}\nscheduler:\n  max_batch: {max_batch}\n  max_wait_ms: 5\n"
-        f"device: {device}\nlog_level: WARNING\n"
+        f"cameras:\n{cameras}"
+        "plugins:\n"
+        f"  - type: detector\n    weights: {args.weights}\n    confidence: {args.conf}\n"
+        f"    input_size: [{args.imgsz[0]}, {args.imgsz[1]}]\n{half}"
+        "  - type: bytetrack\n"
+        f"publisher:\n  endpoint: {free_endpoint()}\n"
+        f"scheduler:\n  max_batch: {args.max_batch}\n  max_wait_ms: {args.max_wait_ms}\n"
+        f"device: {args.device}\nlog_level: WARNING\n"
     )
 
 
-def measure(cameras: int, max_batch: int, seconds: float, device: str, detector: str) -> tuple[float, float]:
-    """(aggregate frames/s, mean batch size) over `seconds` after a warm-up."""
+def run_vigild(args: argparse.Namespace) -> dict[str, Any]:
+    """The daemon in this process: frames the scheduler finished, and latencies, over the measured window."""
+    from vigild.config import load_config
+    from vigild.daemon import Daemon
+
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
-        handle.write(config_text(cameras, max_batch, device, detector))
+        handle.write(vigild_config(args))
     daemon = Daemon(load_config(handle.name))
+    gpu = GpuSampler(daemon.device)
     daemon.start()
     try:
-        time.sleep(3.0)  # warm-up: model load, first batches
-        frames0, batches0 = sum(daemon.scheduler.processed.values()), daemon.scheduler.batches
-        started = time.monotonic()
-        time.sleep(seconds)
+        time.sleep(args.warmup)
+        scheduler = daemon.scheduler
+        frames0, batches0 = sum(scheduler.processed.values()), scheduler.batches
+        drops0 = sum(daemon.exchange.drops.values())
+        scheduler.latencies_s.clear()
+        cpu0, started = cpu_seconds(), time.monotonic()
+        while time.monotonic() - started < args.seconds:
+            time.sleep(0.5)
+            gpu.sample()
         elapsed = time.monotonic() - started
-        frames = sum(daemon.scheduler.processed.values()) - frames0
-        batches = daemon.scheduler.batches - batches0
+        cpu = cpu_seconds() - cpu0
+        frames = sum(scheduler.processed.values()) - frames0
+        batches = scheduler.batches - batches0
+        latencies = list(scheduler.latencies_s)
+        drops = sum(daemon.exchange.drops.values()) - drops0
+        stages = {stage.spec.id: round(stage.seconds, 2) for stage in daemon.chain.stages}
     finally:
         daemon.stop()
         os.unlink(handle.name)
-    return frames / elapsed, frames / max(batches, 1)
+    return {
+        "mode": "vigild",
+        "cameras": args.cameras,
+        "frames": frames,
+        "seconds": round(elapsed, 2),
+        "fps": round(frames / elapsed, 2),
+        "latency_ms": percentiles(latencies),
+        "mean_batch": round(frames / max(batches, 1), 2),
+        "drops": drops,
+        "cpu_percent": round(100 * cpu / elapsed, 1),
+        "gpu_util_percent": gpu.mean(),
+        "plugin_seconds": stages,
+    }
+
+
+def _decode_worker(video: str, seconds: float, counter: Any) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+    capture = cv2.VideoCapture(video)
+    end = time.monotonic() + seconds
+    count = 0
+    while time.monotonic() < end:
+        ok = capture.grab() and capture.retrieve()[0]
+        if not ok:
+            capture.release()
+            capture = cv2.VideoCapture(video)
+            continue
+        count += 1
+    with counter.get_lock():
+        counter.value += count
+
+
+def decode_ceiling(video: Path, processes: int, seconds: float) -> float:
+    """Frames/s decoded (to BGR) by `processes` OpenCV processes at once, nothing else running."""
+    context = multiprocessing.get_context("spawn")
+    counter = context.Value("q", 0)
+    workers = [context.Process(target=_decode_worker, args=(str(video), seconds, counter)) for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return round(counter.value / seconds, 1)
+
+
+def device_ceiling(args: argparse.Namespace) -> float:
+    """Frames/s of vigild's letterbox + forward + NMS on frames already decoded, batches of `max_batch`."""
+    import cv2
+
+    from vigild.device import default_half, resolve_device
+    from vigild.plugins.backends.yolo import UltralyticsBackend
+
+    device = resolve_device(args.device)
+    half = default_half(device) if args.half is None else args.half
+    backend = UltralyticsBackend.load(str(args.weights), tuple(args.imgsz), args.conf, 0.45, device, half)
+    capture = cv2.VideoCapture(str(args.video))
+    frames = [capture.read()[1] for _ in range(args.max_batch)]
+    for _ in range(3):
+        backend.detect(frames)
+    done, started = 0, time.monotonic()
+    while time.monotonic() - started < min(args.seconds, 10):
+        backend.detect(frames)
+        done += len(frames)
+    return round(done / (time.monotonic() - started), 1)
+
+
+def in_subprocess(mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        out = Path(handle.name)
+    command = [
+        sys.executable, __file__, "--run", mode, "--json", str(out), "--video", str(args.video),
+        "--cameras-one", str(args.cameras), "--weights", str(args.weights), "--conf", str(args.conf),
+        "--imgsz", str(args.imgsz[0]), str(args.imgsz[1]), "--device", args.device, "--seconds", str(args.seconds),
+        "--warmup", str(args.warmup), "--max-batch", str(args.max_batch), "--capture", args.capture,
+    ]  # fmt: skip
+    if args.half is not None:
+        command += ["--half", str(args.half).lower()]
+    subprocess.run(command, check=True, timeout=args.seconds + args.warmup + 600)
+    result = json.loads(out.read_text())
+    out.unlink()
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cameras", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--detector", choices=["darknet", "ultralytics"], default="darknet")
-    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--cameras", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--resolutions", type=int, nargs="+", choices=sorted(SIZES), default=[1080])
+    parser.add_argument("--modes", nargs="+", choices=["vigild", "naive", "streams"], default=["vigild", "naive", "streams"])
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured window per run")
+    parser.add_argument("--warmup", type=float, default=8.0, help="seconds before the window (model load, first batches)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--imgsz", type=int, nargs=2, default=[640, 384], metavar=("W", "H"),
+                        help="model input; 640x384 is what ultralytics' letterbox makes of 16:9 frames at 640")
+    parser.add_argument("--conf", type=float, default=0.25)
+    parser.add_argument("--half", type=lambda v: v == "true", default=None, help="true/false; default: on for CUDA")
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--capture", choices=["auto", "gstreamer", "opencv"], default="auto")
+    parser.add_argument("--weights", type=Path, default=None)
+    parser.add_argument("--ceilings", action="store_true", help="also measure the decode and device-path ceilings")
+    parser.add_argument("--json", type=Path, help="write all results here")
+    # one measurement in this process (used by the parent run)
+    parser.add_argument("--run", choices=["vigild", "ceiling"], help=argparse.SUPPRESS)
+    parser.add_argument("--video", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--cameras-one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    print(
-        f"vigild throughput, {args.detector} detector + ByteTrack on vtest.avi (768x576), device {args.device}, {os.cpu_count()} CPUs"
-    )
-    print(f"{'cameras':>7} {'max_batch':>9} {'fps':>8} {'mean batch':>10} {'ratio':>6}")
-    for cameras in args.cameras:
-        baseline = None
-        for max_batch in (1, args.max_batch):
-            fps, mean_batch = measure(cameras, max_batch, args.seconds, args.device, args.detector)
-            baseline = baseline or fps
-            print(f"{cameras:>7} {max_batch:>9} {fps:>8.1f} {mean_batch:>10.2f} {fps / baseline:>6.2f}", flush=True)
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+
+    if args.run:
+        args.cameras = args.cameras_one
+        result = run_vigild(args) if args.run == "vigild" else {"device_fps": device_ceiling(args)}
+        args.json.write_text(json.dumps(result))
+        return
+
+    args.weights = args.weights or bench_weights()
+    print(f"vigild throughput: yolov8n {args.imgsz[0]}x{args.imgsz[1]} conf {args.conf} + ByteTrack + publish, "
+          f"device {args.device}, {os.cpu_count()} CPUs, {args.seconds:.0f} s windows", flush=True)
+    results: list[dict[str, Any]] = []
+    for resolution in args.resolutions:
+        args.video = h264(resolution)
+        if args.ceilings:
+            for cameras in args.cameras:
+                fps = decode_ceiling(args.video, min(cameras, os.cpu_count() or 1), min(args.seconds, 10))
+                results.append({"mode": "decode_ceiling", "resolution": resolution, "cameras": cameras, "fps": fps})
+                print(f"{resolution}p decode ceiling, {min(cameras, os.cpu_count() or 1)} processes: {fps} fps")
+            args.cameras_one = 1
+            ceiling = in_subprocess("ceiling", args)
+            results.append({"mode": "device_ceiling", "resolution": resolution, "fps": ceiling["device_fps"]})
+            print(f"{resolution}p device-path ceiling (batch {args.max_batch}): {ceiling['device_fps']} fps")
+        print(f"\n{resolution}p  {'cameras':>7} {'mode':>8} {'fps':>8} {'p50 ms':>8} {'p99 ms':>8} {'cpu %':>6} "
+              f"{'gpu %':>6} {'batch':>6} {'vs naive':>8} {'vs streams':>10}")
+        for cameras in args.cameras:
+            row: dict[str, dict[str, Any]] = {}
+            for mode in sorted(args.modes, key=lambda m: m == "vigild"):  # vigild last: its row shows the ratios
+                args.cameras = cameras
+                if mode == "vigild":
+                    result = in_subprocess("vigild", args)
+                else:
+                    from baselines import run_baseline
+
+                    result = run_baseline(mode, [args.video] * cameras, str(args.weights), tuple(args.imgsz),
+                                          args.conf, args.device, args.seconds, args.warmup)
+                result["resolution"] = resolution
+                row[mode] = result
+                results.append(result)
+                latency = result.get("latency_ms") or {}
+                ratio_naive = ratio_streams = ""
+                if mode == "vigild":
+                    if row.get("naive"):
+                        ratio_naive = f"{result['fps'] / max(row['naive']['fps'], 1e-9):.2f}x"
+                    if row.get("streams"):
+                        ratio_streams = f"{result['fps'] / max(row['streams']['fps'], 1e-9):.2f}x"
+                print(f"{resolution}p  {cameras:>7} {mode:>8} {result['fps']:>8.1f} {latency.get('p50', '-')!s:>8} "
+                      f"{latency.get('p99', '-')!s:>8} {result.get('cpu_percent', '-')!s:>6} "
+                      f"{result.get('gpu_util_percent') or '-'!s:>6} {result.get('mean_batch', '-')!s:>6} "
+                      f"{ratio_naive:>8} {ratio_streams:>10}", flush=True)
+            if "vigild" in row:
+                for mode in ("naive", "streams"):
+                    if mode in row:
+                        row["vigild"][f"ratio_vs_{mode}"] = round(row["vigild"]["fps"] / max(row[mode]["fps"], 1e-9), 2)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -79,9 +79,11 @@ class Letterboxer:
         self.device = torch.device(device)
         self.dtype = dtype
         self.channels_last = channels_last
-        # RGB order, applied to pixels scaled to 0-1; the padding becomes (114/255 - mean) / std
-        self._mean = torch.tensor(mean, dtype=dtype, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(std, dtype=dtype, device=self.device).view(1, 3, 1, 1)
+        # (pixel / 255 - mean) / std as one multiply and one subtract, per RGB channel
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self._scale = (1.0 / (255.0 * std_t)).to(self.device, dtype)
+        self._shift = (mean_t / std_t).to(self.device, dtype)
         self._pinned = self.device.type == "cuda"
         self._staging = torch.empty(0, dtype=torch.uint8, pin_memory=self._pinned)
 
@@ -99,30 +101,47 @@ class Letterboxer:
         """Every image must have passed `check_frame`. Returns the (B, 3, H, W) input and its `Geometry`."""
         in_w, in_h = self.input_size
         count = len(images)
+        # filled in raw pixel units (0-255, RGB); scaled and normalised once for the whole batch at the end
+        batch = torch.full((count, 3, in_h, in_w), float(PAD_VALUE), dtype=self.dtype, device=self.device)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        geometry = np.zeros((count, 7), np.float32)  # scale, pad x, pad y, width, height, scaled w, scaled h
+        for members, pixels in self._upload(images):
+            height, width = pixels.shape[1:3]
+            scale, new_w, new_h, left, top = fit(width, height, self.input_size)
+            group = pixels.permute(0, 3, 1, 2)  # NHWC uint8 -> an NCHW view, channels-last in memory: no copy
+            if self.device.type != "cpu":
+                group = group.to(self.dtype)  # CUDA resizes floats; the CPU has fast uint8 kernels
+            if (new_h, new_w) != (height, width):
+                group = F.interpolate(group, size=(new_h, new_w), mode="bilinear", align_corners=False)
+            target = batch[:, :, top : top + new_h, left : left + new_w]
+            if len(members) == count:
+                target.copy_(group.flip(1))  # BGR -> RGB
+            else:
+                target[torch.tensor(members, device=self.device)] = group.flip(1).to(self.dtype)
+            geometry[members] = (scale, left, top, width, height, new_w, new_h)
+        batch.mul_(self._scale).sub_(self._shift)
+        geo = torch.from_numpy(geometry).to(self.device, non_blocking=True)
+        inner = torch.cat([geo[:, 1:3], geo[:, 1:3] + geo[:, 5:7]], dim=1).round().long()
+        return batch, Geometry(scale=geo[:, 0], pad=geo[:, 1:3], size=geo[:, 3:5], inner=inner)
+
+    def _upload(self, images: list[np.ndarray]) -> list[tuple[list[int], torch.Tensor]]:
+        """(batch positions, (n, H, W, 3) uint8 on the device) per group of same-sized frames.
+
+        CUDA: each group is stacked into the reused pinned buffer (the one host copy) and copied asynchronously.
+        CPU: each frame is used where it lies (a zero-copy view), one group per frame.
+        """
+        if self.device.type == "cpu":
+            return [([i], torch.from_numpy(image)[None]) for i, image in enumerate(images)]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):
             groups.setdefault(image.shape[:2], []).append(i)
         self._reserve(sum(image.nbytes for image in images))
-
-        batch = torch.full((count, 3, in_h, in_w), PAD_VALUE / 255.0, dtype=self.dtype, device=self.device)
-        if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        geometry = np.zeros((count, 7), np.float32)  # scale, pad x, pad y, width, height, scaled w, scaled h
+        out = []
         offset = 0
         for (height, width), members in groups.items():
             host = self._staging_view(len(members), height, width, offset)
             offset += host.numel()
-            np.stack([images[i] for i in members], out=host.numpy())  # the one host copy, into the upload buffer
-            pixels = host.to(self.device, non_blocking=True)  # (n, H, W, 3) uint8
-            scale, new_w, new_h, left, top = fit(width, height, self.input_size)
-            # NHWC uint8 -> NCHW view (channels-last in memory), BGR -> RGB, 0-1
-            group = pixels.permute(0, 3, 1, 2).flip(1).to(self.dtype).div_(255.0)
-            if (new_h, new_w) != (height, width):
-                group = F.interpolate(group, size=(new_h, new_w), mode="bilinear", align_corners=False)
-            index = torch.tensor(members, device=self.device)
-            batch[index, :, top : top + new_h, left : left + new_w] = group
-            geometry[members] = (scale, left, top, width, height, new_w, new_h)
-        batch.sub_(self._mean).div_(self._std)
-        geo = torch.from_numpy(geometry).to(self.device, non_blocking=True)
-        inner = torch.cat([geo[:, 1:3], geo[:, 1:3] + geo[:, 5:7]], dim=1).round().long()
-        return batch, Geometry(scale=geo[:, 0], pad=geo[:, 1:3], size=geo[:, 3:5], inner=inner)
+            np.stack([images[i] for i in members], out=host.numpy())
+            out.append((members, host.to(self.device, non_blocking=True)))
+        return out

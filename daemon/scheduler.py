@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 
 from vigild.chain import Chain
@@ -22,6 +22,7 @@ from vigild.publisher import Publisher
 log = logging.getLogger("vigild.scheduler")
 
 POLL_S = 0.2
+LATENCY_SAMPLES = 100_000
 
 
 class Scheduler:
@@ -46,6 +47,8 @@ class Scheduler:
         self.batches = 0
         self.frames_in_batches = 0
         self.last_latency_s: dict[str, float] = {}
+        self.latencies_s: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        """Capture-to-publish time of the latest frames (all cameras), for percentiles."""
         self._ended: set[str] = set()
         self._down: set[str] = set()
         """Cameras whose `camera.down` was published and which have not come up since."""
@@ -85,15 +88,17 @@ class Scheduler:
         except Exception:  # the chain isolates plugin failures; this is a bug in vigild itself, keep running
             log.exception("chain failed on a batch of %d frames", len(frames))
             return
-        now = time.monotonic()
+        for frame in frames:  # a frame a later plugin failed on still carries what earlier plugins decided
+            for event in frame.events:
+                self.publisher.publish(event)
+        now = time.monotonic()  # handed to the publisher's queue: capture to publish
         self.batches += 1
         self.frames_in_batches += len(frames)
         for frame in passed:
             self.processed[frame.camera] += 1
-            self.last_latency_s[frame.camera] = now - frame.ts_mono
-        for frame in frames:  # a frame a later plugin failed on still carries what earlier plugins decided
-            for event in frame.events:
-                self.publisher.publish(event)
+            latency = now - frame.ts_mono
+            self.last_latency_s[frame.camera] = latency
+            self.latencies_s.append(latency)
 
     def _close_camera(self, notice: Notice) -> None:
         """Let plugins close what they hold for the camera (tracks...), then say it is down."""
