@@ -41,19 +41,22 @@ SIZES = {1080: (1920, 1080), 720: (1280, 720)}
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def h264(resolution: int, frames: int = 795) -> Path:
-    """vtest.avi (768x576, 10 fps) scaled to 16:9 `resolution` and encoded with x264; cached across runs."""
+def h264(resolution: int, loops: int = 4) -> Path:
+    """vtest.avi (768x576, 10 fps, 795 frames) played `loops` times, scaled to 16:9 `resolution` and encoded with
+    x264; cached across runs. Long enough that ultralytics' streams mode (which stops at the end of a file) lasts
+    the whole window."""
     width, height = SIZES[resolution]
-    out = CACHE / f"vtest_{resolution}p_{frames}.mp4"
+    out = CACHE / f"vtest_{resolution}p_x{loops}.mp4"
     if not out.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
+        source = SHARED / "media" / "vtest.avi"
+        branches = " ".join(f"filesrc location={source} ! decodebin ! videoconvert ! c." for _ in range(loops))
         pipeline = (
-            f"filesrc location={SHARED / 'media' / 'vtest.avi'} ! decodebin ! identity eos-after={frames} ! "
-            f"videoconvert ! videoscale ! video/x-raw,width={width},height={height} ! "
+            f"concat name=c ! videoconvert ! videoscale ! video/x-raw,width={width},height={height} ! "
             "x264enc speed-preset=ultrafast key-int-max=30 bitrate=6000 ! h264parse ! mp4mux ! "
-            f"filesink location={out}.part"
+            f"filesink location={out}.part {branches}"
         )
-        subprocess.run(["gst-launch-1.0", "-q", *pipeline.split()], check=True, timeout=600)
+        subprocess.run(["gst-launch-1.0", "-q", *pipeline.split()], check=True, timeout=1200)
         Path(f"{out}.part").rename(out)
     return out
 
