@@ -217,7 +217,9 @@ def device_ceiling(args: argparse.Namespace) -> float:
 
     device = resolve_device(args.device)
     half = default_half(device) if args.half is None else args.half
-    backend = UltralyticsBackend.load(str(args.weights), tuple(args.imgsz), args.conf, 0.45, device, half)
+    backend = UltralyticsBackend.load(
+        str(args.weights), tuple(args.imgsz), args.conf, 0.45, device, half
+    )
     capture = cv2.VideoCapture(str(args.video))
     frames = [capture.read()[1] for _ in range(args.max_batch)]
     for _ in range(3):
@@ -257,10 +259,13 @@ def main() -> None:
     parser.add_argument("--imgsz", type=int, nargs=2, default=[640, 384], metavar=("W", "H"),
                         help="model input; 640x384 is what ultralytics' letterbox makes of 16:9 frames at 640")
     parser.add_argument("--conf", type=float, default=0.25)
-    parser.add_argument("--half", type=lambda v: v == "true", default=None, help="true/false; default: on for CUDA")
+    parser.add_argument("--half", type=lambda v: v == "true", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--capture", choices=["auto", "gstreamer", "opencv"], default="auto")
+    parser.add_argument("--precisions", nargs="+", choices=["auto", "full", "half"], default=["auto"],
+                        help="vigild rows: the device's default (fp16 on CUDA, fp32 on the CPU), fp32, or half "
+                        "(fp16 on CUDA, bf16 on the CPU); ultralytics' loops use its defaults (fp32 on the CPU)")
     parser.add_argument("--weights", type=Path, default=None)
     parser.add_argument("--ceilings", action="store_true", help="also measure the decode and device-path ceilings")
     parser.add_argument("--json", type=Path, help="write all results here")
@@ -279,6 +284,7 @@ def main() -> None:
 
     args.weights = args.weights or bench_weights()
     print(f"vigild throughput: yolov8n {args.imgsz[0]}x{args.imgsz[1]} conf {args.conf} + ByteTrack + publish, "
+          f"vigild precision {', '.join(args.precisions)}, "
           f"device {args.device}, {os.cpu_count()} CPUs, {args.seconds:.0f} s windows", flush=True)
     results: list[dict[str, Any]] = []
     for resolution in args.resolutions:
@@ -292,37 +298,46 @@ def main() -> None:
             ceiling = in_subprocess("ceiling", args)
             results.append({"mode": "device_ceiling", "resolution": resolution, "fps": ceiling["device_fps"]})
             print(f"{resolution}p device-path ceiling (batch {args.max_batch}): {ceiling['device_fps']} fps")
-        print(f"\n{resolution}p  {'cameras':>7} {'mode':>8} {'fps':>8} {'p50 ms':>8} {'p99 ms':>8} {'cpu %':>6} "
+        print(f"\n{resolution}p  {'cameras':>7} {'mode':>15} {'fps':>8} {'p50 ms':>8} {'p99 ms':>8} {'cpu %':>6} "
               f"{'gpu %':>6} {'batch':>6} {'vs naive':>8} {'vs streams':>10}")
         for cameras in args.cameras:
             row: dict[str, dict[str, Any]] = {}
-            for mode in sorted(args.modes, key=lambda m: m == "vigild"):  # vigild last: its row shows the ratios
+            runs = [m for m in args.modes if m != "vigild"]
+            runs += [f"vigild:{p}" for p in args.precisions] if "vigild" in args.modes else []
+            for run in runs:  # vigild last: its rows show the ratios
+                mode, _, precision = run.partition(":")
                 args.cameras = cameras
                 if mode == "vigild":
+                    args.half = {"auto": None, "full": False, "half": True}[precision]
                     result = in_subprocess("vigild", args)
+                    result["precision"] = precision
                 else:
                     from baselines import run_baseline
 
-                    result = run_baseline(mode, [args.video] * cameras, str(args.weights), tuple(args.imgsz),
-                                          args.conf, args.device, args.seconds, args.warmup)
+                    from vigild.device import resolve_device
+
+                    # ultralytics takes one side and letterboxes 16:9 frames to 640x384 itself (rect mode)
+                    result = run_baseline(mode, [args.video] * cameras, str(args.weights), max(args.imgsz),
+                                          args.conf, resolve_device(args.device), args.seconds, args.warmup)
                 result["resolution"] = resolution
-                row[mode] = result
+                label = f"vigild/{precision}" if mode == "vigild" else mode
+                row[label] = result
                 results.append(result)
                 latency = result.get("latency_ms") or {}
                 ratio_naive = ratio_streams = ""
                 if mode == "vigild":
-                    if row.get("naive"):
-                        ratio_naive = f"{result['fps'] / max(row['naive']['fps'], 1e-9):.2f}x"
-                    if row.get("streams"):
-                        ratio_streams = f"{result['fps'] / max(row['streams']['fps'], 1e-9):.2f}x"
-                print(f"{resolution}p  {cameras:>7} {mode:>8} {result['fps']:>8.1f} {latency.get('p50', '-')!s:>8} "
+                    for baseline in ("naive", "streams"):
+                        if baseline in row:
+                            ratio = round(result["fps"] / max(row[baseline]["fps"], 1e-9), 2)
+                            result[f"ratio_vs_{baseline}"] = ratio
+                            if baseline == "naive":
+                                ratio_naive = f"{ratio:.2f}x"
+                            else:
+                                ratio_streams = f"{ratio:.2f}x"
+                print(f"{resolution}p  {cameras:>7} {label:>15} {result['fps']:>8.1f} {latency.get('p50', '-')!s:>8} "
                       f"{latency.get('p99', '-')!s:>8} {result.get('cpu_percent', '-')!s:>6} "
                       f"{result.get('gpu_util_percent') or '-'!s:>6} {result.get('mean_batch', '-')!s:>6} "
                       f"{ratio_naive:>8} {ratio_streams:>10}", flush=True)
-            if "vigild" in row:
-                for mode in ("naive", "streams"):
-                    if mode in row:
-                        row["vigild"][f"ratio_vs_{mode}"] = round(row["vigild"]["fps"] / max(row[mode]["fps"], 1e-9), 2)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

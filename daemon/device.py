@@ -30,6 +30,17 @@ def default_half(device: str) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def half_dtype(device: torch.device) -> torch.dtype:
+    """The reduced precision of `half: true`: float16 on CUDA; bfloat16 on the CPU, which runs it fast only with
+    AVX512-BF16 or AMX (a warning says so otherwise)."""
+    if device.type != "cpu":
+        return torch.float16
+    fast = any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    if not fast:
+        log.warning("half: true on a CPU without AVX512-BF16 or AMX: bfloat16 will be slower than float32")
+    return torch.bfloat16
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or the CPU's allocation failures (plain RuntimeErrors from torch's allocator and
     from oneDNN, which says only that it "could not create a primitive" when its buffers cannot be allocated)."""

@@ -82,8 +82,9 @@ class Letterboxer:
         # (pixel / 255 - mean) / std as one multiply and one subtract, per RGB channel
         std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self._scale = (1.0 / (255.0 * std_t)).to(self.device, dtype)
-        self._shift = (mean_t / std_t).to(self.device, dtype)
+        work = torch.float32 if self.device.type == "cpu" else dtype
+        self._scale = (1.0 / (255.0 * std_t)).to(self.device, work)
+        self._shift = (mean_t / std_t).to(self.device, work)
         self._pinned = self.device.type == "cuda"
         self._staging = torch.empty(0, dtype=torch.uint8, pin_memory=self._pinned)
 
@@ -101,8 +102,10 @@ class Letterboxer:
         """Every image must have passed `check_frame`. Returns the (B, 3, H, W) input and its `Geometry`."""
         in_w, in_h = self.input_size
         count = len(images)
+        # the CPU's bfloat16 arithmetic is slow: build the batch in float32 there and convert it once at the end
+        work = torch.float32 if self.device.type == "cpu" else self.dtype
         # filled in raw pixel units (0-255, RGB); scaled and normalised once for the whole batch at the end
-        batch = torch.full((count, 3, in_h, in_w), float(PAD_VALUE), dtype=self.dtype, device=self.device)
+        batch = torch.full((count, 3, in_h, in_w), float(PAD_VALUE), dtype=work, device=self.device)
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         geometry = np.zeros((count, 7), np.float32)  # scale, pad x, pad y, width, height, scaled w, scaled h
@@ -118,9 +121,11 @@ class Letterboxer:
             if len(members) == count:
                 target.copy_(group.flip(1))  # BGR -> RGB
             else:
-                target[torch.tensor(members, device=self.device)] = group.flip(1).to(self.dtype)
+                target[torch.tensor(members, device=self.device)] = group.flip(1).to(work)
             geometry[members] = (scale, left, top, width, height, new_w, new_h)
         batch.mul_(self._scale).sub_(self._shift)
+        if batch.dtype != self.dtype:
+            batch = batch.to(self.dtype)
         geo = torch.from_numpy(geometry).to(self.device, non_blocking=True)
         inner = torch.cat([geo[:, 1:3], geo[:, 1:3] + geo[:, 5:7]], dim=1).round().long()
         return batch, Geometry(scale=geo[:, 0], pad=geo[:, 1:3], size=geo[:, 3:5], inner=inner)

@@ -41,7 +41,11 @@ class DetectorConfig(PluginConfig):
         description="Network input, one side or [width, height], multiples of 32; every frame is letterboxed into it. "
         "Default: 640x640 (ultralytics), the cfg's size (darknet). For 16:9 cameras [640, 384] halves the work.",
     )
-    half: bool | None = Field(None, description="fp16 inference; default on for CUDA devices.")
+    half: bool | None = Field(
+        None,
+        description="Reduced precision: fp16 on CUDA (default on there), bf16 on the CPU (default off; fast on CPUs "
+        "with AVX512-BF16 or AMX).",
+    )
     mask_format: Literal["polygon", "rle"] = Field(
         "polygon", description="Segment models: instance masks in events as polygons or COCO RLE (docs/events.md)."
     )

@@ -49,13 +49,13 @@ class RectangleYolo(nn.Module):
             corners = torch.stack([x1, y1, x2, y1, x2, y2, x1, y2], 1).float().view(batch, 4, 2)
             visible = torch.ones(batch, 4, 1, device=x.device)
             parts.append(torch.cat([corners, visible], 2).view(batch, 12))
-        preds = torch.cat(parts, 1)[:, :, None].to(x.dtype)  # (B, channels, 1 anchor)
+        preds = torch.cat(parts, 1)[:, :, None]  # (B, channels, 1 anchor), float32 like vigild's YOLO decoding
         if self.task != "segment":
             return preds
         small = nn.functional.avg_pool2d(bright[:, None].float(), 4)  # (B, 1, H/4, W/4), 0-1 coverage
         prototypes = torch.zeros(batch, MASK_COEFFICIENTS, height // 4, width // 4, device=x.device)
         prototypes[:, 0] = (small[:, 0] - 0.5) * 20  # logit: > 0 where most of the 4x4 cell is bright
-        return preds, prototypes.to(x.dtype)
+        return preds, prototypes.to(x.dtype)  # prototypes stay in the network's precision, as in YOLO
 
 
 class BrightClassSegmenter(nn.Module):

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from known_models import RectangleYolo
 
 from vigild.chain import Chain
@@ -41,10 +42,10 @@ def scene(width: int, height: int, x1: int, y1: int, x2: int, y2: int) -> np.nda
     return image
 
 
-def rectangle_backend(task: str, mask_format: str = "polygon") -> UltralyticsBackend:
+def rectangle_backend(task: str, mask_format: str = "polygon", half: bool = False) -> UltralyticsBackend:
     kpt_shape = (4, 3) if task == "pose" else None
     return UltralyticsBackend(
-        RectangleYolo(task), task, ("box", "other"), INPUT, 0.5, 0.45, "cpu", False, mask_format, kpt_shape  # type: ignore[arg-type]
+        RectangleYolo(task), task, ("box", "other"), INPUT, 0.5, 0.45, "cpu", half, mask_format, kpt_shape  # type: ignore[arg-type]
     )
 
 
@@ -53,9 +54,12 @@ def tolerance(width: int, height: int) -> float:
     return max(width / INPUT[0], height / INPUT[1]) + 1.0
 
 
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("task", ["detect", "segment", "pose"])
-def test_each_frame_of_a_mixed_batch_gets_its_own_rectangle_back_as_when_alone(task):
-    backend = rectangle_backend(task)
+def test_each_frame_of_a_mixed_batch_gets_its_own_rectangle_back_as_when_alone(task, half):
+    """`half` on the CPU is bfloat16: the letterbox and the network run in it (on CUDA the same code runs fp16)."""
+    backend = rectangle_backend(task, half=half)
+    assert backend.letterbox.dtype == (torch.bfloat16 if half else torch.float32)
     images = [scene(*s) for s in SCENES]
     batched = backend.detect(images)
     alone = [backend.detect([image])[0] for image in images]
@@ -130,6 +134,18 @@ def test_real_architectures_give_each_frame_the_same_objects_in_a_batch_as_alone
         if backend.task == "segment":
             assert a.masks is not None and len(a.masks) == len(a)
     assert found > 0, "the threshold kept no objects: the comparison would be empty"
+
+
+def test_in_bfloat16_the_yolo_head_still_decodes_boxes_in_float32():
+    """bfloat16 has 8 bits of mantissa: without float32 decoding a box corner near x=600 could move by 4 pixels."""
+    full = UltralyticsBackend.load("yolov8n.yaml", INPUT, 0.25, 0.45, "cpu", False)
+    half = UltralyticsBackend.load("yolov8n.yaml", INPUT, 0.25, 0.45, "cpu", True)
+    batch, _ = full.letterbox([np.random.default_rng(4).integers(0, 256, (720, 1280, 3), dtype=np.uint8)])
+    with torch.inference_mode():
+        want = full.model(batch)
+        got = half.model(batch.to(torch.bfloat16))
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got[:, :4].numpy(), want[:, :4].numpy(), atol=1.0)
 
 
 def test_a_corrupt_frame_fails_alone_and_is_reported_with_its_camera(caplog):

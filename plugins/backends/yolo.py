@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
-from vigild.device import OomSplitter
+from vigild.device import OomSplitter, half_dtype
 from vigild.frame import Detections
 from vigild.letterbox import Geometry, Letterboxer
 from vigild.masks import InstanceMask, MaskFormat
@@ -132,9 +132,8 @@ class UltralyticsBackend(DetectorBackend):
     ):
         self.task = task
         self.device = torch.device(device)
-        self.half = half and self.device.type == "cuda"
-        model = model.eval().to(self.device)
-        self.model = (model.half() if self.half else model).to(memory_format=torch.channels_last)
+        self.dtype = half_dtype(self.device) if half else torch.float32
+        self.model = model.eval().to(self.device, self.dtype).to(memory_format=torch.channels_last)
         self.class_names = class_names
         self.num_classes = len(class_names)
         self.kpt_shape = kpt_shape if task == "pose" else None
@@ -143,7 +142,7 @@ class UltralyticsBackend(DetectorBackend):
         self.confidence = confidence
         self.nms_iou = nms_iou
         self.mask_format = mask_format
-        self.letterbox = Letterboxer(input_size, self.device, torch.float16 if self.half else torch.float32)
+        self.letterbox = Letterboxer(input_size, self.device, self.dtype)
         self.oom = OomSplitter(f"detector {name}", device)
         self._class_filter_device: torch.Tensor | None = None
 
@@ -176,6 +175,9 @@ class UltralyticsBackend(DetectorBackend):
         names: Any = yolo.names
         class_names = tuple(names[i] for i in range(len(names))) if isinstance(names, dict) else tuple(names)
         kpt_shape = (int(head.kpt_shape[0]), int(head.kpt_shape[1])) if yolo.task == "pose" else None
+        end2end = bool(getattr(head, "end2end", False))
+        if half and torch.device(device).type == "cpu":
+            decode_in_float32(head)
         return cls(
             model,
             yolo.task,
@@ -187,7 +189,7 @@ class UltralyticsBackend(DetectorBackend):
             half,
             mask_format,
             kpt_shape,
-            bool(getattr(head, "end2end", False)),
+            end2end,
             weights,
         )
 
@@ -273,6 +275,22 @@ class UltralyticsBackend(DetectorBackend):
                 self.mask_format,
             )
         return out
+
+
+def decode_in_float32(head: Any) -> None:
+    """Run the head's box, keypoint and score decoding in float32 when the network runs in bfloat16.
+
+    bfloat16 keeps 8 bits of mantissa: coordinates of a 640-pixel input would come out in steps of up to 4 pixels.
+    The convolutions stay in bfloat16 (where the time goes); only the decoding arithmetic is done in float32.
+    """
+    decode = head._inference
+
+    def in_float32(preds: dict[str, Any]) -> torch.Tensor:
+        if isinstance(getattr(head, "dfl", None), torch.nn.Module):
+            head.dfl.float()  # the distribution-to-distance layer is part of the decoding (a no-op once float32)
+        return decode({k: v.float() if isinstance(v, torch.Tensor) else v for k, v in preds.items()})
+
+    head._inference = in_float32
 
 
 def batch_shape(input_size: tuple[int, int]) -> tuple[int, int]:
