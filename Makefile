@@ -59,7 +59,8 @@ test: lint
 	if [ $$rc = 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 bench: setup
-	$(VENV)/bin/python bench/throughput.py
+	$(VENV)/bin/python bench/throughput.py --cameras 1 4 16 --precisions full half --ceilings
+	$(VENV)/bin/python bench/python_budget.py
 	$(VENV)/bin/python bench/decode.py
 
 clean:

@@ -41,7 +41,7 @@ SIZES = {1080: (1920, 1080), 720: (1280, 720)}
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def h264(resolution: int, loops: int = 4) -> Path:
+def h264(resolution: int, loops: int = 8) -> Path:
     """vtest.avi (768x576, 10 fps, 795 frames) played `loops` times, scaled to 16:9 `resolution` and encoded with
     x264; cached across runs. Long enough that ultralytics' streams mode (which stops at the end of a file) lasts
     the whole window."""
@@ -231,12 +231,12 @@ def device_ceiling(args: argparse.Namespace) -> float:
     return round(done / (time.monotonic() - started), 1)
 
 
-def in_subprocess(mode: str, args: argparse.Namespace) -> dict[str, Any]:
+def in_subprocess(mode: str, args: argparse.Namespace, cameras: int) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         out = Path(handle.name)
     command = [
         sys.executable, __file__, "--run", mode, "--json", str(out), "--video", str(args.video),
-        "--cameras-one", str(args.cameras), "--weights", str(args.weights), "--conf", str(args.conf),
+        "--cameras-one", str(cameras), "--weights", str(args.weights), "--conf", str(args.conf),
         "--imgsz", str(args.imgsz[0]), str(args.imgsz[1]), "--device", args.device, "--seconds", str(args.seconds),
         "--warmup", str(args.warmup), "--max-batch", str(args.max_batch), "--capture", args.capture,
     ]  # fmt: skip
@@ -260,7 +260,8 @@ def main() -> None:
                         help="model input; 640x384 is what ultralytics' letterbox makes of 16:9 frames at 640")
     parser.add_argument("--conf", type=float, default=0.25)
     parser.add_argument("--half", type=lambda v: v == "true", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="scheduler max_batch; default 64 on CUDA, 8 on the CPU (larger CPU batches fall out of cache)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--capture", choices=["auto", "gstreamer", "opencv"], default="auto")
     parser.add_argument("--precisions", nargs="+", choices=["auto", "full", "half"], default=["auto"],
@@ -275,6 +276,10 @@ def main() -> None:
     parser.add_argument("--cameras-one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("YOLO_OFFLINE", "1")
+    if args.max_batch is None:
+        from vigild.device import resolve_device
+
+        args.max_batch = 64 if resolve_device(args.device).startswith("cuda") else 8
 
     if args.run:
         args.cameras = args.cameras_one
@@ -290,14 +295,15 @@ def main() -> None:
     for resolution in args.resolutions:
         args.video = h264(resolution)
         if args.ceilings:
-            for cameras in args.cameras:
-                fps = decode_ceiling(args.video, min(cameras, os.cpu_count() or 1), min(args.seconds, 10))
-                results.append({"mode": "decode_ceiling", "resolution": resolution, "cameras": cameras, "fps": fps})
-                print(f"{resolution}p decode ceiling, {min(cameras, os.cpu_count() or 1)} processes: {fps} fps")
-            args.cameras_one = 1
-            ceiling = in_subprocess("ceiling", args)
-            results.append({"mode": "device_ceiling", "resolution": resolution, "fps": ceiling["device_fps"]})
-            print(f"{resolution}p device-path ceiling (batch {args.max_batch}): {ceiling['device_fps']} fps")
+            for processes in sorted({min(c, os.cpu_count() or 1) for c in args.cameras}):
+                fps = decode_ceiling(args.video, processes, min(args.seconds, 10))
+                results.append({"mode": "decode_ceiling", "resolution": resolution, "processes": processes, "fps": fps})
+                print(f"{resolution}p decode ceiling, {processes} OpenCV processes: {fps} fps", flush=True)
+            for precision in args.precisions:
+                args.half = {"auto": None, "full": False, "half": True}[precision]
+                fps = in_subprocess("ceiling", args, 1)["device_fps"]
+                results.append({"mode": "device_ceiling", "resolution": resolution, "precision": precision, "fps": fps})
+                print(f"{resolution}p device-path ceiling ({precision}, batch {args.max_batch}): {fps} fps", flush=True)
         print(f"\n{resolution}p  {'cameras':>7} {'mode':>15} {'fps':>8} {'p50 ms':>8} {'p99 ms':>8} {'cpu %':>6} "
               f"{'gpu %':>6} {'batch':>6} {'vs naive':>8} {'vs streams':>10}")
         for cameras in args.cameras:
@@ -306,10 +312,9 @@ def main() -> None:
             runs += [f"vigild:{p}" for p in args.precisions] if "vigild" in args.modes else []
             for run in runs:  # vigild last: its rows show the ratios
                 mode, _, precision = run.partition(":")
-                args.cameras = cameras
                 if mode == "vigild":
                     args.half = {"auto": None, "full": False, "half": True}[precision]
-                    result = in_subprocess("vigild", args)
+                    result = in_subprocess("vigild", args, cameras)
                     result["precision"] = precision
                 else:
                     from baselines import run_baseline
@@ -317,8 +322,11 @@ def main() -> None:
                     from vigild.device import resolve_device
 
                     # ultralytics takes one side and letterboxes 16:9 frames to 640x384 itself (rect mode)
+                    # streams mode reads its files as fast as it can and stops at the first end: a short warm-up
+                    # (its model loads in about 2 s) leaves more of the file for the window
+                    warmup = min(args.warmup, 4.0) if mode == "streams" else args.warmup
                     result = run_baseline(mode, [args.video] * cameras, str(args.weights), max(args.imgsz),
-                                          args.conf, resolve_device(args.device), args.seconds, args.warmup)
+                                          args.conf, resolve_device(args.device), args.seconds, warmup)
                 result["resolution"] = resolution
                 label = f"vigild/{precision}" if mode == "vigild" else mode
                 row[label] = result
@@ -328,7 +336,9 @@ def main() -> None:
                 if mode == "vigild":
                     for baseline in ("naive", "streams"):
                         if baseline in row:
-                            ratio = round(result["fps"] / max(row[baseline]["fps"], 1e-9), 2)
+                            if row[baseline]["fps"] <= 0:
+                                continue  # the baseline finished no frame in the window (see its notes)
+                            ratio = round(result["fps"] / row[baseline]["fps"], 2)
                             result[f"ratio_vs_{baseline}"] = ratio
                             if baseline == "naive":
                                 ratio_naive = f"{ratio:.2f}x"

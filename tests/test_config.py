@@ -242,6 +242,7 @@ def test_cli_refuses_bad_config_with_one_line_and_exit_2(tmp_path, text, fragmen
         ("vtest.yaml", ["ok: 1 camera(s) [vtest]", "vtest: file"]),
         ("test-pattern.yaml", ["ok: 2 camera(s) [balls, bars]", "balls: test test://balls"]),
         ("rtsp-cameras.yaml", ["ok: 3 camera(s) [door, yard, garage]", "door: rtsp rtsp://192.0.2.10:554/stream1"]),
+        ("gpu-analytics.yaml", ["ok: 16 camera(s) [cam01,", "cam16: rtsp rtsp://192.0.2.36:554/stream1"]),
     ],
 )
 def test_cli_check_accepts_the_examples(example, summary):
@@ -250,7 +251,7 @@ def test_cli_check_accepts_the_examples(example, summary):
         capture_output=True,
         text=True,
         timeout=60,
-        env=daemon_env(DOOR_USER="viewer", DOOR_PASSWORD="not-shown"),
+        env=daemon_env(DOOR_USER="viewer", DOOR_PASSWORD="not-shown", CAM_USER="viewer", CAM_PASSWORD="not-shown"),
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr

@@ -172,34 +172,45 @@ def test_a_corrupt_frame_fails_alone_and_is_reported_with_its_camera(caplog):
 
 OOM_SCRIPT = textwrap.dedent(
     """
-    import logging, resource, sys
+    import logging, resource, sys, time
     import numpy as np
-    from vigild.plugins.backends.yolo import UltralyticsBackend
+    from vigild.chain import Chain
+    from vigild.config import CameraConfig, PluginSpec
+    from vigild.frame import Frame
+    from vigild.plugins.detector import Detector, DetectorConfig
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(levelname)s %(message)s")
-    backend = UltralyticsBackend.load("yolov8n.yaml", (640, 640), 3e-5, 0.45, "cpu", False)
+    cameras = {f"cam{i}": CameraConfig(source=f"cam{i}.mp4") for i in range(64)}
+    config = DetectorConfig(weights="yolov8n.yaml", input_size=640, confidence=3e-5)
+    chain = Chain((PluginSpec("detector", Detector, config, dict.fromkeys(cameras, config)),), "cpu", cameras)
+    chain.start()
+    backend = chain.stages[0].instances[0][0].backend
     rng = np.random.default_rng(2)
-    frames = [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for _ in range(64)]
-    alone = [backend.detect([frames[i]])[0] for i in (0, 63)]
+    images = [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for _ in range(64)]
+    alone = [backend.detect([images[i]])[0] for i in (0, 63)]
+    def batch():
+        return [Frame(name, 0, time.time(), time.monotonic(), image) for name, image in zip(cameras, images)]
     # cap this process's address space at what it uses now + 700 MiB: a batch of 64 needs about 2 GiB
     vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
     resource.setrlimit(resource.RLIMIT_AS, (vm + 700 * 2**20, resource.RLIM_INFINITY))
-    out = backend.detect(frames)
-    again = backend.detect(frames)
-    same = all(np.allclose(np.sort(out[i].xyxy, 0), np.sort(a.xyxy, 0), atol=1) for i, a in zip((0, 63), alone))
-    print("RESULT", len(out), len(again), backend.oom.limit, same)
+    first, second = batch(), batch()
+    passed = [len(chain.process(first)), len(chain.process(second))]
+    same = all(np.allclose(np.sort(first[i].detections.xyxy, 0), np.sort(a.xyxy, 0), atol=1) for i, a in zip((0, 63), alone))
+    print("RESULT", passed[0], passed[1], backend.oom.limit, same, sum(chain.stages[0].failures.values()))
     """
 )
 
 
 @pytest.mark.timeout(300)
 def test_running_out_of_memory_splits_the_batch_and_goes_on(tmp_path):
+    """A real allocation failure: the process's address space is capped, then the chain gets 64 frames at once."""
     script = tmp_path / "oom.py"
     script.write_text(OOM_SCRIPT)
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=280)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "out of memory on cpu with a batch of 64" in run.stdout
     result = next(line for line in run.stdout.splitlines() if line.startswith("RESULT")).split()
-    assert result[1:3] == ["64", "64"]
-    assert 1 <= int(result[3]) < 64
-    assert result[4] == "True"
+    assert result[1:3] == ["64", "64"], "every frame of both batches came through the chain"
+    assert 1 <= int(result[3]) < 64, "the batch was split"
+    assert result[4] == "True", "the split batch found what single frames find"
+    assert result[5] == "0", "no frame failed"

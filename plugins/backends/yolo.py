@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
 from vigild.device import OomSplitter, half_dtype
@@ -30,7 +29,6 @@ log = logging.getLogger("vigild.plugins.yolo")
 
 MAX_DETECTIONS = 300
 """Per frame, after NMS (as ultralytics)."""
-MASK_THRESHOLD = 0.5
 
 
 @dataclass
@@ -90,26 +88,16 @@ def select(
     return RawDetections(batch_index[keep], xyxy[keep], conf[keep], cls[keep], rows[keep, 4 + num_classes :])
 
 
-def instance_masks(
-    coefficients: torch.Tensor, prototypes: torch.Tensor, batch_index: torch.Tensor, xyxy: torch.Tensor,
-    input_hw: tuple[int, int],
-) -> torch.Tensor:
-    """(N, H, W) bool masks in model-input pixels: prototype mix, upsampled, cut to each object's box."""
+def instance_masks(coefficients: torch.Tensor, prototypes: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
+    """(N, h, w) uint8 mask probabilities (0-255) at the prototypes' resolution (1/4 of the input for YOLO).
+
+    Kept small on purpose: upsampling to the input's resolution happens on the host, per object and only when its
+    mask is published, so a batch of 64 frames with hundreds of objects costs megabytes, not gigabytes.
+    """
     if len(coefficients) == 0:
-        return torch.zeros((0, *input_hw), dtype=torch.bool, device=coefficients.device)
+        return torch.zeros((0, *prototypes.shape[2:]), dtype=torch.uint8, device=prototypes.device)
     mixed = torch.einsum("nc,nchw->nhw", coefficients.float(), prototypes[batch_index].float())
-    masks = F.interpolate(mixed[:, None], size=input_hw, mode="bilinear", align_corners=False)[:, 0]
-    height, width = input_hw
-    cols = torch.arange(width, device=masks.device, dtype=torch.float32)
-    rows = torch.arange(height, device=masks.device, dtype=torch.float32)
-    box = xyxy.float()
-    inside = (
-        (cols[None, None, :] >= box[:, 0, None, None])
-        & (cols[None, None, :] < box[:, 2, None, None])
-        & (rows[None, :, None] >= box[:, 1, None, None])
-        & (rows[None, :, None] < box[:, 3, None, None])
-    )
-    return (masks.sigmoid() > MASK_THRESHOLD) & inside
+    return (mixed.sigmoid_() * 255).round_().to(torch.uint8)
 
 
 class UltralyticsBackend(DetectorBackend):
@@ -226,7 +214,7 @@ class UltralyticsBackend(DetectorBackend):
             keypoints = torch.cat([xy, conf], dim=-1).cpu().numpy()
         masks = None
         if prototypes is not None:
-            masks = instance_masks(raw.extra, prototypes, index, raw.xyxy, batch_shape(self.input_size))
+            masks = instance_masks(raw.extra, prototypes, index)
         counts = torch.bincount(index, minlength=count).cpu().tolist()
         # one copy back per kind of result, then split per frame
         index_np = index.cpu().numpy()
@@ -253,22 +241,26 @@ class UltralyticsBackend(DetectorBackend):
     def _instance_masks(
         self, masks: torch.Tensor, xyxy: torch.Tensor, index: np.ndarray, geometry: Geometry
     ) -> np.ndarray:
-        """One `InstanceMask` per object: its box's crop of the mask, kept on the host until it is published."""
+        """One `InstanceMask` per object: its box's crop of the low-resolution mask, kept until it is published."""
         host = masks.cpu().numpy()
-        corners = xyxy.float().cpu().numpy()
+        boxes = xyxy.float().cpu().numpy()
         height, width = host.shape[1:]
-        x0 = np.clip(np.floor(corners[:, 0]), 0, width - 1).astype(np.int64)
-        y0 = np.clip(np.floor(corners[:, 1]), 0, height - 1).astype(np.int64)
-        x1 = np.clip(np.ceil(corners[:, 2]), 1, width).astype(np.int64)
-        y1 = np.clip(np.ceil(corners[:, 3]), 1, height).astype(np.int64)
+        stride = self.input_size[0] / width  # input pixels per prototype pixel (4 for YOLO)
+        # the box in prototype pixels, one pixel of margin so that the host's upsampling has its neighbours
+        x0 = np.clip(np.floor(boxes[:, 0] / stride) - 1, 0, width - 1).astype(np.int64)
+        y0 = np.clip(np.floor(boxes[:, 1] / stride) - 1, 0, height - 1).astype(np.int64)
+        x1 = np.clip(np.ceil(boxes[:, 2] / stride) + 1, x0 + 1, width).astype(np.int64)
+        y1 = np.clip(np.ceil(boxes[:, 3] / stride) + 1, y0 + 1, height).astype(np.int64)
         scale = geometry.scale.cpu().numpy()
         pad = geometry.pad.cpu().numpy()
         size = geometry.size.cpu().numpy().astype(np.int64)
         out = np.empty(len(index), dtype=object)
         for i, b in enumerate(index.tolist()):  # per object: a view into the batch's masks, nothing encoded yet
             out[i] = InstanceMask(
-                host[i, y0[i] : max(y1[i], y0[i] + 1), x0[i] : max(x1[i], x0[i] + 1)],
+                host[i, y0[i] : y1[i], x0[i] : x1[i]],
                 (int(x0[i]), int(y0[i])),
+                stride,
+                (float(boxes[i, 0]), float(boxes[i, 1]), float(boxes[i, 2]), float(boxes[i, 3])),
                 float(scale[b]),
                 (float(pad[b, 0]), float(pad[b, 1])),
                 (int(size[b, 0]), int(size[b, 1])),
