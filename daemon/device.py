@@ -54,25 +54,33 @@ CPU_OOM_SIGNS = ("can't allocate memory", "out of memory", "could not create a p
 
 
 class OomSplitter:
-    """Runs `fn` on a batch; on out-of-memory, on halves of it, until the pieces fit (down to one item)."""
+    """Runs `fn` on a batch; on out-of-memory, on halves of it, until the pieces fit (down to one item).
+
+    The largest batch that fitted becomes a cap for later batches. After `GROW_AFTER` batches that fit the cap is
+    raised by one; when that larger batch fails, the cap goes back to the size that worked (not to half of it) and
+    the next attempt to grow waits twice as long.
+    """
 
     GROW_AFTER = 100
-    """Batches that fit before the remembered limit is raised again by one."""
 
     def __init__(self, name: str, device: str):
         self.name = name
         self.device = device
         self.limit: int | None = None
-        """Largest batch known to fit, once a batch did not; None until then."""
+        """Largest batch allowed, once a batch did not fit; None until then."""
         self.splits = 0
+        self._proven = 0
+        """Largest batch that fitted since memory last got tighter."""
         self._fitted = 0
+        self._grow_after = self.GROW_AFTER
 
     def __call__(self, fn: Callable[[Sequence[Item]], list[Result]], items: Sequence[Item]) -> list[Result]:
         if self.limit is None or len(items) <= self.limit:
             return self._run(fn, items)
+        step = self.limit  # fixed for this call: a failure inside may lower self.limit
         out: list[Result] = []
-        for start in range(0, len(items), self.limit):
-            out.extend(self._run(fn, items[start : start + self.limit]))
+        for start in range(0, len(items), step):
+            out.extend(self._run(fn, items[start : start + step]))
         return out
 
     def _run(self, fn: Callable[[Sequence[Item]], list[Result]], items: Sequence[Item]) -> list[Result]:
@@ -83,15 +91,21 @@ class OomSplitter:
                 raise
             # leave the handler before retrying: the traceback holds the failed attempt's tensors
         else:
+            self._proven = max(self._proven, len(items))
             if self.limit is not None and len(items) >= self.limit:
                 self._fitted += 1
-                if self._fitted >= self.GROW_AFTER:
+                if self._fitted >= self._grow_after:
                     self.limit += 1
                     self._fitted = 0
             return result
         self._release()
-        half = (len(items) + 1) // 2
-        self.limit = half if self.limit is None else min(self.limit, half)
+        if 0 < self._proven < len(items):  # a size that worked before: go back to it
+            if self.limit is not None and len(items) == self.limit:
+                self._grow_after *= 2  # this was an attempt to grow; try again later
+            self.limit = self._proven
+        else:  # memory is tighter than before: halve
+            self.limit = (len(items) + 1) // 2 if self.limit is None else min(self.limit, (len(items) + 1) // 2)
+            self._proven = 0
         self.splits += 1
         self._fitted = 0
         log.warning(
@@ -101,7 +115,7 @@ class OomSplitter:
             len(items),
             self.limit,
         )
-        return self(fn, items[:half]) + self(fn, items[half:])
+        return self(fn, items)
 
     def _release(self) -> None:
         if torch.device(self.device).type == "cuda":

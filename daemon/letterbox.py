@@ -137,7 +137,8 @@ class Letterboxer:
         CPU: each frame is used where it lies (a zero-copy view), one group per frame.
         """
         if self.device.type == "cpu":
-            return [([i], torch.from_numpy(image)[None]) for i, image in enumerate(images)]
+            # ascontiguousarray: a no-op for frames from capture; flipped or strided views get copied once
+            return [([i], torch.from_numpy(np.ascontiguousarray(image))[None]) for i, image in enumerate(images)]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):
             groups.setdefault(image.shape[:2], []).append(i)

@@ -67,11 +67,12 @@ class InstanceMask:
         crop, origin = self.model_crop()
         contours, _ = cv2.findContours(crop.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         shift = np.array(origin, np.float32) - np.array(self.pad, np.float32)
+        limit = np.array(self.frame_size, np.float32)
         out = []
         for contour in contours:
             if len(contour) < 3:
                 continue
-            points = (contour.reshape(-1, 2).astype(np.float32) + shift) / self.scale
+            points = np.clip((contour.reshape(-1, 2).astype(np.float32) + shift) / self.scale, 0, limit)
             out.append(np.round(points, 1).ravel().tolist())
         return out
 

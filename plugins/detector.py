@@ -134,17 +134,26 @@ class Detector(Plugin[DetectorConfig]):
     def process(self, frames: list[Frame]) -> None:
         rejected: dict[int, Exception] = {}
         good: list[Frame] = []
+        positions: list[int] = []
         for position, frame in enumerate(frames):
             try:
                 check_frame(frame.image)
-                good.append(frame)
             except FrameRejected as exc:
                 rejected[position] = exc
+                continue
+            good.append(frame)
+            positions.append(position)
         if good:
             for frame, detections in zip(good, self.backend.detect([frame.image for frame in good]), strict=True):
                 frame.detections = detections
-                if self.config.publish:
-                    frame.events.append(detections_event(frame))
+            if self.config.publish:  # after every frame has its detections: a failure here costs one frame
+                for position, frame in zip(positions, good, strict=True):
+                    try:
+                        event = detections_event(frame)
+                    except Exception as exc:
+                        rejected[position] = exc
+                        continue
+                    frame.events.append(event)
         if rejected:
             raise FrameErrors(rejected)
 

@@ -69,16 +69,26 @@ class SemanticSegmenter(Plugin[SemanticSegmenterConfig]):
     def process(self, frames: list[Frame]) -> None:
         rejected: dict[int, Exception] = {}
         good: list[Frame] = []
+        positions: list[int] = []
         for position, frame in enumerate(frames):
             try:
                 check_frame(frame.image)
-                good.append(frame)
             except FrameRejected as exc:
                 rejected[position] = exc
+                continue
+            good.append(frame)
+            positions.append(position)
         if good:
-            for frame, result in zip(good, self.backend.segment([f.image for f in good]), strict=True):
+            results = self.backend.segment([f.image for f in good])
+            for frame, result in zip(good, results, strict=True):
                 frame.segmentation = result
-                frame.events.append(self._event(frame, result))
+            for position, frame, result in zip(positions, good, results, strict=True):  # a failure costs one frame
+                try:
+                    event = self._event(frame, result)
+                except Exception as exc:
+                    rejected[position] = exc
+                    continue
+                frame.events.append(event)
         if rejected:
             raise FrameErrors(rejected)
 

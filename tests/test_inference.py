@@ -21,7 +21,7 @@ from known_models import RectangleYolo
 from vigild.chain import Chain
 from vigild.config import CameraConfig, PluginSpec
 from vigild.frame import Frame
-from vigild.masks import rle_decode
+from vigild.masks import InstanceMask, rle_decode
 from vigild.plugins.backends.yolo import UltralyticsBackend
 from vigild.plugins.detector import Detector, DetectorConfig
 
@@ -137,15 +137,41 @@ def test_real_architectures_give_each_frame_the_same_objects_in_a_batch_as_alone
 
 
 def test_in_bfloat16_the_yolo_head_still_decodes_boxes_in_float32():
-    """bfloat16 has 8 bits of mantissa: without float32 decoding a box corner near x=600 could move by 4 pixels."""
-    full = UltralyticsBackend.load("yolov8n.yaml", INPUT, 0.25, 0.45, "cpu", False)
-    half = UltralyticsBackend.load("yolov8n.yaml", INPUT, 0.25, 0.45, "cpu", True)
+    """bfloat16 has 8 bits of mantissa: without float32 decoding a box corner near x=600 could move by 4 pixels,
+    and at 1280 pixels (160 anchor cells) the anchors' half-cell centres themselves would round."""
+    size = (1280, 768)
+    full = UltralyticsBackend.load("yolov8n.yaml", size, 0.25, 0.45, "cpu", False)
+    half = UltralyticsBackend.load("yolov8n.yaml", size, 0.25, 0.45, "cpu", True)
     batch, _ = full.letterbox([np.random.default_rng(4).integers(0, 256, (720, 1280, 3), dtype=np.uint8)])
     with torch.inference_mode():
         want = full.model(batch)
         got = half.model(batch.to(torch.bfloat16))
     assert got.dtype == torch.float32
+    assert half.model.model[-1].anchors.dtype == torch.float32
     np.testing.assert_allclose(got[:, :4].numpy(), want[:, :4].numpy(), atol=1.0)
+
+
+def test_a_flipped_view_of_a_frame_is_a_valid_frame():
+    """Frames need not be contiguous (e.g. a mirrored camera): a strided view gives what its copy gives."""
+    backend = rectangle_backend("detect")
+    image = scene(*SCENES[0])
+    view = image[:, ::-1]
+    (from_view,) = backend.detect([view])
+    (from_copy,) = backend.detect([view.copy()])
+    np.testing.assert_allclose(from_view.xyxy, from_copy.xyxy)
+    width = SCENES[0][0]
+    np.testing.assert_allclose(from_view.xyxy[0, [0, 2]], [width - 1500, width - 600], atol=tolerance(1920, 1080))
+
+
+def test_mask_polygons_stay_inside_the_frame_when_the_box_reaches_into_the_letterbox_border():
+    """A 1920x1080 frame in a 640x384 input: scale 1/3, 12 pixels of border above (y < 12) and below."""
+    probabilities = np.full((22, 12), 255, np.uint8)  # 4-pixel cells from model y = 0 to 88, x = 200 to 248
+    mask = InstanceMask(probabilities, (50, 0), 4.0, (200.0, 0.0, 248.0, 88.0), 1 / 3, (0.0, 12.0), (1920, 1080))
+    points = np.concatenate([np.reshape(p, (-1, 2)) for p in mask.polygons()])
+    assert points[:, 1].min() == 0.0, "clipped to the frame's top edge"
+    assert (points >= 0).all() and (points[:, 0] <= 1920).all() and (points[:, 1] <= 1080).all()
+    full = mask.to_frame()
+    assert full[0:228, 600:744].all() and not full[:, :599].any()
 
 
 def test_a_corrupt_frame_fails_alone_and_is_reported_with_its_camera(caplog):

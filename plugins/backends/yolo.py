@@ -88,16 +88,22 @@ def select(
     return RawDetections(batch_index[keep], xyxy[keep], conf[keep], cls[keep], rows[keep, 4 + num_classes :])
 
 
-def instance_masks(coefficients: torch.Tensor, prototypes: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
+def instance_masks(coefficients: torch.Tensor, prototypes: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """(N, h, w) uint8 mask probabilities (0-255) at the prototypes' resolution (1/4 of the input for YOLO).
 
-    Kept small on purpose: upsampling to the input's resolution happens on the host, per object and only when its
-    mask is published, so a batch of 64 frames with hundreds of objects costs megabytes, not gigabytes.
+    Rows are grouped by frame (`counts` objects per frame): each frame's objects mix that frame's prototypes in one
+    matrix product, so no copy of the prototypes is made per object. Kept small on purpose: upsampling to the
+    input's resolution happens on the host, per object and only when its mask is published.
     """
-    if len(coefficients) == 0:
-        return torch.zeros((0, *prototypes.shape[2:]), dtype=torch.uint8, device=prototypes.device)
-    mixed = torch.einsum("nc,nchw->nhw", coefficients.float(), prototypes[batch_index].float())
-    return (mixed.sigmoid_() * 255).round_().to(torch.uint8)
+    _, channels, height, width = prototypes.shape
+    out = torch.empty((len(coefficients), height, width), dtype=torch.uint8, device=prototypes.device)
+    start = 0
+    for frame, count in enumerate(counts):  # a loop over frames; the pixels are one matrix product per frame
+        if count:
+            mixed = coefficients[start : start + count].float() @ prototypes[frame].float().view(channels, -1)
+            out[start : start + count] = (mixed.sigmoid_() * 255).round_().to(torch.uint8).view(count, height, width)
+            start += count
+    return out
 
 
 class UltralyticsBackend(DetectorBackend):
@@ -212,10 +218,10 @@ class UltralyticsBackend(DetectorBackend):
             xy = geometry.points_to_frames(points[..., :2], index)
             conf = points[..., 2:3] if self.kpt_shape[1] == 3 else torch.ones_like(points[..., :1])
             keypoints = torch.cat([xy, conf], dim=-1).cpu().numpy()
+        counts = torch.bincount(index, minlength=count).cpu().tolist()
         masks = None
         if prototypes is not None:
-            masks = instance_masks(raw.extra, prototypes, index)
-        counts = torch.bincount(index, minlength=count).cpu().tolist()
+            masks = instance_masks(raw.extra, prototypes, counts)
         # one copy back per kind of result, then split per frame
         index_np = index.cpu().numpy()
         boxes_np = boxes.cpu().numpy()
@@ -243,7 +249,13 @@ class UltralyticsBackend(DetectorBackend):
     ) -> np.ndarray:
         """One `InstanceMask` per object: its box's crop of the low-resolution mask, kept until it is published."""
         host = masks.cpu().numpy()
-        boxes = xyxy.float().cpu().numpy()
+        scale = geometry.scale.cpu().numpy()
+        pad = geometry.pad.cpu().numpy()
+        size = geometry.size.cpu().numpy()
+        # each box cut to its frame's area in model pixels (not the letterbox border), like the published bbox
+        low = np.tile(pad[index], 2)
+        high = np.tile(pad[index] + size[index] * scale[index, None], 2)
+        boxes = np.clip(xyxy.float().cpu().numpy(), low, high)
         height, width = host.shape[1:]
         stride = self.input_size[0] / width  # input pixels per prototype pixel (4 for YOLO)
         # the box in prototype pixels, one pixel of margin so that the host's upsampling has its neighbours
@@ -251,9 +263,7 @@ class UltralyticsBackend(DetectorBackend):
         y0 = np.clip(np.floor(boxes[:, 1] / stride) - 1, 0, height - 1).astype(np.int64)
         x1 = np.clip(np.ceil(boxes[:, 2] / stride) + 1, x0 + 1, width).astype(np.int64)
         y1 = np.clip(np.ceil(boxes[:, 3] / stride) + 1, y0 + 1, height).astype(np.int64)
-        scale = geometry.scale.cpu().numpy()
-        pad = geometry.pad.cpu().numpy()
-        size = geometry.size.cpu().numpy().astype(np.int64)
+        frame_size = size.astype(np.int64)
         out = np.empty(len(index), dtype=object)
         for i, b in enumerate(index.tolist()):  # per object: a view into the batch's masks, nothing encoded yet
             out[i] = InstanceMask(
@@ -263,7 +273,7 @@ class UltralyticsBackend(DetectorBackend):
                 (float(boxes[i, 0]), float(boxes[i, 1]), float(boxes[i, 2]), float(boxes[i, 3])),
                 float(scale[b]),
                 (float(pad[b, 0]), float(pad[b, 1])),
-                (int(size[b, 0]), int(size[b, 1])),
+                (int(frame_size[b, 0]), int(frame_size[b, 1])),
                 self.mask_format,
             )
         return out
@@ -280,9 +290,18 @@ def decode_in_float32(head: Any) -> None:
     def in_float32(preds: dict[str, Any]) -> torch.Tensor:
         if isinstance(getattr(head, "dfl", None), torch.nn.Module):
             head.dfl.float()  # the distribution-to-distance layer is part of the decoding (a no-op once float32)
-        return decode({k: v.float() if isinstance(v, torch.Tensor) else v for k, v in preds.items()})
+        return decode({k: _as_float32(v) for k, v in preds.items()})
 
     head._inference = in_float32
+
+
+def _as_float32(value: Any) -> Any:
+    """Tensors, and lists of them (the head's feature maps, from which it takes its anchors' dtype), in float32."""
+    if isinstance(value, torch.Tensor):
+        return value.float()
+    if isinstance(value, list):
+        return [v.float() if isinstance(v, torch.Tensor) else v for v in value]
+    return value
 
 
 def batch_shape(input_size: tuple[int, int]) -> tuple[int, int]:
