@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from vigild.events import SYSTEM_CAMERA
+from vigild.geometry import LineConfig, ZoneConfig
 from vigild.gst_pipeline import resolve_backend
 from vigild.plugin import PLUGIN_ID_PATTERN, Plugin, PluginConfig
 from vigild.registry import PluginLookupError, load_plugin_class
@@ -68,6 +69,9 @@ class RtspConfig(StrictModel):
 CaptureBackend = Literal["auto", "gstreamer", "opencv"]
 
 
+ShapeName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")]
+
+
 class CameraConfig(StrictModel):
     source: str = Field(
         description="A file path, file://, rtsp(s)://, http(s):// (MJPEG, HLS), /dev/videoN or a camera index, "
@@ -101,6 +105,12 @@ class CameraConfig(StrictModel):
         default_factory=dict, description="Per-plugin overrides by plugin id: parameters, or `enabled: false`."
     )
     reconnect: ReconnectConfig = ReconnectConfig()
+    zones: dict[ShapeName, ZoneConfig] = Field(
+        default_factory=dict, description="Named polygons for the analytics plugin (docs/analytics.md)."
+    )
+    lines: dict[ShapeName, LineConfig] = Field(
+        default_factory=dict, description="Named directed lines for the analytics plugin (docs/analytics.md)."
+    )
 
     @field_validator("source")
     @classmethod
@@ -115,6 +125,14 @@ class CameraConfig(StrictModel):
                 "backend: gstreamer, but GStreamer or PyGObject is not installed (pip install vigild[gstreamer]); "
                 "use backend: auto or opencv"
             )
+        if self.resize is not None:  # the frame's size is known: pixel points must lie on it
+            width, height = self.resize
+            for kind_name, shapes in (("zones", self.zones), ("lines", self.lines)):
+                for name, shape in shapes.items():
+                    if not shape.normalized and any(x > width or y > height for x, y in shape.points):
+                        raise ValueError(
+                            f"{kind_name}.{name}: a point lies outside the {width}x{height} frame set by resize"
+                        )
         kind = parse_source(self.source).kind
         if kind is SourceKind.TEST and resolve_backend(self.backend) == "opencv":
             why = "backend: opencv" if self.backend == "opencv" else "GStreamer is not installed (pip install vigild[gstreamer])"

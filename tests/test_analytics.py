@@ -1,0 +1,160 @@
+"""Zone and line analytics behind the real ByteTrack, on scripted trajectories with known answers.
+
+The boxes are injected (no detector): objects with known paths, a little noise, an occlusion, an object that
+stops, and one that jitters on the line. The answers are exact: crossings per direction, one enter and one exit
+per visit, one loiter, occupancy counts, and no event twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from vigild.chain import Chain
+from vigild.config import CameraConfig, PluginSpec
+from vigild.frame import Detections, Frame
+from vigild.plugins.analytics import Analytics, AnalyticsConfig
+from vigild.plugins.bytetrack import ByteTrack, ByteTrackConfig
+
+WIDTH, HEIGHT = 1000, 800
+IMAGE = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
+FPS = 10.0
+CAMERA = CameraConfig(
+    source="scene.mp4",
+    zones={"hall": {"points": [[100, 500], [500, 500], [500, 780], [100, 780]]}},
+    lines={"gate": {"points": [[0, 400], [1000, 400]]}},  # moving down the image crosses `in`
+)
+
+
+def path(points: list[tuple[int, float, float]], frames: int) -> dict[int, tuple[float, float]]:
+    """Anchor (bottom centre) per frame, moving linearly between (frame, x, y) keyframes, then holding still."""
+    keys = np.array(points, float)
+    out = {}
+    for i in range(frames):
+        x = np.interp(i, keys[:, 0], keys[:, 1])
+        y = np.interp(i, keys[:, 0], keys[:, 2])
+        out[i] = (x, y)
+    return out
+
+
+FRAMES = 160
+WALKER = path([(0, 200, 200), (56, 200, 650), (100, 200, 650), (130, 700, 650)], FRAMES)  # down, stops, leaves right
+CLIMBER = path([(0, 800, 750), (80, 800, 100)], FRAMES)  # up across the gate, never in the hall
+rng = np.random.default_rng(7)
+JITTER = {i: (600.0, 400.0 + 4.0 * (-1) ** i) for i in range(FRAMES)}  # flickers across the gate: never counts
+OCCLUDED = set(range(70, 82))  # the walker is hidden for 12 frames while it stands in the hall
+
+
+def scripted_frames(vanish_after: int | None = None) -> list[Frame]:
+    """The scene's frames; with `vanish_after`, the walker is never seen again after that frame."""
+    t0 = time.time()
+    frames = []
+    for i in range(FRAMES):
+        anchors = [WALKER[i], CLIMBER[i], JITTER[i]]
+        if i in OCCLUDED or (vanish_after is not None and i > vanish_after):
+            anchors = anchors[1:]
+        boxes = np.array([[x - 20, y - 80, x + 20, y] for x, y in anchors], np.float32)
+        boxes += rng.normal(0, 1.5, boxes.shape).astype(np.float32)
+        confidence = np.full(len(boxes), 0.9, np.float32)
+        detections = Detections.untracked(boxes, confidence, np.zeros(len(boxes), np.int32), ("person",))
+        frames.append(Frame("cam", i, t0 + i / FPS, time.monotonic(), IMAGE, detections=detections))
+    return frames
+
+
+def run(analytics: AnalyticsConfig, stop: int = FRAMES, vanish_after: int | None = None) -> list:
+    """Tracker + analytics over the scene's first `stop` frames, then the camera stops."""
+    tracker = ByteTrackConfig(update_interval=1000)
+    chain = Chain(
+        (
+            PluginSpec("bytetrack", ByteTrack, tracker, {"cam": tracker}),
+            PluginSpec("analytics", Analytics, analytics, {"cam": analytics}),
+        ),
+        "cpu",
+        {"cam": CAMERA},
+    )
+    chain.start()
+    events = []
+    frames = scripted_frames(vanish_after)[:stop]
+    for frame in frames:
+        chain.process([frame])
+        events.extend(frame.events)
+    events.extend(chain.source_ended("cam", frames[-1].ts_wall + 0.1, stop - 1))
+    chain.stop()
+    return events
+
+
+def of(events, kind):
+    return [e for e in events if e.type == kind]
+
+
+def test_crossings_visits_loitering_and_counts_come_out_exactly_once():
+    events = run(AnalyticsConfig(min_frames=3, loiter_s=3.0, count_debounce_s=0.0))
+    crossings = of(events, "line.cross")
+    assert Counter(e.data["direction"] for e in crossings) == {"in": 1, "out": 1}, [
+        (e.data, e.object["bbox"]) for e in crossings
+    ]
+    walker_id = next(e.object["track_id"] for e in crossings if e.data["direction"] == "in")
+    climber_id = next(e.object["track_id"] for e in crossings if e.data["direction"] == "out")
+    assert walker_id != climber_id
+
+    enters, exits = of(events, "zone.enter"), of(events, "zone.exit")
+    visits = [(e.object["track_id"], e.data["zone"]) for e in enters]
+    assert visits == [(walker_id, "hall")], "one visit, no re-entry after the occlusion"
+    assert [(e.object["track_id"], e.data["reason"]) for e in exits] == [(walker_id, "left")]
+    # entered when its anchor passed y=500 (frame ~38, +3 frames of hysteresis), left at x=500 (frame ~118)
+    assert 38 <= enters[0].frame <= 45 and 115 <= exits[0].frame <= 125
+    assert exits[0].data["dwell_s"] == pytest.approx((exits[0].frame - enters[0].frame) / FPS, abs=0.01)
+
+    (loiter,) = of(events, "zone.loiter")
+    assert loiter.object["track_id"] == walker_id and loiter.data["dwell_s"] >= 3.0
+    assert loiter.frame == enters[0].frame + 30
+
+    counts = [(e.data["zone"], e.data["total"], e.data["counts"]) for e in of(events, "zone.count")]
+    assert counts == [("hall", 1, {"person": 1}), ("hall", 0, {})]
+    assert all(e.camera == "cam" for e in events)
+
+
+def test_every_enter_gets_an_exit_when_the_camera_stops_while_the_object_is_inside():
+    events = run(AnalyticsConfig(min_frames=3, loiter_s=None), stop=100)  # the walker stands in the hall
+    enters, exits = of(events, "zone.enter"), of(events, "zone.exit")
+    assert len(enters) == len(exits) == 1
+    assert exits[0].data["reason"] == "source_end" and exits[0].object["track_id"] == enters[0].object["track_id"]
+
+
+def test_an_object_that_vanishes_inside_a_zone_exits_when_its_track_ends():
+    events = run(AnalyticsConfig(min_frames=3, loiter_s=None), vanish_after=90)
+    enters, exits = of(events, "zone.enter"), of(events, "zone.exit")
+    assert len(enters) == len(exits) == 1
+    assert exits[0].data["reason"] == "track_end"
+    ended = [e for e in events if e.type == "track.end" and e.object["track_id"] == enters[0].object["track_id"]]
+    assert ended and ended[0].frame == exits[0].frame, "closed on the frame the tracker gave the track up"
+
+
+def test_without_hysteresis_the_jittering_object_would_cross_but_with_it_never_does():
+    jumpy = run(AnalyticsConfig(min_frames=1, loiter_s=None))
+    steady = run(AnalyticsConfig(min_frames=3, loiter_s=None))
+    assert len(of(jumpy, "line.cross")) > 2, "the scene does jitter across the line"
+    assert len(of(steady, "line.cross")) == 2
+
+
+@pytest.mark.parametrize(
+    ("geometry", "fragment"),
+    [
+        ({"zones": {"z": {"points": [[0, 0], [100, 100], [100, 0], [0, 100]]}}}, "intersects itself"),
+        ({"zones": {"z": {"points": [[0, 0], [50, 50], [100, 100]]}}}, "enclose no area"),
+        ({"lines": {"l": {"points": [[10, 10], [10, 10]]}}}, "has no length"),
+        ({"lines": {"l": {"points": [[0, 0], [1.5, 0.5]], "normalized": True}}}, "outside 0-1"),
+        (
+            {"resize": [640, 360], "zones": {"z": {"points": [[0, 0], [700, 0], [0, 300]]}}},
+            "outside the 640x360 frame",
+        ),
+        ({"zones": {"z": {"points": [[-5, 0], [100, 0], [0, 100]]}}}, "greater than or equal to 0"),
+    ],
+)
+def test_bad_geometry_is_a_config_error_saying_what_is_wrong(geometry, fragment):
+    with pytest.raises(ValidationError, match=fragment):
+        CameraConfig(source="a.mp4", **geometry)
