@@ -85,11 +85,23 @@ class ByteTrack(Plugin[ByteTrackConfig]):
     batched = False  # state per camera: a failure must not make the chain run a frame through it twice
 
     def start(self) -> None:
+        self._tracker_class = self._tracker_type()
+        self._args = self._tracker_args()
+        self._cameras: dict[str, _CameraTracks] = {}
+        self._next_ids: dict[str, int] = {}
+
+    def process(self, frames: list[Frame]) -> None:
+        for frame in frames:  # one per call (batched = False); the loop keeps direct callers working
+            self._track(frame)
+
+    def _tracker_type(self) -> Any:
         from ultralytics.trackers.byte_tracker import BYTETracker
 
-        self._tracker_class = BYTETracker
+        return BYTETracker
+
+    def _tracker_args(self) -> Namespace:
         c = self.config
-        self._args = Namespace(
+        return Namespace(
             track_high_thresh=c.track_high_thresh,
             track_low_thresh=c.track_low_thresh,
             new_track_thresh=c.new_track_thresh,
@@ -97,12 +109,10 @@ class ByteTrack(Plugin[ByteTrackConfig]):
             match_thresh=c.match_thresh,
             fuse_score=c.fuse_score,
         )
-        self._cameras: dict[str, _CameraTracks] = {}
-        self._next_ids: dict[str, int] = {}
 
-    def process(self, frames: list[Frame]) -> None:
-        for frame in frames:  # one per call (batched = False); the loop keeps direct callers working
-            self._track(frame)
+    def _image_for(self, frame: Frame) -> np.ndarray | None:
+        """The frame's pixels, for trackers that look at them (BoT-SORT's camera-motion compensation); None here."""
+        return None
 
     def _camera(self, camera: str) -> _CameraTracks:
         state = self._cameras.get(camera)
@@ -114,7 +124,9 @@ class ByteTrack(Plugin[ByteTrackConfig]):
     def _track(self, frame: Frame) -> None:
         state = self._camera(frame.camera)
         detections = frame.detections
-        output = state.tracker.update(_TrackerInput(detections.xyxy, detections.confidence, detections.class_id))
+        output = state.tracker.update(
+            _TrackerInput(detections.xyxy, detections.confidence, detections.class_id), self._image_for(frame)
+        )
         tracker_id = np.full(len(detections), -1, np.int64)
         seen: list[tuple[int, int]] = []  # (our id, detection index)
         if len(output):

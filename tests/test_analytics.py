@@ -18,6 +18,7 @@ from vigild.chain import Chain
 from vigild.config import CameraConfig, PluginSpec
 from vigild.frame import Detections, Frame
 from vigild.plugins.analytics import Analytics, AnalyticsConfig
+from vigild.plugins.botsort import BotSort, BotSortConfig
 from vigild.plugins.bytetrack import ByteTrack, ByteTrackConfig
 
 WIDTH, HEIGHT = 1000, 800
@@ -65,12 +66,18 @@ def scripted_frames(vanish_after: int | None = None) -> list[Frame]:
     return frames
 
 
-def run(analytics: AnalyticsConfig, stop: int = FRAMES, vanish_after: int | None = None) -> list:
+TRACKERS = {"bytetrack": (ByteTrack, ByteTrackConfig), "botsort": (BotSort, BotSortConfig)}
+
+
+def run(
+    analytics: AnalyticsConfig, stop: int = FRAMES, vanish_after: int | None = None, tracker_type: str = "bytetrack"
+) -> list:
     """Tracker + analytics over the scene's first `stop` frames, then the camera stops."""
-    tracker = ByteTrackConfig(update_interval=1000)
+    plugin, config = TRACKERS[tracker_type]
+    tracker = config(update_interval=1000)
     chain = Chain(
         (
-            PluginSpec("bytetrack", ByteTrack, tracker, {"cam": tracker}),
+            PluginSpec(tracker_type, plugin, tracker, {"cam": tracker}),
             PluginSpec("analytics", Analytics, analytics, {"cam": analytics}),
         ),
         "cpu",
@@ -91,8 +98,9 @@ def of(events, kind):
     return [e for e in events if e.type == kind]
 
 
-def test_crossings_visits_loitering_and_counts_come_out_exactly_once():
-    events = run(AnalyticsConfig(min_frames=3, loiter_s=3.0, count_debounce_s=0.0))
+@pytest.mark.parametrize("tracker_type", ["bytetrack", "botsort"])
+def test_crossings_visits_loitering_and_counts_come_out_exactly_once(tracker_type):
+    events = run(AnalyticsConfig(min_frames=3, loiter_s=3.0, count_debounce_s=0.0), tracker_type=tracker_type)
     crossings = of(events, "line.cross")
     assert Counter(e.data["direction"] for e in crossings) == {"in": 1, "out": 1}, [
         (e.data, e.object["bbox"]) for e in crossings
@@ -125,8 +133,9 @@ def test_every_enter_gets_an_exit_when_the_camera_stops_while_the_object_is_insi
     assert exits[0].data["reason"] == "source_end" and exits[0].object["track_id"] == enters[0].object["track_id"]
 
 
-def test_an_object_that_vanishes_inside_a_zone_exits_when_its_track_ends():
-    events = run(AnalyticsConfig(min_frames=3, loiter_s=None), vanish_after=90)
+@pytest.mark.parametrize("tracker_type", ["bytetrack", "botsort"])
+def test_an_object_that_vanishes_inside_a_zone_exits_when_its_track_ends(tracker_type):
+    events = run(AnalyticsConfig(min_frames=3, loiter_s=None), vanish_after=90, tracker_type=tracker_type)
     enters, exits = of(events, "zone.enter"), of(events, "zone.exit")
     assert len(enters) == len(exits) == 1
     assert exits[0].data["reason"] == "track_end"
