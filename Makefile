@@ -61,6 +61,7 @@ test: lint
 bench: setup
 	$(VENV)/bin/python bench/throughput.py --cameras 1 4 16 --precisions full half --ceilings
 	$(VENV)/bin/python bench/python_budget.py
+	$(VENV)/bin/python bench/trackers.py
 	$(VENV)/bin/python bench/decode.py
 
 clean:
