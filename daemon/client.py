@@ -1,7 +1,7 @@
 """A subscriber for vigild's event stream, for programs and for `vigild sub`.
 
-Every message is `[topic, json]`. `seq` rises by one per message across all topics of one daemon run, so a
-subscriber to every topic (prefix `vigild.`) can count what it missed; with narrower prefixes gaps are expected.
+Every message is `[topic, json]`, or `[topic, json, jpeg]` for events that carry a snapshot. `seq` rises by one
+per message across all topics of one daemon run, so a subscriber to every topic (prefix `vigild.`) can count what it missed; with narrower prefixes gaps are expected.
 A restart of the daemon starts `seq` again at 1.
 """
 
@@ -21,6 +21,8 @@ DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 class Message:
     topic: str
     event: dict[str, Any]
+    snapshot: bytes | None = None
+    """The JPEG of events with a `snapshot` field (docs/events.md)."""
 
 
 class Subscriber:
@@ -46,14 +48,14 @@ class Subscriber:
         """The next message, or None when `timeout` seconds pass without one."""
         if timeout is not None and not self.socket.poll(int(timeout * 1000)):
             return None
-        topic, payload = self.socket.recv_multipart()
+        topic, payload, *rest = self.socket.recv_multipart()
         event = json.loads(payload)
         seq = event.get("seq")
         if isinstance(seq, int):
             if self._last_seq is not None and seq > self._last_seq + 1:
                 self.missed += seq - self._last_seq - 1
             self._last_seq = seq
-        return Message(topic.decode(), event)
+        return Message(topic.decode(), event, rest[0] if rest else None)
 
     def __iter__(self) -> Iterator[Message]:
         while True:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from vigild.frame import Detections
+from vigild.snapshot import Snapshot
 
 SCHEMA_VERSION = 1
 TOPIC_ROOT = "vigild"
@@ -29,6 +30,8 @@ class Event:
     frame: int | None = None
     object: dict[str, Any] | None = None
     data: dict[str, Any] = field(default_factory=dict)
+    snapshot: Snapshot | None = None
+    """A JPEG sent as the message's third part; the JSON's `snapshot` field describes it."""
 
     @property
     def topic(self) -> str:
@@ -47,6 +50,8 @@ class Event:
         if self.object is not None:
             body["object"] = self.object
         body.update(self.data)
+        if self.snapshot is not None:
+            body["snapshot"] = self.snapshot.describe()
         return body
 
 

@@ -143,7 +143,10 @@ class Publisher:
         try:
             body = event.to_json_dict(seq, uuid.uuid4().hex)
             payload = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
-            socket.send_multipart([event.topic.encode(), payload], flags=zmq.NOBLOCK)
+            parts = [event.topic.encode(), payload]
+            if event.snapshot is not None:
+                parts.append(event.snapshot.jpeg)
+            socket.send_multipart(parts, flags=zmq.NOBLOCK)
         except (zmq.Again, ValueError, TypeError) as exc:
             self.stats.dropped_unsendable += 1
             log.warning("dropped %s event seq=%d: %s", event.topic, seq, exc)

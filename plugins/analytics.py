@@ -21,6 +21,7 @@ from vigild.events import Event, object_payload
 from vigild.frame import Detections, Frame
 from vigild.geometry import crosses_segment, inside_polygon, side_of_line
 from vigild.plugin import Plugin, PluginConfig, PluginConfigError
+from vigild.snapshot import make_snapshot
 
 Anchor = Literal["bottom_center", "center", "top_center"]
 
@@ -36,6 +37,16 @@ class AnalyticsConfig(PluginConfig):
     classes: list[str] | None = Field(None, description="Only objects with these labels; default all.")
     zones: list[str] | None = Field(None, description="The camera's zones to watch; default all of them.")
     lines: list[str] | None = Field(None, description="The camera's lines to watch; default all of them.")
+    snapshot: Literal["none", "crop", "frame"] = Field(
+        "none",
+        description="Attach a JPEG to enter, exit (when seen leaving), loiter (when seen) and cross events: the "
+        "object's crop or the whole frame with its box drawn, as the message's third part.",
+    )
+    snapshot_max_side: int = Field(640, ge=16, description="Snapshots are scaled down to at most this many pixels.")
+    snapshot_quality: int = Field(80, ge=10, le=100, description="JPEG quality.")
+    snapshot_max_bytes: int = Field(
+        200_000, ge=1000, description="A snapshot that stays larger than this (after re-encoding) is left out."
+    )
 
 
 @dataclass
@@ -261,9 +272,20 @@ class Analytics(Plugin[AnalyticsConfig]):
                     )
                 )
 
-    @staticmethod
-    def _event(kind: str, frame: Frame, track: _Track, data: dict[str, Any]) -> Event:
-        return Event(kind, frame.camera, frame.ts_wall, frame.index, object_payload(*track.last_seen), data)
+    def _event(self, kind: str, frame: Frame, track: _Track, data: dict[str, Any]) -> Event:
+        payload = object_payload(*track.last_seen)
+        event = Event(kind, frame.camera, frame.ts_wall, frame.index, payload, data)
+        config = self.config
+        if config.snapshot != "none" and track.last_seen[0] is frame.detections:  # only of an object seen now
+            event.snapshot = make_snapshot(
+                frame.image,
+                payload["bbox"],
+                config.snapshot,
+                config.snapshot_max_side,
+                config.snapshot_quality,
+                config.snapshot_max_bytes,
+            )
+        return event
 
     def on_source_end(self, camera: str, ts_wall: float, frame_index: int) -> list[Event]:
         state = self._cameras.pop(camera, None)

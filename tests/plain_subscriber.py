@@ -2,6 +2,7 @@
 
 Usage: python plain_subscriber.py ENDPOINT OUTFILE IDLE_SECONDS
 Writes one JSON line per message, `{"topic": ..., "event": {...}}`, and exits after IDLE_SECONDS without one.
+A snapshot (third part) is saved next to OUTFILE as `<seq>.jpg`, and its file name is added as "snapshot_file".
 """
 
 import json
@@ -18,8 +19,14 @@ socket.connect(endpoint)
 with open(outfile, "w", encoding="utf-8") as out:
     print("ready", flush=True)
     while socket.poll(int(idle * 1000)):
-        topic, payload = socket.recv_multipart()
-        out.write(json.dumps({"topic": topic.decode(), "event": json.loads(payload)}) + "\n")
+        topic, payload, *rest = socket.recv_multipart()
+        record = {"topic": topic.decode(), "event": json.loads(payload)}
+        if rest:
+            name = f"{outfile}.{record['event']['seq']}.jpg"
+            with open(name, "wb") as image:
+                image.write(rest[0])
+            record["snapshot_file"] = name
+        out.write(json.dumps(record) + "\n")
         out.flush()
 socket.close(linger=0)
 context.term()

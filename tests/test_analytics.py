@@ -293,3 +293,51 @@ def test_a_line_across_the_plaza_counts_people_both_ways_on_real_footage():
     assert visits == Counter(e.object["track_id"] for e in exits), "every enter has its exit"
     keys = [(e.type, e.object["track_id"], e.frame, e.data.get("zone"), e.data.get("line")) for e in events if e.object]
     assert len(keys) == len(set(keys)), "no event twice"
+
+
+def painted_frames() -> list[Frame]:
+    """The scene with something to see: each object's box painted in its own colour on a grey frame."""
+    frames = scripted_frames()
+    for frame in frames:
+        image = np.full((HEIGHT, WIDTH, 3), 90, np.uint8)
+        for x1, y1, x2, y2 in frame.detections.xyxy.astype(int):
+            image[max(0, y1) : y2, max(0, x1) : x2] = (40, 200, 40)
+        frame.image = image
+    return frames
+
+
+@pytest.mark.parametrize(("kind", "size"), [("crop", None), ("frame", (320, 256))])
+def test_snapshots_show_the_object_and_stay_within_their_limits(kind, size):
+    import cv2
+
+    analytics = AnalyticsConfig(min_frames=3, loiter_s=None, snapshot=kind, snapshot_max_side=320)
+    tracker = ByteTrackConfig(update_interval=1000)
+    chain = Chain(
+        (
+            PluginSpec("bytetrack", ByteTrack, tracker, {"cam": tracker}),
+            PluginSpec("analytics", Analytics, analytics, {"cam": analytics}),
+        ),
+        "cpu",
+        {"cam": CAMERA},
+    )
+    chain.start()
+    events = []
+    for frame in painted_frames():
+        chain.process([frame])
+        events.extend(frame.events)
+    with_snapshot = [e for e in events if e.snapshot is not None]
+    assert {e.type for e in with_snapshot} == {"zone.enter", "zone.exit", "line.cross"}
+    for event in with_snapshot:
+        snapshot = event.snapshot
+        picture = cv2.imdecode(np.frombuffer(snapshot.jpeg, np.uint8), cv2.IMREAD_COLOR)
+        assert picture.shape[1::-1] == (snapshot.width, snapshot.height)
+        body = event.to_json_dict(1, "x")
+        assert body["snapshot"] == {"format": "jpeg", "kind": kind, "width": snapshot.width, "height": snapshot.height, "bytes": len(snapshot.jpeg)}
+        if kind == "crop":  # the box plus 20 % on each side, mostly the object's green
+            x1, y1, x2, y2 = event.object["bbox"]
+            assert abs(snapshot.width - 1.4 * (x2 - x1)) <= 3 and abs(snapshot.height - 1.4 * (y2 - y1)) <= 3
+            assert picture[..., 1].mean() > 120
+        else:  # the whole frame, scaled to 320 wide, with the box drawn in red
+            assert (snapshot.width, snapshot.height) == size
+            red = (picture[..., 2] > 180) & (picture[..., 1] < 100)
+            assert red.sum() > 50

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import zmq
 from conftest import ROOT
@@ -149,3 +150,37 @@ def test_loopback_detection():
     assert is_loopback_endpoint("ipc:///run/vigild/events")
     assert not is_loopback_endpoint("tcp://0.0.0.0:5555")
     assert not is_loopback_endpoint("tcp://*:5555")
+
+
+def test_a_snapshot_travels_as_a_third_part_to_a_plain_subscriber(endpoint, subscriber_factory, tmp_path):
+    """A subscriber in another process (plain pyzmq) gets `[topic, json, jpeg]` and the JSON describes the JPEG."""
+    import cv2
+    import numpy as np
+
+    from vigild.snapshot import make_snapshot
+
+    image = np.full((480, 640, 3), 60, np.uint8)
+    image[100:300, 200:300] = (0, 220, 0)
+    snapshot = make_snapshot(image, [200, 100, 300, 300], "crop")
+    assert snapshot is not None
+    publisher = Publisher(PublisherConfig(endpoint=endpoint))
+    publisher.start()
+    subscriber = subscriber_factory(endpoint, idle_s=2.0)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not subscriber.messages():
+        publisher.publish(Event("probe", "sys", time.time()))
+        time.sleep(0.05)
+    with_image = Event("zone.enter", "door", time.time(), 7, {"track_id": 1, "bbox": [200, 100, 300, 300]}, {"zone": "hall"})
+    with_image.snapshot = snapshot
+    publisher.publish(with_image)
+    publisher.publish(event(8))  # and the next message is an ordinary two-part one
+    messages = subscriber.finish()
+    publisher.stop()
+    (entered,) = [m for m in messages if m["event"]["type"] == "zone.enter"]
+    described = entered["event"]["snapshot"]
+    jpeg = Path(entered["snapshot_file"]).read_bytes()
+    assert described["bytes"] == len(jpeg) and described["kind"] == "crop"
+    picture = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert picture.shape[1::-1] == (described["width"], described["height"]) == (140, 280)
+    (after,) = [m for m in messages if m["event"]["type"] == "track.update"]
+    assert "snapshot_file" not in after and "snapshot" not in after["event"]
