@@ -32,7 +32,7 @@ class AnalyticsConfig(PluginConfig):
     min_frames: int = Field(3, ge=1, description="Consecutive sightings on the new side before enter/exit/cross.")
     loiter_s: float | None = Field(30.0, gt=0, description="Dwell in a zone that raises `zone.loiter` (once a visit).")
     count_debounce_s: float = Field(
-        1.0, ge=0, description="An occupancy change must hold this long before `zone.count` reports it."
+        1.0, ge=0, description="`zone.count` is published at most once per this many seconds per zone."
     )
     classes: list[str] | None = Field(None, description="Only objects with these labels; default all.")
     zones: list[str] | None = Field(None, description="The camera's zones to watch; default all of them.")
@@ -77,8 +77,7 @@ class _Track:
 @dataclass
 class _Count:
     published: Counter[str] = field(default_factory=Counter)
-    pending: Counter[str] | None = None
-    since: float = 0.0
+    last_published: float = float("-inf")
 
 
 @dataclass
@@ -233,27 +232,25 @@ class Analytics(Plugin[AnalyticsConfig]):
             frame.events.append(self._event("line.cross", frame, track, {"line": line, "direction": direction}))
 
     def _counts(self, frame: Frame, state: _Camera, ts: float) -> None:
+        """Publish a zone's occupancy when it differs from what was last published, at most once per
+        `count_debounce_s` (the latest value then: a busy zone reports its count steadily instead of never)."""
         for zone in state.zones:
             current: Counter[str] = Counter(
                 track.label for track in state.tracks.values() if track.zones.get(zone, _Presence()).inside
             )
             count = state.counts.setdefault(zone, _Count())
-            if current == count.published:
-                count.pending = None
+            if current == count.published or ts - count.last_published < self.config.count_debounce_s:
                 continue
-            if count.pending != current:
-                count.pending, count.since = current, ts
-            if ts - count.since >= self.config.count_debounce_s:
-                count.published, count.pending = current, None
-                frame.events.append(
-                    Event(
-                        "zone.count",
-                        frame.camera,
-                        ts,
-                        frame.index,
-                        data={"zone": zone, "counts": dict(sorted(current.items())), "total": sum(current.values())},
-                    )
+            count.published, count.last_published = current, ts
+            frame.events.append(
+                Event(
+                    "zone.count",
+                    frame.camera,
+                    ts,
+                    frame.index,
+                    data={"zone": zone, "counts": dict(sorted(current.items())), "total": sum(current.values())},
                 )
+            )
 
     def _close(
         self, camera: str, frame_index: int, ts: float, track: _Track, reason: str, out: list[Event]

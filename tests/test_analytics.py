@@ -19,6 +19,7 @@ from torchvision.ops import box_iou
 from vigild.chain import Chain
 from vigild.config import CameraConfig, PluginSpec
 from vigild.frame import Detections, Frame
+from vigild.plugin import PluginContext
 from vigild.plugins.analytics import Analytics, AnalyticsConfig
 from vigild.plugins.botsort import BotSort, BotSortConfig
 from vigild.plugins.bytetrack import ByteTrack, ByteTrackConfig
@@ -341,3 +342,21 @@ def test_snapshots_show_the_object_and_stay_within_their_limits(kind, size):
             assert (snapshot.width, snapshot.height) == size
             red = (picture[..., 2] > 180) & (picture[..., 1] < 100)
             assert red.sum() > 50
+
+
+def test_zone_counts_are_rate_limited_and_report_the_latest_occupancy():
+    """Three people step into the hall on three consecutive frames; with a 1 s debounce the first change is
+    reported at once, the next ones together once the second has passed."""
+    analytics = Analytics(
+        AnalyticsConfig(min_frames=1, loiter_s=None, count_debounce_s=1.0), PluginContext("cpu", {"cam": CAMERA})
+    )
+    analytics.start()
+    t0, counts = time.time(), []
+    for i in range(30):
+        inside = min(3, max(0, i - 4))  # 0, ..., then 1, 2, 3 people from frame 5 on
+        boxes = np.array([[200 + 60 * k, 520, 240 + 60 * k, 600] if k < inside else [200 + 60 * k, 200, 240 + 60 * k, 280] for k in range(3)], np.float32)
+        detections = Detections(boxes, np.full(3, 0.9, np.float32), np.zeros(3, np.int32), np.arange(1, 4), ("person",))
+        frame = Frame("cam", i, t0 + i / FPS, time.monotonic(), IMAGE, detections=detections)
+        analytics.process([frame])
+        counts += [(i, e.data["total"]) for e in frame.events if e.type == "zone.count"]
+    assert counts == [(5, 1), (15, 3)]
