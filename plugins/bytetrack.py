@@ -31,7 +31,15 @@ class ByteTrackConfig(PluginConfig):
         0.25, ge=0, le=1, description="An unmatched detection starts a track at or above this."
     )
     match_thresh: float = Field(0.8, gt=0, le=1, description="Largest IoU cost accepted in the first matching stage.")
-    track_buffer: int = Field(30, ge=1, description="Processed frames a lost track is kept before it ends.")
+    track_buffer: int = Field(
+        30, ge=1, description="How long a lost track is kept before it ends: frames at 30 fps (see frame_rate)."
+    )
+    frame_rate: float = Field(
+        30.0,
+        gt=0,
+        description="Frames per second this tracker is given (the camera's `fps` limit, if any): a lost track is kept "
+        "for track_buffer x frame_rate / 30 processed frames, i.e. the same time at any rate.",
+    )
     fuse_score: bool = True
     update_interval: float = Field(
         1.0, ge=0, description="Seconds between track.update events of one track; 0 = every frame."
@@ -105,7 +113,7 @@ class ByteTrack(Plugin[ByteTrackConfig]):
             track_high_thresh=c.track_high_thresh,
             track_low_thresh=c.track_low_thresh,
             new_track_thresh=c.new_track_thresh,
-            track_buffer=c.track_buffer,
+            track_buffer=max(1, round(c.track_buffer * c.frame_rate / 30)),  # in processed frames
             match_thresh=c.match_thresh,
             fuse_score=c.fuse_score,
         )

@@ -72,6 +72,24 @@ def scripted_frames(vanish_after: int | None = None) -> list[Frame]:
 TRACKERS = {"bytetrack": (ByteTrack, ByteTrackConfig), "botsort": (BotSort, BotSortConfig)}
 
 
+def run_with_tracker(tracker: ByteTrackConfig, vanish_after: int | None = None) -> list:
+    analytics = AnalyticsConfig(min_frames=3, loiter_s=None)
+    chain = Chain(
+        (
+            PluginSpec("bytetrack", ByteTrack, tracker, {"cam": tracker}),
+            PluginSpec("analytics", Analytics, analytics, {"cam": analytics}),
+        ),
+        "cpu",
+        {"cam": CAMERA},
+    )
+    chain.start()
+    events = []
+    for frame in scripted_frames(vanish_after):
+        chain.process([frame])
+        events.extend(frame.events)
+    return events
+
+
 def run(
     analytics: AnalyticsConfig, stop: int = FRAMES, vanish_after: int | None = None, tracker_type: str = "bytetrack"
 ) -> list:
@@ -170,6 +188,15 @@ def test_an_object_that_vanishes_inside_a_zone_exits_when_its_track_ends(tracker
     assert exits[0].data["reason"] == "track_end"
     ended = [e for e in events if e.type == "track.end" and e.object["track_id"] == enters[0].object["track_id"]]
     assert ended and ended[0].frame == exits[0].frame, "closed on the frame the tracker gave the track up"
+
+
+@pytest.mark.parametrize(("frame_rate", "kept"), [(30.0, 30), (10.0, 10)])
+def test_frame_rate_scales_how_long_a_lost_track_is_kept(frame_rate, kept):
+    """track_buffer is in frames at 30 fps: at 10 fps a lost track ends after a third as many frames (and then
+    the walker's 12-frame occlusion is already too long to keep its id: it is a new track afterwards)."""
+    events = run_with_tracker(ByteTrackConfig(update_interval=1000, frame_rate=frame_rate), vanish_after=90)
+    (ended,) = [e for e in events if e.type == "track.end" and e.data["last_frame"] == 90]  # the walker, gone at 90
+    assert ended.frame - ended.data["last_frame"] == kept + 2  # ended once lost for more than `kept` frames
 
 
 def test_two_cameras_in_one_batch_keep_their_own_tracks_and_events():
