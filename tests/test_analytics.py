@@ -266,8 +266,8 @@ def test_bad_geometry_is_a_config_error_saying_what_is_wrong(geometry, fragment)
 def test_a_line_across_the_plaza_counts_people_both_ways_on_real_footage():
     """vtest.avi through the real detector (Yolo-Fastest-XL) and ByteTrack: a vertical line across the path.
 
-    The range comes from watching the annotated output: with this line, 19 crossings (12 in = rightwards,
-    7 out), all of them real. Some people cross back (a woman wanders along the line in the lower lawn) and
+    The range comes from watching the annotated output: with this line, 19 crossings (12 in = leftwards,
+    7 out = rightwards), all of them real. Some people cross back (a woman wanders along the line in the lower lawn) and
     groups pass it together; none is a box jittering in place.
     """
     import cv2
@@ -277,7 +277,7 @@ def test_a_line_across_the_plaza_counts_people_both_ways_on_real_footage():
 
     camera = CameraConfig(
         source=str(VTEST),
-        lines={"plaza": {"points": [[250, 120], [250, 576]]}},  # top to bottom: walking rightwards is `in`
+        lines={"plaza": {"points": [[250, 120], [250, 576]]}},  # top to bottom: walking leftwards is `in`
         zones={"path": {"points": [[0, 180], [768, 120], [768, 420], [0, 420]]}},
     )
     detector = DetectorConfig(
@@ -387,3 +387,82 @@ def test_zone_counts_are_rate_limited_and_report_the_latest_occupancy():
         analytics.process([frame])
         counts += [(i, e.data["total"]) for e in frame.events if e.type == "zone.count"]
     assert counts == [(5, 1), (15, 3)]
+
+
+@pytest.mark.e2e
+def test_pedestrians_rendered_on_known_paths_are_tracked_and_counted_by_the_real_detector():
+    """A scene with ground truth: two real pedestrians cut from vtest.avi's first frame, moved along known paths
+    over the plaza's median background (no people in it), through Yolo-Fastest, ByteTrack and the analytics.
+    One walks right across a vertical line (`out`), the other left (`in`) 20 frames later. Measured here:
+    MOTA 0.84, IDF1 0.92, no identity switch; the crossings are exact."""
+    import cv2
+    import motmetrics as mm
+    from conftest import VTEST, YOLO_FASTEST
+
+    from vigild.plugins.detector import Detector, DetectorConfig
+
+    capture = cv2.VideoCapture(str(VTEST))
+    sampled, index = [], 0
+    while True:
+        ok, image = capture.read()
+        if not ok:
+            break
+        if index % 8 == 0:
+            sampled.append(image)
+        index += 1
+    background = np.median(np.stack(sampled), axis=0).astype(np.uint8)
+    first = sampled[0]
+    sprites = {1: first[240:326, 646:678], 2: first[225:311, 255:279]}  # two people in frame 0 (86 px tall)
+
+    def ground_truth(i: int) -> dict[int, tuple[int, int, int, int]]:
+        boxes = {}
+        x = int(np.interp(i, [0, 120], [100, 650]))
+        boxes[1] = (x, 330 - 86, x + 32, 330)
+        if i >= 20:
+            x = int(np.interp(i, [20, 140], [680, 120]))
+            boxes[2] = (x, 380 - 86, x + 24, 380)
+        return boxes
+
+    camera = CameraConfig(source="rendered", lines={"l": {"points": [[384, 150], [384, 576]]}})
+    detector = DetectorConfig(
+        backend="darknet",
+        cfg=YOLO_FASTEST / "yolo-fastest-1.1-xl.cfg",
+        weights=str(YOLO_FASTEST / "yolo-fastest-1.1-xl.weights"),
+        names=YOLO_FASTEST / "coco.names",
+        classes=["person"],
+        confidence=0.3,
+        input_size=320,
+    )
+    tracker = ByteTrackConfig(update_interval=1000)
+    analytics = AnalyticsConfig(min_frames=3, loiter_s=None)
+    chain = Chain(
+        (
+            PluginSpec("detector", Detector, detector, {"r": detector}),
+            PluginSpec("bytetrack", ByteTrack, tracker, {"r": tracker}),
+            PluginSpec("analytics", Analytics, analytics, {"r": analytics}),
+        ),
+        "cpu",
+        {"r": camera},
+    )
+    chain.start()
+    accumulator = mm.MOTAccumulator(auto_id=True)
+    events = []
+    for i in range(160):
+        image = background.copy()
+        truth = ground_truth(i)
+        for oid, (x1, y1, x2, y2) in truth.items():
+            image[y1:y2, x1:x2] = sprites[oid]
+        frame = Frame("r", i, 1_000.0 + i / FPS, time.monotonic(), image)
+        chain.process([frame])
+        events.extend(frame.events)
+        tracked = frame.detections[frame.detections.tracker_id >= 0]
+        distance = 1 - box_iou(torch.tensor(list(truth.values()), dtype=torch.float32), torch.from_numpy(tracked.xyxy)).numpy()
+        distance[distance > 0.5] = np.nan
+        accumulator.update(list(truth), tracked.tracker_id.tolist(), distance)
+    chain.stop()
+    crossings = [(e.data["direction"], e.object["track_id"]) for e in of(events, "line.cross")]
+    assert [direction for direction, _ in crossings] == ["out", "in"]
+    assert crossings[0][1] != crossings[1][1]
+    summary = mm.metrics.create().compute(accumulator, metrics=["mota", "idf1", "num_switches"], name="rendered")
+    mota, idf1, switches = (float(summary[m].iloc[0]) for m in ("mota", "idf1", "num_switches"))
+    assert mota >= 0.75 and idf1 >= 0.85 and switches == 0, summary.to_string()
