@@ -9,6 +9,7 @@ each group of same-sized frames (no loop over pixels). `Geometry` maps model coo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,21 @@ def check_frame(image: object) -> None:
         raise FrameRejected(f"expected a numpy array, got {type(image).__name__}")
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
         raise FrameRejected(f"expected a BGR uint8 image of shape (H, W, 3), got {image.dtype} {image.shape}")
+
+
+def sort_frames(images: Sequence[object]) -> tuple[list[int], dict[int, Exception]]:
+    """(positions of the images that can be model inputs, {position: why not} for the others): what a batched
+    plugin runs, and what it reports with `FrameErrors`."""
+    usable: list[int] = []
+    rejected: dict[int, Exception] = {}
+    for position, image in enumerate(images):
+        try:
+            check_frame(image)
+        except FrameRejected as exc:
+            rejected[position] = exc
+            continue
+        usable.append(position)
+    return usable, rejected
 
 
 @dataclass(frozen=True)

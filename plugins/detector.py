@@ -16,7 +16,7 @@ from pydantic import BeforeValidator, Field, FilePath, ValidationInfo, field_val
 from vigild.device import default_half
 from vigild.events import Event, object_payload
 from vigild.frame import Frame
-from vigild.letterbox import FrameRejected, check_frame
+from vigild.letterbox import sort_frames
 from vigild.plugin import FrameErrors, Plugin, PluginConfig, PluginConfigError
 from vigild.plugins.backends.base import DetectorBackend
 
@@ -132,17 +132,8 @@ class Detector(Plugin[DetectorConfig]):
         return np.array(sorted(set(ids)), np.int64)
 
     def process(self, frames: list[Frame]) -> None:
-        rejected: dict[int, Exception] = {}
-        good: list[Frame] = []
-        positions: list[int] = []
-        for position, frame in enumerate(frames):
-            try:
-                check_frame(frame.image)
-            except FrameRejected as exc:
-                rejected[position] = exc
-                continue
-            good.append(frame)
-            positions.append(position)
+        positions, rejected = sort_frames([frame.image for frame in frames])
+        good = [frames[position] for position in positions]
         if good:
             for frame, detections in zip(good, self.backend.detect([frame.image for frame in good]), strict=True):
                 frame.detections = detections

@@ -17,7 +17,7 @@ from pydantic import BeforeValidator, Field, field_validator
 from vigild.device import default_half
 from vigild.events import Event
 from vigild.frame import Frame, SemanticSegmentation
-from vigild.letterbox import FrameRejected, check_frame
+from vigild.letterbox import sort_frames
 from vigild.masks import rle_encode
 from vigild.plugin import FrameErrors, Plugin, PluginConfig
 from vigild.plugins.backends.segmentation import VOC_CLASSES, ModelName, SemanticBackend, load_torchvision
@@ -67,17 +67,8 @@ class SemanticSegmenter(Plugin[SemanticSegmenterConfig]):
         self.log.info("%s on %s for %s", config.model, self.context.device, ", ".join(self.context.cameras))
 
     def process(self, frames: list[Frame]) -> None:
-        rejected: dict[int, Exception] = {}
-        good: list[Frame] = []
-        positions: list[int] = []
-        for position, frame in enumerate(frames):
-            try:
-                check_frame(frame.image)
-            except FrameRejected as exc:
-                rejected[position] = exc
-                continue
-            good.append(frame)
-            positions.append(position)
+        positions, rejected = sort_frames([frame.image for frame in frames])
+        good = [frames[position] for position in positions]
         if good:
             results = self.backend.segment([f.image for f in good])
             for frame, result in zip(good, results, strict=True):
