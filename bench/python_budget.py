@@ -3,7 +3,8 @@
 The model runs on the device and releases the GIL; what holds the GIL is the Python work per frame around it.
 This measures each part on its own, with vigild's real code, on this machine:
 
-- tracking: the `bytetrack` plugin on one camera with `--objects` boxes moving every frame (CPU time per frame);
+- tracking: the `bytetrack` plugin with `--objects` boxes moving every frame, on batches of one frame from each of
+  `--batch-cameras` cameras as the scheduler hands them over (CPU time per frame);
 - publishing: the real `Publisher` thread encoding and sending `track.update`-sized events (CPU per event);
 - capture: `--cameras` capture threads reading the 1080p H.264 file as fast as a drain thread takes the frames;
   the capture threads' own CPU per frame (the Python side plus the I420 → BGR conversion, an upper bound on
@@ -11,7 +12,7 @@ This measures each part on its own, with vigild's real code, on this machine:
 
 It prints the per-frame budget and the frames/s at which the GIL alone would be saturated.
 
-    python bench/python_budget.py [--objects 30] [--cameras 4] [--seconds 8]
+    python bench/python_budget.py [--objects 30] [--cameras 4] [--batch-cameras 16] [--seconds 8]
 """
 
 from __future__ import annotations
@@ -35,25 +36,30 @@ def thread_cpu_s(native_id: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def tracking_ms(objects: int, frames: int) -> float:
+def tracking_ms(objects: int, frames: int, cameras: int) -> float:
     from vigild.config import CameraConfig
     from vigild.frame import Detections, Frame
     from vigild.plugin import PluginContext
     from vigild.plugins.bytetrack import ByteTrack, ByteTrackConfig
 
-    tracker = ByteTrack(ByteTrackConfig(update_interval=1.0), PluginContext("cpu", {"c": CameraConfig(source="c")}))
+    names = [f"c{n}" for n in range(cameras)]
+    context = PluginContext("cpu", {name: CameraConfig(source=name) for name in names})
+    tracker = ByteTrack(ByteTrackConfig(update_interval=1.0), context)
     tracker.start()
     rng = np.random.default_rng(0)
     start = rng.uniform(0, 1800, (objects, 2)).astype(np.float32)
     velocity = rng.uniform(-3, 3, (objects, 2)).astype(np.float32)
     image = np.zeros((8, 8, 3), np.uint8)
-    began = time.process_time()
-    for i in range(frames):
+    batches = max(1, frames // cameras)
+    scene = []
+    for i in range(batches):
         corner = start + velocity * i
         xyxy = np.concatenate([corner, corner + 60], axis=1)
-        detections = Detections.untracked(xyxy, np.full(objects, 0.8, np.float32), np.zeros(objects, np.int32), ("p",))
-        tracker.process([Frame("c", i, time.time(), time.monotonic(), image, detections=detections)])
-    return (time.process_time() - began) / frames * 1000
+        scene.append(Detections.untracked(xyxy, np.full(objects, 0.8, np.float32), np.zeros(objects, np.int32), ("p",)))
+    began = time.process_time()
+    for i in range(batches):
+        tracker.process([Frame(name, i, time.time(), time.monotonic(), image, detections=scene[i]) for name in names])
+    return (time.process_time() - began) / (batches * cameras) * 1000
 
 
 def publishing_ms(events: int) -> float:
@@ -123,16 +129,17 @@ def capture_ms(cameras: int, seconds: float) -> tuple[float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--objects", type=int, default=30)
-    parser.add_argument("--cameras", type=int, default=4)
+    parser.add_argument("--cameras", type=int, default=4, help="capture threads")
+    parser.add_argument("--batch-cameras", type=int, default=16, help="cameras per tracker batch")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--events-per-frame", type=float, default=1.0, help="published events per processed frame")
     args = parser.parse_args()
-    track = tracking_ms(args.objects, 1000)
+    track = tracking_ms(args.objects, 1600, args.batch_cameras)
     publish = publishing_ms(20000)
     capture_thread, capture_process, capture_fps = capture_ms(args.cameras, args.seconds)
     held = track + publish * args.events_per_frame + capture_thread
     print(f"{os.cpu_count()} CPUs")
-    print(f"tracking ({args.objects} objects):   {track:.3f} ms/frame")
+    print(f"tracking ({args.objects} objects, {args.batch_cameras} cameras a batch): {track:.3f} ms/frame")
     print(f"publishing:                {publish:.4f} ms/event")
     print(f"capture threads (1080p):   {capture_thread:.3f} ms/frame (whole process incl. decode: {capture_process:.2f} ms/frame, {capture_fps:.0f} fps on {args.cameras} cameras)")
     print(f"GIL-holding work per frame (upper bound): {held:.2f} ms -> one process saturates at about {1000 / held:.0f} frames/s")

@@ -1,9 +1,10 @@
-"""Tracker cost per frame: vigild's `bytetrack` and `botsort` plugins against ultralytics' BYTETracker alone.
+"""Tracker cost per frame: vigild's `bytetrack` and `botsort` plugins against ultralytics' BYTETracker and BOTSORT.
 
 Side by side in one run, on synthetic detections (boxes drifting at constant speed with a little noise, so every
 tracker follows the same objects): CPU time per frame for 10, 30 and 100 objects per frame, and for batches of 1,
-16 and 64 cameras (each camera its own tracker, one frame of each per batch, as the scheduler hands them over).
-vigild's plugins include what they add around ultralytics' association: per-camera ids and track events.
+16 and 64 cameras. ultralytics runs one tracker per camera, frame by frame; vigild's plugins take the batch (one
+frame of each camera, as the scheduler hands them over) in one vectorised step, and include what they add around
+the association: per-camera ids and track events.
 
     python bench/trackers.py [--frames 300]
 """
@@ -18,8 +19,9 @@ import numpy as np
 from vigild.config import CameraConfig
 from vigild.frame import Detections, Frame
 from vigild.plugin import PluginContext
+from vigild.plugins.backends.multicamera_tracker import UltralyticsView
 from vigild.plugins.botsort import BotSort, BotSortConfig
-from vigild.plugins.bytetrack import ByteTrack, ByteTrackConfig, _TrackerInput
+from vigild.plugins.bytetrack import ByteTrack, ByteTrackConfig
 
 IMAGE = np.zeros((8, 8, 3), np.uint8)
 
@@ -44,39 +46,46 @@ def vigild_ms(kind: str, objects: int, cameras: int, frames: int) -> float:
     scenes = [scene(objects, frames, seed) for seed in range(cameras)]
     began = time.process_time()
     for i in range(frames):
-        plugin.process([Frame(n, i, time.time(), time.monotonic(), IMAGE, detections=scenes[c][i]) for c, n in enumerate(names)])
+        plugin.process(
+            [Frame(n, i, time.time(), time.monotonic(), IMAGE, detections=scenes[c][i]) for c, n in enumerate(names)]
+        )
     return (time.process_time() - began) / (frames * cameras) * 1000
 
 
-def ultralytics_ms(objects: int, cameras: int, frames: int) -> float:
+def ultralytics_ms(kind: str, objects: int, cameras: int, frames: int) -> float:
     from argparse import Namespace
 
+    from ultralytics.trackers.bot_sort import BOTSORT
     from ultralytics.trackers.byte_tracker import BYTETracker
 
     args = Namespace(track_high_thresh=0.25, track_low_thresh=0.1, new_track_thresh=0.25, track_buffer=30,
-                     match_thresh=0.8, fuse_score=True)
-    trackers = [BYTETracker(args) for _ in range(cameras)]
+                     match_thresh=0.8, fuse_score=True, gmc_method=None, proximity_thresh=0.5,
+                     appearance_thresh=0.8, with_reid=False, model="auto")  # fmt: skip
+    trackers = [BYTETracker(args) if kind == "bytetrack" else BOTSORT(args) for _ in range(cameras)]
     scenes = [scene(objects, frames, seed) for seed in range(cameras)]
     began = time.process_time()
     for i in range(frames):
         for c, tracker in enumerate(trackers):
-            d = scenes[c][i]
-            tracker.update(_TrackerInput(d.xyxy, d.confidence, d.class_id))
+            tracker.update(UltralyticsView(scenes[c][i]))
     return (time.process_time() - began) / (frames * cameras) * 1000
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, default=300)
+    parser.add_argument("--frames", type=int, default=300, help="camera-frames per cell, at least 20 per camera")
     args = parser.parse_args()
-    print(f"{'objects':>7} {'cameras':>7} {'ultralytics ByteTrack':>22} {'vigild bytetrack':>17} {'vigild botsort':>15}  (ms CPU per frame)")
+    print("ms CPU per frame; speed-up = ultralytics / vigild")
+    print(f"{'objects':>7} {'cameras':>7} | {'ultralytics BYTETracker':>22} {'vigild bytetrack':>16} {'speed-up':>8}"
+          f" | {'ultralytics BOTSORT':>19} {'vigild botsort':>14} {'speed-up':>8}")  # fmt: skip
     for objects in (10, 30, 100):
         for cameras in (1, 16, 64):
             frames = max(20, args.frames // cameras)
-            base = ultralytics_ms(objects, cameras, frames)
+            base = ultralytics_ms("bytetrack", objects, cameras, frames)
             ours = vigild_ms("bytetrack", objects, cameras, frames)
+            bot_base = ultralytics_ms("botsort", objects, cameras, frames)
             bot = vigild_ms("botsort", objects, cameras, frames)
-            print(f"{objects:>7} {cameras:>7} {base:>22.3f} {ours:>17.3f} {bot:>15.3f}", flush=True)
+            print(f"{objects:>7} {cameras:>7} | {base:>22.3f} {ours:>16.3f} {base / ours:>7.1f}x"
+                  f" | {bot_base:>19.3f} {bot:>14.3f} {bot_base / bot:>7.1f}x", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,24 +1,32 @@
-"""ByteTrack multi-object tracker, one independent tracker per camera, over any detector's output.
+"""ByteTrack multi-object tracker over any detector's output: each camera tracked on its own, all cameras of a
+batch in one vectorised step.
 
-The association itself is ultralytics' BYTETracker (Kalman filter + two-stage IoU matching with `lap`). vigild
-numbers tracks itself, per camera, from 1: ids are never shared between cameras and never reused on a camera,
-also when its tracker is rebuilt after the source ended (older ultralytics releases kept one global counter that
-creating any tracker reset). Events: `track.new`, `track.update` (at most every `update_interval` seconds per
-track), `track.end` with the track's duration.
+The association is ByteTrack as ultralytics implements it (Kalman filter, two-stage IoU matching, `lap.lapjv` for
+the assignment), held as arrays for every camera at once (plugins/backends/multicamera_tracker.py: one Kalman
+predict, one IoU computation and one Kalman update per batch instead of per track). Ids are numbered per camera
+from 1: never shared between cameras, never reused on a camera, also when its tracker restarts after the source
+ended. Events: `track.new`, `track.update` (at most every `update_interval` seconds per track), `track.end` with
+the track's duration.
 """
 
 from __future__ import annotations
 
-from argparse import Namespace
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
 
 from vigild.events import Event, object_payload
-from vigild.frame import Detections, Frame
-from vigild.plugin import Plugin, PluginConfig
+from vigild.frame import Frame
+from vigild.plugin import FrameErrors, Plugin, PluginConfig
+from vigild.plugins.backends.box_kalman import BoxForm
+from vigild.plugins.backends.multicamera_tracker import (
+    AssociationSettings,
+    CameraFrame,
+    EndedTrack,
+    FrameTracks,
+    MultiCameraTracker,
+)
 
 
 class ByteTrackConfig(PluginConfig):
@@ -46,147 +54,86 @@ class ByteTrackConfig(PluginConfig):
     )
 
 
-class _TrackerInput:
-    """The results-like view BYTETracker reads: `conf`, `cls`, `xywh`, `xyxy`, boolean indexing."""
-
-    def __init__(self, xyxy: np.ndarray, conf: np.ndarray, cls: np.ndarray):
-        self.xyxy = xyxy
-        self.conf = conf
-        self.cls = cls
-
-    @property
-    def xywh(self) -> np.ndarray:
-        wh = self.xyxy[:, 2:4] - self.xyxy[:, 0:2]
-        return np.concatenate([self.xyxy[:, 0:2] + wh / 2, wh], axis=1)
-
-    def __len__(self) -> int:
-        return len(self.conf)
-
-    def __getitem__(self, index: Any) -> _TrackerInput:
-        return _TrackerInput(self.xyxy[index], self.conf[index], self.cls[index])
-
-
-@dataclass
-class _Track:
-    id: int
-    first_ts: float
-    first_frame: int
-    last_ts: float
-    last_frame: int
-    last_event_ts: float
-    frames: int
-    last_seen: tuple[Detections, int]
-    """The detections of the frame it was last seen in and its index there; made into JSON only for an event."""
-
-
-@dataclass
-class _CameraTracks:
-    tracker: Any
-    next_id: int
-    ours: dict[int, int] = field(default_factory=dict)
-    """ultralytics' track id -> our id, for tracks announced with track.new."""
-    live: dict[int, _Track] = field(default_factory=dict)
-
-
 class ByteTrack(Plugin[ByteTrackConfig]):
     Config = ByteTrackConfig
-    batched = False  # state per camera: a failure must not make the chain run a frame through it twice
+    batched = True  # one step for every camera of the batch; a bad frame is named with FrameErrors, never rerun
+    box_form: BoxForm = "xyah"
 
     def start(self) -> None:
-        self._tracker_class = self._tracker_type()
-        self._args = self._tracker_args()
-        self._cameras: dict[str, _CameraTracks] = {}
-        self._next_ids: dict[str, int] = {}
-
-    def process(self, frames: list[Frame]) -> None:
-        for frame in frames:  # one per call (batched = False); the loop keeps direct callers working
-            self._track(frame)
-
-    def _tracker_type(self) -> Any:
-        from ultralytics.trackers.byte_tracker import BYTETracker
-
-        return BYTETracker
-
-    def _tracker_args(self) -> Namespace:
         c = self.config
-        return Namespace(
-            track_high_thresh=c.track_high_thresh,
-            track_low_thresh=c.track_low_thresh,
+        settings = AssociationSettings(
+            high_thresh=c.track_high_thresh,
+            low_thresh=c.track_low_thresh,
             new_track_thresh=c.new_track_thresh,
-            track_buffer=max(1, round(c.track_buffer * c.frame_rate / 30)),  # in processed frames
             match_thresh=c.match_thresh,
+            max_frames_lost=max(1, round(c.track_buffer * c.frame_rate / 30)),  # in processed frames
             fuse_score=c.fuse_score,
         )
+        self._tracker = MultiCameraTracker(settings, self.box_form, c.update_interval, self._motion_compensation())
 
-    def _image_for(self, frame: Frame) -> np.ndarray | None:
-        """The frame's pixels, for trackers that look at them (BoT-SORT's camera-motion compensation); None here."""
+    def _motion_compensation(self) -> str | None:
+        """BoT-SORT's camera-motion compensation method, None for none."""
         return None
 
-    def _camera(self, camera: str) -> _CameraTracks:
-        state = self._cameras.get(camera)
-        if state is None:
-            state = _CameraTracks(self._tracker_class(self._args), self._next_ids.get(camera, 1))
-            self._cameras[camera] = state
-        return state
-
-    def _track(self, frame: Frame) -> None:
-        state = self._camera(frame.camera)
-        detections = frame.detections
-        output = state.tracker.update(
-            _TrackerInput(detections.xyxy, detections.confidence, detections.class_id), self._image_for(frame)
-        )
-        tracker_id = np.full(len(detections), -1, np.int64)
-        seen: list[tuple[int, int]] = []  # (our id, detection index)
-        if len(output):
-            their_ids = output[:, 4].astype(np.int64)
-            det_index = output[:, 7].astype(np.int64)
-            for theirs, index in zip(their_ids.tolist(), det_index.tolist(), strict=True):
-                ours = state.ours.get(theirs)
-                if ours is None:
-                    ours = state.ours[theirs] = state.next_id
-                    state.next_id += 1
-                tracker_id[index] = ours
-                seen.append((ours, index))
-        frame.detections = detections.with_tracker_ids(tracker_id)
-        self._emit(frame, state, seen)
-
-    def _emit(self, frame: Frame, state: _CameraTracks, seen: list[tuple[int, int]]) -> None:
-        detections, ts = frame.detections, frame.ts_wall
-        interval = self.config.update_interval
-        for ours, index in seen:
-            track = state.live.get(ours)
-            if track is None:
-                state.live[ours] = _Track(ours, ts, frame.index, ts, frame.index, ts, 1, (detections, index))
-                frame.events.append(
-                    Event("track.new", frame.camera, ts, frame.index, object_payload(detections, index))
-                )
+    def process(self, frames: list[Frame]) -> None:
+        errors: dict[int, Exception] = {}
+        rounds: list[list[int]] = []  # one frame per camera in each (a batch can hold two frames of one camera)
+        placed: dict[str, int] = {}
+        for position, frame in enumerate(frames):
+            detections = frame.detections
+            if not (np.isfinite(detections.xyxy).all() and np.isfinite(detections.confidence).all()):
+                errors[position] = ValueError("detections with non-finite boxes or confidences")
                 continue
-            track.last_ts, track.last_frame, track.frames = ts, frame.index, track.frames + 1
-            track.last_seen = (detections, index)
-            if ts - track.last_event_ts >= interval:
-                payload = object_payload(detections, index)
-                track.last_event_ts = ts
-                frame.events.append(
-                    Event(
-                        "track.update", frame.camera, ts, frame.index, payload, {"age_s": round(ts - track.first_ts, 3)}
-                    )
+            which = placed.get(frame.camera, -1) + 1
+            placed[frame.camera] = which
+            if which == len(rounds):
+                rounds.append([])
+            rounds[which].append(position)
+        image = self._motion_compensation() is not None
+        for number, positions in enumerate(rounds):
+            batch = [frames[p] for p in positions]
+            try:
+                results = self._tracker.step(
+                    [CameraFrame(f.camera, f.detections, f.ts_wall, f.index, f.image if image else None) for f in batch]
                 )
-        tracker = state.tracker
-        alive = {t.track_id for t in tracker.tracked_stracks} | {t.track_id for t in tracker.lost_stracks}
-        for theirs in [theirs for theirs in state.ours if theirs not in alive]:
-            ours = state.ours.pop(theirs)
-            ended = state.live.pop(ours, None)
-            if ended is not None:
-                frame.events.append(self._end_event(frame.camera, ended, ts, frame.index, "lost"))
+            except Exception as exc:  # the tracks are as before this round; later rounds need this one's frames
+                errors.update({p: exc for later in rounds[number:] for p in later})
+                break
+            for frame, result in zip(batch, results, strict=True):
+                frame.detections = frame.detections.with_tracker_ids(result.tracker_id)
+                frame.events.extend(self._events(frame, result))
+        if errors:
+            raise FrameErrors(errors)
+
+    def _events(self, frame: Frame, result: FrameTracks) -> list[Event]:
+        detections, ts = frame.detections, frame.ts_wall
+        events = [
+            Event("track.new", frame.camera, ts, frame.index, object_payload(detections, int(i))) for i in result.new
+        ]
+        events += [
+            Event(
+                "track.update",
+                frame.camera,
+                ts,
+                frame.index,
+                object_payload(detections, int(i)),
+                {"age_s": round(float(age), 3)},
+            )
+            for i, age in zip(result.due, result.age_s, strict=True)
+        ]
+        events += [self._end_event(frame.camera, track, ts, frame.index, "lost") for track in result.ended]
+        return events
 
     @staticmethod
-    def _end_event(camera: str, track: _Track, ts: float, frame_index: int, reason: str) -> Event:
+    def _end_event(camera: str, track: EndedTrack, ts: float, frame_index: int, reason: str) -> Event:
+        payload = object_payload(track.detections, track.index)
+        payload["track_id"] = track.track_id  # the tracker saw that frame's detections before it gave them ids
         return Event(
             "track.end",
             camera,
             ts,
             frame_index,
-            object_payload(*track.last_seen),
+            payload,
             {
                 "reason": reason,
                 "duration_s": round(track.last_ts - track.first_ts, 3),
@@ -197,11 +144,7 @@ class ByteTrack(Plugin[ByteTrackConfig]):
         )
 
     def on_source_end(self, camera: str, ts_wall: float, frame_index: int) -> list[Event]:
-        state = self._cameras.pop(camera, None)
-        if state is None:
-            return []
-        self._next_ids[camera] = state.next_id  # a rebuilt tracker goes on counting: ids are never reused
         return [
             self._end_event(camera, track, ts_wall, frame_index if frame_index >= 0 else track.last_frame, "source_end")
-            for track in state.live.values()
+            for track in self._tracker.drop_camera(camera)
         ]
