@@ -50,9 +50,10 @@ ConfigT = TypeVar("ConfigT", bound=PluginConfig)
 class Plugin(ABC, Generic[ConfigT]):
     Config: ClassVar[type[PluginConfig]]
     batched: ClassVar[bool] = True
-    """True: `process` gets whole batches, and after a failure the chain runs it again frame by frame to find the
-    bad frame, so it must be safe to repeat on a frame (stateless per frame, like a detector). False: the chain
-    hands it one frame at a time (stateful plugins such as trackers), so a failure costs exactly that frame."""
+    """True: `process` gets whole batches. After an exception the chain runs it again frame by frame to find the
+    bad frame, so it must either be safe to repeat on a frame (stateless per frame, like a detector) or raise
+    `FrameErrors` naming the bad frames itself (stateful plugins such as the trackers and the action recognizer).
+    False: the chain hands it one frame at a time, so a failure costs exactly that frame."""
 
     def __init__(self, config: ConfigT, context: PluginContext):
         self.config = config

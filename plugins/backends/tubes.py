@@ -1,0 +1,87 @@
+"""Tubes: for each tracked object, the last T crops around its box, kept on the compute device.
+
+Crops are cut with `torchvision.ops.roi_align` from the frame on the device (one upload per sampled frame: the
+smallest rectangle holding every wanted box, not the whole image), as squares around the box with a context
+margin, resized to the model's size, and stored as uint8 in one preallocated pool: a slot per track, a ring of T
+frames per slot. Slots are reused when tracks end, so memory stays flat while tracks come and go.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchvision.ops import roi_align
+
+
+def square_boxes(xyxy: np.ndarray, margin: float, width: int, height: int) -> np.ndarray:
+    """(N, 4) boxes -> squares around their centres, side = longer edge x (1 + 2 x margin), clipped to the frame
+    where they can be shifted inside it (float32)."""
+    centre = (xyxy[:, :2] + xyxy[:, 2:]) / 2
+    side = (xyxy[:, 2:] - xyxy[:, :2]).max(axis=1, keepdims=True) * (1 + 2 * margin)
+    side = np.minimum(side, min(width, height))
+    low = np.clip(centre - side / 2, 0, np.array([width, height]) - side)
+    return np.concatenate([low, low + side], axis=1).astype(np.float32)
+
+
+class TubeCutter:
+    """Cuts (K, 3, S, S) uint8 RGB crops of given boxes out of one BGR frame, on `device`."""
+
+    def __init__(self, size: int, device: torch.device, dtype: torch.dtype):
+        self.size = size
+        self.device = device
+        self.dtype = dtype if device.type != "cpu" else torch.float32  # roi_align on the CPU: float32
+
+    def __call__(self, image: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
+        if not len(boxes):
+            return torch.zeros((0, 3, self.size, self.size), dtype=torch.uint8, device=self.device)
+        height, width = image.shape[:2]
+        x0, y0 = np.floor(boxes[:, :2].min(axis=0)).astype(int).clip(0)
+        x1, y1 = np.ceil(boxes[:, 2:].max(axis=0)).astype(int)
+        x1, y1 = min(int(x1), width), min(int(y1), height)
+        region = torch.from_numpy(np.ascontiguousarray(image[y0:y1, x0:x1]))  # a view for frames from capture
+        region = region.to(self.device, non_blocking=True).permute(2, 0, 1).flip(0)[None].to(self.dtype)
+        rois = torch.from_numpy(boxes - np.array([x0, y0, x0, y0], np.float32)).to(self.device, self.dtype)
+        crops = roi_align(region, [rois], output_size=self.size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        return crops.round_().clamp_(0, 255).to(torch.uint8)
+
+
+class TubePool:
+    """Preallocated (capacity, T, 3, S, S) uint8 rings; a slot per live track."""
+
+    def __init__(self, capacity: int, clip_len: int, size: int, device: torch.device):
+        self.capacity = capacity
+        self.clip_len = clip_len
+        self.frames = torch.zeros((capacity, clip_len, 3, size, size), dtype=torch.uint8, device=device)
+        self.written = np.zeros(capacity, np.int64)
+        """Crops written to each slot since it was taken; the ring position is written % clip_len."""
+        self._free = list(range(capacity - 1, -1, -1))
+
+    @property
+    def in_use(self) -> int:
+        return self.capacity - len(self._free)
+
+    def take(self, count: int) -> np.ndarray:
+        """Up to `count` free slots (fewer when the pool is full)."""
+        count = min(count, len(self._free))
+        slots = np.array([self._free.pop() for _ in range(count)], np.int64)
+        self.written[slots] = 0
+        return slots
+
+    def give_back(self, slots: np.ndarray) -> None:
+        self._free.extend(int(s) for s in slots)
+
+    def write(self, slots: np.ndarray, crops: torch.Tensor) -> None:
+        """One crop per slot (each slot at most once per call)."""
+        if not len(slots):
+            return
+        position = torch.from_numpy(self.written[slots] % self.clip_len).to(self.frames.device)
+        self.frames[torch.from_numpy(slots).to(self.frames.device), position] = crops
+        self.written[slots] += 1
+
+    def clips(self, slots: np.ndarray) -> torch.Tensor:
+        """(K, 3, T, S, S) uint8, oldest crop first."""
+        start = self.written[slots][:, None]
+        order = (start + np.arange(self.clip_len)[None, :]) % self.clip_len  # ring position of oldest..newest
+        index = torch.from_numpy(order).to(self.frames.device)
+        rows = torch.from_numpy(slots).to(self.frames.device)[:, None]
+        return self.frames[rows, index].permute(0, 2, 1, 3, 4)
