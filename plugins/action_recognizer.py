@@ -257,8 +257,10 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
             return []
         gone = np.isin(camera.track_ids, track_ids)
         slots = camera.slots[gone]
-        events = [self._end_event(camera_name, slot, k, ts, frame_index, reason) for slot, k in zip(*np.nonzero(
-            self.active[slots]), strict=True)]  # fmt: skip
+        events = [
+            self._end_event(camera_name, int(slots[i]), int(k), ts, frame_index, reason)
+            for i, k in zip(*np.nonzero(self.active[slots]), strict=True)
+        ]
         events = [e for e in events if e is not None]
         camera.track_ids, camera.slots = camera.track_ids[~gone], camera.slots[~gone]
         for slot in slots.tolist():

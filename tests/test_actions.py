@@ -102,10 +102,76 @@ def run_chain(motion_model, reverse: bool) -> tuple[list[Event], list[dict]]:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "time-reversed"])
-def test_each_person_gets_their_true_action_and_no_other(motion_model, reverse):
-    """Through the real detector and tracker. Played backwards, walking left becomes walking right and the
-    model says so: time order is kept from the capture to the clip."""
+def test_the_daemon_tells_each_subscriber_the_true_action_of_each_person_and_no_other(
+    tmp_path, motion_model, endpoint, subscriber_factory
+):
+    """As a user runs it: the rendered scene as a video file, `vigild run` with the real detector, ByteTrack and
+    the action recognizer with the user's TorchScript model and labels file, a plain pyzmq subscriber in its own
+    process."""
+    import cv2
+    from conftest import YOLO_FASTEST, daemon_env, vigild
+
+    images, truths = render(SCENE, SCENE_FRAMES)
+    video = tmp_path / "actions.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (images[0].shape[1], images[0].shape[0]))
+    writer.set(cv2.VIDEOWRITER_PROP_QUALITY, 95)
+    for image in images:
+        writer.write(image)
+    writer.release()
+    model, labels = motion_model
+    config = tmp_path / "vigild.yaml"
+    config.write_text(
+        f"""\
+cameras:
+  rendered:
+    source: {video}
+    realtime: false
+plugins:
+  - type: detector
+    backend: darknet
+    cfg: {YOLO_FASTEST}/yolo-fastest-1.1-xl.cfg
+    weights: {YOLO_FASTEST}/yolo-fastest-1.1-xl.weights
+    names: {YOLO_FASTEST}/coco.names
+    classes: [person]
+    confidence: 0.3
+    input_size: 320
+  - type: bytetrack
+  - type: action_recognizer
+    model: {model}
+    weights: null
+    labels: {labels}
+    clip_len: {CLIP_LEN}
+    size: {SIZE}
+    mean: {list(MEAN)}
+    std: {list(STD)}
+    stride: {STRIDE}
+    interval: 4
+    margin: {MARGIN}
+    threshold: 0.6
+publisher:
+  endpoint: {endpoint}
+device: cpu
+"""
+    )
+    subscriber = subscriber_factory(endpoint, idle_s=5)
+    daemon = vigild("run", "--config", str(config), "--log-level", "WARNING", env=daemon_env())
+    assert daemon.wait(180) == 0, "the daemon exits 0 when its only file has ended"
+    events = [
+        Event(m["event"]["type"], "rendered", m["event"]["ts"], m["event"]["frame"], m["event"].get("object"),
+              {"action": m["event"].get("action")})
+        for m in subscriber.finish() if m["event"]["type"] in ("action.start", "action.end")
+    ]  # fmt: skip
+    assert actions_by_person(events, truths) == {person: {a} for person, a in TRUE.items()}
+    starts = sorted((e.object["track_id"], e.data["action"]) for e in events if e.type == "action.start")
+    ends = sorted((e.object["track_id"], e.data["action"]) for e in events if e.type == "action.end")
+    assert starts == ends, "every action.start gets one action.end"
+
+
+@pytest.mark.e2e
+def test_played_backwards_walking_left_becomes_walking_right(motion_model):
+    """Through the real detector and tracker, in-process, on the scene played backwards: the model says what the
+    reversed motion is, so time order is kept from the capture to the clip."""
+    reverse = True
     events, truths = run_chain(motion_model, reverse)
     found = actions_by_person(events, truths)
     expected = {person: {FLIPPED[a] if reverse else a} for person, a in TRUE.items()}
