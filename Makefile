@@ -62,6 +62,7 @@ bench: setup
 	$(VENV)/bin/python bench/throughput.py --cameras 1 4 16 --precisions full half --ceilings
 	$(VENV)/bin/python bench/python_budget.py
 	$(VENV)/bin/python bench/trackers.py
+	$(VENV)/bin/python bench/actions.py
 	$(VENV)/bin/python bench/decode.py
 
 clean:
