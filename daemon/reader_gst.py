@@ -57,6 +57,8 @@ class GstReader(FrameReader):
         """A limit videorate cannot apply (below 1 or fractional; MJPEG over HTTP, whose frames carry no
         timestamps): frames are skipped here instead, by timestamp or arrival time, before any copy."""
         self._next_due_ns = 0
+        self._sink_drops = not (spec.kind is SourceKind.FILE and not config.realtime)
+        """Files read as fast as possible block in the sink instead of dropping."""
         self._opened_ns = time.monotonic_ns()
         self._ntp_caps = self._gst.Caps.from_string("timestamp/x-ntp")
 
@@ -69,7 +71,7 @@ class GstReader(FrameReader):
             fps=None if self._fps_interval_ns else self.config.fps,
             # HLS arrives in segment-sized bursts: play it at its own pace, like a file in real time
             sync=(is_file and self.config.realtime) or self.spec.uri.split("?")[0].endswith(".m3u8"),
-            drop=not (is_file and not self.config.realtime),
+            drop=self._sink_drops,
         )
         check_local_source(self.spec)
         try:
@@ -130,8 +132,10 @@ class GstReader(FrameReader):
                 self._skipped += 1
                 return None
             self._next_due_ns = max(self._next_due_ns + self._fps_interval_ns, stream_ns)
-        # one may be waiting in the sink; frames skipped by the fps limit are not drops
-        self.counters.dropped = max(0, self.counters.decoded - self._pulled - 1 - self._skipped)
+        # one may be waiting in the sink; frames skipped by the fps limit are not drops; a blocking sink (files
+        # with realtime: false) never drops, however many buffers are in flight between decoder and sink
+        if self._sink_drops:
+            self.counters.dropped = max(0, self.counters.decoded - self._pulled - 1 - self._skipped)
         caps = sample.get_caps()
         if self._caps is None or not caps.is_equal(self._caps):
             self._new_caps(caps)
