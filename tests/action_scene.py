@@ -9,39 +9,20 @@ what the plugin will give it: the person nearly still in the crop and the backgr
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
+from conftest import plaza
 from torch import nn
 
 from vigild.plugins.backends.tubes import TubeCutter, square_boxes
 
-VTEST = Path(__file__).resolve().parents[1].parent / "shared" / "media" / "vtest.avi"
 ACTIONS = ("walk_left", "walk_right", "stand", "bob")
 CLIP_LEN, SIZE, STRIDE, MARGIN = 8, 32, 3, 0.3
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 SPEED = 4.0  # pixels per frame
 BOB = 24.0  # pixels, up and down
-
-
-@lru_cache(maxsize=1)
-def plaza() -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """The plaza without people (median of every 8th frame), and two people from the first frame."""
-    capture = cv2.VideoCapture(str(VTEST))
-    sampled, index = [], 0
-    while True:
-        ok, image = capture.read()
-        if not ok:
-            break
-        if index % 8 == 0:
-            sampled.append(image)
-        index += 1
-    background = np.median(np.stack(sampled), axis=0).astype(np.uint8)
-    first = sampled[0]
-    return background, (first[240:326, 646:678].copy(), first[225:311, 255:279].copy())
 
 
 def position(action: str, start: tuple[float, float], i: int, speed: float = SPEED) -> tuple[float, float]:

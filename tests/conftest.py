@@ -6,8 +6,10 @@ import os
 import socket
 import subprocess
 import sys
+from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,6 +21,67 @@ YOLO_FASTEST = MODELS / "yolo-fastest-1.1"
 
 if not VTEST.is_file() or not (YOLO_FASTEST / "yolo-fastest-1.1-xl.weights").is_file():
     raise pytest.UsageError(f"tests need the shared media and models beside the checkout; not found under {SHARED}")
+
+
+def yolo_fastest(confidence: float = 0.3):
+    """The shared Yolo-Fastest-XL as a person detector, at 320: the detector the end-to-end tests run."""
+    from vigild.plugins.detector import DetectorConfig
+
+    return DetectorConfig(
+        backend="darknet",
+        cfg=YOLO_FASTEST / "yolo-fastest-1.1-xl.cfg",
+        weights=str(YOLO_FASTEST / "yolo-fastest-1.1-xl.weights"),
+        names=YOLO_FASTEST / "coco.names",
+        classes=["person"],
+        confidence=confidence,
+        input_size=320,
+    )
+
+
+def yolo_fastest_yaml(confidence: float = 0.3) -> str:
+    """The same detector as an entry of a config file's `plugins:` list (indented for it)."""
+    return f"""\
+  - type: detector
+    backend: darknet
+    cfg: {YOLO_FASTEST}/yolo-fastest-1.1-xl.cfg
+    weights: {YOLO_FASTEST}/yolo-fastest-1.1-xl.weights
+    names: {YOLO_FASTEST}/coco.names
+    classes: [person]
+    confidence: {confidence}
+    input_size: 320"""
+
+
+def write_video(images: list[np.ndarray], path: Path, fps: float) -> Path:
+    """Frames to an MJPEG .avi at high quality, for the daemon to read as a file source."""
+    import cv2
+
+    height, width = images[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (width, height))
+    writer.set(cv2.VIDEOWRITER_PROP_QUALITY, 95)
+    for image in images:
+        writer.write(image)
+    writer.release()
+    return path
+
+
+@lru_cache(maxsize=1)
+def plaza() -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """vtest.avi's plaza without people (the median of every 8th frame), and two people cut from its first frame
+    (86 px tall), for scenes rendered with ground truth."""
+    import cv2
+
+    capture = cv2.VideoCapture(str(VTEST))
+    sampled, index = [], 0
+    while True:
+        ok, image = capture.read()
+        if not ok:
+            break
+        if index % 8 == 0:
+            sampled.append(image)
+        index += 1
+    background = np.median(np.stack(sampled), axis=0).astype(np.uint8)
+    first = sampled[0]
+    return background, (first[240:326, 646:678].copy(), first[225:311, 255:279].copy())
 
 
 def free_endpoint() -> str:

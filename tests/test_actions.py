@@ -39,22 +39,6 @@ def action_config(model, labels, **overrides) -> ActionRecognizerConfig:
     return ActionRecognizerConfig(**settings)
 
 
-def detector_config():
-    from conftest import YOLO_FASTEST
-
-    from vigild.plugins.detector import DetectorConfig
-
-    return DetectorConfig(
-        backend="darknet",
-        cfg=YOLO_FASTEST / "yolo-fastest-1.1-xl.cfg",
-        weights=str(YOLO_FASTEST / "yolo-fastest-1.1-xl.weights"),
-        names=YOLO_FASTEST / "coco.names",
-        classes=["person"],
-        confidence=0.3,
-        input_size=320,
-    )
-
-
 def person_of(event_box, truth) -> int | None:
     """The rendered person whose true box overlaps the event's box most (IoU over 0.3)."""
     people = list(truth)
@@ -74,11 +58,13 @@ def actions_by_person(events, truths) -> dict[int, set[str]]:
 
 
 def run_chain(motion_model, reverse: bool) -> tuple[list[Event], list[dict]]:
+    from conftest import yolo_fastest
+
     from vigild.chain import Chain
     from vigild.plugins.bytetrack import ByteTrack, ByteTrackConfig
     from vigild.plugins.detector import Detector
 
-    detector, tracker = detector_config(), ByteTrackConfig(update_interval=1.0)
+    detector, tracker = yolo_fastest(0.3), ByteTrackConfig(update_interval=1.0)
     actions = action_config(*motion_model)
     chain = Chain(
         (
@@ -108,16 +94,11 @@ def test_the_daemon_tells_each_subscriber_the_true_action_of_each_person_and_no_
     """As a user runs it: the rendered scene as a video file, `vigild run` with the real detector, ByteTrack and
     the action recognizer with the user's TorchScript model and labels file, a plain pyzmq subscriber in its own
     process."""
-    import cv2
-    from conftest import YOLO_FASTEST, daemon_env, vigild
+    from conftest import daemon_env, vigild, write_video, yolo_fastest_yaml
 
     images, truths = render(SCENE, SCENE_FRAMES)
     video = tmp_path / "actions.avi"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (images[0].shape[1], images[0].shape[0]))
-    writer.set(cv2.VIDEOWRITER_PROP_QUALITY, 95)
-    for image in images:
-        writer.write(image)
-    writer.release()
+    write_video(images, video, 10)
     model, labels = motion_model
     config = tmp_path / "vigild.yaml"
     config.write_text(
@@ -127,14 +108,7 @@ cameras:
     source: {video}
     realtime: false
 plugins:
-  - type: detector
-    backend: darknet
-    cfg: {YOLO_FASTEST}/yolo-fastest-1.1-xl.cfg
-    weights: {YOLO_FASTEST}/yolo-fastest-1.1-xl.weights
-    names: {YOLO_FASTEST}/coco.names
-    classes: [person]
-    confidence: 0.3
-    input_size: 320
+{yolo_fastest_yaml(0.3)}
   - type: bytetrack
   - type: action_recognizer
     model: {model}

@@ -272,24 +272,16 @@ def test_a_line_across_the_plaza_counts_people_both_ways_on_real_footage():
     groups pass it together; none is a box jittering in place.
     """
     import cv2
-    from conftest import VTEST, YOLO_FASTEST
+    from conftest import VTEST, yolo_fastest
 
-    from vigild.plugins.detector import Detector, DetectorConfig
+    from vigild.plugins.detector import Detector
 
     camera = CameraConfig(
         source=str(VTEST),
         lines={"plaza": {"points": [[250, 120], [250, 576]]}},  # top to bottom: walking leftwards is `in`
         zones={"path": {"points": [[0, 180], [768, 120], [768, 420], [0, 420]]}},
     )
-    detector = DetectorConfig(
-        backend="darknet",
-        cfg=YOLO_FASTEST / "yolo-fastest-1.1-xl.cfg",
-        weights=str(YOLO_FASTEST / "yolo-fastest-1.1-xl.weights"),
-        names=YOLO_FASTEST / "coco.names",
-        classes=["person"],
-        confidence=0.1,
-        input_size=320,
-    )
+    detector = yolo_fastest(0.1)
     tracker = ByteTrackConfig(update_interval=1000)
     analytics = AnalyticsConfig(min_frames=3, loiter_s=None)
     chain = Chain(
@@ -394,21 +386,10 @@ def rendered_scene(frames: int = 160) -> tuple[list[np.ndarray], list[dict[int, 
     """A scene with ground truth: two real pedestrians cut from vtest.avi's first frame, moved along known paths
     over the plaza's median background (no people left in it). One walks right from frame 0, the other left from
     frame 20; each crosses x = 384 once. Returns the images and, per frame, each person's box."""
-    import cv2
-    from conftest import VTEST
+    from conftest import plaza
 
-    capture = cv2.VideoCapture(str(VTEST))
-    sampled, index = [], 0
-    while True:
-        ok, image = capture.read()
-        if not ok:
-            break
-        if index % 8 == 0:
-            sampled.append(image)
-        index += 1
-    background = np.median(np.stack(sampled), axis=0).astype(np.uint8)
-    first = sampled[0]
-    sprites = {1: first[240:326, 646:678], 2: first[225:311, 255:279]}  # two people in frame 0 (86 px tall)
+    background, (first_person, second_person) = plaza()
+    sprites = {1: first_person, 2: second_person}
     images, truths = [], []
     for i in range(frames):
         truth = {}
@@ -433,20 +414,12 @@ def test_pedestrians_rendered_on_known_paths_are_tracked_and_counted_by_the_real
     """The rendered scene through Yolo-Fastest, ByteTrack and the analytics. Measured here: MOTA 0.84, IDF1 0.92,
     no identity switch; the crossings are exact."""
     import motmetrics as mm
-    from conftest import YOLO_FASTEST
+    from conftest import yolo_fastest
 
-    from vigild.plugins.detector import Detector, DetectorConfig
+    from vigild.plugins.detector import Detector
 
     camera = CameraConfig(source="rendered", lines=RENDERED_LINE)
-    detector = DetectorConfig(
-        backend="darknet",
-        cfg=YOLO_FASTEST / "yolo-fastest-1.1-xl.cfg",
-        weights=str(YOLO_FASTEST / "yolo-fastest-1.1-xl.weights"),
-        names=YOLO_FASTEST / "coco.names",
-        classes=["person"],
-        confidence=0.3,
-        input_size=320,
-    )
+    detector = yolo_fastest(0.3)
     tracker = ByteTrackConfig(update_interval=1000)
     analytics = AnalyticsConfig(min_frames=3, loiter_s=None)
     chain = Chain(
@@ -487,15 +460,11 @@ def test_the_daemon_counts_the_rendered_crossings_for_a_subscriber_in_another_pr
     """As a user runs it: the rendered scene as a video file, `vigild run` with the analytics, a plain pyzmq
     subscriber in its own process; each crossing arrives once, with a JPEG of the person."""
     import cv2
-    from conftest import YOLO_FASTEST, daemon_env, vigild
+    from conftest import daemon_env, vigild, write_video, yolo_fastest_yaml
 
     images, _ = rendered_scene()
     video = tmp_path / "rendered.avi"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), FPS, (images[0].shape[1], images[0].shape[0]))
-    writer.set(cv2.VIDEOWRITER_PROP_QUALITY, 95)
-    for image in images:
-        writer.write(image)
-    writer.release()
+    write_video(images, video, FPS)
     config = tmp_path / "vigild.yaml"
     config.write_text(
         f"""\
@@ -506,14 +475,7 @@ cameras:
     lines:
       l: {{points: [[384, 150], [384, 576]]}}
 plugins:
-  - type: detector
-    backend: darknet
-    cfg: {YOLO_FASTEST}/yolo-fastest-1.1-xl.cfg
-    weights: {YOLO_FASTEST}/yolo-fastest-1.1-xl.weights
-    names: {YOLO_FASTEST}/coco.names
-    classes: [person]
-    confidence: 0.3
-    input_size: 320
+{yolo_fastest_yaml(0.3)}
   - type: bytetrack
   - type: analytics
     snapshot: crop

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, VTEST, YOLO_FASTEST, daemon_env, vigild
+from conftest import ROOT, VTEST, daemon_env, vigild, yolo_fastest_yaml
 
 pytestmark = pytest.mark.e2e
 
@@ -28,14 +28,7 @@ def write_config(tmp_path: Path, cameras: str, endpoint: str) -> Path:
 cameras:
 {textwrap.indent(textwrap.dedent(cameras), "  ")}
 plugins:
-  - type: detector
-    backend: darknet
-    cfg: {YOLO_FASTEST}/yolo-fastest-1.1-xl.cfg
-    weights: {YOLO_FASTEST}/yolo-fastest-1.1-xl.weights
-    names: {YOLO_FASTEST}/coco.names
-    classes: [person]
-    confidence: 0.1
-    input_size: 320
+{yolo_fastest_yaml(0.1)}
   - type: bytetrack
     track_high_thresh: 0.3
     new_track_thresh: 0.3
