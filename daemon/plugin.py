@@ -12,6 +12,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -42,6 +43,14 @@ class PluginContext:
     cameras: Mapping[str, Any] = field(default_factory=dict)
     """Config of each camera this plugin instance serves, by name."""
     torch_threads: int | None = None
+
+
+def check_torchvision_weights(value: str | None) -> str | None:
+    """A plugin's `weights` for a torchvision model: `DEFAULT` (the pretrained weights), an existing state-dict file,
+    or None (random weights, for benchmarks)."""
+    if value not in (None, "DEFAULT") and not Path(value).is_file():
+        raise ValueError(f"weights file not found: {value} (or use DEFAULT, or null for random weights)")
+    return value
 
 
 ConfigT = TypeVar("ConfigT", bound=PluginConfig)

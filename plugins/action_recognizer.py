@@ -23,9 +23,15 @@ from pydantic import Field, field_validator
 from vigild.device import OomSplitter, default_half, half_dtype
 from vigild.events import Event, object_payload
 from vigild.frame import Detections, Frame
-from vigild.plugin import FrameErrors, Plugin, PluginConfig, PluginConfigError
+from vigild.plugin import FrameErrors, Plugin, PluginConfig, PluginConfigError, check_torchvision_weights
 from vigild.plugins.backends.tubes import TubeCutter, TubePool, square_boxes
-from vigild.plugins.backends.video_models import VideoModel, VideoModelError, check_clip, load_video_model
+from vigild.plugins.backends.video_models import (
+    ClipSettings,
+    VideoModel,
+    VideoModelError,
+    check_clip,
+    load_video_model,
+)
 
 
 class ActionRecognizerConfig(PluginConfig):
@@ -66,9 +72,7 @@ class ActionRecognizerConfig(PluginConfig):
     @field_validator("weights")
     @classmethod
     def _weights_exist(cls, value: str | None) -> str | None:
-        if value not in (None, "DEFAULT") and not Path(value).is_file():
-            raise ValueError(f"weights file not found: {value} (or use DEFAULT, or null for random weights)")
-        return value
+        return check_torchvision_weights(value)
 
     @field_validator("labels")
     @classmethod
@@ -93,7 +97,7 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
     def start(self) -> None:
         c = self.config
         try:
-            video = load_video_model(c.model, c.weights, c.labels, c.clip_len, c.size, c.mean, c.std)
+            video = load_video_model(c.model, c.weights, c.labels, ClipSettings(c.clip_len, c.size, c.mean, c.std))
             check_clip(video)
         except VideoModelError as exc:
             raise PluginConfigError(exc.key, str(exc)) from exc
@@ -125,8 +129,9 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
         self.active = np.zeros((n, k), bool)
         self.active_since = np.zeros((n, k), np.float64)
         self.last_sample = np.zeros(n, np.int64)
-        self.owner: list[tuple[str, int] | None] = [None] * n
-        self.last_seen = np.empty(n, object)  # (Detections, index) where the track was last cut from
+        self.track_of = np.zeros(n, np.int64)  # the track id a slot serves (slots are per camera)
+        self.last_detections = np.empty(n, object)  # the frame's Detections where the track was last cut from
+        self.last_row = np.zeros(n, np.int64)  # and its index there
         self._cameras: dict[str, _Camera] = {}
         self.tubes_refused = 0
         self._wanted_classes: dict[tuple[str, ...], np.ndarray] = {}
@@ -201,12 +206,14 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
             rows = np.flatnonzero(wanted)
             ids = detections.tracker_id[rows]
             squares = square_boxes(detections.xyxy[rows], self.config.margin, width, height)
-        slots, known = self._slots_for(frame.camera, camera, ids)
+        slots, known = self._slots_for(camera, ids)
         rows, squares = rows[known], squares[known]
         self.pool.write(slots, self.cutter(frame.image, squares))
         self.last_sample[slots] = camera.samples
-        for slot, row in zip(slots.tolist(), rows.tolist(), strict=True):
-            self.last_seen[slot] = (frame.detections, row)
+        holder = np.empty(1, object)
+        holder[0] = frame.detections  # broadcast as one object, not as the sequence of detections it also is
+        self.last_detections[slots] = holder
+        self.last_row[slots] = rows
         return slots, rows
 
     def _class_mask(self, detections: Detections) -> np.ndarray:
@@ -216,7 +223,7 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
             self._wanted_classes[detections.class_names] = mask
         return mask
 
-    def _slots_for(self, name: str, camera: _Camera, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _slots_for(self, camera: _Camera, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Slots of these track ids, taking free ones for new tracks: (slots, mask of ids that have one)."""
         where = np.searchsorted(camera.track_ids, ids)
         found = np.zeros(len(ids), bool)
@@ -233,8 +240,7 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
             new = new[: len(taken)]
             slots[new] = taken
             self._reset(taken)
-            for slot, track_id in zip(taken.tolist(), ids[new].tolist(), strict=True):
-                self.owner[slot] = (name, track_id)
+            self.track_of[taken] = ids[new]
             merged_ids = np.concatenate([camera.track_ids, ids[new]])
             merged_slots = np.concatenate([camera.slots, taken])
             order = np.argsort(merged_ids, kind="stable")
@@ -261,11 +267,8 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
             self._end_event(camera_name, int(slots[i]), int(k), ts, frame_index, reason)
             for i, k in zip(*np.nonzero(self.active[slots]), strict=True)
         ]
-        events = [e for e in events if e is not None]
         camera.track_ids, camera.slots = camera.track_ids[~gone], camera.slots[~gone]
-        for slot in slots.tolist():
-            self.owner[slot] = None
-            self.last_seen[slot] = None
+        self.last_detections[slots] = None
         self.active[slots] = False
         self.pool.give_back(slots)
         return events
@@ -299,7 +302,6 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
             self._end_event(frame.camera, int(slots[i]), int(k), frame.ts_wall, frame.index, "below_threshold")
             for i, k in zip(*np.nonzero(ends), strict=True)
         ]
-        events = [e for e in events if e is not None]
         active = self.active[slots]
         active[ends] = False
         active[starts] = True
@@ -321,15 +323,14 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
             )
         return events
 
-    def _end_event(self, camera: str, slot: int, k: int, ts: float, frame_index: int, reason: str) -> Event | None:
-        owner, seen = self.owner[slot], self.last_seen[slot]
-        if owner is None:
-            return None
+    def _end_event(self, camera: str, slot: int, k: int, ts: float, frame_index: int, reason: str) -> Event:
+        """action.end of the `k`-th watched label of a slot in use."""
+        seen = self.last_detections[slot]
         label = int(self.interest[k])
         payload = None
         if seen is not None and self.config.mode == "tracks":
-            payload = object_payload(*seen)
-            payload["track_id"] = owner[1]
+            payload = object_payload(seen, int(self.last_row[slot]))
+            payload["track_id"] = int(self.track_of[slot])
         return Event(
             "action.end",
             camera,

@@ -7,7 +7,6 @@ The class map also stays on the frame (`Frame.segmentation`) for later plugins.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import cv2
@@ -19,7 +18,7 @@ from vigild.events import Event
 from vigild.frame import Frame, SemanticSegmentation
 from vigild.letterbox import sort_frames
 from vigild.masks import rle_encode
-from vigild.plugin import FrameErrors, Plugin, PluginConfig
+from vigild.plugin import FrameErrors, Plugin, PluginConfig, check_torchvision_weights
 from vigild.plugins.backends.segmentation import VOC_CLASSES, ModelName, SemanticBackend, load_torchvision
 
 Side = Annotated[int, Field(gt=0, multiple_of=8)]
@@ -50,9 +49,7 @@ class SemanticSegmenterConfig(PluginConfig):
     @field_validator("weights")
     @classmethod
     def _weights_exist(cls, value: str | None) -> str | None:
-        if value not in (None, "DEFAULT") and not Path(value).is_file():
-            raise ValueError(f"weights file not found: {value} (or use DEFAULT, or null for random weights)")
-        return value
+        return check_torchvision_weights(value)
 
 
 class SemanticSegmenter(Plugin[SemanticSegmenterConfig]):

@@ -25,6 +25,16 @@ class VideoModelError(ValueError):
         super().__init__(message)
 
 
+@dataclass(frozen=True)
+class ClipSettings:
+    """What the config sets of how clips are fed to the model; None: the model's own."""
+
+    clip_len: int | None = None
+    size: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
 @dataclass
 class VideoModel:
     module: torch.nn.Module
@@ -73,18 +83,15 @@ def load_video_model(
     model: str,
     weights: str | None,
     labels: Path | None,
-    clip_len: int | None,
-    size: int | None,
-    mean: tuple[float, float, float] | None,
-    std: tuple[float, float, float] | None,
+    feed: ClipSettings,
 ) -> VideoModel:
     """`model`: a torchvision name (weights: `DEFAULT`, a state-dict path, or None for random weights) or a
     TorchScript file (labels required)."""
     if model in TORCHVISION_VIDEO_MODELS:
-        return _load_torchvision(model, weights, labels, clip_len, size, mean, std)
+        return _load_torchvision(model, weights, labels, feed)
     path = Path(model)
     if path.suffix in {".pt", ".pth", ".ts", ".torchscript"} or path.exists():
-        return _load_torchscript(path, weights, labels, clip_len, size, mean, std)
+        return _load_torchscript(path, weights, labels, feed)
     raise VideoModelError(
         "model", f"unknown video model {model!r}: expected one of {', '.join(TORCHVISION_VIDEO_MODELS)} "
         "or a TorchScript file"
@@ -95,10 +102,7 @@ def _load_torchvision(
     name: str,
     weights: str | None,
     labels_file: Path | None,
-    clip_len: int | None,
-    size: int | None,
-    mean: tuple[float, float, float] | None,
-    std: tuple[float, float, float] | None,
+    feed: ClipSettings,
 ) -> VideoModel:
     from torchvision.models import get_model
 
@@ -138,10 +142,10 @@ def _load_torchvision(
     return VideoModel(
         module=module.eval(),
         labels=labels,
-        clip_len=clip_len or own_len,
-        size=size or own_size,
-        mean=mean or own_mean,  # type: ignore[arg-type]
-        std=std or own_std,  # type: ignore[arg-type]
+        clip_len=feed.clip_len or own_len,
+        size=feed.size or own_size,
+        mean=feed.mean or own_mean,  # type: ignore[arg-type]
+        std=feed.std or own_std,  # type: ignore[arg-type]
         min_clip_len=min_len,
         min_size=min_size,
     )
@@ -160,10 +164,7 @@ def _load_torchscript(
     path: Path,
     weights: str | None,
     labels_file: Path | None,
-    clip_len: int | None,
-    size: int | None,
-    mean: tuple[float, float, float] | None,
-    std: tuple[float, float, float] | None,
+    feed: ClipSettings,
 ) -> VideoModel:
     if not path.is_file():
         raise VideoModelError("model", f"{path} does not exist")
@@ -179,10 +180,10 @@ def _load_torchscript(
     return VideoModel(
         module=module.eval(),
         labels=read_labels(labels_file),
-        clip_len=clip_len or 16,
-        size=size or 112,
-        mean=mean or kinetics_mean,
-        std=std or kinetics_std,
+        clip_len=feed.clip_len or 16,
+        size=feed.size or 112,
+        mean=feed.mean or kinetics_mean,
+        std=feed.std or kinetics_std,
     )
 
 
