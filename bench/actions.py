@@ -5,13 +5,24 @@ not depend on them) at its own 16x112x112 clips. For each batch size, clips/s of
 100 and 500 live tracks on one camera (each track a box moving a little every frame, tubes cut every frame, a
 clip classified every `--interval` crops), the plugin's time per frame and the clips it classified per second.
 
+Then what the plugin costs the daemon (`--pipeline-cameras`, 0 to skip): the real daemon, each run in a fresh
+process, on vtest.avi (real pedestrians, looping, read as fast as the chain consumes) with the shared Yolo-Fastest-XL
+person detector and ByteTrack, once without and once with the action recognizer after the tracker: detection fps,
+capture-to-publish latency, and the clips classified per second.
+
     python bench/actions.py [--device cpu] [--model r3d_18] [--batches 1 4 16] [--tracks 10 100 500]
+                            [--pipeline-cameras 1 4] [--seconds-pipeline 30]
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,18 +71,92 @@ def per_frame(recognizer: ActionRecognizer, tracks: int, frames: int) -> tuple[f
     return elapsed / frames * 1000, classified / elapsed
 
 
+SHARED = Path(os.environ.get("VIGILD_SHARED", Path(__file__).resolve().parents[2] / "shared")).resolve()
+
+
+def pipeline_config(cameras: int, actions: bool, args: argparse.Namespace) -> str:
+    fastest = SHARED / "models" / "yolo-fastest-1.1"
+    video = SHARED / "media" / "vtest.avi"
+    sources = "".join(f"  cam{i}:\n    source: {video}\n    realtime: false\n    loop: true\n" for i in range(cameras))
+    recognizer = (
+        f"  - type: action_recognizer\n    model: {args.model}\n    weights: null\n    interval: {args.interval}\n"
+        f"    max_batch: {args.max_batch}\n"
+    )
+    return (
+        f"cameras:\n{sources}plugins:\n"
+        f"  - type: detector\n    backend: darknet\n    cfg: {fastest}/yolo-fastest-1.1-xl.cfg\n"
+        f"    weights: {fastest}/yolo-fastest-1.1-xl.weights\n    names: {fastest}/coco.names\n"
+        "    classes: [person]\n    confidence: 0.3\n    input_size: 320\n"
+        f"  - type: bytetrack\n{recognizer if actions else ''}"
+        "publisher:\n  endpoint: tcp://127.0.0.1:0\n"
+        f"device: {args.device}\nlog_level: WARNING\n"
+    )
+
+
+def pipeline_run(config: str, warmup: float, seconds: float, results: Any) -> None:
+    """One daemon in this (fresh) process; puts its figures over the measured window on `results`."""
+    from vigild.config import load_config
+    from vigild.daemon import Daemon
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+        handle.write(config)
+    daemon = Daemon(load_config(handle.name))
+    os.unlink(handle.name)
+    recognizers = [p for stage in daemon.chain.stages for p, _ in stage.instances if isinstance(p, ActionRecognizer)]
+    clips = [0]
+    for recognizer in recognizers:  # count what the model classifies, without changing what it does
+        classify = recognizer.classify
+
+        def counted(batch: torch.Tensor, classify: Any = classify) -> Any:
+            clips[0] += len(batch)
+            return classify(batch)
+
+        recognizer.classify = counted
+    daemon.start()
+    try:
+        time.sleep(warmup)
+        scheduler = daemon.scheduler
+        frames0, clips0 = sum(scheduler.processed.values()), clips[0]
+        scheduler.latencies_s.clear()
+        began = time.monotonic()
+        time.sleep(seconds)
+        elapsed = time.monotonic() - began
+        frames, classified = sum(scheduler.processed.values()) - frames0, clips[0] - clips0
+        latencies = np.array(scheduler.latencies_s) * 1000
+    finally:
+        daemon.stop()
+    p50, p99 = np.percentile(latencies, [50, 99]) if len(latencies) else (float("nan"), float("nan"))
+    results.put({"fps": frames / elapsed, "p50": float(p50), "p99": float(p99), "clips_s": classified / elapsed})
+
+
+def pipeline(cameras: int, actions: bool, args: argparse.Namespace) -> dict[str, float]:
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    worker = context.Process(
+        target=pipeline_run, args=(pipeline_config(cameras, actions, args), args.warmup, args.seconds_pipeline, results)
+    )
+    worker.start()
+    result: dict[str, float] = results.get(timeout=args.warmup + args.seconds_pipeline + 600)
+    worker.join()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="r3d_18")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--tracks", type=int, nargs="+", default=[10, 100, 500])
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 4, 16])
+    parser.add_argument("--tracks", type=int, nargs="*", default=[10, 100, 500])
     parser.add_argument("--interval", type=int, default=8)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--frames", type=int, default=40, help="frames per track count (at least clip_len + interval)")
     parser.add_argument("--seconds", type=float, default=5.0, help="per batch size")
+    parser.add_argument("--pipeline-cameras", type=int, nargs="+", default=[1, 4], help="0: no daemon runs")
+    parser.add_argument("--seconds-pipeline", type=float, default=30.0, help="measured window per daemon run")
+    parser.add_argument("--warmup", type=float, default=10.0, help="seconds before the window (loads, clips filling)")
     args = parser.parse_args()
-    recognizer = plugin(args, max(args.tracks))
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    recognizer = plugin(args, max(args.tracks, default=1))
     print(f"{args.model} on {args.device}, clips {recognizer.video.clip_len}x{recognizer.video.size}x{recognizer.video.size}")
     print(f"{'batch':>6} {'clips/s':>9}")
     for batch in args.batches:
@@ -80,6 +165,18 @@ def main() -> None:
     for tracks in args.tracks:
         ms, rate = per_frame(plugin(args, tracks), tracks, args.frames)
         print(f"{tracks:>6} {ms:>9.1f} {rate:>9.1f}", flush=True)
+    cameras_list = [c for c in args.pipeline_cameras if c > 0]
+    if cameras_list:
+        print(f"daemon on vtest.avi (768x576), Yolo-Fastest-XL 320 + ByteTrack [+ {args.model}, a clip every "
+              f"{args.interval} crops], {args.seconds_pipeline:.0f} s windows")
+        print(f"{'cameras':>7} {'actions':>8} {'fps':>7} {'p50 ms':>8} {'p99 ms':>8} {'clips/s':>8} {'fps ratio':>9}")
+    for cameras in cameras_list:
+        without = pipeline(cameras, False, args)
+        print(f"{cameras:>7} {'no':>8} {without['fps']:>7.1f} {without['p50']:>8.0f} {without['p99']:>8.0f}", flush=True)
+        with_actions = pipeline(cameras, True, args)
+        ratio = with_actions["fps"] / without["fps"] if without["fps"] else float("nan")
+        print(f"{cameras:>7} {'yes':>8} {with_actions['fps']:>7.1f} {with_actions['p50']:>8.0f} "
+              f"{with_actions['p99']:>8.0f} {with_actions['clips_s']:>8.1f} {ratio:>8.2f}x", flush=True)
 
 
 if __name__ == "__main__":
