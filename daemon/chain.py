@@ -3,6 +3,9 @@
 Cameras whose effective config of a plugin is the same share one instance (one model serving them all, one
 batch); a camera with overrides gets an instance of its own. A plugin that raises on a batch is retried frame by
 frame so that only the frame that fails is logged (with its camera) and left out of the rest of the chain.
+
+On a reload the new chain takes over every instance whose plugin id, class and effective config did not change
+(its state, its loaded model, its tracks) and makes only the others, so unchanged plugins run on without a gap.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from vigild.config import CameraConfig, PluginSpec
@@ -39,6 +42,10 @@ class PluginStartError(Exception):
         super().__init__(f"plugin '{plugin_id}' (plugins.{position}) failed to start: {type(cause).__name__}: {cause}")
 
 
+InstanceKey = tuple[str, type, str]
+"""(plugin id, class, effective config as JSON): an instance with the same key can serve on after a reload."""
+
+
 class Chain:
     def __init__(
         self,
@@ -46,39 +53,95 @@ class Chain:
         device: str,
         cameras: Mapping[str, CameraConfig],
         torch_threads: int | None = None,
+        reuse: Chain | None = None,
     ):
+        """`reuse`: the running chain, whose unchanged instances this one takes over (they are not started again;
+        they see their new cameras only at `activate()`, on the scheduler thread)."""
         self.stages: list[Stage] = []
+        self.on_stage_time: Callable[[str, float], None] | None = None
+        self._keys: dict[InstanceKey, Plugin] = {}
+        self._fresh: list[tuple[Stage, Plugin]] = []
+        self._handover: list[tuple[Plugin, dict[str, CameraConfig]]] = []
+        previous = reuse._keys if reuse is not None else {}
+        previous_stages = {stage.spec.id: stage for stage in reuse.stages} if reuse is not None else {}
         for position, spec in enumerate(specs):
             groups: dict[str, tuple[PluginConfig, set[str]]] = {}
             for camera, config in spec.per_camera.items():
                 key = config.model_dump_json()
                 groups.setdefault(key, (config, set()))[1].add(camera)
-            instances = []
-            for config, served in groups.values():
-                context = PluginContext(device, {name: cameras[name] for name in sorted(served)}, torch_threads)
+            stage = Stage(spec, [])
+            if spec.id in previous_stages:  # counters carry on across a reload
+                stage.seconds, stage.failures = previous_stages[spec.id].seconds, previous_stages[spec.id].failures
+            for json_config, (config, served) in groups.items():
+                served_cameras = {name: cameras[name] for name in sorted(served)}
+                instance_key = (spec.id, spec.cls, json_config)
                 try:
-                    instances.append((spec.cls(config, context), frozenset(served)))
+                    plugin = previous.get(instance_key)
+                    if plugin is not None:
+                        plugin.check_cameras(served_cameras)
+                        self._handover.append((plugin, served_cameras))
+                    else:
+                        plugin = spec.cls(config, PluginContext(device, dict(served_cameras), torch_threads))
+                        self._fresh.append((stage, plugin))
                 except Exception as exc:
                     raise PluginStartError(spec.id, position, exc) from exc
-            self.stages.append(Stage(spec, instances))
+                self._keys[instance_key] = plugin
+                stage.instances.append((plugin, frozenset(served)))
+            self.stages.append(stage)
         self._last_failure_log: dict[tuple[str, str], float] = {}
 
     def start(self) -> None:
-        for position, stage in enumerate(self.stages):
-            for plugin, _ in stage.instances:
-                try:
-                    plugin.start()
-                except Exception as exc:
-                    self.stop()
-                    raise PluginStartError(stage.spec.id, position, exc) from exc
+        """Start the instances this chain made (not those taken over); on failure stop them and raise."""
+        started: list[tuple[Stage, Plugin]] = []
+        for stage, plugin in self._fresh:
+            try:
+                plugin.start()
+            except Exception as exc:
+                self._stop_plugins(started)
+                raise PluginStartError(stage.spec.id, self.stages.index(stage), exc) from exc
+            started.append((stage, plugin))
 
     def stop(self) -> None:
-        for stage in self.stages:
-            for plugin, _ in stage.instances:
-                try:
-                    plugin.stop()
-                except Exception:
-                    log.exception("plugin '%s' failed to stop cleanly", stage.spec.id)
+        self._stop_plugins([(stage, plugin) for stage in self.stages for plugin, _ in stage.instances])
+
+    def discard(self) -> None:
+        """A chain that was made and started but will not run (a reload refused): stop only what it started."""
+        self._stop_plugins(self._fresh)
+
+    def activate(self) -> None:
+        """Scheduler thread, at the swap: instances taken over now serve their new cameras."""
+        for plugin, cameras in self._handover:
+            plugin.context.cameras.clear()  # the dict the context was made with (Chain.__init__)
+            plugin.context.cameras.update(cameras)
+
+    def made_and_kept(self) -> tuple[list[str], list[str]]:
+        """Plugin ids with an instance this chain made, and those whose instances were all taken over."""
+        made = {stage.spec.id for stage, _ in self._fresh}
+        return sorted(made), sorted({stage.spec.id for stage in self.stages} - made)
+
+    def left_behind(self, successor: Chain) -> list[tuple[Stage, Plugin, frozenset[str]]]:
+        """Instances of this chain that `successor` does not take over, with the cameras they serve."""
+        kept = {id(plugin) for plugin in successor._keys.values()}
+        return [
+            (stage, plugin, cameras)
+            for stage in self.stages
+            for plugin, cameras in stage.instances
+            if id(plugin) not in kept
+        ]
+
+    def close_instance(self, stage: Stage, plugin: Plugin, camera: str, ts_wall: float) -> list[Event]:
+        try:
+            return plugin.on_source_end(camera, ts_wall, -1)
+        except Exception:
+            log.exception("plugin '%s' failed to close camera %s", stage.spec.id, camera)
+            return []
+
+    def _stop_plugins(self, plugins: list[tuple[Stage, Plugin]]) -> None:
+        for stage, plugin in plugins:
+            try:
+                plugin.stop()
+            except Exception:
+                log.exception("plugin '%s' failed to stop cleanly", stage.spec.id)
 
     def process(self, frames: list[Frame]) -> list[Frame]:
         """Run every stage; returns the frames that came through without a plugin failure."""
@@ -90,7 +153,10 @@ class Chain:
                 batch = [frame for frame in live if frame.camera in cameras]
                 if batch:
                     failed.update(self._run(stage, plugin, batch))
-            stage.seconds += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            stage.seconds += elapsed
+            if self.on_stage_time is not None:
+                self.on_stage_time(stage.spec.id, elapsed)
             if failed:
                 live = [frame for frame in live if id(frame) not in failed]
         return live

@@ -1,4 +1,4 @@
-"""`vigild run | check | sub`. Exit codes: 0 success, 2 a config the daemon refuses, 1 anything else."""
+"""`vigild run | check | sub | ctl | keygen`. Exit codes: 0 success, 2 a config the daemon refuses, 1 anything else."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from vigild import __version__
 from vigild.chain import PluginStartError
 from vigild.client import DEFAULT_ENDPOINT, Subscriber
 from vigild.config import Config, ConfigError, load_config
+from vigild.curve import ClientKeys, keygen
 from vigild.gst_pipeline import resolve_backend
 from vigild.plugin import PluginConfigError
 
@@ -45,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", "-t", type=float, help="exit after this many seconds without a message (exit 1 if none came)"
     )
     sub.add_argument("--topics", action="store_true", help="print each topic before its JSON, separated by a space")
+    _curve_arguments(sub)
     sub.add_argument(
         "prefixes",
         nargs="*",
@@ -52,13 +56,52 @@ def _parser() -> argparse.ArgumentParser:
         metavar="TOPIC_PREFIX",
         help="e.g. vigild.door. (default: everything)",
     )
+
+    ctl = commands.add_parser("ctl", help="send a command to a running daemon's control socket")
+    ctl.add_argument("--endpoint", "-e", help="control endpoint (default: the daemon's default ipc:// socket)")
+    ctl.add_argument("--config", "-c", help="take the endpoint (and CURVE setting) from this config file")
+    ctl.add_argument("--timeout", "-t", type=float, default=30.0, help="seconds to wait for the reply")
+    _curve_arguments(ctl)
+    actions = ctl.add_subparsers(dest="action", required=True)
+    actions.add_parser("status", help="the daemon's state, as JSON")
+    cameras = actions.add_parser("cameras", help="list, add, update or remove cameras (until the next reload)")
+    cameras.add_argument("verb", nargs="?", default="list", choices=["list", "add", "update", "remove"])
+    cameras.add_argument("name", nargs="?")
+    cameras.add_argument("settings", nargs="?", help='the camera\'s settings as JSON, e.g. \'{"source": "rtsp://..."}\'')
+    actions.add_parser("reload", help="re-read the config file and apply the difference")
+    snapshot = actions.add_parser("snapshot", help="the camera's latest frame as a JPEG")
+    snapshot.add_argument("camera")
+    snapshot.add_argument("--output", "-o", default="-", help="file to write (default: standard output)")
+    for name in ("pause", "resume"):
+        actions.add_parser(name, help=f"{name} capturing a camera").add_argument("camera")
+
+    keygen = commands.add_parser("keygen", help="make a CURVE key pair (NAME.key public, NAME.key_secret private)")
+    keygen.add_argument("name", help="e.g. server, or a client's name")
+    keygen.add_argument("--dir", "-d", default=".", help="where to write the two files")
     return parser
+
+
+def _curve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server-key", help="CURVE: the daemon's public key file (server.key)")
+    parser.add_argument("--key", help="CURVE: this client's secret key file (NAME.key_secret)")
+
+
+def _client_keys(args: argparse.Namespace) -> ClientKeys | None:
+    if bool(args.server_key) != bool(args.key):
+        raise ValueError("CURVE needs both --server-key and --key")
+    return ClientKeys.load(args.server_key, args.key) if args.server_key else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "sub":
         return _sub(args)
+    if args.command == "ctl":
+        return _ctl(args)
+    if args.command == "keygen":
+        public, secret = keygen(Path(args.dir), args.name)
+        print(f"public key (give it out): {public}\nsecret key (keep it private): {secret}")
+        return EXIT_OK
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -75,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(config: Config, log_level: str) -> int:
+    from vigild.control import CommandError
     from vigild.daemon import Daemon
     from vigild.publisher import PublisherError
 
@@ -83,6 +127,7 @@ def _run(config: Config, log_level: str) -> int:
         daemon = Daemon(config)
     except PluginStartError as exc:
         return _refuse_plugin(config, exc)
+    reload_requested = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         if daemon.wait(0):
@@ -91,8 +136,12 @@ def _run(config: Config, log_level: str) -> int:
         log.info("received %s, stopping", signal.Signals(signum).name)
         daemon.request_stop()
 
+    def on_hangup(_signum: int, _frame: object) -> None:
+        reload_requested.set()  # the reload itself runs on the main thread, below
+
     signal.signal(signal.SIGTERM, on_signal)  # before start: a stop asked for while models load is kept
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     try:
         daemon.start()
     except PluginStartError as exc:
@@ -100,10 +149,70 @@ def _run(config: Config, log_level: str) -> int:
     except PublisherError as exc:
         print(f"vigild: config error: {config.error(('publisher', 'endpoint'), str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
+    except OSError as exc:  # the control socket or the metrics port
+        key = ("metrics", "port") if daemon.metrics is not None and "control" not in str(exc) else ("control",)
+        if daemon.control is not None and daemon.control._socket is None:
+            key = ("control", "endpoint")
+        print(f"vigild: config error: {config.error(key, f'cannot bind: {exc}')}", file=sys.stderr)
+        return EXIT_CONFIG
 
     while not daemon.wait(0.5):  # a timed wait keeps the main thread responsive to signals
-        pass
+        if reload_requested.is_set():
+            reload_requested.clear()
+            try:
+                daemon.reload()
+            except (ConfigError, PluginStartError, CommandError) as exc:
+                log.error("reload failed, still running the previous config: %s", exc)
     daemon.stop()
+    return EXIT_OK
+
+
+def _ctl(args: argparse.Namespace) -> int:
+    from vigild.control import ControlClient
+
+    endpoint, keys = args.endpoint, _client_keys(args)
+    if args.config and not endpoint:
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(f"vigild: config error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        endpoint = config.settings.control.endpoint
+    arguments: dict[str, object] = {}
+    action = args.action
+    if action == "cameras":
+        arguments["action"] = args.verb
+        if args.verb != "list":
+            if not args.name:
+                print(f"vigild ctl cameras {args.verb}: give the camera's name", file=sys.stderr)
+                return EXIT_FAILURE
+            arguments["camera"] = args.name
+        if args.verb in ("add", "update"):
+            try:
+                arguments["config"] = json.loads(args.settings or "")
+            except ValueError as exc:
+                print(f"vigild ctl cameras {args.verb}: settings must be JSON: {exc}", file=sys.stderr)
+                return EXIT_FAILURE
+    elif action in ("snapshot", "pause", "resume"):
+        arguments["camera"] = args.camera
+    with ControlClient(endpoint, keys, args.timeout) as client:
+        try:
+            reply, attachment = client.request(action, **arguments)
+        except TimeoutError as exc:
+            print(f"vigild ctl: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+    if not reply.get("ok"):
+        error = reply.get("error", {})
+        print(f"vigild ctl: {error.get('code')}: {error.get('message')}", file=sys.stderr)
+        return EXIT_FAILURE
+    if action == "snapshot" and attachment is not None:
+        if args.output == "-":
+            sys.stdout.buffer.write(attachment)
+        else:
+            Path(args.output).write_bytes(attachment)
+            print(json.dumps(reply["result"]))
+        return EXIT_OK
+    print(json.dumps(reply["result"], indent=2))
     return EXIT_OK
 
 
@@ -119,7 +228,7 @@ def _refuse_plugin(config: Config, exc: PluginStartError) -> int:
 
 def _sub(args: argparse.Namespace) -> int:
     received = 0
-    with Subscriber(args.endpoint, args.prefixes) as subscriber:
+    with Subscriber(args.endpoint, args.prefixes, curve=_client_keys(args)) as subscriber:
         try:
             while args.count is None or received < args.count:
                 message = subscriber.receive(timeout=args.timeout)

@@ -14,6 +14,8 @@ from typing import Any
 
 import zmq
 
+from vigild.curve import ClientKeys
+
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 
 
@@ -32,9 +34,13 @@ class Subscriber:
         topics: Iterable[str] = ("vigild.",),
         context: zmq.Context | None = None,
         rcvhwm: int = 100_000,
+        curve: ClientKeys | None = None,
     ):
+        """`curve`: the server's public key and this client's key pair, for a daemon that requires CURVE."""
         self._context = context or zmq.Context.instance()
         self.socket = self._context.socket(zmq.SUB)
+        if curve is not None:
+            curve.apply(self.socket)
         self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
         self.socket.setsockopt(zmq.LINGER, 0)
         for topic in topics:

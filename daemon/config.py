@@ -6,6 +6,7 @@ config in one round. Plugin sections are validated by the plugin's own `Config` 
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -162,6 +163,62 @@ class PublisherConfig(StrictModel):
         return value
 
 
+class ControlConfig(StrictModel):
+    enabled: bool = Field(True, description="Serve the control socket (`vigild ctl`, docs/control.md).")
+    endpoint: str | None = Field(
+        None,
+        description="ZeroMQ endpoint the control socket binds; default ipc://$RUNTIME_DIRECTORY/control under "
+        "systemd, else ipc://$XDG_RUNTIME_DIR/vigild/control (or /tmp/vigild-<uid>/control), owner-only.",
+    )
+    timeout: float = Field(
+        10.0, gt=0, description="Seconds a command that needs the scheduler waits for it before answering `busy`."
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _known_transport(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("tcp://", "ipc://")):
+            raise ValueError("expected ipc://PATH or tcp://127.0.0.1:PORT")
+        return value
+
+
+class CurveConfig(StrictModel):
+    """ZeroMQ CURVE on the publisher and the control socket: only clients whose public key is authorised connect."""
+
+    secret_key: Path = Field(description="The server's secret certificate (`vigild keygen` writes NAME.key_secret).")
+    authorized_keys: Path = Field(
+        description="Directory of authorised clients' public certificates (NAME.key); re-read on reload."
+    )
+
+    @field_validator("secret_key")
+    @classmethod
+    def _readable_secret(cls, value: Path) -> Path:
+        import zmq.auth
+
+        try:
+            _, secret = zmq.auth.load_certificate(value)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read a certificate from {value}: {exc}") from None
+        if secret is None:
+            raise ValueError(f"{value} holds no secret key (give the .key_secret file `vigild keygen` wrote)")
+        return value
+
+    @field_validator("authorized_keys")
+    @classmethod
+    def _directory(cls, value: Path) -> Path:
+        if not value.is_dir():
+            raise ValueError(f"not a directory: {value}")
+        return value
+
+
+class MetricsConfig(StrictModel):
+    enabled: bool = Field(
+        False, description="Serve Prometheus metrics over HTTP (off by default, so two daemons never collide)."
+    )
+    address: str = Field("127.0.0.1", description="Address the metrics server binds.")
+    port: int = Field(9108, ge=0, le=65535, description="TCP port of `/metrics`.")
+
+
 class DaemonSettings(StrictModel):
     """The top level of the file, with the plugin list still raw (its entries are validated per plugin)."""
 
@@ -169,6 +226,9 @@ class DaemonSettings(StrictModel):
     plugins: list[dict[str, Any]] = Field(default_factory=list)
     publisher: PublisherConfig = PublisherConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    control: ControlConfig = ControlConfig()
+    curve: CurveConfig | None = Field(None, description="Require CURVE authentication (docs/security.md).")
+    metrics: MetricsConfig = MetricsConfig()
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
     torch_threads: int | None = Field(
         None, ge=1, description="Threads torch may use on the CPU; default: torch's own choice."
@@ -213,6 +273,22 @@ def load_config(file: str | Path, environ: Mapping[str, str] | None = None) -> C
     problems = expand_env(document, environ)
     if problems:
         raise ConfigError(document.file, problems)
+    return validate_document(document)
+
+
+def with_camera(config: Config, name: str, camera: dict[str, Any] | None) -> Config:
+    """`config` with camera `name` set to `camera` (raw, as in YAML) or removed (None), validated whole."""
+    data = copy.deepcopy(config.document.data)
+    cameras = data.setdefault("cameras", {})
+    if camera is None:
+        cameras.pop(name, None)
+    else:
+        cameras[name] = camera
+    return validate_document(YamlDocument(config.file, data, config.document.lines))
+
+
+def validate_document(document: YamlDocument) -> Config:
+    """Validate a loaded (and expanded) document whole; raises `ConfigError` listing every problem found."""
     if not isinstance(document.data, dict):
         raise ConfigError(document.file, [document.problem((), "expected a mapping with at least `cameras:`")])
     try:
@@ -373,7 +449,10 @@ __all__ = [
     "CameraConfig",
     "Config",
     "ConfigError",
+    "ControlConfig",
+    "CurveConfig",
     "DaemonSettings",
+    "MetricsConfig",
     "PluginSpec",
     "PublisherConfig",
     "SchedulerConfig",

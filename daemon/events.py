@@ -44,7 +44,7 @@ class Event:
             "id": event_id,
             "type": self.type,
             "camera": self.camera,
-            "frame": self.frame,
+            "frame": self.frame if self.frame is None or self.frame >= 0 else None,  # -1: no frame (a stop)
             "ts": iso_utc(self.ts_wall),
         }
         if self.object is not None:

@@ -47,14 +47,17 @@ class FrameExchange:
         self._frames: dict[str, Frame] = {}
         self._notices: deque[Notice] = deque()
         self._closed = False
+        self._retired: set[str] = set()
         self.drops: Counter[str] = Counter()
 
     def put(self, frame: Frame, wait: bool = False) -> bool:
         """Offer `frame`; with `wait`, block until the previous one was taken. False once the exchange is closed."""
         with self._cond:
             if wait:
-                self._cond.wait_for(lambda: frame.camera not in self._frames or self._closed)
-            if self._closed:
+                self._cond.wait_for(
+                    lambda: frame.camera not in self._frames or self._closed or frame.camera in self._retired
+                )
+            if self._closed or frame.camera in self._retired:
                 return False
             if frame.camera in self._frames:
                 self.drops[frame.camera] += 1
@@ -62,8 +65,23 @@ class FrameExchange:
             self._cond.notify_all()
             return True
 
+    def retire(self, camera: str) -> None:
+        """Stop taking `camera`'s frames and notices (its capture is being stopped on purpose); drop what waits."""
+        with self._cond:
+            self._retired.add(camera)
+            self._frames.pop(camera, None)
+            self._notices = deque(n for n in self._notices if n.camera != camera)
+            self._cond.notify_all()
+
+    def admit(self, camera: str) -> None:
+        """Take `camera`'s frames again (a new capture of it is about to start)."""
+        with self._cond:
+            self._retired.discard(camera)
+
     def notify(self, notice: Notice) -> None:
         with self._cond:
+            if notice.camera in self._retired:
+                return
             self._notices.append(notice)
             self._cond.notify_all()
 

@@ -2,7 +2,9 @@
 
 Lifecycle (as in Savant): `__init__(config, context)` validates and keeps settings, `start()` loads models and
 opens resources, `process(frames)` runs once per batch on the scheduler thread, `on_source_end(camera)` lets a
-plugin close what it holds for a camera that stopped (a file that ended), and `stop()` releases everything.
+plugin close what it holds for a camera that stopped (a file that ended, a camera removed or paused), and `stop()`
+releases everything. An instance whose config did not change outlives a reload; `check_cameras` lets it refuse the
+new set of cameras it would serve.
 Plugins only read and add to the frames they are given; they never call one another.
 """
 
@@ -75,6 +77,10 @@ class Plugin(ABC, Generic[ConfigT]):
     @abstractmethod
     def process(self, frames: list[Frame]) -> None:
         """Read and annotate `frames` (from one or more cameras) in place: set detections, append events."""
+
+    def check_cameras(self, cameras: Mapping[str, Any]) -> None:
+        """Raise `PluginConfigError` if this running instance cannot serve `cameras` (their configs by name);
+        asked before a reload hands it a new set of cameras, so that a bad reload is refused whole."""
 
     def on_source_end(self, camera: str, ts_wall: float, frame_index: int) -> list[Event]:
         """`camera` will send no more frames (its file ended or the daemon stops): return the closing events."""

@@ -14,14 +14,15 @@ import queue
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import zmq
 
-from vigild.config import PublisherConfig
+from vigild.config import CurveConfig, PublisherConfig
 from vigild.events import Event
 
 log = logging.getLogger("vigild.publisher")
@@ -33,6 +34,7 @@ _STOP = object()
 class PublisherStats:
     queued: int = 0
     sent: int = 0
+    sent_by_type: Counter[str] = field(default_factory=Counter)
     dropped_queue_full: int = 0
     dropped_unsendable: int = 0
     """Refused by ZeroMQ or not encodable as JSON. A PUB socket drops silently for one subscriber at its
@@ -60,8 +62,13 @@ class Publisher:
         self,
         config: PublisherConfig,
         heartbeat: Callable[[], Event] | None = None,
+        curve: CurveConfig | None = None,
     ):
         self.config = config
+        self.curve_config = curve
+        self.curve: Any = None  # the CurveServer, made on the publisher thread
+        self.alive_at = time.monotonic()
+        """When the publisher thread last went round its loop (at least once per heartbeat interval)."""
         self.stats = PublisherStats()
         self._heartbeat = heartbeat
         self._context = zmq.Context()  # our own, terminated on stop: that is what makes `linger_ms` flush
@@ -74,10 +81,10 @@ class Publisher:
 
     def start(self) -> None:
         """Bind in the publisher thread (sockets stay on one thread) and wait for the outcome."""
-        if not is_loopback_endpoint(self.config.endpoint):
+        if not is_loopback_endpoint(self.config.endpoint) and self.curve_config is None:
             log.warning(
-                "publisher binds %s, which is reachable from other machines: anyone who can connect receives "
-                "every event; bind to 127.0.0.1 unless that is intended",
+                "INSECURE: publisher binds %s, which is reachable from other machines, without CURVE: anyone who "
+                "can connect receives every event; bind to 127.0.0.1 or configure `curve:` (docs/security.md)",
                 self.config.endpoint,
             )
         self._thread.start()
@@ -107,10 +114,17 @@ class Publisher:
         socket.setsockopt(zmq.SNDHWM, self.config.hwm)
         socket.setsockopt(zmq.LINGER, self.config.linger_ms)
         try:
+            if self.curve_config is not None:
+                from vigild.curve import CurveServer
+
+                self.curve = CurveServer(self.curve_config, self._context)
+                self.curve.secure(socket)
             socket.bind(self.config.endpoint)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, OSError, ValueError) as exc:
             self._bind_error = str(exc)
             socket.close(linger=0)
+            if self.curve is not None:
+                self.curve.stop()
             self._context.term()
             self._bound.set()
             return
@@ -119,6 +133,7 @@ class Publisher:
         next_heartbeat = time.monotonic() + interval
         try:
             while True:
+                self.alive_at = time.monotonic()
                 try:
                     item = self._queue.get(timeout=max(0.0, next_heartbeat - time.monotonic()))
                 except queue.Empty:
@@ -137,6 +152,8 @@ class Publisher:
                         log.exception("could not make the heartbeat")
         finally:
             socket.close()  # with LINGER = linger_ms
+            if self.curve is not None:
+                self.curve.stop()
             self._context.term()  # blocks until queued messages are sent or the linger runs out
 
     def _send(self, socket: zmq.Socket, seq: int, event: Event) -> None:
@@ -152,3 +169,4 @@ class Publisher:
             log.warning("dropped %s event seq=%d: %s", event.topic, seq, exc)
             return
         self.stats.sent += 1
+        self.stats.sent_by_type[event.type] += 1

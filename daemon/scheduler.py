@@ -7,10 +7,13 @@ A batch closes when it holds `max_batch` frames, when every streaming camera has
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 from vigild.chain import Chain
 from vigild.config import SchedulerConfig
@@ -23,6 +26,8 @@ log = logging.getLogger("vigild.scheduler")
 
 POLL_S = 0.2
 LATENCY_SAMPLES = 100_000
+
+T = TypeVar("T")
 
 
 class Scheduler:
@@ -40,7 +45,7 @@ class Scheduler:
         self.exchange = exchange
         self.chain = chain
         self.publisher = publisher
-        self.cameras = cameras
+        self.cameras = list(cameras)
         self._streaming_count = streaming_count
         self._on_all_ended = on_all_ended
         self.processed: Counter[str] = Counter()
@@ -52,6 +57,12 @@ class Scheduler:
         self._ended: set[str] = set()
         self._down: set[str] = set()
         """Cameras whose `camera.down` was published and which have not come up since."""
+        self.latest: dict[str, Frame] = {}
+        """The last frame of each camera that came through the chain (for snapshots)."""
+        self.on_latency: Callable[[float], None] | None = None
+        self.alive_at = time.monotonic()
+        """When the scheduler last went round its loop: stale while a plugin is stuck (the watchdog reads it)."""
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
 
@@ -66,9 +77,63 @@ class Scheduler:
         self._stop.set()
         self._thread.join(timeout)
 
+    def call(self, function: Callable[[], T], timeout: float) -> T:
+        """Run `function` on the scheduler thread between two batches (to change the chain or the cameras without
+        a lock on the hot path) and return its result. Raises TimeoutError, without running it, when the
+        scheduler does not come round within `timeout` (a plugin is stuck)."""
+        if not self._thread.is_alive():
+            return function()
+        future: Future[T] = Future()
+        self._calls.put((function, future))
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            if future.cancel():
+                raise
+            return future.result()  # it had started: let it finish
+
+    def close_camera(self, camera: str, reason: str) -> None:
+        """Scheduler thread: close a camera that was stopped on purpose (removed, reconfigured, paused)."""
+        if camera not in self._down:
+            self._close_camera(Notice(camera, NoticeKind.DOWN, time.time(), -1, {"reason": reason}))
+
+    def set_cameras(self, cameras: list[str]) -> None:
+        """Scheduler thread: the cameras of a new configuration; state of the others is forgotten."""
+        for gone in set(self.cameras) - set(cameras):
+            self._down.discard(gone)
+            self._ended.discard(gone)
+            self.latest.pop(gone, None)
+            self.last_latency_s.pop(gone, None)
+        self.cameras = list(cameras)
+
+    def reopen_camera(self, camera: str) -> None:
+        """Scheduler thread: a camera that was closed on purpose starts again (resumed, or restarted)."""
+        self._down.discard(camera)
+        self._ended.discard(camera)
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                function, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(function())
+                except BaseException as exc:
+                    future.set_exception(exc)
+
     def _run(self) -> None:
-        max_wait = self.config.max_wait_ms / 1000.0
+        try:
+            self._loop()
+        finally:
+            self._run_calls()  # nobody waits forever on a call made as we stopped
+
+    def _loop(self) -> None:
         while not self._stop.is_set():
+            self.alive_at = time.monotonic()
+            self._run_calls()
+            max_wait = self.config.max_wait_ms / 1000.0
             want = max(1, min(self.config.max_batch, self._streaming_count()))
             taken = self.exchange.take(self.config.max_batch, max_wait, want, POLL_S)
             for notice in taken.opened:
@@ -96,9 +161,12 @@ class Scheduler:
         self.frames_in_batches += len(frames)
         for frame in passed:
             self.processed[frame.camera] += 1
+            self.latest[frame.camera] = frame
             latency = now - frame.ts_mono
             self.last_latency_s[frame.camera] = latency
             self.latencies_s.append(latency)
+            if self.on_latency is not None:
+                self.on_latency(latency)
 
     def _close_camera(self, notice: Notice) -> None:
         """Let plugins close what they hold for the camera (tracks...), then say it is down."""

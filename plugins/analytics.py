@@ -11,6 +11,7 @@ or when the camera stops. Events are described in docs/analytics.md.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -100,7 +101,11 @@ class Analytics(Plugin[AnalyticsConfig]):
     batched = False  # state per camera and track: one frame at a time, in order
 
     def start(self) -> None:
-        for camera, config in self.context.cameras.items():
+        self.check_cameras(self.context.cameras)
+        self._cameras: dict[str, _Camera] = {}
+
+    def check_cameras(self, cameras: Mapping[str, Any]) -> None:
+        for camera, config in cameras.items():
             for kind, wanted, available in (
                 ("zones", self.config.zones, config.zones),
                 ("lines", self.config.lines, config.lines),
@@ -108,7 +113,6 @@ class Analytics(Plugin[AnalyticsConfig]):
                 missing = sorted(set(wanted or ()) - set(available))
                 if missing:
                     raise PluginConfigError(kind, f"camera {camera} has no {kind} named {', '.join(missing)}")
-        self._cameras: dict[str, _Camera] = {}
 
     def _camera(self, frame: Frame) -> _Camera:
         state = self._cameras.get(frame.camera)
