@@ -11,7 +11,8 @@ APT_PACKAGES := python3-venv libgl1 libglib2.0-0 \
 	gcc pkg-config libgirepository1.0-dev libcairo2-dev \
 	gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-rtsp-server-1.0 \
 	gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly \
-	gstreamer1.0-libav gstreamer1.0-tools
+	gstreamer1.0-libav gstreamer1.0-tools \
+	systemd
 TORCH := torch==2.14.1 torchvision==0.29.1
 
 export VIGILD_MEDIA ?= $(abspath $(SHARED)/media)
@@ -19,7 +20,7 @@ export VIGILD_MODELS ?= $(abspath $(SHARED)/models)
 # never let ultralytics try to download or pip-install anything in the demo and tests
 export YOLO_OFFLINE ?= 1
 
-.PHONY: setup system-deps demo test lint unit e2e bench clean
+.PHONY: setup system-deps demo test lint unit e2e soak bench install clean
 
 setup: $(VENV)/.installed
 
@@ -57,6 +58,13 @@ e2e: setup
 test: lint
 	@$(VENV)/bin/python -m pytest; rc=$$?; \
 	if [ $$rc = 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+soak: setup
+	VIGILD_SOAK_S=$${VIGILD_SOAK_S:-600} $(VENV)/bin/python -m pytest -m slow -s
+
+# as root: a venv in /opt/vigild, the unit, the vigild user (scripts/install-service.sh --help)
+install:
+	scripts/install-service.sh
 
 bench: setup
 	$(VENV)/bin/python bench/throughput.py --cameras 1 4 16 --precisions full half --ceilings

@@ -90,6 +90,16 @@ def free_endpoint() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
+def install_fake_distribution(site: Path, entry_points: str, modules: dict[str, str]) -> None:
+    """A real (if minimal) installed distribution: a .dist-info with entry_points.txt, found by importlib.metadata."""
+    info = site / "acme_vigild_plugins-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-vigild-plugins\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[vigild.plugins]\n{entry_points}")
+    for name, source in modules.items():
+        (site / f"{name}.py").write_text(source)
+
+
 def daemon_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(VIGILD_MEDIA=str(MEDIA), VIGILD_MODELS=str(MODELS), YOLO_OFFLINE="1", PYTHONUNBUFFERED="1")

@@ -7,7 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from conftest import ROOT, VTEST, daemon_env
+from conftest import ROOT, VTEST, daemon_env, install_fake_distribution
 
 CROWD = """
 from typing import Literal
@@ -22,16 +22,6 @@ class Crowd(Plugin[CrowdConfig]):
     def process(self, frames):
         pass
 """
-
-
-def install_fake_distribution(site: Path, entry_points: str, modules: dict[str, str]) -> None:
-    """A real (if minimal) installed distribution: a .dist-info with entry_points.txt, found by importlib.metadata."""
-    info = site / "acme_vigild_plugins-1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-vigild-plugins\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[vigild.plugins]\n{entry_points}")
-    for name, source in modules.items():
-        (site / f"{name}.py").write_text(source)
 
 
 def check(site: Path, config: Path) -> subprocess.CompletedProcess[str]:
