@@ -14,11 +14,11 @@ from service import Service, camera_yaml, service_config
 
 from vigild.control import ControlClient
 
-pytestmark = pytest.mark.slow
-
 SOAK_S = float(os.environ.get("VIGILD_SOAK_S", "600"))
 WARMUP_S = min(120.0, SOAK_S / 4)
 SAMPLE_S = 5.0
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(SOAK_S + 300)]  # beyond the suite's 300 s per test
 
 
 def test_four_cameras_for_ten_minutes_hold_memory_threads_and_descriptors(tmp_path):
@@ -57,6 +57,6 @@ def test_four_cameras_for_ten_minutes_hold_memory_threads_and_descriptors(tmp_pa
     # narrow band with no upward drift rather than one number
     threads = [s[2] for s in settled]
     third = max(1, len(threads) // 3)
-    assert max(threads) - min(threads) <= 2, f"thread count varied\n{report}"
+    assert max(threads) - min(threads) <= 3, f"thread count varied\n{report}"
     assert sum(threads[-third:]) / third <= sum(threads[:third]) / third + 0.5, f"thread count drifted up\n{report}"
     assert {s[3] for s in settled} == {first[3]}, f"descriptor count changed\n{report}"
