@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ctl = commands.add_parser("ctl", help="send a command to a running daemon's control socket")
     ctl.add_argument("--endpoint", "-e", help="control endpoint (default: the daemon's default ipc:// socket)")
-    ctl.add_argument("--config", "-c", help="take the endpoint (and CURVE setting) from this config file")
+    ctl.add_argument("--config", "-c", help="take the endpoint from this config file")
     ctl.add_argument("--timeout", "-t", type=float, default=30.0, help="seconds to wait for the reply")
     _curve_arguments(ctl)
     actions = ctl.add_subparsers(dest="action", required=True)
@@ -119,8 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(config: Config, log_level: str) -> int:
     from vigild.control import CommandError
-    from vigild.daemon import Daemon
-    from vigild.publisher import PublisherError
+    from vigild.daemon import BindError, Daemon
 
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
@@ -146,14 +145,8 @@ def _run(config: Config, log_level: str) -> int:
         daemon.start()
     except PluginStartError as exc:
         return _refuse_plugin(config, exc)
-    except PublisherError as exc:
-        print(f"vigild: config error: {config.error(('publisher', 'endpoint'), str(exc))}", file=sys.stderr)
-        return EXIT_CONFIG
-    except OSError as exc:  # the control socket or the metrics port
-        key = ("metrics", "port") if daemon.metrics is not None and "control" not in str(exc) else ("control",)
-        if daemon.control is not None and daemon.control._socket is None:
-            key = ("control", "endpoint")
-        print(f"vigild: config error: {config.error(key, f'cannot bind: {exc}')}", file=sys.stderr)
+    except BindError as exc:
+        print(f"vigild: config error: {config.error(exc.key, str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
 
     while not daemon.wait(0.5):  # a timed wait keeps the main thread responsive to signals

@@ -85,7 +85,6 @@ class ControlServer:
         self._socket: zmq.Socket | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="control", daemon=True)
-        self.handled = 0
         self._handlers: dict[str, Callable[[dict[str, Any]], tuple[Any, bytes | None]]] = {
             "status": lambda _: (daemon.status(), None),
             "cameras": self._cameras,
@@ -93,7 +92,6 @@ class ControlServer:
             "snapshot": self._snapshot,
             "pause": lambda request: (daemon.pause(self._camera(request)), None),
             "resume": lambda request: (daemon.resume(self._camera(request)), None),
-
         }
 
     def start(self) -> None:
@@ -165,7 +163,6 @@ class ControlServer:
         if rest[0] == b"":  # a REQ client: echo its delimiter
             envelope.append(b"")
             rest = rest[1:]
-        self.handled += 1
         try:
             result, attachment = self._dispatch(rest)
             body = {"ok": True, "result": result}

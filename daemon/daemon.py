@@ -20,9 +20,10 @@ from vigild.control import CommandError, ControlServer
 from vigild.events import SYSTEM_CAMERA, Event
 from vigild.exchange import FrameExchange
 from vigild.notify import ServiceNotifier
-from vigild.publisher import Publisher
+from vigild.publisher import Publisher, PublisherError
 from vigild.scheduler import Scheduler
 from vigild.sources import redact
+from vigild.yamlsource import KeyPath
 
 log = logging.getLogger("vigild")
 
@@ -31,6 +32,14 @@ SCHEDULER_JOIN_TIMEOUT_S = 6.0
 """With the captures' 2 s and the publisher's linger, a stop ends well within systemd's 10 s expectation."""
 RESTART_REQUIRED = ("publisher", "control", "curve", "metrics", "device", "torch_threads")
 """Settings a reload cannot change in a running process (sockets, the compute device): they wait for a restart."""
+
+
+class BindError(Exception):
+    """A socket or port the config names could not be bound (taken, no permission); `key` is where it is set."""
+
+    def __init__(self, key: KeyPath, message: str):
+        self.key = key
+        super().__init__(message)
 
 
 @dataclass
@@ -104,16 +113,29 @@ class Daemon:
         return CameraCapture(name, config.cameras[name], config.source(name), self.exchange)
 
     def start(self) -> None:
-        """Start everything, or raise with nothing left running (a bad plugin, a busy port)."""
+        """Start everything, or raise with nothing left running: PluginStartError for a plugin, BindError for a
+        socket or port."""
+        import zmq
+
         # bind first: subscribers waiting to connect get in while the models load, and miss no early event
-        self.publisher.start()
+        try:
+            self.publisher.start()
+        except PublisherError as exc:
+            raise BindError(("publisher", "endpoint"), str(exc)) from exc
         started: list[Any] = [self.publisher]
         try:
             if self.control is not None:
-                self.control.start()
+                try:
+                    self.control.start()
+                except (OSError, zmq.ZMQError) as exc:
+                    raise BindError(("control", "endpoint"), f"cannot bind {self.control.endpoint}: {exc}") from exc
                 started.append(self.control)
             if self.metrics is not None:
-                self.metrics.start()
+                try:
+                    self.metrics.start()
+                except OSError as exc:
+                    address = f"{self.metrics.config.address}:{self.metrics.config.port}"
+                    raise BindError(("metrics", "port"), f"cannot serve metrics on {address}: {exc}") from exc
                 started.append(self.metrics)
             self.chain.start()
         except Exception:
@@ -180,7 +202,7 @@ class Daemon:
 
     def status_line(self) -> str:
         captures = self.captures
-        streaming = sum(1 for c in captures.values() if c.stats.state is CameraState.STREAMING)
+        streaming = self._streaming_count()
         fps = sum(processed for processed, _ in self.camera_fps.values())
         drops = sum(self.exchange.drops.values()) + sum(c.stats.source_drops for c in captures.values())
         paused = f", {len(self.paused)} paused" if self.paused else ""
@@ -188,6 +210,10 @@ class Daemon:
 
     def _streaming_count(self) -> int:
         return sum(1 for c in self.captures.values() if c.stats.state is CameraState.STREAMING)
+
+    @property
+    def uptime_s(self) -> float:
+        return time.monotonic() - self._started_at
 
     def status(self) -> dict[str, Any]:
         """The daemon's state as the heartbeat and `vigild ctl status` report it."""
@@ -215,7 +241,7 @@ class Daemon:
         batches = self.scheduler.batches
         publisher = self.publisher.stats
         return {
-            "uptime_s": round(time.monotonic() - self._started_at, 1),
+            "uptime_s": round(self.uptime_s, 1),
             "device": self.device,
             "config": str(self.config.file),
             "cameras": cameras,

@@ -7,7 +7,6 @@ capture-to-publish latency per frame.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -72,7 +71,7 @@ class DaemonCollector(Collector):
         dropped.add_metric(["unsendable"], publisher.dropped_unsendable)
         yield dropped
         yield CounterMetricFamily("vigild_batches", "Batches through the chain", value=daemon.scheduler.batches)
-        yield GaugeMetricFamily("vigild_uptime_seconds", "Seconds since start", value=time.monotonic() - daemon._started_at)
+        yield GaugeMetricFamily("vigild_uptime_seconds", "Seconds since start", value=daemon.uptime_s)
         memory = GaugeMetricFamily("vigild_gpu_memory_bytes", "GPU memory held by torch", labels=["device", "kind"])
         if daemon.device.startswith("cuda"):
             import torch

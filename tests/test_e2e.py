@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, VTEST, daemon_env, vigild, yolo_fastest_yaml
+from conftest import ROOT, VTEST, daemon_env, free_endpoint, vigild, yolo_fastest_yaml
 
 pytestmark = pytest.mark.e2e
 
@@ -143,13 +143,18 @@ def test_missing_camera_is_reported_and_retried_while_the_other_publishes(tmp_pa
     assert "camera ghost: file not found" in daemon.stderr.read()
 
 
-def test_busy_publisher_port_is_refused_with_exit_2(tmp_path, endpoint):
+@pytest.mark.parametrize("taken", ["publisher", "control"])
+def test_a_busy_port_is_refused_with_exit_2_naming_its_key(tmp_path, endpoint, taken):
     import zmq
 
+    busy = free_endpoint()
     blocker = zmq.Context.instance().socket(zmq.PUB)
-    blocker.bind(endpoint)
+    blocker.bind(busy)
     try:
-        config = write_config(tmp_path, f"vtest:\n  source: {VTEST}\n", endpoint)
+        publisher = busy if taken == "publisher" else endpoint
+        config = write_config(tmp_path, f"vtest:\n  source: {VTEST}\n", publisher)
+        control = busy if taken == "control" else f"ipc://{tmp_path}/control"
+        config.write_text(config.read_text() + f"control:\n  endpoint: {control}\n")
         result = subprocess.run(
             [*vigild_command(), "run", "--config", str(config)],
             capture_output=True,
@@ -160,8 +165,9 @@ def test_busy_publisher_port_is_refused_with_exit_2(tmp_path, endpoint):
         )
     finally:
         blocker.close(linger=0)
-    assert result.returncode == 2
-    assert f"publisher.endpoint: cannot bind publisher to {endpoint}" in result.stderr
+    assert result.returncode == 2, result.stderr
+    expected = {"publisher": f"cannot bind publisher to {busy}", "control": f"cannot bind {busy}"}[taken]
+    assert f"{taken}.endpoint: {expected}" in result.stderr
 
 
 def vigild_command() -> list[str]:
