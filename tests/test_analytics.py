@@ -20,7 +20,7 @@ from torchvision.ops import box_iou
 from vigild.chain import Chain
 from vigild.config import CameraConfig, PluginSpec
 from vigild.frame import Detections, Frame
-from vigild.plugin import PluginContext
+from vigild.plugin import Plugin, PluginConfig, PluginContext
 from vigild.plugins.analytics import Analytics, AnalyticsConfig
 from vigild.plugins.botsort import BotSort, BotSortConfig
 from vigild.plugins.bytetrack import ByteTrack, ByteTrackConfig
@@ -73,17 +73,17 @@ def scripted_frames(vanish_after: int | None = None) -> list[Frame]:
 TRACKERS = {"bytetrack": (ByteTrack, ByteTrackConfig), "botsort": (BotSort, BotSortConfig)}
 
 
+def started_chain(cameras: dict[str, CameraConfig], *plugins: tuple[str, type[Plugin], PluginConfig]) -> Chain:
+    """The plugins in order, each with one config serving every camera, started."""
+    specs = tuple(PluginSpec(name, cls, config, dict.fromkeys(cameras, config)) for name, cls, config in plugins)
+    chain = Chain(specs, "cpu", cameras)
+    chain.start()
+    return chain
+
+
 def run_with_tracker(tracker: ByteTrackConfig, vanish_after: int | None = None) -> list:
     analytics = AnalyticsConfig(min_frames=3, loiter_s=None)
-    chain = Chain(
-        (
-            PluginSpec("bytetrack", ByteTrack, tracker, {"cam": tracker}),
-            PluginSpec("analytics", Analytics, analytics, {"cam": analytics}),
-        ),
-        "cpu",
-        {"cam": CAMERA},
-    )
-    chain.start()
+    chain = started_chain({"cam": CAMERA}, ("bytetrack", ByteTrack, tracker), ("analytics", Analytics, analytics))
     events = []
     for frame in scripted_frames(vanish_after):
         chain.process([frame])
@@ -97,15 +97,7 @@ def run(
     """Tracker + analytics over the scene's first `stop` frames, then the camera stops."""
     plugin, config = TRACKERS[tracker_type]
     tracker = config(update_interval=1000)
-    chain = Chain(
-        (
-            PluginSpec(tracker_type, plugin, tracker, {"cam": tracker}),
-            PluginSpec("analytics", Analytics, analytics, {"cam": analytics}),
-        ),
-        "cpu",
-        {"cam": CAMERA},
-    )
-    chain.start()
+    chain = started_chain({"cam": CAMERA}, (tracker_type, plugin, tracker), ("analytics", Analytics, analytics))
     events = []
     frames = scripted_frames(vanish_after)[:stop]
     for frame in frames:
@@ -156,8 +148,7 @@ def test_tracking_of_the_scene_scores_near_perfect_mota_and_idf1(tracker_type):
 
     plugin, config = TRACKERS[tracker_type]
     tracker = config(update_interval=1000)
-    chain = Chain((PluginSpec(tracker_type, plugin, tracker, {"cam": tracker}),), "cpu", {"cam": CAMERA})
-    chain.start()
+    chain = started_chain({"cam": CAMERA}, (tracker_type, plugin, tracker))
     accumulator = mm.MOTAccumulator(auto_id=True)
     for i, frame in enumerate(scripted_frames()):
         chain.process([frame])
@@ -204,15 +195,7 @@ def test_two_cameras_in_one_batch_keep_their_own_tracks_and_events():
     analytics = AnalyticsConfig(min_frames=3, loiter_s=None, count_debounce_s=0.0)
     tracker = ByteTrackConfig(update_interval=1000)
     cameras = {"a": CAMERA, "b": CAMERA}
-    chain = Chain(
-        (
-            PluginSpec("bytetrack", ByteTrack, tracker, dict.fromkeys(cameras, tracker)),
-            PluginSpec("analytics", Analytics, analytics, dict.fromkeys(cameras, analytics)),
-        ),
-        "cpu",
-        cameras,
-    )
-    chain.start()
+    chain = started_chain(cameras, ("bytetrack", ByteTrack, tracker), ("analytics", Analytics, analytics))
     events = []
     # camera b sees the scene 40 frames later than camera a: different objects at the same moment
     scene_a, scene_b = scripted_frames(), scripted_frames()
@@ -284,16 +267,9 @@ def test_a_line_across_the_plaza_counts_people_both_ways_on_real_footage():
     detector = yolo_fastest(0.1)
     tracker = ByteTrackConfig(update_interval=1000)
     analytics = AnalyticsConfig(min_frames=3, loiter_s=None)
-    chain = Chain(
-        (
-            PluginSpec("detector", Detector, detector, {"vtest": detector}),
-            PluginSpec("bytetrack", ByteTrack, tracker, {"vtest": tracker}),
-            PluginSpec("analytics", Analytics, analytics, {"vtest": analytics}),
-        ),
-        "cpu",
-        {"vtest": camera},
+    chain = started_chain(
+        {"vtest": camera}, ("detector", Detector, detector), ("bytetrack", ByteTrack, tracker), ("analytics", Analytics, analytics)
     )
-    chain.start()
     capture = cv2.VideoCapture(str(VTEST))
     events, t0, index = [], time.time(), 0
     while True:
@@ -333,15 +309,7 @@ def test_snapshots_show_the_object_and_stay_within_their_limits(kind, size):
 
     analytics = AnalyticsConfig(min_frames=3, loiter_s=None, snapshot=kind, snapshot_max_side=320)
     tracker = ByteTrackConfig(update_interval=1000)
-    chain = Chain(
-        (
-            PluginSpec("bytetrack", ByteTrack, tracker, {"cam": tracker}),
-            PluginSpec("analytics", Analytics, analytics, {"cam": analytics}),
-        ),
-        "cpu",
-        {"cam": CAMERA},
-    )
-    chain.start()
+    chain = started_chain({"cam": CAMERA}, ("bytetrack", ByteTrack, tracker), ("analytics", Analytics, analytics))
     events = []
     for frame in painted_frames():
         chain.process([frame])
@@ -422,16 +390,9 @@ def test_pedestrians_rendered_on_known_paths_are_tracked_and_counted_by_the_real
     detector = yolo_fastest(0.3)
     tracker = ByteTrackConfig(update_interval=1000)
     analytics = AnalyticsConfig(min_frames=3, loiter_s=None)
-    chain = Chain(
-        (
-            PluginSpec("detector", Detector, detector, {"r": detector}),
-            PluginSpec("bytetrack", ByteTrack, tracker, {"r": tracker}),
-            PluginSpec("analytics", Analytics, analytics, {"r": analytics}),
-        ),
-        "cpu",
-        {"r": camera},
+    chain = started_chain(
+        {"r": camera}, ("detector", Detector, detector), ("bytetrack", ByteTrack, tracker), ("analytics", Analytics, analytics)
     )
-    chain.start()
     accumulator = mm.MOTAccumulator(auto_id=True)
     events = []
     images, truths = rendered_scene()
