@@ -94,10 +94,13 @@ def _client_keys(args: argparse.Namespace) -> ClientKeys | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "sub":
-        return _sub(args)
-    if args.command == "ctl":
-        return _ctl(args)
+    if args.command in ("sub", "ctl"):
+        try:
+            keys = _client_keys(args)
+        except (OSError, ValueError) as exc:
+            print(f"vigild {args.command}: CURVE keys: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        return _sub(args, keys) if args.command == "sub" else _ctl(args, keys)
     if args.command == "keygen":
         public, secret = keygen(Path(args.dir), args.name)
         print(f"public key (give it out): {public}\nsecret key (keep it private): {secret}")
@@ -160,10 +163,10 @@ def _run(config: Config, log_level: str) -> int:
     return EXIT_OK
 
 
-def _ctl(args: argparse.Namespace) -> int:
+def _ctl(args: argparse.Namespace, keys: ClientKeys | None) -> int:
     from vigild.control import ControlClient
 
-    endpoint, keys = args.endpoint, _client_keys(args)
+    endpoint = args.endpoint
     if args.config and not endpoint:
         try:
             config = load_config(args.config)
@@ -219,9 +222,9 @@ def _refuse_plugin(config: Config, exc: PluginStartError) -> int:
     return EXIT_CONFIG
 
 
-def _sub(args: argparse.Namespace) -> int:
+def _sub(args: argparse.Namespace, keys: ClientKeys | None) -> int:
     received = 0
-    with Subscriber(args.endpoint, args.prefixes, curve=_client_keys(args)) as subscriber:
+    with Subscriber(args.endpoint, args.prefixes, curve=keys) as subscriber:
         try:
             while args.count is None or received < args.count:
                 message = subscriber.receive(timeout=args.timeout)
