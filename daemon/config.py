@@ -231,7 +231,10 @@ class DaemonSettings(StrictModel):
     metrics: MetricsConfig = MetricsConfig()
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
     torch_threads: int | None = Field(
-        None, ge=1, description="Threads torch may use on the CPU; default: torch's own choice."
+        None,
+        ge=1,
+        description="CPU threads for torch and OpenCV; default: the CPUs the daemon may use (its affinity, capped by "
+        "its cgroup CPU quota), whatever OMP_NUM_THREADS or MKL_NUM_THREADS say. Reported in the heartbeat.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -23,6 +23,7 @@ from vigild.notify import ServiceNotifier
 from vigild.publisher import Publisher, PublisherError
 from vigild.scheduler import Scheduler
 from vigild.sources import redact
+from vigild.threads import apply_threads, choose_threads, thread_report
 from vigild.yamlsource import KeyPath
 
 log = logging.getLogger("vigild")
@@ -75,14 +76,13 @@ class Daemon:
         from vigild.device import resolve_device  # imports torch: only once a daemon is made
 
         self.device = resolve_device(settings.device)
-        if settings.torch_threads:
-            import torch
-
-            torch.set_num_threads(settings.torch_threads)
+        # torch_threads, else the CPUs this process may use; never OMP_NUM_THREADS left by whoever started us
+        self.threads = choose_threads(settings.torch_threads)
+        apply_threads(self.threads)
         self.exchange = FrameExchange()
         self.captures = {name: self._capture(config, name) for name in config.cameras}
         self.paused: set[str] = set()
-        self.chain = Chain(config.chain, self.device, config.cameras, settings.torch_threads)
+        self.chain = Chain(config.chain, self.device, config.cameras, self.threads.count)
         self.publisher = Publisher(settings.publisher, heartbeat=self._heartbeat, curve=settings.curve)
         self.scheduler = Scheduler(
             settings.scheduler,
@@ -146,9 +146,11 @@ class Daemon:
         for capture in self.captures.values():
             capture.start()
         log.info(
-            "running %d camera(s) on %s, publishing on %s%s",
+            "running %d camera(s) on %s (%d threads, %s), publishing on %s%s",
             len(self.captures),
             self.device,
+            self.threads.count,
+            "torch_threads" if self.threads.source == "torch_threads" else f"{self.threads.usable_cpus} usable CPUs",
             self.config.settings.publisher.endpoint,
             f", control on {self.control.endpoint}" if self.control is not None else "",
         )
@@ -243,6 +245,7 @@ class Daemon:
         return {
             "uptime_s": round(self.uptime_s, 1),
             "device": self.device,
+            "threads": thread_report(self.threads),
             "config": str(self.config.file),
             "cameras": cameras,
             "scheduler": {
@@ -324,7 +327,7 @@ class Daemon:
         if applied.restart_required:
             log.warning("reload: %s changed; they take effect at the next restart", ", ".join(applied.restart_required))
 
-        chain = Chain(new.chain, self.device, new_cameras, new.settings.torch_threads, reuse=self.chain)
+        chain = Chain(new.chain, self.device, new_cameras, self.threads.count, reuse=self.chain)
         chain.on_stage_time = self.chain.on_stage_time
         chain.start()  # models load here, while the old chain keeps running
         leaving = [*applied.removed, *applied.restarted]
