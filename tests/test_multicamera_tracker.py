@@ -248,3 +248,212 @@ def test_a_frame_with_broken_detections_is_named_and_the_others_tracked():
     tracker.process([again])
     np.testing.assert_array_equal(again.detections.tracker_id, expected[1].detections.tracker_id)
     assert (again.detections.tracker_id >= 1).any()
+
+
+def tracker_state(tracker: MultiCameraTracker) -> dict[str, object]:
+    """Everything a step may change: every column of the track table, the cameras and their counters."""
+    state: dict[str, object] = {
+        name: getattr(tracker.tracks, name).copy() for name in type(tracker.tracks).COLUMNS if name != "dets"
+    }
+    state["dets"] = [id(d) for d in tracker.tracks.dets]  # the frames' Detections each track was last seen in
+    state |= {"slots": dict(tracker._slots), "frames": tracker._frames.copy(),
+              "next_uid": tracker._next_uid.copy(), "order": tracker._order}  # fmt: skip
+    return state
+
+
+def assert_same_state(actual: dict[str, object], expected: dict[str, object]) -> None:
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(actual[name], value, err_msg=name)
+        else:
+            assert actual[name] == value, name
+
+
+def fail_on_last_lapjv(monkeypatch, tracker: MultiCameraTracker, frames: list[CameraFrame]) -> None:
+    """lap.lapjv raises on its last call of the step on `frames` (the last camera's last stage): counted on a copy."""
+    import copy
+
+    import lap
+
+    real, calls = lap.lapjv, []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lap, "lapjv", counting)
+    copy.deepcopy(tracker).step(frames)
+    last = len(calls)
+    assert last >= 4, "the step must do real work before the failure"
+    calls.clear()
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == last:
+            raise RuntimeError("injected failure in lap.lapjv")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lap, "lapjv", failing)
+
+
+def fail_in_kalman_update(monkeypatch, tracker: MultiCameraTracker, frames: list[CameraFrame]) -> None:
+    """The Kalman update of the matched tracks raises: every association stage of every camera is done."""
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("injected failure in the Kalman update")
+
+    monkeypatch.setattr(tracker.kalman, "update", failing)
+
+
+def fail_in_reporting_ended_tracks(monkeypatch, tracker: MultiCameraTracker, frames: list[CameraFrame]) -> None:
+    """The last thing a step does, after its new tracks have ids: making the ended-track reports."""
+
+    def failing(gone):
+        raise RuntimeError("injected failure in the ended-track report")
+
+    monkeypatch.setattr(MultiCameraTracker, "_ended", staticmethod(failing))
+
+
+@pytest.mark.parametrize("inject", [fail_on_last_lapjv, fail_in_kalman_update, fail_in_reporting_ended_tracks])
+def test_a_step_that_fails_after_its_work_leaves_the_tracker_as_it_was(monkeypatch, inject):
+    """A failure late in a step (the last camera's assignment, the Kalman update, the reports) leaves every part of
+    the tracker as before the step, also for a camera first seen in it; afterwards the tracker goes on exactly as a
+    tracker that never got the failed step."""
+    settings = AssociationSettings(0.5, 0.1, 0.6, 0.8, 10, True)
+    tracker, reference = MultiCameraTracker(settings), MultiCameraTracker(settings)
+    scene = crowd(12, 12, seed=3)
+    for i in range(4):
+        for t in (tracker, reference):
+            t.step([CameraFrame("a", scene[i], i, i), CameraFrame("b", scene[i + 1], i, i)])
+    before = tracker_state(tracker)
+    failing = [CameraFrame("a", scene[4], 4, 4), CameraFrame("b", scene[5], 4, 4), CameraFrame("c", scene[0], 4, 4)]
+    with monkeypatch.context() as patch:
+        inject(patch, tracker, failing)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            tracker.step(failing)
+    assert_same_state(tracker_state(tracker), before)
+    for i in range(5, 11):
+        frames = [
+            CameraFrame("a", scene[i], i, i),
+            CameraFrame("c", scene[i - 5], i, i),
+            CameraFrame("b", scene[i], i, i),
+        ]
+        ours, theirs = tracker.step(frames), reference.step(frames)
+        for x, y in zip(ours, theirs, strict=True):
+            np.testing.assert_array_equal(x.tracker_id, y.tracker_id)
+            np.testing.assert_array_equal(x.new, y.new)
+            assert [e.track_id for e in x.ended] == [e.track_id for e in y.ended]
+    assert_same_state(tracker_state(tracker), tracker_state(reference))
+    assert (tracker.tracks.uid > 0).sum() >= 10
+
+
+def vtest_frames(count: int) -> list[np.ndarray]:
+    capture = cv2.VideoCapture(str(VTEST))
+    images = []
+    while len(images) < count:
+        ok, image = capture.read()
+        assert ok
+        images.append(image)
+    return images
+
+
+SHAKE = (60, 20)  # pixels: a handheld camera jumping between two views of the plaza, frame by frame
+
+
+def shaking_camera(frames: int) -> tuple[list[np.ndarray], list[Detections], np.ndarray]:
+    """Views of vtest.avi from a camera that jumps by SHAKE every frame, and eight still objects seen through it:
+    (views, detections with the objects in a fixed order, the objects' boxes in the plaza)."""
+    width, height, left = 520, 400, 100
+    world = np.array([[260 + 90 * (k % 4), 200 + 110 * (k // 4), 300 + 90 * (k % 4), 280 + 110 * (k // 4)]
+                      for k in range(8)], np.float32)  # fmt: skip
+    views, detections = [], []
+    for i, image in enumerate(vtest_frames(frames)):
+        dx, dy = SHAKE if i % 2 else (0, 0)
+        views.append(np.ascontiguousarray(image[dy : dy + height, left + dx : left + dx + width]))
+        boxes = world - np.array([left + dx, dy, left + dx, dy], np.float32)
+        detections.append(Detections.untracked(boxes, np.full(8, 0.9, np.float32), np.zeros(8, np.int32), ("person",)))
+    return views, detections, world
+
+
+def botsort_plugin(**overrides):
+    from vigild.plugins.botsort import BotSort, BotSortConfig
+
+    tracker = BotSort(
+        BotSortConfig(update_interval=0, **overrides), PluginContext("cpu", {"p": CameraConfig(source="p")})
+    )
+    tracker.start()
+    return tracker
+
+
+def test_botsort_gmc_method_from_the_config_keeps_ids_through_camera_shake():
+    """`gmc_method: sparseOptFlow` in the BoT-SORT plugin's config: eight still objects seen by a camera that jumps
+    60 px right and 20 px down and back every frame each keep one id from the first frame to the last, as
+    ultralytics' BOTSORT with the same method tracks them; without it the jumps break the tracks."""
+    views, detections, world = shaking_camera(30)
+
+    def ids_per_object(gmc_method: str) -> list[set[int]]:
+        tracker = botsort_plugin(gmc_method=gmc_method)
+        seen: list[set[int]] = [set() for _ in world]
+        for i, (view, found) in enumerate(zip(views, detections, strict=True)):
+            frame = Frame("p", i, 100.0 + i / 10, float(i), view, detections=found)
+            tracker.process([frame])
+            for k, track in enumerate(frame.detections.tracker_id.tolist()):
+                seen[k].add(track)
+        return seen
+
+    compensated = ids_per_object("sparseOptFlow")
+    assert all(len(ids) == 1 and -1 not in ids for ids in compensated), compensated
+    assert len(set.union(*compensated)) == len(world)
+    fixed = ids_per_object("none")
+    assert any(len(ids) > 1 for ids in fixed), "without compensation the jumps must break tracks (else no test)"
+
+    theirs = ultralytics_tracker("xywh", AssociationSettings(0.25, 0.1, 0.25, 0.8, 30, True), gmc="sparseOptFlow")
+    tracker, ids = botsort_plugin(gmc_method="sparseOptFlow"), IdMap()
+    for i, (view, found) in enumerate(zip(views, detections, strict=True)):
+        frame = Frame("p", i, 100.0 + i / 10, float(i), view, detections=found)
+        tracker.process([frame])
+        ids.check(their_ids(theirs, found, view), frame.detections.tracker_id, f"frame {i}")
+
+
+def test_a_failed_step_leaves_the_camera_motion_compensation_as_it_was(monkeypatch):
+    """A BoT-SORT step that fails after the camera's motion was estimated: the next frame is compensated from the
+    last frame that was tracked, exactly as by a tracker that never got the failed frame."""
+    views, detections, _ = shaking_camera(12)
+    tracker, reference = botsort_plugin(gmc_method="sparseOptFlow"), botsort_plugin(gmc_method="sparseOptFlow")
+
+    def frame_(i: int) -> Frame:
+        return Frame("p", i, 100.0 + i / 10, float(i), views[i], detections=detections[i])
+
+    for i in range(6):
+        tracker.process([frame_(i)])
+        reference.process([frame_(i)])
+    with monkeypatch.context() as patch:
+        fail_in_kalman_update(patch, tracker._tracker, [])
+        with pytest.raises(FrameErrors, match="injected failure"):
+            tracker.process([frame_(6)])
+    for i in range(7, 12):
+        ours, theirs = frame_(i), frame_(i)
+        tracker.process([ours])
+        reference.process([theirs])
+        np.testing.assert_array_equal(ours.detections.tracker_id, theirs.detections.tracker_id)
+        np.testing.assert_array_equal(tracker._tracker.tracks.mean, reference._tracker.tracks.mean, err_msg=f"{i}")
+
+
+def test_camera_motion_compensation_restarts_when_the_frame_size_changes(caplog):
+    """The camera's frame size changes mid-stream (its resolution was changed): BoT-SORT's compensation, which
+    cannot compare frames of two sizes, says so and starts again from the new frames, and the still objects keep
+    their ids through the shake that follows."""
+    views, detections, world = shaking_camera(24)
+    smaller = 40  # pixels cut off the right and the bottom from frame 11 on: no object is near there
+    source = [*range(11), 10, *range(12, 24)]  # the camera holds still while it changes (frame 11 is as frame 10)
+    tracker = botsort_plugin(gmc_method="sparseOptFlow")
+    seen: list[set[int]] = [set() for _ in world]
+    for i, s in enumerate(source):
+        view = views[s] if i <= 10 else np.ascontiguousarray(views[s][:-smaller, :-smaller])
+        frame = Frame("p", i, 100.0 + i / 10, float(i), view, detections=detections[s])
+        tracker.process([frame])
+        for k, track in enumerate(frame.detections.tracker_id.tolist()):
+            seen[k].add(track)
+    assert all(len(ids) == 1 and -1 not in ids for ids in seen), seen
+    assert any("camera-motion compensation failed on camera p frame 11" in r.getMessage() for r in caplog.records)

@@ -11,13 +11,16 @@ float32 cost matrices and dedup of tracked against lost tracks), and BoT-SORT's 
 compensation with `form="xywh"`; tests/test_multicamera_tracker.py checks frame by frame that it gives the tracks
 ultralytics gives. Ids are numbered per camera from 1 when a track is first confirmed, never reused on a camera.
 
-Every step first computes, then commits: a step that raises leaves the tracks as they were.
+Every step first computes, then commits: a step that raises leaves the tracker as it was (its tracks, cameras, id
+and list-order counters, and the camera-motion compensator's previous frame).
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import lap
@@ -25,6 +28,8 @@ import numpy as np
 
 from vigild.frame import NO_TRACK, Detections
 from vigild.plugins.backends.box_kalman import BoxForm, BoxKalman
+
+log = logging.getLogger("vigild.plugins.tracker")
 
 TRACKED, LOST = 0, 1
 _UNCONFIRMED = 2  # a sort group: tracked but not yet matched a second time
@@ -77,6 +82,22 @@ class FrameTracks:
     age_s: np.ndarray
     """Per `due`: seconds since the track was confirmed."""
     ended: list[EndedTrack]
+
+
+@dataclass
+class _Pending:
+    """What a step changes besides the tracks, held aside until it commits."""
+
+    slots: dict[str, int]
+    frames: np.ndarray
+    next_uid: np.ndarray
+    order: int
+    gmc: dict[int, Any] = field(default_factory=dict)
+
+    def next_orders(self, n: int) -> np.ndarray:
+        orders = np.arange(self.order, self.order + n)
+        self.order += n
+        return orders
 
 
 class _Table:
@@ -198,18 +219,18 @@ class MultiCameraTracker:
         self._gmc: dict[int, Any] = {}
         self._order = 0
 
-    def _slot(self, camera: str) -> int:
-        slot = self._slots.get(camera)
-        if slot is None:
-            slot = self._slots[camera] = len(self._slots)
-            self._frames = np.append(self._frames, 0)
-            self._next_uid = np.append(self._next_uid, 1)
-        return slot
-
-    def _next_orders(self, n: int) -> np.ndarray:
-        orders = np.arange(self._order, self._order + n)
-        self._order += n
-        return orders
+    def _pending(self, cameras: list[str]) -> _Pending:
+        """Slots for this step's cameras (new ones get the next free numbers), and copies of the counters."""
+        slots = dict(self._slots)
+        for camera in cameras:
+            slots.setdefault(camera, len(slots))
+        added = len(slots) - len(self._slots)
+        return _Pending(
+            slots,
+            np.concatenate([self._frames, np.zeros(added, np.int64)]),
+            np.concatenate([self._next_uid, np.ones(added, np.int64)]),
+            self._order,
+        )
 
     def live_track_ids(self, camera: str) -> set[int]:
         slot = self._slots.get(camera)
@@ -233,10 +254,11 @@ class MultiCameraTracker:
         """One frame of each of several cameras (each camera at most once)."""
         s, kalman = self.settings, self.kalman
         count = len(frames)
-        slots = np.array([self._slot(f.camera) for f in frames], np.int64)
+        pending = self._pending([f.camera for f in frames])
+        slots = np.array([pending.slots[f.camera] for f in frames], np.int64)
         if len(np.unique(slots)) != count:
             raise ValueError("MultiCameraTracker.step takes at most one frame per camera")
-        frame_id = self._frames[slots] + 1
+        frame_id = pending.frames[slots] + 1
         ts = np.array([f.ts for f in frames], np.float64)
 
         # Detections of all frames, flat: boxes through float32 centre/size as ultralytics reads them.
@@ -256,7 +278,7 @@ class MultiCameraTracker:
         low = valid & (conf > s.low_thresh) & (conf < s.high_thresh)
 
         # This step's tracks, sorted by camera, then tracked / lost / unconfirmed, then list order.
-        pos_of_slot = np.full(len(self._frames), -1, np.int64)
+        pos_of_slot = np.full(len(pending.frames), -1, np.int64)
         pos_of_slot[slots] = np.arange(count)
         tracks = self.tracks
         in_step = pos_of_slot[tracks.cam] >= 0
@@ -275,7 +297,7 @@ class MultiCameraTracker:
         if pool.any():
             rows.mean[pool], rows.cov[pool] = kalman.predict(rows.mean[pool], rows.cov[pool])
         if self.gmc_method is not None:
-            self._compensate_motion(frames, slots, rows, pos, xyxy[high], det_pos[high])
+            self._compensate_motion(frames, slots, rows, pos, xyxy[high], det_pos[high], pending)
 
         # One IoU computation for every camera's tracks against its detections.
         row_rank, row_count = _ranks(pos, count)
@@ -328,7 +350,7 @@ class MultiCameraTracker:
             new_dets.append(d0 + remaining[conf[d0 + remaining] >= s.new_track_thresh])
 
         return self._commit(
-            frames, slots, frame_id, ts, table_rows, rows, pos, group,
+            frames, pending, slots, frame_id, ts, table_rows, rows, pos, group,
             _cat(matched_rows), _cat(matched_dets), _cat(lost_rows), _cat(removed_rows), _cat(new_dets),
             det_pos, det_start, det_count, measurement, det_boxes,
         )  # fmt: skip
@@ -341,19 +363,25 @@ class MultiCameraTracker:
         pos: np.ndarray,
         high_xyxy: np.ndarray,
         high_pos: np.ndarray,
+        pending: _Pending,
     ) -> None:
         from ultralytics.trackers.utils.gmc import GMC
 
         for p, frame in enumerate(frames):
             if frame.image is None:
                 continue
-            gmc = self._gmc.get(int(slots[p]))
-            if gmc is None:
-                gmc = self._gmc[int(slots[p])] = GMC(method=self.gmc_method)
+            slot = int(slots[p])
+            known = self._gmc.get(slot)
+            # GMC.apply replaces its previous frame and key points (never changes them in place): a shallow copy
+            # keeps the committed one as it was until the step commits.
+            gmc = pending.gmc[slot] = copy.copy(known) if known is not None else GMC(method=self.gmc_method)
             try:
                 affine = gmc.apply(frame.image, high_xyxy[high_pos == p])
-            except Exception:
-                affine = np.eye(2, 3)
+            except Exception as exc:  # e.g. the camera's frame size changed: start afresh from this frame
+                log.warning("%s camera-motion compensation failed on camera %s frame %d (%s: %s); restarting it",
+                            self.gmc_method, frame.camera, frame.index, type(exc).__name__, exc)  # fmt: skip
+                gmc = pending.gmc[slot] = GMC(method=self.gmc_method)
+                affine = gmc.apply(frame.image, high_xyxy[high_pos == p])
             mine = pos == p
             if mine.any() and not np.array_equal(affine, np.eye(2, 3)):
                 rows.mean[mine], rows.cov[mine] = self.kalman.warp(rows.mean[mine], rows.cov[mine], affine)
@@ -361,6 +389,7 @@ class MultiCameraTracker:
     def _commit(
         self,
         frames: Sequence[CameraFrame],
+        pending: _Pending,
         slots: np.ndarray,
         frame_id: np.ndarray,
         ts: np.ndarray,
@@ -409,9 +438,9 @@ class MultiCameraTracker:
         new.mean, new.cov = kalman.initiate(measurement[new_dets])
         new.det = new_dets - det_start[new_pos]
         # List order: new tracks, then those found again, then (lost list) the newly lost.
-        new.order = self._next_orders(len(new_dets))
-        rows.order[refound] = self._next_orders(len(refound))
-        rows.order[lost_rows] = self._next_orders(len(lost_rows))
+        new.order = pending.next_orders(len(new_dets))
+        rows.order[refound] = pending.next_orders(len(refound))
+        rows.order[lost_rows] = pending.next_orders(len(lost_rows))
 
         # Lost too long, or a tracked and a lost track on the same object (the younger one goes). Like ultralytics
         # and the original ByteTrack, a lost track past `max_frames_lost` is marked removed but leaves the lost list
@@ -434,8 +463,8 @@ class MultiCameraTracker:
         confirm = shown[step.uid[shown] == 0]
         confirm = confirm[np.lexsort((step.order[confirm], step_pos[confirm]))]
         rank, per_pos = _ranks(step_pos[confirm], count)
-        step.uid[confirm] = self._next_uid[slots[step_pos[confirm]]] + rank
-        self._next_uid[slots] += per_pos
+        step.uid[confirm] = pending.next_uid[slots[step_pos[confirm]]] + rank
+        pending.next_uid[slots] += per_pos
         confirm_pos = step_pos[confirm]
         step.first_ts[confirm] = step.last_event_ts[confirm] = ts[confirm_pos]
         step.first_index[confirm] = index_of[confirm_pos]
@@ -446,16 +475,6 @@ class MultiCameraTracker:
         step.dets[shown] = dets_of[shown_pos]
         due = shown[(step.seen[shown] > 1) & (ts[shown_pos] - step.last_event_ts[shown] >= self.update_interval)]
         step.last_event_ts[due] = ts[step_pos[due]]
-
-        # Write back: this step's cameras' rows are replaced by what the step kept.
-        self._frames[slots] = frame_id
-        if len(table_rows) == len(self.tracks):
-            self.tracks = step
-        else:
-            others = np.ones(len(self.tracks), bool)
-            others[table_rows] = False
-            self.tracks = self.tracks.take(np.flatnonzero(others))
-            self.tracks.extend(step)
 
         tracker_id = np.full(int(det_count.sum()), NO_TRACK, np.int64)
         tracker_id[det_start[shown_pos] + step.det[shown]] = step.uid[shown]
@@ -477,6 +496,21 @@ class MultiCameraTracker:
                     ended=ended_by_slot.get(int(slots[p]), []),
                 )
             )
+
+        # Commit: this step's cameras' rows are replaced by what the step kept, and the counters move on.
+        pending.frames[slots] = frame_id
+        if len(table_rows) == len(self.tracks):
+            tracks = step
+        else:
+            others = np.ones(len(self.tracks), bool)
+            others[table_rows] = False
+            tracks = self.tracks.take(np.flatnonzero(others))
+            tracks.extend(step)
+        self.tracks = tracks
+        self._slots, self._frames, self._next_uid, self._order = (
+            pending.slots, pending.frames, pending.next_uid, pending.order
+        )  # fmt: skip
+        self._gmc.update(pending.gmc)
         return results
 
     def _drop_duplicates(self, step: _Table, step_pos: np.ndarray, count: int) -> np.ndarray:
