@@ -138,6 +138,7 @@ class Daemon:
                     raise BindError(("metrics", "port"), f"cannot serve metrics on {address}: {exc}") from exc
                 started.append(self.metrics)
             self.chain.start()
+            apply_threads(self.threads)  # again: importing ultralytics, for one, sets cv2.setNumThreads(0)
         except Exception:
             for part in reversed(started):
                 part.stop()
@@ -330,6 +331,7 @@ class Daemon:
         chain = Chain(new.chain, self.device, new_cameras, self.threads.count, reuse=self.chain)
         chain.on_stage_time = self.chain.on_stage_time
         chain.start()  # models load here, while the old chain keeps running
+        apply_threads(self.threads)
         leaving = [*applied.removed, *applied.restarted]
         for name in leaving:
             self.captures[name].stop()

@@ -118,27 +118,30 @@ class ThreadChoice:
 
 
 def choose_threads(torch_threads: int | None) -> ThreadChoice:
+    """`torch_threads` if given, else the CPUs this process may use; the environment's thread variables never."""
     cpus = process_cpus()
-    if torch_threads:
-        return ThreadChoice(torch_threads, cpus, "torch_threads")
-    return ThreadChoice(cpus, cpus, "cpus")
-
-
-def apply_threads(choice: ThreadChoice) -> None:
-    """Set torch's and OpenCV's thread counts (process-wide: torch's threads started later take the same count)."""
-    import cv2
-    import torch
-
-    torch.set_num_threads(choice.count)
-    cv2.setNumThreads(choice.count)
+    choice = ThreadChoice(torch_threads, cpus, "torch_threads") if torch_threads else ThreadChoice(cpus, cpus, "cpus")
     ignored = {name: os.environ[name] for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if name in os.environ}
-    if ignored and any(value != str(choice.count) for value in ignored.values()):
+    if any(value != str(choice.count) for value in ignored.values()):
         log.info(
             "%s in the environment ignored: %d threads (%s)",
             ", ".join(f"{name}={value}" for name, value in ignored.items()),
             choice.count,
-            choice.source,
+            "torch_threads" if torch_threads else f"{cpus} usable CPUs",
         )
+    return choice
+
+
+def apply_threads(choice: ThreadChoice) -> None:
+    """Set torch's and OpenCV's thread counts (both process-wide: torch's threads started later take the same count;
+    OpenCV's pool is left alone when it already has that many). Called again after plugins load: importing
+    ultralytics sets `cv2.setNumThreads(0)`."""
+    import cv2
+    import torch
+
+    torch.set_num_threads(choice.count)  # also the count torch's other threads take at their first parallel op
+    if cv2.getNumThreads() != choice.count:
+        cv2.setNumThreads(choice.count)
 
 
 def thread_report(choice: ThreadChoice) -> dict[str, Any]:

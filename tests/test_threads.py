@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -144,24 +143,16 @@ def independent_usable_cpus() -> int:
 
 
 def heartbeat_threads(tmp_path: Path, env_threads: str, extra_yaml: str = "") -> dict:
-    """Start `vigild run` with OMP_NUM_THREADS/MKL_NUM_THREADS = `env_threads`, return the heartbeat's `threads`."""
+    """Start `vigild run` with OMP_NUM_THREADS/MKL_NUM_THREADS = `env_threads`, return the `threads` of a heartbeat
+    sent once a frame has gone through the chain (the plugins loaded)."""
     from conftest import PlainSubscriber
 
     endpoint = free_endpoint()
     config = tmp_path / "vigild.yaml"
     config.write_text(
-        textwrap.dedent(f"""\
-        cameras:
-          cam:
-            source: {VTEST}
-            loop: true
-        publisher:
-          endpoint: {endpoint}
-          heartbeat_interval: 0.3
-        control:
-          enabled: false
-        {extra_yaml}
-        """)
+        f"cameras:\n  cam:\n    source: {VTEST}\n    loop: true\n"
+        f"publisher:\n  endpoint: {endpoint}\n  heartbeat_interval: 0.3\n"
+        f"control:\n  enabled: false\n{extra_yaml}\n"
     )
     subscriber = PlainSubscriber(endpoint, tmp_path / "events.jsonl", idle_s=60)
     log = (tmp_path / "daemon.log").open("w")
@@ -173,8 +164,12 @@ def heartbeat_threads(tmp_path: Path, env_threads: str, extra_yaml: str = "") ->
         stderr=log,
     )
     try:
-        messages = subscriber.wait_for(lambda got: any(m["event"]["type"] == "heartbeat" for m in got), 60)
-        beat = next(m["event"] for m in messages if m["event"]["type"] == "heartbeat")
+
+        def working(event: dict) -> bool:
+            return event["type"] == "heartbeat" and event["cameras"]["cam"]["frames"] > 0
+
+        messages = subscriber.wait_for(lambda got: any(working(m["event"]) for m in got), 120)
+        beat = next(m["event"] for m in messages if working(m["event"]))
     finally:
         process.terminate()
         process.wait(30)
@@ -184,11 +179,20 @@ def heartbeat_threads(tmp_path: Path, env_threads: str, extra_yaml: str = "") ->
     return beat["threads"]
 
 
+# ultralytics' detector (the real yolov8n network, untrained: nothing can be downloaded here): importing ultralytics
+# sets OMP_NUM_THREADS=1 and cv2.setNumThreads(0) in the daemon's process, as the plugins load
+ULTRALYTICS_DETECTOR = """\
+plugins:
+  - type: detector
+    weights: yolov8n.yaml
+    input_size: 320"""
+
+
 @pytest.mark.e2e
 def test_daemon_uses_the_cpus_it_may_use_not_omp_num_threads(tmp_path):
     expected = independent_usable_cpus()
     misleading = "1" if expected > 1 else "3"  # anything but the right answer
-    threads = heartbeat_threads(tmp_path, misleading)
+    threads = heartbeat_threads(tmp_path, misleading, ULTRALYTICS_DETECTOR)
     assert threads == {"torch": expected, "opencv": expected, "usable_cpus": expected, "source": "cpus"}
     assert f"({expected} threads, {expected} usable CPUs)" in (tmp_path / "daemon.log").read_text()
 
