@@ -27,6 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
+# contenders (bench/) snapshots the environment as the benchmark started (numpy and torch leave it alone)
+from contenders import contender_env, spawning_with, thread_counts
+
 from vigild.config import CameraConfig
 from vigild.frame import Detections, Frame
 from vigild.plugin import PluginContext
@@ -123,20 +126,30 @@ def pipeline_run(config: str, warmup: float, seconds: float, results: Any) -> No
         elapsed = time.monotonic() - began
         frames, classified = sum(scheduler.processed.values()) - frames0, clips[0] - clips0
         latencies = np.array(scheduler.latencies_s) * 1000
+        threads = daemon.status()["threads"]
     finally:
         daemon.stop()
     p50, p99 = np.percentile(latencies, [50, 99]) if len(latencies) else (float("nan"), float("nan"))
-    results.put({"fps": frames / elapsed, "p50": float(p50), "p99": float(p99), "clips_s": classified / elapsed})
+    results.put(
+        {
+            "fps": frames / elapsed,
+            "p50": float(p50),
+            "p99": float(p99),
+            "clips_s": classified / elapsed,
+            "threads": threads,
+        }
+    )
 
 
-def pipeline(cameras: int, actions: bool, args: argparse.Namespace) -> dict[str, float]:
+def pipeline(cameras: int, actions: bool, args: argparse.Namespace) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     worker = context.Process(
         target=pipeline_run, args=(pipeline_config(cameras, actions, args), args.warmup, args.seconds_pipeline, results)
     )
-    worker.start()
-    result: dict[str, float] = results.get(timeout=args.warmup + args.seconds_pipeline + 600)
+    with spawning_with(contender_env()):  # the environment this benchmark started with, less thread variables
+        worker.start()
+    result: dict[str, Any] = results.get(timeout=args.warmup + args.seconds_pipeline + 600)
     worker.join()
     return result
 
@@ -156,8 +169,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds before the window (loads, clips filling)")
     args = parser.parse_args()
     os.environ.setdefault("YOLO_OFFLINE", "1")
+    from vigild.threads import apply_threads, choose_threads
+
+    apply_threads(choose_threads(None))  # the plugin alone gets the threads the daemon would give it
     recognizer = plugin(args, max(args.tracks, default=1))
-    print(f"{args.model} on {args.device}, clips {recognizer.video.clip_len}x{recognizer.video.size}x{recognizer.video.size}")
+    print(f"{args.model} on {args.device}, clips {recognizer.video.clip_len}x{recognizer.video.size}x{recognizer.video.size}, "
+          f"threads {thread_counts()}")
     print(f"{'batch':>6} {'clips/s':>9}")
     for batch in args.batches:
         print(f"{batch:>6} {clips_per_second(recognizer, batch, args.seconds):>9.1f}", flush=True)
@@ -172,11 +189,13 @@ def main() -> None:
         print(f"{'cameras':>7} {'actions':>8} {'fps':>7} {'p50 ms':>8} {'p99 ms':>8} {'clips/s':>8} {'fps ratio':>9}")
     for cameras in cameras_list:
         without = pipeline(cameras, False, args)
-        print(f"{cameras:>7} {'no':>8} {without['fps']:>7.1f} {without['p50']:>8.0f} {without['p99']:>8.0f}", flush=True)
+        print(f"{cameras:>7} {'no':>8} {without['fps']:>7.1f} {without['p50']:>8.0f} {without['p99']:>8.0f}"
+              f"{'':>9} {'':>9}  threads {without['threads']}", flush=True)
         with_actions = pipeline(cameras, True, args)
         ratio = with_actions["fps"] / without["fps"] if without["fps"] else float("nan")
         print(f"{cameras:>7} {'yes':>8} {with_actions['fps']:>7.1f} {with_actions['p50']:>8.0f} "
-              f"{with_actions['p99']:>8.0f} {with_actions['clips_s']:>8.1f} {ratio:>8.2f}x", flush=True)
+              f"{with_actions['p99']:>8.0f} {with_actions['clips_s']:>8.1f} {ratio:>8.2f}x  "
+              f"threads {with_actions['threads']}", flush=True)
 
 
 if __name__ == "__main__":

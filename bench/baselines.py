@@ -66,6 +66,8 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from contenders import contender_env, nvml_handle  # bench/, this script's own directory
+
 os.environ.setdefault("YOLO_OFFLINE", "1")  # before ultralytics is imported: no pip installs, no asset downloads
 
 MODES = ("naive", "streams")
@@ -107,19 +109,14 @@ def p50_p99_ms(seconds: Sequence[float]) -> dict[str, float] | None:
     return {"p50": round(percentile(seconds, 50) * 1e3, 2), "p99": round(percentile(seconds, 99) * 1e3, 2)}  # type: ignore[operator]
 
 
-def gpu_index(device: str) -> int | None:
-    """NVML index of the device torch will use, or None when it is not a CUDA device."""
+def torch_cuda_device(device: str) -> str | None:
+    """`cuda:N` for an ultralytics device string (`cuda:1`, `0`, `0,1`: the first is used), None for the CPU."""
     dev = device.strip().lower()
     if dev.startswith("cuda"):
-        ordinal = int(dev.partition(":")[2] or 0)
-    elif dev and dev.split(",")[0].isdigit():
-        ordinal = int(dev.split(",")[0])
-    else:
-        return None
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    if ordinal < len(visible) and visible[ordinal].isdigit():  # NVML numbers physical GPUs, torch visible ones
-        return int(visible[ordinal])
-    return ordinal
+        return f"cuda:{int(dev.partition(':')[2] or 0)}"
+    if dev and dev.split(",")[0].isdigit():
+        return f"cuda:{int(dev.split(',')[0])}"
+    return None
 
 
 class GpuSampler:
@@ -131,17 +128,14 @@ class GpuSampler:
         self._thread: threading.Thread | None = None
         self._handle: Any = None
         self._nvml: Any = None
-        index = gpu_index(device)
-        if index is None:
-            return
-        try:
+        cuda = torch_cuda_device(device)
+        # the physical GPU behind torch's cuda:N (CUDA_VISIBLE_DEVICES renumbers them); None: pynvml missing or no
+        # driver, reported as null, not 0
+        self._handle = nvml_handle(cuda) if cuda is not None else None
+        if self._handle is not None:
             import pynvml
 
-            pynvml.nvmlInit()
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             self._nvml = pynvml
-        except Exception:  # pynvml missing or no driver: report null, not 0
-            self._handle = None
 
     def start(self) -> None:
         if self._handle is not None:
@@ -546,7 +540,7 @@ def run_baseline(
             "--json",
             str(out),
         ]
-        env = {**os.environ, "YOLO_OFFLINE": os.environ.get("YOLO_OFFLINE", "1")}
+        env = contender_env()  # as the benchmark started: no OMP_NUM_THREADS=1 left by an ultralytics import here
         limit = timeout if timeout is not None else warmup + seconds + 120 + 30 * len(videos)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=limit, check=False)
         if proc.returncode != 0 or not out.exists():

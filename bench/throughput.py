@@ -34,11 +34,14 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# first: contenders snapshots the environment before anything imports ultralytics
+from contenders import START_ENVIRON, THREAD_VARIABLES, contender_env, nvml_handle, spawning_with, thread_counts
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("VIGILD_SHARED", ROOT.parent / "shared")).resolve()
 CACHE = Path(os.environ.get("VIGILD_BENCH_CACHE", "/tmp/vigild-bench"))
 SIZES = {1080: (1920, 1080), 720: (1280, 720)}
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def h264(resolution: int, loops: int = 8) -> Path:
@@ -62,7 +65,10 @@ def h264(resolution: int, loops: int = 8) -> Path:
 
 
 def bench_weights() -> Path:
-    """yolov8n with its untrained weights, saved once so that every contender loads the very same model."""
+    """yolov8n with its untrained weights, saved once so that every contender loads the very same model.
+
+    Importing ultralytics here sets OMP_NUM_THREADS=1 in this process's environment: contenders are started with
+    `contender_env()`, never with os.environ."""
     out = CACHE / "yolov8n-untrained.pt"
     if not out.exists():
         from ultralytics import YOLO
@@ -91,25 +97,21 @@ def cpu_seconds() -> float:
 
 
 class GpuSampler:
-    """Mean GPU utilisation over a window, through NVML where it is installed (nvidia-ml-py), else None."""
+    """Mean GPU utilisation over a window, through NVML where it is installed (nvidia-ml-py), else None; of the
+    physical GPU torch's `device` is (CUDA_VISIBLE_DEVICES renumbers them: contenders.nvml_index)."""
 
     def __init__(self, device: str):
-        self.handle: Any = None
-        if device.startswith("cuda"):
-            try:
-                import pynvml
-
-                pynvml.nvmlInit()
-                self.handle = pynvml.nvmlDeviceGetHandleByIndex(int(device.partition(":")[2] or 0))
-            except Exception:
-                self.handle = None
+        self.handle: Any = nvml_handle(device)
         self.samples: list[float] = []
 
     def sample(self) -> None:
         if self.handle is not None:
             import pynvml
 
-            self.samples.append(float(pynvml.nvmlDeviceGetUtilizationRates(self.handle).gpu))
+            try:
+                self.samples.append(float(pynvml.nvmlDeviceGetUtilizationRates(self.handle).gpu))
+            except pynvml.NVMLError:  # e.g. not supported (a MIG instance): no figure rather than a wrong one
+                self.handle = None
 
     def mean(self) -> float | None:
         return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
@@ -160,6 +162,7 @@ def run_vigild(args: argparse.Namespace) -> dict[str, Any]:
         latencies = list(scheduler.latencies_s)
         drops = sum(daemon.exchange.drops.values()) - drops0
         stages = {stage.spec.id: round(stage.seconds, 2) for stage in daemon.chain.stages}
+        threads = daemon.status()["threads"]
     finally:
         daemon.stop()
         os.unlink(handle.name)
@@ -175,13 +178,14 @@ def run_vigild(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_percent": round(100 * cpu / elapsed, 1),
         "gpu_util_percent": gpu.mean(),
         "plugin_seconds": stages,
+        "threads": threads,
     }
 
 
 def _decode_worker(video: str, seconds: float, counter: Any) -> None:
     import cv2
 
-    cv2.setNumThreads(1)
+    cv2.setNumThreads(1)  # one process per camera: each decodes on its own (FFmpeg's threads are its own choice)
     capture = cv2.VideoCapture(video)
     end = time.monotonic() + seconds
     count = 0
@@ -201,25 +205,29 @@ def decode_ceiling(video: Path, processes: int, seconds: float) -> float:
     context = multiprocessing.get_context("spawn")
     counter = context.Value("q", 0)
     workers = [context.Process(target=_decode_worker, args=(str(video), seconds, counter)) for _ in range(processes)]
-    for worker in workers:
-        worker.start()
+    with spawning_with(contender_env()):
+        for worker in workers:
+            worker.start()
     for worker in workers:
         worker.join()
     return round(counter.value / seconds, 1)
 
 
-def device_ceiling(args: argparse.Namespace) -> float:
+def device_ceiling(args: argparse.Namespace) -> dict[str, Any]:
     """Frames/s of vigild's letterbox + forward + NMS on frames already decoded, batches of `max_batch`."""
     import cv2
 
     from vigild.device import default_half, resolve_device
     from vigild.plugins.backends.yolo import UltralyticsBackend
+    from vigild.threads import apply_threads, choose_threads
 
     device = resolve_device(args.device)
     half = default_half(device) if args.half is None else args.half
     backend = UltralyticsBackend.load(
         str(args.weights), tuple(args.imgsz), args.conf, 0.45, device, half
     )
+    # as the daemon does, after the load (importing ultralytics sets cv2.setNumThreads(0)): the daemon's ceiling
+    apply_threads(choose_threads(None))
     capture = cv2.VideoCapture(str(args.video))
     frames = [capture.read()[1] for _ in range(args.max_batch)]
     for _ in range(3):
@@ -228,7 +236,7 @@ def device_ceiling(args: argparse.Namespace) -> float:
     while time.monotonic() - started < min(args.seconds, 10):
         backend.detect(frames)
         done += len(frames)
-    return round(done / (time.monotonic() - started), 1)
+    return {"device_fps": round(done / (time.monotonic() - started), 1), "threads": thread_counts()}
 
 
 def in_subprocess(mode: str, args: argparse.Namespace, cameras: int) -> dict[str, Any]:
@@ -242,10 +250,19 @@ def in_subprocess(mode: str, args: argparse.Namespace, cameras: int) -> dict[str
     ]  # fmt: skip
     if args.half is not None:
         command += ["--half", str(args.half).lower()]
-    subprocess.run(command, check=True, timeout=args.seconds + args.warmup + 600)
+    subprocess.run(command, check=True, timeout=args.seconds + args.warmup + 600, env=contender_env())
     result = json.loads(out.read_text())
     out.unlink()
     return result
+
+
+def threads_of(result: dict[str, Any]) -> str:
+    """The contender's own report of its CPU threads: vigild's heartbeat figures, or what ultralytics' inference
+    threads saw (bench/baselines.py)."""
+    threads = result.get("threads") or result.get("torch_threads")
+    if isinstance(threads, dict):
+        return ",".join(f"{key}={value}" for key, value in threads.items() if key in ("torch", "opencv", "intra_op"))
+    return str(threads) if threads is not None else "-"
 
 
 def main() -> None:
@@ -283,7 +300,9 @@ def main() -> None:
 
     if args.run:
         args.cameras = args.cameras_one
-        result = run_vigild(args) if args.run == "vigild" else {"device_fps": device_ceiling(args)}
+        result = run_vigild(args) if args.run == "vigild" else device_ceiling(args)
+        # what this contender was started with: the parent's imports must not have set any of it
+        result["inherited_thread_env"] = {key: START_ENVIRON[key] for key in THREAD_VARIABLES if key in START_ENVIRON}
         args.json.write_text(json.dumps(result))
         return
 
@@ -297,13 +316,17 @@ def main() -> None:
         if args.ceilings:
             for processes in sorted({min(c, os.cpu_count() or 1) for c in args.cameras}):
                 fps = decode_ceiling(args.video, processes, min(args.seconds, 10))
-                results.append({"mode": "decode_ceiling", "resolution": resolution, "processes": processes, "fps": fps})
+                results.append({"mode": "decode_ceiling", "resolution": resolution, "processes": processes, "fps": fps,
+                                "threads": {"opencv": 1}})
                 print(f"{resolution}p decode ceiling, {processes} OpenCV processes: {fps} fps", flush=True)
             for precision in args.precisions:
                 args.half = {"auto": None, "full": False, "half": True}[precision]
-                fps = in_subprocess("ceiling", args, 1)["device_fps"]
-                results.append({"mode": "device_ceiling", "resolution": resolution, "precision": precision, "fps": fps})
-                print(f"{resolution}p device-path ceiling ({precision}, batch {args.max_batch}): {fps} fps", flush=True)
+                ceiling = in_subprocess("ceiling", args, 1)
+                fps, threads = ceiling["device_fps"], ceiling["threads"]
+                results.append({"mode": "device_ceiling", "resolution": resolution, "precision": precision, "fps": fps,
+                                "threads": threads})
+                print(f"{resolution}p device-path ceiling ({precision}, batch {args.max_batch}): {fps} fps, "
+                      f"threads {threads}", flush=True)
         print(f"\n{resolution}p  {'cameras':>7} {'mode':>15} {'fps':>8} {'p50 ms':>8} {'p99 ms':>8} {'cpu %':>6} "
               f"{'gpu %':>6} {'batch':>6} {'vs naive':>8} {'vs streams':>10}")
         for cameras in args.cameras:
@@ -347,7 +370,7 @@ def main() -> None:
                 print(f"{resolution}p  {cameras:>7} {label:>15} {result['fps']:>8.1f} {latency.get('p50', '-')!s:>8} "
                       f"{latency.get('p99', '-')!s:>8} {result.get('cpu_percent', '-')!s:>6} "
                       f"{result.get('gpu_util_percent') or '-'!s:>6} {result.get('mean_batch', '-')!s:>6} "
-                      f"{ratio_naive:>8} {ratio_streams:>10}", flush=True)
+                      f"{ratio_naive:>8} {ratio_streams:>10}  threads {threads_of(result)}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -1,0 +1,130 @@
+"""What the benchmarks give the processes they measure: a clean environment, and the GPU that NVML should sample.
+
+Import this module before anything that imports ultralytics: `START_ENVIRON` is the environment as the benchmark
+was started, before ultralytics' import sets `OMP_NUM_THREADS=1` in this process's environment (which every child
+would inherit, so that torch in vigild and in the ceilings would run on one thread). Contenders get
+`contender_env()`: the start environment without any thread-count variable, so that each chooses its threads
+itself (vigild from its CPUs, ultralytics as it does for its users) and reports what it chose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+START_ENVIRON: dict[str, str] = dict(os.environ)
+
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "OMP_THREAD_LIMIT",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "OPENCV_FOR_THREADS_NUM",
+)
+"""Variables that set a library's thread count: none of them reaches a contender."""
+
+
+def contender_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """`base` (default: the environment at the benchmark's start) without thread-count variables, plus `extra`;
+    YOLO_OFFLINE=1 unless given (nothing can be downloaded during a benchmark)."""
+    env = {
+        key: value for key, value in (START_ENVIRON if base is None else base).items() if key not in THREAD_VARIABLES
+    }
+    env.setdefault("YOLO_OFFLINE", "1")
+    env.update(extra)
+    return env
+
+
+@contextlib.contextmanager
+def spawning_with(env: dict[str, str]) -> Iterator[None]:
+    """os.environ is `env` while multiprocessing's spawn starts children (they copy it), then as it was."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def thread_counts() -> dict[str, int]:
+    """What torch and OpenCV in this process use now, as they report it."""
+    import cv2
+    import torch
+
+    return {"torch": torch.get_num_threads(), "opencv": cv2.getNumThreads()}
+
+
+# --- the GPU that NVML samples ------------------------------------------------------------------------------------
+
+
+def nvml_index(
+    ordinal: int, visible: str | None, nvml_uuids: Sequence[str], torch_uuid: str | None = None
+) -> int | None:
+    """NVML's index of the GPU torch calls `cuda:<ordinal>`, or None where there is none (or it cannot be told).
+
+    NVML numbers every GPU of the machine (as nvidia-smi does); torch numbers only those CUDA_VISIBLE_DEVICES
+    (`visible`, None when unset) lets it see, in the order listed. `nvml_uuids`: NVML's UUIDs by index
+    (`GPU-8932f937-...`). `torch_uuid`, when torch reports the device's UUID, identifies it exactly. Otherwise
+    CUDA_VISIBLE_DEVICES is read as CUDA reads it: indices or UUIDs (`GPU-...`, a unique prefix is enough),
+    comma-separated, the list ending at the first entry that names no GPU; an empty list hides every GPU.
+    Integer entries are taken as NVML indices, which holds with CUDA_DEVICE_ORDER=PCI_BUS_ID or on machines whose
+    GPUs are all alike (CUDA's default order puts the fastest first). MIG instances (`MIG-...`) give None: NVML
+    reports no utilisation per MIG instance.
+    """
+    if ordinal < 0:
+        return None
+    if torch_uuid:
+        wanted = torch_uuid if torch_uuid.startswith(("GPU-", "MIG-")) else f"GPU-{torch_uuid}"
+        if wanted in nvml_uuids:
+            return list(nvml_uuids).index(wanted)
+    if visible is None:
+        return ordinal if ordinal < len(nvml_uuids) else None
+    listed: list[int | None] = []
+    for raw in visible.split(","):
+        entry = raw.strip()
+        if entry.isdigit():
+            if int(entry) >= len(nvml_uuids):
+                break
+            listed.append(int(entry))
+        elif entry.startswith("GPU-"):
+            matches = [index for index, uuid in enumerate(nvml_uuids) if uuid.startswith(entry)]
+            if len(matches) != 1:
+                break
+            listed.append(matches[0])
+        elif entry.startswith("MIG-"):
+            listed.append(None)
+        else:
+            break
+    return listed[ordinal] if ordinal < len(listed) else None
+
+
+def nvml_handle(device: str) -> Any:
+    """An NVML handle for torch's `device` (`cuda:N`), or None: not CUDA, no pynvml, or no such GPU."""
+    if not device.startswith("cuda"):
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        uuids = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            uuid = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(index))
+            uuids.append(uuid.decode() if isinstance(uuid, bytes) else uuid)
+    except Exception:
+        return None
+    ordinal = int(device.partition(":")[2] or 0)
+    torch_uuid = None
+    try:
+        import torch
+
+        torch_uuid = str(torch.cuda.get_device_properties(ordinal).uuid)
+    except Exception:
+        pass
+    index = nvml_index(ordinal, os.environ.get("CUDA_VISIBLE_DEVICES"), uuids, torch_uuid)
+    return None if index is None else pynvml.nvmlDeviceGetHandleByIndex(index)
