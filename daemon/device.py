@@ -42,15 +42,27 @@ def half_dtype(device: torch.device) -> torch.dtype:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the CPU's allocation failures (plain RuntimeErrors from torch's allocator and
-    from oneDNN, which says only that it "could not create a primitive" when its buffers cannot be allocated)."""
+    """An allocation failure that a smaller batch may avoid: CUDA's OutOfMemoryError; cuBLAS and cuDNN failing to
+    allocate their workspaces (plain RuntimeErrors naming the library's status, see `CUDA_LIBRARY_OOM_SIGNS`); the
+    CPU's allocation failures (plain RuntimeErrors from torch's allocator and from oneDNN, which says only that it
+    "could not create a primitive" when its buffers cannot be allocated)."""
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     text = str(exc)
-    return isinstance(exc, RuntimeError) and any(sign in text for sign in CPU_OOM_SIGNS)
+    return isinstance(exc, RuntimeError) and any(sign in text for sign in (*CUDA_LIBRARY_OOM_SIGNS, *CPU_OOM_SIGNS))
 
 
 CPU_OOM_SIGNS = ("can't allocate memory", "out of memory", "could not create a primitive")
+CUDA_LIBRARY_OOM_SIGNS = (
+    "CUBLAS_STATUS_ALLOC_FAILED",  # "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"
+    "CUDNN_STATUS_ALLOC_FAILED",  # cuDNN 8: "cuDNN error: CUDNN_STATUS_ALLOC_FAILED"
+    "CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED",  # cuDNN 9, whose ALLOC_FAILED is an alias of this one
+    "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED",  # cuDNN 9: "cuDNN error: CUDNN_STATUS_INTERNAL_..."
+)
+"""Status names that torch puts in the message when cuBLAS or cuDNN cannot allocate (the texts of torch's
+TORCH_CUDABLAS_CHECK and AT_CUDNN_CHECK, with the names cuBLAS and cuDNN 9 give their statuses). A bare
+CUDNN_STATUS_INTERNAL_ERROR or CUBLAS_STATUS_EXECUTION_FAILED is not among them: those are not known to be memory,
+and retrying them in halves would only hide them."""
 
 
 class OomSplitter:
@@ -119,4 +131,7 @@ class OomSplitter:
 
     def _release(self) -> None:
         if torch.device(self.device).type == "cuda":
-            torch.cuda.empty_cache()
+            # with this splitter's device current: otherwise the CUDA calls behind empty_cache run on the thread's
+            # current device (cuda:0 unless set), which can open a context on cuda:0 for a model on cuda:1
+            with torch.cuda.device(self.device):
+                torch.cuda.empty_cache()

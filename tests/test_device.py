@@ -71,10 +71,51 @@ def test_errors_that_are_not_out_of_memory_are_not_retried():
         (RuntimeError("could not create a primitive"), True),
         (RuntimeError("shapes cannot be multiplied"), False),
         (ValueError("out of memory"), False),
+        # cuBLAS and cuDNN as torch reports them (RuntimeErrors from TORCH_CUDABLAS_CHECK and AT_CUDNN_CHECK in
+        # ATen/cuda/Exceptions.h; status names as libtorch_cuda and cuDNN 9's libcudnn_graph spell them)
+        (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED"), True),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED"), True),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), True),  # cuDNN 8's name
+        # not known to be memory: retrying these in halves would hide a real fault
+        (RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"), False),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_COMPILATION_FAILED"), False),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a "
+                      "non-contiguous input."), False),
+        (RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( handle, opa, opb, m, "
+                      "n, k, &alpha, a, lda, b, ldb, &beta, c, ldc)`"), False),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), False),
     ],
 )
 def test_what_counts_as_out_of_memory(exc, oom):
     assert is_out_of_memory(exc) is oom
+
+
+def test_the_cache_is_emptied_with_the_splitters_own_gpu_current(monkeypatch):
+    """A model on cuda:1 that runs out of memory: the cache is emptied with cuda:1 the current device (else the
+    CUDA calls behind it run on the thread's current device, cuda:0, and can open a context there). No GPU here:
+    `torch.cuda.device` and `torch.cuda.empty_cache` are replaced by fakes that record the current device."""
+    current = ["cuda:0"]
+    emptied_on: list[str] = []
+
+    class FakeCudaDevice:
+        def __init__(self, device):
+            self.device = str(torch.device(device))
+
+        def __enter__(self):
+            current.append(self.device)
+
+        def __exit__(self, *exc):
+            current.pop()
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", FakeCudaDevice)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied_on.append(current[-1]))
+    splitter = OomSplitter("test", "cuda:1")
+    assert splitter(capacity_limited(5, []), list(range(16))) == [i * 2 for i in range(16)]
+    assert splitter.splits > 0 and emptied_on, "the batch was split, and the cache emptied before each retry"
+    assert set(emptied_on) == {"cuda:1"}
+    assert current == ["cuda:0"], "the thread's current device is given back"
 
 
 def test_auto_device_and_default_precision_on_this_machine():
