@@ -1,8 +1,14 @@
 """The plugin chain: each configured plugin, in order, over each batch of frames.
 
 Cameras whose effective config of a plugin is the same share one instance (one model serving them all, one
-batch); a camera with overrides gets an instance of its own. A plugin that raises on a batch is retried frame by
-frame so that only the frame that fails is logged (with its camera) and left out of the rest of the chain.
+batch); a camera with overrides gets an instance of its own.
+
+When a plugin raises on a batch, every failure is counted and logged (rate-limited per plugin and camera):
+- `FrameErrors` names the bad frames; only those fail and leave the chain.
+- Any other exception from a `repeatable` plugin (stateless per frame, such as a detector) is counted as a failed
+  batch, and the batch is run again frame by frame so that only the frames that fail again are lost.
+- Any other exception from a plugin that is not repeatable (one with state, such as a tracker) fails the whole
+  batch: running it again on frames it has already seen would feed its state twice.
 
 On a reload the new chain takes over every instance whose plugin id, class and effective config did not change
 (its state, its loaded model, its tracks) and makes only the others, so unchanged plugins run on without a gap.
@@ -32,6 +38,9 @@ class Stage:
     instances: list[tuple[Plugin, frozenset[str]]]
     seconds: float = 0.0
     failures: Counter[str] = field(default_factory=Counter)
+    """Frames this plugin failed on, by camera."""
+    batch_failures: int = 0
+    """Whole batches this plugin raised on (a repeatable plugin's frames may still have come through on a rerun)."""
 
 
 class PluginStartError(Exception):
@@ -71,7 +80,8 @@ class Chain:
                 groups.setdefault(key, (config, set()))[1].add(camera)
             stage = Stage(spec, [])
             if spec.id in previous_stages:  # counters carry on across a reload
-                stage.seconds, stage.failures = previous_stages[spec.id].seconds, previous_stages[spec.id].failures
+                old = previous_stages[spec.id]
+                stage.seconds, stage.failures, stage.batch_failures = old.seconds, old.failures, old.batch_failures
             for json_config, (config, served) in groups.items():
                 served_cameras = {name: cameras[name] for name in sorted(served)}
                 instance_key = (spec.id, spec.cls, json_config)
@@ -173,16 +183,24 @@ class Chain:
         return events
 
     def _run(self, stage: Stage, plugin: Plugin, batch: list[Frame]) -> set[int]:
-        if plugin.batched and len(batch) > 1:
-            try:
-                plugin.process(batch)
-                return set()
-            except FrameErrors as errors:  # the plugin did the rest of the batch and names the bad frames
-                for position, exc in errors.errors.items():
-                    self._report(stage, batch[position], exc)
-                return {id(batch[position]) for position in errors.errors}
-            except Exception:  # run again frame by frame below, to find and report the bad frame(s)
-                pass
+        if not plugin.batched or len(batch) == 1:
+            return {failed for frame in batch for failed in self._run_one(stage, plugin, frame)}
+        try:
+            plugin.process(batch)
+            return set()
+        except FrameErrors as errors:  # the plugin did the rest of the batch and names the bad frames
+            named = {position: exc for position, exc in errors.errors.items() if 0 <= position < len(batch)}
+            for position, exc in named.items():
+                self._report(stage, batch[position], exc)
+            return {id(batch[position]) for position in named}
+        except Exception as exc:
+            stage.batch_failures += 1
+            if not plugin.repeatable:  # never feed a stateful plugin the same frames twice: the batch fails
+                for frame in batch:
+                    self._report(stage, frame, exc, batch_size=len(batch))
+                return {id(frame) for frame in batch}
+            self._report_batch(stage, batch, exc)
+        # a repeatable plugin: frame by frame, so that only the frames that fail again are lost
         return {failed for frame in batch for failed in self._run_one(stage, plugin, frame)}
 
     def _run_one(self, stage: Stage, plugin: Plugin, frame: Frame) -> set[int]:
@@ -190,23 +208,43 @@ class Chain:
             plugin.process([frame])
             return set()
         except FrameErrors as errors:
-            self._report(stage, frame, next(iter(errors.errors.values())))
+            self._report(stage, frame, next(iter(errors.errors.values()), errors))
             return {id(frame)}
         except Exception as exc:
             self._report(stage, frame, exc)
             return {id(frame)}
 
-    def _report(self, stage: Stage, frame: Frame, exc: Exception) -> None:
-        stage.failures[frame.camera] += 1
-        key = (stage.spec.id, frame.camera)
-        now = time.monotonic()
-        if now - self._last_failure_log.get(key, -FAILURE_LOG_INTERVAL_S) >= FAILURE_LOG_INTERVAL_S:
-            self._last_failure_log[key] = now
+    def _report_batch(self, stage: Stage, batch: list[Frame], exc: Exception) -> None:
+        if self._due((stage.spec.id, "<batch>")):
             log.error(
-                "plugin '%s' failed on camera %s frame %d (%d failures on this camera so far): %s: %s",
+                "plugin '%s' failed on a batch of %d frames (%d failed batches so far); running it again frame by "
+                "frame: %s: %s",
+                stage.spec.id,
+                len(batch),
+                stage.batch_failures,
+                type(exc).__name__,
+                exc,
+                exc_info=stage.batch_failures == 1,
+            )
+
+    def _due(self, key: tuple[str, str]) -> bool:
+        """Rate limit for failure logs: at most one per `FAILURE_LOG_INTERVAL_S` and key."""
+        now = time.monotonic()
+        if now - self._last_failure_log.get(key, -FAILURE_LOG_INTERVAL_S) < FAILURE_LOG_INTERVAL_S:
+            return False
+        self._last_failure_log[key] = now
+        return True
+
+    def _report(self, stage: Stage, frame: Frame, exc: BaseException, batch_size: int = 1) -> None:
+        stage.failures[frame.camera] += 1
+        if self._due((stage.spec.id, frame.camera)):
+            whole = f" (the whole batch of {batch_size} failed)" if batch_size > 1 else ""
+            log.error(
+                "plugin '%s' failed on camera %s frame %d%s (%d failures on this camera so far): %s: %s",
                 stage.spec.id,
                 frame.camera,
                 frame.index,
+                whole,
                 stage.failures[frame.camera],
                 type(exc).__name__,
                 exc,

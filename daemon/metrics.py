@@ -71,6 +71,14 @@ class DaemonCollector(Collector):
         dropped.add_metric(["unsendable"], publisher.dropped_unsendable)
         yield dropped
         yield CounterMetricFamily("vigild_batches", "Batches through the chain", value=daemon.scheduler.batches)
+        plugin_failures = CounterMetricFamily("vigild_plugin_failures", "Frames a plugin failed on", labels=["plugin"])
+        batch_failures = CounterMetricFamily(
+            "vigild_plugin_batch_failures", "Batches a plugin raised on (whole or rerun frame by frame)", labels=["plugin"]
+        )
+        for stage in daemon.chain.stages:
+            plugin_failures.add_metric([stage.spec.id], sum(dict(stage.failures).values()))
+            batch_failures.add_metric([stage.spec.id], stage.batch_failures)
+        yield from (plugin_failures, batch_failures)
         yield GaugeMetricFamily("vigild_uptime_seconds", "Seconds since start", value=daemon.uptime_s)
         memory = GaugeMetricFamily("vigild_gpu_memory_bytes", "GPU memory held by torch", labels=["device", "kind"])
         if daemon.device.startswith("cuda"):

@@ -61,10 +61,14 @@ ConfigT = TypeVar("ConfigT", bound=PluginConfig)
 class Plugin(ABC, Generic[ConfigT]):
     Config: ClassVar[type[PluginConfig]]
     batched: ClassVar[bool] = True
-    """True: `process` gets whole batches. After an exception the chain runs it again frame by frame to find the
-    bad frame, so it must either be safe to repeat on a frame (stateless per frame, like a detector) or raise
-    `FrameErrors` naming the bad frames itself (stateful plugins such as the trackers and the action recognizer).
-    False: the chain hands it one frame at a time, so a failure costs exactly that frame."""
+    """True: `process` gets whole batches. False: the chain hands it one frame at a time, so a failure costs exactly
+    that frame."""
+    repeatable: ClassVar[bool] = False
+    """True for a plugin that is stateless per frame (a detector): running `process` again on frames it has already
+    seen does no harm. After a batch raises, the chain then runs it again frame by frame so that only the bad frames
+    are lost. False (the default, and what any plugin with state must keep): a batch that raises anything but
+    `FrameErrors` fails whole, and the plugin's state must be as it was before the batch (compute, then commit) or
+    the plugin must finish the rest of the batch and name its bad frames with `FrameErrors`."""
 
     def __init__(self, config: ConfigT, context: PluginContext):
         self.config = config

@@ -73,6 +73,7 @@ class DetectorConfig(PluginConfig):
 
 class Detector(Plugin[DetectorConfig]):
     Config = DetectorConfig
+    repeatable = True  # stateless per frame: after a failed batch the chain reruns it frame by frame
 
     def start(self) -> None:
         config = self.config
@@ -89,6 +90,7 @@ class Detector(Plugin[DetectorConfig]):
                 config.confidence,
                 config.nms_iou,
                 self.context.device,
+                config.half if config.half is not None else default_half(self.context.device),
             )
         else:
             from vigild.plugins.backends.yolo import UltralyticsBackend

@@ -11,7 +11,7 @@ import numpy as np
 from vigild.chain import Chain
 from vigild.config import CameraConfig, PluginSpec
 from vigild.frame import Frame
-from vigild.plugin import Plugin, PluginConfig
+from vigild.plugin import FrameErrors, Plugin, PluginConfig
 
 IMAGE = np.zeros((4, 4, 3), np.uint8)
 
@@ -25,6 +25,7 @@ class BrittlePlugin(Plugin[BrittleConfig]):
     """A test plugin (not a fake of anything real): raises on frames of one camera, marks the others."""
 
     Config = BrittleConfig
+    repeatable = True  # stateless per frame, like a detector
     instances: ClassVar[list[BrittlePlugin]] = []
 
     def start(self) -> None:
@@ -80,9 +81,99 @@ def test_plugin_failing_on_one_camera_spares_the_others(caplog):
     assert batch[0].events == ["seen by first", "seen by second"]
     assert batch[1].events == []  # the failing frame goes no further down the chain
     assert chain.stages[0].failures == {"b": 2}
-    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1  # rate-limited: the second failure within 10 s is counted, not logged
-    assert "plugin 'first' failed on camera b frame 0" in errors[0].getMessage()
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    # the failed batch and the frame that failed again are each logged once; the second failure of frame b within
+    # 10 s is counted, not logged (rate limit)
+    assert len(errors) == 2, errors
+    assert "plugin 'first' failed on a batch of 3 frames" in errors[0] and "frame by frame" in errors[0]
+    assert "plugin 'first' failed on camera b frame 0" in errors[1]
+    assert chain.stages[0].batch_failures == 1 and chain.stages[1].batch_failures == 0
+
+
+class FlakyConfig(PluginConfig):
+    type: Literal["flaky"] = "flaky"
+
+
+class FlakyPlugin(Plugin[FlakyConfig]):
+    """A test plugin, stateless per frame (repeatable), that raises on the first batch only (a transient error)."""
+
+    Config = FlakyConfig
+    repeatable = True
+
+    def start(self) -> None:
+        self.calls = 0
+
+    def process(self, frames: list[Frame]) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("transient")
+        for frame in frames:
+            frame.events.append("flaky")  # type: ignore[arg-type]
+
+
+def test_a_repeatable_plugin_whose_rerun_succeeds_still_has_its_failure_counted_and_logged(caplog):
+    config = FlakyConfig()
+    chain = Chain((PluginSpec("flaky", FlakyPlugin, config, dict.fromkeys("abc", config)),), "cpu", CAMS)
+    chain.start()
+    batch = frames("a", "b", "c")
+    with caplog.at_level(logging.ERROR, logger="vigild.chain"):
+        passed = chain.process(batch)
+    assert [f.camera for f in passed] == ["a", "b", "c"] and all(f.events == ["flaky"] for f in batch)
+    assert chain.stages[0].batch_failures == 1 and not chain.stages[0].failures  # no frame lost, one batch failed
+    (error,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "plugin 'flaky' failed on a batch of 3 frames" in error.getMessage() and "transient" in error.getMessage()
+
+
+class TubesConfig(PluginConfig):
+    type: Literal["tubes"] = "tubes"
+    fail_on: str = ""
+    named: bool = False
+
+
+class TubesPlugin(Plugin[TubesConfig]):
+    """A test plugin with state across frames, like the action recognizer: appends each frame to its camera's tube,
+    then raises on camera `fail_on` after the work is done (named with FrameErrors when `named`)."""
+
+    Config = TubesConfig
+
+    def start(self) -> None:
+        self.tubes: dict[str, list[int]] = {}
+        self.calls: list[list[str]] = []
+
+    def process(self, frames: list[Frame]) -> None:
+        self.calls.append([f.camera for f in frames])
+        for frame in frames:
+            self.tubes.setdefault(frame.camera, []).append(frame.index)
+        bad = {i: RuntimeError("bad crop") for i, f in enumerate(frames) if f.camera == self.config.fail_on}
+        if bad:
+            raise FrameErrors(bad) if self.config.named else RuntimeError("bad crop")
+
+
+def tubes_chain(config: TubesConfig) -> tuple[Chain, TubesPlugin]:
+    chain = Chain((PluginSpec("tubes", TubesPlugin, config, dict.fromkeys("abc", config)),), "cpu", CAMS)
+    chain.start()
+    ((plugin, _),) = chain.stages[0].instances
+    return chain, plugin
+
+
+def test_a_stateful_plugin_is_never_run_twice_on_a_frame_its_failed_batch_fails_whole(caplog):
+    chain, plugin = tubes_chain(TubesConfig(fail_on="b"))
+    with caplog.at_level(logging.ERROR, logger="vigild.chain"):
+        passed = chain.process(frames("a", "b", "c"))
+    assert plugin.calls == [["a", "b", "c"]]  # no rerun frame by frame
+    assert plugin.tubes == {"a": [0], "b": [0], "c": [0]}  # no frame written into its state twice
+    assert passed == []
+    assert chain.stages[0].failures == {"a": 1, "b": 1, "c": 1} and chain.stages[0].batch_failures == 1
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(logged) == 3 and all("the whole batch of 3 failed" in m and "bad crop" in m for m in logged)
+
+
+def test_a_stateful_plugin_that_names_its_bad_frames_loses_only_those():
+    chain, plugin = tubes_chain(TubesConfig(fail_on="b", named=True))
+    passed = chain.process(frames("a", "b", "c"))
+    assert plugin.calls == [["a", "b", "c"]]
+    assert [f.camera for f in passed] == ["a", "c"]
+    assert chain.stages[0].failures == {"b": 1} and chain.stages[0].batch_failures == 0
 
 
 class CountingConfig(PluginConfig):
