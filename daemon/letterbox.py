@@ -2,9 +2,10 @@
 
 Frames of any sizes go into one (B, 3, H, W) tensor of the model's fixed input size, each scaled to fit and
 centred on grey padding (ultralytics' letterbox, value 114), so that a frame gives the same input whatever it is
-batched with. The uint8 pixels travel to the device (4x fewer bytes than floats) through reused page-locked host
-buffers with non-blocking copies; conversion, resizing and normalisation run there, as tensor operations over
-each group of same-sized frames (no loop over pixels). `Geometry` maps model coordinates back to each frame.
+batched with. The uint8 pixels travel to the device (4x fewer bytes than floats) through a reused page-locked host
+buffer with non-blocking copies, which is written again only once the device has read it (`CopyFence`);
+conversion, resizing and normalisation run there, as tensor operations over each group of same-sized frames (no
+loop over pixels). `Geometry` maps model coordinates back to each frame.
 """
 
 from __future__ import annotations
@@ -79,6 +80,29 @@ def fit(width: int, height: int, input_size: tuple[int, int]) -> tuple[float, in
     return scale, new_w, new_h, (in_w - new_w) // 2, (in_h - new_h) // 2
 
 
+class CopyFence:
+    """When the device has read what non-blocking copies took from a page-locked host buffer.
+
+    Such a copy returns at once and reads its source only when the device's stream reaches it, so the host must not
+    write the buffer again before then: a batch that failed after its upload (out of memory, then retried in halves
+    by `OomSplitter`) would otherwise have its next upload written under a copy still in flight. One CUDA event,
+    recorded on the device's current stream (the stream `Tensor.to` copies on) after the copies and waited on
+    before the next write; when the previous batch was already read back, the wait returns at once.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.event = torch.cuda.Event()  # created on the device at its first record
+
+    def mark(self) -> None:
+        """After enqueuing the copies out of the buffer."""
+        self.event.record(torch.cuda.current_stream(self.device))
+
+    def wait(self) -> None:
+        """Before writing the buffer: blocks until the copies marked last have run (at once if none was marked)."""
+        self.event.synchronize()
+
+
 class Letterboxer:
     """Turns a list of BGR uint8 frames into a normalised RGB batch on `device`; reuse one per model."""
 
@@ -103,6 +127,8 @@ class Letterboxer:
         self._shift = (mean_t / std_t).to(self.device, work)
         self._pinned = self.device.type == "cuda"
         self._staging = torch.empty(0, dtype=torch.uint8, pin_memory=self._pinned)
+        self._fence: CopyFence | None = CopyFence(self.device) if self._pinned else None
+        """Guards `_staging` on CUDA; None on the CPU, where frames are used where they lie and nothing is staged."""
 
     def _staging_view(self, count: int, height: int, width: int, offset: int) -> torch.Tensor:
         """A (count, H, W, 3) uint8 slice of the reused host buffer, starting `offset` bytes in."""
@@ -149,21 +175,27 @@ class Letterboxer:
     def _upload(self, images: list[np.ndarray]) -> list[tuple[list[int], torch.Tensor]]:
         """(batch positions, (n, H, W, 3) uint8 on the device) per group of same-sized frames.
 
-        CUDA: each group is stacked into the reused pinned buffer (the one host copy) and copied asynchronously.
+        CUDA: each group is stacked into the reused pinned buffer (the one host copy) and copied asynchronously,
+        after the copies of the previous call have read the buffer.
         CPU: each frame is used where it lies (a zero-copy view), one group per frame.
         """
-        if self.device.type == "cpu":
+        if self._fence is None:
             # ascontiguousarray: a no-op for frames from capture; flipped or strided views get copied once
             return [([i], torch.from_numpy(np.ascontiguousarray(image))[None]) for i, image in enumerate(images)]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):
             groups.setdefault(image.shape[:2], []).append(i)
+        self._fence.wait()  # the previous call's copies may still be reading the buffer (or the one _reserve drops)
         self._reserve(sum(image.nbytes for image in images))
-        out = []
+        out: list[tuple[list[int], torch.Tensor]] = []
         offset = 0
-        for (height, width), members in groups.items():
-            host = self._staging_view(len(members), height, width, offset)
-            offset += host.numel()
-            np.stack([images[i] for i in members], out=host.numpy())
-            out.append((members, host.to(self.device, non_blocking=True)))
+        try:
+            for (height, width), members in groups.items():
+                host = self._staging_view(len(members), height, width, offset)
+                offset += host.numel()
+                np.stack([images[i] for i in members], out=host.numpy())
+                out.append((members, host.to(self.device, non_blocking=True)))
+        finally:
+            if out:
+                self._fence.mark()
         return out

@@ -1,12 +1,15 @@
-"""The batched device pipeline of the ultralytics back end, on the CPU (the same code runs on CUDA).
+"""The batched device pipeline of the ultralytics back end, on the CPU.
 
 Frames of different sizes are letterboxed into one batch; what each frame gets back must not depend on what it
 was batched with, and boxes, masks and keypoints must land on the frame's own pixels. `RectangleYolo` (known
 weights, tests/known_models.py) says exactly where; the real YOLO architectures check batch = single frame.
+None of this has run on CUDA: what differs there (the staging upload, float16, NMS offsets at large batches) is
+checked here where its logic can run on the CPU.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import subprocess
 import sys
@@ -17,12 +20,15 @@ import numpy as np
 import pytest
 import torch
 from known_models import RectangleYolo
+from torchvision.ops import box_iou
 
 from vigild.chain import Chain
 from vigild.config import CameraConfig, PluginSpec
+from vigild.device import OomSplitter
 from vigild.frame import Frame
+from vigild.letterbox import Letterboxer
 from vigild.masks import InstanceMask, rle_decode
-from vigild.plugins.backends.yolo import UltralyticsBackend
+from vigild.plugins.backends.yolo import UltralyticsBackend, decode_in_float32, select
 from vigild.plugins.detector import Detector, DetectorConfig
 
 # (width, height, rectangle x1, y1, x2, y2): landscape, 4:3, portrait and tiny frames, rectangles near edges too
@@ -57,7 +63,7 @@ def tolerance(width: int, height: int) -> float:
 @pytest.mark.parametrize("half", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("task", ["detect", "segment", "pose"])
 def test_each_frame_of_a_mixed_batch_gets_its_own_rectangle_back_as_when_alone(task, half):
-    """`half` on the CPU is bfloat16: the letterbox and the network run in it (on CUDA the same code runs fp16)."""
+    """`half` on the CPU is bfloat16: the letterbox and the network run in it (CUDA would use float16)."""
     backend = rectangle_backend(task, half=half)
     assert backend.letterbox.dtype == (torch.bfloat16 if half else torch.float32)
     images = [scene(*s) for s in SCENES]
@@ -149,6 +155,131 @@ def test_in_bfloat16_the_yolo_head_still_decodes_boxes_in_float32():
     assert got.dtype == torch.float32
     assert half.model.model[-1].anchors.dtype == torch.float32
     np.testing.assert_allclose(got[:, :4].numpy(), want[:, :4].numpy(), atol=1.0)
+
+
+def yolov8n_with_fractional_boxes(size: tuple[int, int]) -> torch.nn.Module:
+    """yolov8n from its yaml with random biases on the box branches' last convolutions. Untrained, its DFL
+    distributions are uniform and every box lands on a whole or half pixel, which any precision represents near
+    640; with these biases the boxes have fractions, as a trained model's do."""
+    model = UltralyticsBackend.load("yolov8n.yaml", size, 0.25, 0.45, "cpu", False).model
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for branch in model.model[-1].cv2:
+            branch[-1].bias.copy_(torch.randn(branch[-1].bias.shape, generator=generator) * 2)
+    return model
+
+
+def test_in_float16_the_yolo_head_decodes_boxes_in_float32():
+    """float16, CUDA's `half`, run here on the CPU: 11 bits of mantissa put a box corner in a 1280-pixel input on
+    half-pixel steps (measured: 0.53 px off at worst without the float32 decoding, 0.03 px with it)."""
+    size = (1280, 768)
+    full = yolov8n_with_fractional_boxes(size)
+    reduced = copy.deepcopy(full).half()
+    plain = copy.deepcopy(reduced)
+    decode_in_float32(reduced.model[-1])
+    batch, _ = Letterboxer(size, "cpu")([np.random.default_rng(4).integers(0, 256, (720, 1280, 3), dtype=np.uint8)])
+    with torch.inference_mode():
+        want = full(batch)[:, :4]
+        got = reduced(batch.half())
+        rounded = plain(batch.half())[:, :4].float()
+    assert got.dtype == torch.float32
+    assert (rounded - want).abs().max() > 0.25, "the check can tell: float16 decoding is off by more"
+    np.testing.assert_allclose(got[:, :4].numpy(), want.numpy(), atol=0.1)
+
+
+def head_output(objects: list[tuple[int, int, tuple[float, float, float, float], float]], batch: int, classes: int):
+    """(batch, 4 + classes, anchors) as a YOLO head gives it: one anchor per object (frame, class, xyxy, score)
+    with its centre, size and class score; the anchors of other frames are empty (score 0)."""
+    preds = torch.zeros(batch, 4 + classes, len(objects))
+    for anchor, (frame, cls, (x0, y0, x1, y1), score) in enumerate(objects):
+        preds[frame, :4, anchor] = torch.tensor([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0])
+        preds[frame, 4 + cls, anchor] = score
+    return preds
+
+
+def kept(raw) -> set[tuple[int, int, tuple[float, ...]]]:
+    return {
+        (int(b), int(c), tuple(np.round(box.astype(np.float64), 2).tolist()))
+        for b, c, box in zip(raw.batch_index, raw.class_id, raw.xyxy.numpy(), strict=True)
+    }
+
+
+def test_nms_of_frame_63_class_79_keeps_two_small_boxes_that_overlap_less_than_the_threshold():
+    """A batch of 64 frames of 80 classes: torchvision's batched_nms shifted frame 63's class 79 by 5119 * 641 ≈ 3.3e6
+    in float32, which keeps quarter pixels, so 100.35 became 100.25 and two 1-pixel boxes with IoU 0.48 were
+    compared at IoU 0.6 and one of them suppressed. Ground truth: their IoU computed directly, in float64."""
+    a, b = (100.0, 100.0, 101.0, 101.0), (100.35, 100.0, 101.35, 101.0)
+    objects = [(0, 0, (600.0, 600.0, 640.0, 640.0), 0.9), (63, 79, a, 0.9), (63, 79, b, 0.8)]
+    truth = box_iou(torch.tensor([a], dtype=torch.float64), torch.tensor([b], dtype=torch.float64)).item()
+    assert 0.45 < truth < 0.5
+    raw = select(head_output(objects, 64, 80), 80, 0.25, 0.5, None, False)
+    assert kept(raw) == {(0, 0, (600.0, 600.0, 640.0, 640.0)), (63, 79, a), (63, 79, b)}
+
+
+def test_nms_never_suppresses_across_classes_when_a_box_reaches_past_the_top_left_corner():
+    """Boxes are not clipped before NMS, and one past the input's top-left corner has x, y < 0: torchvision's shift
+    of class 1 by (largest coordinate + 1) on every coordinate put it on class 0's box in the bottom-right corner
+    (IoU 0.79 there), which it suppressed."""
+    corner, outside = (600.0, 600.0, 640.0, 640.0), (-45.0, -45.0, 0.0, 0.0)
+    objects = [(0, 0, corner, 0.8), (0, 1, outside, 0.9)]
+    raw = select(head_output(objects, 1, 2), 2, 0.25, 0.45, None, False)
+    assert kept(raw) == {(0, 0, corner), (0, 1, outside)}
+
+
+class FakeCopyFence:
+    """Stands in, on the CPU, for the CUDA event that fences the staging buffer: `mark` takes the buffer's bytes as
+    the device's non-blocking copies would read them (later, when the stream reaches them); `wait` checks that
+    nothing has written over them since. Marking again without a wait means the buffer was refilled unfenced."""
+
+    def __init__(self, letterbox: Letterboxer):
+        self.letterbox = letterbox
+        self.in_flight: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.marks = 0
+
+    def mark(self) -> None:
+        assert self.in_flight is None, "the staging buffer was refilled while copies out of it could be in flight"
+        self.in_flight = (self.letterbox._staging, self.letterbox._staging.clone())
+        self.marks += 1
+
+    def wait(self) -> None:
+        if self.in_flight is not None:
+            buffer, read = self.in_flight
+            assert torch.equal(buffer, read), "the staging buffer was written while a copy was still reading it"
+            self.in_flight = None
+
+
+class FakeCudaLetterboxer(Letterboxer):
+    """The CUDA upload path (frames stacked into the reused staging buffer, copies fenced) run on the CPU, where
+    `Tensor.to` of a host tensor is not a copy at all: the fence stands for what the device would read."""
+
+    def __init__(self, input_size: tuple[int, int]):
+        super().__init__(input_size, "cpu")
+        self._fence = FakeCopyFence(self)  # type: ignore[assignment]
+
+
+def test_the_staging_buffer_is_refilled_only_after_the_copies_out_of_it_have_run():
+    """Batches that fail after their upload (out of memory in the model, as OomSplitter then retries them in
+    halves), then more batches: each upload waits for the last one's copies, and every batch equals what the CPU's
+    zero-copy upload gives for the same frames."""
+    staged = FakeCudaLetterboxer(INPUT)
+    direct = Letterboxer(INPUT, "cpu")
+    splitter = OomSplitter("fake device", "cpu")
+    uploads = []
+
+    def upload_then_run_out(images):
+        batch, _ = staged(list(images))
+        uploads.append(len(images))
+        if len(images) > 2:
+            raise torch.OutOfMemoryError("FakeDevice: out of memory after the upload")
+        return list(batch)
+
+    frames = [scene(*s) for s in SCENES]
+    batches = [frames + frames[:2], frames[::-1], frames[1:3], [frames[0]] * 3]  # same-size groups too
+    for images in batches:
+        got = splitter(upload_then_run_out, images)
+        want, _ = direct(images)
+        assert torch.equal(torch.stack(got), want)
+    assert staged._fence.marks == len(uploads) > len(batches), "every upload was fenced, the failed ones too"
 
 
 def test_a_flipped_view_of_a_frame_is_a_valid_frame():

@@ -3,9 +3,10 @@
 ultralytics loads the model (a `.pt` file, a name it downloads where online, or an architecture `.yaml`, which the
 offline tests and benchmarks use) and fuses it; everything around the forward pass is vigild's, so that one call
 serves frames of every size from every camera: `Letterboxer` uploads and letterboxes on the device, the raw head
-output of the whole batch is thresholded and NMS-ed in one `batched_nms` call (grouped by frame and class), and
-boxes, masks and keypoints are mapped back to each frame's pixels before the single copy back to the host.
-End-to-end heads (NMS-free, e.g. YOLO26) are thresholded only.
+output of the whole batch is thresholded and NMS-ed in one `batched_nms` call (grouped by frame and class, in
+float64: see `grouped_nms`), and boxes, masks and keypoints are mapped back to each frame's pixels before the
+single copy back to the host. End-to-end heads (NMS-free, e.g. YOLO26) are thresholded only. With `half`, the
+head's decoding of boxes and keypoints runs in float32 (`decode_in_float32`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,22 @@ log = logging.getLogger("vigild.plugins.yolo")
 
 MAX_DETECTIONS = 300
 """Per frame, after NMS (as ultralytics)."""
+
+
+def grouped_nms(xyxy: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou: float) -> torch.Tensor:
+    """Indices of the boxes NMS keeps within each group (e.g. frame * classes + class), best score first.
+
+    torchvision's `batched_nms` separates the groups by shifting each box by group * (largest coordinate + 1). For a
+    batch of 64 frames of 80 classes that shift reaches 5120 * 641 ≈ 3.3e6, where float32 keeps a quarter of a
+    pixel: small boxes would be compared at rounded corners. And the shift keeps groups apart only when no
+    coordinate is negative, which a box that reaches past the input's edge has. So the boxes go in as float64
+    (exact to about 1e-9 pixels there; a few thousand boxes, so the cost is small on any device), moved by their
+    smallest coordinate so that none is negative (IoU does not change with a common shift).
+    """
+    if not len(xyxy):
+        return torch.empty(0, dtype=torch.int64, device=xyxy.device)
+    boxes = xyxy.double()
+    return batched_nms(boxes - boxes.min(), scores.double(), groups, iou)
 
 
 @dataclass
@@ -79,7 +96,7 @@ def select(
     rows = preds[batch_index, anchor]
     centre, size = rows[:, 0:2], rows[:, 2:4]
     xyxy = torch.cat([centre - size / 2, centre + size / 2], dim=1)
-    keep = batched_nms(xyxy.float(), conf.float(), batch_index * num_classes + cls, nms_iou)  # best score first
+    keep = grouped_nms(xyxy, conf, batch_index * num_classes + cls, nms_iou)  # best score first
     # group by frame (stable: best first within a frame) and cap each frame at MAX_DETECTIONS
     keep = keep[torch.argsort(batch_index[keep], stable=True)]
     frames = batch_index[keep]
@@ -170,7 +187,7 @@ class UltralyticsBackend(DetectorBackend):
         class_names = tuple(names[i] for i in range(len(names))) if isinstance(names, dict) else tuple(names)
         kpt_shape = (int(head.kpt_shape[0]), int(head.kpt_shape[1])) if yolo.task == "pose" else None
         end2end = bool(getattr(head, "end2end", False))
-        if half and torch.device(device).type == "cpu":
+        if half:  # fp16 on CUDA as bfloat16 on the CPU: neither keeps a 640-pixel coordinate to the pixel
             decode_in_float32(head)
         return cls(
             model,
@@ -280,10 +297,11 @@ class UltralyticsBackend(DetectorBackend):
 
 
 def decode_in_float32(head: Any) -> None:
-    """Run the head's box, keypoint and score decoding in float32 when the network runs in bfloat16.
+    """Run the head's box, keypoint and score decoding in float32 when the network runs in float16 or bfloat16.
 
-    bfloat16 keeps 8 bits of mantissa: coordinates of a 640-pixel input would come out in steps of up to 4 pixels.
-    The convolutions stay in bfloat16 (where the time goes); only the decoding arithmetic is done in float32.
+    bfloat16 keeps 8 bits of mantissa: coordinates of a 640-pixel input would come out in steps of up to 4 pixels;
+    float16 keeps 11, steps of 0.5 pixels from 512 to 1024 and of 1 pixel above (a 1280-pixel input). The
+    convolutions stay in reduced precision (where the time goes); only the decoding arithmetic is done in float32.
     """
     decode = head._inference
 
