@@ -159,6 +159,54 @@ class MjpegServer:
         self.server.server_close()
 
 
+def cut_hls(h264_mp4: Path, folder: Path, timeout: float = 60.0) -> Path:
+    """Cut an H.264 MP4 into MPEG-TS segments and a finished playlist (`live.m3u8`) with hlssink2, in this process.
+
+    Not `gst-launch-1.0 … hlssink2`: with GStreamer 1.22 that command sometimes never exits (16 of 200 runs on an
+    idle machine hung). hlssink2's inner bins post their end of stream and the playlist is complete
+    (`#EXT-X-ENDLIST`), but the top-level pipeline never posts its own EOS, so gst-launch waits forever with every
+    streaming thread idle. Here the pipeline forwards its children's messages (`message-forward`), and the EOS of
+    the hlssink2 element itself ends the wait, whether or not the pipeline's aggregated EOS follows.
+    """
+    from vigild.gst_pipeline import gst_modules
+
+    gst = gst_modules()[0]
+    playlist = folder / "live.m3u8"
+    pipeline = gst.parse_launch(
+        f'filesrc location="{h264_mp4}" ! qtdemux ! h264parse ! hlssink2 name=hls target-duration=2 '
+        f'playlist-length=0 max-files=0 location="{folder}/segment%05d.ts" playlist-location="{playlist}"'
+    )
+    pipeline.set_property("message-forward", True)
+    bus = pipeline.get_bus()
+    wanted = gst.MessageType.EOS | gst.MessageType.ERROR | gst.MessageType.ELEMENT
+    deadline = time.monotonic() + timeout
+    try:
+        if pipeline.set_state(gst.State.PLAYING) == gst.StateChangeReturn.FAILURE:
+            raise RuntimeError("hlssink2 pipeline refused to start")
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RuntimeError(f"hlssink2 did not finish {playlist} within {timeout:g} s")
+            message = bus.timed_pop_filtered(int(min(remaining, 1.0) * gst.SECOND), wanted)
+            if message is None:
+                continue
+            if message.type == gst.MessageType.ERROR:
+                error, debug = message.parse_error()
+                raise RuntimeError(f"hlssink2 pipeline failed: {error.message} ({debug})")
+            if message.type == gst.MessageType.EOS:
+                break
+            structure = message.get_structure()
+            if structure is not None and structure.get_name() == "GstBinForwarded":
+                inner = structure.get_value("message")
+                if inner.type == gst.MessageType.EOS and inner.src.get_name() == "hls":
+                    break
+    finally:
+        pipeline.set_state(gst.State.NULL)
+    if "#EXT-X-ENDLIST" not in playlist.read_text():
+        raise RuntimeError(f"hlssink2 ended without finishing {playlist}")
+    return playlist
+
+
 class HlsServer:
     """An HLS stream (playlist + MPEG-TS segments cut by GStreamer's hlssink2) served over HTTP from a folder."""
 
@@ -167,17 +215,7 @@ class HlsServer:
         from http.server import SimpleHTTPRequestHandler
 
         folder.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [
-                "gst-launch-1.0",
-                "-q",
-                *f'filesrc location="{h264_mp4}" ! qtdemux ! h264parse ! hlssink2 target-duration=2 '
-                f'playlist-length=0 max-files=0 location="{folder}/segment%05d.ts" '
-                f'playlist-location="{folder}/live.m3u8"'.split(),
-            ],
-            check=True,
-            timeout=120,
-        )
+        cut_hls(h264_mp4, folder)
 
         class Quiet(SimpleHTTPRequestHandler):
             def log_message(self, *args: object) -> None:
