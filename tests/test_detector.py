@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import cv2
@@ -12,6 +13,7 @@ from conftest import VTEST, YOLO_FASTEST
 from vigild.config import CameraConfig
 from vigild.frame import Frame
 from vigild.plugin import PluginConfigError, PluginContext
+from vigild.plugins.backends.darknet import dnn_placement
 from vigild.plugins.detector import Detector, DetectorConfig
 
 
@@ -26,7 +28,7 @@ def read_frames(count: int) -> list[np.ndarray]:
     return images
 
 
-def darknet(**overrides) -> Detector:
+def darknet(device: str = "cpu", **overrides) -> Detector:
     config = DetectorConfig(
         backend="darknet",
         cfg=YOLO_FASTEST / "yolo-fastest-1.1-xl.cfg",
@@ -34,7 +36,7 @@ def darknet(**overrides) -> Detector:
         names=YOLO_FASTEST / "coco.names",
         **({"classes": ["person"], "confidence": 0.3, "input_size": 320} | overrides),
     )
-    detector = Detector(config, PluginContext("cpu", {"vtest": CameraConfig(source=str(VTEST))}))
+    detector = Detector(config, PluginContext(device, {"vtest": CameraConfig(source=str(VTEST))}))
     detector.start()
     return detector
 
@@ -129,3 +131,31 @@ def test_confidence_below_opencvs_default_floor_is_honoured(first_100):
     scores = np.concatenate([f.detections.confidence for f in frames])
     assert scores.min() >= 0.1
     assert ((scores >= 0.1) & (scores < 0.2)).sum() >= 3, "no boxes between 0.1 and 0.2: the floor is still 0.2"
+
+
+@pytest.mark.parametrize(
+    ("device", "half", "placement"),
+    [
+        ("cpu", False, (cv2.dnn.DNN_BACKEND_OPENCV, cv2.dnn.DNN_TARGET_CPU, None)),
+        ("cpu", True, (cv2.dnn.DNN_BACKEND_OPENCV, cv2.dnn.DNN_TARGET_CPU, None)),
+        ("cuda", True, (cv2.dnn.DNN_BACKEND_CUDA, cv2.dnn.DNN_TARGET_CUDA_FP16, 0)),
+        ("cuda:0", False, (cv2.dnn.DNN_BACKEND_CUDA, cv2.dnn.DNN_TARGET_CUDA, 0)),
+        ("cuda:1", False, (cv2.dnn.DNN_BACKEND_CUDA, cv2.dnn.DNN_TARGET_CUDA, 1)),
+        ("cuda:3", True, (cv2.dnn.DNN_BACKEND_CUDA, cv2.dnn.DNN_TARGET_CUDA_FP16, 3)),
+    ],
+)
+def test_darknet_runs_in_the_precision_half_says_on_the_gpu_the_device_names(device, half, placement):
+    """It forced the FP16 target whatever `half` said, and put every cuda:N on the thread's current GPU."""
+    assert dnn_placement(device, half) == placement
+
+
+@pytest.mark.skipif(cv2.cuda.getCudaEnabledDeviceCount() > 0, reason="this OpenCV has CUDA")
+def test_darknet_on_a_gpu_this_opencv_cannot_use_runs_on_the_cpu_and_says_so(first_100, caplog):
+    """The pip wheels of OpenCV have no CUDA: `cuda:1` falls back to the CPU with a warning, and still finds people."""
+    with caplog.at_level(logging.WARNING, logger="vigild.plugins.darknet"):
+        detector = darknet("cuda:1")
+    assert "sees no CUDA device 1: the darknet detector runs on the CPU" in caplog.text
+    assert detector.backend.cuda_index is None
+    frames = as_frames(first_100[:4])
+    detector.process(frames)
+    assert all(len(frame.detections) >= 1 for frame in frames)

@@ -2,7 +2,9 @@
 
 OpenCV 5.0 removed the darknet importer, so vigild pins opencv-python below 5: OpenCV's DNN is the field's
 maintained runtime for these models and runs Yolo-Fastest-XL at about 15 frames/s on two CPU cores. Decoding and
-NMS are vectorised over the whole batch (one `batched_nms` call, grouped by frame and class).
+NMS are vectorised over the whole batch (one `grouped_nms` call, grouped by frame and class). On `cuda:N`, with an
+OpenCV built with CUDA (the pip wheels are not), the network runs on GPU N in fp16 or fp32 as `half` says
+(`dnn_placement`; this path has never been run).
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from torchvision.ops import batched_nms
 
 from vigild.frame import Detections
 from vigild.plugins.backends.base import DetectorBackend
+from vigild.plugins.backends.yolo import grouped_nms
 
 log = logging.getLogger("vigild.plugins.darknet")
 
@@ -54,6 +56,21 @@ def read_names(path: Path | None, count: int = 0) -> tuple[str, ...]:
     return tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
 
 
+def dnn_placement(device: str, half: bool) -> tuple[int, int, int | None]:
+    """(OpenCV DNN backend, target, CUDA device index or None) for a vigild device and `half`.
+
+    `cpu` → OpenCV's own backend on the CPU (`half` has no CPU target there); `cuda` or `cuda:N` → the CUDA backend
+    on GPU N (0 for `cuda`), with the FP16 target only when `half` is on.
+    """
+    parsed = torch.device(device)
+    if parsed.type == "cpu":
+        return cv2.dnn.DNN_BACKEND_OPENCV, cv2.dnn.DNN_TARGET_CPU, None
+    if parsed.type != "cuda":
+        raise ValueError(f"the darknet detector runs on cpu or cuda[:N], not on {device!r}")
+    target = cv2.dnn.DNN_TARGET_CUDA_FP16 if half else cv2.dnn.DNN_TARGET_CUDA
+    return cv2.dnn.DNN_BACKEND_CUDA, target, parsed.index or 0
+
+
 class DarknetBackend(DetectorBackend):
     def __init__(
         self,
@@ -64,18 +81,23 @@ class DarknetBackend(DetectorBackend):
         confidence: float,
         nms_iou: float,
         device: str,
+        half: bool = False,
     ):
         cfg_text = cfg.read_text(encoding="utf-8", errors="replace")
         self.net = cv2.dnn.readNetFromDarknet(
             np.frombuffer(with_score_floor(cfg_text, confidence).encode(), np.uint8),
             np.fromfile(weights, np.uint8),
         )
-        if device.startswith("cuda"):
-            if cv2.cuda.getCudaEnabledDeviceCount() > 0:
-                self.net.setPreferableBackend(cv2.dnn.DNN_BACKEND_CUDA)
-                self.net.setPreferableTarget(cv2.dnn.DNN_TARGET_CUDA_FP16)
+        backend, target, cuda_index = dnn_placement(device, half)
+        self.cuda_index: int | None = None
+        """The GPU the network runs on; None on the CPU."""
+        if cuda_index is not None:
+            if cv2.cuda.getCudaEnabledDeviceCount() > cuda_index:
+                self.net.setPreferableBackend(backend)
+                self.net.setPreferableTarget(target)
+                self.cuda_index = cuda_index
             else:
-                log.warning("this OpenCV has no CUDA support: the darknet detector runs on the CPU")
+                log.warning("this OpenCV sees no CUDA device %d: the darknet detector runs on the CPU", cuda_index)
         self.output_names = self.net.getUnconnectedOutLayersNames()
         self.input_size = input_size or read_net_size(cfg_text)
         self.confidence = confidence
@@ -83,6 +105,10 @@ class DarknetBackend(DetectorBackend):
         self.class_names = read_names(names, 80)
 
     def detect(self, images: list[np.ndarray]) -> list[Detections]:
+        if self.cuda_index is not None:
+            # OpenCV's CUDA backend sets the network up at its first forward, and runs it, on the calling thread's
+            # current device (the daemon runs every plugin of a chain on one device, so this is that device)
+            cv2.cuda.setDevice(self.cuda_index)
         blob = cv2.dnn.blobFromImages(images, 1 / 255.0, self.input_size, swapRB=True, crop=False)
         self.net.setInput(blob)
         outputs = self.net.forward(self.output_names)  # per YOLO head: (N, rows, 5 + classes), or (rows, ...) for N=1
@@ -106,9 +132,7 @@ class DarknetBackend(DetectorBackend):
         np.clip(xyxy, 0, np.tile(scale, 2), out=xyxy)
 
         groups = frame_idx.astype(np.int64) * (raw.shape[-1] - 5) + class_id  # NMS within one frame and class
-        keep = batched_nms(
-            torch.from_numpy(xyxy), torch.from_numpy(conf), torch.from_numpy(groups), self.nms_iou
-        ).numpy()
+        keep = grouped_nms(torch.from_numpy(xyxy), torch.from_numpy(conf), torch.from_numpy(groups), self.nms_iou).numpy()
         keep = keep[np.argsort(frame_idx[keep], kind="stable")]  # by frame, best score first within a frame
         bounds = np.searchsorted(frame_idx[keep], np.arange(1, len(images)))
         return [
