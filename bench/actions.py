@@ -91,7 +91,7 @@ def pipeline_config(cameras: int, actions: bool, args: argparse.Namespace) -> st
         f"    weights: {fastest}/yolo-fastest-1.1-xl.weights\n    names: {fastest}/coco.names\n"
         "    classes: [person]\n    confidence: 0.3\n    input_size: 320\n"
         f"  - type: bytetrack\n{recognizer if actions else ''}"
-        "publisher:\n  endpoint: tcp://127.0.0.1:0\n"
+        "publisher:\n  endpoint: tcp://127.0.0.1:0\ncontrol:\n  enabled: false\n"
         f"device: {args.device}\nlog_level: WARNING\n"
     )
 

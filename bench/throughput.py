@@ -130,6 +130,7 @@ def vigild_config(args: argparse.Namespace) -> str:
         f"    input_size: [{args.imgsz[0]}, {args.imgsz[1]}]\n{half}"
         "  - type: bytetrack\n"
         f"publisher:\n  endpoint: {free_endpoint()}\n"
+        "control:\n  enabled: false\n"  # the default socket may be another daemon's on this machine
         f"scheduler:\n  max_batch: {args.max_batch}\n  max_wait_ms: {args.max_wait_ms}\n"
         f"device: {args.device}\nlog_level: WARNING\n"
     )
@@ -324,7 +325,7 @@ def main() -> None:
                 ceiling = in_subprocess("ceiling", args, 1)
                 fps, threads = ceiling["device_fps"], ceiling["threads"]
                 results.append({"mode": "device_ceiling", "resolution": resolution, "precision": precision, "fps": fps,
-                                "threads": threads})
+                                "threads": threads, "inherited_thread_env": ceiling["inherited_thread_env"]})
                 print(f"{resolution}p device-path ceiling ({precision}, batch {args.max_batch}): {fps} fps, "
                       f"threads {threads}", flush=True)
         print(f"\n{resolution}p  {'cameras':>7} {'mode':>15} {'fps':>8} {'p50 ms':>8} {'p99 ms':>8} {'cpu %':>6} "
