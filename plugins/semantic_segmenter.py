@@ -42,7 +42,11 @@ class SemanticSegmenterConfig(PluginConfig):
     input_size: Annotated[tuple[Side, Side], BeforeValidator(_square)] = Field(
         (520, 520), description="Network input, one side or [width, height]; frames are letterboxed into it."
     )
-    half: bool | None = Field(None, description="fp16 inference; default on for CUDA devices.")
+    half: bool | None = Field(
+        None,
+        description="Reduced precision under autocast, weights and BatchNorm statistics kept in float32: fp16 on CUDA "
+        "(default on there), bf16 on the CPU (default off; fast on CPUs with AVX512-BF16 or AMX).",
+    )
     min_fraction: float = Field(0.001, ge=0, le=1, description="Classes covering less of the frame are left out.")
     mask: Literal["none", "rle"] = Field("none", description="`rle`: add the class map as COCO RLE per class.")
 

@@ -6,8 +6,10 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from known_models import BrightClassSegmenter
 from pydantic import ValidationError
+from torch import nn
 
 from vigild.config import CameraConfig
 from vigild.frame import Frame
@@ -77,6 +79,59 @@ def test_a_corrupt_frame_fails_alone():
         segmenter.process([good, bad])
     assert list(failed.value.errors) == [1]
     assert good.events and not bad.events
+
+
+class NormalisedBrightSegmenter(nn.Module):
+    """`BrightClassSegmenter` through a convolution and a BatchNorm with known weights: the channels' mean (1x1
+    convolution), then (mean - 1) / 0.1 by BatchNorm's running statistics; white gives +12, dark grey -26."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 1, bias=False)
+        self.norm = nn.BatchNorm2d(1)
+        with torch.no_grad():
+            self.conv.weight.fill_(1 / 3)
+            self.norm.running_mean.fill_(1.0)
+            self.norm.running_var.fill_(0.01)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        bright = self.norm(self.conv(x))
+        return {"out": torch.cat([-bright, bright], 1)}
+
+
+def test_half_runs_the_convolutions_in_reduced_precision_and_keeps_batchnorm_in_float32():
+    """`.half()` cast BatchNorm's statistics to float16 too; autocast keeps the weights in float32 and casts only the
+    convolutions' operands. On the CPU `half` is bfloat16 autocast (CUDA's float16 autocast has not been run)."""
+    half = SemanticBackend(NormalisedBrightSegmenter(), ("ground", "box"), (640, 384), "cpu", True)
+    full = SemanticBackend(NormalisedBrightSegmenter(), ("ground", "box"), (640, 384), "cpu", False)
+    convolved: list[torch.dtype] = []
+    half.model.conv.register_forward_hook(lambda module, inputs, output: convolved.append(output.dtype))
+    frames = [frame_with_rectangle("c", *scene).image for scene in SCENES]
+    results = half.segment(frames)
+    assert convolved == [torch.bfloat16], "the convolution ran in reduced precision"
+    norm = half.model.norm
+    assert {t.dtype for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var)} == {torch.float32}
+    for result, exact, (width, height, x1, y1, x2, y2) in zip(results, full.segment(frames), SCENES, strict=True):
+        truth = (x2 - x1) * (y2 - y1) / (width * height)
+        assert result.fractions[1] == pytest.approx(truth, abs=0.01)
+        np.testing.assert_allclose(result.fractions, exact.fractions, atol=1e-3)
+
+
+@pytest.mark.parametrize("model", ["deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large", "fcn_resnet50"])
+def test_torchvision_architectures_under_half_keep_their_norms_in_float32_and_agree_with_float32(model):
+    """Random weights (seeded): the reduced-precision class maps agree with float32's almost everywhere."""
+    torch.manual_seed(0)
+    full, half = plugin(model=model), plugin(model=model, half=True)
+    full.start()
+    half.start()
+    half.backend.model.load_state_dict(full.backend.model.state_dict())
+    norms = [m for m in half.backend.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(p.dtype == torch.float32 for m in norms for p in (*m.parameters(), m.running_var))
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h, *_ in SCENES]
+    for exact, reduced in zip(full.backend.segment(images), half.backend.segment(images), strict=True):
+        assert (exact.class_map == reduced.class_map).mean() > 0.99
+        np.testing.assert_allclose(reduced.fractions, exact.fractions, atol=0.01)
 
 
 @pytest.mark.parametrize("model", ["deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large", "fcn_resnet50"])

@@ -3,6 +3,10 @@
 Frames of any sizes are letterboxed into one batch (ImageNet normalisation, as torchvision's weights expect),
 the per-pixel class map is taken on the device, and the share of each frame's own area per class is counted for
 the whole batch in one `bincount` (the letterbox border is left out). Only the small class maps come back.
+`half` runs the network under autocast (float16 on CUDA, bfloat16 on the CPU) with its weights kept in float32:
+`.half()` would also cast BatchNorm's running statistics and epsilon to float16, where small variances lose their
+digits; autocast casts only the operands of the convolutions and matrix products, and BatchNorm normalises with
+its float32 statistics.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import numpy as np
 import torch
 from torchvision.models import get_model, get_model_weights
 
-from vigild.device import OomSplitter
+from vigild.device import OomSplitter, half_dtype
 from vigild.frame import SemanticSegmentation
 from vigild.letterbox import Letterboxer
 
@@ -54,12 +58,12 @@ class SemanticBackend:
         name: str = "segmenter",
     ):
         self.device = torch.device(device)
-        self.half = half and self.device.type == "cuda"
-        model = model.eval().to(self.device)
-        self.model = (model.half() if self.half else model).to(memory_format=torch.channels_last)
+        self.half = half
+        self.dtype = half_dtype(self.device) if half else torch.float32
+        """What autocast runs the network's convolutions in; the weights stay float32."""
+        self.model = model.eval().to(self.device).to(memory_format=torch.channels_last)
         self.class_names = class_names
-        dtype = torch.float16 if self.half else torch.float32
-        self.letterbox = Letterboxer(input_size, self.device, dtype, IMAGENET_MEAN, IMAGENET_STD)
+        self.letterbox = Letterboxer(input_size, self.device, self.dtype, IMAGENET_MEAN, IMAGENET_STD)
         self.oom = OomSplitter(name, device)
 
     def segment(self, images: list[np.ndarray]) -> list[SemanticSegmentation]:
@@ -68,7 +72,8 @@ class SemanticBackend:
     @torch.inference_mode()
     def _segment(self, images: Sequence[np.ndarray]) -> list[SemanticSegmentation]:
         batch, geometry = self.letterbox(list(images))
-        logits: Any = self.model(batch)
+        with torch.autocast(self.device.type, self.dtype, enabled=self.half):
+            logits: Any = self.model(batch)
         if isinstance(logits, dict):
             logits = logits["out"]
         class_map = logits.argmax(1)  # (B, H, W)
