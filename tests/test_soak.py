@@ -1,14 +1,22 @@
-"""Soak: four cameras looping a real file through detector, tracker and analytics for `VIGILD_SOAK_S` seconds
-(default 600; `make soak`). After the warm-up, resident memory must grow less than 5 % and the daemon's threads
-open file descriptors must stay as they were, and threads within GStreamer's transient pool threads."""
+"""Soak: four cameras looping vtest.avi through the real chain (Yolo-Fastest-XL → ByteTrack → analytics with a line,
+a zone and crop snapshots, as configs/plaza-analytics.yaml) for `VIGILD_SOAK_S` seconds (default 600; `make soak`).
+
+After the warm-up, resident memory must grow less than 5 %, open file descriptors must stay as they were, and
+threads must stay within GStreamer's transient pool threads with no upward drift. The analytics must have been
+doing its work the whole time: every camera's zone events reach a subscriber, and the analytics plugin's time in
+the daemon's status grows over the settled window.
+"""
 
 from __future__ import annotations
 
+import collections
 import os
+import threading
 import time
 
 import psutil
 import pytest
+import zmq
 from conftest import VTEST, free_endpoint, yolo_fastest_yaml
 from service import Service, camera_yaml, service_config
 
@@ -17,16 +25,57 @@ from vigild.control import ControlClient
 SOAK_S = float(os.environ.get("VIGILD_SOAK_S", "600"))
 WARMUP_S = min(120.0, SOAK_S / 4)
 SAMPLE_S = 5.0
+CAMERAS = [f"cam{i}" for i in range(4)]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(SOAK_S + 300)]  # beyond the suite's 300 s per test
 
+# configs/plaza-analytics.yaml's line and zone: the plaza's footpath, and a line people walk across
+GEOMETRY = {
+    "lines": {"crossing": {"points": [[250, 120], [250, 576]]}},
+    "zones": {"path": {"points": [[0, 0.31], [1, 0.21], [1, 0.73], [0, 0.73]], "normalized": True}},
+}
+ANALYTICS = "  - type: analytics\n    min_frames: 3\n    loiter_s: 20\n    count_debounce_s: 1.0\n    snapshot: crop\n"
 
-def test_four_cameras_for_ten_minutes_hold_memory_threads_and_descriptors(tmp_path):
-    cameras = "".join(camera_yaml(f"cam{i}", VTEST, loop=True, realtime=False) for i in range(4))
-    plugins = f"{yolo_fastest_yaml()}\n  - type: bytetrack\n  - type: frame_echo\n"
-    config = service_config(tmp_path, cameras, free_endpoint(), plugins=plugins)
+
+class AnalyticsEvents(threading.Thread):
+    """A plain SUB socket counting each camera's line and zone events (and their snapshots) as they arrive."""
+
+    def __init__(self, endpoint: str):
+        super().__init__(daemon=True)
+        self.endpoint = endpoint
+        self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.snapshots = 0
+        self.stop = threading.Event()
+        self.subscribed = threading.Event()
+
+    def run(self) -> None:
+        context = zmq.Context()
+        socket = context.socket(zmq.SUB)
+        for camera in CAMERAS:
+            for kind in ("line.", "zone."):
+                socket.setsockopt(zmq.SUBSCRIBE, f"vigild.{camera}.{kind}".encode())
+        socket.connect(self.endpoint)
+        self.subscribed.set()
+        while not self.stop.is_set():
+            if socket.poll(200):
+                topic, _payload, *snapshot = socket.recv_multipart()
+                _, camera, kind = topic.decode().split(".", 2)
+                self.counts[camera, kind] += 1
+                self.snapshots += bool(snapshot)
+        socket.close(linger=0)
+        context.term()
+
+
+def test_four_cameras_through_detector_tracker_and_analytics_hold_memory_threads_and_descriptors(tmp_path):
+    cameras = "".join(camera_yaml(name, VTEST, loop=True, realtime=False, **GEOMETRY) for name in CAMERAS)
+    plugins = f"{yolo_fastest_yaml()}\n  - type: bytetrack\n{ANALYTICS}"
+    endpoint = free_endpoint()
+    config = service_config(tmp_path, cameras, endpoint, plugins=plugins)
+    events = AnalyticsEvents(endpoint)
+    events.start()
+    assert events.subscribed.wait(10)
     service = Service(tmp_path, config)
-    samples: list[tuple[float, int, int, int, int]] = []
+    samples: list[tuple[float, int, int, int, int, float]] = []
     try:
         process = psutil.Process(service.process.pid)
         began = time.monotonic()
@@ -38,19 +87,31 @@ def test_four_cameras_for_ten_minutes_hold_memory_threads_and_descriptors(tmp_pa
             try:
                 with ControlClient(service.control_endpoint, timeout=10) as client:
                     reply, _ = client.request("status")
-                frames = sum(camera["frames"] for camera in reply["result"]["cameras"].values())
+                status = reply["result"]
+                frames = sum(camera["frames"] for camera in status["cameras"].values())
+                analytics_s = status["plugins"].get("analytics", {}).get("seconds", -1.0)
             except TimeoutError:
-                frames = -1
-            samples.append((time.monotonic() - began, rss, threads, fds, frames))
+                frames, analytics_s = -1, -1.0
+            samples.append((time.monotonic() - began, rss, threads, fds, frames, analytics_s))
         code, _ = service.stop()
         assert code == 0
     finally:
         service.kill()
+        events.stop.set()
+        events.join(5)
     settled = [s for s in samples if s[0] >= WARMUP_S]
     first, last = settled[0], settled[-1]
-    report = "\n".join(f"{t:7.1f} s  rss {r / 2**20:8.1f} MiB  threads {th}  fds {fd}  frames {f}" for t, r, th, fd, f in samples)
-    print(f"\nsoak {SOAK_S:.0f} s, warm-up {WARMUP_S:.0f} s\n{report}")
+    report = "\n".join(
+        f"{t:7.1f} s  rss {r / 2**20:8.1f} MiB  threads {th}  fds {fd}  frames {f}  analytics {a:.2f} s"
+        for t, r, th, fd, f, a in samples
+    )
+    print(f"\nsoak {SOAK_S:.0f} s, warm-up {WARMUP_S:.0f} s\n{report}\nevents {dict(events.counts)}")
     assert last[4] > first[4] > 0, "the cameras stopped moving"
+    assert last[5] > first[5] > 0, f"the analytics plugin did no work after the warm-up\n{report}"
+    for camera in CAMERAS:
+        # vtest's plaza has people on the footpath from its first frame: every camera's tracks enter the zone
+        assert events.counts[camera, "zone.enter"] > 0, f"no zone.enter from {camera}: {dict(events.counts)}"
+    assert events.snapshots > 0, "no event carried its crop"
     growth = max(s[1] for s in settled) / first[1] - 1
     assert growth < 0.05, f"resident memory grew {growth:.1%} after the warm-up\n{report}"
     # threads: GStreamer's pool starts and ends a thread or two around each file's loop, so the count is held to a
