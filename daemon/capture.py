@@ -108,6 +108,7 @@ class CameraCapture:
         self._index = 0
         self._down_reported = False  # a `down` was sent and no `up` since: one report per outage
         self._software_only = False  # set after a hardware decoder failed: later connections decode in software
+        self._retry_now = False  # the hardware decoder just failed: reconnect in software at once, no backoff
 
     def start(self) -> None:
         self._thread.start()
@@ -144,6 +145,10 @@ class CameraCapture:
                     outcome = self._lost("error") if self.stats.state is CameraState.STREAMING else Outcome.FAILED
                 if outcome is Outcome.ENDED or self._stop.is_set():
                     break
+                if self._retry_now:  # once per camera: the same source, decoded in software
+                    self._retry_now = False
+                    self.stats.reconnects += 1
+                    continue
                 failures = 0 if outcome is Outcome.LOST else failures + 1
                 if not self._down_reported:  # once per outage, not on every retry
                     self._notify(NoticeKind.DOWN, reason="unavailable", error=self.stats.last_error)
@@ -174,6 +179,7 @@ class CameraCapture:
                     exc.hardware_decoder,
                 )
                 self._software_only = True
+                self._retry_now = True
             was_streaming = self.stats.state is CameraState.STREAMING
             if isinstance(exc, SourceStalled):
                 self._set_state(CameraState.STALLED)

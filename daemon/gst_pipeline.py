@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any
 
@@ -29,7 +30,23 @@ HARDWARE_DECODERS = (
     "v4l2slh264dec",
     "v4l2h264dec",
 )
-"""Decoder factories that use a GPU or a video engine; `decoder: auto` ranks them above the software ones."""
+"""Decoder factories that use a GPU or a video engine; `decoder: auto` ranks them above the software ones. Any
+other decoder whose element class says `Hardware` (GStreamer's convention, e.g. `Codec/Decoder/Video/Hardware`)
+counts as one too for error classification and `decoder: software`, but keeps its own rank."""
+
+NVMM_DECODERS = ("nvv4l2decoder",)
+"""Jetson decoders whose only output is `video/x-raw(memory:NVMM)`, which `videoconvert` cannot take."""
+NVMM_CONVERTER = "nvvidconv"
+"""The Jetson element that copies NVMM frames into system memory (`video/x-raw`)."""
+
+# GLib error domains and codes of GStreamer's errors (GstCoreError, GstStreamError: stable ABI values)
+CORE_ERROR_DOMAIN = "gst-core-error-quark"
+STREAM_ERROR_DOMAIN = "gst-stream-error-quark"
+CORE_ERROR_NEGOTIATION = 7
+STREAM_ERROR_FAILED = 1
+STREAM_ERROR_DECODE = 7
+FLOW_REASONS_AFTER_A_HARDWARE_DECODER = ("reason not-negotiated", "reason not-linked")
+"""How a streaming error reads when frames in GPU or video-engine memory could not go on to the next element."""
 
 SINK_NAME = "sink"
 DECODEBIN_NAME = "decode"
@@ -82,6 +99,58 @@ def _prefer_hardware_decoders(gst: Any) -> None:
         feature = registry.lookup_feature(name)
         if feature is not None:
             feature.set_rank(gst.Rank.PRIMARY + 100)
+
+
+def is_hardware_decoder(factory_name: str, klass: str) -> bool:
+    """A decoder factory that uses a GPU or a video engine: named in `HARDWARE_DECODERS`, or a decoder whose element
+    class says `Hardware`."""
+    return factory_name in HARDWARE_DECODERS or ("Decoder" in klass and "Hardware" in klass)
+
+
+def hardware_decoder_to_blame(
+    origin: Sequence[tuple[str, str]], selected: str | None, domain: str, code: int, debug: str
+) -> str | None:
+    """The hardware decoder a pipeline error is put down to, or None when the error is not a decoder's.
+
+    `origin`: `(factory name, element class)` of the element that posted the error, then of each bin it sits in,
+    innermost first (a decoder may post from an element inside it). `selected`: the hardware decoder decodebin
+    plugged into this pipeline, if any. `domain`, `code`, `debug`: the error's GLib domain, code and debug text.
+
+    Blamed: an error from a hardware decoder or from anything inside one; and, while a hardware decoder is in the
+    pipeline, errors that only its output explains, whichever element posts them: caps negotiation failed, a
+    decode error, or a streaming thread stopped by `not-negotiated`/`not-linked` (frames in NVMM or CUDA memory
+    that the next element cannot take are reported by the demuxer or queue whose thread pushed them, not by the
+    decoder). A network, file or authentication error is never blamed on the decoder, whatever is plugged in.
+    """
+    for factory_name, klass in origin:
+        if is_hardware_decoder(factory_name, klass):
+            return factory_name
+    if selected is None:
+        return None
+    if domain == CORE_ERROR_DOMAIN and code == CORE_ERROR_NEGOTIATION:
+        return selected
+    if domain == STREAM_ERROR_DOMAIN and code == STREAM_ERROR_DECODE:
+        return selected
+    stopped_by_its_output = any(reason in debug for reason in FLOW_REASONS_AFTER_A_HARDWARE_DECODER)
+    if domain == STREAM_ERROR_DOMAIN and code == STREAM_ERROR_FAILED and stopped_by_its_output:
+        return selected
+    return None
+
+
+def nvmm_converter(registry_has: Callable[[str], bool], software_only: bool) -> str | None:
+    """`nvvidconv` where decodebin may plug a decoder with NVMM-only output (Jetson's `nvv4l2decoder`) and
+    `nvvidconv` is installed; None elsewhere or when decoding in software."""
+    if software_only or not any(registry_has(name) for name in NVMM_DECODERS):
+        return None
+    return NVMM_CONVERTER if registry_has(NVMM_CONVERTER) else None
+
+
+def unusable_decoders(registry_has: Callable[[str], bool]) -> tuple[str, ...]:
+    """Hardware decoders installed whose output this machine cannot bring into system memory (an NVMM decoder
+    without `nvvidconv`): decodebin must skip them, or the camera would fail to link on every connection."""
+    if registry_has(NVMM_CONVERTER):
+        return ()
+    return tuple(name for name in NVMM_DECODERS if registry_has(name))
 
 
 def _fraction(fps: float) -> str:
@@ -144,11 +213,16 @@ def pipeline_description(
     fps: float | None,
     sync: bool,
     drop: bool,
+    converter: str | None = None,
 ) -> str:
     """The whole pipeline. `sync`: play at the stream's own pace (files in real time, HLS); `drop`: keep only the
-    newest frame in the appsink (everything but files read as fast as possible)."""
+    newest frame in the appsink (everything but files read as fast as possible); `converter`: an element that
+    brings a hardware decoder's frames into system memory (`nvvidconv`, see `nvmm_converter`), placed right after
+    the decoder; test patterns have no decoder and take none."""
     head, branches = source_description(spec)
     steps = [head]
+    if converter is not None and spec.kind is not SourceKind.TEST:
+        steps += [converter, "video/x-raw"]
     if fps is not None and pipeline_limits_fps(fps):
         # drop-only + max-rate: never duplicates, works for sources without a fixed rate (MJPEG, many RTSP
         # cameras) and for a limit above the source's rate; placed first so dropped frames are never scaled

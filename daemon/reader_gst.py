@@ -15,11 +15,14 @@ import numpy as np
 from vigild.config import CameraConfig
 from vigild.gst_pipeline import (
     DECODEBIN_NAME,
-    HARDWARE_DECODERS,
     SINK_NAME,
     gst_modules,
+    hardware_decoder_to_blame,
+    is_hardware_decoder,
+    nvmm_converter,
     pipeline_description,
     pipeline_limits_fps,
+    unusable_decoders,
 )
 from vigild.reader import EndOfStream, FrameReader, RawFrame, SourceError, check_local_source
 from vigild.sources import SourceKind, SourceSpec
@@ -51,6 +54,9 @@ class GstReader(FrameReader):
         self._skipped = 0
         self._eos = False
         self._decoder_known = False
+        self._hardware_decoder: str | None = None
+        """The hardware decoder decodebin plugged into this pipeline, once it did (set from a streaming thread)."""
+        self._element_added_id: int | None = None
         fps = config.fps
         in_reader = fps is not None and (not pipeline_limits_fps(fps) or spec.kind is SourceKind.HTTP)
         self._fps_interval_ns = int(1e9 / fps) if fps is not None and in_reader else 0
@@ -65,6 +71,11 @@ class GstReader(FrameReader):
     def open(self) -> None:
         gst = self._gst
         is_file = self.spec.kind is SourceKind.FILE
+
+        def registry_has(name: str) -> bool:
+            return gst.ElementFactory.find(name) is not None
+
+        skipped = unusable_decoders(registry_has)
         description = pipeline_description(
             self.spec,
             resize=self.config.resize,
@@ -72,6 +83,7 @@ class GstReader(FrameReader):
             # HLS arrives in segment-sized bursts: play it at its own pace, like a file in real time
             sync=(is_file and self.config.realtime) or self.spec.uri.split("?")[0].endswith(".m3u8"),
             drop=self._sink_drops,
+            converter=nvmm_converter(registry_has, self.software_only),
         )
         check_local_source(self.spec)
         try:
@@ -86,6 +98,10 @@ class GstReader(FrameReader):
                 decodebin.connect("source-setup", self._setup_source)
             if self.software_only:
                 decodebin.connect("autoplug-select", _skip_hardware_decoders)
+            elif skipped:  # an NVMM decoder without nvvidconv: its frames could never leave the GPU
+                log.warning("camera %s: %s installed without nvvidconv; not using it", self.camera, ", ".join(skipped))
+                decodebin.connect("autoplug-select", _skip_named_decoders, skipped)
+        self._element_added_id = self._pipeline.connect("deep-element-added", self._element_added)
         pad = self._sink.get_static_pad("sink")
         self._probe = (pad, pad.add_probe(gst.PadProbeType.BUFFER, self._count_buffer))
         if self._pipeline.set_state(gst.State.PLAYING) == gst.StateChangeReturn.FAILURE:
@@ -111,6 +127,12 @@ class GstReader(FrameReader):
         if username and source.find_property("user-id") is not None:
             source.set_property("user-id", username)
             source.set_property("user-pw", password or "")
+
+    def _element_added(self, _pipeline: Any, _bin: Any, element: Any) -> None:
+        """Called (on a streaming thread) for every element plugged anywhere into the pipeline."""
+        factory = element.get_factory()
+        if factory is not None and is_hardware_decoder(factory.get_name(), factory.get_metadata("klass") or ""):
+            self._hardware_decoder = str(factory.get_name())
 
     def _count_buffer(self, _pad: Any, _info: Any) -> Any:
         self.counters.decoded += 1
@@ -216,6 +238,9 @@ class GstReader(FrameReader):
         factory_name = factory.get_name() if factory is not None else ""
         if _is_decoder(source):
             self.counters.decode_errors += 1
+        hardware_decoder = hardware_decoder_to_blame(
+            _origin(source), self._hardware_decoder, error.domain, error.code, debug or ""
+        )
         detail = _last_line(debug)
         if detail and error.message in detail:  # "Unauthorized" + "Unauthorized (401)": the detail says it all
             text = detail
@@ -223,7 +248,7 @@ class GstReader(FrameReader):
             text = error.message + (f" ({detail})" if detail and detail not in error.message else "")
         raise SourceError(
             f"{factory_name or source.get_name()}: {text}",
-            hardware_decoder=factory_name if factory_name in HARDWARE_DECODERS else None,
+            hardware_decoder=hardware_decoder,
         )
 
     def rewind(self) -> None:
@@ -241,12 +266,31 @@ class GstReader(FrameReader):
             pad.remove_probe(probe_id)
             self._probe = None
         self._pipeline.set_state(self._gst.State.NULL)
+        if self._element_added_id is not None:
+            self._pipeline.disconnect(self._element_added_id)
+            self._element_added_id = None
         self._bus.set_flushing(True)  # drop pending messages (they hold references to elements)
         self._pipeline = self._sink = self._bus = self._caps = None
 
 
 def _skip_hardware_decoders(_bin: Any, _pad: Any, _caps: Any, factory: Any) -> int:
-    return AUTOPLUG_SKIP if factory.get_name() in HARDWARE_DECODERS else AUTOPLUG_TRY
+    hardware = is_hardware_decoder(factory.get_name(), factory.get_metadata("klass") or "")
+    return AUTOPLUG_SKIP if hardware else AUTOPLUG_TRY
+
+
+def _skip_named_decoders(_bin: Any, _pad: Any, _caps: Any, factory: Any, names: tuple[str, ...]) -> int:
+    return AUTOPLUG_SKIP if factory.get_name() in names else AUTOPLUG_TRY
+
+
+def _origin(element: Any) -> list[tuple[str, str]]:
+    """`(factory name, element class)` of `element` and of each bin around it, innermost first."""
+    origin = []
+    while element is not None:
+        factory = element.get_factory() if hasattr(element, "get_factory") else None
+        if factory is not None:
+            origin.append((str(factory.get_name()), str(factory.get_metadata("klass") or "")))
+        element = element.get_parent()
+    return origin
 
 
 def _is_decoder(element: Any) -> bool:
