@@ -72,6 +72,7 @@ bench: setup
 	$(VENV)/bin/python bench/trackers.py
 	$(VENV)/bin/python bench/actions.py
 	$(VENV)/bin/python bench/decode.py
+	$(VENV)/bin/python bench/stuck_subscriber.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

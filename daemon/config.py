@@ -154,6 +154,20 @@ class PublisherConfig(StrictModel):
     )
     heartbeat_interval: float = Field(1.0, gt=0, description="Seconds between `vigild.sys.heartbeat` messages.")
     linger_ms: int = Field(1000, ge=0, description="How long closing waits to flush queued messages.")
+    await_subscribers: int = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="Hold capture at start until this many subscriptions have reached the publisher (at most "
+        "`await_timeout` seconds), so that subscribers started beforehand miss no first event; 0: do not wait.",
+    )
+    await_timeout: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="Seconds `await_subscribers` waits before capture starts anyway.",
+    )
 
     @field_validator("endpoint")
     @classmethod

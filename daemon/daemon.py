@@ -143,6 +143,7 @@ class Daemon:
             for part in reversed(started):
                 part.stop()
             raise
+        self.publisher.await_subscribers(self._stop_requested)
         self.scheduler.start()
         for capture in self.captures.values():
             capture.start()
@@ -253,7 +254,14 @@ class Daemon:
                 "batches": batches,
                 "mean_batch": round(self.scheduler.frames_in_batches / batches, 2) if batches else 0.0,
             },
-            "plugins": {stage.spec.id: {"seconds": round(stage.seconds, 3)} for stage in self.chain.stages},
+            "plugins": {
+                stage.spec.id: {
+                    "seconds": round(stage.seconds, 3),
+                    "failures": sum(dict(stage.failures).values()),
+                    "batch_failures": stage.batch_failures,
+                }
+                for stage in self.chain.stages
+            },
             "publisher": {
                 "sent": publisher.sent,
                 "dropped_queue_full": publisher.dropped_queue_full,

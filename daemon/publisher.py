@@ -78,6 +78,10 @@ class Publisher:
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
         self._bound = threading.Event()
         self._bind_error: str | None = None
+        self.subscriptions = 0
+        """Subscriptions received (only counted with `await_subscribers`, which makes the socket an XPUB)."""
+        self._subscribed = threading.Event()
+        self._awaiting = config.await_subscribers > 0
 
     def start(self) -> None:
         """Bind in the publisher thread (sockets stay on one thread) and wait for the outcome."""
@@ -92,6 +96,31 @@ class Publisher:
         if self._bind_error is not None:
             self._thread.join()
             raise PublisherError(f"cannot bind publisher to {self.config.endpoint}: {self._bind_error}")
+
+    def await_subscribers(self, stop: threading.Event | None = None) -> bool:
+        """Block until `await_subscribers` subscriptions have arrived, `await_timeout` has passed or `stop` is set;
+        True if they arrived.
+
+        PUB/SUB drops what is published before a subscription reaches the publisher ("slow joiner"); a daemon that
+        holds capture until then loses no event to subscribers that were started before it."""
+        wanted = self.config.await_subscribers
+        if wanted == 0:
+            return True
+        log.info("waiting up to %.0f s for %d subscriber(s) before capture starts", self.config.await_timeout, wanted)
+        deadline = time.monotonic() + self.config.await_timeout
+        arrived = False
+        while not arrived and time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+            arrived = self._subscribed.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+        self._awaiting = False
+        if arrived:
+            return True
+        log.warning(
+            "%d of %d awaited subscription(s) arrived within %.0f s; capture starts anyway",
+            self.subscriptions,
+            wanted,
+            self.config.await_timeout,
+        )
+        return False
 
     def publish(self, event: Event) -> None:
         with self._seq_lock:
@@ -110,7 +139,11 @@ class Publisher:
             self._thread.join()
 
     def _run(self) -> None:
-        socket = self._context.socket(zmq.PUB)
+        # an XPUB is a PUB that also hands over its subscribers' subscriptions, which `await_subscribers` counts
+        counting = self.config.await_subscribers > 0
+        socket = self._context.socket(zmq.XPUB if counting else zmq.PUB)
+        if counting:
+            socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, also a second one to the same topic
         socket.setsockopt(zmq.SNDHWM, self.config.hwm)
         socket.setsockopt(zmq.LINGER, self.config.linger_ms)
         try:
@@ -134,12 +167,17 @@ class Publisher:
         try:
             while True:
                 self.alive_at = time.monotonic()
+                wait = max(0.0, next_heartbeat - time.monotonic())
+                if self._awaiting and not self._subscribed.is_set():
+                    wait = min(wait, 0.02)  # look for the awaited subscriptions often
                 try:
-                    item = self._queue.get(timeout=max(0.0, next_heartbeat - time.monotonic()))
+                    item = self._queue.get(timeout=wait)
                 except queue.Empty:
                     item = None
                 if item is _STOP:
                     break
+                if counting:
+                    self._read_subscriptions(socket)
                 if item is not None:
                     self._send(socket, *item)
                 if self._heartbeat is not None and time.monotonic() >= next_heartbeat:
@@ -155,6 +193,15 @@ class Publisher:
             if self.curve is not None:
                 self.curve.stop()
             self._context.term()  # blocks until queued messages are sent or the linger runs out
+
+    def _read_subscriptions(self, socket: zmq.Socket) -> None:
+        """Take what the XPUB has received (read, so that it does not pile up): a subscription starts with 1."""
+        while socket.poll(0, zmq.POLLIN):
+            message = socket.recv(zmq.NOBLOCK)
+            if message[:1] == b"\x01":
+                self.subscriptions += 1
+                if self.subscriptions >= self.config.await_subscribers:
+                    self._subscribed.set()
 
     def _send(self, socket: zmq.Socket, seq: int, event: Event) -> None:
         try:

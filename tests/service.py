@@ -27,6 +27,7 @@ from vigild.plugin import Plugin, PluginConfig
 class FrameEchoConfig(PluginConfig):
     type: Literal["frame_echo"] = "frame_echo"
     hang_when: str | None = None
+    pad: int = 0  # bytes of filler in each event, to make a backlog show in memory
 
 
 class FrameEcho(Plugin[FrameEchoConfig]):
@@ -35,8 +36,9 @@ class FrameEcho(Plugin[FrameEchoConfig]):
     def process(self, frames):
         while self.config.hang_when and os.path.exists(self.config.hang_when):
             time.sleep(0.05)
+        data = {"pad": "x" * self.config.pad} if self.config.pad else {}
         for frame in frames:
-            frame.events.append(Event("frame", frame.camera, frame.ts_wall, frame.index))
+            frame.events.append(Event("frame", frame.camera, frame.ts_wall, frame.index, data=data))
 '''
 
 
@@ -90,11 +92,20 @@ def camera_yaml(name: str, source: Path, **settings: object) -> str:
 
 
 def service_config(
-    tmp_path: Path, cameras: str, publisher: str, *, plugins: str = "  - type: frame_echo\n", extra: str = ""
+    tmp_path: Path,
+    cameras: str,
+    publisher: str,
+    *,
+    plugins: str = "  - type: frame_echo\n",
+    extra: str = "",
+    await_subscribers: int = 0,
 ) -> Path:
+    """`await_subscribers`: the daemon holds capture until that many subscriptions arrived, so that subscribers
+    started before it see the first events (PUB/SUB drops what is sent before a subscription arrives)."""
     path = tmp_path / "vigild.yaml"
     path.write_text(
         f"cameras:\n{cameras}plugins:\n{plugins}publisher:\n  endpoint: {publisher}\n  heartbeat_interval: 0.5\n"
+        f"  await_subscribers: {await_subscribers}\n  await_timeout: 120\n"
         f"control:\n  endpoint: ipc://{tmp_path}/control\n{extra}"
     )
     return path

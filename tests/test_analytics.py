@@ -442,6 +442,7 @@ plugins:
     snapshot: crop
 publisher:
   endpoint: {endpoint}
+  await_subscribers: 1  # the test's subscriber sees the first events (no PUB/SUB slow joiner)
 device: cpu
 """
     )

@@ -4,8 +4,11 @@ here, the control socket, the event stream in another process, HTTP."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -36,7 +39,8 @@ def wait_frames(subscriber, camera: str, count: int, timeout: float = 60) -> Non
 def test_notify_reload_as_a_diff_and_graceful_stop(tmp_path, subscriber_factory):
     publisher = free_endpoint()
     two_cameras = camera_yaml("a", VTEST, loop=True) + camera_yaml("b", VTEST, loop=True)
-    config = service_config(tmp_path, two_cameras, publisher)
+    # capture waits for the subscriber's subscription: camera b's first frame and both camera.up events are counted
+    config = service_config(tmp_path, two_cameras, publisher, await_subscribers=1)
     subscriber = subscriber_factory(publisher, idle_s=10)
     notify = NotifySocket(tmp_path / "notify")
     service = Service(tmp_path, config, notify=tmp_path / "notify", watchdog_s=1.0)
@@ -78,8 +82,8 @@ def test_notify_reload_as_a_diff_and_graceful_stop(tmp_path, subscriber_factory)
         config.write_text(valid)
 
         stop_sent = time.monotonic()
-        code, took = service.stop()
-        assert code == 0 and took < 10, (code, took)
+        code, _ = service.stop(timeout=60)  # (how long it takes is not asserted: CI machines are noisy)
+        assert code == 0
         notify.wait_for("STOPPING=1", 1, after=stop_sent)
     finally:
         service.kill()
@@ -94,6 +98,30 @@ def test_notify_reload_as_a_diff_and_graceful_stop(tmp_path, subscriber_factory)
     assert [after for _, after in gaps(b)] == [0, 0] and b.count(0) == 3
     ups = [m["event"]["camera"] for m in messages if m["event"]["type"] == "camera.up"]
     assert sorted(ups) == ["a", "b", "b", "b"]
+
+
+def test_capture_waits_for_the_awaited_subscriber_which_then_gets_the_first_frame(tmp_path, subscriber_factory):
+    """`publisher.await_subscribers`: the daemon is started first and holds capture; a subscriber that connects
+    only after the daemon says it is waiting still receives camera.up and frame 0 (without the setting PUB/SUB
+    would have dropped them, as nobody was subscribed when they were sent)."""
+    publisher = free_endpoint()
+    config = service_config(tmp_path, camera_yaml("a", VTEST, realtime=False), publisher, await_subscribers=1)
+    service = Service(tmp_path, config)
+    try:
+        deadline = time.monotonic() + 90
+        while "before capture starts" not in service.log_text():
+            assert time.monotonic() < deadline and service.process.poll() is None, service.log_text()[-2000:]
+            time.sleep(0.1)
+        assert control(service, "status")["result"]["cameras"]["a"]["frames"] == 0
+        subscriber = subscriber_factory(publisher, idle_s=5)
+        assert service.process.wait(120) == 0  # the file ends, the daemon ends
+    finally:
+        service.kill()
+    messages = subscriber.finish(timeout=60)
+    seqs = [m["event"]["seq"] for m in messages]
+    assert seqs == list(range(1, len(seqs) + 1))
+    first = next(m["event"] for m in messages if m["event"]["camera"] == "a")  # (heartbeats run while it waits)
+    assert first["type"] == "camera.up" and frames_of(messages, "a")[:2] == [0, 1]
 
 
 def test_watchdog_pings_stop_while_a_plugin_hangs_and_resume_after(tmp_path):
@@ -232,49 +260,75 @@ def test_control_commands_metrics_and_fuzz(tmp_path, subscriber_factory):
         service.kill()
 
 
-def test_a_subscriber_that_never_reads_does_not_slow_capture(tmp_path):
-    """Files read as fast as the chain goes, an event per frame: fps with and without a stuck subscriber."""
-    publisher = free_endpoint()
-    config = service_config(tmp_path, camera_yaml("a", VTEST, loop=True, realtime=False), publisher)
+def test_a_subscriber_that_never_reads_loses_only_its_own_events_and_memory_stays_bounded(tmp_path, subscriber_factory):
+    """A subscriber in another process that connects and never reads, beside one that reads everything. ZeroMQ drops
+    the stuck one's messages at its high-water mark: it sees a gap in `seq`, the reader sees none, and the daemon's
+    memory does not grow with the backlog. (What it costs in frames/s is a figure for bench/stuck_subscriber.py.)"""
+    import psutil
+
+    publisher = f"ipc://{tmp_path}/events"  # small kernel buffers: the stuck subscriber fills up after ~100 events
+    pad = 8192
+    config = service_config(
+        tmp_path,
+        camera_yaml("a", "test://smpte?width=64&height=48&fps=400"),
+        publisher,
+        plugins=f"  - type: frame_echo\n    pad: {pad}\n",
+        await_subscribers=2,  # both subscriptions in place before the first frame
+    )
+    config.write_text(config.read_text().replace("  heartbeat_interval: 0.5\n", "  heartbeat_interval: 0.5\n  hwm: 50\n"))
+    stuck = subprocess.Popen([sys.executable, "-c", STUCK_SUBSCRIBER, publisher], stdin=-1, stdout=-1, text=True)
+    assert stuck.stdin is not None and stuck.stdout is not None and stuck.stdout.readline().strip() == "connected"
+    reader = subscriber_factory(publisher, idle_s=10)
     service = Service(tmp_path, config)
 
-    def fps_over(seconds: float) -> float:
-        first = control(service, "status")["result"]["cameras"]["a"]["frames"]
-        time.sleep(seconds)
-        return (control(service, "status")["result"]["cameras"]["a"]["frames"] - first) / seconds
+    def wait_processed(count: int) -> None:
+        deadline = time.monotonic() + 180
+        while control(service, "status")["result"]["cameras"]["a"]["frames"] < count:
+            assert time.monotonic() < deadline, f"fewer than {count} frames in 180 s"
+            time.sleep(0.2)
 
-    stuck = None
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if control(service, "status")["result"]["cameras"]["a"]["frames"] > 100:
-                    break
-            except TimeoutError:
-                pass
-            time.sleep(0.5)
-        alone = fps_over(6)
-        stuck = __import__("subprocess").Popen(
-            [__import__("sys").executable, "-c", STUCK_SUBSCRIBER, publisher], stdout=-1, text=True
-        )
-        assert stuck.stdout is not None and stuck.stdout.readline().strip() == "connected"
-        time.sleep(4)  # its buffers fill: from here on ZeroMQ drops for it
-        with_stuck = fps_over(6)
-        assert alone > 20, alone
-        assert with_stuck > 0.8 * alone, (alone, with_stuck)
+        daemon = psutil.Process(service.process.pid)
+        wait_processed(1000)  # the stuck subscriber's queues (hwm 50 + its own 10 + socket buffers) are long full
+        rss_before = daemon.memory_info().rss
+        wait_processed(5000)
+        grown = daemon.memory_info().rss - rss_before
+        # 4,000 events of 8 KiB kept for the stuck subscriber would be 32 MiB more
+        assert grown < 12 * 2**20, f"the daemon grew by {grown / 2**20:.1f} MiB while a subscriber was stuck"
+        stuck.stdin.write("drain\n")
+        stuck.stdin.flush()
+        stuck_seqs = json.loads(stuck.stdout.readline())
         code, _ = service.stop()
         assert code == 0
     finally:
-        if stuck is not None:
-            stuck.kill()
+        stuck.kill()
         service.kill()
+
+    # the stuck subscriber got the first events, then nothing until it read again: its messages were dropped
+    # (it goes on receiving new events while it drains, so look at what it held before the first jump)
+    jumps = [(a, b) for a, b in itertools.pairwise(stuck_seqs) if b != a + 1]
+    assert stuck_seqs[0] == 1 and jumps, stuck_seqs[:5]
+    held, resumed = jumps[0]
+    assert held < 1000 and resumed - held > 3000, (held, resumed)
+    # the reader got every event, in order, from the first on
+    messages = reader.finish(timeout=60)
+    seqs = [m["event"]["seq"] for m in messages]
+    assert seqs == list(range(1, len(seqs) + 1))
+    frames = frames_of(messages, "a")
+    assert len(frames) >= 5000  # (a live source: which frames reach the chain depends on its pace)
+    assert all(len(m["event"]["pad"]) == pad for m in messages if m["event"]["type"] == "frame")
 
 
 STUCK_SUBSCRIBER = """
-import sys, time, zmq
+import json, sys, zmq
 socket = zmq.Context().socket(zmq.SUB)
+socket.setsockopt(zmq.RCVHWM, 10)
 socket.setsockopt(zmq.SUBSCRIBE, b"")
 socket.connect(sys.argv[1])
 print("connected", flush=True)
-time.sleep(3600)
+sys.stdin.readline()  # stuck until the test says "drain"
+seqs = []
+while socket.poll(2000) and len(seqs) < 2000:
+    seqs.append(json.loads(socket.recv_multipart()[1])["seq"])
+print(json.dumps(seqs), flush=True)
 """
