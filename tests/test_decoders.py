@@ -288,3 +288,61 @@ def test_the_fake_is_plugged_first(fake_hardware_decoder, h264_file):
     pipeline.set_state(Gst.State.NULL)
     assert message is not None and message.type == Gst.MessageType.ERROR
     assert message.src.get_factory().get_name() == "fakehwdec"
+
+
+# ------------------------------------------------------------------------------------------------- corrupt video
+
+
+def flip_bytes(source: Path, out: Path, start: int, end_margin: int, step: int, run: int = 16) -> Path:
+    """A copy of `source` with `run` bytes inverted every `step` bytes from `start` to `end_margin` before the end
+    (container headers at the start and an index at the end stay intact): the same damage on every run."""
+    data = bytearray(source.read_bytes())
+    for offset in range(start, len(data) - end_margin, step):
+        data[offset : offset + run] = bytes(b ^ 0xFF for b in data[offset : offset + run])
+    out.write_bytes(data)
+    return out
+
+
+def run_to_the_end(configs: dict[str, CameraConfig], timeout: float = 120.0) -> tuple[dict[str, list[Frame]], dict[str, CameraCapture]]:
+    """Cameras side by side on one exchange, as in the daemon, each reading its file once to the end."""
+    exchange = FrameExchange()
+    captures = {name: CameraCapture(name, config, parse_source(config.source), exchange) for name, config in configs.items()}
+    frames: dict[str, list[Frame]] = {name: [] for name in configs}
+    ended: set[str] = set()
+    for capture in captures.values():
+        capture.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while len(ended) < len(captures) and time.monotonic() < deadline:
+            taken = exchange.take(8, 0, 1, 0.1)
+            for frame in taken.frames:
+                frames[frame.camera].append(frame)
+            ended.update(n.camera for n in taken.closed if n.kind is NoticeKind.ENDED)
+    finally:
+        for capture in captures.values():
+            capture.stop()
+        exchange.close()
+        for capture in captures.values():
+            capture.join(10)
+    assert ended == set(captures), f"not all cameras reached the end of their file: {ended}"
+    return frames, captures
+
+
+@pytest.mark.parametrize("codec", ["h264", "msmpeg4"])
+def test_a_corrupt_video_reports_decode_errors_and_the_clean_one_beside_it_none(codec, h264_file, tmp_path):
+    """FFmpeg conceals the damage (no bus message, no flag on the frame); the errors it logs are counted for the
+    camera whose decoder logged them, and only for it."""
+    clean = h264_file if codec == "h264" else VTEST  # vtest.avi is MS-MPEG-4 (avdec_msmpeg4)
+    corrupt = flip_bytes(clean, tmp_path / f"corrupt{clean.suffix}", start=50_000, end_margin=50_000, step=97_001)
+    configs = {
+        "corrupt": CameraConfig(source=str(corrupt), backend="gstreamer", realtime=False),
+        "clean": CameraConfig(source=str(clean), backend="gstreamer", realtime=False),
+    }
+    frames, captures = run_to_the_end(configs)
+    assert captures["corrupt"].stats.decode_errors > 0
+    assert captures["clean"].stats.decode_errors == 0
+    # the damage is concealed, not fatal: both cameras delivered every frame of their file, on one connection
+    assert len(frames["clean"]) == (60 if codec == "h264" else 795)
+    assert len(frames["corrupt"]) == len(frames["clean"])
+    assert captures["corrupt"].stats.reconnects == 0 and captures["corrupt"].stats.last_error is None
+    assert captures["corrupt"].stats.decoder == captures["clean"].stats.decoder == f"avdec_{codec}"
