@@ -109,6 +109,7 @@ class CameraCapture:
         self._down_reported = False  # a `down` was sent and no `up` since: one report per outage
         self._software_only = False  # set after a hardware decoder failed: later connections decode in software
         self._retry_now = False  # the hardware decoder just failed: reconnect in software at once, no backoff
+        self._frame_size: tuple[int, ...] = (0, 0)  # (height, width) of the last frame delivered
 
     def start(self) -> None:
         self._thread.start()
@@ -230,6 +231,14 @@ class CameraCapture:
                 continue
             index = self._index
             self._index += 1
+            size = raw.image.shape[:2]
+            if stats.state is CameraState.STREAMING and size != self._frame_size:
+                # the camera's own setting changed (or an ad break in a stream): frames go on at the new size
+                log.info(
+                    "camera %s: frame size changed from %dx%d to %dx%d at frame %d",
+                    self.name, self._frame_size[1], self._frame_size[0], size[1], size[0], index,
+                )
+            self._frame_size = size
             if stats.state is not CameraState.STREAMING:
                 height, width = raw.image.shape[:2]
                 stats.source_fps, stats.decoder = reader.source_fps, reader.decoder

@@ -44,6 +44,30 @@ def encode(source: Path, out: Path, codec: str, frames: int, size: tuple[int, in
     return out
 
 
+def encode_size_change(source: Path, out: Path, sizes: tuple[tuple[int, int], ...], frames: int) -> Path:
+    """An H.264 byte stream whose frame size changes: `frames` frames of `source` at each of `sizes` in turn, each
+    part a complete stream (new SPS/PPS and a key frame), concatenated, as a camera does when its resolution is
+    changed while it streams. Raw byte stream (`.h264`): no container to declare one size for the whole file."""
+    parts = []
+    for index, (width, height) in enumerate(sizes):
+        part = out.with_name(f"{out.stem}.part{index}.h264")
+        subprocess.run(
+            [
+                "gst-launch-1.0",
+                "-q",
+                *f'filesrc location="{source}" ! decodebin ! identity eos-after={frames} ! videoconvert ! videoscale '
+                f"! video/x-raw,width={width},height={height},pixel-aspect-ratio=1/1 ! x264enc speed-preset=ultrafast "
+                f'key-int-max=10 ! video/x-h264,stream-format=byte-stream ! filesink location="{part}"'.split(),
+            ],
+            check=True,
+            timeout=300,
+        )
+        parts.append(part.read_bytes())
+        part.unlink()
+    out.write_bytes(b"".join(parts))
+    return out
+
+
 class RtspServer:
     """tests/servers/rtsp_server.py as a process, so a test can kill it like a camera losing power."""
 
