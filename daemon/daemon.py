@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vigild.capture import CameraCapture, CameraState
-from vigild.chain import Chain, failures_by_camera
+from vigild.chain import Chain, PluginStartError, failures_by_camera
 from vigild.config import Config, ConfigError, load_config, with_camera
 from vigild.control import CommandError, ControlServer
 from vigild.events import SYSTEM_CAMERA, Event
 from vigild.exchange import FrameExchange
 from vigild.notify import ServiceNotifier
+from vigild.plugin import PluginConfigError
 from vigild.publisher import Publisher, PublisherError
 from vigild.scheduler import Scheduler
 from vigild.sources import redact
@@ -295,11 +296,10 @@ class Daemon:
         self.notifier.reloading()
         try:
             try:
-                new = load_config(self.config.file)
-            except ConfigError as exc:
+                applied = self.apply(load_config(self.config.file))
+            except (ConfigError, CommandError) as exc:
                 log.error("reload refused, still running the previous config: %s", exc)
                 raise
-            applied = self.apply(new)
             for part in (self.publisher.curve, self.control.curve if self.control is not None else None):
                 if part is not None:
                     part.reload_keys()
@@ -314,8 +314,17 @@ class Daemon:
         return self.apply(with_camera(self.config, name, camera))
 
     def apply(self, new: Config) -> Applied:
+        """Apply `new` as a diff, or raise with nothing changed: ConfigError (a plugin refused its new cameras or
+        failed to start, named by its key as at start), CommandError `busy`."""
         with self._reconfiguring:
-            return self._apply(new)
+            try:
+                return self._apply(new)
+            except PluginStartError as exc:
+                cause = exc.cause
+                if isinstance(cause, PluginConfigError):
+                    raise new.error(("plugins", exc.position, cause.key), str(cause)) from exc
+                message = f"failed to start: {type(cause).__name__}: {cause}"
+                raise new.error(("plugins", exc.position), message) from exc
 
     def _apply(self, new: Config) -> Applied:
         old = self.config
@@ -341,14 +350,13 @@ class Daemon:
         chain.start()  # models load here, while the old chain keeps running
         apply_threads(self.threads)
         leaving = [*applied.removed, *applied.restarted]
-        for name in leaving:
-            self.captures[name].stop()
-            self.exchange.retire(name)  # also wakes a capture waiting for its slot
-        for name in leaving:
-            self.captures[name].join(CAPTURE_JOIN_TIMEOUT_S)
         left_behind = self.chain.left_behind(chain)
 
         def swap() -> None:
+            # cameras are stopped only here, once the scheduler came round: a swap that times out touched none
+            for name in leaving:
+                self.captures[name].stop()
+                self.exchange.retire(name)  # drops what waits; also wakes a capture waiting for its slot
             for name in applied.removed:
                 self.scheduler.close_camera(name, "removed")
             for name in applied.restarted:
@@ -370,12 +378,9 @@ class Daemon:
             self.scheduler.call(swap, self.config.settings.control.timeout)
         except TimeoutError:
             chain.discard()
-            for name in leaving:  # put back what was stopped
-                self.exchange.admit(name)
-                self.captures[name] = self._capture(old, name)
-                if name not in self.paused:
-                    self.captures[name].start()
             raise CommandError("busy", "the scheduler did not come round (a plugin is stuck); nothing changed") from None
+        for name in leaving:
+            self.captures[name].join(CAPTURE_JOIN_TIMEOUT_S)
 
         for stage, plugin, _ in left_behind:
             try:

@@ -13,8 +13,10 @@ from pathlib import Path
 from conftest import daemon_env, free_endpoint, install_fake_distribution, vigild
 
 # A test plugin (installed as a third-party distribution would be): one `frame` event per frame it sees, so that a
-# subscriber can check each camera's frame indices for gaps; and, while the file `hang_when` exists, it blocks in
-# `process` like a stuck model.
+# subscriber can check each camera's frame indices for gaps; while the file `hang_when` exists, it blocks in
+# `process` like a stuck model (and touches `held_file`, if set, so a test knows a batch is held); `delay_s` makes
+# every batch take that long, like a model; while the file `fail_start_when` exists, `start()` raises, like a model
+# that will not load.
 FRAME_ECHO = '''
 import os
 import time
@@ -27,15 +29,26 @@ from vigild.plugin import Plugin, PluginConfig
 class FrameEchoConfig(PluginConfig):
     type: Literal["frame_echo"] = "frame_echo"
     hang_when: str | None = None
+    held_file: str | None = None
+    delay_s: float = 0.0
+    fail_start_when: str | None = None
     pad: int = 0  # bytes of filler in each event, to make a backlog show in memory
 
 
 class FrameEcho(Plugin[FrameEchoConfig]):
     Config = FrameEchoConfig
 
+    def start(self):
+        if self.config.fail_start_when and os.path.exists(self.config.fail_start_when):
+            raise RuntimeError(f"cannot start while {self.config.fail_start_when} exists")
+
     def process(self, frames):
         while self.config.hang_when and os.path.exists(self.config.hang_when):
+            if self.config.held_file:
+                open(self.config.held_file, "a").close()
             time.sleep(0.05)
+        if self.config.delay_s:
+            time.sleep(self.config.delay_s)
         data = {"pad": "x" * self.config.pad} if self.config.pad else {}
         for frame in frames:
             frame.events.append(Event("frame", frame.camera, frame.ts_wall, frame.index, data=data))
