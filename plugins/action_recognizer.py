@@ -6,6 +6,8 @@ the clips of every track and camera of a batch go through the model together. Sc
 consecutive clips; `action.start` when a label stays at or above its threshold for `min_clips` clips,
 `action.end` when it falls below the threshold minus `hysteresis` (or the track ends). The current top actions
 also ride on the tracker's `track.update` events. `mode: frame` classifies each camera's whole view instead.
+With `half`, the model runs under autocast in float16 (CUDA) or bfloat16 (CPU); its weights, the clips'
+normalisation and the crop boxes stay float32, and the start-up probe runs in that same precision.
 
 The plugin must come after a tracker in the chain (it reads `tracker_id` and the tracker's `track.end`).
 """
@@ -26,6 +28,7 @@ from vigild.frame import Detections, Frame
 from vigild.plugin import FrameErrors, Plugin, PluginConfig, PluginConfigError, check_torchvision_weights
 from vigild.plugins.backends.tubes import TubeCutter, TubePool, square_boxes
 from vigild.plugins.backends.video_models import (
+    ClipRunner,
     ClipSettings,
     VideoModel,
     VideoModelError,
@@ -67,7 +70,11 @@ class ActionRecognizerConfig(PluginConfig):
     top_k: int = Field(3, ge=0, description="Actions added to each track.update event (0: none).")
     max_tracks: int = Field(512, ge=1, description="Tubes kept at once; further tracks wait for a free one.")
     max_batch: int = Field(64, ge=1, description="Clips per forward pass.")
-    half: bool | None = Field(None, description="fp16 on CUDA (the default there), bfloat16 on the CPU.")
+    half: bool | None = Field(
+        None,
+        description="Reduced precision through autocast (weights stay float32): float16 on CUDA (the default "
+        "there), bfloat16 on the CPU.",
+    )
 
     @field_validator("weights")
     @classmethod
@@ -80,6 +87,19 @@ class ActionRecognizerConfig(PluginConfig):
         if value is not None and not value.is_file():
             raise ValueError(f"labels file not found: {value}")
         return value
+
+
+@dataclass
+class _Due:
+    """The tubes of one frame of a batch whose clips are due, and what they were before (undone if the model
+    fails)."""
+
+    position: int
+    slots: np.ndarray
+    rows: np.ndarray
+    clips: torch.Tensor
+    classified_at: np.ndarray
+    generation: np.ndarray
 
 
 @dataclass
@@ -96,9 +116,12 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
 
     def start(self) -> None:
         c = self.config
+        self.device = torch.device(self.context.device)
+        half = c.half if c.half is not None else default_half(self.context.device)
         try:
             video = load_video_model(c.model, c.weights, c.labels, ClipSettings(c.clip_len, c.size, c.mean, c.std))
-            check_clip(video)
+            self.run = ClipRunner(video, self.device, half_dtype(self.device) if half else None)
+            check_clip(video, self.run)  # on the device, in the precision (and autocast) of every later batch
         except VideoModelError as exc:
             raise PluginConfigError(exc.key, str(exc)) from exc
         self.video: VideoModel = video
@@ -110,21 +133,14 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
         self.interest = np.array([labels.index(a) for a in c.actions] if c.actions else range(len(labels)), np.int64)
         self.start_at = np.array([c.thresholds.get(labels[i], c.threshold) for i in self.interest], np.float32)
         self.end_below = self.start_at - c.hysteresis
-        self.device = torch.device(self.context.device)
-        half = c.half if c.half is not None else default_half(self.context.device)
-        self.dtype = half_dtype(self.device) if half else torch.float32
-        self.module = video.module.to(self.device, self.dtype)
-        self._scale = (1.0 / (255.0 * torch.tensor(video.std))).view(1, 3, 1, 1, 1).to(self.device, self.dtype)
-        self._shift = (
-            (torch.tensor(video.mean) / torch.tensor(video.std)).view(1, 3, 1, 1, 1).to(self.device, self.dtype)
-        )
-        self.cutter = TubeCutter(video.size, self.device, self.dtype)
+        self.cutter = TubeCutter(video.size, self.device)
         self.pool = TubePool(c.max_tracks, video.clip_len, video.size, self.device)
         self.splitter = OomSplitter(f"action_recognizer {c.model}", self.context.device)
         n, k = c.max_tracks, len(self.interest)
         self.smoothed = np.zeros((n, len(labels)), np.float32)
         self.clips_seen = np.zeros(n, np.int64)
         self.classified_at = np.zeros(n, np.int64)
+        self.generation = np.zeros(n, np.int64)  # counts the tracks a slot has served
         self.streak = np.zeros((n, k), np.int64)
         self.active = np.zeros((n, k), bool)
         self.active_since = np.zeros((n, k), np.float64)
@@ -136,16 +152,20 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
         self.tubes_refused = 0
         self._wanted_classes: dict[tuple[str, ...], np.ndarray] = {}
         self.log.info(
-            "%s (%d labels, clips %dx%dx%d) on %s", c.model, len(labels), video.clip_len, video.size, video.size,
-            self.device,
+            "%s (%d labels, clips %dx%dx%d) on %s, %s", c.model, len(labels), video.clip_len, video.size, video.size,
+            self.device, self.run.precision,
         )  # fmt: skip
 
     # ---- per batch
 
     def process(self, frames: list[Frame]) -> None:
+        """Cut every frame's crops into the tubes, then classify the clips now due of the whole batch at once.
+
+        A frame whose tubes cannot be cut is named in `FrameErrors` and the others go on. When the model fails, the
+        frames with clips due are named (the crops stay: each frame is cut once) and those tubes are not marked as
+        classified, so they are classified at their next crop. The chain never runs this plugin twice on a frame."""
         errors: dict[int, Exception] = {}
-        due: list[tuple[Frame, np.ndarray, np.ndarray]] = []  # frame, slots, detection index per slot (-1: frame)
-        clips: list[torch.Tensor] = []
+        due: list[_Due] = []
         for position, frame in enumerate(frames):
             try:
                 frame.events.extend(self._close_ended(frame))
@@ -159,19 +179,30 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
                 )
                 slots, rows = slots[ready], rows[ready]
                 if len(slots):
-                    self.classified_at[slots] = self.pool.written[slots]
-                    clips.append(self.pool.clips(slots))
-                    due.append((frame, slots, rows))
-        if clips:
-            scores = self.classify(torch.cat(clips))
-            start = 0
-            for frame, slots, rows in due:
-                frame.events.extend(self._score(frame, slots, rows, scores[start : start + len(slots)]))
-                start += len(slots)
+                    before = self.classified_at[slots].copy()
+                    # the clip as of this frame: later frames of the batch write over its oldest crops
+                    due.append(
+                        _Due(position, slots, rows, self.pool.clips(slots), before, self.generation[slots].copy())
+                    )
+                    self.classified_at[slots] = self.pool.written[slots]  # later frames of the batch see it
+        if due:
+            try:
+                scores = self.classify(torch.cat([d.clips for d in due]))
+            except Exception as exc:
+                for d in reversed(due):  # as before this batch, for the tubes still serving the same track
+                    same = self.generation[d.slots] == d.generation
+                    self.classified_at[d.slots[same]] = d.classified_at[same]
+                    errors[d.position] = exc
+            else:
+                start = 0
+                for d in due:
+                    frame = frames[d.position]
+                    frame.events.extend(self._score(frame, d.slots, d.rows, scores[start : start + len(d.slots)]))
+                    start += len(d.slots)
         for frame in frames:
             self._annotate_updates(frame)
         if errors:
-            raise FrameErrors(errors)
+            raise FrameErrors(dict(sorted(errors.items())))
 
     def classify(self, clips: torch.Tensor) -> np.ndarray:
         """(K, 3, T, S, S) uint8 clips on the device -> (K, labels) softmax scores, in batches of `max_batch`."""
@@ -180,10 +211,7 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
         return np.concatenate([np.stack(part) for part in out]) if out else np.zeros((0, len(self.video.labels)))
 
     def _forward(self, clips: list[torch.Tensor]) -> list[np.ndarray]:
-        batch = torch.stack(clips).to(self.dtype).mul_(self._scale).sub_(self._shift)
-        with torch.inference_mode():
-            logits = self.module(batch)
-        return list(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        return list(torch.softmax(self.run(torch.stack(clips)), dim=1).cpu().numpy())
 
     # ---- tubes
 
@@ -206,9 +234,10 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
             rows = np.flatnonzero(wanted)
             ids = detections.tracker_id[rows]
             squares = square_boxes(detections.xyxy[rows], self.config.margin, width, height)
+        crops = self.cutter(frame.image, squares)  # before any tube changes: a failure here leaves them as they were
         slots, known = self._slots_for(camera, ids)
-        rows, squares = rows[known], squares[known]
-        self.pool.write(slots, self.cutter(frame.image, squares))
+        rows = rows[known]
+        self.pool.write(slots, crops[torch.from_numpy(known).to(crops.device)] if not known.all() else crops)
         self.last_sample[slots] = camera.samples
         holder = np.empty(1, object)
         holder[0] = frame.detections  # broadcast as one object, not as the sequence of detections it also is
@@ -249,6 +278,7 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
         return slots[has], has
 
     def _reset(self, slots: np.ndarray) -> None:
+        self.generation[slots] += 1
         self.smoothed[slots] = 0
         self.clips_seen[slots] = 0
         self.classified_at[slots] = 0

@@ -7,7 +7,20 @@ import time
 import numpy as np
 import pytest
 import torch
-from action_scene import CLIP_LEN, MARGIN, MEAN, SCENE, SCENE_FRAMES, SIZE, STD, STRIDE, render, train
+from action_scene import (
+    CLIP_LEN,
+    MARGIN,
+    MEAN,
+    SCENE,
+    SCENE_FRAMES,
+    SIZE,
+    SPEED,
+    STD,
+    STRIDE,
+    render,
+    train,
+    training_key,
+)
 from torchvision.ops import box_iou
 
 from vigild.config import CameraConfig, PluginSpec
@@ -22,11 +35,16 @@ FLIPPED = {"walk_left": "walk_right", "walk_right": "walk_left", "stand": "stand
 
 
 @pytest.fixture(scope="session")
-def motion_model(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("motion-model")
-    began = time.monotonic()
-    model, labels = train(directory)
-    assert time.monotonic() - began < 120
+def motion_model(request, tmp_path_factory):
+    """The tiny motion model, trained once (deterministically: fixed steps and seeds) and kept in pytest's cache
+    under a key of what it depends on, so that a rerun on the same checkout skips the training."""
+    cache = request.config.cache
+    if cache is None:  # -p no:cacheprovider
+        return train(tmp_path_factory.mktemp("motion-model"))
+    directory = cache.mkdir(f"motion-model-{training_key()}")
+    model, labels = directory / "motion.ts", directory / "motion.labels"
+    if not (model.is_file() and labels.is_file()):  # train() writes the labels file last
+        model, labels = train(directory)
     return model, labels
 
 
@@ -124,6 +142,7 @@ plugins:
     threshold: 0.6
 publisher:
   endpoint: {endpoint}
+  await_subscribers: 1  # the test's subscriber sees the first events (no PUB/SUB slow joiner)
 device: cpu
 """
     )
@@ -209,15 +228,39 @@ def test_tubes_are_freed_when_tracks_end_and_memory_stays_flat(motion_model):
     assert plugin.pool.in_use == 0
 
 
-def test_whole_frame_mode_classifies_the_camera_view(motion_model):
-    images, _ = render([("walk_right", 1, (120.0, 190.0))], 60)
+def following_camera(action: str, frames: int) -> list[np.ndarray]:
+    """A camera that follows one person (as a PTZ camera locked on them): each view is the square around them,
+    with MARGIN of context, so the plaza slides past behind them."""
+    images, truths = render([(action, 1, (120.0, 190.0) if action == "walk_right" else (560.0, 190.0))], frames)
+    views = []
+    for image, truth in zip(images, truths, strict=True):
+        x0, y0, x1, y1 = truth[0]
+        side = round(max(x1 - x0, y1 - y0) * (1 + 2 * MARGIN))
+        left, top = round((x0 + x1 - side) / 2), round((y0 + y1 - side) / 2)
+        views.append(np.ascontiguousarray(image[top : top + side, left : left + side]))
+    return views
+
+
+@pytest.mark.parametrize("action", ["walk_right", "walk_left"])
+def test_whole_frame_mode_classifies_the_camera_view(motion_model, action):
+    """`mode: frame` on a camera following a walker: the camera's whole view is classified, with the walker's true
+    direction, one action.start and its action.end when the camera stops (no track, so no object)."""
     plugin = ActionRecognizer(
         action_config(*motion_model, mode="frame", margin=0), PluginContext("cpu", {"c": CameraConfig(source="c")})
     )
     plugin.start()
-    for i, image in enumerate(images):
-        plugin.process([Frame("c", i, i / 10, i / 10, image)])
+    events: list[Event] = []
+    for i, view in enumerate(following_camera(action, 60)):
+        frame = Frame("c", i, i / 10, i / 10, view)
+        plugin.process([frame])
+        events += frame.events
     assert plugin.clips_seen[plugin._cameras["c"].slots[0]] >= 3  # 20 samples: full at 8, then every 4
+    events += plugin.on_source_end("c", 6.0, 59)
+    assert [(e.type, e.data["action"], e.object) for e in events] == [
+        ("action.start", action, None),
+        ("action.end", action, None),
+    ]
+    assert events[1].data["reason"] == "source_end"
 
 
 @pytest.mark.parametrize("name", TORCHVISION_VIDEO_MODELS)
@@ -276,3 +319,263 @@ def test_a_checkpoint_whose_classes_do_not_match_the_labels_is_a_config_error(tm
     assert (
         raised.value.key == "labels" and "classifies 7 classes" in str(raised.value) and "lists 3" in str(raised.value)
     )
+
+
+def truth_clips(images: list[np.ndarray], truths: list[dict], people: tuple[int, ...]) -> torch.Tensor:
+    """(P, 3, T, S, S) uint8: these people's crops of these frames, cut frame by frame around their true boxes
+    (all of a frame's boxes in one cut, as the plugin does: the same region, so the same float rounding)."""
+    from vigild.plugins.backends.tubes import TubeCutter, square_boxes
+
+    cutter = TubeCutter(SIZE, torch.device("cpu"))
+    height, width = images[0].shape[:2]
+    crops = [
+        cutter(image, square_boxes(np.array([truth[p] for p in people], np.float32), MARGIN, width, height))
+        for image, truth in zip(images, truths, strict=True)
+    ]
+    return torch.stack(crops, dim=2)
+
+
+def true_scores(model_file, clips: torch.Tensor) -> np.ndarray:
+    """The model's softmax on (K, 3, T, S, S) uint8 clips, normalised as the config says, outside vigild."""
+    module = torch.jit.load(str(model_file))
+    x = (clips.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1, 1)
+    with torch.no_grad():
+        return torch.softmax(module(x), dim=1).numpy()
+
+
+class FakeFailingVideoModel(torch.nn.Module):
+    """Stands for a video model that fails once (a device error, a batch it cannot take): the real model, raising
+    on its `fail_on`-th call."""
+
+    def __init__(self, model: torch.nn.Module, fail_on: int):
+        super().__init__()
+        self.model, self.fail_on, self.calls = model, fail_on, 0
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise RuntimeError("injected failure of the video model")
+        return self.model(clips)
+
+
+def test_a_model_failure_mid_batch_fails_only_the_frames_with_clips_and_leaves_the_tubes_right(motion_model):
+    """Through the chain, batches of 4 frames, two tracks, a crop per frame, clips of 8 classified every 4 crops
+    (on frames 7, 11, ...). The model fails on its second call (frame 11): only frame 11 fails and is counted;
+    the tubes hold each frame's crop once (no frame cut twice); the clip that was not classified is classified
+    on the next frame (12), with the scores the model gives that frame's true clip."""
+    from vigild.chain import Chain
+
+    model_file, labels = motion_model
+    config = action_config(model_file, labels, stride=1, interval=4, smoothing=0.5)
+    chain = Chain(
+        (PluginSpec("action_recognizer", ActionRecognizer, config, {"r": config}),),
+        "cpu",
+        {"r": CameraConfig(source="rendered")},
+    )
+    chain.start()
+    stage = chain.stages[0]
+    plugin = stage.instances[0][0]
+    assert isinstance(plugin, ActionRecognizer)
+    plugin.run.module = FakeFailingVideoModel(plugin.run.module, fail_on=2)
+    images, truths = render(SCENE[:2], 16)
+
+    def frames(start: int) -> list[Frame]:
+        batch = []
+        for i in range(start, start + 4):
+            boxes = np.array([truths[i][p] for p in (0, 1)], np.float32)
+            found = Detections.untracked(boxes, np.ones(2, np.float32), np.zeros(2, np.int32), ("person",))
+            batch.append(Frame("r", i, i / 10, i / 10, images[i], detections=found.with_tracker_ids(np.array([1, 2]))))
+        return batch
+
+    for start in (0, 4):
+        assert len(chain.process(frames(start))) == 4
+    slots = plugin._cameras["r"].slots
+    assert plugin.clips_seen[slots].tolist() == [1, 1]  # classified on frame 7
+
+    passed = chain.process(frames(8))
+    assert [f.index for f in passed] == [8, 9, 10] and stage.failures["r"] == 1
+    assert plugin.pool.written[slots].tolist() == [12, 12], "each frame is cut into the tubes once"
+    assert torch.equal(plugin.pool.clips(slots), truth_clips(images[4:12], truths[4:12], (0, 1))), "frames 4..11"
+    assert plugin.clips_seen[slots].tolist() == [1, 1]
+
+    chain.process(frames(12))
+    assert plugin.clips_seen[slots].tolist() == [2, 2], "the clip left over is classified on frame 12"
+    first = true_scores(model_file, truth_clips(images[0:8], truths[0:8], (0, 1)))
+    second = true_scores(model_file, truth_clips(images[5:13], truths[5:13], (0, 1)))
+    np.testing.assert_allclose(plugin.smoothed[slots], 0.5 * second + 0.5 * first, atol=1e-5)
+    chain.stop()
+
+
+def test_the_tube_of_a_track_that_vanishes_is_released_and_reused(motion_model):
+    """A walker is tracked and walking right starts; then it leaves and its track vanishes without a track.end
+    (the tracker lost it without saying). One tube only: a second walker who comes later must wait. Exactly when
+    the first has been missing for more than 4 x clip_len x stride + 30 frames, its action ends (reason `lost`)
+    and its tube goes to the second walker, whose walking left is then recognised from a clean tube. (A crop a
+    frame, walkers at STRIDE x SPEED px a frame: the motion the model knows from a crop every STRIDE frames.)"""
+    model_file, labels = motion_model
+    config = action_config(model_file, labels, stride=1, max_tracks=1)
+    patience = 4 * CLIP_LEN * 1 + 30
+    plugin = ActionRecognizer(config, PluginContext("cpu", {"c": CameraConfig(source="c")}))
+    plugin.start()
+    vanished, comes = 30, 80  # the first walker is last seen on frame 29; the second comes on frame 80
+    released = vanished + patience + 1
+    first, first_truth = render([("walk_right", 1, (60.0, 190.0))], vanished, speed=STRIDE * SPEED)
+    empty, _ = render([], comes - vanished)
+    second, second_truth = render([("walk_left", 0, (700.0, 60.0))], 40, speed=STRIDE * SPEED)
+    scene = [(image, truth[0], 1) for image, truth in zip(first, first_truth, strict=True)]
+    scene += [(image, None, 0) for image in empty]
+    scene += [(image, truth[0], 2) for image, truth in zip(second, second_truth, strict=True)]
+    events: list[Event] = []
+    for i, (image, box, track) in enumerate(scene):
+        boxes = np.array([box] if box else np.zeros((0, 4)), np.float32)
+        found = Detections.untracked(boxes, np.ones(len(boxes), np.float32), np.zeros(len(boxes), np.int32),
+                                     ("person",)).with_tracker_ids(np.array([track] * len(boxes)))  # fmt: skip
+        frame = Frame("c", i, 100.0 + i / 10, i / 10, image, detections=found)
+        plugin.process([frame])
+        events += frame.events
+        owner = plugin._cameras["c"].track_ids.tolist()
+        assert owner == ([1] if i < released else [2]), f"frame {i}: the tube serves {owner}"
+        assert plugin.pool.in_use == 1
+    assert plugin.tubes_refused == released - comes  # the second walker waited on each of those frames
+    actions = [(e.type, e.object["track_id"], e.data["action"]) for e in events]
+    assert actions == [
+        ("action.start", 1, "walk_right"),
+        ("action.end", 1, "walk_right"),
+        ("action.start", 2, "walk_left"),
+    ]
+    end = events[1]
+    assert end.frame == released and end.data["reason"] == "lost"
+    assert end.object["bbox"] == pytest.approx(list(first_truth[vanished - 1][0]))  # where it was last seen
+    assert end.data["duration_s"] == pytest.approx(end.ts_wall - events[0].ts_wall)
+
+
+def test_tube_boxes_and_region_are_float32_on_every_device(monkeypatch):
+    """The cutter gives roi_align float32 boxes (and region) whatever the device and the model's precision: on
+    the meta device (shapes and dtypes without data) the CUDA path's choices run on a CPU-only machine."""
+    from vigild.plugins.backends import tubes
+
+    seen: list[tuple[torch.dtype, torch.dtype]] = []
+    real = tubes.roi_align
+
+    def recording(region, rois, **kwargs):
+        seen.append((region.dtype, rois[0].dtype))
+        return real(region, rois, **kwargs)
+
+    monkeypatch.setattr(tubes, "roi_align", recording)
+    for device in ("meta", "cpu"):
+        cutter = tubes.TubeCutter(32, torch.device(device))
+        crops = cutter(np.zeros((1080, 1920, 3), np.uint8), np.array([[1500.25, 300, 1532.25, 332]], np.float32))
+        assert crops.dtype == torch.uint8 and crops.shape == (1, 3, 32, 32)
+    assert seen == [(torch.float32, torch.float32)] * 2
+
+
+def ramp_frame() -> np.ndarray:
+    """1920x1080, grey everywhere except a ramp of 4 levels per pixel: column x holds 4 x (x - 1490) for
+    1490 <= x < 1554."""
+    image = np.zeros((1080, 1920, 3), np.uint8)
+    x = np.arange(1490, 1554)
+    image[:, x] = (4 * (x - 1490))[None, :, None].astype(np.uint8)
+    return image
+
+
+def test_a_crop_far_right_in_a_wide_frame_is_placed_to_the_pixel(motion_model):
+    """A 1920-wide frame, half precision on (bfloat16 on the CPU), a person at x = 1500.25 and another at the left
+    edge (so the uploaded region starts at x = 20): the far-right crop is where its box says, to a quarter pixel.
+    A box in float16 (1 px steps from 1024 to 2048) or bfloat16 (8 px) would be misplaced; the ramp shows it."""
+    from torchvision.ops import roi_align
+
+    plugin = ActionRecognizer(
+        action_config(*motion_model, margin=0, half=True), PluginContext("cpu", {"c": CameraConfig(source="c")})
+    )
+    plugin.start()
+    boxes = np.array([[20, 300, 52, 332], [1500.25, 300, 1532.25, 332]], np.float32)  # squares of SIZE (32) px
+    found = Detections.untracked(boxes, np.ones(2, np.float32), np.zeros(2, np.int32), ("person",))
+    image = ramp_frame()
+    plugin.process([Frame("c", 0, 0.0, 0.0, image, detections=found.with_tracker_ids(np.array([1, 2])))])
+    slot = plugin._cameras["c"].slots[1]
+    crop = plugin.pool.frames[slot, 0]  # (3, S, S), the first crop of track 2
+    # Output column j averages the frame at x = 1500.25 + j +- 0.25 (roi_align, aligned, 2 samples per pixel):
+    # on the ramp, exactly 4 x (10.25 + j).
+    expected = torch.from_numpy(41 + 4 * np.arange(SIZE)).to(torch.uint8).expand(3, SIZE, SIZE)
+    assert torch.equal(crop, expected)
+    # The same cut with the box as float16 would hold: it misses by a pixel's share of the ramp.
+    region = torch.from_numpy(image[300:332, 20:1533]).permute(2, 0, 1).flip(0)[None].float()
+    rounded = torch.tensor([[1480.25, 0, 1512.25, 32]]).half().float()
+    misplaced = roi_align(region, [rounded], output_size=SIZE, sampling_ratio=2, aligned=True).round()[0]
+    assert not torch.equal(misplaced.to(torch.uint8), expected)
+
+
+def test_half_precision_runs_the_float32_model_under_autocast():
+    """`half: true` (bfloat16 on the CPU): the weights stay float32, the convolutions run in bfloat16 through
+    autocast, and the scores are float32 and sum to one."""
+    config = ActionRecognizerConfig(model="r3d_18", weights=None, mode="frame", clip_len=4, size=32, max_tracks=1,
+                                    half=True)  # fmt: skip
+    plugin = ActionRecognizer(config, PluginContext("cpu", {}))
+    plugin.start()
+    module = plugin.video.module
+    assert {p.dtype for p in module.parameters()} == {torch.float32}
+    assert {b.dtype for b in module.buffers() if b.is_floating_point()} == {torch.float32}
+    produced: list[torch.dtype] = []
+    module.stem[0].register_forward_hook(lambda _m, _i, out: produced.append(out.dtype))
+    scores = plugin.classify(torch.randint(0, 255, (2, 3, 4, 32, 32), dtype=torch.uint8))
+    assert produced == [torch.bfloat16]
+    assert scores.dtype == np.float32 and np.allclose(scores.sum(1), 1, atol=1e-5)
+
+
+class FakeModelBrokenInReducedPrecision(torch.nn.Module):
+    """Stands for a model with an operation autocast does not cast, so that float32 weights meet a bfloat16
+    activation: it runs in float32 and raises under autocast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(3, 8, 3)
+        self.head = torch.nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        features = self.conv(clips).amax(dim=(2, 3, 4))  # bfloat16 under autocast
+        return torch.inner(features, self.head)  # not autocast: mixed types raise
+
+
+def test_a_model_that_fails_in_reduced_precision_is_refused_at_start(tmp_path):
+    """The start-up probe runs as every later batch will (here bfloat16 autocast on the CPU): a model that only
+    fails in reduced precision is a config error on `half` at start, not a failure on the first full tube."""
+    model_file, labels = tmp_path / "model.ts", tmp_path / "labels.txt"
+    torch.jit.script(FakeModelBrokenInReducedPrecision().eval()).save(str(model_file))
+    labels.write_text("a\nb\nc\nd\n")
+    settings = dict(model=str(model_file), weights=None, labels=labels, clip_len=4, size=16, mode="frame")
+    plugin = ActionRecognizer(ActionRecognizerConfig(**settings, half=True), PluginContext("cpu", {}))
+    with pytest.raises(PluginConfigError) as raised:
+        plugin.start()
+    assert raised.value.key == "half"
+    assert "fails in bfloat16 (autocast) on cpu but runs in float32" in str(raised.value)
+    assert "set `half: false`" in str(raised.value)
+    plugin = ActionRecognizer(ActionRecognizerConfig(**settings, half=False), PluginContext("cpu", {}))
+    plugin.start()  # the same model in float32 is fine
+    assert plugin.classify(torch.zeros((1, 3, 4, 16, 16), dtype=torch.uint8)).shape == (1, 4)
+
+
+def test_a_crop_is_the_same_whatever_else_is_cut_from_the_frame():
+    """The cutter uploads only the part of the frame its boxes need: each crop must still be what roi_align cuts
+    from the whole frame, alone or beside other boxes, for boxes at any fraction of a pixel."""
+    from torchvision.ops import roi_align
+
+    from vigild.plugins.backends.tubes import TubeCutter
+
+    rng = np.random.default_rng(7)
+    image = rng.integers(0, 256, (576, 768, 3), dtype=np.uint8)
+    whole = torch.from_numpy(image).permute(2, 0, 1).flip(0)[None].float()
+    corner = rng.uniform(40, 500, (20, 2))
+    boxes = np.concatenate([corner, corner + rng.uniform(20, 200, (20, 1))], axis=1).astype(np.float32)
+    truth = roi_align(whole, [torch.from_numpy(boxes)], output_size=SIZE, sampling_ratio=2, aligned=True)
+    cutter = TubeCutter(SIZE, torch.device("cpu"))
+    # The coordinates shift with the region, so the float32 interpolation differs by rounding (~0.003): a value
+    # near .5 may round either way. A sample taken from the wrong pixels is off by far more on this noise.
+    assert_same_crops(cutter(image, boxes), truth)
+    for i in range(len(boxes)):
+        assert_same_crops(cutter(image, boxes[i : i + 1]), truth[i : i + 1])
+
+
+def assert_same_crops(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """uint8 crops equal to within one level of rounding."""
+    assert actual.shape == expected.shape and actual.dtype == torch.uint8
+    assert float((actual.float() - expected.float()).abs().max()) <= 1

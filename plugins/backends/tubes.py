@@ -1,9 +1,9 @@
 """Tubes: for each tracked object, the last T crops around its box, kept on the compute device.
 
 Crops are cut with `torchvision.ops.roi_align` from the frame on the device (one upload per sampled frame: the
-smallest rectangle holding every wanted box, not the whole image), as squares around the box with a context
-margin, resized to the model's size, and stored as uint8 in one preallocated pool: a slot per track, a ring of T
-frames per slot. Slots are reused when tracks end, so memory stays flat while tracks come and go.
+smallest rectangle holding every wanted box and the pixel around it, not the whole image), as squares around the
+box with a context margin, resized to the model's size, and stored as uint8 in one preallocated pool: a slot per
+track, a ring of T frames per slot. Slots are reused when tracks end, so memory stays flat while tracks come and go.
 """
 
 from __future__ import annotations
@@ -24,23 +24,29 @@ def square_boxes(xyxy: np.ndarray, margin: float, width: int, height: int) -> np
 
 
 class TubeCutter:
-    """Cuts (K, 3, S, S) uint8 RGB crops of given boxes out of one BGR frame, on `device`."""
+    """Cuts (K, 3, S, S) uint8 RGB crops of given boxes out of one BGR frame, on `device`.
 
-    def __init__(self, size: int, device: torch.device, dtype: torch.dtype):
+    The region and the boxes are float32 on every device, whatever precision the model runs in: the crops end as
+    uint8 anyway, and float16 boxes would move by whole pixels (its step is 1 px from 1024 to 2048, 2 px beyond),
+    so a crop far right in a wide frame would be misplaced."""
+
+    def __init__(self, size: int, device: torch.device):
         self.size = size
         self.device = device
-        self.dtype = dtype if device.type != "cpu" else torch.float32  # roi_align on the CPU: float32
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
         if not len(boxes):
             return torch.zeros((0, 3, self.size, self.size), dtype=torch.uint8, device=self.device)
         height, width = image.shape[:2]
-        x0, y0 = np.floor(boxes[:, :2].min(axis=0)).astype(int).clip(0)
-        x1, y1 = np.ceil(boxes[:, 2:].max(axis=0)).astype(int)
+        # One pixel more on each side: roi_align interpolates between the pixels around each sample, and samples
+        # reach half a pixel beyond a box's edges; cut closer, the edge of the region would stand for the frame's.
+        x0, y0 = (np.floor(boxes[:, :2].min(axis=0)).astype(int) - 1).clip(0)
+        x1, y1 = np.ceil(boxes[:, 2:].max(axis=0)).astype(int) + 1
         x1, y1 = min(int(x1), width), min(int(y1), height)
         region = torch.from_numpy(np.ascontiguousarray(image[y0:y1, x0:x1]))  # a view for frames from capture
-        region = region.to(self.device, non_blocking=True).permute(2, 0, 1).flip(0)[None].to(self.dtype)
-        rois = torch.from_numpy(boxes - np.array([x0, y0, x0, y0], np.float32)).to(self.device, self.dtype)
+        region = region.to(self.device, non_blocking=True).permute(2, 0, 1).flip(0)[None].to(torch.float32)
+        shifted = boxes.astype(np.float32) - np.array([x0, y0, x0, y0], np.float32)
+        rois = torch.from_numpy(shifted).to(self.device, torch.float32)
         crops = roi_align(region, [rois], output_size=self.size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
         return crops.round_().clamp_(0, 255).to(torch.uint8)
 

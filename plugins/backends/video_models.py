@@ -7,7 +7,9 @@ same architecture is fed as its base model was; a TorchScript model states them 
 
 from __future__ import annotations
 
+import copy
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,24 +189,79 @@ def _load_torchscript(
     )
 
 
-def check_clip(video: VideoModel) -> None:
-    """Run one clip of the configured size through the model: a size it cannot take, or a head whose class count
-    differs from the labels, becomes a config error now rather than on the first full tube."""
+class ClipRunner:
+    """Runs uint8 clips through a video model on its device, in the precision it will run in.
+
+    The weights stay float32 and the clips are normalised in float32; `reduced` (float16, bfloat16) runs the
+    model under `torch.autocast`, which computes convolutions and matrix products in the reduced type and keeps
+    LayerNorm, softmax and reductions in float32 (a whole-model `.half()` would run a transformer's attention and
+    LayerNorm in float16, where they can overflow).
+    """
+
+    def __init__(self, video: VideoModel, device: torch.device, reduced: torch.dtype | None):
+        self.device = device
+        self.reduced = reduced
+        self.module = video.module.to(device)  # float32 weights; a module moves in place
+        std = torch.tensor(video.std, dtype=torch.float32)
+        self._scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1, 1).to(device)
+        self._shift = (torch.tensor(video.mean, dtype=torch.float32) / std).view(1, 3, 1, 1, 1).to(device)
+
+    @property
+    def precision(self) -> str:
+        return "float32" if self.reduced is None else f"{str(self.reduced).removeprefix('torch.')} (autocast)"
+
+    def in_float32(self) -> ClipRunner:
+        """The same model and normalisation, without autocast."""
+        plain = copy.copy(self)
+        plain.reduced = None
+        return plain
+
+    def __call__(self, clips: torch.Tensor) -> torch.Tensor:
+        """(K, 3, T, S, S) uint8 clips on the device -> (K, labels) float32 logits."""
+        batch = clips.to(torch.float32).mul_(self._scale).sub_(self._shift)
+        autocast = torch.autocast(self.device.type, dtype=self.reduced) if self.reduced is not None else nullcontext()
+        with torch.inference_mode(), autocast:
+            logits = self.module(batch)
+        return logits.float()
+
+
+def check_clip(video: VideoModel, run: ClipRunner) -> None:
+    """Run one clip of the configured size through the model, on its device and in the precision it will run in:
+    a size it cannot take, a head whose class count differs from the labels, or a model that fails or gives
+    non-finite scores in reduced precision, becomes a config error now rather than on the first full tube."""
     if video.clip_len < video.min_clip_len:
         raise VideoModelError("clip_len", f"the model needs clips of at least {video.min_clip_len} frames")
     if video.size < video.min_size:
         raise VideoModelError("size", f"the model needs crops of at least {video.min_size} pixels")
-    clip = torch.zeros(1, 3, video.clip_len, video.size, video.size)
+    clip = torch.full((1, 3, video.clip_len, video.size, video.size), 128, dtype=torch.uint8, device=run.device)
     try:
-        with torch.inference_mode():
-            out = video.module(clip)
+        out = run(clip)
     except Exception as exc:
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if run.reduced is not None and _runs(run.in_float32(), clip):
+            raise VideoModelError(
+                "half",
+                f"the model fails in {run.precision} on {run.device} but runs in float32 ({reason}); set `half: false`",
+            ) from exc
         raise VideoModelError(
             "clip_len",
-            f"the model cannot take clips of {video.clip_len} frames of {video.size}x{video.size}: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            f"the model cannot take clips of {video.clip_len} frames of {video.size}x{video.size}: {reason}",
         ) from exc
     if out.ndim != 2 or out.shape[1] != len(video.labels):
         raise VideoModelError(
             "labels", f"the model gives {tuple(out.shape[1:])} scores per clip but the labels list {len(video.labels)}"
         )
+    if not torch.isfinite(out).all():
+        raise VideoModelError(
+            "half" if run.reduced is not None else "model",
+            f"the model gives non-finite scores in {run.precision} on {run.device} for a grey clip"
+            + ("; set `half: false`" if run.reduced is not None else ""),
+        )
+
+
+def _runs(run: ClipRunner, clip: torch.Tensor) -> bool:
+    try:
+        run(clip)
+    except Exception:
+        return False
+    return True
