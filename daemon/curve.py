@@ -3,7 +3,8 @@
 Keys are ZeroMQ certificate files as `zmq.auth.create_certificates` writes them (`NAME.key` public,
 `NAME.key_secret` both halves), so they work with any ZeroMQ tool. Clients are checked by ZAP through pyzmq's
 thread authenticator: a client whose public key is not in the directory never completes the handshake, so it
-receives nothing and can send nothing.
+receives nothing and can send nothing. The directory is read again on every reload: the keys that can be read
+then are the authorised set (a file that is not a key is skipped and logged, never a reason to keep old keys).
 """
 
 from __future__ import annotations
@@ -62,15 +63,32 @@ class CurveServer:
         self.public, secret = zmq.auth.load_certificate(config.secret_key)
         assert secret is not None  # checked when the config was validated
         self._secret = secret
+        self._authorised: frozenset[bytes] = frozenset()
         self._auth = ThreadAuthenticator(context, log=logging.getLogger("vigild.curve.zap"))
         self._auth.start()
         self.reload_keys()
+        # asked on the authenticator's thread for each handshake; never ZeroMQ's configure_curve(location), which
+        # keeps the previous keys, removed ones included, when a single file in the directory cannot be read
+        self._auth.configure_curve_callback(domain="*", credentials_provider=self)
+
+    def callback(self, domain: str, client_key: bytes) -> bool:
+        """ZAP: whether the client's public key (Z85) is authorised."""
+        return client_key in self._authorised
 
     def reload_keys(self) -> None:
-        """(Re-)read the authorised keys directory: keys added or removed take effect for new connections."""
-        self._auth.configure_curve(domain="*", location=str(self.config.authorized_keys))
-        count = len(list(Path(self.config.authorized_keys).glob("*.key")))
-        log.info("CURVE: %d authorised client key(s) in %s", count, self.config.authorized_keys)
+        """(Re-)read the authorised keys directory: keys added or removed take effect for new connections (those
+        already connected stay). Files that hold no public key are skipped with an error naming them."""
+        directory = Path(self.config.authorized_keys)
+        keys: set[bytes] = set()
+        for file in sorted(directory.glob("*.key")):
+            try:
+                public, _ = zmq.auth.load_certificate(file)
+            except (OSError, ValueError) as exc:
+                log.error("CURVE: %s is not a public key, skipped (its client cannot connect): %s", file, exc)
+                continue
+            keys.add(public)
+        self._authorised = frozenset(keys)  # one assignment: a handshake sees the old set or the new one
+        log.info("CURVE: %d authorised client key(s) in %s", len(keys), directory)
 
     def secure(self, socket: zmq.Socket) -> None:
         socket.curve_secretkey = self._secret

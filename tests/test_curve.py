@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import ROOT, VTEST, daemon_env, free_endpoint
@@ -78,5 +80,83 @@ def test_a_public_bind_without_curve_is_warned_about_loudly(tmp_path):
             assert client.request("status")[0]["ok"]
         assert "INSECURE: publisher binds tcp://0.0.0.0" in service.log_text()
         service.stop()
+    finally:
+        service.kill()
+
+
+def refused_while_trusted_receives(endpoint: str, refused: ClientKeys, trusted: ClientKeys, count: int = 20) -> int:
+    """Events that reach a subscriber with `refused` keys while one with `trusted` keys, connected after it,
+    receives `count`: no timed wait decides it, only the trusted subscriber's progress."""
+    with Subscriber(endpoint, curve=refused) as stranger, Subscriber(endpoint, curve=trusted) as friend:
+        got, stray = 0, 0
+        while got < count:
+            assert friend.receive(timeout=60) is not None, "the trusted subscriber received nothing for 60 s"
+            got += 1
+            while stranger.receive(timeout=0) is not None:
+                stray += 1
+        while stranger.receive(timeout=0) is not None:
+            stray += 1
+    return stray
+
+
+def status_ok(endpoint: str, keys: ClientKeys, timeout: float) -> bool:
+    """Whether a new control connection with `keys` gets an answer within `timeout` seconds."""
+    with ControlClient(endpoint, keys, timeout=timeout) as client:
+        try:
+            return bool(client.request("status")[0]["ok"])
+        except TimeoutError:
+            return False
+
+
+def wait_log(service: Service, text: str, times: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while service.log_text().count(text) < times:
+        assert time.monotonic() < deadline and service.process.poll() is None, service.log_text()[-2000:]
+        time.sleep(0.1)
+
+
+def test_keys_added_or_removed_take_effect_at_reload(tmp_path):
+    """A client key copied into authorized_keys lets that client in (events and control) once the daemon reloads
+    (SIGHUP); a key deleted is refused to new connections after the next reload (`ctl reload`), even with a file in
+    the directory that is not a key (a copy half done): the keys that can be read are the authorised set."""
+    keys, authorised = tmp_path / "keys", tmp_path / "authorized"
+    authorised.mkdir()
+    for name in ("server", "alice", "bob", "nobody"):
+        keygen(keys, name)
+    shutil.copy(keys / "alice.key", authorised / "alice.key")
+    publisher = free_endpoint()
+    curve = f"curve:\n  secret_key: {keys}/server.key_secret\n  authorized_keys: {authorised}\n"
+    config = service_config(tmp_path, camera_yaml("a", VTEST, loop=True), publisher, extra=curve)
+    alice = ClientKeys.load(keys / "server.key", keys / "alice.key_secret")
+    bob = ClientKeys.load(keys / "server.key", keys / "bob.key_secret")
+    nobody = ClientKeys.load(keys / "server.key", keys / "nobody.key_secret")
+    service = Service(tmp_path, config)
+    try:
+        with ControlClient(service.control_endpoint, alice, timeout=90) as client:
+            assert client.request("status")[0]["ok"]  # waits for the daemon to be up
+        assert refused_while_trusted_receives(publisher, bob, alice) == 0
+        assert not status_ok(service.control_endpoint, bob, 5)
+
+        # bob's key added; SIGHUP, as `systemctl reload` sends it
+        shutil.copy(keys / "bob.key", authorised / "bob.key")
+        service.signal(signal.SIGHUP)
+        wait_log(service, "CURVE: 2 authorised client key(s)", 2)  # the publisher's and the control socket's
+        assert status_ok(service.control_endpoint, bob, 60)
+        assert refused_while_trusted_receives(publisher, nobody, bob) == 0  # a key never authorised: still out
+        with Subscriber(publisher, curve=bob) as subscriber:
+            assert subscriber.receive(timeout=60) is not None
+
+        # alice's key removed, and a file that is not a key left beside bob's; bob asks for the reload
+        (authorised / "alice.key").unlink()
+        (authorised / "carol.key").write_text("#   ZeroMQ Pub")  # a copy cut short
+        with ControlClient(service.control_endpoint, bob, timeout=60) as client:
+            reply, _ = client.request("reload")
+        assert reply["ok"], reply
+        assert "carol.key" in service.log_text()  # the unreadable file is named
+        assert refused_while_trusted_receives(publisher, alice, bob) == 0
+        assert not status_ok(service.control_endpoint, alice, 5)
+        assert status_ok(service.control_endpoint, bob, 60)
+        code, _ = service.stop()
+        assert code == 0
     finally:
         service.kill()
