@@ -225,8 +225,13 @@ class CameraCapture:
                     last_decoded, last_progress = reader.counters.decoded, now
                 elif now - last_progress > config.stall_timeout:
                     was_streaming = stats.state is CameraState.STREAMING
-                    self._set_state(CameraState.STALLED)
                     stats.last_error = f"no frame for {config.stall_timeout:g} s"
+                    if reader.hardware_decoder and reader.counters.decoded == 0:
+                        # data reached a hardware decoder and no frame ever came out of it (GPU-memory frames the
+                        # pipeline could not take, a hung video engine): not the source's fault
+                        stats.last_error += f" from hardware decoder {reader.hardware_decoder}"
+                        raise SourceError(stats.last_error, hardware_decoder=reader.hardware_decoder)
+                    self._set_state(CameraState.STALLED)
                     return self._lost("stalled") if was_streaming else Outcome.FAILED
                 continue
             index = self._index

@@ -59,6 +59,8 @@ class FrameReader(ABC):
     backend: str
     decoder: str | None = None
     """The decoder element in use, once known (after the first frame)."""
+    hardware_decoder: str | None = None
+    """The hardware decoder plugged into this connection, as soon as it is (before any frame comes out of it)."""
 
     def __init__(self, camera: str, config: CameraConfig, spec: SourceSpec, *, software_only: bool = False):
         self.camera = camera

@@ -59,8 +59,6 @@ class GstReader(FrameReader):
         self._skipped = 0
         self._eos = False
         self._decoder_known = False
-        self._hardware_decoder: str | None = None
-        """The hardware decoder decodebin plugged into this pipeline, once it did (set from a streaming thread)."""
         self._element_added_id: int | None = None
         self._logged_errors = 0
         """Errors the decoder logged (FFmpeg's concealment reports), counted by `DecoderErrorLog` on the decoder's
@@ -142,7 +140,7 @@ class GstReader(FrameReader):
         """Called (on a streaming thread) for every element plugged anywhere into the pipeline."""
         factory = element.get_factory()
         if factory is not None and is_hardware_decoder(factory.get_name(), factory.get_metadata("klass") or ""):
-            self._hardware_decoder = str(factory.get_name())
+            self.hardware_decoder = str(factory.get_name())
 
     def _count_buffer(self, _pad: Any, _info: Any) -> Any:
         self.counters.decoded += 1
@@ -271,7 +269,7 @@ class GstReader(FrameReader):
         if _is_decoder(source):
             self.counters.decode_errors += 1
         hardware_decoder = hardware_decoder_to_blame(
-            _origin(source), self._hardware_decoder, error.domain, error.code, debug or ""
+            _origin(source), self.hardware_decoder, error.domain, error.code, debug or ""
         )
         detail = _last_line(debug)
         if detail and error.message in detail:  # "Unauthorized" + "Unauthorized (401)": the detail says it all

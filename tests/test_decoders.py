@@ -232,6 +232,19 @@ def h264_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return encode(VTEST, tmp_path_factory.mktemp("h264") / "vtest_h264.mp4", "h264", 60)
 
 
+def frames_in(path: Path) -> int:
+    """Frames in a video, counted by the other back end (OpenCV's FFmpeg): the encoder's output has 59 or 60 of
+    the 60 frames it was given, depending on the run."""
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    count = 0
+    while capture.grab():
+        count += 1
+    capture.release()
+    return count
+
+
 def run_camera(config: CameraConfig, frames_wanted: int, timeout: float = 60.0) -> tuple[list[Frame], list[Notice], CameraCapture]:
     exchange = FrameExchange()
     capture = CameraCapture("cam", config, parse_source(config.source), exchange)
@@ -254,15 +267,19 @@ def run_camera(config: CameraConfig, frames_wanted: int, timeout: float = 60.0) 
 
 @pytest.mark.parametrize("fake_hardware_decoder", ["fakehwdec", "fakenvmmdec"], indirect=True)
 def test_a_failing_hardware_decoder_switches_the_camera_to_software(fake_hardware_decoder, h264_file):
-    config = CameraConfig(source=str(h264_file), backend="gstreamer", realtime=False, loop=True, reconnect=SLOW_RETRY)
+    config = CameraConfig(
+        source=str(h264_file), backend="gstreamer", realtime=False, loop=True, reconnect=SLOW_RETRY, stall_timeout=5
+    )
     frames, notices, capture = run_camera(config, frames_wanted=150)  # 60 frames in the file: it loops, twice
     # the fake was plugged first and failed; what failed is in the camera's last error
     error = capture.stats.last_error or ""
     if fake_hardware_decoder == "fakehwdec":
         assert error.startswith("fakehwdec: Could not decode stream."), error
-    else:  # reported by the demuxer whose thread pushed NVMM frames that videoconvert cannot take, not by the decoder
+    elif error.startswith("qtdemux"):  # reported by the demuxer that pushed NVMM frames videoconvert cannot take
         assert error.startswith("qtdemux: Internal data stream error."), error
         assert "reason not-negotiated" in error or "reason not-linked" in error, error
+    else:  # or, depending on when decodebin links its pad, no error at all: data in, nothing out
+        assert error == "no frame for 5 s from hardware decoder fakenvmmdec", error
     # then the camera went on in software, at once (no backoff, no `down`) and for good
     assert len(frames) >= 150 and all(f.image.shape == (576, 768, 3) for f in frames)
     assert [f.index for f in frames] == list(range(len(frames)))
@@ -274,9 +291,11 @@ def test_a_failing_hardware_decoder_switches_the_camera_to_software(fake_hardwar
 @pytest.mark.parametrize("fake_hardware_decoder", ["fakehwdec"], indirect=True)
 def test_decoder_software_never_tries_a_hardware_decoder(fake_hardware_decoder, h264_file):
     config = CameraConfig(source=str(h264_file), backend="gstreamer", realtime=False, decoder="software")
-    frames, notices, capture = run_camera(config, frames_wanted=60)
-    assert len(frames) == 60 and capture.stats.last_error is None and capture.stats.reconnects == 0
-    assert notices[0].detail["decoder"] == "avdec_h264"
+    frames, captures = run_to_the_end({"cam": config})
+    capture = captures["cam"]
+    assert len(frames["cam"]) == frames_in(h264_file)
+    assert capture.stats.last_error is None and capture.stats.reconnects == 0
+    assert capture.stats.decoder == "avdec_h264"
 
 
 @pytest.mark.parametrize("fake_hardware_decoder", ["fakehwdec"], indirect=True)
@@ -341,8 +360,10 @@ def test_a_corrupt_video_reports_decode_errors_and_the_clean_one_beside_it_none(
     frames, captures = run_to_the_end(configs)
     assert captures["corrupt"].stats.decode_errors > 0
     assert captures["clean"].stats.decode_errors == 0
-    # the damage is concealed, not fatal: both cameras delivered every frame of their file, on one connection
-    assert len(frames["clean"]) == (60 if codec == "h264" else 795)
-    assert len(frames["corrupt"]) == len(frames["clean"])
+    # the damage is concealed, not fatal: the clean camera delivered every frame, the corrupt one (nearly) every
+    # frame too (a flip that lands in a frame's header can cost that frame; where it lands in the H.264 file
+    # depends on the encoder's output, which varies between runs), both on one connection to the end
+    assert len(frames["clean"]) == frames_in(clean) > 0
+    assert len(frames["corrupt"]) >= 0.9 * len(frames["clean"])
     assert captures["corrupt"].stats.reconnects == 0 and captures["corrupt"].stats.last_error is None
     assert captures["corrupt"].stats.decoder == captures["clean"].stats.decoder == f"avdec_{codec}"
