@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -411,11 +412,15 @@ class Daemon:
             if name in self.paused:
                 return {"camera": name, "state": "paused"}
             capture = self.captures[name]
-            capture.stop()
-            self.exchange.retire(name)
+
+            def close() -> None:  # on the scheduler thread: a pause answered busy has touched nothing
+                capture.stop()
+                self.exchange.retire(name)  # drops what waits: nothing of it reaches the chain after this
+                self.scheduler.close_camera(name, "paused")
+
+            self._on_scheduler(close)
             capture.join(CAPTURE_JOIN_TIMEOUT_S)
             self.paused.add(name)
-            self.scheduler.call(lambda: self.scheduler.close_camera(name, "paused"), self.config.settings.control.timeout)
             return {"camera": name, "state": "paused"}
 
     def resume(self, name: str) -> dict[str, str]:
@@ -424,13 +429,21 @@ class Daemon:
                 raise CommandError("unknown_camera", f"no camera named {name!r}")
             if name not in self.paused:
                 return {"camera": name, "state": self.captures[name].stats.state.value}
-            self.scheduler.call(lambda: self.scheduler.reopen_camera(name), self.config.settings.control.timeout)
+            self._on_scheduler(lambda: self.scheduler.reopen_camera(name))
             self.paused.discard(name)
             self.exchange.admit(name)
             capture = self._capture(self.config, name)
             self.captures = {**self.captures, name: capture}
             capture.start()
             return {"camera": name, "state": "resumed"}
+
+    def _on_scheduler(self, function: Callable[[], None]) -> None:
+        """Run `function` between two batches; CommandError `busy`, with `function` not run, when the scheduler
+        does not come round within `control.timeout` (a plugin is stuck)."""
+        try:
+            self.scheduler.call(function, self.config.settings.control.timeout)
+        except TimeoutError:
+            raise CommandError("busy", "the scheduler did not come round (a plugin is stuck); nothing changed") from None
 
     def camera_list(self) -> dict[str, Any]:
         """Each camera's config (passwords masked) and state."""

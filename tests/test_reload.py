@@ -36,8 +36,8 @@ def events_of(messages: list[dict], kind: str, camera: str | None = None) -> lis
 
 def test_a_reload_refused_or_timed_out_while_a_batch_is_held_changes_nothing(tmp_path, subscriber_factory):
     """The scheduler is held inside a batch (frame_echo's `hang_when`). A reload whose new plugin fails to start is
-    refused with `invalid_config` at once (plugins load beside the running chain); a valid reload that needs the
-    scheduler answers `busy` after `control.timeout`, and neither touched a camera: no camera restarted, no
+    refused with `invalid_config` at once (plugins load beside the running chain); a valid reload or a pause that
+    needs the scheduler answers `busy` after `control.timeout`, and none of them touched a camera: no camera restarted, no
     `camera.down`, frame indices without a gap. Once released, the same reload applies as usual."""
     publisher = free_endpoint()
     hang, held, broken = tmp_path / "hang", tmp_path / "held", tmp_path / "broken"
@@ -71,6 +71,10 @@ def test_a_reload_refused_or_timed_out_while_a_batch_is_held_changes_nothing(tmp
         assert not reply["ok"] and reply["error"]["code"] == "busy", reply
         assert held.exists() and hang.exists()  # (the batch was held throughout)
         assert control(service, "status")["ok"]  # the socket still answers
+        # so does a pause: busy, and camera a is not stopped (no camera.down, no gap in its frames: checked below)
+        reply = control(service, "pause", camera="a")
+        assert not reply["ok"] and reply["error"]["code"] == "busy", reply
+        assert control(service, "status")["result"]["cameras"]["a"]["state"] == "streaming"
         held_a, held_b = (len(frames_of(subscriber.messages(), name)) for name in "ab")
 
         hang.unlink()
