@@ -38,7 +38,7 @@ FLIPPED = {"walk_left": "walk_right", "walk_right": "walk_left", "stand": "stand
 def motion_model(request, tmp_path_factory):
     """The tiny motion model, trained once (deterministically: fixed steps and seeds) and kept in pytest's cache
     under a key of what it depends on, so that a rerun on the same checkout skips the training."""
-    cache = request.config.cache
+    cache = getattr(request.config, "cache", None)
     if cache is None:  # -p no:cacheprovider
         return train(tmp_path_factory.mktemp("motion-model"))
     directory = cache.mkdir(f"motion-model-{training_key()}")
