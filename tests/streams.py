@@ -9,13 +9,49 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
 
+from vigild.capture import CameraCapture
+from vigild.config import CameraConfig
+from vigild.exchange import FrameExchange, Notice
+from vigild.frame import Frame
+from vigild.sources import parse_source
+
 ROOT = Path(__file__).resolve().parent.parent
 RTSP_SERVER = ROOT / "tests" / "servers" / "rtsp_server.py"
+
+
+def run_camera(
+    config: CameraConfig,
+    until: Callable[[list[Frame], list[Notice], CameraCapture], bool],
+    timeout: float = 30.0,
+) -> tuple[list[Frame], list[Notice], CameraCapture]:
+    """Run one camera until `until(frames, notices, capture)` holds (or `timeout`), then stop it."""
+    exchange = FrameExchange()
+    capture = CameraCapture("cam", config, parse_source(config.source), exchange)
+    capture.start()
+    frames: list[Frame] = []
+    notices: list[Notice] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while not until(frames, notices, capture) and time.monotonic() < deadline:
+            taken = exchange.take(8, 0, 1, 0.1)
+            frames.extend(taken.frames)
+            notices.extend(taken.opened + taken.closed)
+    finally:
+        capture.stop()
+        exchange.close()
+        capture.join(10)
+    assert not capture.is_alive(), "the capture thread did not stop"
+    return frames, notices, capture
+
+
+def frames_at_least(n: int) -> Callable[[list[Frame], list[Notice], CameraCapture], bool]:
+    return lambda frames, _notices, _capture: len(frames) >= n
 
 
 def free_port() -> int:

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 from conftest import VTEST
-from streams import encode
+from streams import encode, frames_at_least, run_camera
 
 from vigild.capture import CameraCapture
 from vigild.config import CameraConfig, ReconnectConfig
-from vigild.exchange import FrameExchange, Notice, NoticeKind
+from vigild.exchange import FrameExchange, NoticeKind
 from vigild.frame import Frame
 from vigild.gst_pipeline import (
     CORE_ERROR_DOMAIN,
@@ -245,24 +245,6 @@ def frames_in(path: Path) -> int:
     return count
 
 
-def run_camera(config: CameraConfig, frames_wanted: int, timeout: float = 60.0) -> tuple[list[Frame], list[Notice], CameraCapture]:
-    exchange = FrameExchange()
-    capture = CameraCapture("cam", config, parse_source(config.source), exchange)
-    capture.start()
-    frames: list[Frame] = []
-    notices: list[Notice] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while len(frames) < frames_wanted and time.monotonic() < deadline:
-            taken = exchange.take(8, 0, 1, 0.1)
-            frames.extend(taken.frames)
-            notices.extend(taken.opened + taken.closed)
-    finally:
-        capture.stop()
-        exchange.close()
-        capture.join(10)
-    assert not capture.is_alive()
-    return frames, notices, capture
 
 
 @pytest.mark.parametrize("fake_hardware_decoder", ["fakehwdec", "fakenvmmdec"], indirect=True)
@@ -270,7 +252,7 @@ def test_a_failing_hardware_decoder_switches_the_camera_to_software(fake_hardwar
     config = CameraConfig(
         source=str(h264_file), backend="gstreamer", realtime=False, loop=True, reconnect=SLOW_RETRY, stall_timeout=5
     )
-    frames, notices, capture = run_camera(config, frames_wanted=150)  # 60 frames in the file: it loops, twice
+    frames, notices, capture = run_camera(config, frames_at_least(150), timeout=60)  # 60 frames in the file: it loops, twice
     # the fake was plugged first and failed; what failed is in the camera's last error
     error = capture.stats.last_error or ""
     if fake_hardware_decoder == "fakehwdec":

@@ -5,48 +5,16 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
 
 import pytest
 from conftest import VTEST
-from streams import HlsServer, MjpegServer, RtspServer, SilentServer, free_port
+from streams import HlsServer, MjpegServer, RtspServer, SilentServer, frames_at_least, free_port, run_camera
 
-from vigild.capture import CameraCapture, CameraState
+from vigild.capture import CameraState
 from vigild.config import CameraConfig, ReconnectConfig
-from vigild.exchange import FrameExchange, Notice, NoticeKind
-from vigild.frame import Frame
-from vigild.sources import parse_source
+from vigild.exchange import NoticeKind
 
 FAST_RETRY = ReconnectConfig(initial_delay=0.1, max_delay=0.5)
-
-
-def run_camera(
-    config: CameraConfig,
-    until: Callable[[list[Frame], list[Notice], CameraCapture], bool],
-    timeout: float = 30.0,
-) -> tuple[list[Frame], list[Notice], CameraCapture]:
-    """Run one camera until `until(frames, notices, capture)` holds (or `timeout`), then stop it."""
-    exchange = FrameExchange()
-    capture = CameraCapture("cam", config, parse_source(config.source), exchange)
-    capture.start()
-    frames: list[Frame] = []
-    notices: list[Notice] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while not until(frames, notices, capture) and time.monotonic() < deadline:
-            taken = exchange.take(8, 0, 1, 0.1)
-            frames.extend(taken.frames)
-            notices.extend(taken.opened + taken.closed)
-    finally:
-        capture.stop()
-        exchange.close()
-        capture.join(10)
-    assert not capture.is_alive(), "the capture thread did not stop"
-    return frames, notices, capture
-
-
-def frames_at_least(n: int) -> Callable[[list[Frame], list[Notice], CameraCapture], bool]:
-    return lambda frames, _notices, _capture: len(frames) >= n
 
 
 @pytest.mark.parametrize(
