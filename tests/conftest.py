@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -100,9 +101,16 @@ def install_fake_distribution(site: Path, entry_points: str, modules: dict[str, 
         (site / f"{name}.py").write_text(source)
 
 
+RUNTIME_DIR = tempfile.mkdtemp(prefix="vigild-tests-")
+"""$XDG_RUNTIME_DIR of every daemon the tests start: their default control socket is the suite's own, so a `vigild`
+already running on the machine (a `make demo`, another checkout's suite) cannot collide with it."""
+
+
 def daemon_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(VIGILD_MEDIA=str(MEDIA), VIGILD_MODELS=str(MODELS), YOLO_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.update(XDG_RUNTIME_DIR=RUNTIME_DIR)
+    env.pop("RUNTIME_DIRECTORY", None)  # (systemd's, which would come first)
     env.update(extra)
     return env
 
