@@ -80,11 +80,15 @@ def encode(source: Path, out: Path, codec: str, frames: int, size: tuple[int, in
     return out
 
 
-def encode_size_change(source: Path, out: Path, sizes: tuple[tuple[int, int], ...], frames: int) -> Path:
-    """An H.264 byte stream whose frame size changes: `frames` frames of `source` at each of `sizes` in turn, each
-    part a complete stream (new SPS/PPS and a key frame), concatenated, as a camera does when its resolution is
-    changed while it streams. Raw byte stream (`.h264`): no container to declare one size for the whole file."""
-    parts = []
+def encode_size_change(
+    source: Path, out: Path, sizes: tuple[tuple[int, int], ...], frames: int
+) -> tuple[Path, list[int]]:
+    """An H.264 byte stream whose frame size changes: about `frames` frames of `source` at each of `sizes` in turn,
+    each part a complete stream (new SPS/PPS and a key frame), concatenated, as a camera does when its resolution is
+    changed while it streams. Raw byte stream (`.h264`): no container to declare one size for the whole file.
+    Returns the file and how many frames each part holds (counted by decoding it: `identity eos-after=N` lets N or
+    N - 1 frames through, run by run)."""
+    parts, counts = [], []
     for index, (width, height) in enumerate(sizes):
         part = out.with_name(f"{out.stem}.part{index}.h264")
         subprocess.run(
@@ -99,9 +103,20 @@ def encode_size_change(source: Path, out: Path, sizes: tuple[tuple[int, int], ..
             timeout=300,
         )
         parts.append(part.read_bytes())
+        counts.append(count_frames(part))
         part.unlink()
     out.write_bytes(b"".join(parts))
-    return out
+    return out, counts
+
+
+def count_frames(path: Path) -> int:
+    """Frames in a video file, by decoding it with OpenCV (independent of the reader under test)."""
+    capture = cv2.VideoCapture(str(path))
+    count = 0
+    while capture.grab():
+        count += 1
+    capture.release()
+    return count
 
 
 class RtspServer:
