@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import VTEST
-from streams import encode, frames_at_least, run_camera
+from streams import count_frames, encode, frames_at_least, run_camera  # count_frames: 59 or 60 frames, run by run
 
 from vigild.capture import CameraCapture
 from vigild.config import CameraConfig, ReconnectConfig
@@ -232,21 +232,6 @@ def h264_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return encode(VTEST, tmp_path_factory.mktemp("h264") / "vtest_h264.mp4", "h264", 60)
 
 
-def frames_in(path: Path) -> int:
-    """Frames in a video, counted by the other back end (OpenCV's FFmpeg): the encoder's output has 59 or 60 of
-    the 60 frames it was given, depending on the run."""
-    import cv2
-
-    capture = cv2.VideoCapture(str(path))
-    count = 0
-    while capture.grab():
-        count += 1
-    capture.release()
-    return count
-
-
-
-
 @pytest.mark.parametrize("fake_hardware_decoder", ["fakehwdec", "fakenvmmdec"], indirect=True)
 def test_a_failing_hardware_decoder_switches_the_camera_to_software(fake_hardware_decoder, h264_file):
     config = CameraConfig(
@@ -275,7 +260,7 @@ def test_decoder_software_never_tries_a_hardware_decoder(fake_hardware_decoder, 
     config = CameraConfig(source=str(h264_file), backend="gstreamer", realtime=False, decoder="software")
     frames, captures = run_to_the_end({"cam": config})
     capture = captures["cam"]
-    assert len(frames["cam"]) == frames_in(h264_file)
+    assert len(frames["cam"]) == count_frames(h264_file)
     assert capture.stats.last_error is None and capture.stats.reconnects == 0
     assert capture.stats.decoder == "avdec_h264"
 
@@ -345,7 +330,7 @@ def test_a_corrupt_video_reports_decode_errors_and_the_clean_one_beside_it_none(
     # the damage is concealed, not fatal: the clean camera delivered every frame, the corrupt one (nearly) every
     # frame too (a flip that lands in a frame's header can cost that frame; where it lands in the H.264 file
     # depends on the encoder's output, which varies between runs), both on one connection to the end
-    assert len(frames["clean"]) == frames_in(clean) > 0
+    assert len(frames["clean"]) == count_frames(clean) > 0
     assert len(frames["corrupt"]) >= 0.9 * len(frames["clean"])
     assert captures["corrupt"].stats.reconnects == 0 and captures["corrupt"].stats.last_error is None
     assert captures["corrupt"].stats.decoder == captures["clean"].stats.decoder == f"avdec_{codec}"
