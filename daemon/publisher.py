@@ -28,6 +28,7 @@ from vigild.events import Event
 log = logging.getLogger("vigild.publisher")
 
 _STOP = object()
+SUBSCRIPTIONS_PER_ROUND = 100
 
 
 @dataclass
@@ -195,8 +196,11 @@ class Publisher:
             self._context.term()  # blocks until queued messages are sent or the linger runs out
 
     def _read_subscriptions(self, socket: zmq.Socket) -> None:
-        """Take what the XPUB has received (read, so that it does not pile up): a subscription starts with 1."""
-        while socket.poll(0, zmq.POLLIN):
+        """Take what the XPUB has received (read, so that it does not pile up): a subscription starts with 1. At
+        most `SUBSCRIPTIONS_PER_ROUND` a round, so that peers flooding subscriptions cannot hold up the events."""
+        for _ in range(SUBSCRIPTIONS_PER_ROUND):
+            if not socket.poll(0, zmq.POLLIN):
+                return
             message = socket.recv(zmq.NOBLOCK)
             if message[:1] == b"\x01":
                 self.subscriptions += 1
