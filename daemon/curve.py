@@ -9,7 +9,10 @@ then are the authorised set (a file that is not a key is skipped and logged, nev
 
 from __future__ import annotations
 
+import datetime
+import errno
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,11 +27,50 @@ log = logging.getLogger("vigild.curve")
 
 
 def keygen(directory: Path, name: str) -> tuple[Path, Path]:
-    """Write a key pair as NAME.key (public, to hand out) and NAME.key_secret (keep private, mode 0600)."""
+    """Write a key pair as NAME.key (public, to hand out) and NAME.key_secret (keep private, mode 0600).
+
+    The secret is created with mode 0600 rather than chmodded afterwards, so no other user can open it at any
+    moment, whatever the umask. Neither file may exist yet: a key pair in use is never replaced by accident
+    (FileExistsError naming the file; remove it to make a new pair).
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(directory, name)
-    Path(secret).chmod(0o600)
-    return Path(public), Path(secret)
+    public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
+    for path in (public, secret):
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "a key file is there already (remove it to make a new pair)", str(path))
+    public_key, secret_key = (key.decode() for key in zmq.curve_keypair())
+    now = datetime.datetime.now().isoformat(sep=" ", timespec="seconds")
+    curve = f'curve\n    public-key = "{public_key}"\n'
+    _create(secret, 0o600, _SECRET_BANNER.format(now) + curve + f'    secret-key = "{secret_key}"\n')
+    try:
+        _create(public, 0o644, _PUBLIC_BANNER.format(now) + curve)
+    except OSError:
+        secret.unlink()  # no half pair left behind
+        raise
+    return public, secret
+
+
+# ZeroMQ's certificate format (ZPL), as zmq.auth.create_certificates and czmq write it
+_SECRET_BANNER = """#   ****  Generated on {} by vigild keygen  ****
+#   ZeroMQ CURVE **Secret** Certificate
+#   DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its permissions.
+
+metadata
+"""
+_PUBLIC_BANNER = """#   ****  Generated on {} by vigild keygen  ****
+#   ZeroMQ CURVE Public Certificate
+#   Exchange securely, or use a secure mechanism to verify the contents of this file after exchange.
+
+metadata
+"""
+
+
+def _create(path: Path, mode: int, text: str) -> None:
+    """Write a new file that has at most `mode` from the moment it exists (O_EXCL: not over an existing file, nor
+    through a symlink planted in its place)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        file.write(text)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -9,12 +10,14 @@ import sys
 import time
 
 import pytest
+import zmq.auth
 from conftest import ROOT, VTEST, daemon_env, free_endpoint
 from service import Service, camera_yaml, service_config
 
 from vigild.client import Subscriber
 from vigild.control import ControlClient
 from vigild.curve import ClientKeys
+from vigild.curve import keygen as curve_keygen
 
 pytestmark = pytest.mark.e2e
 
@@ -26,6 +29,77 @@ def keygen(directory, name: str) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert (directory / f"{name}.key").is_file() and (directory / f"{name}.key_secret").stat().st_mode & 0o077 == 0
+
+
+# Run as `vigild keygen` with umask 022 (the usual default, which a plain open() + chmod afterwards would leave the
+# secret world-readable under until the chmod). An audit hook (sys.addaudithook: the interpreter calls it at every
+# file operation, before it happens) records the secret's mode at each operation once the file exists, so a mode
+# the secret ever had between its creation and the end is seen, without timing.
+KEYGEN_WATCHED = """
+import json, os, stat, sys
+from vigild.cli import main
+directory, name = sys.argv[1], sys.argv[2]
+secret = os.path.join(directory, name + ".key_secret")
+modes, busy = [], False
+def hook(event, args):
+    global busy
+    if busy:
+        return
+    busy = True
+    try:
+        modes.append(stat.S_IMODE(os.lstat(secret).st_mode))
+    except FileNotFoundError:
+        pass
+    finally:
+        busy = False
+os.umask(0o022)
+sys.addaudithook(hook)
+code = main(["keygen", name, "--dir", directory])
+busy = True
+print(json.dumps({"code": code, "modes": modes}))
+"""
+
+
+def keygen_watched(directory, name: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", KEYGEN_WATCHED, str(directory), name],
+        capture_output=True, text=True, env=daemon_env(), cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_keygen_secret_is_owner_only_from_creation_under_a_permissive_umask(tmp_path):
+    """With umask 022 the secret is 0600 from the first operation after it exists to the end; the pair is a
+    matching ZeroMQ certificate pair (the public file holds no secret)."""
+    got = keygen_watched(tmp_path, "server")
+    assert got["code"] == 0
+    assert got["modes"], "the secret was never seen between its creation and the end"
+    assert all(mode == 0o600 for mode in got["modes"]), [oct(mode) for mode in got["modes"]]
+    assert (tmp_path / "server.key_secret").stat().st_mode & 0o777 == 0o600
+    public, secret = zmq.auth.load_certificate(tmp_path / "server.key_secret")
+    assert secret is not None and public == zmq.curve_public(secret)
+    assert zmq.auth.load_certificate(tmp_path / "server.key") == (public, None)
+
+
+def test_keygen_never_replaces_an_existing_key_nor_writes_through_a_symlink(tmp_path):
+    """A pair in use is not overwritten (a server key replaced would lock every client out), and a symlink planted
+    as the secret's name is not followed: the target stays as it was and nothing new is written."""
+    keygen(tmp_path, "server")
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    again = subprocess.run(
+        [sys.executable, "-m", "vigild", "keygen", "server", "--dir", str(tmp_path)],
+        capture_output=True, text=True, env=daemon_env(), cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert again.returncode != 0 and "server.key" in again.stderr
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+    target = tmp_path / "elsewhere"
+    target.write_text("not a key\n")
+    (tmp_path / "planted.key_secret").symlink_to(target)
+    with pytest.raises(FileExistsError, match=r"planted\.key_secret"):
+        curve_keygen(tmp_path, "planted")
+    assert target.read_text() == "not a key\n" and not (tmp_path / "planted.key").exists()
 
 
 def received(endpoint: str, curve: ClientKeys | None, seconds: float) -> int:
