@@ -4,6 +4,11 @@ A ROUTER socket, so that any client shape works (REQ with its empty delimiter fr
 nothing a client sends can wedge it: every request gets exactly one reply, `{"ok": true, "result": ...}` or
 `{"ok": false, "error": {"code": ..., "message": ...}}`; `snapshot` adds the JPEG as a second frame. The default
 endpoint is an ipc:// socket in a directory only the daemon's user can enter (docs/control.md).
+
+Nothing a client sends can grow memory without bound: a message is read frame by frame and only its first few
+frames are kept, ZeroMQ disconnects a peer whose frame exceeds MAX_FRAME_BYTES, and at most RECEIVE_HWM messages
+wait. Changes (reload, camera changes, pause, resume) run on a thread of their own, one at a time, so that a
+model loading for a new camera never holds up `status`.
 """
 
 from __future__ import annotations
@@ -11,10 +16,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import socket as pysocket
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,10 +36,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("vigild.control")
 
 MAX_REQUEST_BYTES = 64 * 1024
-"""Larger requests get a `too_large` reply; ZeroMQ itself cuts a peer off above MAX_MESSAGE_BYTES."""
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+"""Larger requests get a `too_large` reply; ZeroMQ itself disconnects a peer sending a frame over MAX_FRAME_BYTES."""
+MAX_FRAME_BYTES = MAX_REQUEST_BYTES + 64 * 1024
+MAX_FRAMES_KEPT = 4
+"""Of one message: the routing identity, a REQ client's empty delimiter, the request, and one to tell there were
+too many. Further frames are read and dropped at once."""
+RECEIVE_HWM = 100
+"""Messages ZeroMQ queues for the control thread (per peer) before it stops reading from that peer."""
 POLL_MS = 200
+CHANGE_POLL_MS = 20
+"""While a change runs on its thread: how soon its reply goes out once it is done."""
 COMMANDS = ("status", "cameras", "reload", "snapshot", "pause", "resume")
+MAX_PATH_BYTES = 107
+"""Longest path of a unix socket (sun_path less its terminating NUL)."""
 
 
 class CommandError(Exception):
@@ -44,25 +59,49 @@ class CommandError(Exception):
         super().__init__(message)
 
 
-def default_endpoint(environ: dict[str, str] | None = None) -> str:
-    """ipc://$RUNTIME_DIRECTORY/control under systemd, else in $XDG_RUNTIME_DIR/vigild or /tmp/vigild-<uid>."""
+def default_endpoint(environ: Mapping[str, str] | None = None) -> str:
+    """ipc://$RUNTIME_DIRECTORY/control under systemd, else in $XDG_RUNTIME_DIR/vigild, else in
+    ~/.local/state/vigild: never a fixed name under /tmp, which another user could create first."""
     env = os.environ if environ is None else environ
     runtime = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
     if runtime:
         return f"ipc://{runtime}/control"
     base = env.get("XDG_RUNTIME_DIR")
-    directory = Path(base) / "vigild" if base else Path(f"/tmp/vigild-{os.getuid()}")
+    home = env.get("HOME") or str(Path.home())
+    directory = Path(base) / "vigild" if base else Path(home) / ".local" / "state" / "vigild"
     return f"ipc://{directory}/control"
 
 
 def _prepare_ipc(path: Path) -> None:
-    """Make the socket's directory owner-only, and refuse to take over a socket another process serves."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    info = path.parent.stat()
+    """Use an owner-only directory for the socket: one made here, or one that is owner-only already (or systemd's
+    RuntimeDirectory=, whose mode the unit sets); never chmod a directory someone else chose. Refuse to take over a
+    socket another process serves."""
+    if len(os.fsencode(path)) > MAX_PATH_BYTES:
+        raise OSError(
+            f"the socket path {path} is {len(os.fsencode(path))} bytes, over the {MAX_PATH_BYTES} a unix socket allows; "
+            "set a shorter control.endpoint"
+        )
+    directory = path.parent
+    try:
+        directory.mkdir(parents=True, mode=0o700)
+        created = True
+    except FileExistsError:
+        created = False
+    info = directory.stat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise OSError(f"{directory} is not a directory; the control socket needs a directory of its own")
     if info.st_uid != os.getuid():
-        raise OSError(f"{path.parent} belongs to another user; the control socket needs a directory of its own")
-    if stat.S_IMODE(info.st_mode) & 0o077 and not os.environ.get("RUNTIME_DIRECTORY"):
-        path.parent.chmod(0o700)  # systemd's RuntimeDirectoryMode decides there
+        raise OSError(f"{directory} belongs to another user; the control socket needs a directory of its own")
+    mode = stat.S_IMODE(info.st_mode)
+    systemd = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if mode & 0o077:
+        if created:
+            directory.chmod(0o700)  # made just now, under a umask that left bits for others
+        elif not (systemd and directory.resolve() == Path(systemd).resolve()):
+            raise OSError(
+                f"{directory} is open to other users (mode {mode:04o}); the control socket needs an owner-only "
+                f"directory: `chmod 700 {directory}`, or set control.endpoint to a socket in a directory of its own"
+            )
     if path.exists():
         probe = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
         try:
@@ -72,6 +111,20 @@ def _prepare_ipc(path: Path) -> None:
         finally:
             probe.close()
         raise OSError(f"another process is serving {path} (a second vigild?); give this one its own control.endpoint")
+
+
+Handler = Callable[[dict[str, Any]], tuple[Any, bytes | None]]
+
+
+def _error(code: str, message: str) -> bytes:
+    return json.dumps({"ok": False, "error": {"code": code, "message": message}}).encode()
+
+
+def _is_change(request: dict[str, Any]) -> bool:
+    """Commands that change the configuration (and may load models): they run on the change thread."""
+    if request["cmd"] == "cameras":
+        return request.get("action") in ("add", "update", "remove")
+    return request["cmd"] in ("reload", "pause", "resume")
 
 
 class ControlServer:
@@ -85,7 +138,10 @@ class ControlServer:
         self._socket: zmq.Socket | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="control", daemon=True)
-        self._handlers: dict[str, Callable[[dict[str, Any]], tuple[Any, bytes | None]]] = {
+        self._change: threading.Thread | None = None
+        self._finished: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
+        """Replies of changes, made on the change thread and sent by the control thread (sockets stay on one)."""
+        self._handlers: dict[str, Handler] = {
             "status": lambda _: (daemon.status(), None),
             "cameras": self._cameras,
             "reload": lambda _: (daemon.reload().as_dict(), None),
@@ -98,7 +154,8 @@ class ControlServer:
         """Bind (raises OSError/zmq.ZMQError with the reason) and serve on the control thread."""
         socket = self._context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        socket.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        socket.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
         socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a client gone before its reply: drop the reply silently
         socket.setsockopt(zmq.SNDHWM, 1000)
         try:
@@ -111,6 +168,12 @@ class ControlServer:
                 log.warning(
                     "INSECURE: control socket binds %s, reachable from other machines, without CURVE: anyone who "
                     "can connect can reconfigure this daemon; configure `curve:` (docs/security.md)",
+                    self.endpoint,
+                )
+            elif self.endpoint.startswith("tcp://"):
+                log.warning(
+                    "INSECURE: control socket binds %s without CURVE: every local user can connect and reconfigure "
+                    "this daemon; use an ipc:// endpoint (owner-only) or configure `curve:` (docs/security.md)",
                     self.endpoint,
                 )
             if self.endpoint.startswith("ipc://"):
@@ -139,24 +202,54 @@ class ControlServer:
         assert socket is not None
         try:
             while not self._stop.is_set():
-                if not socket.poll(POLL_MS):
+                self._send_finished(socket)
+                changing = self._change is not None and self._change.is_alive()
+                if not socket.poll(CHANGE_POLL_MS if changing else POLL_MS):
                     continue
-                frames = socket.recv_multipart()
-                reply = self._answer(frames)
+                frames, count = self._receive(socket)
+                reply = self._answer(frames, count)
                 if reply is not None:
-                    try:
-                        socket.send_multipart(reply, flags=zmq.NOBLOCK)
-                    except zmq.ZMQError as exc:
-                        log.warning("could not send a control reply: %s", exc)
+                    self._send(socket, reply)
         finally:
             socket.close(linger=0)
             if self.curve is not None:
                 self.curve.stop()
             self._context.term()
 
-    def _answer(self, frames: list[bytes]) -> list[bytes] | None:
-        """The reply to one message: the client's routing frames, then the reply's frames."""
-        if len(frames) < 2:
+    @staticmethod
+    def _receive(socket: zmq.Socket) -> tuple[list[bytes], int]:
+        """One message, frame by frame: its first MAX_FRAMES_KEPT frames and how many it had (ZeroMQ delivers a
+        message whole, so the rest is there: it is read and dropped, never collected)."""
+        kept: list[bytes] = []
+        count = 0
+        while True:
+            frame = socket.recv(copy=False)
+            count += 1
+            if len(kept) < MAX_FRAMES_KEPT:
+                kept.append(frame.bytes)
+            if not frame.more:
+                return kept, count
+
+    def _send_finished(self, socket: zmq.Socket) -> None:
+        while True:
+            try:
+                reply = self._finished.get_nowait()
+            except queue.Empty:
+                return
+            self._send(socket, reply)
+
+    @staticmethod
+    def _send(socket: zmq.Socket, reply: list[bytes]) -> None:
+        try:
+            socket.send_multipart(reply, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.warning("could not send a control reply: %s", exc)
+
+    def _answer(self, frames: list[bytes], count: int | None = None) -> list[bytes] | None:
+        """The reply to one message of `count` frames (the first ones in `frames`): the client's routing frames,
+        then the reply's frames; None when there is nothing to answer yet (a change went to its thread)."""
+        count = len(frames) if count is None else count
+        if count < 2:
             return None  # no body at all: nothing to answer (ZeroMQ gives at least the identity and one frame)
         identity, rest = frames[0], frames[1:]
         envelope = [identity]
@@ -164,26 +257,46 @@ class ControlServer:
             envelope.append(b"")
             rest = rest[1:]
         try:
-            result, attachment = self._dispatch(rest)
-            body = {"ok": True, "result": result}
+            request, handler = self._parse(rest, count - len(envelope))
         except CommandError as exc:
-            body, attachment = {"ok": False, "error": {"code": exc.code, "message": str(exc)}}, None
-        except ConfigError as exc:
-            body, attachment = {"ok": False, "error": {"code": "invalid_config", "message": str(exc)}}, None
+            return [*envelope, _error(exc.code, str(exc))]
+        if not _is_change(request):
+            return self._reply(envelope, handler, request)
+        if self._change is not None and self._change.is_alive():
+            message = "another reload or camera change is under way; send this again once it has been answered"
+            return [*envelope, _error("busy", message)]
+
+        def change() -> None:
+            self._finished.put(self._reply(envelope, handler, request))
+
+        self._change = threading.Thread(target=change, name="control-change", daemon=True)
+        self._change.start()
+        return None
+
+    def _reply(self, envelope: list[bytes], handler: Handler, request: dict[str, Any]) -> list[bytes]:
+        try:
+            result, attachment = handler(request)
+        except CommandError as exc:
+            return [*envelope, _error(exc.code, str(exc))]
+        except ConfigError as exc:  # `forbidden`: a key or source only the config file may set (docs/security.md)
+            code = "forbidden" if getattr(exc, "forbidden", False) else "invalid_config"
+            return [*envelope, _error(code, str(exc))]
         except Exception as exc:  # a bug: answer it, log it, keep serving
             log.exception("control command failed")
-            body, attachment = {"ok": False, "error": {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}}, None
-        payload = json.dumps(body, default=str).encode()
+            return [*envelope, _error("internal", f"{type(exc).__name__}: {exc}")]
+        payload = json.dumps({"ok": True, "result": result}, default=str).encode()
         return [*envelope, payload] + ([attachment] if attachment is not None else [])
 
-    def _dispatch(self, frames: list[bytes]) -> tuple[Any, bytes | None]:
-        if len(frames) != 1:
-            raise CommandError("bad_request", f"expected one frame holding a JSON object, got {len(frames)} frames")
+    def _parse(self, frames: list[bytes], parts: int) -> tuple[dict[str, Any], Handler]:
+        if parts != 1:
+            raise CommandError("bad_request", f"expected one frame holding a JSON object, got {parts} frames")
         data = frames[0]
         if len(data) > MAX_REQUEST_BYTES:
             raise CommandError("too_large", f"request of {len(data)} bytes; at most {MAX_REQUEST_BYTES}")
         try:
             request = json.loads(data)
+        except RecursionError:
+            raise CommandError("bad_request", "JSON nested too deeply") from None
         except (UnicodeDecodeError, ValueError) as exc:
             raise CommandError("bad_request", f"not JSON: {exc}") from None
         if not isinstance(request, dict):
@@ -194,7 +307,7 @@ class ControlServer:
         handler = self._handlers.get(command)
         if handler is None:
             raise CommandError("unknown_command", f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
-        return handler(request)
+        return request, handler
 
     @staticmethod
     def _camera(request: dict[str, Any]) -> str:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,8 +73,10 @@ class Applied:
 
 
 class Daemon:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, log_level_override: str | None = None):
+        """`log_level_override`: the level given on the command line, which configs applied later never change."""
         self.config = config
+        self._log_level_override = log_level_override
         settings = config.settings
         from vigild.device import resolve_device  # imports torch: only once a daemon is made
 
@@ -312,12 +315,27 @@ class Daemon:
         """Add or replace camera `name` (raw config, as in YAML), or remove it (None); until the next reload."""
         if camera is None and name not in self.config.settings.cameras:
             raise CommandError("unknown_camera", f"no camera named {name!r}")
-        return self.apply(with_camera(self.config, name, camera))
+        try:
+            return self.apply(with_camera(self.config, name, camera))
+        except ConfigError as exc:  # once, without a traceback: the client's reply says the same
+            log.error("camera %s: change refused, still running the previous config: %s", name, exc)
+            raise
+
+    @contextmanager
+    def _changing(self) -> Iterator[None]:
+        """One configuration change at a time; CommandError `busy` when another one (a reload loading a model)
+        holds on past `control.timeout`, so that nobody waits without end."""
+        if not self._reconfiguring.acquire(timeout=self.config.settings.control.timeout):
+            raise CommandError("busy", "another reload or camera change is under way; nothing changed, try again")
+        try:
+            yield
+        finally:
+            self._reconfiguring.release()
 
     def apply(self, new: Config) -> Applied:
         """Apply `new` as a diff, or raise with nothing changed: ConfigError (a plugin refused its new cameras or
         failed to start, named by its key as at start), CommandError `busy`."""
-        with self._reconfiguring:
+        with self._changing():
             try:
                 return self._apply(new)
             except PluginStartError as exc:
@@ -382,6 +400,9 @@ class Daemon:
             raise CommandError("busy", "the scheduler did not come round (a plugin is stuck); nothing changed") from None
         for name in leaving:
             self.captures[name].join(CAPTURE_JOIN_TIMEOUT_S)
+        for name in applied.removed:
+            if not self.captures[name].is_alive():  # a capture still stuck in its source could still put frames
+                self.exchange.forget(name)
 
         for stage, plugin, _ in left_behind:
             try:
@@ -400,13 +421,14 @@ class Daemon:
         for name in [*applied.added, *applied.restarted]:
             captures[name].start()
         self.config = new
-        logging.getLogger().setLevel(new.settings.log_level)
+        if self._log_level_override is None:
+            logging.getLogger().setLevel(new.settings.log_level)
         log.info("configuration applied: %s", applied.as_dict())
         return applied
 
     def pause(self, name: str) -> dict[str, str]:
         """Stop capturing `name` (its connection is closed, `camera.down` with reason `paused`) until `resume`."""
-        with self._reconfiguring:
+        with self._changing():
             if name not in self.captures:
                 raise CommandError("unknown_camera", f"no camera named {name!r}")
             if name in self.paused:
@@ -424,7 +446,7 @@ class Daemon:
             return {"camera": name, "state": "paused"}
 
     def resume(self, name: str) -> dict[str, str]:
-        with self._reconfiguring:
+        with self._changing():
             if name not in self.captures:
                 raise CommandError("unknown_camera", f"no camera named {name!r}")
             if name not in self.paused:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -15,13 +16,21 @@ SCHEMA_VERSION = 1
 TOPIC_ROOT = "vigild"
 SYSTEM_CAMERA = "sys"
 """Pseudo-camera of daemon-wide events such as the heartbeat; no real camera may take this name."""
+ENVELOPE = frozenset({"schema", "seq", "id", "type", "camera", "frame", "ts", "object", "snapshot"})
+"""The fields every event has (or may have): a key of the same name in `data` is dropped."""
+MAX_COLLISIONS_LOGGED = 1000
+
+log = logging.getLogger("vigild.events")
+_collisions: set[tuple[str, str]] = set()
+"""(event type, key) pairs already logged: each is logged once."""
 
 
 @dataclass
 class Event:
     """One event before the publisher stamps it with `seq` and `id`.
 
-    `data` holds the type-specific fields; they go to the top level of the JSON next to the common ones.
+    `data` holds the type-specific fields; they go to the top level of the JSON next to the common ones (a key
+    that is one of those, ENVELOPE, is dropped and logged once per event type).
     """
 
     type: str
@@ -49,10 +58,20 @@ class Event:
         }
         if self.object is not None:
             body["object"] = self.object
-        body.update(self.data)
         if self.snapshot is not None:
             body["snapshot"] = self.snapshot.describe()
+        for key, value in self.data.items():
+            if key in ENVELOPE:  # a plugin's data never overwrites what subscribers rely on (seq, id, camera...)
+                _collision(self.type, key)
+            else:
+                body[key] = value
         return body
+
+
+def _collision(event_type: str, key: str) -> None:
+    if (event_type, key) not in _collisions and len(_collisions) < MAX_COLLISIONS_LOGGED:
+        _collisions.add((event_type, key))
+        log.warning("%s events: dropped the data field %r, which is an envelope field", event_type, key)
 
 
 def iso_utc(ts_wall: float) -> str:

@@ -78,6 +78,16 @@ class FrameExchange:
         with self._cond:
             self._retired.discard(camera)
 
+    def forget(self, camera: str) -> None:
+        """Drop all that is kept for `camera` (removed, and its capture thread has ended), so that adding and
+        removing cameras never grows this."""
+        with self._cond:
+            self._retired.discard(camera)
+            self._frames.pop(camera, None)
+            self._notices = deque(n for n in self._notices if n.camera != camera)
+            self.drops.pop(camera, None)
+            self._cond.notify_all()
+
     def notify(self, notice: Notice) -> None:
         with self._cond:
             if notice.camera in self._retired:

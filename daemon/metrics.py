@@ -7,6 +7,8 @@ capture-to-publish latency per frame.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +23,20 @@ from vigild.config import MetricsConfig
 if TYPE_CHECKING:
     from vigild.daemon import Daemon
 
+log = logging.getLogger("vigild.metrics")
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 PLUGIN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+def is_loopback_address(address: str) -> bool:
+    """`localhost` or a loopback IP; anything else (`0.0.0.0`, `::`, `""`, a host name) may be reachable."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 class DaemonCollector(Collector):
@@ -112,6 +126,14 @@ class MetricsServer:
 
     def start(self) -> None:
         """Bind and serve (raises OSError when the port is taken)."""
+        if not is_loopback_address(self.config.address):
+            log.warning(
+                "INSECURE: metrics served on %s:%d, reachable from other machines, without authentication: anyone "
+                "who can connect reads camera names, states and counts; bind 127.0.0.1 and scrape through a proxy "
+                "that authenticates (docs/security.md)",
+                self.config.address,
+                self.config.port,
+            )
         self._server, _ = start_http_server(self.config.port, self.config.address, registry=self.registry)
         self.port = self._server.server_port
 

@@ -104,6 +104,7 @@ class Scheduler:
             self._ended.discard(gone)
             self.latest.pop(gone, None)
             self.last_latency_s.pop(gone, None)
+            self.processed.pop(gone, None)
         self.cameras = list(cameras)
 
     def reopen_camera(self, camera: str) -> None:
