@@ -28,21 +28,38 @@ from pydantic import (
 from vigild.events import SYSTEM_CAMERA
 from vigild.geometry import LineConfig, ZoneConfig
 from vigild.gst_pipeline import resolve_backend
-from vigild.plugin import PLUGIN_ID_PATTERN, Plugin, PluginConfig
+from vigild.plugin import MAX_NAME_LENGTH, PLUGIN_ID_PATTERN, Plugin, PluginConfig
 from vigild.registry import PluginLookupError, load_plugin_class
 from vigild.sources import SourceKind, SourceSpec, parse_source, redact
 from vigild.yamlsource import ConfigError, KeyPath, Problem, YamlDocument, expand_env, load_yaml
 
 _BOOL = TypeAdapter(bool)
+_HOUR = 3600.0
+"""Upper bound of the daemon's durations: a wait beyond threading.TIMEOUT_MAX (~292 years) raises OverflowError in
+the thread that waits, so no duration may come near it."""
+MAX_FRAME_SIDE = 8192
+"""Largest frame width or height the daemon scales to (as for test:// sizes)."""
+_SECRET_KEYS = frozenset({"password", "username"})
+"""Keys whose value a config error never shows, not even when it is of the wrong type."""
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class ControlRefused(ConfigError):
+    """A control client's camera names what only the config file may: a local file, or a file a plugin loads.
+
+    The control socket answers it with the code `forbidden` (its `forbidden` attribute)."""
+
+    forbidden = True
 
 
 class ReconnectConfig(StrictModel):
-    initial_delay: float = Field(1.0, gt=0, description="Seconds before the first retry.")
-    max_delay: float = Field(30.0, gt=0, description="Retries back off exponentially up to this many seconds.")
+    initial_delay: float = Field(1.0, gt=0, le=_HOUR, description="Seconds before the first retry.")
+    max_delay: float = Field(
+        30.0, gt=0, le=_HOUR, description="Retries back off exponentially up to this many seconds."
+    )
     jitter: float = Field(
         0.2, ge=0, le=1, description="Random fraction added to each delay, so cameras do not retry in step."
     )
@@ -54,8 +71,10 @@ def _not_reserved(name: str) -> str:
     return name
 
 
-CameraName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$"), AfterValidator(_not_reserved)]
-"""Letters, digits, `_` and `-`: a name is one segment of the event topic `vigild.<camera>.<type>`."""
+CameraName = Annotated[
+    str, Field(pattern=r"^[A-Za-z0-9_-]+$", max_length=MAX_NAME_LENGTH), AfterValidator(_not_reserved)
+]
+"""Letters, digits, `_` and `-`, at most 64: a name is one segment of the event topic `vigild.<camera>.<type>`."""
 
 
 class RtspConfig(StrictModel):
@@ -70,7 +89,8 @@ class RtspConfig(StrictModel):
 CaptureBackend = Literal["auto", "gstreamer", "opencv"]
 
 
-ShapeName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")]
+ShapeName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$", max_length=MAX_NAME_LENGTH)]
+FrameSide = Annotated[int, Field(gt=0, le=MAX_FRAME_SIDE)]
 
 
 class CameraConfig(StrictModel):
@@ -90,11 +110,13 @@ class CameraConfig(StrictModel):
     )
     rtsp: RtspConfig = RtspConfig()
     stall_timeout: float = Field(
-        10.0, gt=0, description="Seconds without a frame after which the source is torn down and reopened."
+        10.0, gt=0, le=_HOUR, description="Seconds without a frame after which the source is torn down and reopened."
     )
-    fps: float | None = Field(None, gt=0, description="Process at most this many frames per second.")
-    resize: tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]] | None = Field(
-        None, description="[width, height] to scale frames to before the chain sees them."
+    fps: float | None = Field(
+        None, gt=0, le=1000, description="Process at most this many frames per second (0.001 to 1000)."
+    )
+    resize: tuple[FrameSide, FrameSide] | None = Field(
+        None, description="[width, height] to scale frames to before the chain sees them; each at most 8192."
     )
     realtime: bool = Field(
         True,
@@ -117,6 +139,13 @@ class CameraConfig(StrictModel):
     @classmethod
     def _known_source(cls, value: str) -> str:
         parse_source(value)  # raises ValueError naming what was expected
+        return value
+
+    @field_validator("fps")
+    @classmethod
+    def _not_too_slow(cls, value: float | None) -> float | None:
+        if value is not None and value < 0.001:  # its period, in ns, would overflow the readers' integers
+            raise ValueError("at least 0.001 (one frame in 1000 s)")
         return value
 
     @model_validator(mode="after")
@@ -143,7 +172,9 @@ class CameraConfig(StrictModel):
 
 class SchedulerConfig(StrictModel):
     max_batch: int = Field(8, ge=1, description="Most frames (from all cameras) in one batch through the chain.")
-    max_wait_ms: float = Field(5.0, ge=0, description="How long a batch waits for more frames once it has one.")
+    max_wait_ms: float = Field(
+        5.0, ge=0, le=10_000, description="How long a batch waits for more frames once it has one."
+    )
 
 
 class PublisherConfig(StrictModel):
@@ -152,7 +183,9 @@ class PublisherConfig(StrictModel):
     queue_size: int = Field(
         10000, ge=1, description="Events waiting for the publisher thread before new ones are dropped."
     )
-    heartbeat_interval: float = Field(1.0, gt=0, description="Seconds between `vigild.sys.heartbeat` messages.")
+    heartbeat_interval: float = Field(
+        1.0, gt=0, le=_HOUR, description="Seconds between `vigild.sys.heartbeat` messages."
+    )
     linger_ms: int = Field(1000, ge=0, description="How long closing waits to flush queued messages.")
     await_subscribers: int = Field(
         0,
@@ -164,8 +197,7 @@ class PublisherConfig(StrictModel):
     await_timeout: float = Field(
         30.0,
         gt=0,
-        le=3600,
-        allow_inf_nan=False,
+        le=_HOUR,
         description="Seconds `await_subscribers` waits before capture starts anyway.",
     )
 
@@ -185,7 +217,10 @@ class ControlConfig(StrictModel):
         "systemd, else ipc://$XDG_RUNTIME_DIR/vigild/control (or /tmp/vigild-<uid>/control), owner-only.",
     )
     timeout: float = Field(
-        10.0, gt=0, description="Seconds a command that needs the scheduler waits for it before answering `busy`."
+        10.0,
+        gt=0,
+        le=_HOUR,
+        description="Seconds a command that needs the scheduler waits for it before answering `busy`.",
     )
 
     @field_validator("endpoint")
@@ -294,14 +329,61 @@ def load_config(file: str | Path, environ: Mapping[str, str] | None = None) -> C
 
 
 def with_camera(config: Config, name: str, camera: dict[str, Any] | None) -> Config:
-    """`config` with camera `name` set to `camera` (raw, as in YAML) or removed (None), validated whole."""
+    """`config` with camera `name` set to `camera` (raw, as a control client sent it: never `${VAR}`-expanded) or
+    removed (None), validated whole. Raises `ControlRefused`, changing nothing, where `camera` names a file."""
     data = copy.deepcopy(config.document.data)
     cameras = data.setdefault("cameras", {})
     if camera is None:
         cameras.pop(name, None)
     else:
+        refused = _admin_only(config, name, camera)
+        if refused:
+            raise ControlRefused(config.file, refused)
         cameras[name] = camera
     return validate_document(YamlDocument(config.file, data, config.document.lines))
+
+
+def _admin_only(config: Config, name: str, camera: dict[str, Any]) -> list[Problem]:
+    """What in a control client's `camera` only the config file may set: a local file as `source`, and a plugin
+    override of one of the plugin's `admin_only_keys` (files it loads). A value the running config already gives
+    this same camera is no new file, so `cameras update` can send an admin-written camera back unchanged.
+    Decided from the keys and the source's form alone: the reply never tells whether a path exists."""
+    old = config.settings.cameras.get(name)
+    path: KeyPath = ("cameras", name)
+    problems = []
+    source = camera.get("source")
+    if isinstance(source, str) and (old is None or source != old.source):
+        try:
+            local = parse_source(source).kind is SourceKind.FILE  # parsing only: no look at the file system
+        except ValueError:
+            local = False  # not a source at all: validation says what was expected
+        if local:
+            problems.append(
+                Problem(
+                    (*path, "source"),
+                    "a local file can be a source only in the config file, not through the control socket "
+                    "(rtsp://, rtsps://, http(s)://, /dev/videoN and test:// can)",
+                )
+            )
+    overrides = camera.get("plugins")
+    if isinstance(overrides, dict):
+        classes = {spec.id: spec.cls for spec in config.chain}
+        for plugin_id, override in overrides.items():
+            cls = classes.get(plugin_id)
+            if cls is None or not isinstance(override, dict):
+                continue  # validation reports an unknown id or a non-mapping
+            before = old.plugins.get(plugin_id, {}) if old is not None else {}
+            for key in sorted(cls.Config.admin_only_keys() & set(override)):
+                if key in before and before[key] == override[key]:
+                    continue
+                problems.append(
+                    Problem(
+                        (*path, "plugins", plugin_id, key),
+                        f"`{key}` names what the plugin loads: it can be set only in the config file, "
+                        "not through the control socket",
+                    )
+                )
+    return problems
 
 
 def validate_document(document: YamlDocument) -> Config:
@@ -429,8 +511,12 @@ def _describe(error: Mapping[str, Any], model: type[BaseModel], loc: tuple[Any, 
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
     given = error.get("input")
-    if given is not None and not isinstance(given, (dict, list)):
+    keys = [part for part in error["loc"] if isinstance(part, str)]
+    secret = bool(keys) and keys[-1] in _SECRET_KEYS
+    if given is not None and not secret and not isinstance(given, (dict, list)):
         shown = json.dumps(given) if isinstance(given, str) else repr(given)
+        if len(shown) > 80:  # a 70,000-character name is not worth repeating
+            shown = f"{shown[:60]}... ({len(shown)} characters)"
         message += f", got {shown}"
     return redact(message)  # a source URI with a password (perhaps from ${VAR}) is shown masked
 
@@ -467,6 +553,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "ControlConfig",
+    "ControlRefused",
     "CurveConfig",
     "DaemonSettings",
     "MetricsConfig",

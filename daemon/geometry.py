@@ -17,7 +17,7 @@ Point = tuple[Annotated[float, Field(ge=0)], Annotated[float, Field(ge=0)]]
 
 
 class _Shape(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     normalized: bool = Field(False, description="Points are fractions (0-1) of the frame's width and height.")
 

@@ -14,8 +14,8 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from pathlib import Path, PurePath
+from typing import Any, ClassVar, Generic, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,17 +23,41 @@ from vigild.events import Event
 from vigild.frame import Frame
 
 PLUGIN_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
+MAX_NAME_LENGTH = 64
+"""Longest camera name, plugin id, zone or line name: each is one segment of an event topic or a metric label."""
 
 
 class PluginConfig(BaseModel):
     """Base of every plugin's config. Subclasses set `type: Literal["name"] = "name"` and their own fields."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    admin_only: ClassVar[frozenset[str]] = frozenset()
+    """Keys that name something the daemon loads or reads (a model, a labels file, a code path): only the config
+    file an administrator writes may set them, never a control client's `cameras add/update`. Fields typed `Path`
+    (or `FilePath`...) count without being listed; list the others (a `str` that may be a file, a back end)."""
 
     type: str
     id: str | None = Field(
-        default=None, pattern=PLUGIN_ID_PATTERN, description="Name used by per-camera overrides; defaults to `type`."
+        default=None,
+        pattern=PLUGIN_ID_PATTERN,
+        max_length=MAX_NAME_LENGTH,
+        description="Name used by per-camera overrides; defaults to `type`.",
     )
+
+    @classmethod
+    def admin_only_keys(cls) -> frozenset[str]:
+        """`admin_only` of this class and its bases, and every field whose type is a path."""
+        declared = frozenset().union(*(getattr(base, "admin_only", frozenset()) for base in cls.__mro__))
+        paths = {name for name, field in cls.model_fields.items() if _mentions_path(field.annotation)}
+        return declared | paths
+
+
+def _mentions_path(annotation: Any) -> bool:
+    """Whether `annotation` is a path type, or holds one (`Path | None`, `list[Path]`...)."""
+    if isinstance(annotation, type) and issubclass(annotation, PurePath):
+        return True
+    return any(_mentions_path(arg) for arg in get_args(annotation))
 
 
 @dataclass(frozen=True)

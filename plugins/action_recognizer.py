@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from vigild.plugins.backends.video_models import (
 
 
 class ActionRecognizerConfig(PluginConfig):
+    admin_only: ClassVar[frozenset[str]] = frozenset({"labels", "model", "weights"})  # TorchScript, state-dict files
     type: Literal["action_recognizer"] = "action_recognizer"
     model: str = Field(
         "r3d_18",
@@ -129,7 +130,9 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
         for key, names in (("actions", c.actions), ("thresholds", list(c.thresholds))):
             unknown = [name for name in names if name not in labels]
             if unknown:
-                raise PluginConfigError(key, f"the model has no label {unknown[0]!r}; it has {', '.join(labels[:20])}")
+                # labels from a file are that file's content: named by count only, whatever file it is
+                has = f"its labels file {c.labels} has {len(labels)}" if c.labels else f"it has {', '.join(labels[:20])}"
+                raise PluginConfigError(key, f"the model has no label {unknown[0]!r}; {has}")
         self.interest = np.array([labels.index(a) for a in c.actions] if c.actions else range(len(labels)), np.int64)
         self.start_at = np.array([c.thresholds.get(labels[i], c.threshold) for i in self.interest], np.float32)
         self.end_below = self.start_at - c.hysteresis

@@ -45,6 +45,7 @@ class ByteTrackConfig(PluginConfig):
     frame_rate: float = Field(
         30.0,
         gt=0,
+        le=1000,
         description="Frames per second this tracker is given (the camera's `fps` limit, if any): a lost track is kept "
         "for track_buffer x frame_rate / 30 processed frames, i.e. the same time at any rate.",
     )

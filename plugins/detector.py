@@ -8,7 +8,7 @@ through OpenCV DNN). A frame that cannot be a model input fails alone; the rest 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 from pydantic import BeforeValidator, Field, FilePath, ValidationInfo, field_validator
@@ -20,7 +20,7 @@ from vigild.letterbox import sort_frames
 from vigild.plugin import FrameErrors, Plugin, PluginConfig, PluginConfigError
 from vigild.plugins.backends.base import DetectorBackend
 
-Size = Annotated[int, Field(gt=0, multiple_of=32)]
+Size = Annotated[int, Field(gt=0, le=8192, multiple_of=32)]
 
 
 def _square(value: object) -> object:
@@ -28,6 +28,7 @@ def _square(value: object) -> object:
 
 
 class DetectorConfig(PluginConfig):
+    admin_only: ClassVar[frozenset[str]] = frozenset({"backend", "cfg", "names", "weights"})  # files it loads
     type: Literal["detector"] = "detector"
     backend: Literal["ultralytics", "darknet"] = "ultralytics"
     cfg: FilePath | None = Field(None, validate_default=True, description="darknet: the network's .cfg file.")
@@ -106,7 +107,8 @@ class Detector(Plugin[DetectorConfig]):
                 config.mask_format,
             )
         if config.classes is not None:
-            backend.class_filter = self._class_ids(config.classes, backend.class_names)
+            names_file = config.names if config.backend == "darknet" else None
+            backend.class_filter = self._class_ids(config.classes, backend.class_names, names_file)
         self.backend = backend
         self.log.info(
             "%s detector %s on %s for %s",
@@ -117,7 +119,8 @@ class Detector(Plugin[DetectorConfig]):
         )
 
     @staticmethod
-    def _class_ids(classes: list[str | int], names: tuple[str, ...]) -> np.ndarray:
+    def _class_ids(classes: list[str | int], names: tuple[str, ...], names_file: Path | None = None) -> np.ndarray:
+        """Ids of `classes` in the model's `names` (read from `names_file`, if any)."""
         ids = []
         for wanted in classes:
             if isinstance(wanted, int):
@@ -128,6 +131,10 @@ class Detector(Plugin[DetectorConfig]):
                 ids.append(wanted)
             elif wanted in names:
                 ids.append(names.index(wanted))
+            elif names_file is not None:  # its lines are a file's content: never shown, whatever file it is
+                raise PluginConfigError(
+                    "classes", f"the model has no class '{wanted}' (its names file {names_file} has {len(names)} names)"
+                )
             else:
                 sample = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
                 raise PluginConfigError("classes", f"the model has no class '{wanted}' (it has: {sample})")

@@ -7,7 +7,7 @@ The class map also stays on the frame (`Frame.segmentation`) for later plugins.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import cv2
 import numpy as np
@@ -21,7 +21,7 @@ from vigild.masks import rle_encode
 from vigild.plugin import FrameErrors, Plugin, PluginConfig, check_torchvision_weights
 from vigild.plugins.backends.segmentation import VOC_CLASSES, ModelName, SemanticBackend, load_torchvision
 
-Side = Annotated[int, Field(gt=0, multiple_of=8)]
+Side = Annotated[int, Field(gt=0, le=8192, multiple_of=8)]
 
 
 def _square(value: object) -> object:
@@ -29,6 +29,7 @@ def _square(value: object) -> object:
 
 
 class SemanticSegmenterConfig(PluginConfig):
+    admin_only: ClassVar[frozenset[str]] = frozenset({"model", "weights"})  # what it loads (a state-dict file)
     type: Literal["semantic_segmenter"] = "semantic_segmenter"
     model: ModelName = "lraspp_mobilenet_v3_large"
     weights: str | None = Field(
