@@ -101,3 +101,44 @@ def test_frame_after_a_reconnect_waits_until_the_outage_is_closed():
     assert (first.frames, first.opened, [n.kind for n in first.closed]) == ([], [], [NoticeKind.DOWN])
     second = exchange.take(8, 0, 1, 0.1)
     assert [n.kind for n in second.opened] == [NoticeKind.UP] and [f.index for f in second.frames] == [6]
+
+
+def test_cameras_added_and_removed_leave_no_state_behind():
+    """Cameras come and go by the thousand (control clients adding and removing them): the exchange keeps nothing
+    of a removed camera once it is forgotten, and a camera added again under the same name starts clean."""
+    exchange = FrameExchange()
+    for i in range(2000):
+        name = f"cam{i}"
+        exchange.admit(name)
+        exchange.put(frame(name, 0))
+        exchange.put(frame(name, 1))  # one drop
+        exchange.notify(Notice(name, NoticeKind.UP, time.time(), 0, {}))
+        exchange.retire(name)
+        assert not exchange.put(frame(name, 2))  # retired: refused until forgotten
+        exchange.forget(name)
+    assert exchange._retired == set() and exchange._frames == {} and not exchange._notices
+    assert exchange.drops == {}
+    exchange.put(frame("cam7", 0))
+    assert exchange.drops["cam7"] == 0 and [f.camera for f in exchange.take(8, 0, 1, 0.1).frames] == ["cam7"]
+
+
+def test_scheduler_forgets_the_cameras_a_new_configuration_drops():
+    """The scheduler's per-camera counts (frames, latency, the last frame for snapshots, down/ended) of cameras
+    that are no longer configured are dropped, so that add/remove cycles never grow them."""
+    from vigild.chain import Chain
+    from vigild.config import PublisherConfig, SchedulerConfig
+    from vigild.publisher import Publisher
+    from vigild.scheduler import Scheduler
+
+    exchange = FrameExchange()
+    publisher = Publisher(PublisherConfig(endpoint="inproc://unused"))  # never started: publish only queues
+    scheduler = Scheduler(SchedulerConfig(), exchange, Chain((), "cpu", {}), publisher, ["a"], lambda: 1, lambda: None)
+    for i in range(500):
+        name = f"cam{i}"
+        scheduler.set_cameras(["a", name])
+        scheduler._process([frame(name, 0), frame("a", i)])
+        scheduler.close_camera(name, "removed")
+        scheduler.set_cameras(["a"])
+    per_camera = (scheduler.processed, scheduler.latest, scheduler.last_latency_s, scheduler._down, scheduler._ended)
+    assert [set(state) - {"a"} for state in per_camera] == [set()] * 5
+    assert scheduler.processed["a"] == 500

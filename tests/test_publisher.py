@@ -184,3 +184,28 @@ def test_a_snapshot_travels_as_a_third_part_to_a_plain_subscriber(endpoint, subs
     assert picture.shape[1::-1] == (described["width"], described["height"]) == (140, 280)
     (after,) = [m for m in messages if m["event"]["type"] == "track.update"]
     assert "snapshot_file" not in after and "snapshot" not in after["event"]
+
+
+def test_a_plugins_data_never_overwrites_the_envelope(endpoint, caplog):
+    """A plugin's event `data` with keys named like envelope fields (seq, id, camera...) cannot forge them: the
+    subscriber sees the publisher's seq and id, the event's own camera, type and frame; the colliding keys are
+    dropped (logged once per type), the others kept."""
+    forged = {key: "forged" for key in ("schema", "seq", "id", "type", "camera", "frame", "ts", "object", "snapshot")}
+    publisher = Publisher(PublisherConfig(endpoint=endpoint))
+    publisher.start()
+    with Subscriber(endpoint) as subscriber:
+        connected(subscriber, publisher)
+        for i in range(2):
+            publisher.publish(Event("zone.count", "door", 1_700_000_000.0, 7, data={**forged, "total": i}))
+        received = [subscriber.receive(timeout=2) for _ in range(2)]
+    publisher.stop()
+    assert all(m is not None for m in received)
+    events = [m.event for m in received]  # type: ignore[union-attr]
+    assert events[1]["seq"] == events[0]["seq"] + 1 and subscriber.missed == 0
+    for i, body in enumerate(events):
+        assert body["schema"] == 1 and body["type"] == "zone.count" and body["camera"] == "door"
+        assert body["frame"] == 7 and body["ts"] == "2023-11-14T22:13:20.000Z" and len(body["id"]) == 32
+        assert "object" not in body and "snapshot" not in body and body["total"] == i
+    assert "forged" not in json.dumps(events)
+    warnings = [r.getMessage() for r in caplog.records if "envelope field" in r.getMessage()]
+    assert len(warnings) == len(forged), warnings  # each key once, not once per event
