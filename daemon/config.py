@@ -495,8 +495,14 @@ def _problems(document: YamlDocument, exc: ValidationError, prefix: KeyPath, mod
             if not (isinstance(part, str) and (part.startswith("function-") or part == "[key]"))
         )
         path = (*prefix, *loc)
-        problems.append(document.problem(path, _describe(error, model, loc)))
+        problem = document.problem(path, _describe(error, model, loc))
+        shown = tuple(_shorten(part) if isinstance(part, str) else part for part in path)  # a 70,000-character name
+        problems.append(Problem(shown, problem.message, problem.line))
     return problems
+
+
+def _shorten(text: str, most: int = 80) -> str:
+    return text if len(text) <= most else f"{text[: most - 20]}... ({len(text)} characters)"
 
 
 def _describe(error: Mapping[str, Any], model: type[BaseModel], loc: tuple[Any, ...]) -> str:
@@ -514,10 +520,7 @@ def _describe(error: Mapping[str, Any], model: type[BaseModel], loc: tuple[Any, 
     keys = [part for part in error["loc"] if isinstance(part, str)]
     secret = bool(keys) and keys[-1] in _SECRET_KEYS
     if given is not None and not secret and not isinstance(given, (dict, list)):
-        shown = json.dumps(given) if isinstance(given, str) else repr(given)
-        if len(shown) > 80:  # a 70,000-character name is not worth repeating
-            shown = f"{shown[:60]}... ({len(shown)} characters)"
-        message += f", got {shown}"
+        message += f", got {_shorten(json.dumps(given) if isinstance(given, str) else repr(given))}"
     return redact(message)  # a source URI with a password (perhaps from ${VAR}) is shown masked
 
 
