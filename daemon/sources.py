@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, unquote_plus, urlsplit, urlunsplit
 
 
 class SourceKind(StrEnum):
@@ -54,16 +54,29 @@ class SourceSpec:
         return self.kind is not SourceKind.FILE
 
 
-_SECRET_QUERY_KEYS = ("password", "passwd", "pass", "pwd", "token", "key", "auth")
-_USERINFO_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:)[^\s@/]+@")
-_QUERY_SECRET = re.compile(r"(?P<head>[?&](?:" + "|".join(_SECRET_QUERY_KEYS) + r")=)[^&#\s]*", re.IGNORECASE)
+_SECRET_KEY_PARTS = ("pass", "pwd", "pw", "token", "secret", "key", "auth", "sig", "cred", "session")
+"""A query or `;` parameter whose (decoded, lower-cased) name contains one of these is masked: `password`, `pw`,
+`access_token`, `api_key`, `apikey`, `sig`, `signature`, `credentials`, `sessionid`, `passphrase`... Over-masking
+a harmless `keyframe=` is the price of never showing a secret."""
+_USERINFO_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/?#@]*:)\S*@")
+"""`scheme://user:` up to the last `@` before whitespace: a password may hold `@`, `/`, `:`, `?` or `#` (unencoded,
+which makes the URI malformed, but the error quoting it must not show it)."""
+_PARAMETER = re.compile(r"(?P<head>[?&;#](?P<key>[^=&;#\s]*)=)(?P<value>[^&;#\s]*)")
+
+
+def _mask_parameter(match: re.Match[str]) -> str:
+    key = unquote_plus(match.group("key")).lower()
+    if any(part in key for part in _SECRET_KEY_PARTS):
+        return match.group("head") + "***"
+    return match.group(0)
 
 
 def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
     """Mask passwords in any text that may contain URIs: `rtsp://user:secret@host` → `rtsp://user:***@host`,
-    `?pwd=secret` → `?pwd=***`, and every literal in `secrets` (a configured password). Never raises."""
+    `?pwd=secret` → `?pwd=***` (any parameter named like a secret, see `_SECRET_KEY_PARTS`), and every literal in
+    `secrets` (a configured password). Never raises."""
     text = _USERINFO_PASSWORD.sub(r"\g<head>***@", text)
-    text = _QUERY_SECRET.sub(r"\g<head>***", text)
+    text = _PARAMETER.sub(_mask_parameter, text)
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***").replace(quote(secret, safe=""), "***")
@@ -107,7 +120,7 @@ def parse_source(source: str, base_dir: Path | None = None) -> SourceSpec:
     if scheme == "file":
         parts = urlsplit(text)
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
-            raise ValueError(f"malformed file URI '{text}'; expected file:///absolute/path")
+            raise ValueError(f"malformed file URI '{_masked_source(text)}'; expected file:///absolute/path")
         return SourceSpec(SourceKind.FILE, unquote(parts.path), text)
     kind = _SCHEMES.get(scheme)
     if kind is None:
@@ -115,26 +128,41 @@ def parse_source(source: str, base_dir: Path | None = None) -> SourceSpec:
     return SourceSpec(kind, _check_url(text, scheme), redact(text))
 
 
+_SOURCE_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/*[^:/?#@]*:")
+
+
+def _masked_source(text: str) -> str:
+    """One source string for an error message: `redact`, and also a password with whitespace in it masked
+    (everything from `scheme://user:` to the string's last `@`)."""
+    head, at = _SOURCE_USERINFO.match(text), text.rfind("@")
+    if head is not None and at >= head.end():
+        text = f"{text[: head.end()]}***{text[at:]}"
+    return redact(text)
+
+
 def _check_url(text: str, scheme: str) -> str:
+    shown = _masked_source(text)
     if not text.lower().startswith(f"{scheme}://"):
-        raise ValueError(f"malformed URI '{redact(text)}'; expected {scheme}://host[:port]/path")
+        raise ValueError(f"malformed URI '{shown}'; expected {scheme}://host[:port]/path")
     if any(c.isspace() for c in text):
-        raise ValueError(f"malformed URI '{redact(text)}': contains whitespace (percent-encode it as %20)")
+        raise ValueError(f"malformed URI '{shown}': contains whitespace (percent-encode it as %20)")
     parts = urlsplit(text)
     try:
         port = parts.port
     except ValueError:
-        raise ValueError(f"malformed URI '{redact(text)}': the port is not a number from 1 to 65535") from None
+        raise ValueError(f"malformed URI '{shown}': the port is not a number from 1 to 65535") from None
     if not parts.hostname:
-        raise ValueError(f"malformed URI '{redact(text)}': no host; expected {scheme}://host[:port]/path")
+        raise ValueError(f"malformed URI '{shown}': no host; expected {scheme}://host[:port]/path")
     if port == 0:
-        raise ValueError(f"malformed URI '{redact(text)}': the port is not a number from 1 to 65535")
+        raise ValueError(f"malformed URI '{shown}': the port is not a number from 1 to 65535")
     return text
 
 
 def _parse_test(text: str) -> SourceSpec:
     parts = urlsplit(text)
     pattern = parts.netloc or parts.path.strip("/") or "balls"
+    if "@" in pattern:
+        raise ValueError("test:// takes no user or password; expected test://<pattern>")
     if pattern not in TEST_PATTERNS:
         raise ValueError(f"unknown test pattern '{pattern}'; expected one of {', '.join(TEST_PATTERNS)}")
     values: dict[str, float] = {}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import daemon_env
 
 from vigild.config import ConfigError, load_config
 from vigild.sources import PatternSpec, SourceKind, parse_source, redact, with_credentials
@@ -119,3 +122,75 @@ def test_relative_file_sources_are_relative_to_the_config_file(tmp_path):
     path = tmp_path / "vigild.yaml"
     path.write_text("cameras:\n  door:\n    source: clips/door.mp4\n")
     assert load_config(path, environ={}).source("door").uri == str(tmp_path / "clips" / "door.mp4")
+
+
+@pytest.mark.parametrize(
+    ("source", "display"),
+    [
+        # a password holding `@` (unencoded): masked up to the last `@` of the authority
+        ("rtsp://admin:p@ss@host/x", "rtsp://admin:***@host/x"),
+        ("rtsp://admin:p@s@s@host:554/x", "rtsp://admin:***@host:554/x"),
+        ("rtsp://admin:pa:ss@host/x", "rtsp://admin:***@host/x"),
+        ("http://u:p%40ss@cam/mjpeg", "http://u:***@cam/mjpeg"),
+        ("rtsp://admin@cam/x", "rtsp://admin@cam/x"),  # a user and no password: nothing to hide
+        # secret query and `;` parameters, by any name that says so, in any case
+        ("rtsp://cam/x?pw=Hunter2", "rtsp://cam/x?pw=***"),
+        ("rtsp://cam/x?user=a&access_token=Hunter2", "rtsp://cam/x?user=a&access_token=***"),
+        ("https://cdn/live.m3u8?api_key=Hunter2&apikey=Hunter2", "https://cdn/live.m3u8?api_key=***&apikey=***"),
+        ("https://cdn/x?sig=Hunter2&signature=Hunter2&X-Amz-Signature=Hunter2", "https://cdn/x?sig=***&signature=***&X-Amz-Signature=***"),
+        ("rtsp://cam/x?secret=Hunter2&credentials=Hunter2&credential=Hunter2", "rtsp://cam/x?secret=***&credentials=***&credential=***"),
+        ("rtsp://cam/x?session=Hunter2&SessionID=Hunter2&passphrase=Hunter2", "rtsp://cam/x?session=***&SessionID=***&passphrase=***"),
+        ("rtsp://cam/x?PASSWORD=Hunter2&Token=Hunter2&AUTH=Hunter2", "rtsp://cam/x?PASSWORD=***&Token=***&AUTH=***"),
+        ("rtsp://cam/x;password=Hunter2;channel=1", "rtsp://cam/x;password=***;channel=1"),
+        ("rtsp://cam/x?channel=1;auth_key=Hunter2", "rtsp://cam/x?channel=1;auth_key=***"),
+        ("rtsp://cam/x?pass%77ord=Hunter2", "rtsp://cam/x?pass%77ord=***"),  # a percent-encoded name is still a name
+        ("https://cdn/x#access_token=Hunter2", "https://cdn/x#access_token=***"),
+        ("rtsp://cam/x?channel=1&subtype=0", "rtsp://cam/x?channel=1&subtype=0"),  # harmless names are shown
+    ],
+)
+def test_display_masks_every_password_and_secret_parameter(source, display):
+    assert parse_source(source).display == display
+    assert redact(source) == display  # the same for any text (an error, a log line) that quotes the URI
+
+
+@pytest.mark.parametrize("password", ["pa/ss", "pa?ss", "pa#ss", "pa ss", "p@s/s", "54/ss"])
+def test_malformed_uri_errors_never_echo_a_password(password):
+    """A `/`, `?`, `#` or space in a password (not percent-encoded) breaks the URI; the error saying so, and any text
+    quoting the URI, must not show the password (or part of it)."""
+    source = f"rtsp://admin:{password}@host/x"
+    try:
+        shown = parse_source(source).display  # "54/ss": host `admin`, port 54, path `/ss@host/x`: valid, but masked
+    except ValueError as exc:
+        shown = str(exc)
+        assert shown.startswith("malformed URI 'rtsp://admin:***@host/x'"), shown
+    assert "admin:***@host/x" in shown, shown
+    assert "ss" not in shown.replace("rtsp", ""), shown
+    if " " not in password:  # (such a source is refused at load, so no back end ever quotes it)
+        assert "ss" not in redact(f"could not open {source}: 401").replace("rtsp", "")
+
+
+def test_other_malformed_sources_never_echo_a_password():
+    for source in ("rtsp:/admin:Hunter2@host", "rtsp:admin:Hunter2@host", "file://u:Hunter2@host/a.mp4", "test://u:Hunter2@balls"):
+        with pytest.raises(ValueError) as info:
+            parse_source(source)
+        assert "Hunter2" not in str(info.value), str(info.value)
+
+
+def test_vigild_check_shows_sources_masked(tmp_path):
+    path = tmp_path / "vigild.yaml"
+    path.write_text(
+        "cameras:\n"
+        "  door:\n    source: rtsp://admin:p@ss@door.example:554/x?channel=1&api_key=K3yZ\n"
+        "  yard:\n    source: rtsp://yard.example/live;password=Yard5ecret\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "vigild", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=daemon_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "  door: rtsp rtsp://admin:***@door.example:554/x?channel=1&api_key=*** via" in result.stdout, result.stdout
+    assert "  yard: rtsp rtsp://yard.example/live;password=*** via" in result.stdout, result.stdout
+    assert "K3yZ" not in result.stdout and "Yard5ecret" not in result.stdout and "@ss" not in result.stdout
