@@ -219,6 +219,7 @@ def test_through_the_control_socket_a_crafted_model_is_never_loaded_and_no_file_
         for key, override in attempts.items():
             camera = {"source": "test://smpte?width=64&height=48&fps=5", "plugins": {"detector": override}}
             reply = control(service.control_endpoint, "cameras", action="add", camera="b", config=camera)
+            assert not marker.exists(), "the crafted weights were unpickled"
             assert not reply["ok"] and reply["error"]["code"] == "forbidden", reply
             assert f"cameras.b.plugins.detector.{key}" in reply["error"]["message"], reply
             assert "root:" not in json.dumps(reply) and "nologin" not in json.dumps(reply), reply
