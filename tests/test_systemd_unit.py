@@ -232,6 +232,7 @@ class ServiceRoot:
 
     def __init__(self, tmp_path: Path, prefix: str = "/opt/vigild"):
         self.root = tmp_path / "root"
+        self.prefix = Path(prefix)
         result = _install("--destdir", str(self.root), "--no-venv", "--prefix", prefix, cwd=tmp_path)
         assert result.returncode == 0, result.stdout + result.stderr
         self.unit = parse_unit((self.root / "etc/systemd/system/vigild.service").read_text())
@@ -370,69 +371,223 @@ def test_timeout_stop_outlasts_the_daemons_own_stop_bound(tmp_path: Path) -> Non
     assert seconds(one(staged.service, "TimeoutStopSec")) > bound
 
 
+class UnitProcess:
+    """The daemon started as ExecStart= says, in the staged root, with what systemd would give it."""
+
+    def __init__(self, tmp_path: Path, staged: ServiceRoot):
+        self.staged = staged
+        service = staged.service
+        assert one(service, "Type") == "notify"
+        argv = shlex.split(one(service, "ExecStart"))
+        # a console script of the package, in the venv the install script makes (PREFIX/.venv, its --help says)
+        scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+        assert Path(argv[0]).parent == staged.prefix / ".venv" / "bin"
+        assert scripts.get(Path(argv[0]).name) == "vigild.cli:main"
+        vigild = Path(sys.executable).parent / Path(argv[0]).name  # the same console script, installed here
+        assert vigild.is_file()
+        config_argument = argv[argv.index("--config") + 1]
+        self.config = staged.path(config_argument)
+        assert self.config.is_file(), "ExecStart's --config is not the file the install script installs"
+        for directory in staged.directories().values():
+            staged.path(directory).mkdir(parents=True, exist_ok=True)
+        self.runtime = staged.path(staged.directories()["RUNTIME_DIRECTORY"])
+        self.runtime.chmod(int(one(service, "RuntimeDirectoryMode"), 8))
+        self.notify = CredentialedNotifySocket(tmp_path / "notify")
+        env = staged.environment(tmp_path / "notify", {"VIGILD_PUB": free_endpoint()})
+        self.log_path = tmp_path / "daemon.log"
+        self._log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [str(vigild), *(str(self.config) if a == config_argument else a for a in argv[1:])],
+            env=env,
+            cwd=staged.path(one(service, "WorkingDirectory")),
+            stderr=self._log,
+        )
+
+    def reload(self) -> None:
+        """ExecReload=, as `systemctl reload` runs it."""
+        command = shlex.split(one(self.staged.service, "ExecReload").replace("$MAINPID", str(self.process.pid)))
+        assert subprocess.run(command, timeout=30).returncode == 0
+
+    def stop(self) -> int:
+        """KillSignal=, then the exit status within TimeoutStopSec=."""
+        kill = one(self.staged.service, "KillSignal")
+        self.process.send_signal(signal.Signals[kill if kill.startswith("SIG") else f"SIG{kill}"])
+        return self.process.wait(seconds(one(self.staged.service, "TimeoutStopSec")))
+
+    def log_text(self) -> str:
+        return self.log_path.read_text()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+        self.notify.close()
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    return dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+
+
 @pytest.mark.e2e
 def test_the_unit_runs_the_installed_daemon_as_systemd_would(tmp_path: Path) -> None:
     """ExecStart= names the console script the install script's venv gets and the config it stages; the daemon
     started that way reports READY=1 from its main process (Type=notify, NotifyAccess=main), pings the watchdog
-    within WatchdogSec=, keeps its control socket in $RUNTIME_DIRECTORY, reloads on ExecReload=, and stops cleanly
-    on KillSignal= before TimeoutStopSec= would kill it."""
-    prefix = "/srv/vigild-test"
-    staged = ServiceRoot(tmp_path, prefix)
+    within WatchdogSec=, keeps its control socket in $RUNTIME_DIRECTORY, stays within the unit's TasksMax= and
+    MemoryHigh=, reloads on ExecReload=, and stops cleanly on KillSignal= before TimeoutStopSec= would kill it."""
+    staged = ServiceRoot(tmp_path, "/srv/vigild-test")
     service = staged.service
-    assert one(service, "Type") == "notify"
-    argv = shlex.split(one(service, "ExecStart"))
-    # a console script of the package, in the venv the install script makes (PREFIX/.venv, its --help says)
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert Path(argv[0]).parent == Path(prefix, ".venv", "bin") and scripts.get(Path(argv[0]).name) == "vigild.cli:main"
-    vigild = Path(sys.executable).parent / Path(argv[0]).name  # the same console script, installed here
-    assert vigild.is_file()
-    config_argument = argv[argv.index("--config") + 1]
-    config = staged.path(config_argument)
-    assert config.is_file(), "ExecStart's --config is not the file the install script installs"
-    for directory in staged.directories().values():
-        staged.path(directory).mkdir(parents=True, exist_ok=True)
-    runtime = staged.path(staged.directories()["RUNTIME_DIRECTORY"])
-    runtime.chmod(int(one(service, "RuntimeDirectoryMode"), 8))
-    notify = CredentialedNotifySocket(tmp_path / "notify")
-    env = staged.environment(tmp_path / "notify", {"VIGILD_PUB": free_endpoint()})
-    log = (tmp_path / "daemon.log").open("w")
-    process = subprocess.Popen(
-        [str(vigild), *(str(config) if argument == config_argument else argument for argument in argv[1:])],
-        env=env,
-        cwd=staged.path(one(service, "WorkingDirectory")),
-        stderr=log,
-    )
+    unit = UnitProcess(tmp_path, staged)
+    process, notify = unit.process, unit.notify
     try:
-        start_s = seconds(one(service, "TimeoutStartSec"))
-        got = notify.wait_for("READY=1", start_s)
-        watchdog_s = seconds(one(service, "WatchdogSec"))
-        got += notify.wait_for("WATCHDOG=1", watchdog_s)
+        got = notify.wait_for("READY=1", seconds(one(service, "TimeoutStartSec")))
+        got += notify.wait_for("WATCHDOG=1", seconds(one(service, "WatchdogSec")))
         # the control socket where the daemon's default puts it, in a directory only the service user enters
-        assert (runtime / "control").is_socket()
-        assert runtime.stat().st_mode & 0o077 == 0
+        assert (unit.runtime / "control").is_socket()
+        assert unit.runtime.stat().st_mode & 0o077 == 0
+        # running, the daemon is well inside the cgroup limits (no child processes: its threads are its tasks)
+        status = proc_status(process.pid)
+        assert int(status["Threads"]) * 4 < int(one(service, "TasksMax"))
+        assert int(status["VmHWM"].split()[0]) * 1024 * 4 < size(one(service, "MemoryHigh"))
 
-        reload = shlex.split(one(service, "ExecReload").replace("$MAINPID", str(process.pid)))
-        assert subprocess.run(reload, timeout=30).returncode == 0
+        unit.reload()
         got += notify.wait_for("RELOADING=1", 30)
         got += notify.wait_for("READY=1", 30)
-
-        kill = one(service, "KillSignal")
-        process.send_signal(signal.Signals[kill if kill.startswith("SIG") else f"SIG{kill}"])
-        code = process.wait(seconds(one(service, "TimeoutStopSec")))
+        code = unit.stop()
         got += notify.wait_for("STOPPING=1", 5)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        log.close()
-        notify.close()
-    text = (tmp_path / "daemon.log").read_text()
+        unit.close()
+    text = unit.log_text()
     assert code == 0, text[-3000:]
     assert "reloading" in text, text[-3000:]
     senders = {pid for pid, _ in got}
     assert senders == {process.pid}, f"notifications from {senders}, main process {process.pid} (NotifyAccess=main)"
     # the daemon wrote nothing into the read-only configuration directory
-    assert sorted(p.name for p in config.parent.iterdir()) == [config.name]
+    assert sorted(p.name for p in unit.config.parent.iterdir()) == [unit.config.name]
+
+
+@pytest.mark.e2e
+def test_a_reload_with_a_broken_config_leaves_the_unit_running(tmp_path: Path) -> None:
+    """What the unit says of ExecReload=: a config that cannot even be decoded (one Latin-1 byte) is refused and
+    logged, the daemon goes on with the previous config (it still pings the watchdog) and stops cleanly later."""
+    staged = ServiceRoot(tmp_path)
+    unit = UnitProcess(tmp_path, staged)
+    try:
+        unit.notify.wait_for("READY=1", seconds(one(staged.service, "TimeoutStartSec")))
+        unit.config.write_bytes(unit.config.read_bytes() + b"# caf\xe9\n")
+        unit.reload()
+        unit.notify.wait_for("RELOADING=1", 30)
+        deadline = time.monotonic() + 60
+        while "still running the previous config" not in unit.log_text() and unit.process.poll() is None:
+            assert time.monotonic() < deadline, unit.log_text()[-3000:]
+            time.sleep(0.1)
+        assert unit.process.poll() is None, f"the daemon exited on a reload:\n{unit.log_text()[-3000:]}"
+        unit.notify.wait_for("WATCHDOG=1", seconds(one(staged.service, "WatchdogSec")))
+        code = unit.stop()
+    finally:
+        unit.close()
+    assert code == 0, unit.log_text()[-3000:]
+    assert "Traceback" not in unit.log_text()
+
+
+def size(value: str) -> int:
+    """A systemd byte size ("16G", "512M", "1024") in bytes (base 1024, as systemd reads it)."""
+    match = re.fullmatch(r"(\d+)([KMGT]?)", value)
+    assert match, f"not an absolute byte size: {value!r}"
+    return int(match[1]) * 1024 ** "_KMGT".index(match[2] or "_")
+
+
+def test_resource_limits_bound_the_daemon_and_kill_before_the_host_runs_out(service: dict[str, list[str]]) -> None:
+    """A runaway daemon (a leak, a flood of requests, a compromised process forking) is throttled at MemoryHigh=,
+    killed at MemoryMax= (below it, so throttling comes first), and cannot have more than TasksMax= tasks. How much a
+    running daemon takes compared to these is checked in the test above."""
+    high, limit = size(one(service, "MemoryHigh")), size(one(service, "MemoryMax"))
+    assert 0 < high < limit
+    assert one(service, "TasksMax").isdigit()
+    assert one(service, "Restart") == "on-failure"  # a kill at MemoryMax= (SIGKILL) is a failure: it is restarted
+
+
+# systemd.resource-control(5), "Special address/network names"
+SYMBOLIC = {
+    "any": ["0.0.0.0/0", "::/0"],
+    "localhost": ["127.0.0.0/8", "::1/128"],
+    "link-local": ["169.254.0.0/16", "fe80::/64"],
+    "multicast": ["224.0.0.0/4", "ff00::/8"],
+}
+
+
+def ip_allowed(service: dict[str, list[str]], address: str) -> bool:
+    """systemd's rule: allowed if on IPAddressAllow=, else denied if on IPAddressDeny=, else allowed."""
+
+    def networks(key: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        entries = [entry for value in effective(service.get(key, [])) for entry in value.split()]
+        return [ipaddress.ip_network(net) for entry in entries for net in SYMBOLIC.get(entry, [entry])]
+
+    ip = ipaddress.ip_address(address)
+    if any(ip in net for net in networks("IPAddressAllow")):
+        return True
+    return not any(ip in net for net in networks("IPAddressDeny"))
+
+
+def test_address_policy_lets_local_networks_through_and_keeps_public_ones_out(service: dict[str, list[str]]) -> None:
+    """Loopback (the default publisher, metrics and any tcp:// control endpoint), LAN cameras and clients (RFC 1918,
+    IPv6 unique-local and link-local) and multicast RTP are reachable; a public address is not, so a compromised
+    daemon cannot send what it sees, or fetch code, anywhere on the internet."""
+    from vigild.config import MetricsConfig, PublisherConfig
+
+    publisher_host = PublisherConfig().endpoint.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+    local = [publisher_host, MetricsConfig().address, "127.0.0.1", "::1", "192.168.1.64", "10.20.30.40",
+             "172.16.5.9", "172.31.255.1", "169.254.10.1", "fd12:3456::1", "fe80::1:2", "239.255.0.1"]  # fmt: skip
+    public = ["8.8.8.8", "1.1.1.1", "203.0.113.7", "172.32.0.1", "2606:4700:4700::1111", "2001:db8::1"]
+    assert [a for a in local if not ip_allowed(service, a)] == []
+    assert [a for a in public if ip_allowed(service, a)] == []
+
+
+@pytest.mark.e2e
+def test_the_units_environment_refuses_a_crafted_checkpoint_and_loads_a_real_one(tmp_path: Path) -> None:
+    """With the unit's Environment= (ULTRALYTICS_SAFE_LOAD), the detector's loader refuses a .pt that is a pickle
+    running a command, and the command does not run; a genuine ultralytics checkpoint still loads. Without it, the
+    same file runs its command (what the setting prevents)."""
+    staged = ServiceRoot(tmp_path)
+    for directory in staged.directories().values():
+        staged.path(directory).mkdir(parents=True, exist_ok=True)
+    env = staged.environment(tmp_path / "notify", {})
+    ran = tmp_path / "ran"
+    make = f"""
+import os, pickle
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch {ran}",))
+with open("{tmp_path}/crafted.pt", "wb") as file:
+    pickle.dump({{"model": Payload(), "train_args": {{}}}}, file)
+from ultralytics import YOLO
+YOLO("yolov8n.yaml").save("{tmp_path}/real.pt")
+"""
+    load = """
+import sys
+from vigild.plugins.backends.yolo import UltralyticsBackend
+try:
+    backend = UltralyticsBackend.load(sys.argv[1], None, 0.25, 0.45, "cpu", False)
+except Exception as exc:
+    print("refused:", type(exc).__name__, exc)
+else:
+    print("loaded:", backend.task)
+"""
+
+    def run(code: str, *args: str, environment: dict[str, str]) -> str:
+        done = subprocess.run([sys.executable, "-c", code, *args], env=environment, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    run(make, environment=env)
+    assert not ran.exists()
+    assert "loaded: detect" in run(load, f"{tmp_path}/real.pt", environment=env)
+    assert "refused:" in run(load, f"{tmp_path}/crafted.pt", environment=env)
+    assert not ran.exists(), "the crafted checkpoint ran its command under the unit's environment"
+    unsafe = {key: value for key, value in env.items() if key != "ULTRALYTICS_SAFE_LOAD"}
+    run(load, f"{tmp_path}/crafted.pt", environment=unsafe)
+    assert ran.exists(), "the crafted file did not run its command even without safe loading: the test shows nothing"
 
 
 # --- scripts/install-service.sh ---------------------------------------------------------------------------------------
