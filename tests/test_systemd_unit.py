@@ -27,11 +27,13 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from pathlib import Path
 
 import pytest
+import zmq.auth
 from conftest import free_endpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -664,3 +666,62 @@ def test_install_script_refuses_bad_arguments(tmp_path: Path, args: list[str], m
     assert result.returncode != 0
     assert message in result.stderr
     assert not (tmp_path / "stage").exists()
+
+
+# --- docs/service.md --------------------------------------------------------------------------------------------------
+
+SERVICE_DOC = ROOT / "docs" / "service.md"
+
+
+def documented_block(heading: str, index: int = 0) -> str:
+    """The `index`-th ```sh block under `heading` in docs/service.md."""
+    section = SERVICE_DOC.read_text().split(f"\n{heading}\n", 1)[1].split("\n#", 1)[0]
+    return re.findall(r"```sh\n(.*?)```", section, re.S)[index]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the documented commands as root and reads as other users")
+def test_documented_key_commands_let_the_service_user_read_the_secret_and_nobody_else() -> None:
+    """The commands docs/service.md gives root for the CURVE keys, run under a temporary /etc with numeric ids for the
+    group vigild: a process with the unit's User=/Group= (a uid of its own, primary group vigild) can list the key
+    directories and read the server's secret key and the authorised client's public key (what the daemon loads); a
+    process of another user can do none of it. Root owns everything, so the daemon cannot change its keys."""
+    service_uid, vigild_gid, other = 64101, 64102, 64103  # ids no account here uses: only the numbers matter
+    root = Path(
+        tempfile.mkdtemp(prefix="vigild-keys-")
+    )  # not under pytest's owner-only directory: others must reach it
+    try:
+        root.chmod(0o755)
+        etc = root / "etc"
+        etc.mkdir()
+        commands = documented_block("### CURVE keys") + documented_block("### CURVE keys", 1)
+        assert "/etc/vigild/keys" in commands and "vigild keygen" in commands
+        commands = commands.replace("/opt/vigild/.venv/bin/vigild", str(Path(sys.executable).parent / "vigild"))
+        commands = commands.replace("/etc/", f"{etc}/").replace("systemctl reload vigild", "true")
+        commands = re.sub(r"(-g |chgrp |:)vigild\b", rf"\g<1>{vigild_gid}", commands)
+        client = root / "client"
+        keygen = [sys.executable, "-m", "vigild", "keygen", "alice", "--dir", str(client)]
+        subprocess.run(keygen, check=True, capture_output=True, timeout=60)
+        done = subprocess.run(["bash", "-euxc", commands], cwd=client, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+
+        keys, authorised = etc / "vigild/keys", etc / "vigild/authorized_keys"
+        secret = keys / "server.key_secret"
+        assert zmq.auth.load_certificate(secret)[1] is not None
+        assert (
+            zmq.auth.load_certificate(authorised / "alice.key")[0] == zmq.auth.load_certificate(client / "alice.key")[0]
+        )
+
+        def as_user(uid: int, gid: int, *argv: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(argv, user=uid, group=gid, extra_groups=[gid], capture_output=True, text=True,
+                                  timeout=60)  # fmt: skip
+
+        for argv in (["cat", str(secret)], ["cat", str(authorised / "alice.key")], ["ls", str(keys), str(authorised)]):
+            service = as_user(service_uid, vigild_gid, *argv)
+            assert service.returncode == 0, f"the service user cannot run {argv}: {service.stderr}"
+            stranger = as_user(other, other, *argv)
+            assert stranger.returncode != 0 and "Permission denied" in stranger.stderr, f"another user ran {argv}"
+        assert secret.read_text() in as_user(service_uid, vigild_gid, "cat", str(secret)).stdout
+        for path in (keys, secret, authorised, authorised / "alice.key"):
+            assert path.stat().st_uid == 0 and path.stat().st_mode & 0o022 == 0, f"{path} is not root's alone to change"
+    finally:
+        shutil.rmtree(root)
