@@ -157,8 +157,18 @@ def _run(config: Config, log_level: str) -> int:
             reload_requested.clear()
             try:
                 daemon.reload()
-            except (ConfigError, PluginStartError, CommandError) as exc:
+            except (ConfigError, CommandError):
+                pass  # Daemon.reload logged why, once
+            except PluginStartError as exc:
                 log.error("reload failed, still running the previous config: %s", exc)
+            except Exception as exc:  # (a plugin's validator, a bug): a reload must never end the daemon
+                log.error(
+                    "reload failed, still running the previous config: %s: %s: %s",
+                    config.file,
+                    type(exc).__name__,
+                    exc,
+                    exc_info=log.isEnabledFor(logging.DEBUG),
+                )
     daemon.stop()
     return EXIT_OK
 

@@ -38,8 +38,10 @@ class OpenCVReader(FrameReader):
         if self.spec.kind is SourceKind.V4L2:
             self._capture = cv2.VideoCapture(self.spec.uri, cv2.CAP_V4L2)
         else:
-            password = self.config.password.get_secret_value() if self.config.password else None
-            uri = with_credentials(self.spec.uri, self.config.username, password)
+            uri = self.spec.uri
+            if self.spec.kind in (SourceKind.RTSP, SourceKind.HTTP):  # a file path has no place for credentials
+                password = self.config.password.get_secret_value() if self.config.password else None
+                uri = with_credentials(uri, self.config.username, password)
             self._capture = cv2.VideoCapture(uri, cv2.CAP_FFMPEG, params)
         if not self._capture.isOpened():
             raise SourceError(f"OpenCV cannot open {self.spec.display}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,31 +63,133 @@ class YamlDocument:
         return Problem(tuple(path), message, self.line_of(path))
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys instead of silently keeping the last one."""
+MAX_FILE_BYTES = 4 * 1024 * 1024
+"""A config is a few kilobytes; a bigger file is a mistake (or an attack), refused before it is read."""
+MAX_DEPTH = 64
+"""Collections nested deeper than this (also through aliases) are refused: every later walk over the data recurses."""
+MAX_ALIASED_NODES = 100_000
+"""Keys and values that aliases (`*x`, `<<: *x`) expand to, in all: bounds a "billion laughs" alias bomb, which grows
+tenfold a level, while leaving room for defaults merged into hundreds of cameras."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that bounds what a document can make the later walks over its data do: nesting deeper than
+    `MAX_DEPTH` (the composer and every walk recurse per level), aliases expanding to more than `MAX_ALIASED_NODES`
+    values, an alias to a collection from inside itself. Each is refused at the line of the alias or collection.
+    A scalar it cannot construct (a 5,000-digit int, month 13) is a YAML error at its line, not a ValueError."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._open_anchors: list[str | None] = []
+        """Anchors of the collections being composed, one entry per level (None where there is no anchor)."""
+        self._size: dict[int, int] = {}
+        self._height: dict[int, int] = {}
+        """Per composed node (by id; all stay alive in the tree): values and levels once aliases are expanded."""
+        self._aliased = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open_anchors:
+                raise self._refuse(f"alias *{event.anchor} refers to a collection that contains it", event)
+            node = super().compose_node(parent, index)
+            self._aliased += self._size[id(node)]
+            if self._aliased > MAX_ALIASED_NODES:
+                raise self._refuse(f"aliases expand to more than {MAX_ALIASED_NODES} values", event)
+            if len(self._open_anchors) + self._height[id(node)] > MAX_DEPTH:
+                raise self._refuse(f"nested more than {MAX_DEPTH} levels deep (through alias *{event.anchor})", event)
+            return node
+        if len(self._open_anchors) >= MAX_DEPTH:
+            raise self._refuse(f"nested more than {MAX_DEPTH} levels deep", event)
+        self._open_anchors.append(event.anchor)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._open_anchors.pop()
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        self._size[id(node)] = 1 + sum(self._size[id(child)] for child in children)
+        self._height[id(node)] = 1 + max((self._height[id(child)] for child in children), default=0)
+        return node
+
+    @staticmethod
+    def _refuse(problem: str, event: yaml.Event) -> yaml.composer.ComposerError:
+        mark: Any = event.start_mark  # (the stubs allow libyaml's Mark here, which the pure-Python parser never makes)
+        return yaml.composer.ComposerError(None, None, problem, mark)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read this {node.tag.rpartition(':')[2]} value: {str(exc).partition(';')[0]}", node.start_mark
+            ) from None
+
+
+def _read_config_bytes(path: Path) -> bytes:
+    """The file's bytes, or ConfigError; never blocks on a FIFO or device and never reads more than the cap."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(path, [Problem((), f"cannot read config file: {exc.strerror or exc}")]) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a device, FIFO or socket"
+            raise ConfigError(path, [Problem((), f"cannot read config file: {kind}, expected a regular file")])
+        with os.fdopen(os.dup(fd), "rb") as file:
+            data = file.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(path, [Problem((), f"cannot read config file: {exc.strerror or exc}")]) from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(path, [Problem((), f"config file larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB")])
+    return data
+
+
+def _decode(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - line_start + 1
+        message = f"not UTF-8: byte 0x{data[exc.start]:02x} at column {column}; save the file as UTF-8"
+        raise ConfigError(path, [Problem((), message, line)]) from None
 
 
 def load_yaml(file: str | Path, text: str | None = None) -> YamlDocument:
+    """Parse a config file (or `text`, said to come from `file`) into data and the line of every key.
+
+    A hostile or broken file is a ConfigError naming the line where it can: not a regular file, over
+    `MAX_FILE_BYTES`, not UTF-8, nested deeper than `MAX_DEPTH`, more than `MAX_ALIASED_NODES` through aliases."""
     path = Path(file)
     if text is None:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(path, [Problem((), f"cannot read config file: {exc.strerror or exc}")]) from None
-    loader = _UniqueKeyLoader(text)
+        text = _decode(path, _read_config_bytes(path))
+    loader: _Loader | None = None
     try:
+        loader = _Loader(text)  # (checks every character: a ReaderError)
         node = loader.get_single_node()
         lines: dict[KeyPath, int] = {}
         if node is not None:
-            _index_lines(node, (), lines)
+            _index_lines(node, (), lines)  # recursive: the loader bounded the depth
         data = loader.construct_document(node) if node is not None else None
+    except yaml.reader.ReaderError as exc:
+        what = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
+        problem = Problem((), f"malformed YAML: character {what}: {exc.reason}", text.count("\n", 0, exc.position) + 1)
+        raise ConfigError(path, [problem]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         reason = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(path, [Problem((), f"malformed YAML: {reason}", line)]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return YamlDocument(path, data, lines)
 
 

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import daemon_env
+from conftest import VTEST, daemon_env
 
+from vigild.capture import make_reader
 from vigild.config import ConfigError, load_config
 from vigild.sources import PatternSpec, SourceKind, parse_source, redact, with_credentials
 
@@ -194,3 +195,21 @@ def test_vigild_check_shows_sources_masked(tmp_path):
     assert "  door: rtsp rtsp://admin:***@door.example:554/x?channel=1&api_key=*** via" in result.stdout, result.stdout
     assert "  yard: rtsp rtsp://yard.example/live;password=*** via" in result.stdout, result.stdout
     assert "K3yZ" not in result.stdout and "Yard5ecret" not in result.stdout and "@ss" not in result.stdout
+
+
+def test_opencv_opens_a_file_camera_that_has_credentials(tmp_path):
+    """`username`/`password` are for streams: the OpenCV back end must not write them into a file path (it did,
+    and such a camera never opened). Read through the back end the daemon uses, on a real file."""
+    path = tmp_path / "vigild.yaml"
+    path.write_text(
+        f"cameras:\n  door:\n    source: {VTEST}\n    backend: opencv\n    realtime: false\n"
+        "    username: viewer\n    password: s3cret\n"
+    )
+    config = load_config(path, environ={})
+    reader = make_reader("door", config.settings.cameras["door"], config.source("door"), "opencv")
+    try:
+        reader.open()
+        frame = reader.read(timeout=10)
+    finally:
+        reader.close()
+    assert frame is not None and frame.image.shape == (576, 768, 3)
