@@ -8,8 +8,11 @@ the user vigild need not exist for them. verify exits 0 on a misspelt or unparsa
 
 The other tests check what the unit's settings do rather than repeat its values: the daemon started as the unit
 says (ExecStart=, Environment=, the directories, the notify socket and watchdog systemd would give it) becomes
-ready, pings, reloads on ExecReload= and stops cleanly on KillSignal=; what the daemon writes by default, computed by
-its own code, is writable under ProtectSystem=strict; the sysusers file makes every user and group the unit names.
+ready, pings, reloads on ExecReload= (and survives reloading a broken file) and stops cleanly on KillSignal=; what the
+daemon writes by default, computed by its own code, is writable under ProtectSystem=strict; the sysusers file makes
+every user and group the unit names; the unit's environment makes the detector refuse a crafted pickle; the address
+policy, read by systemd's rule, keeps public addresses out; the key commands docs/service.md gives leave the secret
+readable by the service user alone.
 The sandbox itself (seccomp, namespaces, DeviceAllow=) needs the manager and is only scored by systemd-analyze; that
 MemoryDenyWriteExecute= must stay off for CUDA's JIT is the unit's claim, not tested: no CUDA code has run.
 """
