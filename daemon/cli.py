@@ -110,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"vigild: config error: {str(exc).replace(chr(10), chr(10) + 'vigild: config error: ')}", file=sys.stderr)
         return EXIT_CONFIG
+    except Exception as exc:  # a plugin's config model with a bug (pydantic passes on all but ValueError, AssertionError)
+        print(f"vigild: config error: {args.config}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     if args.command == "check":
         plugins = ", ".join(f"{spec.id} ({spec.config.type})" for spec in config.chain) or "none"
         print(f"{config.file}: ok: {len(config.cameras)} camera(s) [{', '.join(config.cameras)}], plugins: {plugins}")

@@ -95,14 +95,15 @@ HOSTILE: list[tuple[Callable[[Path], None], int | None, str]] = [
 ]
 
 
-def check(path: Path | str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """`vigild check` as a user runs it; the timeout only keeps a hang from holding the suite (it fails the test)."""
+def check(path: Path | str, command: str = "check", **env: str) -> subprocess.CompletedProcess[str]:
+    """`vigild check` (or `run`) as a user runs it; the timeout only keeps a hang from holding the suite (it fails
+    the test)."""
     return subprocess.run(
-        [sys.executable, "-m", "vigild", "check", "--config", str(path)],
+        [sys.executable, "-m", "vigild", command, "--config", str(path)],
         capture_output=True,
         text=True,
-        timeout=timeout,
-        env=daemon_env(),
+        timeout=60,
+        env=daemon_env(**env),
     )
 
 
@@ -142,6 +143,24 @@ def test_check_refuses_what_is_not_a_regular_file_without_blocking(tmp_path):
     for path, kind in ((fifo, "a device, FIFO or socket"), ("/dev/zero", "a device, FIFO or socket"), (folder, "a directory")):
         message = f"(top level): cannot read config file: {kind}, expected a regular file"
         assert_refused(check(path), path, None, message)
+
+
+def test_run_refuses_a_hostile_file_the_same_way(tmp_path):
+    path = tmp_path / "vigild.yaml"
+    latin1_byte(path)
+    assert_refused(check(path, "run"), path, 3, "not UTF-8: byte 0xe9 at column 21")
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    assert_refused(check(fifo, "run"), fifo, None, "cannot read config file: a device, FIFO or socket")
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_a_plugin_validator_bug_is_a_config_error_not_a_traceback(tmp_path, command):
+    install_buggy_plugin(tmp_path / "site")
+    path = tmp_path / "vigild.yaml"
+    path.write_text(VALID + "plugins:\n  - type: buggy\n    explode: true\n")
+    result = check(path, command, PYTHONPATH=str(tmp_path / "site"))
+    assert_refused(result, path, None, f"{path}: RuntimeError: a bug in the plugin's validator")
 
 
 def test_what_aliases_and_anchors_are_for_still_works(tmp_path):
