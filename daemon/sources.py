@@ -58,10 +58,21 @@ _SECRET_KEY_PARTS = ("pass", "pwd", "pw", "token", "secret", "key", "auth", "sig
 """A query or `;` parameter whose (decoded, lower-cased) name contains one of these is masked: `password`, `pw`,
 `access_token`, `api_key`, `apikey`, `sig`, `signature`, `credentials`, `sessionid`, `passphrase`... Over-masking
 a harmless `keyframe=` is the price of never showing a secret."""
-_USERINFO_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/?#@]*:)\S*@")
-"""`scheme://user:` up to the last `@` before whitespace: a password may hold `@`, `/`, `:`, `?` or `#` (unencoded,
-which makes the URI malformed, but the error quoting it must not show it)."""
-_PARAMETER = re.compile(r"(?P<head>[?&;#](?P<key>[^=&;#\s]*)=)(?P<value>[^&;#\s]*)")
+_USERINFO_HEAD = re.compile(r"://[^\s:/?#@]*:")
+_TOKEN = re.compile(r"\S+")
+_PARAMETER = re.compile(r"(?P<head>[?&;#](?P<key>[^=?&;#\s]*)=)(?P<value>[^&;#\s]*)")
+
+
+def _mask_userinfo(token: re.Match[str]) -> str:
+    """In one whitespace-free token: from the first `://user:` to the token's last `@`. A password may hold `@`, `/`,
+    `:`, `?` or `#` (unencoded, which makes the URI malformed, but the error quoting it must not show it). Linear:
+    one search and one `rfind` a token, so a long hostile text costs no more than reading it."""
+    text = token.group()
+    head = _USERINFO_HEAD.search(text)
+    if head is None:
+        return text
+    at = text.rfind("@")
+    return f"{text[: head.end()]}***{text[at:]}" if at >= head.end() else text
 
 
 def _mask_parameter(match: re.Match[str]) -> str:
@@ -75,7 +86,7 @@ def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
     """Mask passwords in any text that may contain URIs: `rtsp://user:secret@host` → `rtsp://user:***@host`,
     `?pwd=secret` → `?pwd=***` (any parameter named like a secret, see `_SECRET_KEY_PARTS`), and every literal in
     `secrets` (a configured password). Never raises."""
-    text = _USERINFO_PASSWORD.sub(r"\g<head>***@", text)
+    text = _TOKEN.sub(_mask_userinfo, text)
     text = _PARAMETER.sub(_mask_parameter, text)
     for secret in secrets:
         if secret:

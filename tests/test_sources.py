@@ -213,3 +213,10 @@ def test_opencv_opens_a_file_camera_that_has_credentials(tmp_path):
     finally:
         reader.close()
     assert frame is not None and frame.image.shape == (576, 768, 3)
+
+
+def test_redact_masks_every_uri_in_a_text():
+    text = "tried rtsp://a:Pw1@cam1/x,rtsp://b:Pw2@cam2/x then http://c:Pw3@cam3/y?token=Pw4 (rtsp://[::1]:554/z)"
+    shown = redact(text)
+    assert not any(f"Pw{i}" in shown for i in range(1, 5)), shown
+    assert shown.startswith("tried rtsp://a:***@cam2/x then http://c:***@cam3/y?token=*** (rtsp://[::1]:554/z)"), shown
