@@ -204,13 +204,13 @@ def test_through_the_control_socket_a_crafted_model_is_never_loaded_and_no_file_
     service = Service(tmp_path, config)
     try:
         deadline = time.monotonic() + 120
-        while True:  # up once the control socket answers
-            try:
-                status = control(service.control_endpoint, "status")
+        while True:  # started once camera a streams (the control socket answers before the daemon has started)
+            status = control(service.control_endpoint, "status")
+            assert status["ok"] and list(status["result"]["cameras"]) == ["a"], status
+            if status["result"]["cameras"]["a"]["state"] == "streaming":
                 break
-            except TimeoutError:
-                assert service.process.poll() is None and time.monotonic() < deadline, service.log_text()
-        assert status["ok"] and list(status["result"]["cameras"]) == ["a"], status
+            assert service.process.poll() is None and time.monotonic() < deadline, service.log_text()
+            time.sleep(0.2)
 
         attempts = {
             "weights": {"backend": "ultralytics", "weights": str(evil)},
