@@ -102,7 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_FAILURE
         return _sub(args, keys) if args.command == "sub" else _ctl(args, keys)
     if args.command == "keygen":
-        public, secret = keygen(Path(args.dir), args.name)
+        try:
+            public, secret = keygen(Path(args.dir), args.name)
+        except OSError as exc:  # an existing pair is never replaced; a missing or read-only directory
+            print(f"vigild keygen: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
         print(f"public key (give it out): {public}\nsecret key (keep it private): {secret}")
         return EXIT_OK
     try:
