@@ -172,6 +172,7 @@ class Daemon:
 
     def stop(self) -> None:
         """Stop capture, finish the batch in flight, publish the closing events, close the sockets."""
+        self._stop_requested.set()  # changes still waiting for the lock give up
         self.notifier.stopping()
         if self.control is not None:
             self.control.stop()
@@ -328,6 +329,8 @@ class Daemon:
         if not self._reconfiguring.acquire(timeout=self.config.settings.control.timeout):
             raise CommandError("busy", "another reload or camera change is under way; nothing changed, try again")
         try:
+            if self._stop_requested.is_set():  # a change that waited for the lock while the daemon stopped
+                raise CommandError("busy", "the daemon is stopping; nothing changed")
             yield
         finally:
             self._reconfiguring.release()
