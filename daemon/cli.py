@@ -124,16 +124,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             source = config.source(name)
             print(f"  {name}: {source.kind.value} {source.display} via {resolve_backend(camera.backend)}")
         return EXIT_OK
-    return _run(config, args.log_level or config.settings.log_level)
+    return _run(config, args.log_level)
 
 
-def _run(config: Config, log_level: str) -> int:
+def _run(config: Config, log_level: str | None) -> int:
+    """`log_level`: from the command line; it then outlasts every reload and camera change."""
     from vigild.control import CommandError
     from vigild.daemon import BindError, Daemon
 
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=log_level or config.settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
-        daemon = Daemon(config)
+        daemon = Daemon(config, log_level_override=log_level)
     except PluginStartError as exc:
         return _refuse_plugin(config, exc)
     reload_requested = threading.Event()

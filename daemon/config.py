@@ -214,7 +214,7 @@ class ControlConfig(StrictModel):
     endpoint: str | None = Field(
         None,
         description="ZeroMQ endpoint the control socket binds; default ipc://$RUNTIME_DIRECTORY/control under "
-        "systemd, else ipc://$XDG_RUNTIME_DIR/vigild/control (or /tmp/vigild-<uid>/control), owner-only.",
+        "systemd, else ipc://$XDG_RUNTIME_DIR/vigild/control (or ~/.local/state/vigild/control), owner-only.",
     )
     timeout: float = Field(
         10.0,

@@ -109,6 +109,8 @@ class Daemon:
             self.scheduler.on_latency = self.metrics.latency_seconds
         self._stop_requested = threading.Event()
         self._reconfiguring = threading.Lock()
+        self._running = threading.Event()
+        """Set once `start` has started the captures: a change before that would race it (a camera started twice)."""
         self._started_at = time.monotonic()
         self._last_beat: tuple[float, dict[str, int], dict[str, int]] = (self._started_at, {}, {})
         self.camera_fps: dict[str, tuple[float, float]] = {}
@@ -150,8 +152,10 @@ class Daemon:
             raise
         self.publisher.await_subscribers(self._stop_requested)
         self.scheduler.start()
-        for capture in self.captures.values():
-            capture.start()
+        with self._reconfiguring:  # a change that got the lock before this point has answered `busy`
+            for capture in self.captures.values():
+                capture.start()
+            self._running.set()
         log.info(
             "running %d camera(s) on %s (%d threads, %s), publishing on %s%s",
             len(self.captures),
@@ -331,6 +335,10 @@ class Daemon:
         try:
             if self._stop_requested.is_set():  # a change that waited for the lock while the daemon stopped
                 raise CommandError("busy", "the daemon is stopping; nothing changed")
+            if not self._running.is_set():  # the control socket answers while models load and subscribers join
+                raise CommandError(
+                    "busy", "the daemon is still starting (loading models or awaiting subscribers); nothing changed"
+                )
             yield
         finally:
             self._reconfiguring.release()

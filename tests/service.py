@@ -127,7 +127,14 @@ def service_config(
 class Service:
     """`vigild run` as a process, with the test plugin installed and systemd's environment where asked."""
 
-    def __init__(self, tmp_path: Path, config: Path, notify: Path | None = None, watchdog_s: float | None = None):
+    def __init__(
+        self,
+        tmp_path: Path,
+        config: Path,
+        notify: Path | None = None,
+        watchdog_s: float | None = None,
+        args: tuple[str, ...] = (),
+    ):
         env = daemon_env(PYTHONPATH=str(plugin_site(tmp_path)))
         if notify is not None:
             env["NOTIFY_SOCKET"] = str(notify)
@@ -135,7 +142,7 @@ class Service:
             env["WATCHDOG_USEC"] = str(int(watchdog_s * 1e6))
         self.log = tmp_path / "daemon.log"
         self._log_file = self.log.open("w")
-        self.process = vigild("run", "--config", str(config), env=env, stderr=self._log_file)
+        self.process = vigild("run", "--config", str(config), *args, env=env, stderr=self._log_file)
         self.control_endpoint = f"ipc://{tmp_path}/control"
 
     def signal(self, signum: signal.Signals) -> None:

@@ -216,6 +216,46 @@ def test_a_slow_reload_or_camera_change_never_holds_up_status(tmp_path, slow_sta
         service.kill()
 
 
+def test_a_change_sent_while_the_daemon_starts_is_busy_and_the_daemon_starts(tmp_path):
+    """The control socket answers while models load and while capture awaits its subscribers. A change sent then
+    is answered `busy` with nothing changed (before, a camera added then was started twice and the daemon exited);
+    once capture runs, the same change is made."""
+    publisher = free_endpoint()
+    config = service_config(tmp_path, camera_yaml("a", VTEST, loop=True), publisher, await_subscribers=1)
+    service = Service(tmp_path, config)
+    endpoint = service.control_endpoint
+    subscriber = zmq.Context.instance().socket(zmq.SUB)
+    try:
+        wait_until(lambda: "subscriber(s) before capture starts" in service.log_text(), service, "the wait")
+
+        def answered() -> bool:
+            try:
+                return control(endpoint, "status", timeout=5)["ok"]
+            except TimeoutError:
+                return False
+
+        wait_until(answered, service, "a status reply")
+        for command, arguments in (
+            ("cameras", {"action": "add", "camera": "c", "config": {"source": TEST_SOURCE}}),
+            ("pause", {"camera": "a"}),
+            ("reload", {}),
+        ):
+            reply = control(endpoint, command, **arguments)
+            assert not reply["ok"] and reply["error"]["code"] == "busy", (command, reply)
+            assert "starting" in reply["error"]["message"], reply
+        subscriber.setsockopt(zmq.SUBSCRIBE, b"")
+        subscriber.connect(publisher)
+        streaming(service, "a")
+        reply = control(endpoint, "cameras", action="add", camera="c", config={"source": TEST_SOURCE})
+        assert reply["ok"] and reply["result"]["cameras"]["added"] == ["c"], reply
+        streaming(service, "c")
+        code, _ = service.stop()
+        assert code == 0
+    finally:
+        subscriber.close(linger=0)
+        service.kill()
+
+
 def test_a_plugin_that_fails_to_start_for_a_new_camera_is_a_config_error(tmp_path):
     """`cameras add` and `update` whose camera gets a plugin instance of its own that fails to start are answered
     `invalid_config` naming the plugin's `plugins.N` key (never `internal`), logged once each without a traceback;
@@ -368,6 +408,27 @@ def test_a_log_level_given_on_the_command_line_survives_camera_changes(tmp_path)
                 daemon.stop()
     finally:
         root.setLevel(previous)
+
+
+def test_vigild_run_log_level_outlasts_a_camera_added_through_the_socket(tmp_path):
+    """`vigild run --log-level WARNING` on a config at the default INFO: a camera added and removed through the
+    control socket leaves the level at WARNING, so no INFO line is ever logged (before, the change set INFO and
+    logged `configuration applied`)."""
+    config = service_config(tmp_path, camera_yaml("a", VTEST, loop=True), free_endpoint())
+    service = Service(tmp_path, config, args=("--log-level", "WARNING"))
+    endpoint = service.control_endpoint
+    try:
+        streaming(service, "a")
+        reply = control(endpoint, "cameras", action="add", camera="b", config={"source": TEST_SOURCE})
+        assert reply["ok"], reply
+        streaming(service, "b")
+        assert control(endpoint, "cameras", action="remove", camera="b")["ok"]
+        code, _ = service.stop()
+        assert code == 0
+    finally:
+        service.kill()
+    lines = service.log_text().splitlines()
+    assert not [line for line in lines if " INFO " in line], lines[:20]
 
 
 def _control(endpoint: str):
