@@ -99,6 +99,7 @@ class Chain:
                 stage.instances.append((plugin, frozenset(served)))
             self.stages.append(stage)
         self._last_failure_log: dict[tuple[str, str], float] = {}
+        self._cameras = frozenset(cameras)
 
     def start(self) -> None:
         """Start the instances this chain made (not those taken over); on failure stop them and raise."""
@@ -123,6 +124,9 @@ class Chain:
         for plugin, cameras in self._handover:
             plugin.context.cameras.clear()  # the dict the context was made with (Chain.__init__)
             plugin.context.cameras.update(cameras)
+        for stage in self.stages:  # counters carried over keep nothing of cameras gone (added again: from zero)
+            for camera in [name for name in stage.failures if name not in self._cameras]:
+                del stage.failures[camera]
 
     def made_and_kept(self) -> tuple[list[str], list[str]]:
         """Plugin ids with an instance this chain made, and those whose instances were all taken over."""

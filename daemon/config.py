@@ -171,7 +171,9 @@ class CameraConfig(StrictModel):
 
 
 class SchedulerConfig(StrictModel):
-    max_batch: int = Field(8, ge=1, description="Most frames (from all cameras) in one batch through the chain.")
+    max_batch: int = Field(
+        8, ge=1, le=1024, description="Most frames (from all cameras) in one batch through the chain (at most 1024)."
+    )
     max_wait_ms: float = Field(
         5.0, ge=0, le=10_000, description="How long a batch waits for more frames once it has one."
     )
@@ -179,14 +181,18 @@ class SchedulerConfig(StrictModel):
 
 class PublisherConfig(StrictModel):
     endpoint: str = Field("tcp://127.0.0.1:5555", description="ZeroMQ endpoint the PUB socket binds.")
-    hwm: int = Field(1000, ge=1, description="ZeroMQ send high-water mark per subscriber, in messages.")
+    hwm: int = Field(
+        1000, ge=1, le=1_000_000, description="ZeroMQ send high-water mark per subscriber, in messages."
+    )
     queue_size: int = Field(
-        10000, ge=1, description="Events waiting for the publisher thread before new ones are dropped."
+        10000, ge=1, le=1_000_000, description="Events waiting for the publisher thread before new ones are dropped."
     )
     heartbeat_interval: float = Field(
         1.0, gt=0, le=_HOUR, description="Seconds between `vigild.sys.heartbeat` messages."
     )
-    linger_ms: int = Field(1000, ge=0, description="How long closing waits to flush queued messages.")
+    linger_ms: int = Field(
+        1000, ge=0, le=60_000, description="How long closing waits to flush queued messages."
+    )
     await_subscribers: int = Field(
         0,
         ge=0,
@@ -221,6 +227,13 @@ class ControlConfig(StrictModel):
         gt=0,
         le=_HOUR,
         description="Seconds a command that needs the scheduler waits for it before answering `busy`.",
+    )
+    max_cameras: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="A control client's `cameras add` is refused (`forbidden`) once this many cameras are "
+        "configured, so that clients cannot grow the daemon without bound; the config file itself may hold more.",
     )
 
     @field_validator("endpoint")
@@ -282,6 +295,7 @@ class DaemonSettings(StrictModel):
     torch_threads: int | None = Field(
         None,
         ge=1,
+        le=1024,
         description="CPU threads for torch and OpenCV; default: the CPUs the daemon may use (its affinity, capped by "
         "its cgroup CPU quota), whatever OMP_NUM_THREADS or MKL_NUM_THREADS say. Reported in the heartbeat.",
     )
@@ -337,6 +351,15 @@ def with_camera(config: Config, name: str, camera: dict[str, Any] | None) -> Con
         cameras.pop(name, None)
     else:
         refused = _admin_only(config, name, camera)
+        limit = config.settings.control.max_cameras
+        if name not in config.settings.cameras and len(config.settings.cameras) >= limit:
+            refused.append(
+                Problem(
+                    ("cameras", name),
+                    f"{len(config.settings.cameras)} cameras are configured, the most a control client may reach "
+                    f"(control.max_cameras: {limit}); remove one first, or raise the limit in the config file",
+                )
+            )
         if refused:
             raise ControlRefused(config.file, refused)
         cameras[name] = camera

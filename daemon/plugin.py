@@ -79,6 +79,29 @@ def check_torchvision_weights(value: str | None) -> str | None:
     return value
 
 
+MAX_LIST_FILE_BYTES = 1 << 20
+"""Largest names or labels file read (one entry a line): a bigger one is not what the key is for."""
+
+
+def read_list_file(path: Path, key: str, what: str) -> tuple[str, ...]:
+    """The non-blank lines of a names or labels file, stripped. A file that cannot be one (too large, not UTF-8
+    text, NUL bytes, unreadable) raises `PluginConfigError(key, ...)` naming the file, never its content."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_LIST_FILE_BYTES + 1)
+    except OSError as exc:
+        raise PluginConfigError(key, f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+    if len(data) > MAX_LIST_FILE_BYTES:
+        raise PluginConfigError(key, f"{path} is larger than {MAX_LIST_FILE_BYTES} bytes: not a {what} file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PluginConfigError(key, f"{path} is not UTF-8 text: not a {what} file (one a line)") from None
+    if "\0" in text:
+        raise PluginConfigError(key, f"{path} holds NUL bytes: not a {what} file (one a line)")
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
 ConfigT = TypeVar("ConfigT", bound=PluginConfig)
 
 

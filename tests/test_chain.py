@@ -204,3 +204,23 @@ def test_unbatched_plugin_sees_each_frame_exactly_once_even_when_one_fails():
     ((plugin, _),) = chain.stages[0].instances
     assert plugin.seen == ["a", "b", "c"]  # no frame repeated by a retry
     assert [f.camera for f in passed] == ["a", "c"]
+
+
+def test_failure_counts_carry_over_a_new_chain_but_not_for_cameras_it_no_longer_has():
+    BrittlePlugin.instances.clear()
+    failing = BrittleConfig(id="first", fail_on="b")
+    old = Chain((spec("first", dict.fromkeys("ab", failing)),), "cpu", {k: CAMS[k] for k in "ab"})
+    old.start()
+    old.process(frames("a", "b"))
+    old.process(frames("b"))
+    assert dict(old.stages[0].failures) == {"b": 2}
+    kept = Chain((spec("first", dict.fromkeys("ab", failing)),), "cpu", {k: CAMS[k] for k in "ab"}, reuse=old)
+    kept.activate()
+    assert dict(kept.stages[0].failures) == {"b": 2}  # a reload that keeps camera b keeps its count
+    without_b = Chain((spec("first", {"a": failing}),), "cpu", {"a": CAMS["a"]}, reuse=kept)
+    without_b.activate()
+    assert dict(without_b.stages[0].failures) == {}
+    again = Chain((spec("first", dict.fromkeys("ab", failing)),), "cpu", {k: CAMS[k] for k in "ab"}, reuse=without_b)
+    again.activate()
+    again.process(frames("b"))
+    assert dict(again.stages[0].failures) == {"b": 1}  # camera b added again starts from zero

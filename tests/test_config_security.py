@@ -281,6 +281,26 @@ def test_a_names_file_that_is_not_one_is_a_clear_error(tmp_path):
     assert read_names(FASTEST / "coco.names")[:2] == ("person", "bicycle")
 
 
+def test_a_labels_file_that_is_not_one_is_a_clear_error(tmp_path):
+    """The action recognizer's labels file is read like a names file: bounded, text only, never echoed."""
+    from vigild.plugins.backends.video_models import VideoModelError, read_labels
+
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"\x80\x81\xferoot:x:0:0\n" * 10)
+    huge = tmp_path / "huge.txt"
+    huge.write_text("stroll\n" * (MAX_NAMES_BYTES // 7 + 1))
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"stroll\n\0run\n")
+    for path, fragment in ((binary, "not UTF-8 text"), (huge, "larger than"), (nul, "NUL")):
+        with pytest.raises(VideoModelError) as raised:
+            read_labels(path)
+        assert raised.value.key == "labels" and str(path) in str(raised.value) and fragment in str(raised.value)
+        assert "root:x" not in str(raised.value) and "stroll" not in str(raised.value)
+    good = tmp_path / "labels.txt"
+    good.write_text("stroll\n\n run \n")
+    assert read_labels(good) == ("stroll", "run")
+
+
 def test_an_unknown_action_does_not_show_the_labels_file(tmp_path):
     from vigild.plugins.action_recognizer import ActionRecognizer
 
@@ -320,14 +340,29 @@ def settings_error(tmp_path: Path, extra: str, camera: str = "", plugins: str = 
         ("", "    lines:\n      " + "l" * 65 + ":\n        points: [[0, 0], [5, 5]]\n", "", f":5: cameras.door.lines.{'l' * 65}: String should have at most 64 characters"),
         ("", "", "    update_interval: .inf\n", ":6: plugins.0.update_interval: Input should be a finite number"),
         ("", "", "    id: " + "t" * 65 + "\n", ":6: plugins.0.id: String should have at most 64 characters"),
+        ("publisher:\n  hwm: 100000000\n", "", "", ":7: publisher.hwm: Input should be less than or equal to 1000000"),
+        ("publisher:\n  queue_size: 100000000\n", "", "", ":7: publisher.queue_size: Input should be less than or equal to 1000000"),
+        ("publisher:\n  linger_ms: 100000000\n", "", "", ":7: publisher.linger_ms: Input should be less than or equal to 60000"),
+        ("scheduler:\n  max_batch: 100000\n", "", "", ":7: scheduler.max_batch: Input should be less than or equal to 1024"),
+        ("torch_threads: 100000\n", "", "", ":6: torch_threads: Input should be less than or equal to 1024"),
     ],
     ids=["inf-heartbeat", "nan-heartbeat", "huge-heartbeat", "inf-control-timeout", "inf-batch-wait", "inf-stall",
          "huge-backoff", "tiny-fps", "huge-resize", "inf-zone-point", "long-line-name", "inf-plugin-float",
-         "long-plugin-id"],
+         "long-plugin-id", "huge-hwm", "huge-queue", "huge-linger", "huge-batch", "huge-threads"],
 )  # fmt: skip
 def test_durations_sizes_and_names_are_bounded(tmp_path, extra, camera, plugins, expected):
     message = settings_error(tmp_path, extra, camera, plugins)
     assert expected in message, message
+
+
+def test_a_control_client_adds_cameras_only_up_to_control_max_cameras(tmp_path):
+    path = write(tmp_path, "cameras:\n  a:\n    source: test://balls\n  b:\n    source: test://balls\ncontrol:\n  max_cameras: 3\n")
+    config = with_camera(load_config(path, environ={}), "c", {"source": "test://snow"})
+    assert sorted(config.cameras) == ["a", "b", "c"]
+    error = refused(config, "d", {"source": "test://snow"})
+    assert "control.max_cameras: 3" in str(error) and "cameras.d" in str(error), error
+    assert sorted(with_camera(config, "c", {"source": "test://balls"}).cameras) == ["a", "b", "c"]  # update: fine
+    assert sorted(with_camera(with_camera(config, "a", None), "d", {"source": "test://snow"}).cameras) == ["b", "c", "d"]
 
 
 def test_the_largest_allowed_values_load(tmp_path):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from vigild.frame import Detections
-from vigild.plugin import PluginConfigError
+from vigild.plugin import MAX_LIST_FILE_BYTES, read_list_file
 from vigild.plugins.backends.base import DetectorBackend
 from vigild.plugins.backends.yolo import grouped_nms
 
@@ -51,28 +51,14 @@ def with_score_floor(cfg_text: str, confidence: float) -> str:
     return re.sub(r"(?m)^[ \t]*\[yolo\][ \t]*$", f"[yolo]\nthresh={confidence}", without)
 
 
-MAX_NAMES_BYTES = 1 << 20
-"""A names file is a few kilobytes (COCO's: 625 bytes); anything past this is not one."""
+MAX_NAMES_BYTES = MAX_LIST_FILE_BYTES
 
 
 def read_names(path: Path | None, count: int = 0) -> tuple[str, ...]:
     """Class names, one a line; `count` numbered names without a file. Errors name the file, never its content."""
     if path is None:
         return tuple(str(i) for i in range(count))
-    try:
-        with path.open("rb") as file:
-            data = file.read(MAX_NAMES_BYTES + 1)
-    except OSError as exc:
-        raise PluginConfigError("names", f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
-    if len(data) > MAX_NAMES_BYTES:
-        raise PluginConfigError("names", f"{path} is larger than {MAX_NAMES_BYTES} bytes: not a names file")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise PluginConfigError("names", f"{path} is not UTF-8 text: not a names file (one class name a line)") from None
-    if "\0" in text:
-        raise PluginConfigError("names", f"{path} holds NUL bytes: not a names file (one class name a line)")
-    return tuple(line.strip() for line in text.splitlines() if line.strip())
+    return read_list_file(path, "names", "names")
 
 
 def dnn_placement(device: str, half: bool) -> tuple[int, int, int | None]:

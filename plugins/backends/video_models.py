@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from vigild.plugin import PluginConfigError, read_list_file
+
 TORCHVISION_VIDEO_MODELS = ("r3d_18", "mc3_18", "r2plus1d_18", "s3d", "mvit_v1_b", "mvit_v2_s", "swin3d_t")
 MAX_DEFAULT_CLIP_LEN = 32
 
@@ -50,8 +52,11 @@ class VideoModel:
 
 
 def read_labels(path: Path) -> tuple[str, ...]:
-    """One label per line; blank lines are ignored."""
-    labels = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    """One label per line; blank lines are ignored. Errors name the file, never its content."""
+    try:
+        labels = read_list_file(path, "labels", "labels")
+    except PluginConfigError as exc:
+        raise VideoModelError("labels", str(exc)) from None
     if not labels:
         raise VideoModelError("labels", f"{path} lists no labels")
     return labels
