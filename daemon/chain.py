@@ -41,6 +41,12 @@ class Stage:
     """Frames this plugin failed on, by camera."""
     batch_failures: int = 0
     """Whole batches this plugin raised on (a repeatable plugin's frames may still have come through on a rerun)."""
+    removed_failures: int = 0
+    """Failures of cameras since removed: kept in the plugin's total, so that its counter never goes down."""
+
+    @property
+    def total_failures(self) -> int:
+        return sum(dict(self.failures).values()) + self.removed_failures  # a copy: the scheduler may add a camera
 
 
 class PluginStartError(Exception):
@@ -82,6 +88,7 @@ class Chain:
             if spec.id in previous_stages:  # counters carry on across a reload
                 old = previous_stages[spec.id]
                 stage.seconds, stage.failures, stage.batch_failures = old.seconds, old.failures, old.batch_failures
+                stage.removed_failures = old.removed_failures
             for json_config, (config, served) in groups.items():
                 served_cameras = {name: cameras[name] for name in sorted(served)}
                 instance_key = (spec.id, spec.cls, json_config)
@@ -126,7 +133,7 @@ class Chain:
             plugin.context.cameras.update(cameras)
         for stage in self.stages:  # counters carried over keep nothing of cameras gone (added again: from zero)
             for camera in [name for name in stage.failures if name not in self._cameras]:
-                del stage.failures[camera]
+                stage.removed_failures += stage.failures.pop(camera)
 
     def made_and_kept(self) -> tuple[list[str], list[str]]:
         """Plugin ids with an instance this chain made, and those whose instances were all taken over."""

@@ -267,7 +267,7 @@ class Daemon:
             "plugins": {
                 stage.spec.id: {
                     "seconds": round(stage.seconds, 3),
-                    "failures": sum(dict(stage.failures).values()),
+                    "failures": stage.total_failures,
                     "batch_failures": stage.batch_failures,
                 }
                 for stage in self.chain.stages

@@ -90,7 +90,7 @@ class DaemonCollector(Collector):
             "vigild_plugin_batch_failures", "Batches a plugin raised on (whole or rerun frame by frame)", labels=["plugin"]
         )
         for stage in daemon.chain.stages:
-            plugin_failures.add_metric([stage.spec.id], sum(dict(stage.failures).values()))
+            plugin_failures.add_metric([stage.spec.id], stage.total_failures)
             batch_failures.add_metric([stage.spec.id], stage.batch_failures)
         yield from (plugin_failures, batch_failures)
         yield GaugeMetricFamily("vigild_uptime_seconds", "Seconds since start", value=daemon.uptime_s)

@@ -220,7 +220,9 @@ def test_failure_counts_carry_over_a_new_chain_but_not_for_cameras_it_no_longer_
     without_b = Chain((spec("first", {"a": failing}),), "cpu", {"a": CAMS["a"]}, reuse=kept)
     without_b.activate()
     assert dict(without_b.stages[0].failures) == {}
+    assert without_b.stages[0].total_failures == 2  # the plugin's own total (a Prometheus counter) never goes down
     again = Chain((spec("first", dict.fromkeys("ab", failing)),), "cpu", {k: CAMS[k] for k in "ab"}, reuse=without_b)
     again.activate()
     again.process(frames("b"))
     assert dict(again.stages[0].failures) == {"b": 1}  # camera b added again starts from zero
+    assert again.stages[0].total_failures == 3
