@@ -226,7 +226,7 @@ class ControlConfig(StrictModel):
         10.0,
         gt=0,
         le=_HOUR,
-        description="Seconds a command that needs the scheduler waits for it before answering `busy`.",
+        description="Seconds a change waits for the configuration lock or the scheduler before answering `busy`.",
     )
     max_cameras: int = Field(
         64,

@@ -47,6 +47,8 @@ POLL_MS = 200
 CHANGE_POLL_MS = 20
 """While a change runs on its thread: how soon its reply goes out once it is done."""
 COMMANDS = ("status", "cameras", "reload", "snapshot", "pause", "resume")
+MAX_REQUEST_DEPTH = 32
+"""Deepest nesting of lists and objects in a request: a camera's settings need 6 (zones' points)."""
 MAX_PATH_BYTES = 107
 """Longest path of a unix socket (sun_path less its terminating NUL)."""
 
@@ -118,6 +120,19 @@ Handler = Callable[[dict[str, Any]], tuple[Any, bytes | None]]
 
 def _error(code: str, message: str) -> bytes:
     return json.dumps({"ok": False, "error": {"code": code, "message": message}}).encode()
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (a scalar: 0), without recursion."""
+    deepest, level = 0, [(value, 1)]
+    while level:
+        item, depth = level.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        level.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _is_change(request: dict[str, Any]) -> bool:
@@ -299,6 +314,8 @@ class ControlServer:
             raise CommandError("bad_request", "JSON nested too deeply") from None
         except (UnicodeDecodeError, ValueError) as exc:
             raise CommandError("bad_request", f"not JSON: {exc}") from None
+        if _depth(request) > MAX_REQUEST_DEPTH:  # every later step (copy, validation) recurses per level
+            raise CommandError("bad_request", f"JSON nested more than {MAX_REQUEST_DEPTH} levels deep")
         if not isinstance(request, dict):
             raise CommandError("bad_request", f"expected a JSON object, got {type(request).__name__}")
         command = request.get("cmd")

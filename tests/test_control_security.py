@@ -112,7 +112,8 @@ def ask(socket: zmq.Socket, frames: list[bytes], timeout_s: float = 60) -> dict:
 def test_huge_or_malformed_messages_neither_grow_memory_nor_stop_the_answers(tmp_path):
     """The issue's attack: messages of 150 frames of 1 MiB each (they took the daemon from 75 to 383 MB). Now a
     frame over MAX_FRAME_BYTES disconnects its peer before it is stored, a many-frame message is read frame by frame
-    and answered `bad_request`, an oversized request `too_large`, 60,000 nested `[` `bad_request`: the daemon's peak
+    and answered `bad_request`, an oversized request `too_large`, 60,000 nested `[` or a camera's settings nested 600
+    deep `bad_request`: the daemon's peak
     memory stays put, it answers `status` to that client and to others, and logs no traceback."""
     config = service_config(tmp_path, camera_yaml("a", VTEST, loop=True), free_endpoint())
     service = Service(tmp_path, config)
@@ -144,6 +145,11 @@ def test_huge_or_malformed_messages_neither_grow_memory_nor_stop_the_answers(tmp
         oversized = b'{"cmd": "status", "pad": "' + b"x" * MAX_REQUEST_BYTES + b'"}'
         assert ask(dealer, [b"", oversized])["error"]["code"] == "too_large"
         assert ask(dealer, [b"", b"[" * 60_000])["error"]["code"] == "bad_request"
+        # parsable, but deep enough to overflow the copy and validation of a camera's settings
+        deep = {"cmd": "cameras", "action": "add", "camera": "z", "config": {"source": TEST_SOURCE, "x": [[]]}}
+        nested = json.dumps(deep).replace("[[]]", "[" * 600 + "]" * 600).encode()
+        reply = ask(dealer, [b"", nested])
+        assert reply["error"]["code"] == "bad_request" and "nested" in reply["error"]["message"], reply
         assert ask(dealer, [b"", b'{"cmd": "status"}'])["ok"]
         assert control(service.control_endpoint, "status")["ok"]  # another client
         grown_mib = (peak_rss_kib(service.process.pid) - before) / 1024
