@@ -266,39 +266,33 @@ def test_an_unknown_class_does_not_show_the_names_file(tmp_path):
     assert "root:x" not in message and "nologin" not in message, message
 
 
-def test_a_names_file_that_is_not_one_is_a_clear_error(tmp_path):
-    binary = tmp_path / "model.bin"
-    binary.write_bytes(b"\x80\x81\xferoot:x:0:0\n" * 10)
-    huge = tmp_path / "huge.names"
-    huge.write_text("person\n" * (MAX_NAMES_BYTES // 7 + 1))
-    nul = tmp_path / "nul.names"
-    nul.write_bytes(b"person\n\0car\n")
-    for path, fragment in ((binary, "not UTF-8 text"), (huge, "larger than"), (nul, "NUL")):
-        with pytest.raises(PluginConfigError) as raised:
-            read_names(path)
-        assert raised.value.key == "names" and str(path) in str(raised.value) and fragment in str(raised.value)
-        assert "root:x" not in str(raised.value) and "person" not in str(raised.value)
-    assert read_names(FASTEST / "coco.names")[:2] == ("person", "bicycle")
+def _read_labels(path: Path) -> tuple[str, ...]:
+    from vigild.plugins.backends.video_models import read_labels
+
+    return read_labels(path)
 
 
-def test_a_labels_file_that_is_not_one_is_a_clear_error(tmp_path):
-    """The action recognizer's labels file is read like a names file: bounded, text only, never echoed."""
-    from vigild.plugins.backends.video_models import VideoModelError, read_labels
+@pytest.mark.parametrize(("read", "key"), [(read_names, "names"), (_read_labels, "labels")], ids=["names", "labels"])
+def test_a_names_or_labels_file_that_is_not_one_is_a_clear_error(tmp_path, read, key):
+    """The detector's names and the action recognizer's labels: bounded, text only, named but never echoed."""
+    from vigild.plugins.backends.video_models import VideoModelError
 
     binary = tmp_path / "model.bin"
     binary.write_bytes(b"\x80\x81\xferoot:x:0:0\n" * 10)
     huge = tmp_path / "huge.txt"
-    huge.write_text("stroll\n" * (MAX_NAMES_BYTES // 7 + 1))
+    huge.write_text("person\n" * (MAX_NAMES_BYTES // 7 + 1))
     nul = tmp_path / "nul.txt"
-    nul.write_bytes(b"stroll\n\0run\n")
+    nul.write_bytes(b"person\n\0car\n")
     for path, fragment in ((binary, "not UTF-8 text"), (huge, "larger than"), (nul, "NUL")):
-        with pytest.raises(VideoModelError) as raised:
-            read_labels(path)
-        assert raised.value.key == "labels" and str(path) in str(raised.value) and fragment in str(raised.value)
-        assert "root:x" not in str(raised.value) and "stroll" not in str(raised.value)
-    good = tmp_path / "labels.txt"
-    good.write_text("stroll\n\n run \n")
-    assert read_labels(good) == ("stroll", "run")
+        with pytest.raises((PluginConfigError, VideoModelError)) as raised:
+            read(path)
+        message = str(raised.value)
+        assert raised.value.key == key and str(path) in message and fragment in message, message
+        assert "root:x" not in message and "person" not in message, message
+    good = tmp_path / "good.txt"
+    good.write_text("person\n\n bicycle \n")
+    assert read(good) == ("person", "bicycle")
+    assert read_names(FASTEST / "coco.names")[:2] == ("person", "bicycle")
 
 
 def test_an_unknown_action_does_not_show_the_labels_file(tmp_path):
