@@ -28,7 +28,8 @@ the others are GStreamer `videotestsrc` patterns."""
 
 _SCHEMES = {"rtsp": SourceKind.RTSP, "rtsps": SourceKind.RTSP, "http": SourceKind.HTTP, "https": SourceKind.HTTP}
 _EXPECTED = "a file path, file://, rtsp://, rtsps://, http://, https://, /dev/videoN, a camera index or test://"
-_DEVICE = re.compile(r"^/dev/(video\d+|v4l/by-(id|path)/\S+)$")
+_DEVICE = re.compile(r"^/dev/(video\d+|v4l/by-(id|path)/(?!\.\.?$)[^/\s]+)$")
+"""A device by number or by its udev link: one name, never a path that climbs out of /dev/v4l (`..`)."""
 
 
 @dataclass(frozen=True)

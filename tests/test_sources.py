@@ -60,6 +60,9 @@ def test_test_pattern_parameters():
         ("file://host/a.mp4", "malformed file URI"),
         ("file:clip.mp4", "malformed file URI"),
         ("/dev/sda", "not a video device"),
+        ("/dev/v4l/by-id/../../../etc/passwd", "not a video device"),  # a device name, never a way to any file
+        ("/dev/v4l/by-path/..", "not a video device"),
+        ("/dev/v4l/by-id/a/b", "not a video device"),
         ("test://plaid", "unknown test pattern 'plaid'"),
         ("test://balls?width=wide", "expected a number"),
         ("test://balls?size=3", "unknown test:// parameter 'size'"),
