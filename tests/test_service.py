@@ -167,7 +167,8 @@ MALFORMED = st.one_of(
             lambda extra: extra.get("camera") != "a"  # never pause the camera for real
         ),
     ),
-    st.integers(64 * 1024 + 1, MAX_FRAME_BYTES - 64)  # larger frames: the peer is cut off.map(lambda n: [b'{"cmd": "status", "pad": "' + b"x" * n + b'"}']),
+    # too large a request, yet under MAX_FRAME_BYTES (a larger frame cuts the peer off, with no reply)
+    st.integers(64 * 1024 + 1, MAX_FRAME_BYTES - 64).map(lambda n: [b'{"cmd": "status", "pad": "' + b"x" * n + b'"}']),
 )
 
 
