@@ -15,7 +15,7 @@ from pathlib import Path
 from vigild import __version__
 from vigild.chain import PluginStartError
 from vigild.client import DEFAULT_ENDPOINT, Subscriber
-from vigild.config import Config, ConfigError, load_config
+from vigild.config import Config, ConfigError, load_config, load_control_settings
 from vigild.curve import ClientKeys, keygen
 from vigild.gst_pipeline import resolve_backend
 from vigild.plugin import PluginConfigError
@@ -191,11 +191,10 @@ def _ctl(args: argparse.Namespace, keys: ClientKeys | None) -> int:
     endpoint = args.endpoint
     if args.config and not endpoint:
         try:
-            config = load_config(args.config)
+            endpoint = load_control_settings(args.config).endpoint  # that section alone: no plugin is imported
         except ConfigError as exc:
             print(f"vigild: config error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
-        endpoint = config.settings.control.endpoint
     arguments: dict[str, object] = {}
     action = args.action
     if action == "cameras":

@@ -1,4 +1,5 @@
-"""A subscriber for vigild's event stream, for programs and for `vigild sub`.
+"""What a program needs to talk to vigild: a subscriber for its event stream (`vigild sub`) and a control client
+(`vigild ctl`). Light on purpose: neither imports torch, OpenCV nor GStreamer.
 
 Every message is `[topic, json]`, or `[topic, json, jpeg]` for events that carry a snapshot. `seq` rises by one
 per message across all topics of one daemon run, so a subscriber to every topic (prefix `vigild.`) can count what it missed; with narrower prefixes gaps are expected.
@@ -8,8 +9,10 @@ A restart of the daemon starts `seq` again at 1.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+import os
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -73,6 +76,52 @@ class Subscriber:
         self.socket.close()
 
     def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def default_endpoint(environ: Mapping[str, str] | None = None) -> str:
+    """ipc://$RUNTIME_DIRECTORY/control under systemd, else in $XDG_RUNTIME_DIR/vigild, else in
+    ~/.local/state/vigild: never a fixed name under /tmp, which another user could create first."""
+    env = os.environ if environ is None else environ
+    runtime = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if runtime:
+        return f"ipc://{runtime}/control"
+    base = env.get("XDG_RUNTIME_DIR")
+    home = env.get("HOME") or str(Path.home())
+    directory = Path(base) / "vigild" if base else Path(home) / ".local" / "state" / "vigild"
+    return f"ipc://{directory}/control"
+
+
+class ControlClient:
+    """For `vigild ctl` and programs: one request, one reply (a DEALER, so a lost reply never wedges it)."""
+
+    def __init__(self, endpoint: str | None = None, curve: ClientKeys | None = None, timeout: float = 30.0):
+        self.endpoint = endpoint or default_endpoint()
+        self._context: zmq.Context = zmq.Context.instance()
+        self.socket = self._context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.apply(self.socket)
+        self.socket.connect(self.endpoint)
+        self.timeout = timeout
+
+    def request(self, command: str, **arguments: Any) -> tuple[dict[str, Any], bytes | None]:
+        """The reply's JSON and its attachment (a snapshot's JPEG). Raises TimeoutError if none comes."""
+        self.socket.send_multipart([b"", json.dumps({"cmd": command, **arguments}).encode()])
+        if not self.socket.poll(int(self.timeout * 1000)):
+            raise TimeoutError(f"no reply from {self.endpoint} within {self.timeout:g} s")
+        frames = self.socket.recv_multipart()
+        if frames and frames[0] == b"":
+            frames = frames[1:]
+        return json.loads(frames[0]), frames[1] if len(frames) > 1 else None
+
+    def close(self) -> None:
+        self.socket.close()
+
+    def __enter__(self) -> ControlClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

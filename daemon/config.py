@@ -342,6 +342,21 @@ def load_config(file: str | Path, environ: Mapping[str, str] | None = None) -> C
     return validate_document(document)
 
 
+def load_control_settings(file: str | Path, environ: Mapping[str, str] | None = None) -> ControlConfig:
+    """Only the `control:` section of a config file, for `vigild ctl --config`: read and expanded like the whole
+    file, but no plugin is imported and no capture back end resolved, so a client loads neither torch, OpenCV nor
+    GStreamer; the rest of the file is the daemon's to validate. Raises `ConfigError` for that section."""
+    document = load_yaml(file)
+    problems = [problem for problem in expand_env(document, environ) if problem.path[:1] == ("control",)]
+    if problems:  # an unset variable elsewhere (a camera's password, say) is no concern of a client
+        raise ConfigError(document.file, problems)
+    section = (document.data.get("control") if isinstance(document.data, dict) else None) or {}
+    try:
+        return ControlConfig.model_validate(section)
+    except ValidationError as exc:
+        raise ConfigError(document.file, _problems(document, exc, ("control",), ControlConfig)) from None
+
+
 def with_camera(config: Config, name: str, camera: dict[str, Any] | None) -> Config:
     """`config` with camera `name` set to `camera` (raw, as a control client sent it: never `${VAR}`-expanded) or
     removed (None), validated whole. Raises `ControlRefused`, changing nothing, where `camera` names a file."""
@@ -587,4 +602,5 @@ __all__ = [
     "PublisherConfig",
     "SchedulerConfig",
     "load_config",
+    "load_control_settings",
 ]

@@ -20,14 +20,14 @@ import queue
 import socket as pysocket
 import stat
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from vigild.client import ControlClient, default_endpoint
 from vigild.config import ConfigError, ControlConfig, CurveConfig
-from vigild.curve import ClientKeys
 from vigild.publisher import is_loopback_endpoint
 
 if TYPE_CHECKING:
@@ -59,19 +59,6 @@ class CommandError(Exception):
     def __init__(self, code: str, message: str):
         self.code = code
         super().__init__(message)
-
-
-def default_endpoint(environ: Mapping[str, str] | None = None) -> str:
-    """ipc://$RUNTIME_DIRECTORY/control under systemd, else in $XDG_RUNTIME_DIR/vigild, else in
-    ~/.local/state/vigild: never a fixed name under /tmp, which another user could create first."""
-    env = os.environ if environ is None else environ
-    runtime = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    if runtime:
-        return f"ipc://{runtime}/control"
-    base = env.get("XDG_RUNTIME_DIR")
-    home = env.get("HOME") or str(Path.home())
-    directory = Path(base) / "vigild" if base else Path(home) / ".local" / "state" / "vigild"
-    return f"ipc://{directory}/control"
 
 
 def _prepare_ipc(path: Path) -> None:
@@ -361,34 +348,4 @@ class ControlServer:
         return {**meta, "bytes": len(jpeg)}, jpeg
 
 
-class ControlClient:
-    """For `vigild ctl` and programs: one request, one reply (a DEALER, so a lost reply never wedges it)."""
-
-    def __init__(self, endpoint: str | None = None, curve: ClientKeys | None = None, timeout: float = 30.0):
-        self.endpoint = endpoint or default_endpoint()
-        self._context: zmq.Context = zmq.Context.instance()
-        self.socket = self._context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        if curve is not None:
-            curve.apply(self.socket)
-        self.socket.connect(self.endpoint)
-        self.timeout = timeout
-
-    def request(self, command: str, **arguments: Any) -> tuple[dict[str, Any], bytes | None]:
-        """The reply's JSON and its attachment (a snapshot's JPEG). Raises TimeoutError if none comes."""
-        self.socket.send_multipart([b"", json.dumps({"cmd": command, **arguments}).encode()])
-        if not self.socket.poll(int(self.timeout * 1000)):
-            raise TimeoutError(f"no reply from {self.endpoint} within {self.timeout:g} s")
-        frames = self.socket.recv_multipart()
-        if frames and frames[0] == b"":
-            frames = frames[1:]
-        return json.loads(frames[0]), frames[1] if len(frames) > 1 else None
-
-    def close(self) -> None:
-        self.socket.close()
-
-    def __enter__(self) -> ControlClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+__all__ = ["MAX_FRAME_BYTES", "MAX_REQUEST_BYTES", "CommandError", "ControlClient", "ControlServer", "default_endpoint"]

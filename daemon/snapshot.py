@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import cv2
 import numpy as np
 
 SnapshotKind = Literal["crop", "frame"]
@@ -39,6 +38,8 @@ def make_snapshot(
     max_bytes: int = 200_000,
 ) -> Snapshot | None:
     """The snapshot of `bbox` in `image` (BGR), or None when it cannot be made small enough."""
+    import cv2  # here, not at the top: the events module imports this one, and `vigild ctl` must not load OpenCV
+
     height, width = image.shape[:2]
     x1, y1, x2, y2 = bbox
     if kind == "crop":

@@ -220,6 +220,9 @@ def test_control_commands_metrics_and_fuzz(tmp_path, subscriber_factory):
         cli = vigild("ctl", "--endpoint", service.control_endpoint, "status", stdout=-1)
         out, _ = cli.communicate(timeout=60)
         assert cli.returncode == 0 and json.loads(out)["cameras"]["a"]["state"] == "streaming"
+        cli = vigild("ctl", "--config", str(config), "status", stdout=-1)  # the endpoint from the daemon's file
+        out, _ = cli.communicate(timeout=60)
+        assert cli.returncode == 0 and json.loads(out)["cameras"]["a"]["state"] == "streaming"
         cli = vigild("ctl", "--endpoint", service.control_endpoint, "pause", "nope", stderr=-1)
         _, err = cli.communicate(timeout=60)
         assert cli.returncode == 1 and "unknown_camera" in err
