@@ -22,16 +22,13 @@ import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import zmq
 
 from vigild.client import ControlClient, default_endpoint
 from vigild.config import ConfigError, ControlConfig, CurveConfig
 from vigild.publisher import is_loopback_endpoint
-
-if TYPE_CHECKING:
-    from vigild.daemon import Daemon
 
 log = logging.getLogger("vigild.control")
 
@@ -129,8 +126,25 @@ def _is_change(request: dict[str, Any]) -> bool:
     return request["cmd"] in ("reload", "pause", "resume")
 
 
+class Reported(Protocol):
+    def as_dict(self) -> dict[str, Any]: ...
+
+
+class Controlled(Protocol):
+    """All the control socket asks of the daemon; it never reaches into the daemon's parts."""
+
+    def status(self) -> dict[str, Any]: ...
+    def camera_list(self) -> dict[str, Any]: ...
+    def has_camera(self, name: str) -> bool: ...
+    def reload(self) -> Reported: ...
+    def set_camera(self, name: str, camera: dict[str, Any] | None) -> Reported: ...
+    def snapshot(self, name: str, quality: int) -> tuple[dict[str, Any], bytes]: ...
+    def pause(self, name: str) -> dict[str, str]: ...
+    def resume(self, name: str) -> dict[str, str]: ...
+
+
 class ControlServer:
-    def __init__(self, config: ControlConfig, curve: CurveConfig | None, daemon: Daemon):
+    def __init__(self, config: ControlConfig, curve: CurveConfig | None, daemon: Controlled):
         self.config = config
         self.endpoint = config.endpoint or default_endpoint()
         self._curve_config = curve
@@ -328,7 +342,7 @@ class ControlServer:
         if action not in ("add", "update", "remove"):
             raise CommandError("bad_request", f'"action" must be list, add, update or remove, got {action!r}')
         name = self._camera(request)
-        exists = name in daemon.config.settings.cameras
+        exists = daemon.has_camera(name)
         if action == "remove":
             return daemon.set_camera(name, None).as_dict(), None
         if action == "add" and exists:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +70,17 @@ class Applied:
             "plugins": {"kept": self.plugins_kept, "started": self.plugins_started, "stopped": self.plugins_stopped},
             "restart_required": self.restart_required,
         }
+
+
+def status_line(status: Mapping[str, Any]) -> str:
+    """One line for systemd's STATUS= from a `Daemon.status()` snapshot."""
+    cameras = status["cameras"].values()
+    streaming = sum(1 for camera in cameras if camera["state"] == CameraState.STREAMING.value)
+    paused = sum(1 for camera in cameras if camera["state"] == "paused")
+    fps = sum(camera["fps"] for camera in cameras)
+    drops = sum(camera["drops"] for camera in cameras)
+    shown = f", {paused} paused" if paused else ""
+    return f"{streaming}/{len(cameras)} cameras streaming{shown}, {fps:.1f} frames/s, {drops} dropped"
 
 
 class Daemon:
@@ -215,12 +226,8 @@ class Daemon:
         return now - self.scheduler.alive_at < max_age_s and now - self.publisher.alive_at < publisher_age
 
     def status_line(self) -> str:
-        captures = self.captures
-        streaming = self._streaming_count()
-        fps = sum(processed for processed, _ in self.camera_fps.values())
-        drops = sum(self.exchange.drops.values()) + sum(c.stats.source_drops for c in captures.values())
-        paused = f", {len(self.paused)} paused" if self.paused else ""
-        return f"{streaming}/{len(captures)} cameras streaming{paused}, {fps:.1f} frames/s, {drops} dropped"
+        """systemd's STATUS=, from the same snapshot as the heartbeat, `vigild ctl status` and the metrics."""
+        return status_line(self.status())
 
     def _streaming_count(self) -> int:
         return sum(1 for c in self.captures.values() if c.stats.state is CameraState.STREAMING)
@@ -274,6 +281,7 @@ class Daemon:
             },
             "publisher": {
                 "sent": publisher.sent,
+                "sent_by_type": dict(sorted(publisher.sent_by_type.items())),
                 "dropped_queue_full": publisher.dropped_queue_full,
                 "dropped_unsendable": publisher.dropped_unsendable,
             },
@@ -477,6 +485,10 @@ class Daemon:
             self.scheduler.call(function, self.config.settings.control.timeout)
         except TimeoutError:
             raise CommandError("busy", "the scheduler did not come round (a plugin is stuck); nothing changed") from None
+
+    def has_camera(self, name: str) -> bool:
+        """`name` is configured (enabled or not)."""
+        return name in self.config.settings.cameras
 
     def camera_list(self) -> dict[str, Any]:
         """Each camera's config (passwords masked) and state."""

@@ -10,18 +10,14 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from vigild.capture import CameraState
-from vigild.chain import failures_by_camera
 from vigild.config import MetricsConfig
-
-if TYPE_CHECKING:
-    from vigild.daemon import Daemon
 
 log = logging.getLogger("vigild.metrics")
 
@@ -39,72 +35,76 @@ def is_loopback_address(address: str) -> bool:
         return False
 
 
-class DaemonCollector(Collector):
-    """Reads the daemon's own counters at scrape time."""
+class StatusSource(Protocol):
+    """All the metrics ask of the daemon: its status snapshot (the one the heartbeat and `vigild ctl status` show)."""
 
-    def __init__(self, daemon: Daemon):
-        self._daemon = daemon
+    def status(self) -> dict[str, Any]: ...
+
+
+CAMERA_STATES = (*(state.value for state in CameraState), "paused")
+
+
+class DaemonCollector(Collector):
+    """Turns one status snapshot per scrape into metrics: the numbers are those of the heartbeat, by construction."""
+
+    def __init__(self, source: StatusSource):
+        self._source = source
 
     def collect(self) -> Iterator[Metric]:
-        daemon = self._daemon
-        captures = daemon.captures
-        processed = dict(daemon.scheduler.processed)
+        status = self._source.status()
         fps = GaugeMetricFamily("vigild_camera_fps", "Frames/s through the chain, last heartbeat interval", labels=["camera"])
-        frames = CounterMetricFamily("vigild_camera_frames", "Frames through the chain", labels=["camera"])
-        captured = CounterMetricFamily("vigild_camera_captured_frames", "Frames handed over by capture", labels=["camera"])
-        drops = CounterMetricFamily("vigild_camera_dropped_frames", "Frames dropped before the chain", labels=["camera"])
-        reconnects = CounterMetricFamily("vigild_camera_reconnects", "Source reconnect attempts", labels=["camera"])
-        errors = CounterMetricFamily("vigild_camera_decode_errors", "Decode errors", labels=["camera"])
-        failures = CounterMetricFamily("vigild_camera_plugin_failures", "Frames a plugin failed on", labels=["camera"])
-        state = GaugeMetricFamily(
-            "vigild_camera_state", "1 for the camera's current state", labels=["camera", "state"]
-        )
-        failed = failures_by_camera(daemon.chain)
-        states = [s.value for s in CameraState] + ["paused"]
-        for name, capture in captures.items():
-            stats = capture.stats
-            fps.add_metric([name], daemon.camera_fps.get(name, (0.0, 0.0))[0])
-            frames.add_metric([name], processed.get(name, 0))
-            captured.add_metric([name], stats.frames_delivered)
-            drops.add_metric([name], daemon.exchange.drops[name] + stats.source_drops)
-            reconnects.add_metric([name], stats.reconnects)
-            errors.add_metric([name], stats.decode_errors)
-            failures.add_metric([name], failed.get(name, 0))
-            current = "paused" if name in daemon.paused else stats.state.value
-            for value in states:
-                state.add_metric([name, value], 1.0 if value == current else 0.0)
-        yield from (fps, frames, captured, drops, reconnects, errors, failures, state)
+        per_camera = {
+            "frames": CounterMetricFamily("vigild_camera_frames", "Frames through the chain", labels=["camera"]),
+            "captured": CounterMetricFamily(
+                "vigild_camera_captured_frames", "Frames handed over by capture", labels=["camera"]
+            ),
+            "drops": CounterMetricFamily("vigild_camera_dropped_frames", "Frames dropped before the chain", labels=["camera"]),
+            "reconnects": CounterMetricFamily("vigild_camera_reconnects", "Source reconnect attempts", labels=["camera"]),
+            "decode_errors": CounterMetricFamily("vigild_camera_decode_errors", "Decode errors", labels=["camera"]),
+            "plugin_failures": CounterMetricFamily(
+                "vigild_camera_plugin_failures", "Frames a plugin failed on", labels=["camera"]
+            ),
+        }
+        state = GaugeMetricFamily("vigild_camera_state", "1 for the camera's current state", labels=["camera", "state"])
+        for name, camera in status["cameras"].items():
+            fps.add_metric([name], camera["fps"])
+            for key, family in per_camera.items():
+                family.add_metric([name], camera[key])
+            for value in CAMERA_STATES:
+                state.add_metric([name, value], 1.0 if value == camera["state"] else 0.0)
+        yield from (fps, *per_camera.values(), state)
 
-        publisher = daemon.publisher.stats
+        publisher = status["publisher"]
         events = CounterMetricFamily("vigild_events_published", "Events sent, by type", labels=["type"])
-        for event_type, count in sorted(publisher.sent_by_type.items()):
+        for event_type, count in publisher["sent_by_type"].items():
             events.add_metric([event_type], count)
         yield events
         dropped = CounterMetricFamily("vigild_events_dropped", "Events not sent, by reason", labels=["reason"])
-        dropped.add_metric(["queue_full"], publisher.dropped_queue_full)
-        dropped.add_metric(["unsendable"], publisher.dropped_unsendable)
+        dropped.add_metric(["queue_full"], publisher["dropped_queue_full"])
+        dropped.add_metric(["unsendable"], publisher["dropped_unsendable"])
         yield dropped
-        yield CounterMetricFamily("vigild_batches", "Batches through the chain", value=daemon.scheduler.batches)
+        yield CounterMetricFamily("vigild_batches", "Batches through the chain", value=status["scheduler"]["batches"])
         plugin_failures = CounterMetricFamily("vigild_plugin_failures", "Frames a plugin failed on", labels=["plugin"])
         batch_failures = CounterMetricFamily(
             "vigild_plugin_batch_failures", "Batches a plugin raised on (whole or rerun frame by frame)", labels=["plugin"]
         )
-        for stage in daemon.chain.stages:
-            plugin_failures.add_metric([stage.spec.id], stage.total_failures)
-            batch_failures.add_metric([stage.spec.id], stage.batch_failures)
+        for plugin_id, plugin in status["plugins"].items():
+            plugin_failures.add_metric([plugin_id], plugin["failures"])
+            batch_failures.add_metric([plugin_id], plugin["batch_failures"])
         yield from (plugin_failures, batch_failures)
-        yield GaugeMetricFamily("vigild_uptime_seconds", "Seconds since start", value=daemon.uptime_s)
+        yield GaugeMetricFamily("vigild_uptime_seconds", "Seconds since start", value=status["uptime_s"])
         memory = GaugeMetricFamily("vigild_gpu_memory_bytes", "GPU memory held by torch", labels=["device", "kind"])
-        if daemon.device.startswith("cuda"):
+        device = status["device"]
+        if device.startswith("cuda"):
             import torch
 
-            memory.add_metric([daemon.device, "allocated"], torch.cuda.memory_allocated(daemon.device))
-            memory.add_metric([daemon.device, "reserved"], torch.cuda.memory_reserved(daemon.device))
+            memory.add_metric([device, "allocated"], torch.cuda.memory_allocated(device))
+            memory.add_metric([device, "reserved"], torch.cuda.memory_reserved(device))
         yield memory
 
 
 class MetricsServer:
-    def __init__(self, config: MetricsConfig, daemon: Daemon):
+    def __init__(self, config: MetricsConfig, daemon: StatusSource):
         self.config = config
         self.registry = CollectorRegistry()
         self._plugin = Histogram(

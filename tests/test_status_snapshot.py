@@ -1,0 +1,68 @@
+"""One status snapshot feeds the heartbeat, `vigild ctl status`, systemd's STATUS= and the metrics (issue 16): the
+metrics and the status line are functions of `Daemon.status()` alone. The snapshot here is written by the test (it
+is the whole input of both, by the `StatusSource` protocol); test_service checks them on a running daemon."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from vigild.daemon import status_line
+from vigild.metrics import DaemonCollector
+
+SNAPSHOT = {
+    "uptime_s": 12.5,
+    "device": "cpu",
+    "cameras": {
+        "door": {"state": "streaming", "fps": 9.5, "frames": 120, "captured": 125, "drops": 5, "reconnects": 1,
+                 "decode_errors": 2, "plugin_failures": 3},
+        "yard": {"state": "paused", "fps": 0.0, "frames": 40, "captured": 40, "drops": 0, "reconnects": 0,
+                 "decode_errors": 0, "plugin_failures": 0},
+        "gate": {"state": "connecting", "fps": 0.0, "frames": 0, "captured": 0, "drops": 7, "reconnects": 4,
+                 "decode_errors": 0, "plugin_failures": 0},
+    },
+    "scheduler": {"batches": 77},
+    "plugins": {"detector": {"failures": 3, "batch_failures": 1}},
+    "publisher": {"sent": 300, "sent_by_type": {"track.update": 250, "heartbeat": 50}, "dropped_queue_full": 6,
+                  "dropped_unsendable": 2},
+}  # fmt: skip
+
+
+class Snapshot:
+    def status(self) -> dict:
+        return SNAPSHOT
+
+
+def scrape() -> dict[str, float]:
+    registry = CollectorRegistry()
+    registry.register(DaemonCollector(Snapshot()))
+    samples = {}
+    for line in generate_latest(registry).decode().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def test_the_metrics_are_the_snapshots_numbers():
+    got = scrape()
+    assert got['vigild_camera_frames_total{camera="door"}'] == 120
+    assert got['vigild_camera_captured_frames_total{camera="door"}'] == 125
+    assert got['vigild_camera_dropped_frames_total{camera="gate"}'] == 7
+    assert got['vigild_camera_reconnects_total{camera="gate"}'] == 4
+    assert got['vigild_camera_decode_errors_total{camera="door"}'] == 2
+    assert got['vigild_camera_plugin_failures_total{camera="door"}'] == 3
+    assert got['vigild_camera_fps{camera="door"}'] == 9.5
+    assert got['vigild_camera_state{camera="yard",state="paused"}'] == 1
+    assert got['vigild_camera_state{camera="yard",state="streaming"}'] == 0
+    assert got['vigild_camera_state{camera="gate",state="connecting"}'] == 1
+    assert got['vigild_events_published_total{type="track.update"}'] == 250
+    assert got['vigild_events_dropped_total{reason="queue_full"}'] == 6
+    assert got['vigild_events_dropped_total{reason="unsendable"}'] == 2
+    assert got["vigild_batches_total"] == 77
+    assert got['vigild_plugin_failures_total{plugin="detector"}'] == 3
+    assert got['vigild_plugin_batch_failures_total{plugin="detector"}'] == 1
+    assert got["vigild_uptime_seconds"] == 12.5
+
+
+def test_the_status_line_is_the_snapshots_numbers():
+    assert status_line(SNAPSHOT) == "1/3 cameras streaming, 1 paused, 9.5 frames/s, 12 dropped"
