@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from vigild.config import CameraConfig
 from vigild.exchange import FrameExchange, Notice, NoticeKind
 from vigild.frame import Frame
 from vigild.gst_pipeline import resolve_backend
 from vigild.reader import EndOfStream, FrameReader, ReaderCounters, SourceError, SourceStalled
+from vigild.settings import CameraConfig
 from vigild.sources import SourceSpec, redact
 
 log = logging.getLogger("vigild.capture")

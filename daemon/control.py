@@ -27,8 +27,9 @@ from typing import Any, Protocol
 import zmq
 
 from vigild.client import ControlClient, default_endpoint
-from vigild.config import ConfigError, ControlConfig, CurveConfig
 from vigild.publisher import is_loopback_endpoint
+from vigild.settings import ControlConfig, CurveConfig
+from vigild.yamlsource import ConfigError
 
 log = logging.getLogger("vigild.control")
 

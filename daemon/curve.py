@@ -21,7 +21,7 @@ import zmq
 import zmq.auth
 
 if TYPE_CHECKING:  # clients load keys without the daemon's config models
-    from vigild.config import CurveConfig
+    from vigild.settings import CurveConfig
 
 log = logging.getLogger("vigild.curve")
 

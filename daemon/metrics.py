@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from vigild.capture import CameraState
-from vigild.config import MetricsConfig
+from vigild.settings import MetricsConfig
 
 log = logging.getLogger("vigild.metrics")
 

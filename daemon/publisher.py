@@ -22,8 +22,8 @@ from urllib.parse import urlsplit
 
 import zmq
 
-from vigild.config import CurveConfig, PublisherConfig
 from vigild.events import Event
+from vigild.settings import CurveConfig, PublisherConfig
 
 log = logging.getLogger("vigild.publisher")
 

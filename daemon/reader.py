@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vigild.config import CameraConfig
+from vigild.settings import CameraConfig
 from vigild.sources import SourceKind, SourceSpec
 
 

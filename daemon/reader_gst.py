@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from vigild.config import CameraConfig
 from vigild.gst_pipeline import (
     DECODEBIN_NAME,
     SINK_NAME,
@@ -30,6 +29,7 @@ from vigild.gst_pipeline import (
     unusable_decoders,
 )
 from vigild.reader import EndOfStream, FrameReader, RawFrame, SourceError, check_local_source
+from vigild.settings import CameraConfig
 from vigild.sources import SourceKind, SourceSpec
 from vigild.yuv import I420Layout, i420_to_bgr
 

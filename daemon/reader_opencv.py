@@ -12,8 +12,8 @@ import time
 import cv2
 import numpy as np
 
-from vigild.config import CameraConfig
 from vigild.reader import EndOfStream, FrameReader, RawFrame, SourceError, SourceStalled, check_local_source
+from vigild.settings import CameraConfig
 from vigild.sources import SourceKind, SourceSpec, with_credentials
 
 

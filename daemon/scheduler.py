@@ -16,11 +16,11 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from vigild.chain import Chain
-from vigild.config import SchedulerConfig
 from vigild.events import Event
 from vigild.exchange import FrameExchange, Notice, NoticeKind
 from vigild.frame import Frame
 from vigild.publisher import Publisher
+from vigild.settings import SchedulerConfig
 
 log = logging.getLogger("vigild.scheduler")
 
