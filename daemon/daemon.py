@@ -405,10 +405,7 @@ class Daemon:
                 for name in sorted(served & still_open):
                     for event in self.chain.close_instance(stage, plugin, name, now):
                         self.publisher.publish(event)
-            chain.activate()
-            self.scheduler.chain = chain
-            self.scheduler.config = new.settings.scheduler
-            self.scheduler.set_cameras(list(new_cameras))
+            self.scheduler.take_over(chain, new.settings.scheduler, list(new_cameras))
             for name in applied.restarted:
                 self.scheduler.reopen_camera(name)
 

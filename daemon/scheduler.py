@@ -97,6 +97,13 @@ class Scheduler:
         if camera not in self._down:
             self._close_camera(Notice(camera, NoticeKind.DOWN, time.time(), -1, {"reason": reason}))
 
+    def take_over(self, chain: Chain, config: SchedulerConfig, cameras: list[str]) -> None:
+        """Scheduler thread, at a reconfiguration's swap: run `chain` (activated here) with `config` over `cameras`."""
+        chain.activate()
+        self.chain = chain
+        self.config = config
+        self.set_cameras(cameras)
+
     def set_cameras(self, cameras: list[str]) -> None:
         """Scheduler thread: the cameras of a new configuration; state of the others is forgotten."""
         for gone in set(self.cameras) - set(cameras):
