@@ -12,14 +12,19 @@ the association: per-camera ids and track events.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from ultralytics_view import UltralyticsView
 
 from vigild.config import CameraConfig
 from vigild.frame import Detections, Frame
 from vigild.plugin import PluginContext
-from vigild.plugins.backends.multicamera_tracker import UltralyticsView
 from vigild.plugins.botsort import BotSort, BotSortConfig
 from vigild.plugins.bytetrack import ByteTrack, ByteTrackConfig
 

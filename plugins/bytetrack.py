@@ -11,6 +11,8 @@ the track's duration.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -55,6 +57,57 @@ class ByteTrackConfig(PluginConfig):
     )
 
 
+@dataclass
+class _CameraCadence:
+    ids: np.ndarray
+    """The camera's live tracks' ids, ascending (the tracker numbers them upwards)."""
+    first: np.ndarray
+    """Per track: when it was confirmed."""
+    last: np.ndarray
+    """Per track: when it last had an event."""
+    earliest: float = math.inf
+    """At most the smallest of `last`."""
+
+
+class UpdateCadence:
+    """When a camera's tracks are due a `track.update`: never on the frame that confirmed them, then once at least
+    `interval` seconds have passed since the track's last event."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self._cameras: dict[str, _CameraCadence] = {}
+
+    def due(self, camera: str, ts: float, tracks: FrameTracks) -> tuple[np.ndarray, np.ndarray]:
+        """The detections of `camera`'s frame at `ts` whose tracks are due an update (in the order of
+        `tracks.tracked`), and each one's age in seconds since confirmed; remembers that they had one."""
+        known = self._cameras.get(camera) or _CameraCadence(np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
+        ids, first, last, earliest = known.ids, known.first, known.last, known.earliest
+        if tracks.ended:
+            live = ~np.isin(ids, [track.track_id for track in tracks.ended])
+            ids, first, last = ids[live], first[live], last[live]
+        old = len(ids)
+        if len(tracks.new):
+            now = np.full(len(tracks.new), ts)
+            ids = np.concatenate([ids, tracks.tracker_id[tracks.new]])
+            first, last = np.concatenate([first, now]), np.concatenate([last, now])
+            earliest = min(earliest, ts)
+        if ts - earliest < self.interval:  # then so is ts - last for every track: none is due
+            self._cameras[camera] = _CameraCadence(ids, first, last, earliest)
+            return _NONE_DUE
+        row = np.searchsorted(ids, tracks.tracker_id[tracks.tracked])
+        due = (row < old) & (ts - last[row] >= self.interval)
+        row = row[due]
+        last[row] = ts
+        self._cameras[camera] = _CameraCadence(ids, first, last, float(last.min()) if len(last) else math.inf)
+        return tracks.tracked[due], ts - first[row]
+
+    def forget(self, camera: str) -> None:
+        self._cameras.pop(camera, None)
+
+
+_NONE_DUE = (np.zeros(0, np.int64), np.zeros(0))
+
+
 class ByteTrack(Plugin[ByteTrackConfig]):
     Config = ByteTrackConfig
     batched = True  # one step for every camera of the batch; a bad frame is named with FrameErrors, never rerun
@@ -70,7 +123,8 @@ class ByteTrack(Plugin[ByteTrackConfig]):
             max_frames_lost=max(1, round(c.track_buffer * c.frame_rate / 30)),  # in processed frames
             fuse_score=c.fuse_score,
         )
-        self._tracker = MultiCameraTracker(settings, self.box_form, c.update_interval, self._motion_compensation())
+        self._tracker = MultiCameraTracker(settings, self.box_form, self._motion_compensation())
+        self._cadence = UpdateCadence(c.update_interval)
 
     def _motion_compensation(self) -> str | None:
         """BoT-SORT's camera-motion compensation method, None for none."""
@@ -108,6 +162,7 @@ class ByteTrack(Plugin[ByteTrackConfig]):
 
     def _events(self, frame: Frame, result: FrameTracks) -> list[Event]:
         detections, ts = frame.detections, frame.ts_wall
+        due, ages = self._cadence.due(frame.camera, ts, result)
         events = [
             Event("track.new", frame.camera, ts, frame.index, object_payload(detections, int(i))) for i in result.new
         ]
@@ -120,7 +175,7 @@ class ByteTrack(Plugin[ByteTrackConfig]):
                 object_payload(detections, int(i)),
                 {"age_s": round(float(age), 3)},
             )
-            for i, age in zip(result.due, result.age_s, strict=True)
+            for i, age in zip(due, ages, strict=True)
         ]
         events += [self._end_event(frame.camera, track, ts, frame.index, "lost") for track in result.ended]
         return events
@@ -145,7 +200,9 @@ class ByteTrack(Plugin[ByteTrackConfig]):
         )
 
     def on_source_end(self, camera: str, ts_wall: float, frame_index: int) -> list[Event]:
+        ended = self._tracker.drop_camera(camera)
+        self._cadence.forget(camera)
         return [
             self._end_event(camera, track, ts_wall, frame_index if frame_index >= 0 else track.last_frame, "source_end")
-            for track in self._tracker.drop_camera(camera)
+            for track in ended
         ]

@@ -13,17 +13,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from ultralytics_view import UltralyticsView
 
 from vigild.config import CameraConfig
 from vigild.frame import Detections, Frame
 from vigild.plugin import FrameErrors, PluginContext
 from vigild.plugins.backends.box_kalman import BoxKalman
-from vigild.plugins.backends.multicamera_tracker import (
-    AssociationSettings,
-    CameraFrame,
-    MultiCameraTracker,
-    UltralyticsView,
-)
+from vigild.plugins.backends.multicamera_tracker import AssociationSettings, CameraFrame, MultiCameraTracker
 from vigild.plugins.bytetrack import ByteTrack, ByteTrackConfig
 
 VTEST = Path(__file__).resolve().parents[1].parent / "shared" / "media" / "vtest.avi"
