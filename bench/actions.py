@@ -30,10 +30,10 @@ import torch
 # contenders (bench/) snapshots the environment as the benchmark started (numpy and torch leave it alone)
 from contenders import contender_env, spawning_with, thread_counts
 
-from vigild.config import CameraConfig
+from vigild.config.loading import CameraConfig
 from vigild.frame import Detections, Frame
 from vigild.plugin import PluginContext
-from vigild.plugins.action_recognizer import ActionRecognizer, ActionRecognizerConfig
+from vigild.plugins.actions.action_recognizer import ActionRecognizer, ActionRecognizerConfig
 
 
 def plugin(args: argparse.Namespace, max_tracks: int) -> ActionRecognizer:
@@ -98,8 +98,8 @@ def pipeline_config(cameras: int, actions: bool, args: argparse.Namespace) -> st
 
 def pipeline_run(config: str, warmup: float, seconds: float, results: Any) -> None:
     """One daemon in this (fresh) process; puts its figures over the measured window on `results`."""
-    from vigild.config import load_config
-    from vigild.daemon import Daemon
+    from vigild.config.loading import load_config
+    from vigild.service.daemon import Daemon
 
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         handle.write(config)
@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds before the window (loads, clips filling)")
     args = parser.parse_args()
     os.environ.setdefault("YOLO_OFFLINE", "1")
-    from vigild.threads import apply_threads, choose_threads
+    from vigild.service.threads import apply_threads, choose_threads
 
     apply_threads(choose_threads(None))  # the plugin alone gets the threads the daemon would give it
     recognizer = plugin(args, max(args.tracks, default=1))

@@ -18,10 +18,10 @@ import threading
 import time
 from pathlib import Path
 
-from vigild.capture import CameraCapture
-from vigild.config import CameraConfig
-from vigild.exchange import FrameExchange
-from vigild.sources import parse_source
+from vigild.capture.camera import CameraCapture
+from vigild.capture.sources import parse_source
+from vigild.config.loading import CameraConfig
+from vigild.pipeline.exchange import FrameExchange
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("VIGILD_SHARED", ROOT.parent / "shared")).resolve()

@@ -37,10 +37,10 @@ def thread_cpu_s(native_id: int) -> float:
 
 
 def tracking_ms(objects: int, frames: int, cameras: int) -> float:
-    from vigild.config import CameraConfig
+    from vigild.config.loading import CameraConfig
     from vigild.frame import Detections, Frame
     from vigild.plugin import PluginContext
-    from vigild.plugins.bytetrack import ByteTrack, ByteTrackConfig
+    from vigild.plugins.tracking.bytetrack import ByteTrack, ByteTrackConfig
 
     names = [f"c{n}" for n in range(cameras)]
     context = PluginContext("cpu", {name: CameraConfig(source=name) for name in names})
@@ -63,9 +63,9 @@ def tracking_ms(objects: int, frames: int, cameras: int) -> float:
 
 
 def publishing_ms(events: int) -> float:
-    from vigild.config import PublisherConfig
+    from vigild.config.loading import PublisherConfig
     from vigild.events import Event
-    from vigild.publisher import Publisher
+    from vigild.outputs.publisher import Publisher
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,10 +89,10 @@ def capture_ms(cameras: int, seconds: float) -> tuple[float, float, float]:
     """(capture threads' CPU ms per frame, whole process CPU ms per frame, frames/s)."""
     from throughput import h264
 
-    from vigild.capture import CameraCapture
-    from vigild.config import CameraConfig
-    from vigild.exchange import FrameExchange
-    from vigild.sources import parse_source
+    from vigild.capture.camera import CameraCapture
+    from vigild.capture.sources import parse_source
+    from vigild.config.loading import CameraConfig
+    from vigild.pipeline.exchange import FrameExchange
 
     video = h264(1080)
     exchange = FrameExchange()

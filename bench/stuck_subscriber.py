@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from service import Service, camera_yaml, free_endpoint, service_config  # noqa: E402
 
-from vigild.control import ControlClient  # noqa: E402
+from vigild.service.control import ControlClient  # noqa: E402
 
 STUCK = """
 import sys, time, zmq

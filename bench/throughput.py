@@ -138,8 +138,8 @@ def vigild_config(args: argparse.Namespace) -> str:
 
 def run_vigild(args: argparse.Namespace) -> dict[str, Any]:
     """The daemon in this process: frames the scheduler finished, and latencies, over the measured window."""
-    from vigild.config import load_config
-    from vigild.daemon import Daemon
+    from vigild.config.loading import load_config
+    from vigild.service.daemon import Daemon
 
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         handle.write(vigild_config(args))
@@ -218,9 +218,9 @@ def device_ceiling(args: argparse.Namespace) -> dict[str, Any]:
     """Frames/s of vigild's letterbox + forward + NMS on frames already decoded, batches of `max_batch`."""
     import cv2
 
-    from vigild.device import default_half, resolve_device
-    from vigild.plugins.backends.yolo import UltralyticsBackend
-    from vigild.threads import apply_threads, choose_threads
+    from vigild.plugins.detection.yolo import UltralyticsBackend
+    from vigild.service.threads import apply_threads, choose_threads
+    from vigild.vision.device import default_half, resolve_device
 
     device = resolve_device(args.device)
     half = default_half(device) if args.half is None else args.half
@@ -295,7 +295,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("YOLO_OFFLINE", "1")
     if args.max_batch is None:
-        from vigild.device import resolve_device
+        from vigild.vision.device import resolve_device
 
         args.max_batch = 64 if resolve_device(args.device).startswith("cuda") else 8
 
@@ -343,7 +343,7 @@ def main() -> None:
                 else:
                     from baselines import run_baseline
 
-                    from vigild.device import resolve_device
+                    from vigild.vision.device import resolve_device
 
                     # ultralytics takes one side and letterboxes 16:9 frames to 640x384 itself (rect mode)
                     # streams mode reads its files as fast as it can and stops at the first end: a short warm-up

@@ -22,11 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from ultralytics_view import UltralyticsView
 
-from vigild.config import CameraConfig
+from vigild.config.loading import CameraConfig
 from vigild.frame import Detections, Frame
 from vigild.plugin import PluginContext
-from vigild.plugins.botsort import BotSort, BotSortConfig
-from vigild.plugins.bytetrack import ByteTrack, ByteTrackConfig
+from vigild.plugins.tracking.botsort import BotSort, BotSortConfig
+from vigild.plugins.tracking.bytetrack import ByteTrack, ByteTrackConfig
 
 IMAGE = np.zeros((8, 8, 3), np.uint8)
 

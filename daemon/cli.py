@@ -13,12 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vigild import __version__
-from vigild.chain import PluginStartError
+from vigild.capture.gst_pipeline import resolve_backend
 from vigild.client import DEFAULT_ENDPOINT, Subscriber
-from vigild.config import Config, ConfigError, load_config, load_control_settings
-from vigild.curve import ClientKeys, keygen
-from vigild.gst_pipeline import resolve_backend
+from vigild.config.loading import Config, ConfigError, load_config, load_control_settings
+from vigild.pipeline.chain import PluginStartError
 from vigild.plugin import PluginConfigError
+from vigild.service.curve import ClientKeys, keygen
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -129,8 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(config: Config, log_level: str | None) -> int:
     """`log_level`: from the command line; it then outlasts every reload and camera change."""
-    from vigild.control import CommandError
-    from vigild.daemon import BindError, Daemon
+    from vigild.service.control import CommandError
+    from vigild.service.daemon import BindError, Daemon
 
     logging.basicConfig(
         level=log_level or config.settings.log_level,
@@ -186,7 +186,7 @@ def _run(config: Config, log_level: str | None) -> int:
 
 
 def _ctl(args: argparse.Namespace, keys: ClientKeys | None) -> int:
-    from vigild.control import ControlClient
+    from vigild.service.control import ControlClient
 
     endpoint = args.endpoint
     if args.config and not endpoint:

@@ -17,7 +17,7 @@ from typing import Any
 
 import zmq
 
-from vigild.curve import ClientKeys
+from vigild.service.curve import ClientKeys
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 

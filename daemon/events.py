@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from vigild.frame import Detections
-from vigild.snapshot import Snapshot
+from vigild.vision.snapshot import Snapshot
 
 SCHEMA_VERSION = 1
 TOPIC_ROOT = "vigild"

@@ -38,7 +38,7 @@ class Detections:
 
     xyxy: (N, 4) float32 pixel corners in the frame's own coordinates; confidence: (N,) float32;
     class_id: (N,) int32 indices into `class_names`; tracker_id: (N,) int64, `NO_TRACK` when untracked.
-    Optional, from segmenting and pose models: masks: (N,) object array of `vigild.masks.InstanceMask`;
+    Optional, from segmenting and pose models: masks: (N,) object array of `vigild.vision.masks.InstanceMask`;
     keypoints: (N, K, 3) float32 (x, y, confidence) in frame pixels.
     """
 

@@ -16,7 +16,7 @@ import torch
 from conftest import plaza
 from torch import nn
 
-from vigild.plugins.backends.tubes import TubeCutter, square_boxes
+from vigild.plugins.actions.tubes import TubeCutter, square_boxes
 
 ACTIONS = ("walk_left", "walk_right", "stand", "bob")
 CLIP_LEN, SIZE, STRIDE, MARGIN = 8, 32, 3, 0.3
@@ -150,7 +150,7 @@ def training_key() -> str:
     """What the trained model depends on: this scene, the tube cutter and torch (a cache key)."""
     import hashlib
 
-    from vigild.plugins.backends import tubes
+    from vigild.plugins.actions import tubes
 
     digest = hashlib.sha256(
         Path(__file__).read_bytes() + Path(tubes.__file__).read_bytes() + torch.__version__.encode()

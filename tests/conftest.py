@@ -26,7 +26,7 @@ if not VTEST.is_file() or not (YOLO_FASTEST / "yolo-fastest-1.1-xl.weights").is_
 
 def yolo_fastest(confidence: float = 0.3):
     """The shared Yolo-Fastest-XL as a person detector, at 320: the detector the end-to-end tests run."""
-    from vigild.plugins.detector import DetectorConfig
+    from vigild.plugins.detection.detector import DetectorConfig
 
     return DetectorConfig(
         backend="darknet",

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import cv2
 
-from vigild.capture import CameraCapture
-from vigild.config import CameraConfig
-from vigild.exchange import FrameExchange, Notice
+from vigild.capture.camera import CameraCapture
+from vigild.capture.sources import parse_source
+from vigild.config.loading import CameraConfig
 from vigild.frame import Frame
-from vigild.sources import parse_source
+from vigild.pipeline.exchange import FrameExchange, Notice
 
 ROOT = Path(__file__).resolve().parent.parent
 RTSP_SERVER = ROOT / "tests" / "servers" / "rtsp_server.py"
@@ -243,7 +243,7 @@ def cut_hls(h264_mp4: Path, folder: Path, timeout: float = 60.0) -> Path:
     streaming thread idle. Here the pipeline forwards its children's messages (`message-forward`), and the EOS of
     the hlssink2 element itself ends the wait, whether or not the pipeline's aggregated EOS follows.
     """
-    from vigild.gst_pipeline import gst_modules
+    from vigild.capture.gst_pipeline import gst_modules
 
     gst = gst_modules()[0]
     playlist = folder / "live.m3u8"

@@ -23,12 +23,12 @@ from action_scene import (
 )
 from torchvision.ops import box_iou
 
-from vigild.config import CameraConfig, PluginSpec
+from vigild.config.loading import CameraConfig, PluginSpec
 from vigild.events import Event
 from vigild.frame import Detections, Frame
 from vigild.plugin import PluginConfigError, PluginContext
-from vigild.plugins.action_recognizer import ActionRecognizer, ActionRecognizerConfig
-from vigild.plugins.backends.video_models import TORCHVISION_VIDEO_MODELS
+from vigild.plugins.actions.action_recognizer import ActionRecognizer, ActionRecognizerConfig
+from vigild.plugins.actions.video_models import TORCHVISION_VIDEO_MODELS
 
 TRUE = {person: action for person, (action, _, _) in enumerate(SCENE)}
 FLIPPED = {"walk_left": "walk_right", "walk_right": "walk_left", "stand": "stand", "bob": "bob"}
@@ -78,9 +78,9 @@ def actions_by_person(events, truths) -> dict[int, set[str]]:
 def run_chain(motion_model, reverse: bool) -> tuple[list[Event], list[dict]]:
     from conftest import yolo_fastest
 
-    from vigild.chain import Chain
-    from vigild.plugins.bytetrack import ByteTrack, ByteTrackConfig
-    from vigild.plugins.detector import Detector
+    from vigild.pipeline.chain import Chain
+    from vigild.plugins.detection.detector import Detector
+    from vigild.plugins.tracking.bytetrack import ByteTrack, ByteTrackConfig
 
     detector, tracker = yolo_fastest(0.3), ByteTrackConfig(update_interval=1.0)
     actions = action_config(*motion_model)
@@ -324,7 +324,7 @@ def test_a_checkpoint_whose_classes_do_not_match_the_labels_is_a_config_error(tm
 def truth_clips(images: list[np.ndarray], truths: list[dict], people: tuple[int, ...]) -> torch.Tensor:
     """(P, 3, T, S, S) uint8: these people's crops of these frames, cut frame by frame around their true boxes
     (all of a frame's boxes in one cut, as the plugin does: the same region, so the same float rounding)."""
-    from vigild.plugins.backends.tubes import TubeCutter, square_boxes
+    from vigild.plugins.actions.tubes import TubeCutter, square_boxes
 
     cutter = TubeCutter(SIZE, torch.device("cpu"))
     height, width = images[0].shape[:2]
@@ -363,7 +363,7 @@ def test_a_model_failure_mid_batch_fails_only_the_frames_with_clips_and_leaves_t
     (on frames 7, 11, ...). The model fails on its second call (frame 11): only frame 11 fails and is counted;
     the tubes hold each frame's crop once (no frame cut twice); the clip that was not classified is classified
     on the next frame (12), with the scores the model gives that frame's true clip."""
-    from vigild.chain import Chain
+    from vigild.pipeline.chain import Chain
 
     model_file, labels = motion_model
     config = action_config(model_file, labels, stride=1, interval=4, smoothing=0.5)
@@ -452,7 +452,7 @@ def test_the_tube_of_a_track_that_vanishes_is_released_and_reused(motion_model):
 def test_tube_boxes_and_region_are_float32_on_every_device(monkeypatch):
     """The cutter gives roi_align float32 boxes (and region) whatever the device and the model's precision: on
     the meta device (shapes and dtypes without data) the CUDA path's choices run on a CPU-only machine."""
-    from vigild.plugins.backends import tubes
+    from vigild.plugins.actions import tubes
 
     seen: list[tuple[torch.dtype, torch.dtype]] = []
     real = tubes.roi_align
@@ -559,7 +559,7 @@ def test_a_crop_is_the_same_whatever_else_is_cut_from_the_frame():
     from the whole frame, alone or beside other boxes, for boxes at any fraction of a pixel."""
     from torchvision.ops import roi_align
 
-    from vigild.plugins.backends.tubes import TubeCutter
+    from vigild.plugins.actions.tubes import TubeCutter
 
     rng = np.random.default_rng(7)
     image = rng.integers(0, 256, (576, 768, 3), dtype=np.uint8)

@@ -17,13 +17,13 @@ import torch
 from pydantic import ValidationError
 from torchvision.ops import box_iou
 
-from vigild.chain import Chain
-from vigild.config import CameraConfig, PluginSpec
+from vigild.config.loading import CameraConfig, PluginSpec
 from vigild.frame import Detections, Frame
+from vigild.pipeline.chain import Chain
 from vigild.plugin import Plugin, PluginConfig, PluginContext
-from vigild.plugins.analytics import Analytics, AnalyticsConfig
-from vigild.plugins.botsort import BotSort, BotSortConfig
-from vigild.plugins.bytetrack import ByteTrack, ByteTrackConfig
+from vigild.plugins.analytics.analytics import Analytics, AnalyticsConfig
+from vigild.plugins.tracking.botsort import BotSort, BotSortConfig
+from vigild.plugins.tracking.bytetrack import ByteTrack, ByteTrackConfig
 
 WIDTH, HEIGHT = 1000, 800
 IMAGE = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
@@ -257,7 +257,7 @@ def test_a_line_across_the_plaza_counts_people_both_ways_on_real_footage():
     import cv2
     from conftest import VTEST, yolo_fastest
 
-    from vigild.plugins.detector import Detector
+    from vigild.plugins.detection.detector import Detector
 
     camera = CameraConfig(
         source=str(VTEST),
@@ -384,7 +384,7 @@ def test_pedestrians_rendered_on_known_paths_are_tracked_and_counted_by_the_real
     import motmetrics as mm
     from conftest import yolo_fastest
 
-    from vigild.plugins.detector import Detector
+    from vigild.plugins.detection.detector import Detector
 
     camera = CameraConfig(source="rendered", lines=RENDERED_LINE)
     detector = yolo_fastest(0.3)

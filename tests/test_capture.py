@@ -8,10 +8,10 @@ import time
 import pytest
 from conftest import VTEST
 
-from vigild.capture import CameraCapture, CameraState
-from vigild.config import CameraConfig, ReconnectConfig
-from vigild.exchange import FrameExchange, NoticeKind
-from vigild.sources import parse_source
+from vigild.capture.camera import CameraCapture, CameraState
+from vigild.capture.sources import parse_source
+from vigild.config.loading import CameraConfig, ReconnectConfig
+from vigild.pipeline.exchange import FrameExchange, NoticeKind
 
 VTEST_FRAMES = 795
 BACKENDS = ["gstreamer", "opencv"]

@@ -8,9 +8,9 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
-from vigild.chain import Chain
-from vigild.config import CameraConfig, PluginSpec
+from vigild.config.loading import CameraConfig, PluginSpec
 from vigild.frame import Frame
+from vigild.pipeline.chain import Chain
 from vigild.plugin import FrameErrors, Plugin, PluginConfig
 
 IMAGE = np.zeros((4, 4, 3), np.uint8)

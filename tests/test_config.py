@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import MODELS, ROOT, VTEST, daemon_env
 
-from vigild.config import load_config
-from vigild.yamlsource import ConfigError
+from vigild.config.loading import load_config
+from vigild.config.yamlsource import ConfigError
 
 DARKNET = f"""
   - type: detector

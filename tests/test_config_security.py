@@ -17,14 +17,14 @@ import pytest
 from conftest import MODELS, VTEST, yolo_fastest_yaml
 from service import Service, camera_yaml, free_endpoint, service_config
 
-from vigild.config import Config, ControlRefused, load_config, with_camera
-from vigild.control import ControlClient
+from vigild.config.loading import Config, ControlRefused, load_config, with_camera
+from vigild.config.yamlsource import ConfigError
 from vigild.plugin import PluginConfig, PluginConfigError, PluginContext
-from vigild.plugins.action_recognizer import ActionRecognizerConfig
-from vigild.plugins.backends.darknet import MAX_NAMES_BYTES, read_names
-from vigild.plugins.detector import Detector, DetectorConfig
-from vigild.plugins.semantic_segmenter import SemanticSegmenterConfig
-from vigild.yamlsource import ConfigError
+from vigild.plugins.actions.action_recognizer import ActionRecognizerConfig
+from vigild.plugins.detection.darknet import MAX_NAMES_BYTES, read_names
+from vigild.plugins.detection.detector import Detector, DetectorConfig
+from vigild.plugins.segmentation.semantic_segmenter import SemanticSegmenterConfig
+from vigild.service.control import ControlClient
 
 FASTEST = MODELS / "yolo-fastest-1.1"
 XL_WEIGHTS = FASTEST / "yolo-fastest-1.1-xl.weights"
@@ -267,7 +267,7 @@ def test_an_unknown_class_does_not_show_the_names_file(tmp_path):
 
 
 def _read_labels(path: Path) -> tuple[str, ...]:
-    from vigild.plugins.backends.video_models import read_labels
+    from vigild.plugins.actions.video_models import read_labels
 
     return read_labels(path)
 
@@ -275,7 +275,7 @@ def _read_labels(path: Path) -> tuple[str, ...]:
 @pytest.mark.parametrize(("read", "key"), [(read_names, "names"), (_read_labels, "labels")], ids=["names", "labels"])
 def test_a_names_or_labels_file_that_is_not_one_is_a_clear_error(tmp_path, read, key):
     """The detector's names and the action recognizer's labels: bounded, text only, named but never echoed."""
-    from vigild.plugins.backends.video_models import VideoModelError
+    from vigild.plugins.actions.video_models import VideoModelError
 
     binary = tmp_path / "model.bin"
     binary.write_bytes(b"\x80\x81\xferoot:x:0:0\n" * 10)
@@ -296,7 +296,7 @@ def test_a_names_or_labels_file_that_is_not_one_is_a_clear_error(tmp_path, read,
 
 
 def test_an_unknown_action_does_not_show_the_labels_file(tmp_path):
-    from vigild.plugins.action_recognizer import ActionRecognizer
+    from vigild.plugins.actions.action_recognizer import ActionRecognizer
 
     labels = tmp_path / "labels.txt"
     labels.write_text("root:x:0:0\ndaemon:x:1:1\nstroll\n")

@@ -18,7 +18,7 @@ import zmq
 from conftest import VTEST, daemon_env, free_endpoint, install_fake_distribution, vigild
 from service import FRAME_ECHO, Service, camera_yaml, service_config
 
-from vigild.control import MAX_FRAME_BYTES, MAX_REQUEST_BYTES, ControlClient, ControlServer, default_endpoint
+from vigild.service.control import MAX_FRAME_BYTES, MAX_REQUEST_BYTES, ControlClient, ControlServer, default_endpoint
 
 pytestmark = pytest.mark.e2e
 
@@ -392,8 +392,8 @@ def test_a_daemon_refuses_a_control_directory_open_to_others(tmp_path):
 def test_a_log_level_given_on_the_command_line_survives_camera_changes(tmp_path):
     """With `log_level_override` (vigild run --log-level), applying a config never changes the level; without it,
     the config's `log_level` applies."""
-    from vigild.config import load_config
-    from vigild.daemon import Daemon
+    from vigild.config.loading import load_config
+    from vigild.service.daemon import Daemon
 
     path = tmp_path / "vigild.yaml"
     path.write_text(
@@ -438,7 +438,7 @@ def test_vigild_run_log_level_outlasts_a_camera_added_through_the_socket(tmp_pat
 
 
 def _control(endpoint: str):
-    from vigild.config import ControlConfig
+    from vigild.config.loading import ControlConfig
 
     return ControlConfig(endpoint=endpoint)
 

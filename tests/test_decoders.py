@@ -20,11 +20,8 @@ import pytest
 from conftest import VTEST
 from streams import count_frames, encode, frames_at_least, run_camera  # count_frames: 59 or 60 frames, run by run
 
-from vigild.capture import CameraCapture
-from vigild.config import CameraConfig, ReconnectConfig
-from vigild.exchange import FrameExchange, NoticeKind
-from vigild.frame import Frame
-from vigild.gst_pipeline import (
+from vigild.capture.camera import CameraCapture
+from vigild.capture.gst_pipeline import (
     CORE_ERROR_DOMAIN,
     CORE_ERROR_NEGOTIATION,
     STREAM_ERROR_DECODE,
@@ -37,7 +34,10 @@ from vigild.gst_pipeline import (
     pipeline_description,
     unusable_decoders,
 )
-from vigild.sources import parse_source
+from vigild.capture.sources import parse_source
+from vigild.config.loading import CameraConfig, ReconnectConfig
+from vigild.frame import Frame
+from vigild.pipeline.exchange import FrameExchange, NoticeKind
 
 Gst = gst_modules()[0]
 H264_CAPS = "video/x-h264,stream-format=byte-stream,alignment=au"

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from conftest import VTEST, YOLO_FASTEST
 
-from vigild.config import CameraConfig
+from vigild.config.loading import CameraConfig
 from vigild.frame import Frame
 from vigild.plugin import PluginConfigError, PluginContext
-from vigild.plugins.backends.darknet import dnn_placement
-from vigild.plugins.detector import Detector, DetectorConfig
+from vigild.plugins.detection.darknet import dnn_placement
+from vigild.plugins.detection.detector import Detector, DetectorConfig
 
 
 def read_frames(count: int) -> list[np.ndarray]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vigild.device import OomSplitter, default_half, is_out_of_memory, resolve_device
+from vigild.vision.device import OomSplitter, default_half, is_out_of_memory, resolve_device
 
 
 def capacity_limited(capacity: int, calls: list[int]):

@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 
-from vigild.exchange import FrameExchange, Notice, NoticeKind
 from vigild.frame import Frame
+from vigild.pipeline.exchange import FrameExchange, Notice, NoticeKind
 
 IMAGE = np.zeros((4, 4, 3), np.uint8)
 
@@ -125,10 +125,10 @@ def test_cameras_added_and_removed_leave_no_state_behind():
 def test_scheduler_forgets_the_cameras_a_new_configuration_drops():
     """The scheduler's per-camera counts (frames, latency, the last frame for snapshots, down/ended) of cameras
     that are no longer configured are dropped, so that add/remove cycles never grow them."""
-    from vigild.chain import Chain
-    from vigild.config import PublisherConfig, SchedulerConfig
-    from vigild.publisher import Publisher
-    from vigild.scheduler import Scheduler
+    from vigild.config.loading import PublisherConfig, SchedulerConfig
+    from vigild.outputs.publisher import Publisher
+    from vigild.pipeline.chain import Chain
+    from vigild.pipeline.scheduler import Scheduler
 
     exchange = FrameExchange()
     publisher = Publisher(PublisherConfig(endpoint="inproc://unused"))  # never started: publish only queues

@@ -18,10 +18,10 @@ import pytest
 from conftest import VTEST, daemon_env, free_endpoint
 from service import Service, camera_yaml, service_config
 
-from vigild.config import ConfigError, load_config
-from vigild.control import ControlClient
-from vigild.gst_pipeline import DECODEBIN_NAME, gst_modules, gstreamer_available, pipeline_description
-from vigild.sources import SourceKind, parse_source
+from vigild.capture.gst_pipeline import DECODEBIN_NAME, gst_modules, gstreamer_available, pipeline_description
+from vigild.capture.sources import SourceKind, parse_source
+from vigild.config.loading import ConfigError, load_config
+from vigild.service.control import ControlClient
 
 VALID = "cameras:\n  door:\n    source: test://\n"
 

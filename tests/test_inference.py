@@ -22,14 +22,14 @@ import torch
 from known_models import RectangleYolo
 from torchvision.ops import box_iou
 
-from vigild.chain import Chain
-from vigild.config import CameraConfig, PluginSpec
-from vigild.device import OomSplitter
+from vigild.config.loading import CameraConfig, PluginSpec
 from vigild.frame import Frame
-from vigild.letterbox import Letterboxer
-from vigild.masks import InstanceMask, rle_decode
-from vigild.plugins.backends.yolo import UltralyticsBackend, decode_in_float32, select
-from vigild.plugins.detector import Detector, DetectorConfig
+from vigild.pipeline.chain import Chain
+from vigild.plugins.detection.detector import Detector, DetectorConfig
+from vigild.plugins.detection.yolo import UltralyticsBackend, decode_in_float32, select
+from vigild.vision.device import OomSplitter
+from vigild.vision.letterbox import Letterboxer
+from vigild.vision.masks import InstanceMask, rle_decode
 
 # (width, height, rectangle x1, y1, x2, y2): landscape, 4:3, portrait and tiny frames, rectangles near edges too
 SCENES = [
@@ -331,10 +331,10 @@ OOM_SCRIPT = textwrap.dedent(
     """
     import logging, resource, sys, time
     import numpy as np
-    from vigild.chain import Chain
-    from vigild.config import CameraConfig, PluginSpec
+    from vigild.pipeline.chain import Chain
+    from vigild.config.loading import CameraConfig, PluginSpec
     from vigild.frame import Frame
-    from vigild.plugins.detector import Detector, DetectorConfig
+    from vigild.plugins.detection.detector import Detector, DetectorConfig
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(levelname)s %(message)s")
     cameras = {f"cam{i}": CameraConfig(source=f"cam{i}.mp4") for i in range(64)}

@@ -11,10 +11,10 @@ from typing import ClassVar, Literal
 import pytest
 from conftest import free_endpoint
 
-from vigild.config import PluginSpec, load_config
-from vigild.daemon import Daemon
+from vigild.config.loading import PluginSpec, load_config
 from vigild.frame import Frame
 from vigild.plugin import Plugin, PluginConfig
+from vigild.service.daemon import Daemon
 
 CHAIN_S = 0.3
 FRAME_INTERVAL_S = 0.1  # the RTSP server streams vtest at its 10 fps

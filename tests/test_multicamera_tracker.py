@@ -1,6 +1,6 @@
 """The vectorised multi-camera tracker against ultralytics' own ByteTrack and BoT-SORT, frame for frame.
 
-vigild runs ByteTrack for all cameras of a batch in one step (plugins/backends/multicamera_tracker.py); these tests
+vigild runs ByteTrack for all cameras of a batch in one step (plugins/tracking/multicamera_tracker.py); these tests
 hold it to ultralytics' trackers, one per camera, on the same detections: every detection must get a track from
 both or from neither, and ultralytics' ids must map one-to-one onto vigild's on each camera.
 """
@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from ultralytics_view import UltralyticsView
 
-from vigild.config import CameraConfig
+from vigild.config.loading import CameraConfig
 from vigild.frame import Detections, Frame
 from vigild.plugin import FrameErrors, PluginContext
-from vigild.plugins.backends.box_kalman import BoxKalman
-from vigild.plugins.backends.multicamera_tracker import AssociationSettings, CameraFrame, MultiCameraTracker
-from vigild.plugins.bytetrack import ByteTrack, ByteTrackConfig
+from vigild.plugins.tracking.box_kalman import BoxKalman
+from vigild.plugins.tracking.bytetrack import ByteTrack, ByteTrackConfig
+from vigild.plugins.tracking.multicamera_tracker import AssociationSettings, CameraFrame, MultiCameraTracker
 
 VTEST = Path(__file__).resolve().parents[1].parent / "shared" / "media" / "vtest.avi"
 
@@ -373,7 +373,7 @@ def shaking_camera(frames: int) -> tuple[list[np.ndarray], list[Detections], np.
 
 
 def botsort_plugin(**overrides):
-    from vigild.plugins.botsort import BotSort, BotSortConfig
+    from vigild.plugins.tracking.botsort import BotSort, BotSortConfig
 
     tracker = BotSort(
         BotSortConfig(update_interval=0, **overrides), PluginContext("cpu", {"p": CameraConfig(source="p")})

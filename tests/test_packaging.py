@@ -58,7 +58,7 @@ def installed(built) -> Path:
 
 
 def test_the_wheel_holds_every_module_and_declares_the_command_and_the_plugins(built):
-    """Each module of daemon/, plugins/ and plugins/backends/ is in the wheel under its package name, with the
+    """Each module of daemon/ and plugins/ (and their subpackages) is in the wheel under its package name, with the
     `vigild` command and the built-in plugins' entry points (the names the docs and configs use)."""
     with zipfile.ZipFile(built[0]) as wheel:
         names = set(wheel.namelist())
@@ -88,8 +88,8 @@ def test_the_installed_package_is_the_wheel_not_the_checkout(installed, tmp_path
     env = daemon_env()
     env.pop("PYTHONPATH", None)
     probe = (
-        "import vigild, vigild.plugins.detector as d, vigild.client as c\n"
-        "from vigild.registry import load_plugin_class\n"
+        "import vigild, vigild.plugins.detection.detector as d, vigild.client as c\n"
+        "from vigild.pipeline.registry import load_plugin_class\n"
         "print(vigild.__file__); print(d.__file__); print(load_plugin_class('detector').__module__)\n"
     )
     result = subprocess.run(
@@ -100,4 +100,4 @@ def test_the_installed_package_is_the_wheel_not_the_checkout(installed, tmp_path
     venv = installed.parent
     assert Path(package).is_relative_to(venv) and Path(detector).is_relative_to(venv), result.stdout
     assert not Path(package).is_relative_to(ROOT)
-    assert plugin_module == "vigild.plugins.detector"
+    assert plugin_module == "vigild.plugins.detection.detector"

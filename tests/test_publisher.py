@@ -13,9 +13,9 @@ import zmq
 from conftest import ROOT
 
 from vigild.client import Subscriber
-from vigild.config import PublisherConfig
+from vigild.config.loading import PublisherConfig
 from vigild.events import Event
-from vigild.publisher import Publisher, is_loopback_endpoint
+from vigild.outputs.publisher import Publisher, is_loopback_endpoint
 
 
 def event(i: int, camera: str = "door") -> Event:
@@ -157,7 +157,7 @@ def test_a_snapshot_travels_as_a_third_part_to_a_plain_subscriber(endpoint, subs
     import cv2
     import numpy as np
 
-    from vigild.snapshot import make_snapshot
+    from vigild.vision.snapshot import make_snapshot
 
     image = np.full((480, 640, 3), 60, np.uint8)
     image[100:300, 200:300] = (0, 220, 0)

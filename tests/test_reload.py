@@ -11,7 +11,7 @@ import pytest
 from conftest import VTEST, free_endpoint
 from service import Service, camera_yaml, frames_of, gaps, service_config
 
-from vigild.control import ControlClient
+from vigild.service.control import ControlClient
 
 pytestmark = pytest.mark.e2e
 

@@ -10,9 +10,9 @@ import time
 import pytest
 import zmq
 
-from vigild.config import ConfigError, PublisherConfig, load_config
+from vigild.config.loading import ConfigError, PublisherConfig, load_config
 from vigild.events import Event
-from vigild.publisher import Publisher
+from vigild.outputs.publisher import Publisher
 
 BAD_NAMES = ["a.b", "a*", "a b", "door>", "a/b", "caméra", "a#", "", "a\u200bb"]
 """Each would split a topic (`vigild.<camera>.<type>`), match another's prefix or pass for another name."""

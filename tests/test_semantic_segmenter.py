@@ -11,12 +11,12 @@ from known_models import BrightClassSegmenter
 from pydantic import ValidationError
 from torch import nn
 
-from vigild.config import CameraConfig
+from vigild.config.loading import CameraConfig
 from vigild.frame import Frame
-from vigild.masks import rle_decode
 from vigild.plugin import FrameErrors, PluginContext
-from vigild.plugins.backends.segmentation import SemanticBackend
-from vigild.plugins.semantic_segmenter import SemanticSegmenter, SemanticSegmenterConfig
+from vigild.plugins.segmentation.models import SemanticBackend
+from vigild.plugins.segmentation.semantic_segmenter import SemanticSegmenter, SemanticSegmenterConfig
+from vigild.vision.masks import rle_decode
 
 SCENES = [  # width, height, rectangle x1, y1, x2, y2
     (1920, 1080, 600, 300, 1500, 900),

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from service import NotifySocket, Service, camera_yaml, frames_of, gaps, service_config
 
-from vigild.control import MAX_FRAME_BYTES, ControlClient
+from vigild.service.control import MAX_FRAME_BYTES, ControlClient
 
 pytestmark = pytest.mark.e2e
 

@@ -20,7 +20,7 @@ import zmq
 from conftest import VTEST, free_endpoint, yolo_fastest_yaml
 from service import Service, camera_yaml, service_config
 
-from vigild.control import ControlClient
+from vigild.service.control import ControlClient
 
 SOAK_S = float(os.environ.get("VIGILD_SOAK_S", "600"))
 WARMUP_S = min(120.0, SOAK_S / 4)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import VTEST, daemon_env
 
-from vigild.capture import make_reader
-from vigild.config import ConfigError, load_config
-from vigild.sources import PatternSpec, SourceKind, parse_source, redact, with_credentials
+from vigild.capture.camera import make_reader
+from vigild.capture.sources import PatternSpec, SourceKind, parse_source, redact, with_credentials
+from vigild.config.loading import ConfigError, load_config
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from vigild.daemon import status_line
-from vigild.metrics import DaemonCollector
+from vigild.service.daemon import status_line
+from vigild.service.metrics import DaemonCollector
 
 SNAPSHOT = {
     "uptime_s": 12.5,

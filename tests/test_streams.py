@@ -10,9 +10,9 @@ import pytest
 from conftest import VTEST
 from streams import HlsServer, MjpegServer, RtspServer, SilentServer, frames_at_least, free_port, run_camera
 
-from vigild.capture import CameraState
-from vigild.config import CameraConfig, ReconnectConfig
-from vigild.exchange import NoticeKind
+from vigild.capture.camera import CameraState
+from vigild.config.loading import CameraConfig, ReconnectConfig
+from vigild.pipeline.exchange import NoticeKind
 
 FAST_RETRY = ReconnectConfig(initial_delay=0.1, max_delay=0.5)
 

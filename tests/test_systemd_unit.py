@@ -332,8 +332,8 @@ class CredentialedNotifySocket:
 def test_default_writable_paths_of_the_daemon_are_writable_under_the_unit(tmp_path: Path) -> None:
     """Every place the daemon writes by default, as its own code computes it in the unit's environment, is one
     ProtectSystem=strict leaves writable: the control socket, ultralytics' settings, HOME (GStreamer's cache)."""
-    from vigild.config import ControlConfig, PublisherConfig
-    from vigild.control import default_endpoint
+    from vigild.config.loading import ControlConfig, PublisherConfig
+    from vigild.service.control import default_endpoint
 
     staged = ServiceRoot(tmp_path)
     writable = staged.writable()
@@ -353,7 +353,7 @@ def test_default_writable_paths_of_the_daemon_are_writable_under_the_unit(tmp_pa
 def test_address_families_cover_the_sockets_the_daemon_opens_by_default(service: dict[str, list[str]]) -> None:
     """RestrictAddressFamilies= allows what the defaults need: AF_UNIX (sd_notify, journald, the ipc:// control
     socket), and the family of the publisher's and the metrics server's default addresses."""
-    from vigild.config import MetricsConfig, PublisherConfig
+    from vigild.config.loading import MetricsConfig, PublisherConfig
 
     def family(host: str) -> str:
         return {4: "AF_INET", 6: "AF_INET6"}[ipaddress.ip_address(host.strip("[]")).version]
@@ -368,8 +368,8 @@ def test_address_families_cover_the_sockets_the_daemon_opens_by_default(service:
 def test_timeout_stop_outlasts_the_daemons_own_stop_bound(tmp_path: Path) -> None:
     """SIGKILL must not cut a clean stop short: TimeoutStopSec= exceeds the longest a stop may take by the daemon's
     own bounds (scheduler join, then captures' join, then the publisher's linger)."""
-    from vigild.config import PublisherConfig
-    from vigild.daemon import CAPTURE_JOIN_TIMEOUT_S, SCHEDULER_JOIN_TIMEOUT_S
+    from vigild.config.loading import PublisherConfig
+    from vigild.service.daemon import CAPTURE_JOIN_TIMEOUT_S, SCHEDULER_JOIN_TIMEOUT_S
 
     staged = ServiceRoot(tmp_path)
     bound = SCHEDULER_JOIN_TIMEOUT_S + CAPTURE_JOIN_TIMEOUT_S + PublisherConfig().linger_ms / 1000
@@ -538,7 +538,7 @@ def test_address_policy_lets_local_networks_through_and_keeps_public_ones_out(se
     """Loopback (the default publisher, metrics and any tcp:// control endpoint), LAN cameras and clients (RFC 1918,
     IPv6 unique-local and link-local) and multicast RTP are reachable; a public address is not, so a compromised
     daemon cannot send what it sees, or fetch code, anywhere on the internet."""
-    from vigild.config import MetricsConfig, PublisherConfig
+    from vigild.config.loading import MetricsConfig, PublisherConfig
 
     publisher_host = PublisherConfig().endpoint.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
     local = [publisher_host, MetricsConfig().address, "127.0.0.1", "::1", "192.168.1.64", "10.20.30.40",
@@ -570,7 +570,7 @@ YOLO("yolov8n.yaml").save("{tmp_path}/real.pt")
 """
     load = """
 import sys
-from vigild.plugins.backends.yolo import UltralyticsBackend
+from vigild.plugins.detection.yolo import UltralyticsBackend
 try:
     backend = UltralyticsBackend.load(sys.argv[1], None, 0.25, 0.45, "cpu", False)
 except Exception as exc:

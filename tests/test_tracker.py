@@ -10,7 +10,7 @@ from test_detector import as_frames, darknet, read_frames
 
 from vigild.frame import Frame
 from vigild.plugin import PluginContext
-from vigild.plugins.bytetrack import ByteTrack, ByteTrackConfig
+from vigild.plugins.tracking.bytetrack import ByteTrack, ByteTrackConfig
 
 
 def tracker(**overrides) -> ByteTrack:

@@ -1,0 +1,1 @@
+"""Capture: one thread per camera reading frames through a back end (GStreamer or OpenCV)."""

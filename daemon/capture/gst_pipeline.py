@@ -1,0 +1,241 @@
+"""GStreamer pipeline descriptions for each kind of source, and the check that GStreamer is there at all.
+
+Kept apart from the reader so the pipelines can be read (and tested) as text. Every pipeline ends the same way:
+scale and rate-limit while still in YUV (cheaper than after conversion), settle on I420 (a no-op for most
+decoders; vigild.capture.yuv converts to BGR faster than videoconvert would), and hand frames to an appsink that keeps
+only the newest one (`max-buffers=1 drop=true`), so a slow chain drops frames instead of
+building latency. Files read "as fast as possible" are the exception: their appsink blocks instead of dropping.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+from typing import Any
+
+from vigild.capture.sources import SourceKind, SourceSpec
+
+log = logging.getLogger("vigild.capture")
+
+HARDWARE_DECODERS = (
+    "nvh264dec",
+    "nvh265dec",
+    "nvv4l2decoder",
+    "vah264dec",
+    "vah265dec",
+    "vaapih264dec",
+    "vaapih265dec",
+    "v4l2slh264dec",
+    "v4l2h264dec",
+)
+"""Decoder factories that use a GPU or a video engine; `decoder: auto` ranks them above the software ones. Any
+other decoder whose element class says `Hardware` (GStreamer's convention, e.g. `Codec/Decoder/Video/Hardware`)
+counts as one too for error classification and `decoder: software`, but keeps its own rank."""
+
+NVMM_DECODERS = ("nvv4l2decoder",)
+"""Jetson decoders whose only output is `video/x-raw(memory:NVMM)`, which `videoconvert` cannot take."""
+NVMM_CONVERTER = "nvvidconv"
+"""The Jetson element that copies NVMM frames into system memory (`video/x-raw`)."""
+
+# GLib error domains and codes of GStreamer's errors (GstCoreError, GstStreamError: stable ABI values)
+CORE_ERROR_DOMAIN = "gst-core-error-quark"
+STREAM_ERROR_DOMAIN = "gst-stream-error-quark"
+CORE_ERROR_NEGOTIATION = 7
+STREAM_ERROR_FAILED = 1
+STREAM_ERROR_DECODE = 7
+FLOW_REASONS_AFTER_A_HARDWARE_DECODER = ("reason not-negotiated", "reason not-linked")
+"""How a streaming error reads when frames in GPU or video-engine memory could not go on to the next element."""
+
+SINK_NAME = "sink"
+DECODEBIN_NAME = "decode"
+
+
+def gst_modules() -> Any:
+    """`(Gst, GstApp, GstVideo)`, initialised; raises ImportError when PyGObject or GStreamer is missing."""
+    return _gst_modules()
+
+
+@functools.cache
+def _gst_modules() -> Any:
+    import gi
+
+    gi.require_version("Gst", "1.0")
+    gi.require_version("GstApp", "1.0")
+    gi.require_version("GstVideo", "1.0")
+    from gi.repository import Gst, GstApp, GstVideo
+
+    Gst.init(None)
+    _prefer_hardware_decoders(Gst)
+    return Gst, GstApp, GstVideo
+
+
+@functools.cache
+def gstreamer_available() -> bool:
+    try:
+        gst_modules()
+    except (ImportError, ValueError) as exc:  # ValueError: gi present but the GStreamer typelib is not
+        log.debug("GStreamer unavailable: %s", exc)
+        return False
+    return True
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto` → `gstreamer` when PyGObject and GStreamer are installed, else `opencv`."""
+    if backend != "auto":
+        return backend
+    return "gstreamer" if gstreamer_available() else "opencv"
+
+
+def _prefer_hardware_decoders(gst: Any) -> None:
+    """decodebin picks the highest-ranked decoder that can start; put the hardware ones first.
+
+    A hardware decoder whose device is missing fails to start, and decodebin moves on to the next one, so a
+    machine without a GPU falls back to software decoding on its own.
+    """
+    registry = gst.Registry.get()
+    for name in HARDWARE_DECODERS:
+        feature = registry.lookup_feature(name)
+        if feature is not None:
+            feature.set_rank(gst.Rank.PRIMARY + 100)
+
+
+def is_hardware_decoder(factory_name: str, klass: str) -> bool:
+    """A decoder factory that uses a GPU or a video engine: named in `HARDWARE_DECODERS`, or a decoder whose element
+    class says `Hardware`."""
+    return factory_name in HARDWARE_DECODERS or ("Decoder" in klass and "Hardware" in klass)
+
+
+def hardware_decoder_to_blame(
+    origin: Sequence[tuple[str, str]], selected: str | None, domain: str, code: int, debug: str
+) -> str | None:
+    """The hardware decoder a pipeline error is put down to, or None when the error is not a decoder's.
+
+    `origin`: `(factory name, element class)` of the element that posted the error, then of each bin it sits in,
+    innermost first (a decoder may post from an element inside it). `selected`: the hardware decoder decodebin
+    plugged into this pipeline, if any. `domain`, `code`, `debug`: the error's GLib domain, code and debug text.
+
+    Blamed: an error from a hardware decoder or from anything inside one; and, while a hardware decoder is in the
+    pipeline, errors that only its output explains, whichever element posts them: caps negotiation failed, a
+    decode error, or a streaming thread stopped by `not-negotiated`/`not-linked` (frames in NVMM or CUDA memory
+    that the next element cannot take are reported by the demuxer or queue whose thread pushed them, not by the
+    decoder). A network, file or authentication error is never blamed on the decoder, whatever is plugged in.
+    """
+    for factory_name, klass in origin:
+        if is_hardware_decoder(factory_name, klass):
+            return factory_name
+    if selected is None:
+        return None
+    if domain == CORE_ERROR_DOMAIN and code == CORE_ERROR_NEGOTIATION:
+        return selected
+    if domain == STREAM_ERROR_DOMAIN and code == STREAM_ERROR_DECODE:
+        return selected
+    stopped_by_its_output = any(reason in debug for reason in FLOW_REASONS_AFTER_A_HARDWARE_DECODER)
+    if domain == STREAM_ERROR_DOMAIN and code == STREAM_ERROR_FAILED and stopped_by_its_output:
+        return selected
+    return None
+
+
+def nvmm_converter(registry_has: Callable[[str], bool], software_only: bool) -> str | None:
+    """`nvvidconv` where decodebin may plug a decoder with NVMM-only output (Jetson's `nvv4l2decoder`) and
+    `nvvidconv` is installed; None elsewhere or when decoding in software."""
+    if software_only or not any(registry_has(name) for name in NVMM_DECODERS):
+        return None
+    return NVMM_CONVERTER if registry_has(NVMM_CONVERTER) else None
+
+
+def unusable_decoders(registry_has: Callable[[str], bool]) -> tuple[str, ...]:
+    """Hardware decoders installed whose output this machine cannot bring into system memory (an NVMM decoder
+    without `nvvidconv`): decodebin must skip them, or the camera would fail to link on every connection."""
+    if registry_has(NVMM_CONVERTER):
+        return ()
+    return tuple(name for name in NVMM_DECODERS if registry_has(name))
+
+
+def _fraction(fps: float) -> str:
+    value = Fraction(fps).limit_denominator(1001)
+    return f"{value.numerator}/{value.denominator}"
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def source_description(spec: SourceSpec) -> tuple[str, str]:
+    """The part of the pipeline that produces decoded raw video: `(head, branches)`, where the rest of the
+    pipeline links to the end of `head` and `branches` are extra chains feeding into it (the test balls)."""
+    if spec.kind is SourceKind.TEST:
+        return _test_pattern(spec)
+    if spec.kind is SourceKind.V4L2:
+        return f"v4l2src device={_quote(spec.uri)} ! decodebin name={DECODEBIN_NAME}", ""
+    if spec.kind is SourceKind.FILE:
+        return f"filesrc location={_quote(spec.uri)} ! decodebin name={DECODEBIN_NAME}", ""
+    # rtsp and http(s): uridecodebin builds rtspsrc / souphttpsrc (+ hlsdemux, multipartdemux) and the decoder;
+    # the reader sets their properties (transport, latency, credentials) in `source-setup`
+    return f"uridecodebin name={DECODEBIN_NAME} uri={_quote(spec.uri)}", ""
+
+
+def _test_pattern(spec: SourceSpec) -> tuple[str, str]:
+    test = spec.test
+    caps = f"width={test.width},height={test.height},framerate={_fraction(test.fps)}"
+    if test.pattern != "balls":
+        return f"videotestsrc is-live=true pattern={test.pattern} ! video/x-raw,{caps}", ""
+    # three balls of different sizes on different paths, drawn on transparent layers over a dark background
+    layers = []
+    for index, (motion, color, radius_scale) in enumerate(
+        (("wavy", "0xffff4040", 1.0), ("sweep", "0xff40ff40", 0.7), ("hsweep", "0xff4040ff", 0.5))
+    ):
+        size = max(8, int(min(test.width, test.height) * 0.25 * radius_scale)) // 2 * 2
+        layers.append(
+            f"videotestsrc is-live=true pattern=ball motion={motion} foreground-color={color} "
+            f"background-color=0x00000000 ! video/x-raw,format=BGRA,width={size},height={size},"
+            f"framerate={_fraction(test.fps)} ! balls.sink_{index}"
+        )
+    placement = " ".join(
+        f"sink_{i}::xpos={x} sink_{i}::ypos={y}"
+        for i, (x, y) in enumerate(
+            ((test.width // 8, test.height // 6), (test.width // 2, test.height // 3), (test.width // 3, test.height // 2))
+        )
+    )
+    return f"compositor name=balls background=black {placement} ! video/x-raw,{caps}", " ".join(layers)
+
+
+def pipeline_limits_fps(fps: float) -> bool:
+    """videorate's `max-rate` is a whole number of frames per second; other limits are applied by the reader."""
+    return fps >= 1 and float(fps).is_integer()
+
+
+def pipeline_description(
+    spec: SourceSpec,
+    *,
+    resize: tuple[int, int] | None,
+    fps: float | None,
+    sync: bool,
+    drop: bool,
+    converter: str | None = None,
+) -> str:
+    """The whole pipeline. `sync`: play at the stream's own pace (files in real time, HLS); `drop`: keep only the
+    newest frame in the appsink (everything but files read as fast as possible); `converter`: an element that
+    brings a hardware decoder's frames into system memory (`nvvidconv`, see `nvmm_converter`), placed right after
+    the decoder; test patterns have no decoder and take none."""
+    head, branches = source_description(spec)
+    steps = [head]
+    if converter is not None and spec.kind is not SourceKind.TEST:
+        steps += [converter, "video/x-raw"]
+    if fps is not None and pipeline_limits_fps(fps):
+        # drop-only + max-rate: never duplicates, works for sources without a fixed rate (MJPEG, many RTSP
+        # cameras) and for a limit above the source's rate; placed first so dropped frames are never scaled
+        steps.append(f"videorate drop-only=true max-rate={int(fps)}")
+    if resize is not None:
+        steps.append("videoscale")
+    steps.append("videoconvert")
+    caps = "video/x-raw,format=I420"
+    if resize is not None:
+        caps += f",width={resize[0]},height={resize[1]},pixel-aspect-ratio=1/1"
+    steps.append(caps)
+    steps.append(
+        f"appsink name={SINK_NAME} max-buffers=1 drop={'true' if drop else 'false'} "
+        f"sync={'true' if sync else 'false'} enable-last-sample=false"
+    )
+    return " ! ".join(steps) + (" " + branches if branches else "")

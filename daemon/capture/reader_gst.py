@@ -1,0 +1,414 @@
+"""The GStreamer capture back end: one pipeline per connection, frames pulled from its appsink.
+
+No GLib main loop is needed: the capture thread pulls samples with a timeout and drains the pipeline's bus
+between pulls, so errors, end of stream and decoder warnings are seen on the same thread that acts on them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import threading
+import time
+import weakref
+from typing import Any
+
+import numpy as np
+
+from vigild.capture.gst_pipeline import (
+    DECODEBIN_NAME,
+    SINK_NAME,
+    gst_modules,
+    hardware_decoder_to_blame,
+    is_hardware_decoder,
+    nvmm_converter,
+    pipeline_description,
+    pipeline_limits_fps,
+    unusable_decoders,
+)
+from vigild.capture.reader import EndOfStream, FrameReader, RawFrame, SourceError, check_local_source
+from vigild.capture.sources import SourceKind, SourceSpec
+from vigild.capture.yuv import I420Layout, i420_to_bgr
+from vigild.config.settings import CameraConfig
+
+log = logging.getLogger("vigild.capture")
+
+NTP_TO_UNIX_S = 2_208_988_800
+"""Seconds from the NTP epoch (1900) to the UNIX epoch (1970)."""
+MAX_PLAUSIBLE_AGE_S = 60.0
+"""A frame whose pipeline timestamp says it is older than this has a timestamp from another clock: use now."""
+AUTOPLUG_TRY, AUTOPLUG_SKIP = 0, 2
+"""GstAutoplugSelectResult values (the enum is not introspectable)."""
+
+
+class GstReader(FrameReader):
+    backend = "gstreamer"
+
+    def __init__(self, camera: str, config: CameraConfig, spec: SourceSpec, *, software_only: bool = False):
+        super().__init__(camera, config, spec, software_only=software_only)
+        self._gst, _, self._gst_video = gst_modules()
+        self._pipeline: Any = None
+        self._sink: Any = None
+        self._bus: Any = None
+        self._probe: tuple[Any, int] | None = None
+        self._caps: Any = None
+        self._layout = I420Layout(0, 0, (0, 0, 0), (0, 0, 0))
+        self._pulled = 0
+        self._skipped = 0
+        self._eos = False
+        self._decoder_known = False
+        self._element_added_id: int | None = None
+        self._logged_errors = 0
+        """Errors the decoder logged (FFmpeg's concealment reports), counted by `DecoderErrorLog` on the decoder's
+        own threads; folded into `counters.decode_errors` on the capture thread."""
+        self._logged_errors_seen = 0
+        fps = config.fps
+        in_reader = fps is not None and (not pipeline_limits_fps(fps) or spec.kind is SourceKind.HTTP)
+        self._fps_interval_ns = int(1e9 / fps) if fps is not None and in_reader else 0
+        """A limit videorate cannot apply (below 1 or fractional; MJPEG over HTTP, whose frames carry no
+        timestamps): frames are skipped here instead, by timestamp or arrival time, before any copy."""
+        self._next_due_ns = 0
+        self._sink_drops = not (spec.kind is SourceKind.FILE and not config.realtime)
+        """Files read as fast as possible block in the sink instead of dropping."""
+        self._opened_ns = time.monotonic_ns()
+        self._ntp_caps = self._gst.Caps.from_string("timestamp/x-ntp")
+
+    def open(self) -> None:
+        gst = self._gst
+        is_file = self.spec.kind is SourceKind.FILE
+
+        def registry_has(name: str) -> bool:
+            return gst.ElementFactory.find(name) is not None
+
+        skipped = unusable_decoders(registry_has)
+        description = pipeline_description(
+            self.spec,
+            resize=self.config.resize,
+            fps=None if self._fps_interval_ns else self.config.fps,
+            # HLS arrives in segment-sized bursts: play it at its own pace, like a file in real time
+            sync=(is_file and self.config.realtime) or self.spec.uri.split("?")[0].endswith(".m3u8"),
+            drop=self._sink_drops,
+            converter=nvmm_converter(registry_has, self.software_only),
+        )
+        check_local_source(self.spec)
+        decoder_error_log(gst).watch(self)
+        try:
+            self._pipeline = gst.parse_launch(description)
+        except Exception as exc:  # GLib.Error: a missing element (plugin package not installed)
+            raise SourceError(f"cannot build the GStreamer pipeline: {exc}") from None
+        self._sink = self._pipeline.get_by_name(SINK_NAME)
+        self._bus = self._pipeline.get_bus()
+        decodebin = self._pipeline.get_by_name(DECODEBIN_NAME)
+        if decodebin is not None:
+            if decodebin.find_property("uri") is not None:
+                decodebin.connect("source-setup", self._setup_source)
+            if self.software_only:
+                decodebin.connect("autoplug-select", _skip_hardware_decoders)
+            elif skipped:  # an NVMM decoder without nvvidconv: its frames could never leave the GPU
+                log.warning("camera %s: %s installed without nvvidconv; not using it", self.camera, ", ".join(skipped))
+                decodebin.connect("autoplug-select", _skip_named_decoders, skipped)
+        self._element_added_id = self._pipeline.connect("deep-element-added", self._element_added)
+        pad = self._sink.get_static_pad("sink")
+        self._probe = (pad, pad.add_probe(gst.PadProbeType.BUFFER, self._count_buffer))
+        if self._pipeline.set_state(gst.State.PLAYING) == gst.StateChangeReturn.FAILURE:
+            self._raise_bus_error(default="the pipeline refused to start")
+
+    def _setup_source(self, _bin: Any, source: Any) -> None:
+        """Called by uridecodebin once it created rtspsrc or souphttpsrc, before it connects."""
+        gst = self._gst
+        name = source.get_factory().get_name()
+        username = self.config.username
+        password = self.config.password.get_secret_value() if self.config.password else None
+        if name == "rtspsrc":
+            protocols = {"tcp": "tcp", "udp": "udp", "auto": "udp+udp-mcast+tcp"}[self.config.rtsp.transport]
+            gst.util_set_object_arg(source, "protocols", protocols)
+            source.set_property("latency", self.config.rtsp.latency_ms)
+            # the stall watchdog decides when a silent server has failed; rtspsrc's own timeout only backs it up
+            source.set_property("tcp-timeout", int((self.config.stall_timeout + 5) * 1_000_000))
+            if source.find_property("add-reference-timestamp-meta") is not None:
+                source.set_property("add-reference-timestamp-meta", True)  # NTP capture time from RTCP SR
+        elif name == "souphttpsrc":
+            source.set_property("timeout", int(self.config.stall_timeout) + 5)
+            source.set_property("retries", 0)  # the capture thread owns retrying, with backoff
+        if username and source.find_property("user-id") is not None:
+            source.set_property("user-id", username)
+            source.set_property("user-pw", password or "")
+
+    def _element_added(self, _pipeline: Any, _bin: Any, element: Any) -> None:
+        """Called (on a streaming thread) for every element plugged anywhere into the pipeline."""
+        factory = element.get_factory()
+        if factory is not None and is_hardware_decoder(factory.get_name(), factory.get_metadata("klass") or ""):
+            self.hardware_decoder = str(factory.get_name())
+
+    def _count_buffer(self, _pad: Any, _info: Any) -> Any:
+        self.counters.decoded += 1
+        return self._gst.PadProbeReturn.OK
+
+    def read(self, timeout: float) -> RawFrame | None:
+        gst = self._gst
+        sample = self._sink.try_pull_sample(int(timeout * 1e9))
+        self._drain_bus()
+        self._fold_logged_errors()
+        if sample is None:
+            if self._eos or self._sink.is_eos():
+                raise EndOfStream()
+            return None
+        self._pulled += 1
+        buffer = sample.get_buffer()
+        if buffer.has_flags(gst.BufferFlags.CORRUPTED):  # a decoder that marks what it concealed (VA-API, V4L2)
+            self.counters.decode_errors += 1
+        if self._fps_interval_ns:
+            stream_ns = buffer.pts if buffer.pts != gst.CLOCK_TIME_NONE else time.monotonic_ns() - self._opened_ns
+            if stream_ns < self._next_due_ns:
+                self._skipped += 1
+                return None
+            self._next_due_ns = max(self._next_due_ns + self._fps_interval_ns, stream_ns)
+        # one may be waiting in the sink; frames skipped by the fps limit are not drops; a blocking sink (files
+        # with realtime: false) never drops, however many buffers are in flight between decoder and sink
+        if self._sink_drops:
+            self.counters.dropped = max(0, self.counters.decoded - self._pulled - 1 - self._skipped)
+        caps = sample.get_caps()
+        if self._caps is None or not caps.is_equal(self._caps):
+            self._new_caps(caps)
+        data = np.frombuffer(buffer.extract_dup(0, buffer.get_size()), dtype=np.uint8)
+        image = i420_to_bgr(data, self._layout)
+        pts = buffer.pts
+        pts_ms = pts / 1e6 if pts != gst.CLOCK_TIME_NONE else None
+        ts_wall, ts_mono = self._capture_time(sample, buffer)
+        return RawFrame(image, ts_wall, ts_mono, pts_ms)
+
+    def _new_caps(self, caps: Any) -> None:
+        info = self._gst_video.VideoInfo.new_from_caps(caps)
+        self._caps = caps
+        self._layout = I420Layout(info.width, info.height, tuple(info.stride[:3]), tuple(info.offset[:3]))
+        if info.fps_n > 0 and info.fps_d > 0:
+            self.source_fps = info.fps_n / info.fps_d
+        if not self._decoder_known:
+            self.decoder, self._decoder_known = self._find_decoder(), True
+
+    def _capture_time(self, sample: Any, buffer: Any) -> tuple[float, float]:
+        """When the frame was captured, on the wall clock and the monotonic one (docs/capture.md, Timestamps)."""
+        now_wall, now_mono = time.time(), time.monotonic()
+        if self.spec.kind in (SourceKind.FILE, SourceKind.HTTP) or buffer.pts == self._gst.CLOCK_TIME_NONE:
+            return now_wall, now_mono
+        # live sources: the buffer's running time is when the source stamped it (camera driver, RTP arrival
+        # corrected by the jitter buffer), on the pipeline clock; the difference to the clock's now is its age
+        running = sample.get_segment().to_running_time(self._gst.Format.TIME, buffer.pts)
+        clock = self._pipeline.get_clock()
+        age = 0.0
+        if clock is not None and running != self._gst.CLOCK_TIME_NONE:
+            age = (clock.get_time() - self._pipeline.get_base_time() - running) / 1e9
+            if not 0.0 <= age <= MAX_PLAUSIBLE_AGE_S:
+                age = 0.0
+        ts_wall = now_wall - age
+        meta = buffer.get_reference_timestamp_meta(self._ntp_caps) if self.spec.kind is SourceKind.RTSP else None
+        if meta is not None:  # the camera's own capture time, from its RTCP sender reports
+            ts_wall = meta.timestamp / 1e9 - NTP_TO_UNIX_S
+        return ts_wall, now_mono - age
+
+    def _find_decoder(self) -> str | None:
+        iterator = self._pipeline.iterate_recurse()
+        while True:
+            result, element = iterator.next()
+            if result != self._gst.IteratorResult.OK:
+                return None
+            factory = element.get_factory()
+            if factory is not None:
+                klass = factory.get_metadata("klass") or ""
+                if "Decoder" in klass and ("Video" in klass or "Image" in klass):
+                    return str(factory.get_name())
+
+    def _fold_logged_errors(self) -> None:
+        logged = self._logged_errors
+        if logged != self._logged_errors_seen:
+            self.counters.decode_errors += logged - self._logged_errors_seen
+            self._logged_errors_seen = logged
+
+    def owns(self, element: Any) -> bool:
+        """Whether `element` (any element, or a top-level pipeline) belongs to this reader's pipeline."""
+        pipeline = self._pipeline
+        if pipeline is None:
+            return False
+        while element.get_parent() is not None:
+            element = element.get_parent()
+        return bool(element == pipeline)
+
+    def has_element_named(self, name: str) -> bool:
+        pipeline = self._pipeline
+        return pipeline is not None and pipeline.get_by_name(name) is not None
+
+    def _drain_bus(self) -> None:
+        gst = self._gst
+        while True:
+            message = self._bus.pop_filtered(gst.MessageType.ERROR | gst.MessageType.EOS | gst.MessageType.WARNING)
+            if message is None:
+                return
+            if message.type == gst.MessageType.EOS:
+                self._eos = True
+            elif message.type == gst.MessageType.ERROR:
+                self._raise_error(message)
+            else:
+                error, _debug = message.parse_warning()
+                if _is_decoder(message.src):
+                    self.counters.decode_errors += 1
+                log.debug("camera %s: GStreamer warning from %s: %s", self.camera, message.src.get_name(), error)
+
+    def _raise_bus_error(self, default: str) -> None:
+        message = self._bus.pop_filtered(self._gst.MessageType.ERROR)
+        if message is not None:
+            self._raise_error(message)
+        raise SourceError(default)
+
+    def _raise_error(self, message: Any) -> None:
+        error, debug = message.parse_error()
+        source = message.src
+        factory = source.get_factory() if hasattr(source, "get_factory") else None
+        factory_name = factory.get_name() if factory is not None else ""
+        if _is_decoder(source):
+            self.counters.decode_errors += 1
+        hardware_decoder = hardware_decoder_to_blame(
+            _origin(source), self.hardware_decoder, error.domain, error.code, debug or ""
+        )
+        detail = _last_line(debug)
+        if detail and error.message in detail:  # "Unauthorized" + "Unauthorized (401)": the detail says it all
+            text = detail
+        else:
+            text = error.message + (f" ({detail})" if detail and detail not in error.message else "")
+        raise SourceError(
+            f"{factory_name or source.get_name()}: {text}",
+            hardware_decoder=hardware_decoder,
+        )
+
+    def rewind(self) -> None:
+        gst = self._gst
+        self._eos = False
+        self._next_due_ns = 0
+        if not self._pipeline.seek_simple(gst.Format.TIME, gst.SeekFlags.FLUSH | gst.SeekFlags.KEY_UNIT, 0):
+            raise SourceError("cannot seek back to the start of the file")
+
+    def close(self) -> None:
+        if self._pipeline is None:
+            return
+        self._fold_logged_errors()
+        if self._probe is not None:
+            pad, probe_id = self._probe
+            pad.remove_probe(probe_id)
+            self._probe = None
+        self._pipeline.set_state(self._gst.State.NULL)
+        if self._element_added_id is not None:
+            self._pipeline.disconnect(self._element_added_id)
+            self._element_added_id = None
+        self._bus.set_flushing(True)  # drop pending messages (they hold references to elements)
+        self._pipeline = self._sink = self._bus = self._caps = None
+
+
+class DecoderErrorLog:
+    """Counts the errors decoders report only in GStreamer's debug log, for the camera whose pipeline decoded them.
+
+    FFmpeg (inside `avdec_*`) conceals a damaged slice or macroblock and carries on: the frame is delivered, no
+    bus message is posted, the buffer is not marked; the only trace is an error line from FFmpeg
+    (`error while decoding MB 38 13`), which gst-libav routes to GStreamer's `libav` debug category at ERROR level
+    without naming the element. One log function for the process receives those lines and gives each to the reader
+    whose pipeline the logging thread works for: FFmpeg's decoding threads are started by (and named after, as Linux
+    names a new thread after the one that creates it) the GStreamer streaming thread that opened the decoder, e.g.
+    `qtdemux3:sink` or `multiqueue7:src`; element names like `qtdemux3` are unique in the process, so the reader
+    whose pipeline has that element is the one. A line whose thread cannot be traced to exactly one live pipeline
+    is not counted. gst-libav's own errors, which do name the element, go to the pipeline holding it.
+
+    Only the `libav` category is raised to ERROR, so a healthy stream costs nothing. When `GST_DEBUG` is not set
+    GStreamer's default log function (which would print those lines to stderr) is removed; with `GST_DEBUG` set it
+    stays, as the user asked to see the log.
+    """
+
+    CATEGORY = "libav"
+
+    def __init__(self, gst: Any):
+        self._gst = gst
+        self._readers: weakref.WeakSet[GstReader] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        if "GST_DEBUG" not in os.environ:
+            _remove_default_log_function()
+            gst.debug_set_threshold_for_name(self.CATEGORY, gst.DebugLevel.ERROR)
+        gst.debug_add_log_function(self._log, None)
+
+    def watch(self, reader: GstReader) -> None:
+        with self._lock:
+            self._readers.add(reader)
+
+    def _log(
+        self, category: Any, level: Any, _file: str, _function: str, _line: int, obj: Any, _message: Any, *_: Any
+    ) -> None:
+        if level > self._gst.DebugLevel.ERROR or category.get_name() != self.CATEGORY:
+            return
+        try:
+            with self._lock:
+                readers = list(self._readers)
+            if obj is not None and hasattr(obj, "get_parent"):
+                owners = [reader for reader in readers if reader.owns(obj)]
+            else:
+                element = _creator_element_name()
+                owners = [reader for reader in readers if reader.has_element_named(element)] if element else []
+            if len(owners) == 1:
+                with self._lock:
+                    owners[0]._logged_errors += 1
+        except Exception:  # never let a log line break a decoding thread
+            log.debug("cannot attribute a decoder log line", exc_info=True)
+
+
+@functools.cache
+def decoder_error_log(gst: Any) -> DecoderErrorLog:
+    return DecoderErrorLog(gst)
+
+
+def _creator_element_name() -> str | None:
+    """`qtdemux3` from this thread's name `qtdemux3:sink` (Linux keeps 15 characters of it: a name cut before
+    its `:` cannot be trusted)."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", encoding="utf-8", errors="replace") as comm:
+            name = comm.read().strip()
+    except OSError:
+        return None
+    element, colon, _pad = name.partition(":")
+    return element if colon and element else None
+
+
+def _remove_default_log_function() -> None:
+    try:
+        library = ctypes.CDLL("libgstreamer-1.0.so.0")
+        library.gst_debug_remove_log_function(ctypes.cast(library.gst_debug_log_default, ctypes.c_void_p))
+    except (OSError, AttributeError) as exc:
+        log.debug("cannot remove GStreamer's default log function: %s", exc)
+
+
+def _skip_hardware_decoders(_bin: Any, _pad: Any, _caps: Any, factory: Any) -> int:
+    hardware = is_hardware_decoder(factory.get_name(), factory.get_metadata("klass") or "")
+    return AUTOPLUG_SKIP if hardware else AUTOPLUG_TRY
+
+
+def _skip_named_decoders(_bin: Any, _pad: Any, _caps: Any, factory: Any, names: tuple[str, ...]) -> int:
+    return AUTOPLUG_SKIP if factory.get_name() in names else AUTOPLUG_TRY
+
+
+def _origin(element: Any) -> list[tuple[str, str]]:
+    """`(factory name, element class)` of `element` and of each bin around it, innermost first."""
+    origin = []
+    while element is not None:
+        factory = element.get_factory() if hasattr(element, "get_factory") else None
+        if factory is not None:
+            origin.append((str(factory.get_name()), str(factory.get_metadata("klass") or "")))
+        element = element.get_parent()
+    return origin
+
+
+def _is_decoder(element: Any) -> bool:
+    factory = element.get_factory() if hasattr(element, "get_factory") else None
+    return factory is not None and "Decoder" in (factory.get_metadata("klass") or "")
+
+
+def _last_line(debug: str | None) -> str:
+    """GStreamer's debug string ends with the useful part ('Unauthorized', 'Could not connect...')."""
+    if not debug:
+        return ""
+    return debug.strip().splitlines()[-1].strip()

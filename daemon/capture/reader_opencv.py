@@ -1,0 +1,112 @@
+"""The OpenCV capture back end (FFmpeg inside), for machines without GStreamer or by choice (`backend: opencv`).
+
+OpenCV decodes and hands over every frame, so what GStreamer does in its pipeline is done here in Python:
+pacing files to their frame rate, the `fps` limit and `resize`. FFmpeg's own open and read timeouts are set
+to `stall_timeout`, so a silent source makes `read` fail instead of blocking forever.
+"""
+
+from __future__ import annotations
+
+import time
+
+import cv2
+import numpy as np
+
+from vigild.capture.reader import EndOfStream, FrameReader, RawFrame, SourceError, SourceStalled, check_local_source
+from vigild.capture.sources import SourceKind, SourceSpec, with_credentials
+from vigild.config.settings import CameraConfig
+
+
+class OpenCVReader(FrameReader):
+    backend = "opencv"
+
+    def __init__(self, camera: str, config: CameraConfig, spec: SourceSpec, *, software_only: bool = False):
+        super().__init__(camera, config, spec, software_only=software_only)
+        self._capture: cv2.VideoCapture | None = None
+        self._is_file = spec.kind is SourceKind.FILE
+        self._min_interval = 1.0 / config.fps if config.fps else 0.0
+        self._pending: RawFrame | None = None
+        """A paced file frame read ahead of its time, delivered by a later `read`."""
+        self._pass_started = 0.0
+        self._read_in_pass = 0
+        self._next_due = 0.0
+
+    def open(self) -> None:
+        check_local_source(self.spec)
+        timeout_ms = int(self.config.stall_timeout * 1000)
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms]
+        if self.spec.kind is SourceKind.V4L2:
+            self._capture = cv2.VideoCapture(self.spec.uri, cv2.CAP_V4L2)
+        else:
+            uri = self.spec.uri
+            if self.spec.kind in (SourceKind.RTSP, SourceKind.HTTP):  # a file path has no place for credentials
+                password = self.config.password.get_secret_value() if self.config.password else None
+                uri = with_credentials(uri, self.config.username, password)
+            self._capture = cv2.VideoCapture(uri, cv2.CAP_FFMPEG, params)
+        if not self._capture.isOpened():
+            raise SourceError(f"OpenCV cannot open {self.spec.display}")
+        fps = self._capture.get(cv2.CAP_PROP_FPS)
+        self.source_fps = fps if fps and 0 < fps < 1000 else None
+        self.decoder = "ffmpeg"
+        self._pass_started = time.monotonic()
+
+    def read(self, timeout: float) -> RawFrame | None:
+        assert self._capture is not None, "open() first"
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self._pending or self._decode_next()
+            self._pending = None
+            if frame is None:
+                if time.monotonic() >= deadline:
+                    return None
+                continue
+            if self._is_file and self.config.realtime and self.source_fps and frame.pts_ms is not None:
+                delay = self._pass_started + frame.pts_ms / 1000.0 - time.monotonic()
+                if delay > 0:
+                    if time.monotonic() + delay > deadline:
+                        self._pending = frame
+                        time.sleep(max(0.0, deadline - time.monotonic()))
+                        return None
+                    time.sleep(delay)
+                frame = RawFrame(frame.image, time.time(), time.monotonic(), frame.pts_ms)
+            return self._resized(frame)
+
+    def _decode_next(self) -> RawFrame | None:
+        """The next frame within the `fps` limit; None when one was skipped by it."""
+        assert self._capture is not None
+        started = time.monotonic()
+        ok, image = self._capture.read()
+        if not ok or image is None:
+            if self._is_file and self._read_in_pass > 0:
+                raise EndOfStream()
+            if not self._is_file and time.monotonic() - started >= 0.9 * self.config.stall_timeout:
+                raise SourceStalled(f"no frame for {self.config.stall_timeout:g} s")
+            self.counters.decode_errors += 1
+            raise SourceError(f"no frame from {self.spec.display} (read failed)")
+        ts_wall, ts_mono = time.time(), time.monotonic()
+        self.counters.decoded += 1
+        self._read_in_pass += 1
+        pts_ms = self._capture.get(cv2.CAP_PROP_POS_MSEC) if self._is_file else None
+        stream_time = pts_ms / 1000.0 if pts_ms is not None else ts_mono - self._pass_started
+        if self._min_interval:
+            if stream_time + 1e-6 < self._next_due:
+                return None
+            self._next_due = max(self._next_due + self._min_interval, stream_time)
+        return RawFrame(image, ts_wall, ts_mono, pts_ms)
+
+    def _resized(self, frame: RawFrame) -> RawFrame:
+        if self.config.resize is None:
+            return frame
+        image = cv2.resize(frame.image, self.config.resize, interpolation=cv2.INTER_AREA)
+        return RawFrame(np.ascontiguousarray(image), frame.ts_wall, frame.ts_mono, frame.pts_ms)
+
+    def rewind(self) -> None:
+        assert self._capture is not None
+        self._capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+        self._pass_started, self._read_in_pass, self._next_due = time.monotonic(), 0, 0.0
+        self._pending = None
+
+    def close(self) -> None:
+        if self._capture is not None:
+            self._capture.release()
+            self._capture = None

@@ -1,0 +1,1 @@
+"""Settings, their loading from YAML and the wording of config errors."""

@@ -1,0 +1,80 @@
+"""Config errors as people read them: pydantic's validation errors turned into `file:line: key.path: what was
+expected`, with the allowed keys for an unknown one, long values shortened, and secrets never shown."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from vigild.capture.sources import redact
+from vigild.config.yamlsource import KeyPath, Problem, YamlDocument
+
+_SECRET_KEYS = frozenset({"password", "username"})
+"""Keys whose value a config error never shows, not even when it is of the wrong type."""
+
+
+def problems_of(document: YamlDocument, exc: ValidationError, prefix: KeyPath, model: type[BaseModel]) -> list[Problem]:
+    problems = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(
+            part
+            for part in error["loc"]
+            if not (isinstance(part, str) and (part.startswith("function-") or part == "[key]"))
+        )
+        path = (*prefix, *loc)
+        problem = document.problem(path, describe(error, model, loc))
+        shown = tuple(_shorten(part) if isinstance(part, str) else part for part in path)  # a 70,000-character name
+        problems.append(Problem(shown, problem.message, problem.line))
+    return problems
+
+
+def _shorten(text: str, most: int = 80) -> str:
+    return text if len(text) <= most else f"{text[: most - 20]}... ({len(text)} characters)"
+
+
+def describe(error: Mapping[str, Any], model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    kind = error["type"]
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(model, loc[:-1])
+        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+        return f"unknown key{hint}"
+    message = str(error["msg"])
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    given = error.get("input")
+    keys = [part for part in error["loc"] if isinstance(part, str)]
+    secret = bool(keys) and keys[-1] in _SECRET_KEYS
+    if given is not None and not secret and not isinstance(given, (dict, list)):
+        message += f", got {_shorten(json.dumps(given) if isinstance(given, str) else repr(given))}"
+    return redact(message)  # a source URI with a password (perhaps from ${VAR}) is shown masked
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model found at `loc` inside `model`, for 'unknown key' hints (best effort)."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        if isinstance(part, str) and part in current.model_fields:
+            current = _model_in(current.model_fields[part].annotation)
+        else:  # a dict key or list index: the container's item model was already chosen
+            continue
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _model_in(annotation: Any) -> Any:
+    """The BaseModel inside `X`, `X | None`, `dict[str, X]` or `list[X]`, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in reversed(getattr(annotation, "__args__", ()) or ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,290 @@
+"""The daemon's configuration: `load_config` reads one YAML file and validates it whole, resolving each plugin
+section with the plugin's own `Config` model (found by `type`); `with_camera` applies a control client's camera.
+
+Every problem is reported as `file:line: key.path: what was expected`, all of them at once, so a user fixes a
+config in one round. The typed settings live in vigild.config.settings, the wording of errors in vigild.config.errors;
+both are re-exported here.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from vigild.capture.sources import SourceKind, SourceSpec, parse_source
+from vigild.config.errors import describe, problems_of
+from vigild.config.settings import (
+    MAX_FRAME_SIDE,
+    CameraConfig,
+    ControlConfig,
+    CurveConfig,
+    DaemonSettings,
+    MetricsConfig,
+    PublisherConfig,
+    ReconnectConfig,
+    RtspConfig,
+    SchedulerConfig,
+    StrictModel,
+)
+from vigild.config.yamlsource import ConfigError, KeyPath, Problem, YamlDocument, expand_env, load_yaml
+from vigild.pipeline.registry import PluginLookupError, load_plugin_class
+from vigild.plugin import PLUGIN_ID_PATTERN, Plugin, PluginConfig
+
+_BOOL = TypeAdapter(bool)
+
+
+class ControlRefused(ConfigError):
+    """A control client's camera names what only the config file may: a local file, or a file a plugin loads.
+
+    The control socket answers it with the code `forbidden` (its `forbidden` attribute)."""
+
+    forbidden = True
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """One entry of the chain, resolved: its class, its own config, and each camera's effective config."""
+
+    id: str
+    cls: type[Plugin]
+    config: PluginConfig
+    per_camera: Mapping[str, PluginConfig]
+    """Effective config for each enabled camera that runs this plugin (with its overrides applied)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    file: Path
+    settings: DaemonSettings
+    chain: tuple[PluginSpec, ...]
+    document: YamlDocument
+    """The parsed file, kept to point at lines when a plugin finds a problem only at start."""
+
+    def error(self, path: KeyPath, message: str) -> ConfigError:
+        return ConfigError(self.file, [self.document.problem(path, message)])
+
+    @property
+    def cameras(self) -> dict[str, CameraConfig]:
+        return {name: cam for name, cam in self.settings.cameras.items() if cam.enabled}
+
+    def source(self, camera: str) -> SourceSpec:
+        """The camera's parsed source; relative file paths are taken from the config file's directory."""
+        return parse_source(self.settings.cameras[camera].source, self.file.parent)
+
+
+def load_config(file: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, expand and validate a config file; raises `ConfigError` listing every problem found."""
+    document = load_yaml(file)
+    problems = expand_env(document, environ)
+    if problems:
+        raise ConfigError(document.file, problems)
+    return validate_document(document)
+
+
+def load_control_settings(file: str | Path, environ: Mapping[str, str] | None = None) -> ControlConfig:
+    """Only the `control:` section of a config file, for `vigild ctl --config`: read and expanded like the whole
+    file, but no plugin is imported and no capture back end resolved, so a client loads neither torch, OpenCV nor
+    GStreamer; the rest of the file is the daemon's to validate. Raises `ConfigError` for that section."""
+    document = load_yaml(file)
+    problems = [problem for problem in expand_env(document, environ) if problem.path[:1] == ("control",)]
+    if problems:  # an unset variable elsewhere (a camera's password, say) is no concern of a client
+        raise ConfigError(document.file, problems)
+    section = (document.data.get("control") if isinstance(document.data, dict) else None) or {}
+    try:
+        return ControlConfig.model_validate(section)
+    except ValidationError as exc:
+        raise ConfigError(document.file, problems_of(document, exc, ("control",), ControlConfig)) from None
+
+
+def with_camera(config: Config, name: str, camera: dict[str, Any] | None) -> Config:
+    """`config` with camera `name` set to `camera` (raw, as a control client sent it: never `${VAR}`-expanded) or
+    removed (None), validated whole. Raises `ControlRefused`, changing nothing, where `camera` names a file."""
+    data = copy.deepcopy(config.document.data)
+    cameras = data.setdefault("cameras", {})
+    if camera is None:
+        cameras.pop(name, None)
+    else:
+        refused = _admin_only(config, name, camera)
+        limit = config.settings.control.max_cameras
+        if name not in config.settings.cameras and len(config.settings.cameras) >= limit:
+            refused.append(
+                Problem(
+                    ("cameras", name),
+                    f"{len(config.settings.cameras)} cameras are configured, the most a control client may reach "
+                    f"(control.max_cameras: {limit}); remove one first, or raise the limit in the config file",
+                )
+            )
+        if refused:
+            raise ControlRefused(config.file, refused)
+        cameras[name] = camera
+    return validate_document(YamlDocument(config.file, data, config.document.lines))
+
+
+def _admin_only(config: Config, name: str, camera: dict[str, Any]) -> list[Problem]:
+    """What in a control client's `camera` only the config file may set: a local file as `source`, and a plugin
+    override of one of the plugin's `admin_only_keys` (files it loads). A value the running config already gives
+    this same camera is no new file, so `cameras update` can send an admin-written camera back unchanged.
+    Decided from the keys and the source's form alone: the reply never tells whether a path exists."""
+    old = config.settings.cameras.get(name)
+    path: KeyPath = ("cameras", name)
+    problems = []
+    source = camera.get("source")
+    if isinstance(source, str) and (old is None or source != old.source):
+        try:
+            local = parse_source(source).kind is SourceKind.FILE  # parsing only: no look at the file system
+        except ValueError:
+            local = False  # not a source at all: validation says what was expected
+        if local:
+            problems.append(
+                Problem(
+                    (*path, "source"),
+                    "a local file can be a source only in the config file, not through the control socket "
+                    "(rtsp://, rtsps://, http(s)://, /dev/videoN and test:// can)",
+                )
+            )
+    overrides = camera.get("plugins")
+    if isinstance(overrides, dict):
+        classes = {spec.id: spec.cls for spec in config.chain}
+        for plugin_id, override in overrides.items():
+            cls = classes.get(plugin_id)
+            if cls is None or not isinstance(override, dict):
+                continue  # validation reports an unknown id or a non-mapping
+            before = old.plugins.get(plugin_id, {}) if old is not None else {}
+            for key in sorted(cls.Config.admin_only_keys() & set(override)):
+                if key in before and before[key] == override[key]:
+                    continue
+                problems.append(
+                    Problem(
+                        (*path, "plugins", plugin_id, key),
+                        f"`{key}` names what the plugin loads: it can be set only in the config file, "
+                        "not through the control socket",
+                    )
+                )
+    return problems
+
+
+def validate_document(document: YamlDocument) -> Config:
+    """Validate a loaded (and expanded) document whole; raises `ConfigError` listing every problem found."""
+    if not isinstance(document.data, dict):
+        raise ConfigError(document.file, [document.problem((), "expected a mapping with at least `cameras:`")])
+    try:
+        settings = DaemonSettings.model_validate(document.data)
+    except ValidationError as exc:
+        raise ConfigError(document.file, problems_of(document, exc, (), DaemonSettings)) from None
+    chain, problems = _resolve_chain(document, settings)
+    if problems:
+        raise ConfigError(document.file, problems)
+    return Config(document.file, settings, tuple(chain), document)
+
+
+def _resolve_chain(document: YamlDocument, settings: DaemonSettings) -> tuple[list[PluginSpec], list[Problem]]:
+    problems: list[Problem] = []
+    chain: list[PluginSpec] = []
+    ids: dict[str, int] = {}
+    for position, raw in enumerate(settings.plugins):
+        path: KeyPath = ("plugins", position)
+        type_name = raw.get("type")
+        if not isinstance(type_name, str):
+            problems.append(document.problem((*path, "type"), "every plugin needs `type:` naming the plugin"))
+            continue
+        try:
+            cls = load_plugin_class(type_name)
+        except PluginLookupError as exc:
+            problems.append(document.problem((*path, "type"), str(exc)))
+            continue
+        try:
+            base = cls.Config.model_validate(raw)
+        except ValidationError as exc:
+            problems.extend(problems_of(document, exc, path, cls.Config))
+            continue
+        plugin_id = base.id or base.type
+        if plugin_id in ids:
+            problems.append(
+                document.problem(
+                    (*path, "id"),
+                    f"plugin id '{plugin_id}' is already used by plugins.{ids[plugin_id]}; set a distinct `id:`",
+                )
+            )
+            continue
+        ids[plugin_id] = position
+        per_camera, camera_problems = _per_camera_configs(document, settings, cls, raw, base, plugin_id, path)
+        problems.extend(camera_problems)
+        chain.append(PluginSpec(plugin_id, cls, base, per_camera))
+
+    for name, camera in settings.cameras.items():
+        for plugin_id in camera.plugins:
+            if plugin_id not in ids:
+                known = ", ".join(ids) or "none"
+                problems.append(
+                    document.problem(
+                        ("cameras", name, "plugins", plugin_id),
+                        f"no plugin with id '{plugin_id}' in `plugins:` (ids: {known})",
+                    )
+                )
+    return chain, problems
+
+
+def _per_camera_configs(
+    document: YamlDocument,
+    settings: DaemonSettings,
+    cls: type[Plugin],
+    raw: dict[str, Any],
+    base: PluginConfig,
+    plugin_id: str,
+    path: KeyPath,
+) -> tuple[dict[str, PluginConfig], list[Problem]]:
+    problems: list[Problem] = []
+    per_camera: dict[str, PluginConfig] = {}
+    for name, camera in settings.cameras.items():
+        if not camera.enabled:
+            continue
+        override = dict(camera.plugins.get(plugin_id, {}))
+        override_path: KeyPath = ("cameras", name, "plugins", plugin_id)
+        try:
+            enabled = _BOOL.validate_python(override.pop("enabled", True))  # also "false" from ${VAR}
+        except ValidationError as exc:
+            problems.append(document.problem((*override_path, "enabled"), describe(exc.errors()[0], cls.Config, ())))
+            continue
+        if not enabled:
+            continue
+        if not override:
+            per_camera[name] = base
+            continue
+        for fixed in ("type", "id"):
+            if fixed in override:
+                problems.append(document.problem((*override_path, fixed), f"`{fixed}` cannot be overridden per camera"))
+        try:
+            per_camera[name] = cls.Config.model_validate({**raw, **override})
+        except ValidationError as exc:
+            for problem in problems_of(document, exc, (), cls.Config):
+                key = problem.path[0] if problem.path else None
+                where = override_path if key in override else path
+                problems.append(document.problem((*where, *problem.path), problem.message))
+    return per_camera, problems
+
+
+__all__ = [
+    "MAX_FRAME_SIDE",
+    "PLUGIN_ID_PATTERN",
+    "CameraConfig",
+    "Config",
+    "ConfigError",
+    "ControlConfig",
+    "ControlRefused",
+    "CurveConfig",
+    "DaemonSettings",
+    "MetricsConfig",
+    "PluginSpec",
+    "PublisherConfig",
+    "ReconnectConfig",
+    "RtspConfig",
+    "SchedulerConfig",
+    "StrictModel",
+    "load_config",
+    "load_control_settings",
+]

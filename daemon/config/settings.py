@@ -1,0 +1,274 @@
+"""The daemon's settings: typed, validated models of one YAML file, without loading anything.
+
+Plugin sections stay raw here (`DaemonSettings.plugins`); vigild.config.loading resolves them with each plugin's own model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from vigild.capture.gst_pipeline import resolve_backend
+from vigild.capture.sources import SourceKind, parse_source
+from vigild.events import SYSTEM_CAMERA
+from vigild.plugin import MAX_NAME_LENGTH
+from vigild.vision.geometry import LineConfig, ZoneConfig
+
+_HOUR = 3600.0
+"""Upper bound of the daemon's durations: a wait beyond threading.TIMEOUT_MAX (~292 years) raises OverflowError in
+the thread that waits, so no duration may come near it."""
+MAX_FRAME_SIDE = 8192
+"""Largest frame width or height the daemon scales to (as for test:// sizes)."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class ReconnectConfig(StrictModel):
+    initial_delay: float = Field(1.0, gt=0, le=_HOUR, description="Seconds before the first retry.")
+    max_delay: float = Field(
+        30.0, gt=0, le=_HOUR, description="Retries back off exponentially up to this many seconds."
+    )
+    jitter: float = Field(
+        0.2, ge=0, le=1, description="Random fraction added to each delay, so cameras do not retry in step."
+    )
+
+
+def _not_reserved(name: str) -> str:
+    if name == SYSTEM_CAMERA:
+        raise ValueError(f"'{SYSTEM_CAMERA}' is reserved for daemon events; choose another camera name")
+    return name
+
+
+CameraName = Annotated[
+    str, Field(pattern=r"^[A-Za-z0-9_-]+$", max_length=MAX_NAME_LENGTH), AfterValidator(_not_reserved)
+]
+"""Letters, digits, `_` and `-`, at most 64: a name is one segment of the event topic `vigild.<camera>.<type>`."""
+
+
+class RtspConfig(StrictModel):
+    transport: Literal["tcp", "udp", "auto"] = Field(
+        "tcp", description="`tcp` (interleaved, works through NAT and firewalls), `udp`, or `auto` (UDP, then TCP)."
+    )
+    latency_ms: int = Field(
+        200, ge=0, description="Jitter buffer: how long RTP packets may wait to be reordered before decoding."
+    )
+
+
+CaptureBackend = Literal["auto", "gstreamer", "opencv"]
+
+
+ShapeName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$", max_length=MAX_NAME_LENGTH)]
+FrameSide = Annotated[int, Field(gt=0, le=MAX_FRAME_SIDE)]
+
+
+class CameraConfig(StrictModel):
+    source: str = Field(
+        description="A file path, file://, rtsp(s)://, http(s):// (MJPEG, HLS), /dev/videoN or a camera index, "
+        "or test://<pattern> (docs/capture.md)."
+    )
+    backend: CaptureBackend = Field(
+        "auto", description="Capture back end; `auto`: GStreamer when it is installed, else OpenCV."
+    )
+    decoder: Literal["auto", "software"] = Field(
+        "auto", description="`auto`: a hardware decoder when the machine has one, else software; `software`: never."
+    )
+    username: str | None = Field(None, description="RTSP/HTTP user; use ${VAR} to take it from the environment.")
+    password: SecretStr | None = Field(
+        None, description="RTSP/HTTP password; use ${VAR} to take it from the environment. Never logged."
+    )
+    rtsp: RtspConfig = RtspConfig()
+    stall_timeout: float = Field(
+        10.0, gt=0, le=_HOUR, description="Seconds without a frame after which the source is torn down and reopened."
+    )
+    fps: float | None = Field(
+        None, gt=0, le=1000, description="Process at most this many frames per second (0.001 to 1000)."
+    )
+    resize: tuple[FrameSide, FrameSide] | None = Field(
+        None, description="[width, height] to scale frames to before the chain sees them; each at most 8192."
+    )
+    realtime: bool = Field(
+        True,
+        description="Files: play at the file's own frame rate like a camera; false reads as fast as the chain consumes.",
+    )
+    loop: bool = Field(False, description="Files: start again at the end instead of ending the camera.")
+    enabled: bool = True
+    plugins: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-plugin overrides by plugin id: parameters, or `enabled: false`."
+    )
+    reconnect: ReconnectConfig = ReconnectConfig()
+    zones: dict[ShapeName, ZoneConfig] = Field(
+        default_factory=dict, description="Named polygons for the analytics plugin (docs/analytics.md)."
+    )
+    lines: dict[ShapeName, LineConfig] = Field(
+        default_factory=dict, description="Named directed lines for the analytics plugin (docs/analytics.md)."
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        parse_source(value)  # raises ValueError naming what was expected
+        return value
+
+    @field_validator("fps")
+    @classmethod
+    def _not_too_slow(cls, value: float | None) -> float | None:
+        if value is not None and value < 0.001:  # its period, in ns, would overflow the readers' integers
+            raise ValueError("at least 0.001 (one frame in 1000 s)")
+        return value
+
+    @model_validator(mode="after")
+    def _backend_can_open(self) -> CameraConfig:
+        if self.backend == "gstreamer" and resolve_backend("auto") != "gstreamer":
+            raise ValueError(
+                "backend: gstreamer, but GStreamer or PyGObject is not installed (pip install vigild[gstreamer]); "
+                "use backend: auto or opencv"
+            )
+        if self.resize is not None:  # the frame's size is known: pixel points must lie on it
+            width, height = self.resize
+            for kind_name, shapes in (("zones", self.zones), ("lines", self.lines)):
+                for name, shape in shapes.items():
+                    if not shape.normalized and any(x > width or y > height for x, y in shape.points):
+                        raise ValueError(
+                            f"{kind_name}.{name}: a point lies outside the {width}x{height} frame set by resize"
+                        )
+        kind = parse_source(self.source).kind
+        if kind is SourceKind.TEST and resolve_backend(self.backend) == "opencv":
+            why = "backend: opencv" if self.backend == "opencv" else "GStreamer is not installed (pip install vigild[gstreamer])"
+            raise ValueError(f"source: test:// patterns need the GStreamer back end, but {why}")
+        return self
+
+
+class SchedulerConfig(StrictModel):
+    max_batch: int = Field(
+        8, ge=1, le=1024, description="Most frames (from all cameras) in one batch through the chain (at most 1024)."
+    )
+    max_wait_ms: float = Field(
+        5.0, ge=0, le=10_000, description="How long a batch waits for more frames once it has one."
+    )
+
+
+class PublisherConfig(StrictModel):
+    endpoint: str = Field("tcp://127.0.0.1:5555", description="ZeroMQ endpoint the PUB socket binds.")
+    hwm: int = Field(
+        1000, ge=1, le=1_000_000, description="ZeroMQ send high-water mark per subscriber, in messages."
+    )
+    queue_size: int = Field(
+        10000, ge=1, le=1_000_000, description="Events waiting for the publisher thread before new ones are dropped."
+    )
+    heartbeat_interval: float = Field(
+        1.0, gt=0, le=_HOUR, description="Seconds between `vigild.sys.heartbeat` messages."
+    )
+    linger_ms: int = Field(
+        1000, ge=0, le=60_000, description="How long closing waits to flush queued messages."
+    )
+    await_subscribers: int = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="Hold capture at start until this many subscriptions have reached the publisher (at most "
+        "`await_timeout` seconds), so that subscribers started beforehand miss no first event; 0: do not wait.",
+    )
+    await_timeout: float = Field(
+        30.0,
+        gt=0,
+        le=_HOUR,
+        description="Seconds `await_subscribers` waits before capture starts anyway.",
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _known_transport(cls, value: str) -> str:
+        if not value.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ValueError("expected a ZeroMQ endpoint such as tcp://127.0.0.1:5555 or ipc:///run/vigild/events")
+        return value
+
+
+class ControlConfig(StrictModel):
+    enabled: bool = Field(True, description="Serve the control socket (`vigild ctl`, docs/control.md).")
+    endpoint: str | None = Field(
+        None,
+        description="ZeroMQ endpoint the control socket binds; default ipc://$RUNTIME_DIRECTORY/control under "
+        "systemd, else ipc://$XDG_RUNTIME_DIR/vigild/control (or ~/.local/state/vigild/control), owner-only.",
+    )
+    timeout: float = Field(
+        10.0,
+        gt=0,
+        le=_HOUR,
+        description="Seconds a change waits for the configuration lock or the scheduler before answering `busy`.",
+    )
+    max_cameras: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="A control client's `cameras add` is refused (`forbidden`) once this many cameras are "
+        "configured, so that clients cannot grow the daemon without bound; the config file itself may hold more.",
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _known_transport(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("tcp://", "ipc://")):
+            raise ValueError("expected ipc://PATH or tcp://127.0.0.1:PORT")
+        return value
+
+
+class CurveConfig(StrictModel):
+    """ZeroMQ CURVE on the publisher and the control socket: only clients whose public key is authorised connect."""
+
+    secret_key: Path = Field(description="The server's secret certificate (`vigild keygen` writes NAME.key_secret).")
+    authorized_keys: Path = Field(
+        description="Directory of authorised clients' public certificates (NAME.key); re-read on reload."
+    )
+
+    @field_validator("secret_key")
+    @classmethod
+    def _readable_secret(cls, value: Path) -> Path:
+        import zmq.auth
+
+        try:
+            _, secret = zmq.auth.load_certificate(value)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read a certificate from {value}: {exc}") from None
+        if secret is None:
+            raise ValueError(f"{value} holds no secret key (give the .key_secret file `vigild keygen` wrote)")
+        return value
+
+    @field_validator("authorized_keys")
+    @classmethod
+    def _directory(cls, value: Path) -> Path:
+        if not value.is_dir():
+            raise ValueError(f"not a directory: {value}")
+        return value
+
+
+class MetricsConfig(StrictModel):
+    enabled: bool = Field(
+        False, description="Serve Prometheus metrics over HTTP (off by default, so two daemons never collide)."
+    )
+    address: str = Field("127.0.0.1", description="Address the metrics server binds.")
+    port: int = Field(9108, ge=0, le=65535, description="TCP port of `/metrics`.")
+
+
+class DaemonSettings(StrictModel):
+    """The top level of the file, with the plugin list still raw (its entries are validated per plugin)."""
+
+    cameras: dict[CameraName, CameraConfig] = Field(min_length=1)
+    plugins: list[dict[str, Any]] = Field(default_factory=list)
+    publisher: PublisherConfig = PublisherConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    control: ControlConfig = ControlConfig()
+    curve: CurveConfig | None = Field(None, description="Require CURVE authentication (docs/security.md).")
+    metrics: MetricsConfig = MetricsConfig()
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="CPU threads for torch and OpenCV; default: the CPUs the daemon may use (its affinity, capped by "
+        "its cgroup CPU quota), whatever OMP_NUM_THREADS or MKL_NUM_THREADS say. Reported in the heartbeat.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -1,0 +1,1 @@
+"""The pipeline: the frame exchange, the scheduler's batches and the plugin chain."""

@@ -1,0 +1,193 @@
+"""The scheduler thread: gather ready frames from all cameras into a batch, run the chain, publish the events.
+
+A batch closes when it holds `max_batch` frames, when every streaming camera has contributed one, or
+`max_wait_ms` after its first frame, whichever comes first, so one model call serves many cameras.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from vigild.config.settings import SchedulerConfig
+from vigild.events import Event
+from vigild.frame import Frame
+from vigild.outputs.publisher import Publisher
+from vigild.pipeline.chain import Chain
+from vigild.pipeline.exchange import FrameExchange, Notice, NoticeKind
+
+log = logging.getLogger("vigild.scheduler")
+
+POLL_S = 0.2
+LATENCY_SAMPLES = 100_000
+
+T = TypeVar("T")
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        exchange: FrameExchange,
+        chain: Chain,
+        publisher: Publisher,
+        cameras: list[str],
+        streaming_count: Callable[[], int],
+        on_all_ended: Callable[[], None],
+    ):
+        self.config = config
+        self.exchange = exchange
+        self.chain = chain
+        self.publisher = publisher
+        self.cameras = list(cameras)
+        self._streaming_count = streaming_count
+        self._on_all_ended = on_all_ended
+        self.processed: Counter[str] = Counter()
+        self.batches = 0
+        self.frames_in_batches = 0
+        self.last_latency_s: dict[str, float] = {}
+        self.latencies_s: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        """Capture-to-publish time of the latest frames (all cameras), for percentiles."""
+        self._ended: set[str] = set()
+        self._down: set[str] = set()
+        """Cameras whose `camera.down` was published and which have not come up since."""
+        self.latest: dict[str, Frame] = {}
+        """The last frame of each camera that came through the chain (for snapshots)."""
+        self.on_latency: Callable[[float], None] | None = None
+        self.alive_at = time.monotonic()
+        """When the scheduler last went round its loop: stale while a plugin is stuck (the watchdog reads it)."""
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish the batch in flight, publish the closing events of every camera still open, and return."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def call(self, function: Callable[[], T], timeout: float) -> T:
+        """Run `function` on the scheduler thread between two batches (to change the chain or the cameras without
+        a lock on the hot path) and return its result. Raises TimeoutError, without running it, when the
+        scheduler does not come round within `timeout` (a plugin is stuck)."""
+        if not self._thread.is_alive():
+            return function()
+        future: Future[T] = Future()
+        self._calls.put((function, future))
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            if future.cancel():
+                raise
+            return future.result()  # it had started: let it finish
+
+    def close_camera(self, camera: str, reason: str) -> None:
+        """Scheduler thread: close a camera that was stopped on purpose (removed, reconfigured, paused)."""
+        if camera not in self._down:
+            self._close_camera(Notice(camera, NoticeKind.DOWN, time.time(), -1, {"reason": reason}))
+
+    def take_over(self, chain: Chain, config: SchedulerConfig, cameras: list[str]) -> None:
+        """Scheduler thread, at a reconfiguration's swap: run `chain` (activated here) with `config` over `cameras`."""
+        chain.activate()
+        self.chain = chain
+        self.config = config
+        self.set_cameras(cameras)
+
+    def set_cameras(self, cameras: list[str]) -> None:
+        """Scheduler thread: the cameras of a new configuration; state of the others is forgotten."""
+        for gone in set(self.cameras) - set(cameras):
+            self._down.discard(gone)
+            self._ended.discard(gone)
+            self.latest.pop(gone, None)
+            self.last_latency_s.pop(gone, None)
+            self.processed.pop(gone, None)
+        self.cameras = list(cameras)
+
+    def reopen_camera(self, camera: str) -> None:
+        """Scheduler thread: a camera that was closed on purpose starts again (resumed, or restarted)."""
+        self._down.discard(camera)
+        self._ended.discard(camera)
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                function, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(function())
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._run_calls()  # nobody waits forever on a call made as we stopped
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.alive_at = time.monotonic()
+            self._run_calls()
+            max_wait = self.config.max_wait_ms / 1000.0
+            want = max(1, min(self.config.max_batch, self._streaming_count()))
+            taken = self.exchange.take(self.config.max_batch, max_wait, want, POLL_S)
+            for notice in taken.opened:
+                self._down.discard(notice.camera)
+                self._publish_camera_event(notice, "camera.up")
+            if taken.frames:
+                self._process(taken.frames)
+            for notice in taken.closed:
+                self._close_camera(notice)
+        for camera in self.cameras:
+            if camera not in self._down:  # cameras already down (or ended) were closed then
+                self._close_camera(Notice(camera, NoticeKind.DOWN, time.time(), -1, {"reason": "stopped"}))
+
+    def _process(self, frames: list[Frame]) -> None:
+        try:
+            passed = self.chain.process(frames)
+        except Exception:  # the chain isolates plugin failures; this is a bug in vigild itself, keep running
+            log.exception("chain failed on a batch of %d frames", len(frames))
+            return
+        for frame in frames:  # a frame a later plugin failed on still carries what earlier plugins decided
+            for event in frame.events:
+                self.publisher.publish(event)
+        now = time.monotonic()  # handed to the publisher's queue: capture to publish
+        self.batches += 1
+        self.frames_in_batches += len(frames)
+        for frame in passed:
+            self.processed[frame.camera] += 1
+            self.latest[frame.camera] = frame
+            latency = now - frame.ts_mono
+            self.last_latency_s[frame.camera] = latency
+            self.latencies_s.append(latency)
+            if self.on_latency is not None:
+                self.on_latency(latency)
+
+    def _close_camera(self, notice: Notice) -> None:
+        """Let plugins close what they hold for the camera (tracks...), then say it is down."""
+        for event in self.chain.source_ended(notice.camera, notice.ts_wall, notice.frame_index):
+            self.publisher.publish(event)
+        self._publish_camera_event(notice, "camera.down")
+        self._down.add(notice.camera)
+        if notice.kind is NoticeKind.ENDED:
+            self._ended.add(notice.camera)
+            if all(camera in self._ended for camera in self.cameras):
+                log.info("every camera has ended; stopping")
+                self._on_all_ended()
+
+    def _publish_camera_event(self, notice: Notice, event_type: str) -> None:
+        frame = notice.frame_index if notice.frame_index >= 0 else None
+        self.publisher.publish(Event(event_type, notice.camera, notice.ts_wall, frame, data=dict(notice.detail)))

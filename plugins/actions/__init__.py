@@ -1,0 +1,1 @@
+"""Action recognition: tubes of crops per track and the video models that classify them."""

@@ -1,0 +1,406 @@
+"""Action recognition with 3D CNNs and video transformers: what each tracked object is doing, over time.
+
+Each track of the configured classes gets a tube (plugins/actions/tubes.py): crops around its box, cut on the
+device every `stride` frames. Once a tube holds `clip_len` crops, it is classified every `interval` new crops;
+the clips of every track and camera of a batch go through the model together. Scores are smoothed over
+consecutive clips; `action.start` when a label stays at or above its threshold for `min_clips` clips,
+`action.end` when it falls below the threshold minus `hysteresis` (or the track ends). The current top actions
+also ride on the tracker's `track.update` events. `mode: frame` classifies each camera's whole view instead.
+With `half`, the model runs under autocast in float16 (CUDA) or bfloat16 (CPU); its weights, the clips'
+normalisation and the crop boxes stay float32, and the start-up probe runs in that same precision.
+
+The plugin must come after a tracker in the chain (it reads `tracker_id` and the tracker's `track.end`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+
+from vigild.events import Event, object_payload
+from vigild.frame import Detections, Frame
+from vigild.plugin import FrameErrors, Plugin, PluginConfig, PluginConfigError, check_torchvision_weights
+from vigild.plugins.actions.tubes import TubeCutter, TubePool, square_boxes
+from vigild.plugins.actions.video_models import (
+    ClipRunner,
+    ClipSettings,
+    VideoModel,
+    VideoModelError,
+    check_clip,
+    load_video_model,
+)
+from vigild.vision.device import OomSplitter, default_half, half_dtype
+
+
+class ActionRecognizerConfig(PluginConfig):
+    admin_only: ClassVar[frozenset[str]] = frozenset({"labels", "model", "weights"})  # TorchScript, state-dict files
+    type: Literal["action_recognizer"] = "action_recognizer"
+    model: str = Field(
+        "r3d_18",
+        description="A torchvision video classifier (r3d_18, mc3_18, r2plus1d_18, s3d, mvit_v1_b, mvit_v2_s, "
+        "swin3d_t) or a TorchScript file of your own.",
+    )
+    weights: str | None = Field(
+        "DEFAULT",
+        description="For torchvision models: `DEFAULT` (Kinetics-400, downloaded where online), a state-dict file "
+        "(e.g. fine-tuned, with its `labels`), or null (random weights: benchmarks only).",
+    )
+    labels: Path | None = Field(None, description="Labels file, one per line, in the model's output order.")
+    mode: Literal["tracks", "frame"] = Field("tracks", description="`frame`: classify each camera's whole view.")
+    classes: list[str] = Field(["person"], min_length=1, description="Detection labels whose tracks get tubes.")
+    clip_len: int | None = Field(None, ge=1, description="Frames per clip; default the model's own.")
+    size: int | None = Field(None, ge=8, description="Crop side in pixels; default the model's own.")
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    stride: int = Field(1, ge=1, description="Sample every n-th frame of a camera into the tubes.")
+    interval: int = Field(8, ge=1, description="Classify a full tube every n new crops.")
+    margin: float = Field(0.15, ge=0, le=2, description="Context around the box, as a share of its longer side.")
+    actions: list[str] = Field([], description="Labels that raise events; empty: every label.")
+    threshold: float = Field(0.5, gt=0, le=1, description="Smoothed score at which an action starts.")
+    thresholds: dict[str, float] = Field({}, description="Per-label thresholds, overriding `threshold`.")
+    hysteresis: float = Field(0.1, ge=0, lt=1, description="An action ends below its threshold minus this.")
+    min_clips: int = Field(2, ge=1, description="Consecutive clips at or above the threshold before action.start.")
+    smoothing: float = Field(
+        0.5, gt=0, le=1, description="Weight of the newest clip's scores in the running average; 1 = no smoothing."
+    )
+    top_k: int = Field(3, ge=0, description="Actions added to each track.update event (0: none).")
+    max_tracks: int = Field(512, ge=1, description="Tubes kept at once; further tracks wait for a free one.")
+    max_batch: int = Field(64, ge=1, description="Clips per forward pass.")
+    half: bool | None = Field(
+        None,
+        description="Reduced precision through autocast (weights stay float32): float16 on CUDA (the default "
+        "there), bfloat16 on the CPU.",
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, value: str | None) -> str | None:
+        return check_torchvision_weights(value)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_exist(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"labels file not found: {value}")
+        return value
+
+
+@dataclass
+class _Due:
+    """The tubes of one frame of a batch whose clips are due, and what they were before (undone if the model
+    fails)."""
+
+    position: int
+    slots: np.ndarray
+    rows: np.ndarray
+    clips: torch.Tensor
+    classified_at: np.ndarray
+    generation: np.ndarray
+
+
+@dataclass
+class _Camera:
+    samples: int = 0
+    track_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """Sorted ids of the tracks with a tube, and their slots."""
+    slots: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+class ActionRecognizer(Plugin[ActionRecognizerConfig]):
+    Config = ActionRecognizerConfig
+    batched = True  # tubes are per track; a frame that fails is named with FrameErrors, never run twice
+
+    def start(self) -> None:
+        c = self.config
+        self.device = torch.device(self.context.device)
+        half = c.half if c.half is not None else default_half(self.context.device)
+        try:
+            video = load_video_model(c.model, c.weights, c.labels, ClipSettings(c.clip_len, c.size, c.mean, c.std))
+            self.run = ClipRunner(video, self.device, half_dtype(self.device) if half else None)
+            check_clip(video, self.run)  # on the device, in the precision (and autocast) of every later batch
+        except VideoModelError as exc:
+            raise PluginConfigError(exc.key, str(exc)) from exc
+        self.video: VideoModel = video
+        labels = video.labels
+        for key, names in (("actions", c.actions), ("thresholds", list(c.thresholds))):
+            unknown = [name for name in names if name not in labels]
+            if unknown:
+                # labels from a file are that file's content: named by count only, whatever file it is
+                has = f"its labels file {c.labels} has {len(labels)}" if c.labels else f"it has {', '.join(labels[:20])}"
+                raise PluginConfigError(key, f"the model has no label {unknown[0]!r}; {has}")
+        self.interest = np.array([labels.index(a) for a in c.actions] if c.actions else range(len(labels)), np.int64)
+        self.start_at = np.array([c.thresholds.get(labels[i], c.threshold) for i in self.interest], np.float32)
+        self.end_below = self.start_at - c.hysteresis
+        self.cutter = TubeCutter(video.size, self.device)
+        self.pool = TubePool(c.max_tracks, video.clip_len, video.size, self.device)
+        self.splitter = OomSplitter(f"action_recognizer {c.model}", self.context.device)
+        n, k = c.max_tracks, len(self.interest)
+        self.smoothed = np.zeros((n, len(labels)), np.float32)
+        self.clips_seen = np.zeros(n, np.int64)
+        self.classified_at = np.zeros(n, np.int64)
+        self.generation = np.zeros(n, np.int64)  # counts the tracks a slot has served
+        self.streak = np.zeros((n, k), np.int64)
+        self.active = np.zeros((n, k), bool)
+        self.active_since = np.zeros((n, k), np.float64)
+        self.last_sample = np.zeros(n, np.int64)
+        self.track_of = np.zeros(n, np.int64)  # the track id a slot serves (slots are per camera)
+        self.last_detections = np.empty(n, object)  # the frame's Detections where the track was last cut from
+        self.last_row = np.zeros(n, np.int64)  # and its index there
+        self._cameras: dict[str, _Camera] = {}
+        self.tubes_refused = 0
+        self._wanted_classes: dict[tuple[str, ...], np.ndarray] = {}
+        self.log.info(
+            "%s (%d labels, clips %dx%dx%d) on %s, %s", c.model, len(labels), video.clip_len, video.size, video.size,
+            self.device, self.run.precision,
+        )  # fmt: skip
+
+    # ---- per batch
+
+    def process(self, frames: list[Frame]) -> None:
+        """Cut every frame's crops into the tubes, then classify the clips now due of the whole batch at once.
+
+        A frame whose tubes cannot be cut is named in `FrameErrors` and the others go on. When the model fails, the
+        frames with clips due are named (the crops stay: each frame is cut once) and those tubes are not marked as
+        classified, so they are classified at their next crop. The chain never runs this plugin twice on a frame."""
+        errors: dict[int, Exception] = {}
+        due: list[_Due] = []
+        for position, frame in enumerate(frames):
+            try:
+                frame.events.extend(self._close_ended(frame))
+                slots, rows = self._sample(frame)
+            except Exception as exc:
+                errors[position] = exc
+                continue
+            if len(slots):
+                ready = (self.pool.written[slots] >= self.pool.clip_len) & (
+                    self.pool.written[slots] - self.classified_at[slots] >= self.config.interval
+                )
+                slots, rows = slots[ready], rows[ready]
+                if len(slots):
+                    before = self.classified_at[slots].copy()
+                    # the clip as of this frame: later frames of the batch write over its oldest crops
+                    due.append(
+                        _Due(position, slots, rows, self.pool.clips(slots), before, self.generation[slots].copy())
+                    )
+                    self.classified_at[slots] = self.pool.written[slots]  # later frames of the batch see it
+        if due:
+            try:
+                scores = self.classify(torch.cat([d.clips for d in due]))
+            except Exception as exc:
+                for d in reversed(due):  # as before this batch, for the tubes still serving the same track
+                    same = self.generation[d.slots] == d.generation
+                    self.classified_at[d.slots[same]] = d.classified_at[same]
+                    errors[d.position] = exc
+            else:
+                start = 0
+                for d in due:
+                    frame = frames[d.position]
+                    frame.events.extend(self._score(frame, d.slots, d.rows, scores[start : start + len(d.slots)]))
+                    start += len(d.slots)
+        for frame in frames:
+            self._annotate_updates(frame)
+        if errors:
+            raise FrameErrors(dict(sorted(errors.items())))
+
+    def classify(self, clips: torch.Tensor) -> np.ndarray:
+        """(K, 3, T, S, S) uint8 clips on the device -> (K, labels) softmax scores, in batches of `max_batch`."""
+        pieces = [clips[i : i + self.config.max_batch] for i in range(0, len(clips), self.config.max_batch)]
+        out = [self.splitter(self._forward, list(piece)) for piece in pieces]
+        return np.concatenate([np.stack(part) for part in out]) if out else np.zeros((0, len(self.video.labels)))
+
+    def _forward(self, clips: list[torch.Tensor]) -> list[np.ndarray]:
+        return list(torch.softmax(self.run(torch.stack(clips)), dim=1).cpu().numpy())
+
+    # ---- tubes
+
+    def _sample(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
+        """Cut this frame's crops into the tubes of its tracks (every `stride` frames): (slots, detection index)."""
+        camera = self._cameras.setdefault(frame.camera, _Camera())
+        sampled = camera.samples % self.config.stride == 0
+        camera.samples += 1
+        if not sampled:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        width, height = frame.size
+        if self.config.mode == "frame":
+            side = min(width, height)
+            boxes = np.array([[(width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2]])
+            ids, rows = np.zeros(1, np.int64), np.full(1, -1, np.int64)
+            squares = boxes.astype(np.float32)
+        else:
+            detections = frame.detections
+            wanted = (detections.tracker_id >= 0) & self._class_mask(detections)[detections.class_id]
+            rows = np.flatnonzero(wanted)
+            ids = detections.tracker_id[rows]
+            squares = square_boxes(detections.xyxy[rows], self.config.margin, width, height)
+        crops = self.cutter(frame.image, squares)  # before any tube changes: a failure here leaves them as they were
+        slots, known = self._slots_for(camera, ids)
+        rows = rows[known]
+        self.pool.write(slots, crops[torch.from_numpy(known).to(crops.device)] if not known.all() else crops)
+        self.last_sample[slots] = camera.samples
+        holder = np.empty(1, object)
+        holder[0] = frame.detections  # broadcast as one object, not as the sequence of detections it also is
+        self.last_detections[slots] = holder
+        self.last_row[slots] = rows
+        return slots, rows
+
+    def _class_mask(self, detections: Detections) -> np.ndarray:
+        mask = self._wanted_classes.get(detections.class_names)
+        if mask is None:
+            mask = np.array([name in self.config.classes for name in detections.class_names] + [False], bool)
+            self._wanted_classes[detections.class_names] = mask
+        return mask
+
+    def _slots_for(self, camera: _Camera, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Slots of these track ids, taking free ones for new tracks: (slots, mask of ids that have one)."""
+        where = np.searchsorted(camera.track_ids, ids)
+        found = np.zeros(len(ids), bool)
+        if len(camera.track_ids):
+            found = (where < len(camera.track_ids)) & (
+                camera.track_ids[np.minimum(where, len(camera.track_ids) - 1)] == ids
+            )
+        slots = np.full(len(ids), -1, np.int64)
+        slots[found] = camera.slots[where[found]]
+        new = np.flatnonzero(~found)
+        if len(new):
+            taken = self.pool.take(len(new))
+            self.tubes_refused += len(new) - len(taken)
+            new = new[: len(taken)]
+            slots[new] = taken
+            self._reset(taken)
+            self.track_of[taken] = ids[new]
+            merged_ids = np.concatenate([camera.track_ids, ids[new]])
+            merged_slots = np.concatenate([camera.slots, taken])
+            order = np.argsort(merged_ids, kind="stable")
+            camera.track_ids, camera.slots = merged_ids[order], merged_slots[order]
+        has = slots >= 0
+        return slots[has], has
+
+    def _reset(self, slots: np.ndarray) -> None:
+        self.generation[slots] += 1
+        self.smoothed[slots] = 0
+        self.clips_seen[slots] = 0
+        self.classified_at[slots] = 0
+        self.streak[slots] = 0
+        self.active[slots] = False
+
+    def _release(
+        self, camera_name: str, track_ids: np.ndarray, ts: float, frame_index: int, reason: str
+    ) -> list[Event]:
+        camera = self._cameras.get(camera_name)
+        if camera is None or not len(track_ids) or not len(camera.track_ids):
+            return []
+        gone = np.isin(camera.track_ids, track_ids)
+        slots = camera.slots[gone]
+        events = [
+            self._end_event(camera_name, int(slots[i]), int(k), ts, frame_index, reason)
+            for i, k in zip(*np.nonzero(self.active[slots]), strict=True)
+        ]
+        camera.track_ids, camera.slots = camera.track_ids[~gone], camera.slots[~gone]
+        self.last_detections[slots] = None
+        self.active[slots] = False
+        self.pool.give_back(slots)
+        return events
+
+    def _close_ended(self, frame: Frame) -> list[Event]:
+        """Tubes of tracks the tracker ended on this frame, and of tracks not seen for long, are freed."""
+        ended = [e.object["track_id"] for e in frame.events if e.type == "track.end" and e.object is not None]
+        events = self._release(frame.camera, np.array(ended, np.int64), frame.ts_wall, frame.index, "track_end")
+        camera = self._cameras.get(frame.camera)
+        if camera is not None and len(camera.slots) and self.config.mode == "tracks":
+            patience = 4 * self.pool.clip_len * self.config.stride + 30
+            stale = camera.samples - self.last_sample[camera.slots] > patience
+            if stale.any():
+                events += self._release(frame.camera, camera.track_ids[stale], frame.ts_wall, frame.index, "lost")
+        return events
+
+    # ---- scores and events
+
+    def _score(self, frame: Frame, slots: np.ndarray, rows: np.ndarray, scores: np.ndarray) -> list[Event]:
+        c = self.config
+        first = self.clips_seen[slots] == 0
+        blended = c.smoothing * scores + (1 - c.smoothing) * self.smoothed[slots]
+        self.smoothed[slots] = np.where(first[:, None], scores, blended)
+        self.clips_seen[slots] += 1
+        watched = self.smoothed[slots][:, self.interest]
+        above = watched >= self.start_at
+        self.streak[slots] = np.where(above, self.streak[slots] + 1, 0)
+        starts = ~self.active[slots] & (self.streak[slots] >= c.min_clips)
+        ends = self.active[slots] & (watched < self.end_below)
+        events = [
+            self._end_event(frame.camera, int(slots[i]), int(k), frame.ts_wall, frame.index, "below_threshold")
+            for i, k in zip(*np.nonzero(ends), strict=True)
+        ]
+        active = self.active[slots]
+        active[ends] = False
+        active[starts] = True
+        self.active[slots] = active
+        since = self.active_since[slots]
+        since[starts] = frame.ts_wall
+        self.active_since[slots] = since
+        for i, k in zip(*np.nonzero(starts), strict=True):
+            label = int(self.interest[k])
+            events.append(
+                Event(
+                    "action.start",
+                    frame.camera,
+                    frame.ts_wall,
+                    frame.index,
+                    object_payload(frame.detections, int(rows[i])) if rows[i] >= 0 else None,
+                    {"action": self.video.labels[label], "score": round(float(self.smoothed[slots[i], label]), 4)},
+                )
+            )
+        return events
+
+    def _end_event(self, camera: str, slot: int, k: int, ts: float, frame_index: int, reason: str) -> Event:
+        """action.end of the `k`-th watched label of a slot in use."""
+        seen = self.last_detections[slot]
+        label = int(self.interest[k])
+        payload = None
+        if seen is not None and self.config.mode == "tracks":
+            payload = object_payload(seen, int(self.last_row[slot]))
+            payload["track_id"] = int(self.track_of[slot])
+        return Event(
+            "action.end",
+            camera,
+            ts,
+            frame_index,
+            payload,
+            {
+                "action": self.video.labels[label],
+                "score": round(float(self.smoothed[slot, label]), 4),
+                "duration_s": round(ts - float(self.active_since[slot, k]), 3),
+                "reason": reason,
+            },
+        )
+
+    def _annotate_updates(self, frame: Frame) -> None:
+        """The current top actions of a track ride on its `track.update` events."""
+        camera = self._cameras.get(frame.camera)
+        if not self.config.top_k or camera is None or not len(camera.track_ids):
+            return
+        for event in frame.events:
+            if event.type != "track.update" or event.object is None:
+                continue
+            where = np.searchsorted(camera.track_ids, event.object["track_id"])
+            if where >= len(camera.track_ids) or camera.track_ids[where] != event.object["track_id"]:
+                continue
+            slot = int(camera.slots[where])
+            if self.clips_seen[slot] == 0:
+                continue
+            top = np.argsort(-self.smoothed[slot])[: self.config.top_k]
+            event.data["actions"] = [
+                {"action": self.video.labels[i], "score": round(float(self.smoothed[slot, i]), 4)} for i in top
+            ]
+
+    def on_source_end(self, camera: str, ts_wall: float, frame_index: int) -> list[Event]:
+        state = self._cameras.get(camera)
+        if state is None:
+            return []
+        events = self._release(camera, state.track_ids.copy(), ts_wall, frame_index, "source_end")
+        self._cameras.pop(camera, None)
+        return events

@@ -1,0 +1,1 @@
+"""Zone and line analytics over tracked objects."""

@@ -1,0 +1,298 @@
+"""Zone and line analytics over tracked objects: enter/exit with dwell, loitering, occupancy counts, line crossings.
+
+Runs after a tracker (it reads `tracker_id`; untracked detections are ignored) on the zones and lines of each
+camera's config. Every decision has hysteresis: an object must be seen on the new side `min_frames` times in a
+row before it enters, exits or crosses, so a box jittering on an edge produces nothing. Frames in which a track is
+not seen (occlusion) change nothing: when it reappears under the same id it has not left. Every `zone.enter` gets
+exactly one `zone.exit`: when the object leaves, when its track ends (the tracker's `track.end` on the same frame),
+or when the camera stops. Events are described in docs/analytics.md.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from vigild.events import Event, object_payload
+from vigild.frame import Detections, Frame
+from vigild.plugin import Plugin, PluginConfig, PluginConfigError
+from vigild.vision.geometry import crosses_segment, inside_polygon, side_of_line
+from vigild.vision.snapshot import make_snapshot
+
+Anchor = Literal["bottom_center", "center", "top_center"]
+
+
+class AnalyticsConfig(PluginConfig):
+    type: Literal["analytics"] = "analytics"
+    anchor: Anchor = Field("bottom_center", description="The point of a box that must be in a zone or cross a line.")
+    min_frames: int = Field(3, ge=1, description="Consecutive sightings on the new side before enter/exit/cross.")
+    loiter_s: float | None = Field(30.0, gt=0, description="Dwell in a zone that raises `zone.loiter` (once a visit).")
+    count_debounce_s: float = Field(
+        1.0, ge=0, description="`zone.count` is published at most once per this many seconds per zone."
+    )
+    classes: list[str] | None = Field(None, description="Only objects with these labels; default all.")
+    zones: list[str] | None = Field(None, description="The camera's zones to watch; default all of them.")
+    lines: list[str] | None = Field(None, description="The camera's lines to watch; default all of them.")
+    snapshot: Literal["none", "crop", "frame"] = Field(
+        "none",
+        description="Attach a JPEG to enter, exit (when seen leaving), loiter (when seen) and cross events: the "
+        "object's crop or the whole frame with its box drawn, as the message's third part.",
+    )
+    snapshot_max_side: int = Field(640, ge=16, description="Snapshots are scaled down to at most this many pixels.")
+    snapshot_quality: int = Field(80, ge=10, le=100, description="JPEG quality.")
+    snapshot_max_bytes: int = Field(
+        200_000, ge=1000, description="A snapshot that stays larger than this (after re-encoding) is left out."
+    )
+
+
+@dataclass
+class _Presence:
+    inside: bool = False
+    streak: int = 0
+    entered_ts: float = 0.0
+    loitered: bool = False
+
+
+@dataclass
+class _Side:
+    side: int = 0
+    """Confirmed side: +1 right-hand (`in` side), -1 left-hand, 0 not yet known."""
+    streak: int = 0
+    last_anchor: np.ndarray | None = None
+    """Where the object was last seen on its confirmed side: the start of a crossing."""
+
+
+@dataclass
+class _Track:
+    label: str
+    last_seen: tuple[Detections, int]
+    zones: dict[str, _Presence] = field(default_factory=dict)
+    lines: dict[str, _Side] = field(default_factory=dict)
+
+
+@dataclass
+class _Count:
+    published: Counter[str] = field(default_factory=Counter)
+    last_published: float = float("-inf")
+
+
+@dataclass
+class _Camera:
+    size: tuple[int, int]
+    zones: dict[str, np.ndarray]
+    lines: dict[str, tuple[np.ndarray, np.ndarray]]
+    tracks: dict[int, _Track] = field(default_factory=dict)
+    counts: dict[str, _Count] = field(default_factory=dict)
+
+
+def anchor_points(xyxy: np.ndarray, anchor: Anchor) -> np.ndarray:
+    x = (xyxy[:, 0] + xyxy[:, 2]) / 2
+    y = {"bottom_center": xyxy[:, 3], "top_center": xyxy[:, 1], "center": (xyxy[:, 1] + xyxy[:, 3]) / 2}[anchor]
+    return np.stack([x, y], axis=1).astype(np.float64)
+
+
+class Analytics(Plugin[AnalyticsConfig]):
+    Config = AnalyticsConfig
+    batched = False  # state per camera and track: one frame at a time, in order
+
+    def start(self) -> None:
+        self.check_cameras(self.context.cameras)
+        self._cameras: dict[str, _Camera] = {}
+
+    def check_cameras(self, cameras: Mapping[str, Any]) -> None:
+        for camera, config in cameras.items():
+            for kind, wanted, available in (
+                ("zones", self.config.zones, config.zones),
+                ("lines", self.config.lines, config.lines),
+            ):
+                missing = sorted(set(wanted or ()) - set(available))
+                if missing:
+                    raise PluginConfigError(kind, f"camera {camera} has no {kind} named {', '.join(missing)}")
+
+    def _camera(self, frame: Frame) -> _Camera:
+        state = self._cameras.get(frame.camera)
+        if state is not None and state.size == frame.size:
+            return state
+        config = self.context.cameras[frame.camera]
+        width, height = frame.size
+        zones, lines = {}, {}
+        for name, zone in config.zones.items():
+            if self.config.zones is None or name in self.config.zones:
+                zones[name] = self._on_frame(frame, "zones", name, zone.pixels(zone.points, width, height))
+        for name, line in config.lines.items():
+            if self.config.lines is None or name in self.config.lines:
+                points = self._on_frame(frame, "lines", name, line.pixels(list(line.points), width, height))
+                lines[name] = (points[0], points[1])
+        fresh = _Camera(frame.size, zones, lines)
+        if state is not None:  # the frame size changed (a reconnect at another resolution): keep the tracks
+            fresh.tracks, fresh.counts = state.tracks, state.counts
+        self._cameras[frame.camera] = fresh
+        return fresh
+
+    def _on_frame(self, frame: Frame, kind: str, name: str, points: np.ndarray) -> np.ndarray:
+        width, height = frame.size
+        if (points[:, 0] > width).any() or (points[:, 1] > height).any():
+            self.log.error(
+                "camera %s: %s.%s has points outside its %dx%d frames; they are clipped to the frame "
+                "(use normalized: true for resolution-independent geometry)",
+                frame.camera,
+                kind,
+                name,
+                width,
+                height,
+            )
+            points = np.minimum(points, (width, height))
+        return points
+
+    def process(self, frames: list[Frame]) -> None:
+        for frame in frames:
+            self._analyse(frame)
+
+    def _analyse(self, frame: Frame) -> None:
+        state = self._camera(frame)
+        detections = frame.detections
+        keep = detections.tracker_id >= 0
+        if self.config.classes is not None:
+            labels = np.array([detections.label(i) for i in range(len(detections))], dtype=object)
+            keep &= np.isin(labels, self.config.classes)
+        index = np.flatnonzero(keep)
+        anchors = anchor_points(detections.xyxy[index], self.config.anchor)
+        ts = frame.ts_wall
+        inside = {name: inside_polygon(anchors, polygon) for name, polygon in state.zones.items()}
+        sides = {name: side_of_line(anchors, *ends) for name, ends in state.lines.items()}
+        for row, i in enumerate(index.tolist()):
+            track_id = int(detections.tracker_id[i])
+            track = state.tracks.get(track_id)
+            if track is None:
+                track = state.tracks[track_id] = _Track(detections.label(i), (detections, i))
+            track.last_seen = (detections, i)
+            for name, flags in inside.items():
+                self._zone_step(frame, track, name, bool(flags[row]), ts)
+            for name, observed in sides.items():
+                self._line_step(frame, state, track, name, int(observed[row]), anchors[row])
+        for event in frame.events:  # the tracker's verdicts on this frame: their visits are over
+            if event.type == "track.end" and event.object is not None:
+                ended = state.tracks.pop(int(event.object["track_id"]), None)
+                if ended is not None:
+                    self._close(frame.camera, frame.index, ts, ended, "track_end", frame.events)
+        self._loiter(frame, state, ts)
+        self._counts(frame, state, ts)
+
+    def _loiter(self, frame: Frame, state: _Camera, ts: float) -> None:
+        """Every visit that has lasted `loiter_s`, also of objects hidden right now (they have not left)."""
+        loiter = self.config.loiter_s
+        if loiter is None:
+            return
+        for track in state.tracks.values():
+            for zone, presence in track.zones.items():
+                if presence.inside and not presence.loitered and ts - presence.entered_ts >= loiter:
+                    presence.loitered = True
+                    dwell = round(ts - presence.entered_ts, 3)
+                    frame.events.append(self._event("zone.loiter", frame, track, {"zone": zone, "dwell_s": dwell}))
+
+    def _zone_step(self, frame: Frame, track: _Track, zone: str, observed: bool, ts: float) -> None:
+        presence = track.zones.setdefault(zone, _Presence())
+        if observed == presence.inside:
+            presence.streak = 0
+        else:
+            presence.streak += 1
+            if presence.streak >= self.config.min_frames:
+                presence.inside, presence.streak = observed, 0
+                if observed:
+                    presence.entered_ts, presence.loitered = ts, False
+                    frame.events.append(self._event("zone.enter", frame, track, {"zone": zone}))
+                else:
+                    dwell = round(ts - presence.entered_ts, 3)
+                    frame.events.append(
+                        self._event("zone.exit", frame, track, {"zone": zone, "dwell_s": dwell, "reason": "left"})
+                    )
+
+    def _line_step(
+        self, frame: Frame, state: _Camera, track: _Track, line: str, observed: int, anchor: np.ndarray
+    ) -> None:
+        side = track.lines.setdefault(line, _Side())
+        if observed == 0:
+            return  # exactly on the line: wait for a side
+        if side.side == 0:
+            side.side, side.last_anchor = observed, anchor
+            return
+        if observed == side.side:
+            side.streak, side.last_anchor = 0, anchor
+            return
+        side.streak += 1
+        if side.streak < self.config.min_frames:
+            return
+        start, end = state.lines[line]
+        assert side.last_anchor is not None
+        through = crosses_segment(side.last_anchor[None], anchor[None], start, end)[0]
+        side.side, side.streak, side.last_anchor = observed, 0, anchor
+        if through:  # otherwise it went around the line's end: a change of side, not a crossing
+            direction = "in" if observed > 0 else "out"
+            frame.events.append(self._event("line.cross", frame, track, {"line": line, "direction": direction}))
+
+    def _counts(self, frame: Frame, state: _Camera, ts: float) -> None:
+        """Publish a zone's occupancy when it differs from what was last published, at most once per
+        `count_debounce_s` (the latest value then: a busy zone reports its count steadily instead of never)."""
+        for zone in state.zones:
+            current: Counter[str] = Counter(
+                track.label for track in state.tracks.values() if track.zones.get(zone, _Presence()).inside
+            )
+            count = state.counts.setdefault(zone, _Count())
+            if current == count.published or ts - count.last_published < self.config.count_debounce_s:
+                continue
+            count.published, count.last_published = current, ts
+            frame.events.append(
+                Event(
+                    "zone.count",
+                    frame.camera,
+                    ts,
+                    frame.index,
+                    data={"zone": zone, "counts": dict(sorted(current.items())), "total": sum(current.values())},
+                )
+            )
+
+    def _close(
+        self, camera: str, frame_index: int, ts: float, track: _Track, reason: str, out: list[Event]
+    ) -> None:
+        for zone, presence in track.zones.items():
+            if presence.inside:
+                presence.inside = False
+                out.append(
+                    Event(
+                        "zone.exit",
+                        camera,
+                        ts,
+                        frame_index,
+                        object_payload(*track.last_seen),
+                        {"zone": zone, "dwell_s": round(ts - presence.entered_ts, 3), "reason": reason},
+                    )
+                )
+
+    def _event(self, kind: str, frame: Frame, track: _Track, data: dict[str, Any]) -> Event:
+        payload = object_payload(*track.last_seen)
+        event = Event(kind, frame.camera, frame.ts_wall, frame.index, payload, data)
+        config = self.config
+        if config.snapshot != "none" and track.last_seen[0] is frame.detections:  # only of an object seen now
+            event.snapshot = make_snapshot(
+                frame.image,
+                payload["bbox"],
+                config.snapshot,
+                config.snapshot_max_side,
+                config.snapshot_quality,
+                config.snapshot_max_bytes,
+            )
+        return event
+
+    def on_source_end(self, camera: str, ts_wall: float, frame_index: int) -> list[Event]:
+        state = self._cameras.pop(camera, None)
+        if state is None:
+            return []
+        events: list[Event] = []
+        for track in state.tracks.values():
+            self._close(camera, frame_index, ts_wall, track, "source_end", events)
+        return events

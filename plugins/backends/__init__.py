@@ -1,1 +1,0 @@
-"""Model back ends that plugins share: each turns a batch of BGR frames into `Detections`."""

@@ -1,0 +1,169 @@
+"""Object detector plugin: one model serves every camera of its group, a batch of frames per call.
+
+Two back ends behind one interface: `ultralytics` (YOLOv8/YOLO11 detect, segment and pose models: a `.pt` file, a
+model name, or an architecture `.yaml`) on vigild's batched device pipeline, and `darknet` (`.cfg` + `.weights`
+through OpenCV DNN). A frame that cannot be a model input fails alone; the rest of the batch goes on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal
+
+import numpy as np
+from pydantic import BeforeValidator, Field, FilePath, ValidationInfo, field_validator
+
+from vigild.events import Event, object_payload
+from vigild.frame import Frame
+from vigild.plugin import FrameErrors, Plugin, PluginConfig, PluginConfigError
+from vigild.plugins.detection.backend import DetectorBackend
+from vigild.vision.device import default_half
+from vigild.vision.letterbox import sort_frames
+
+Size = Annotated[int, Field(gt=0, le=8192, multiple_of=32)]
+
+
+def _square(value: object) -> object:
+    return (value, value) if isinstance(value, int | str) else value
+
+
+class DetectorConfig(PluginConfig):
+    admin_only: ClassVar[frozenset[str]] = frozenset({"backend", "cfg", "names", "weights"})  # files it loads
+    type: Literal["detector"] = "detector"
+    backend: Literal["ultralytics", "darknet"] = "ultralytics"
+    cfg: FilePath | None = Field(None, validate_default=True, description="darknet: the network's .cfg file.")
+    names: FilePath | None = Field(None, description="darknet: class names, one a line (e.g. coco.names).")
+    weights: str = Field(description="A weights file; for ultralytics also a model name such as yolov8n.pt.")
+    classes: list[str | int] | None = Field(None, description="Keep only these classes (names or ids); default all.")
+    confidence: float = Field(0.25, ge=0, le=1)
+    nms_iou: float = Field(0.45, ge=0, le=1)
+    input_size: Annotated[tuple[Size, Size], BeforeValidator(_square)] | None = Field(
+        None,
+        description="Network input, one side or [width, height], multiples of 32; every frame is letterboxed into it. "
+        "Default: 640x640 (ultralytics), the cfg's size (darknet). For 16:9 cameras [640, 384] halves the work.",
+    )
+    half: bool | None = Field(
+        None,
+        description="Reduced precision: fp16 on CUDA (default on there), bf16 on the CPU (default off; fast on CPUs "
+        "with AVX512-BF16 or AMX).",
+    )
+    mask_format: Literal["polygon", "rle"] = Field(
+        "polygon", description="Segment models: instance masks in events as polygons or COCO RLE (docs/events.md)."
+    )
+    publish: bool = Field(
+        False, description="Publish a `detections` event per frame with every object (without a tracker, too)."
+    )
+
+    @field_validator("cfg")
+    @classmethod
+    def _cfg_for_darknet(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None and info.data.get("backend") == "darknet":
+            raise ValueError("required when backend is darknet (the network's .cfg file)")
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, value: str, info: ValidationInfo) -> str:
+        path = Path(value)
+        if path.is_file():
+            return value
+        if info.data.get("backend") == "darknet" or "/" in value or path.exists():
+            raise ValueError(f"weights file not found: {value}")
+        return value  # a bare model name: ultralytics resolves it (downloads it where online)
+
+
+class Detector(Plugin[DetectorConfig]):
+    Config = DetectorConfig
+    repeatable = True  # stateless per frame: after a failed batch the chain reruns it frame by frame
+
+    def start(self) -> None:
+        config = self.config
+        backend: DetectorBackend
+        if config.backend == "darknet":
+            from vigild.plugins.detection.darknet import DarknetBackend
+
+            assert config.cfg is not None  # the config validator guarantees it
+            backend = DarknetBackend(
+                config.cfg,
+                Path(config.weights),
+                config.names,
+                config.input_size,
+                config.confidence,
+                config.nms_iou,
+                self.context.device,
+                config.half if config.half is not None else default_half(self.context.device),
+            )
+        else:
+            from vigild.plugins.detection.yolo import UltralyticsBackend
+
+            half = config.half if config.half is not None else default_half(self.context.device)
+            backend = UltralyticsBackend.load(
+                config.weights,
+                config.input_size,
+                config.confidence,
+                config.nms_iou,
+                self.context.device,
+                half,
+                config.mask_format,
+            )
+        if config.classes is not None:
+            names_file = config.names if config.backend == "darknet" else None
+            backend.class_filter = self._class_ids(config.classes, backend.class_names, names_file)
+        self.backend = backend
+        self.log.info(
+            "%s detector %s on %s for %s",
+            config.backend,
+            config.weights,
+            self.context.device,
+            ", ".join(self.context.cameras),
+        )
+
+    @staticmethod
+    def _class_ids(classes: list[str | int], names: tuple[str, ...], names_file: Path | None = None) -> np.ndarray:
+        """Ids of `classes` in the model's `names` (read from `names_file`, if any)."""
+        ids = []
+        for wanted in classes:
+            if isinstance(wanted, int):
+                if not 0 <= wanted < len(names):
+                    raise PluginConfigError(
+                        "classes", f"class id {wanted} is out of range (the model has {len(names)} classes)"
+                    )
+                ids.append(wanted)
+            elif wanted in names:
+                ids.append(names.index(wanted))
+            elif names_file is not None:  # its lines are a file's content: never shown, whatever file it is
+                raise PluginConfigError(
+                    "classes", f"the model has no class '{wanted}' (its names file {names_file} has {len(names)} names)"
+                )
+            else:
+                sample = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+                raise PluginConfigError("classes", f"the model has no class '{wanted}' (it has: {sample})")
+        return np.array(sorted(set(ids)), np.int64)
+
+    def process(self, frames: list[Frame]) -> None:
+        positions, rejected = sort_frames([frame.image for frame in frames])
+        good = [frames[position] for position in positions]
+        if good:
+            for frame, detections in zip(good, self.backend.detect([frame.image for frame in good]), strict=True):
+                frame.detections = detections
+            if self.config.publish:  # after every frame has its detections: a failure here costs one frame
+                for position, frame in zip(positions, good, strict=True):
+                    try:
+                        event = detections_event(frame)
+                    except Exception as exc:
+                        rejected[position] = exc
+                        continue
+                    frame.events.append(event)
+        if rejected:
+            raise FrameErrors(rejected)
+
+
+def detections_event(frame: Frame) -> Event:
+    detections = frame.detections
+    return Event(
+        "detections",
+        frame.camera,
+        frame.ts_wall,
+        frame.index,
+        data={"objects": [object_payload(detections, i) for i in range(len(detections))]},
+    )
