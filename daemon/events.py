@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from vigild.frame import Detections
+from vigild.frame import Detections, Frame
 from vigild.vision.snapshot import Snapshot
 
 SCHEMA_VERSION = 1
@@ -94,3 +94,7 @@ def object_payload(detections: Detections, i: int) -> dict[str, Any]:
     if detections.keypoints is not None:
         payload["keypoints"] = np.round(detections.keypoints[i], 3).tolist()
     return payload
+
+
+def add_track_events(frame: Frame) -> None:
+    """Placeholder (issue 16, point 1): builds the frame's track.new/update/end events from its typed track state."""

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from vigild.config.loading import CameraConfig, PluginSpec
-from vigild.events import Event
+from vigild.events import Event, add_track_events
 from vigild.frame import Frame
 from vigild.plugin import FrameErrors, Plugin, PluginConfig, PluginContext
 
@@ -180,6 +180,8 @@ class Chain:
                 self.on_stage_time(stage.spec.id, elapsed)
             if failed:
                 live = [frame for frame in live if id(frame) not in failed]
+        for frame in live:  # the tracker's verdicts become events once every plugin has added its data
+            add_track_events(frame)
         return live
 
     def source_ended(self, camera: str, ts_wall: float, frame_index: int) -> list[Event]:
