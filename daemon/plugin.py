@@ -5,7 +5,9 @@ opens resources, `process(frames)` runs once per batch on the scheduler thread, 
 plugin close what it holds for a camera that stopped (a file that ended, a camera removed or paused), and `stop()`
 releases everything. An instance whose config did not change outlives a reload; `check_cameras` lets it refuse the
 new set of cameras it would serve.
-Plugins only read and add to the frames they are given; they never call one another.
+Plugins only read and add to the frames they are given; they never call one another. What one needs from earlier
+plugins it declares (`requires`, `provides`, words of `CAPABILITIES`), and loading a config checks, camera by camera,
+that the chain gives it.
 """
 
 from __future__ import annotations
@@ -102,6 +104,17 @@ def read_list_file(path: Path, key: str, what: str) -> tuple[str, ...]:
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
+CAPABILITIES: Mapping[str, str] = {
+    "detections": "a detector",
+    "tracks": "a tracker",
+    "segmentation": "a semantic segmenter",
+    "actions": "an action recognizer",
+}
+"""The words of `Plugin.requires` and `Plugin.provides`, each with what usually provides it (for error messages).
+`detections`: `frame.detections` holds the objects found on the frame; `tracks`: those detections carry tracker ids
+(the objects are followed from frame to frame); `segmentation`: `frame.segmentation` holds a class map; `actions`: actions were
+recognised (per track or per frame). A third-party plugin may use words of its own between its plugins."""
+
 ConfigT = TypeVar("ConfigT", bound=PluginConfig)
 
 
@@ -116,6 +129,18 @@ class Plugin(ABC, Generic[ConfigT]):
     are lost. False (the default, and what any plugin with state must keep): a batch that raises anything but
     `FrameErrors` fails whole, and the plugin's state must be as it was before the batch (compute, then commit) or
     the plugin must finish the rest of the batch and name its bad frames with `FrameErrors`."""
+    requires: ClassVar[frozenset[str]] = frozenset()
+    """What an earlier plugin of the chain must have added to a frame before this one sees it, for every camera this
+    plugin runs for (see `CAPABILITIES` for the words). A chain that cannot give it, for some camera, is a config
+    error naming the plugin's key and the camera."""
+    provides: ClassVar[frozenset[str]] = frozenset()
+    """What this plugin adds to the frames it processes, for later plugins (words of `CAPABILITIES`)."""
+
+    @classmethod
+    def requirements(cls, config: PluginConfig) -> frozenset[str]:
+        """What this plugin needs with `config` (a camera's effective config): `requires` unless overridden by a
+        plugin whose needs depend on its settings (the action recognizer needs tracks only in `mode: tracks`)."""
+        return cls.requires
 
     def __init__(self, config: ConfigT, context: PluginContext):
         self.config = config

@@ -2,7 +2,8 @@
 section with the plugin's own `Config` model (found by `type`); `with_camera` applies a control client's camera.
 
 Every problem is reported as `file:line: key.path: what was expected`, all of them at once, so a user fixes a
-config in one round. The typed settings live in vigild.config.settings, the wording of errors in vigild.config.errors;
+config in one round. Once every plugin entry resolved, the chain is checked camera by camera against what each
+plugin requires and provides (`Plugin.requirements`, `Plugin.provides`). The typed settings live in vigild.config.settings, the wording of errors in vigild.config.errors;
 both are re-exported here.
 """
 
@@ -33,7 +34,7 @@ from vigild.config.settings import (
 )
 from vigild.config.yamlsource import ConfigError, KeyPath, Problem, YamlDocument, expand_env, load_yaml
 from vigild.pipeline.registry import PluginLookupError, load_plugin_class
-from vigild.plugin import PLUGIN_ID_PATTERN, Plugin, PluginConfig
+from vigild.plugin import CAPABILITIES, PLUGIN_ID_PATTERN, Plugin, PluginConfig
 
 _BOOL = TypeAdapter(bool)
 
@@ -226,7 +227,56 @@ def _resolve_chain(document: YamlDocument, settings: DaemonSettings) -> tuple[li
                         f"no plugin with id '{plugin_id}' in `plugins:` (ids: {known})",
                     )
                 )
+    if not problems:  # with an entry missing, what the chain provides is not known
+        problems = _unmet_requirements(document, settings, chain)
     return chain, problems
+
+
+def _unmet_requirements(
+    document: YamlDocument, settings: DaemonSettings, chain: list[PluginSpec]
+) -> list[Problem]:
+    """Each plugin's `requirements`, camera by camera: over the plugins enabled for a camera, in chain order, what a
+    plugin needs must be provided by one before it. A need is pointed at the camera's override that disabled the
+    plugin providing it, else at the plugin's entry."""
+    problems: list[Problem] = []
+    provided = {name: set[str]() for name, camera in settings.cameras.items() if camera.enabled}
+    for position, spec in enumerate(chain):
+        lacking: dict[str, list[str]] = {}  # need -> cameras for which no plugin before this one provides it
+        for name, have in provided.items():
+            config = spec.per_camera.get(name)
+            if config is None:
+                continue
+            for need in sorted(spec.cls.requirements(config) - have):
+                off = [index for index in range(position) if need in chain[index].cls.provides]
+                if not off:
+                    lacking.setdefault(need, []).append(name)
+                    continue
+                provider = chain[off[-1]]  # provides it, but not for this camera
+                problems.append(
+                    document.problem(
+                        ("cameras", name, "plugins", provider.id, "enabled"),
+                        f"{spec.id} (plugins.{position}) needs {need} on camera {name}, which {provider.id} "
+                        f"(plugins.{off[-1]}) provides, but not for this camera (enable {provider.id} for it, "
+                        f"or disable {spec.id} for it too)",
+                    )
+                )
+        for need, cameras in lacking.items():
+            later = [index for index in range(position + 1, len(chain)) if need in chain[index].cls.provides]
+            if later:
+                hint = f"{chain[later[0]].id} (plugins.{later[0]}) provides it: put it before {spec.id}"
+            else:
+                hint = f"add {CAPABILITIES.get(need, f'a plugin that provides {need}')} before it"
+            where = f"camera {cameras[0]}" if len(cameras) == 1 else f"cameras {', '.join(cameras)}"
+            problems.append(
+                document.problem(
+                    ("plugins", position),
+                    f"{spec.id} on {where} needs {need}, which no plugin before it provides ({hint})",
+                )
+            )
+        for name, have in provided.items():
+            if name in spec.per_camera:
+                have |= spec.cls.provides
+    return problems
 
 
 def _per_camera_configs(

@@ -75,6 +75,7 @@ class DetectorConfig(PluginConfig):
 class Detector(Plugin[DetectorConfig]):
     Config = DetectorConfig
     repeatable = True  # stateless per frame: after a failed batch the chain reruns it frame by frame
+    provides = frozenset({"detections"})
 
     def start(self) -> None:
         config = self.config

@@ -60,6 +60,7 @@ class SemanticSegmenterConfig(PluginConfig):
 class SemanticSegmenter(Plugin[SemanticSegmenterConfig]):
     Config = SemanticSegmenterConfig
     repeatable = True  # stateless per frame: after a failed batch the chain reruns it frame by frame
+    provides = frozenset({"segmentation"})
 
     def start(self) -> None:
         config = self.config
