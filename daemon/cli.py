@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vigild import __version__
-from vigild.capture.gst_pipeline import resolve_backend
 from vigild.client import DEFAULT_ENDPOINT, Subscriber
 from vigild.config.loading import Config, ConfigError, load_config, load_control_settings
 from vigild.pipeline.chain import PluginStartError
@@ -111,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     try:
         config = load_config(args.config)
+        backends = config.backends()  # this machine's: loading checked values only
     except ConfigError as exc:
         print(f"vigild: config error: {str(exc).replace(chr(10), chr(10) + 'vigild: config error: ')}", file=sys.stderr)
         return EXIT_CONFIG
@@ -120,9 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         plugins = ", ".join(f"{spec.id} ({spec.config.type})" for spec in config.chain) or "none"
         print(f"{config.file}: ok: {len(config.cameras)} camera(s) [{', '.join(config.cameras)}], plugins: {plugins}")
-        for name, camera in config.cameras.items():
+        for name in config.cameras:
             source = config.source(name)
-            print(f"  {name}: {source.kind.value} {source.display} via {resolve_backend(camera.backend)}")
+            print(f"  {name}: {source.kind.value} {source.display} via {backends[name]}")
         return EXIT_OK
     return _run(config, args.log_level)
 

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from vigild.capture.backends import BackendUnavailable, camera_backend
 from vigild.capture.gst_pipeline import resolve_backend
 from vigild.capture.reader import EndOfStream, FrameReader, ReaderCounters, SourceError, SourceStalled
 from vigild.capture.sources import SourceSpec, redact
@@ -101,7 +102,13 @@ class CameraCapture:
         self.config = config
         self.spec = spec
         self.exchange = exchange
-        self.backend = resolve_backend(config.backend)
+        self._unavailable: str | None = None
+        """Why this machine cannot capture the camera with its back end (the check before a change let it through:
+        a reload): every connection fails with this, and the camera reports it."""
+        try:
+            self.backend = camera_backend(config, spec.kind)
+        except BackendUnavailable as exc:
+            self.backend, self._unavailable = resolve_backend(config.backend), str(exc)
         self.stats = CameraStats(backend=self.backend)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"capture-{name}", daemon=True)
@@ -167,6 +174,9 @@ class CameraCapture:
 
     def _connect_once(self) -> Outcome:
         """One connection: open, stream until it fails, ends, stalls or we stop; always closed on return."""
+        if self._unavailable is not None:
+            self.stats.last_error = self._unavailable
+            return Outcome.FAILED
         reader = make_reader(self.name, self.config, self.spec, self.backend, software_only=self._software_only)
         try:
             reader.open()

@@ -10,13 +10,14 @@ both are re-exported here.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from vigild.capture.backends import BackendUnavailable, camera_backend
 from vigild.capture.sources import SourceKind, SourceSpec, parse_source
 from vigild.config.errors import describe, problems_of
 from vigild.config.settings import (
@@ -77,6 +78,21 @@ class Config:
         """The camera's parsed source; relative file paths are taken from the config file's directory."""
         return parse_source(self.settings.cameras[camera].source, self.file.parent)
 
+    def backends(self, cameras: Iterable[str] | None = None) -> dict[str, str]:
+        """The capture back end (`gstreamer`, `opencv`) of each enabled camera, or of `cameras`, on this machine;
+        raises `ConfigError` naming each camera that none can capture here. Imports GStreamer: asked by `vigild
+        check` and `run` and for a control client's camera, never by loading a config."""
+        found: dict[str, str] = {}
+        problems = []
+        for name in self.cameras if cameras is None else cameras:
+            try:
+                found[name] = camera_backend(self.settings.cameras[name], self.source(name).kind)
+            except BackendUnavailable as exc:
+                problems.append(self.document.problem(("cameras", name), str(exc)))
+        if problems:
+            raise ConfigError(self.file, problems)
+        return found
+
 
 def load_config(file: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     """Read, expand and validate a config file; raises `ConfigError` listing every problem found."""
@@ -104,7 +120,8 @@ def load_control_settings(file: str | Path, environ: Mapping[str, str] | None = 
 
 def with_camera(config: Config, name: str, camera: dict[str, Any] | None) -> Config:
     """`config` with camera `name` set to `camera` (raw, as a control client sent it: never `${VAR}`-expanded) or
-    removed (None), validated whole. Raises `ControlRefused`, changing nothing, where `camera` names a file."""
+    removed (None), validated whole, with the camera's capture back end available here. Raises `ConfigError`, or
+    `ControlRefused` where `camera` names a file, changing nothing."""
     data = copy.deepcopy(config.document.data)
     cameras = data.setdefault("cameras", {})
     if camera is None:
@@ -123,7 +140,10 @@ def with_camera(config: Config, name: str, camera: dict[str, Any] | None) -> Con
         if refused:
             raise ControlRefused(config.file, refused)
         cameras[name] = camera
-    return validate_document(YamlDocument(config.file, data, config.document.lines))
+    changed = validate_document(YamlDocument(config.file, data, config.document.lines))
+    if name in changed.cameras:
+        changed.backends([name])  # capture would start at once: a back end not installed here refuses it now
+    return changed
 
 
 def _admin_only(config: Config, name: str, camera: dict[str, Any]) -> list[Problem]:
