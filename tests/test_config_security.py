@@ -363,7 +363,8 @@ def test_the_largest_allowed_values_load(tmp_path):
     name = "c" * 64
     text = (
         f"cameras:\n  {name}:\n    source: test://balls\n    resize: [8192, 4320]\n    fps: 0.001\n"
-        "plugins:\n  - type: bytetrack\n    id: " + "t" * 64 + "\npublisher:\n  heartbeat_interval: 3600\n"
+        "plugins:\n  - type: detector\n    weights: yolov8n.pt\n  - type: bytetrack\n    id: " + "t" * 64
+        + "\npublisher:\n  heartbeat_interval: 3600\n"
     )
     config = load_config(write(tmp_path, text), environ={})
     assert config.settings.cameras[name].resize == (8192, 4320)

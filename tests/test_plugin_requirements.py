@@ -192,7 +192,7 @@ DETECTOR = "  - type: detector\n    weights: yolov8n.pt\n"
         (DETECTOR + "  - type: action_recognizer\n    mode: frame\n", "", None),
         (DETECTOR + "  - type: bytetrack\n  - type: action_recognizer\n", "", None),
         ("  - type: bytetrack\n", "", ":5: plugins.0: bytetrack on camera door needs detections"),
-        ("  - type: semantic_segmenter\n  - type: bytetrack\n", "", "plugins.1: bytetrack on camera door needs detections"),
+        ("  - type: semantic_segmenter\n  - type: bytetrack\n", "", ":6: plugins.1: bytetrack on camera door needs detections"),
         (
             DETECTOR + "  - type: botsort\n  - type: analytics\n",
             "    plugins:\n      botsort: {enabled: false}\n",

@@ -65,5 +65,5 @@ def test_a_configured_plugin_that_fails_to_import_stops_the_daemon(tmp_path):
 def test_an_installed_but_unused_broken_plugin_does_not_matter(tmp_path):
     site = tmp_path / "site"
     install_fake_distribution(site, "broken = acme_broken:Broken\n", {"acme_broken": "raise RuntimeError('boom')\n"})
-    result = check(site, config_with(tmp_path, "- type: bytetrack\n"))
+    result = check(site, config_with(tmp_path, "- type: detector\n  weights: yolov8n.pt\n- type: bytetrack\n"))
     assert result.returncode == 0, result.stderr

@@ -48,10 +48,10 @@ def test_the_same_config_with_good_names_is_valid(tmp_path):
     path.write_text(
         "cameras:\n  door-1_A:\n    source: test://balls\n"
         "    zones:\n      gate_2:\n        points: [[0, 0], [10, 0], [10, 10]]\n"
-        "plugins:\n  - type: analytics\n    id: counter-3\n"
+        "plugins:\n  - type: detector\n    weights: yolov8n.pt\n  - type: bytetrack\n  - type: analytics\n    id: counter-3\n"
     )
     config = load_config(path)
-    assert list(config.cameras) == ["door-1_A"] and config.chain[0].id == "counter-3"
+    assert list(config.cameras) == ["door-1_A"] and config.chain[-1].id == "counter-3"
 
 
 def test_an_event_with_nan_or_infinity_is_dropped_and_counted_and_the_next_one_goes(endpoint):
