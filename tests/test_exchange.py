@@ -132,7 +132,7 @@ def test_scheduler_forgets_the_cameras_a_new_configuration_drops():
 
     exchange = FrameExchange()
     publisher = Publisher(PublisherConfig(endpoint="inproc://unused"))  # never started: publish only queues
-    scheduler = Scheduler(SchedulerConfig(), exchange, Chain((), "cpu", {}), publisher, ["a"], lambda: 1, lambda: None)
+    scheduler = Scheduler(SchedulerConfig(), exchange, Chain((), "cpu", {}), publisher, ["a"])
     for i in range(500):
         name = f"cam{i}"
         scheduler.set_cameras(["a", name])

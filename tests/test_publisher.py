@@ -105,14 +105,20 @@ def test_slow_subscriber_never_blocks_publish(endpoint):
 
 
 def test_heartbeat_is_published_on_its_interval(endpoint):
+    from vigild.service.status import Heartbeat
+
     beats = iter(range(1000))
-    publisher = Publisher(
-        PublisherConfig(endpoint=endpoint, heartbeat_interval=0.1),
-        heartbeat=lambda: Event("heartbeat", "sys", time.time(), data={"n": next(beats)}),
-    )
+    publisher = Publisher(PublisherConfig(endpoint=endpoint))
     publisher.start()
+
+    def beat() -> Event:
+        return Event("heartbeat", "sys", time.time(), data={"n": next(beats)})
+
+    heartbeat = Heartbeat(0.1, beat, publisher.publish)
+    heartbeat.start()
     with Subscriber(endpoint, topics=["vigild.sys.heartbeat"]) as subscriber:
         got = [subscriber.receive(timeout=2) for _ in range(3)]
+    heartbeat.stop()
     publisher.stop()
     assert all(m is not None and m.event["type"] == "heartbeat" for m in got)
     ns = [m.event["n"] for m in got]  # type: ignore[union-attr]

@@ -66,3 +66,34 @@ def test_the_metrics_are_the_snapshots_numbers():
 
 def test_the_status_line_is_the_snapshots_numbers():
     assert status_line(SNAPSHOT) == "1/3 cameras streaming, 1 paused, 9.5 frames/s, 12 dropped"
+
+
+def test_the_histograms_are_the_pipelines_counts():
+    """The latency and plugin-time histograms are counted where they are measured and only read at a scrape."""
+    from vigild.pipeline.durations import LATENCY_BUCKETS, PLUGIN_BUCKETS, Durations, Timings
+    from vigild.service.metrics import TimingCollector
+
+    latency, detector = Durations(LATENCY_BUCKETS), Durations(PLUGIN_BUCKETS)
+    for seconds in (0.01, 0.04, 0.04, 30.0):  # 0.01 is in the 0.01 bucket (at most its bound)
+        latency.observe(seconds)
+    detector.observe(0.002)
+
+    class Timed:
+        def timings(self) -> Timings:
+            return Timings(latency.read(), {"detector": detector.read()})
+
+    registry = CollectorRegistry()
+    registry.register(TimingCollector(Timed()))
+    got = {}
+    for line in generate_latest(registry).decode().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            got[name] = float(value)
+    assert got['vigild_latency_seconds_bucket{le="0.01"}'] == 1
+    assert got['vigild_latency_seconds_bucket{le="0.05"}'] == 3
+    assert got['vigild_latency_seconds_bucket{le="10.0"}'] == 3
+    assert got['vigild_latency_seconds_bucket{le="+Inf"}'] == got["vigild_latency_seconds_count"] == 4
+    assert got["vigild_latency_seconds_sum"] == 30.09
+    assert got['vigild_plugin_seconds_bucket{le="0.001",plugin="detector"}'] == 0
+    assert got['vigild_plugin_seconds_bucket{le="0.0025",plugin="detector"}'] == 1
+    assert got['vigild_plugin_seconds_created{plugin="detector"}'] == detector.created

@@ -15,7 +15,6 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -59,19 +58,13 @@ def is_loopback_endpoint(endpoint: str) -> bool:
 
 
 class Publisher:
-    def __init__(
-        self,
-        config: PublisherConfig,
-        heartbeat: Callable[[], Event] | None = None,
-        curve: CurveConfig | None = None,
-    ):
+    def __init__(self, config: PublisherConfig, curve: CurveConfig | None = None):
         self.config = config
         self.curve_config = curve
         self.curve: Any = None  # the CurveServer, made on the publisher thread
         self.alive_at = time.monotonic()
         """When the publisher thread last went round its loop (at least once per heartbeat interval)."""
         self.stats = PublisherStats()
-        self._heartbeat = heartbeat
         self._context = zmq.Context()  # our own, terminated on stop: that is what makes `linger_ms` flush
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.queue_size)
         self._seq = 0
@@ -163,12 +156,11 @@ class Publisher:
             self._bound.set()
             return
         self._bound.set()
-        interval = self.config.heartbeat_interval
-        next_heartbeat = time.monotonic() + interval
+        interval = self.config.heartbeat_interval  # the longest it waits: `alive_at` stays fresh for the watchdog
         try:
             while True:
                 self.alive_at = time.monotonic()
-                wait = max(0.0, next_heartbeat - time.monotonic())
+                wait = interval
                 if self._awaiting and not self._subscribed.is_set():
                     wait = min(wait, 0.02)  # look for the awaited subscriptions often
                 try:
@@ -181,14 +173,6 @@ class Publisher:
                     self._read_subscriptions(socket)
                 if item is not None:
                     self._send(socket, *item)
-                if self._heartbeat is not None and time.monotonic() >= next_heartbeat:
-                    next_heartbeat += interval
-                    if next_heartbeat < time.monotonic():  # we fell behind: do not burst to catch up
-                        next_heartbeat = time.monotonic() + interval
-                    try:
-                        self.publish(self._heartbeat())
-                    except Exception:  # a broken heartbeat must not take the event stream down with it
-                        log.exception("could not make the heartbeat")
         finally:
             socket.close()  # with LINGER = linger_ms
             if self.curve is not None:

@@ -16,15 +16,18 @@ On a reload the new chain takes over every instance whose plugin id, class and e
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from vigild.config.loading import CameraConfig, PluginSpec
 from vigild.events import Event, add_track_events
 from vigild.frame import Frame
+from vigild.pipeline.durations import PLUGIN_BUCKETS, Durations
 from vigild.plugin import FrameErrors, Plugin, PluginConfig, PluginContext
 
 log = logging.getLogger("vigild.chain")
@@ -43,6 +46,8 @@ class Stage:
     """Whole batches this plugin raised on (a repeatable plugin's frames may still have come through on a rerun)."""
     removed_failures: int = 0
     """Failures of cameras since removed: kept in the plugin's total, so that its counter never goes down."""
+    durations: Durations = field(default_factory=lambda: Durations(PLUGIN_BUCKETS))
+    """The plugin's time per batch (the metrics read it)."""
 
     @property
     def total_failures(self) -> int:
@@ -73,10 +78,9 @@ class Chain:
         """`reuse`: the running chain, whose unchanged instances this one takes over (they are not started again;
         they see their new cameras only at `activate()`, on the scheduler thread)."""
         self.stages: list[Stage] = []
-        self.on_stage_time: Callable[[str, float], None] | None = None
         self._keys: dict[InstanceKey, Plugin] = {}
         self._fresh: list[tuple[Stage, Plugin]] = []
-        self._handover: list[tuple[Plugin, dict[str, CameraConfig]]] = []
+        self._handover: list[tuple[Plugin, Mapping[str, CameraConfig]]] = []
         previous = reuse._keys if reuse is not None else {}
         previous_stages = {stage.spec.id: stage for stage in reuse.stages} if reuse is not None else {}
         for position, spec in enumerate(specs):
@@ -88,9 +92,9 @@ class Chain:
             if spec.id in previous_stages:  # counters carry on across a reload
                 old = previous_stages[spec.id]
                 stage.seconds, stage.failures, stage.batch_failures = old.seconds, old.failures, old.batch_failures
-                stage.removed_failures = old.removed_failures
+                stage.removed_failures, stage.durations = old.removed_failures, old.durations
             for json_config, (config, served) in groups.items():
-                served_cameras = {name: cameras[name] for name in sorted(served)}
+                served_cameras = MappingProxyType({name: cameras[name] for name in sorted(served)})  # read-only
                 instance_key = (spec.id, spec.cls, json_config)
                 try:
                     plugin = previous.get(instance_key)
@@ -98,7 +102,7 @@ class Chain:
                         plugin.check_cameras(served_cameras)
                         self._handover.append((plugin, served_cameras))
                     else:
-                        plugin = spec.cls(config, PluginContext(device, dict(served_cameras), torch_threads))
+                        plugin = spec.cls(config, PluginContext(device, served_cameras, torch_threads))
                         self._fresh.append((stage, plugin))
                 except Exception as exc:
                     raise PluginStartError(spec.id, position, exc) from exc
@@ -127,10 +131,10 @@ class Chain:
         self._stop_plugins(self._fresh)
 
     def activate(self) -> None:
-        """Scheduler thread, at the swap: instances taken over now serve their new cameras."""
+        """Scheduler thread, at the swap: instances taken over now serve their new cameras (a new context: the one
+        they had is frozen, and its cameras read-only)."""
         for plugin, cameras in self._handover:
-            plugin.context.cameras.clear()  # the dict the context was made with (Chain.__init__)
-            plugin.context.cameras.update(cameras)
+            plugin.context = dataclasses.replace(plugin.context, cameras=cameras)
         for stage in self.stages:  # counters carried over keep nothing of cameras gone (added again: from zero)
             for camera in [name for name in stage.failures if name not in self._cameras]:
                 stage.removed_failures += stage.failures.pop(camera)
@@ -176,8 +180,7 @@ class Chain:
                     failed.update(self._run(stage, plugin, batch))
             elapsed = time.perf_counter() - started
             stage.seconds += elapsed
-            if self.on_stage_time is not None:
-                self.on_stage_time(stage.spec.id, elapsed)
+            stage.durations.observe(elapsed)
             if failed:
                 live = [frame for frame in live if id(frame) not in failed]
         for frame in live:  # the tracker's verdicts become events once every plugin has added its data

@@ -3,7 +3,7 @@
 A camera that is faster than the chain overwrites its unconsumed frame (the old one is dropped and counted)
 instead of queueing it, so latency never grows. A file read "as fast as possible" waits for its slot to empty
 instead, so benchmarks see every frame. Camera notices (up, down, ended) travel through the same place so the
-scheduler handles them in order with the frames.
+scheduler handles them in order with the frames; they also tell how many cameras stream, which sizes a batch.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ class FrameExchange:
         self._notices: deque[Notice] = deque()
         self._closed = False
         self._retired: set[str] = set()
+        self._streaming: set[str] = set()
+        """Cameras whose last notice was `up` (posted as their capture starts streaming)."""
         self.drops: Counter[str] = Counter()
 
     def put(self, frame: Frame, wait: bool = False) -> bool:
@@ -69,6 +71,7 @@ class FrameExchange:
         """Stop taking `camera`'s frames and notices (its capture is being stopped on purpose); drop what waits."""
         with self._cond:
             self._retired.add(camera)
+            self._streaming.discard(camera)
             self._frames.pop(camera, None)
             self._notices = deque(n for n in self._notices if n.camera != camera)
             self._cond.notify_all()
@@ -83,6 +86,7 @@ class FrameExchange:
         removing cameras never grows this."""
         with self._cond:
             self._retired.discard(camera)
+            self._streaming.discard(camera)
             self._frames.pop(camera, None)
             self._notices = deque(n for n in self._notices if n.camera != camera)
             self.drops.pop(camera, None)
@@ -92,8 +96,17 @@ class FrameExchange:
         with self._cond:
             if notice.camera in self._retired:
                 return
+            if notice.kind is NoticeKind.UP:
+                self._streaming.add(notice.camera)
+            else:
+                self._streaming.discard(notice.camera)
             self._notices.append(notice)
             self._cond.notify_all()
+
+    def streaming(self) -> int:
+        """How many cameras stream now: their capture said `up`, and neither `down` nor `ended` since, nor was it
+        stopped on purpose (`retire`)."""
+        return len(self._streaming)
 
     def take(self, max_frames: int, max_wait: float, want: int, timeout: float) -> Taken:
         """Wait up to `timeout` for anything, then up to `max_wait` more until `want` frames are ready.

@@ -2,6 +2,10 @@
 
 A batch closes when it holds `max_batch` frames, when every streaming camera has contributed one, or
 `max_wait_ms` after its first frame, whichever comes first, so one model call serves many cameras.
+
+The scheduler never calls up into whoever made it: what it learns about the cameras comes with the frames (the
+exchange's notices), what it measures it keeps for others to read (counts, `latency`), and the one thing it tells
+(every camera has ended) it tells by setting the event it was given.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from vigild.events import Event
 from vigild.frame import Frame
 from vigild.outputs.publisher import Publisher
 from vigild.pipeline.chain import Chain
+from vigild.pipeline.durations import LATENCY_BUCKETS, Durations
 from vigild.pipeline.exchange import FrameExchange, Notice, NoticeKind
 
 log = logging.getLogger("vigild.scheduler")
@@ -38,28 +43,28 @@ class Scheduler:
         chain: Chain,
         publisher: Publisher,
         cameras: list[str],
-        streaming_count: Callable[[], int],
-        on_all_ended: Callable[[], None],
+        all_ended: threading.Event | None = None,
     ):
+        """`all_ended`: set once every camera has ended (files that were read to their end), for the owner to stop."""
         self.config = config
         self.exchange = exchange
         self.chain = chain
         self.publisher = publisher
         self.cameras = list(cameras)
-        self._streaming_count = streaming_count
-        self._on_all_ended = on_all_ended
+        self.all_ended = all_ended if all_ended is not None else threading.Event()
         self.processed: Counter[str] = Counter()
         self.batches = 0
         self.frames_in_batches = 0
         self.last_latency_s: dict[str, float] = {}
         self.latencies_s: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         """Capture-to-publish time of the latest frames (all cameras), for percentiles."""
+        self.latency = Durations(LATENCY_BUCKETS)
+        """Capture-to-publish time of every frame (all cameras), counted into buckets (the metrics read it)."""
         self._ended: set[str] = set()
         self._down: set[str] = set()
         """Cameras whose `camera.down` was published and which have not come up since."""
         self.latest: dict[str, Frame] = {}
         """The last frame of each camera that came through the chain (for snapshots)."""
-        self.on_latency: Callable[[float], None] | None = None
         self.alive_at = time.monotonic()
         """When the scheduler last went round its loop: stale while a plugin is stuck (the watchdog reads it)."""
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
@@ -142,7 +147,7 @@ class Scheduler:
             self.alive_at = time.monotonic()
             self._run_calls()
             max_wait = self.config.max_wait_ms / 1000.0
-            want = max(1, min(self.config.max_batch, self._streaming_count()))
+            want = max(1, min(self.config.max_batch, self.exchange.streaming()))
             taken = self.exchange.take(self.config.max_batch, max_wait, want, POLL_S)
             for notice in taken.opened:
                 self._down.discard(notice.camera)
@@ -173,8 +178,7 @@ class Scheduler:
             latency = now - frame.ts_mono
             self.last_latency_s[frame.camera] = latency
             self.latencies_s.append(latency)
-            if self.on_latency is not None:
-                self.on_latency(latency)
+            self.latency.observe(latency)
 
     def _close_camera(self, notice: Notice) -> None:
         """Let plugins close what they hold for the camera (tracks...), then say it is down."""
@@ -186,7 +190,7 @@ class Scheduler:
             self._ended.add(notice.camera)
             if all(camera in self._ended for camera in self.cameras):
                 log.info("every camera has ended; stopping")
-                self._on_all_ended()
+                self.all_ended.set()
 
     def _publish_camera_event(self, notice: Notice, event_type: str) -> None:
         frame = notice.frame_index if notice.frame_index >= 0 else None

@@ -1,8 +1,9 @@
 """Prometheus `/metrics` through prometheus-client, on its own registry and HTTP thread.
 
-Counts the daemon already keeps (frames, drops, reconnects, events sent) are read when Prometheus scrapes, so the
-hot path pays nothing for them; only the two histograms are observed as the frames go: plugin time per batch and
-capture-to-publish latency per frame.
+Everything is read when Prometheus scrapes, from what the daemon already keeps: its status snapshot (frames, drops,
+reconnects, events sent) and its two histograms (plugin time per batch, capture-to-publish latency per frame), which
+the pipeline counts into buckets as the frames go (vigild.pipeline.durations). Nothing here is called from the hot
+path.
 """
 
 from __future__ import annotations
@@ -12,17 +13,17 @@ import logging
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from vigild.capture.camera import CameraState
 from vigild.config.settings import MetricsConfig
+from vigild.pipeline.durations import Histogram, Timings
 
 log = logging.getLogger("vigild.metrics")
-
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
-PLUGIN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 def is_loopback_address(address: str) -> bool:
@@ -39,6 +40,16 @@ class StatusSource(Protocol):
     """All the metrics ask of the daemon: its status snapshot (the one the heartbeat and `vigild ctl status` show)."""
 
     def status(self) -> dict[str, Any]: ...
+
+
+class TimingSource(Protocol):
+    """The histograms, as the pipeline counted them."""
+
+    def timings(self) -> Timings: ...
+
+
+class MetricsSource(StatusSource, TimingSource, Protocol):
+    """All the metrics server asks of the daemon."""
 
 
 CAMERA_STATES = (*(state.value for state in CameraState), "paused")
@@ -103,26 +114,39 @@ class DaemonCollector(Collector):
         yield memory
 
 
+def _histogram(family: HistogramMetricFamily, labels: list[str], histogram: Histogram) -> None:
+    """`histogram` as prometheus-client's own Histogram shows it: buckets, count, sum, and `_created`."""
+    bounds = [*(floatToGoString(bound) for bound in histogram.bounds), "+Inf"]
+    family.add_metric(labels, list(zip(bounds, histogram.cumulative, strict=True)), histogram.sum_s)
+    family.samples.append(
+        Sample(f"{family.name}_created", dict(zip(family._labelnames, labels, strict=True)), histogram.created)
+    )
+
+
+class TimingCollector(Collector):
+    """The latency and plugin-time histograms, read from the pipeline's counts at each scrape."""
+
+    def __init__(self, source: TimingSource):
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        timings = self._source.timings()
+        plugin = HistogramMetricFamily("vigild_plugin_seconds", "Time of one plugin over one batch", labels=["plugin"])
+        for plugin_id, histogram in timings.plugins.items():
+            _histogram(plugin, [plugin_id], histogram)
+        latency = HistogramMetricFamily("vigild_latency_seconds", "Capture to publish, per frame", labels=[])
+        _histogram(latency, [], timings.latency)
+        yield from (plugin, latency)
+
+
 class MetricsServer:
-    def __init__(self, config: MetricsConfig, daemon: StatusSource):
+    def __init__(self, config: MetricsConfig, daemon: MetricsSource):
         self.config = config
         self.registry = CollectorRegistry()
-        self._plugin = Histogram(
-            "vigild_plugin_seconds", "Time of one plugin over one batch", ["plugin"], registry=self.registry,
-            buckets=PLUGIN_BUCKETS,
-        )  # fmt: skip
-        self._latency = Histogram(
-            "vigild_latency_seconds", "Capture to publish, per frame", registry=self.registry, buckets=LATENCY_BUCKETS
-        )
+        self.registry.register(TimingCollector(daemon))
         self.registry.register(DaemonCollector(daemon))
         self._server: Any = None
         self.port = config.port
-
-    def plugin_seconds(self, plugin_id: str, seconds: float) -> None:
-        self._plugin.labels(plugin_id).observe(seconds)
-
-    def latency_seconds(self, seconds: float) -> None:
-        self._latency.observe(seconds)
 
     def start(self) -> None:
         """Bind and serve (raises OSError when the port is taken)."""

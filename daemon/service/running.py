@@ -1,0 +1,67 @@
+"""What a running daemon is made of: the parts it keeps for its whole life (`Pipeline`), and those a configuration
+change replaces (`Running`: one value, so that whoever reads it sees all of the old or all of the new)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from vigild.capture.camera import CameraCapture
+from vigild.config.loading import Config
+from vigild.outputs.publisher import Publisher
+from vigild.pipeline.chain import Chain
+from vigild.pipeline.exchange import FrameExchange
+from vigild.pipeline.scheduler import Scheduler
+from vigild.service.control import CommandError
+from vigild.service.threads import ThreadChoice
+
+CAPTURE_JOIN_TIMEOUT_S = 2.0
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """The parts that live as long as the daemon: made once, never replaced."""
+
+    exchange: FrameExchange
+    scheduler: Scheduler
+    publisher: Publisher
+    device: str
+    threads: ThreadChoice
+
+    def capture(self, config: Config, name: str) -> CameraCapture:
+        """A capture of camera `name` of `config` into the exchange (not started)."""
+        return CameraCapture(name, config.cameras[name], config.source(name), self.exchange)
+
+    def on_scheduler(self, function: Callable[[], None], timeout: float) -> None:
+        """Run `function` between two batches; CommandError `busy`, with `function` not run, when the scheduler
+        does not come round within `timeout` (a plugin is stuck)."""
+        try:
+            self.scheduler.call(function, timeout)
+        except TimeoutError:
+            raise CommandError(
+                "busy", "the scheduler did not come round (a plugin is stuck); nothing changed"
+            ) from None
+
+
+@dataclass(frozen=True)
+class Running:
+    """What a configuration change (a reload, a camera added, removed, paused or resumed) replaces, as one value."""
+
+    config: Config
+    chain: Chain
+    captures: Mapping[str, CameraCapture]
+    """Of every enabled camera, paused ones included (their capture is stopped)."""
+    paused: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Change(Generic[T]):
+    """A change made ready: the `Running` for the daemon to commit (one assignment), the captures to start once it
+    has, and what to answer."""
+
+    running: Running
+    result: T
+    starting: tuple[CameraCapture, ...] = ()

@@ -1,0 +1,162 @@
+"""The daemon's state as one snapshot: the heartbeat, `vigild ctl status`, systemd's `STATUS=` line and the metrics
+are all made from `snapshot()`, so they never disagree on a count. Beside it: the heartbeat's thread and its
+rates, the metrics' histograms, and the camera list with its secrets masked."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from vigild.capture.camera import CameraCapture, CameraState
+from vigild.capture.sources import redact
+from vigild.config.loading import Config
+from vigild.events import Event
+from vigild.pipeline.chain import failures_by_camera
+from vigild.pipeline.durations import Timings
+from vigild.service.running import Pipeline, Running
+from vigild.service.threads import thread_report
+
+log = logging.getLogger("vigild")
+
+
+def status_line(status: Mapping[str, Any]) -> str:
+    """One line for systemd's STATUS= from a `snapshot()`."""
+    cameras = status["cameras"].values()
+    streaming = sum(1 for camera in cameras if camera["state"] == CameraState.STREAMING.value)
+    paused = sum(1 for camera in cameras if camera["state"] == "paused")
+    fps = sum(camera["fps"] for camera in cameras)
+    drops = sum(camera["drops"] for camera in cameras)
+    shown = f", {paused} paused" if paused else ""
+    return f"{streaming}/{len(cameras)} cameras streaming{shown}, {fps:.1f} frames/s, {drops} dropped"
+
+
+class Rates:
+    """(processed, captured) frames/s of each camera over the last heartbeat interval."""
+
+    def __init__(self) -> None:
+        self._last: tuple[float, dict[str, int], dict[str, int]] = (time.monotonic(), {}, {})
+        self.by_camera: dict[str, tuple[float, float]] = {}
+
+    def update(self, processed: Mapping[str, int], captures: Mapping[str, CameraCapture]) -> None:
+        """At a heartbeat: the rates since the previous one."""
+        now = time.monotonic()
+        previous_at, previous_processed, previous_read = self._last
+        elapsed = max(now - previous_at, 1e-6)
+        processed = dict(processed)
+        read = {name: c.stats.frames_decoded for name, c in captures.items()}
+        self._last = (now, processed, read)
+        self.by_camera = {
+            name: (
+                round((processed.get(name, 0) - previous_processed.get(name, 0)) / elapsed, 2),
+                round((read[name] - previous_read.get(name, read[name])) / elapsed, 2),
+            )
+            for name in captures
+        }
+
+
+def snapshot(running: Running, pipeline: Pipeline, rates: Rates, uptime_s: float) -> dict[str, Any]:
+    """The daemon's state as the heartbeat and `vigild ctl status` report it."""
+    scheduler, exchange = pipeline.scheduler, pipeline.exchange
+    chain = running.chain
+    failures = failures_by_camera(chain)
+    processed = dict(scheduler.processed)
+    camera_fps = rates.by_camera
+    cameras: dict[str, Any] = {}
+    for name, capture in running.captures.items():
+        stats = capture.stats
+        fps, capture_fps = camera_fps.get(name, (0.0, 0.0))
+        cameras[name] = {
+            "state": "paused" if name in running.paused else stats.state.value,
+            "backend": stats.backend,
+            "decoder": stats.decoder,
+            "fps": fps,
+            "capture_fps": capture_fps,
+            "frames": processed.get(name, 0),
+            "captured": stats.frames_delivered,
+            "drops": exchange.drops[name] + stats.source_drops,
+            "decode_errors": stats.decode_errors,
+            "reconnects": stats.reconnects,
+            "plugin_failures": failures.get(name, 0),
+            "latency_ms": round(scheduler.last_latency_s.get(name, 0.0) * 1000, 1),
+            "last_error": stats.last_error,
+        }
+    batches = scheduler.batches
+    publisher = pipeline.publisher.stats
+    return {
+        "uptime_s": round(uptime_s, 1),
+        "device": pipeline.device,
+        "threads": thread_report(pipeline.threads),
+        "config": str(running.config.file),
+        "cameras": cameras,
+        "scheduler": {
+            "batches": batches,
+            "mean_batch": round(scheduler.frames_in_batches / batches, 2) if batches else 0.0,
+        },
+        "plugins": {
+            stage.spec.id: {
+                "seconds": round(stage.seconds, 3),
+                "failures": stage.total_failures,
+                "batch_failures": stage.batch_failures,
+            }
+            for stage in chain.stages
+        },
+        "publisher": {
+            "sent": publisher.sent,
+            "sent_by_type": dict(sorted(publisher.sent_by_type.items())),
+            "dropped_queue_full": publisher.dropped_queue_full,
+            "dropped_unsendable": publisher.dropped_unsendable,
+        },
+    }
+
+
+def timings(running: Running, pipeline: Pipeline) -> Timings:
+    """The histograms the metrics show: the scheduler's latency and each plugin's time per batch."""
+    plugins = {stage.spec.id: stage.durations.read() for stage in running.chain.stages}
+    return Timings(pipeline.scheduler.latency.read(), plugins)
+
+
+def camera_list(config: Config, states: Mapping[str, Any]) -> dict[str, Any]:
+    """Each configured camera's config (passwords and credentials in the source masked) and state (`states`: the
+    snapshot's cameras; a camera not there is disabled)."""
+    listed = {}
+    for name, camera in config.settings.cameras.items():
+        shown = camera.model_dump(mode="json", exclude_defaults=True)
+        if "password" in shown:
+            shown["password"] = "********"
+        shown["source"] = redact(shown["source"])
+        listed[name] = {"config": shown, "state": states.get(name, {}).get("state", "disabled")}
+    return listed
+
+
+class Heartbeat:
+    """A thread that publishes `make()` every `interval` seconds until `stop()`; a heartbeat that cannot be made is
+    logged and skipped, never the end of the beats."""
+
+    def __init__(self, interval: float, make: Callable[[], Event], publish: Callable[[Event], None]):
+        self.interval = interval
+        self._make = make
+        self._publish = publish
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        due = time.monotonic() + self.interval
+        while not self._stop.wait(max(0.0, due - time.monotonic())):
+            due += self.interval
+            if due < time.monotonic():  # we fell behind: do not burst to catch up
+                due = time.monotonic() + self.interval
+            try:
+                self._publish(self._make())
+            except Exception:  # a broken heartbeat must not take the event stream down with it
+                log.exception("could not make the heartbeat")
