@@ -118,3 +118,32 @@ def test_a_capture_whose_backend_is_missing_reports_why_and_reads_nothing():
         "backend: auto or opencv",
         "0",
     ]
+
+
+def test_a_reload_adding_a_camera_whose_backend_is_missing_is_refused(tmp_path):
+    """A reload is checked like `vigild run`: a camera this machine cannot capture refuses the whole reload, the
+    daemon keeps the cameras it had."""
+    from conftest import free_endpoint
+
+    path = tmp_path / "vigild.yaml"
+    base = (
+        f"publisher:\n  endpoint: {free_endpoint()}\ncontrol:\n  enabled: false\nlog_level: WARNING\n"
+        "cameras:\n  yard:\n    source: rtsp://127.0.0.1:9/y\n    backend: opencv\n"
+    )
+    path.write_text(base)
+    result = python(
+        WITHOUT_GSTREAMER + "from vigild.config.loading import ConfigError, load_config\n"
+        "from vigild.service.daemon import Daemon\n"
+        f"path = {str(path)!r}\n"
+        "daemon = Daemon(load_config(path, environ={}))\n"
+        "daemon.start()\n"
+        "try:\n"
+        f"    open(path, 'a').write({'  demo:' + chr(10) + '    source: test://' + chr(10)!r})\n"
+        "    try:\n        daemon.reload()\n    except ConfigError as exc:\n        print(exc)\n"
+        "    print(sorted(daemon.config.cameras))\n"
+        "finally:\n    daemon.stop()\n"
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "['yard']", result.stdout
+    assert lines[0].startswith(f"{path}:10: cameras.demo: source: test:// patterns need the GStreamer back end"), lines

@@ -246,7 +246,9 @@ class Daemon:
         self.notifier.reloading()
         try:
             try:
-                applied = self.apply(load_config(self.config.file))
+                new = load_config(self.config.file)
+                new.backends()  # this machine's, as `vigild run` checked them: loading checks values only
+                applied = self.apply(new)
             except (ConfigError, CommandError) as exc:
                 log.error("reload refused, still running the previous config: %s", exc)
                 raise
