@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from vigild.frame import Detections, Frame
+from vigild.frame import Detections, EndedTracks, Frame
 from vigild.vision.snapshot import Snapshot
 
 SCHEMA_VERSION = 1
@@ -89,7 +89,7 @@ def object_payload(detections: Detections, i: int) -> dict[str, Any]:
         "confidence": round(float(detections.confidence[i]), 4),
         "bbox": [x1, y1, x2, y2],
     }
-    if detections.masks is not None:
+    if detections.masks is not None and detections.masks[i] is not None:
         payload["mask"] = detections.masks[i].to_json()
     if detections.keypoints is not None:
         payload["keypoints"] = np.round(detections.keypoints[i], 3).tolist()
@@ -97,4 +97,52 @@ def object_payload(detections: Detections, i: int) -> dict[str, Any]:
 
 
 def add_track_events(frame: Frame) -> None:
-    """Placeholder (issue 16, point 1): builds the frame's track.new/update/end events from its typed track state."""
+    """The frame's `track.new`, `track.update` and `track.end` events, made from what its tracker decided
+    (`frame.tracks`), put where the tracker stood among the frame's events. Called once a frame has been through
+    the whole chain, so that what later plugins added to its detections rides along (the action recognizer's
+    current top `actions` on `track.update`)."""
+    tracks = frame.tracks
+    if tracks is None or not (len(tracks.new) or len(tracks.updated) or len(tracks.ended)):
+        return
+    detections, ids = frame.detections, frame.detections.tracker_id
+    if ids is not tracks.detections.tracker_id and not np.array_equal(ids, tracks.detections.tracker_id):
+        detections = tracks.detections  # a later plugin replaced the detections with other rows: as the tracker saw them
+    camera, ts, index = frame.camera, frame.ts_wall, frame.index
+    events = [Event("track.new", camera, ts, index, object_payload(detections, i)) for i in tracks.new.tolist()]
+    labels, scores = detections.data.get("actions"), detections.data.get("action_scores")
+    for i, age in zip(tracks.updated.tolist(), tracks.age_s.tolist(), strict=True):
+        data: dict[str, Any] = {"age_s": round(age, 3)}
+        if labels is not None and scores is not None and len(scores[i]) and not np.isnan(scores[i][0]):
+            data["actions"] = [
+                {"action": str(label), "score": round(float(score), 4)}
+                for label, score in zip(labels[i], scores[i], strict=True)
+            ]
+        events.append(Event("track.update", camera, ts, index, object_payload(detections, i), data))
+    events += track_end_events(camera, ts, index, tracks.ended)
+    frame.events[tracks.events_at : tracks.events_at] = events
+
+
+def track_end_events(camera: str, ts_wall: float, frame_index: int, ended: EndedTracks) -> list[Event]:
+    """A `track.end` for each ended track; `frame_index` -1 (a stop, after the last frame): each one's last frame."""
+    if not len(ended):
+        return []
+    seen, data = ended.last_seen, ended.last_seen.data
+    first_ts, last_ts, frames = data["first_ts"].tolist(), data["last_ts"].tolist(), data["frames"].tolist()
+    first_frame, last_frame = data["first_frame"].tolist(), data["last_frame"].tolist()
+    return [
+        Event(
+            "track.end",
+            camera,
+            ts_wall,
+            frame_index if frame_index >= 0 else last_frame[i],
+            object_payload(seen, i),
+            {
+                "reason": ended.reason,
+                "duration_s": round(last_ts[i] - first_ts[i], 3),
+                "frames": frames[i],
+                "first_frame": first_frame[i],
+                "last_frame": last_frame[i],
+            },
+        )
+        for i in range(len(seen))
+    ]

@@ -6,7 +6,8 @@ numpy array indexed by object, so plugins filter, map and serialise objects with
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,6 +33,16 @@ def _as_array(name: str, value: object, dtype: type, shape: tuple[int | None, ..
     return array
 
 
+def _checked_data(data: Mapping[str, object], n: int) -> dict[str, np.ndarray]:
+    checked = {}
+    for key, value in data.items():
+        array = np.asarray(value)
+        if array.ndim == 0 or array.shape[0] != n:
+            raise ValueError(f"Detections.data[{key!r}]: expected first dimension {n}, got shape {array.shape}")
+        checked[key] = array
+    return checked
+
+
 @dataclass(frozen=True)
 class Detections:
     """Objects found in one frame, as parallel arrays of length N.
@@ -40,6 +51,8 @@ class Detections:
     class_id: (N,) int32 indices into `class_names`; tracker_id: (N,) int64, `NO_TRACK` when untracked.
     Optional, from segmenting and pose models: masks: (N,) object array of `vigild.vision.masks.InstanceMask`;
     keypoints: (N, K, 3) float32 (x, y, confidence) in frame pixels.
+    data: per-object extras that plugins add for later ones (as supervision's `Detections.data`): name -> array
+    whose first dimension is N, e.g. the action recognizer's `actions`. Selections keep them; `with_data` adds.
     """
 
     xyxy: np.ndarray
@@ -49,6 +62,7 @@ class Detections:
     class_names: tuple[str, ...] = _EMPTY_NAMES
     masks: np.ndarray | None = None
     keypoints: np.ndarray | None = None
+    data: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         xyxy = _as_array("xyxy", self.xyxy, np.float32, (None, 4))
@@ -61,6 +75,7 @@ class Detections:
             object.__setattr__(self, "masks", _as_array("masks", self.masks, object, (n,)))
         if self.keypoints is not None:
             object.__setattr__(self, "keypoints", _as_array("keypoints", self.keypoints, np.float32, (n, None, 3)))
+        object.__setattr__(self, "data", _checked_data(self.data, n))
 
     @classmethod
     def empty(cls, class_names: tuple[str, ...] = _EMPTY_NAMES) -> Detections:
@@ -85,8 +100,41 @@ class Detections:
         tracker_id = np.full(len(confidence), NO_TRACK, np.int64)
         return cls(xyxy, confidence, class_id, tracker_id, class_names, masks, keypoints)
 
+    @classmethod
+    def of_rows(
+        cls,
+        xyxy: np.ndarray,
+        confidence: np.ndarray,
+        class_id: np.ndarray,
+        tracker_id: np.ndarray,
+        names: np.ndarray,
+        masks: np.ndarray,
+        keypoints: np.ndarray,
+        data: Mapping[str, np.ndarray] | None = None,
+    ) -> Detections:
+        """Rows kept apart from their frames (say, each track's last sighting) as one `Detections`. `names`, `masks`
+        and `keypoints` are (N,) object arrays: each row's `class_names`, its mask and its (K, 3) keypoints, None
+        where it had none. The rows take the first row's class names; keypoints are kept when every row has some of
+        one shape."""
+        points = None
+        if len(keypoints) and all(k is not None and k.shape == keypoints[0].shape for k in keypoints):
+            points = np.stack(list(keypoints))
+        has_mask = any(m is not None for m in masks)
+        return cls(xyxy, confidence, class_id, tracker_id, names[0] if len(names) else _EMPTY_NAMES,
+                   masks if has_mask else None, points, data or {})  # fmt: skip
+
     def with_tracker_ids(self, tracker_id: np.ndarray) -> Detections:
-        return replace(self, tracker_id=tracker_id)
+        return self._but(tracker_id=_as_array("tracker_id", tracker_id, np.int64, (len(self),)))
+
+    def with_data(self, **arrays: np.ndarray) -> Detections:
+        """These detections with more per-object extras (a new `Detections`; a name already in `data` is replaced)."""
+        return self._but(data={**self.data, **_checked_data(arrays, len(self))})
+
+    def _but(self, **checked: object) -> Detections:
+        """A copy with these fields, already checked, replaced (without checking the others again: per frame)."""
+        copy = object.__new__(Detections)
+        copy.__dict__.update(self.__dict__, **checked)
+        return copy
 
     def __len__(self) -> int:
         return int(self.xyxy.shape[0])
@@ -101,6 +149,7 @@ class Detections:
             self.class_names,
             None if self.masks is None else self.masks[index],
             None if self.keypoints is None else self.keypoints[index],
+            {key: value[index] for key, value in self.data.items()},
         )
 
     def label(self, i: int) -> str:
@@ -121,6 +170,44 @@ class SemanticSegmentation:
     class_names: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class EndedTracks:
+    """Tracks that ended, one row each. `last_seen`: each track's detection where it was last seen, with the
+    track's id as `tracker_id` and its lifetime in `data`: `first_ts`, `last_ts` (float64, wall-clock seconds when
+    confirmed and when last seen), `first_frame`, `last_frame`, `frames` (int64: frame indices, frames seen)."""
+
+    last_seen: Detections
+    reason: str
+    """Why they ended: `lost` (not seen for too long), `source_end` (their camera stopped)."""
+
+    @property
+    def track_id(self) -> np.ndarray:
+        return self.last_seen.tracker_id
+
+    def __len__(self) -> int:
+        return len(self.last_seen)
+
+
+@dataclass(frozen=True)
+class Tracks:
+    """What a tracker decided on one frame, for the plugins after it. The `track.new`, `track.update` and
+    `track.end` events are made from it once the frame has been through the chain (`vigild.events.add_track_events`).
+    Indices are rows of the frame's detections, which later plugins keep (they add extras with `with_data`)."""
+
+    detections: Detections
+    """The frame's detections as the tracker gave them ids."""
+    new: np.ndarray
+    """(int64) Detections whose track was confirmed on this frame, in the order of their ids."""
+    updated: np.ndarray
+    """(int64) Detections whose track is due a `track.update`."""
+    age_s: np.ndarray
+    """(float64) Per `updated`: seconds since its track was confirmed."""
+    ended: EndedTracks
+    """Tracks that ended on this frame (lost)."""
+    events_at: int
+    """Where the track events go in `frame.events`: as many events were there when the tracker ran."""
+
+
 @dataclass
 class Frame:
     """One captured image and everything the chain has learned about it so far."""
@@ -139,6 +226,8 @@ class Frame:
     detections: Detections = field(default_factory=Detections.empty)
     segmentation: SemanticSegmentation | None = None
     events: list[Event] = field(default_factory=list)
+    tracks: Tracks | None = None
+    """Set by a tracker: which tracks started, are due an update and ended on this frame."""
 
     @property
     def size(self) -> tuple[int, int]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -25,7 +27,7 @@ from torchvision.ops import box_iou
 
 from vigild.config.loading import CameraConfig, PluginSpec
 from vigild.events import Event
-from vigild.frame import Detections, Frame
+from vigild.frame import Detections, EndedTracks, Frame, Tracks
 from vigild.plugin import PluginConfigError, PluginContext
 from vigild.plugins.actions.action_recognizer import ActionRecognizer, ActionRecognizerConfig
 from vigild.plugins.actions.video_models import TORCHVISION_VIDEO_MODELS
@@ -197,9 +199,16 @@ def test_reversing_the_clip_flips_left_and_right(motion_model):
 
 
 def tracked(ids: list[int]) -> Detections:
-    boxes = np.array([[10 + 30 * i, 10, 30 + 30 * i, 60] for i in range(len(ids))], np.float32)
+    boxes = np.array([[10 + 30 * i, 10, 30 + 30 * i, 60] for i in range(len(ids))], np.float32).reshape(-1, 4)
     d = Detections.untracked(boxes, np.ones(len(ids), np.float32), np.zeros(len(ids), np.int32), ("person",))
     return d.with_tracker_ids(np.array(ids, np.int64))
+
+
+def tracks_ending(detections: Detections, ids: list[int]) -> Tracks:
+    """A tracker's verdict on a frame: the tracks `ids` ended (seen last where `tracked` puts them)."""
+    lifetime = {key: np.zeros(len(ids)) for key in ("first_ts", "last_ts", "frames", "first_frame", "last_frame")}
+    none = np.zeros(0, np.int64)
+    return Tracks(detections, none, none, np.zeros(0), EndedTracks(tracked(ids).with_data(**lifetime), "lost"), 0)
 
 
 def test_tubes_are_freed_when_tracks_end_and_memory_stays_flat(motion_model):
@@ -214,9 +223,9 @@ def test_tubes_are_freed_when_tracks_end_and_memory_stays_flat(motion_model):
         frame = Frame("c", i, i / 10, i / 10, image)
         if i % 10 == 0:
             ending, live = live[:6], live[6:]
-            frame.events += [Event("track.end", "c", i / 10, i, {"track_id": t}) for t in ending]
             live += list(range(next_id, next_id + 6))
             next_id += 6
+            frame.tracks = tracks_ending(tracked(live), ending)  # as a tracker says so
         frame.detections = tracked(live)
         plugin.process([frame])
         assert plugin.pool.in_use == len(live)
@@ -403,6 +412,66 @@ def test_a_model_failure_mid_batch_fails_only_the_frames_with_clips_and_leaves_t
     first = true_scores(model_file, truth_clips(images[0:8], truths[0:8], (0, 1)))
     second = true_scores(model_file, truth_clips(images[5:13], truths[5:13], (0, 1)))
     np.testing.assert_allclose(plugin.smoothed[slots], 0.5 * second + 0.5 * first, atol=1e-5)
+    chain.stop()
+
+
+def test_track_updates_carry_each_tracks_current_top_actions_and_no_frame_outlives_the_chain(motion_model):
+    """Through the chain (ByteTrack, then the recognizer, batches of 2), on the scene's true boxes: every
+    `track.update` of a track whose tube has been classified carries its current top 2 actions, best first, as the
+    recognizer's scores stand after that batch; one not yet classified carries none; the last update of each person
+    names its true action. The track events stand before the recognizer's action events of the same frame (the
+    tracker ran first). Neither plugin keeps a frame's detections once the frame has gone."""
+    from vigild.pipeline.chain import Chain
+    from vigild.plugins.tracking.bytetrack import ByteTrack, ByteTrackConfig
+
+    tracker, actions = ByteTrackConfig(update_interval=0.5), action_config(*motion_model, top_k=2)
+    chain = Chain(
+        (PluginSpec("bytetrack", ByteTrack, tracker, {"r": tracker}),
+         PluginSpec("action_recognizer", ActionRecognizer, actions, {"r": actions})),
+        "cpu",
+        {"r": CameraConfig(source="rendered")},
+    )  # fmt: skip
+    chain.start()
+    plugin = chain.stages[1].instances[0][0]
+    assert isinstance(plugin, ActionRecognizer)
+    images, truths = render(SCENE, SCENE_FRAMES)
+    last_top: dict[int, str] = {}
+    updates: list[bool] = []  # per track.update: whether it carries actions
+
+    def check(passed: Frame) -> None:
+        kinds = [e.type for e in passed.events]
+        assert kinds == sorted(kinds, key=lambda kind: not kind.startswith("track.")), kinds
+        for event in (e for e in passed.events if e.type == "track.update"):
+            slot = int(plugin._cameras["r"].slots_of(np.array([event.object["track_id"]]))[0])
+            updates.append(slot >= 0 and plugin.clips_seen[slot] > 0)
+            if not updates[-1]:
+                assert "actions" not in event.data
+                continue
+            top = np.argsort(-plugin.smoothed[slot])[:2]
+            expected = [{"action": plugin.video.labels[k], "score": round(float(plugin.smoothed[slot, k]), 4)}
+                        for k in top]  # fmt: skip
+            assert list(event.data) == ["age_s", "actions"] and event.data["actions"] == expected
+            last_top[person_of(event.object["bbox"], truths[passed.index])] = expected[0]["action"]
+
+    def frame(i: int) -> Frame:
+        boxes = np.array(list(truths[i].values()), np.float32)
+        found = Detections.untracked(boxes, np.full(4, 0.9, np.float32), np.zeros(4, np.int32), ("person",))
+        return Frame("r", i, 1000.0 + i / 10, 0.0, images[i], detections=found)
+
+    gone = []  # every Detections a frame had, from the detector's to the last plugin's
+    for start in range(0, SCENE_FRAMES, 2):
+        batch = [frame(i) for i in range(start, min(start + 2, SCENE_FRAMES))]
+        gone += [weakref.ref(f.detections) for f in batch]
+        passed = chain.process(batch)
+        assert len(passed) == len(batch)
+        gone += [weakref.ref(f.detections) for f in passed] + [weakref.ref(f.tracks.detections) for f in passed]
+        for f in passed:
+            check(f)
+    del batch, passed, f
+    assert sum(updates) >= 20 and updates.count(False) >= 4
+    assert last_top == TRUE
+    gc.collect()
+    assert [ref for ref in gone if ref() is not None] == []
     chain.stop()
 
 

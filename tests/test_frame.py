@@ -50,3 +50,29 @@ def test_empty_and_unknown_labels():
     assert len(Detections.empty()) == 0
     d = Detections.untracked(np.zeros((1, 4)), np.ones(1), np.array([7]), ("person",))
     assert d.label(0) == "7"
+
+
+def test_per_object_data_must_have_one_row_per_object_and_says_which_key_does_not():
+    d = make()
+    with pytest.raises(ValueError, match=r"Detections.data\['speed'\]: expected first dimension 3, got shape \(2,\)"):
+        d.with_data(speed=np.zeros(2))
+    with pytest.raises(ValueError, match=r"Detections.data\['zone'\]: expected first dimension 3, got shape \(\)"):
+        Detections(d.xyxy, d.confidence, d.class_id, d.tracker_id, data={"zone": np.float32(1)})
+    assert make().data == {}
+
+
+def test_with_data_makes_new_detections_and_selections_keep_the_rows_data():
+    d = make()
+    speed = np.array([1.0, 2.0, 3.0])
+    names = np.array(["a", None, "c"], object)
+    extended = d.with_data(speed=speed, names=names, box=np.arange(12).reshape(3, 2, 2))
+    assert d.data == {} and set(extended.data) == {"speed", "names", "box"}  # the original is left as it was
+    again = extended.with_data(speed=speed * 10)
+    assert again.data["speed"].tolist() == [10.0, 20.0, 30.0] and extended.data["speed"].tolist() == [1, 2, 3]
+    picked = extended[extended.confidence > 0.4]
+    assert picked.data["speed"].tolist() == [2.0, 3.0]
+    assert picked.data["names"].tolist() == [None, "c"]
+    assert picked.data["box"].shape == (2, 2, 2) and picked.data["box"][1].tolist() == [[8, 9], [10, 11]]
+    assert extended[1:2].data["names"].tolist() == [None]
+    retracked = extended.with_tracker_ids(np.array([7, 8, 9]))
+    assert retracked.data["speed"].tolist() == [1.0, 2.0, 3.0] and retracked.tracker_id.tolist() == [7, 8, 9]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from test_detector import as_frames, darknet, read_frames
 
+from vigild.events import add_track_events
 from vigild.frame import Frame
 from vigild.plugin import PluginContext
 from vigild.plugins.tracking.bytetrack import ByteTrack, ByteTrackConfig
@@ -79,6 +80,7 @@ def test_event_lifecycle_new_update_end(detected):
     for i, frame in enumerate(frames):
         frame.ts_wall = 1000.0 + i * 0.1  # the file's own 10 fps
         plugin.process([frame])
+        add_track_events(frame)  # as the chain does once a frame has been through every plugin
     events = [e for f in frames for e in f.events]
     events += plugin.on_source_end("vtest", 1000.0 + len(frames) * 0.1, frames[-1].index)
     by_type: dict[str, list] = {}

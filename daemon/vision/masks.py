@@ -33,7 +33,10 @@ def rle_decode(rle: dict[str, Any]) -> np.ndarray:
 @dataclass(frozen=True)
 class InstanceMask:
     """One object's mask as the model made it: `probabilities` (h, w) uint8 (0-255) at a low resolution
-    (`stride` model-input pixels per cell), covering the object's box, whose top-left cell is `origin`."""
+    (`stride` model-input pixels per cell), covering the object's box, whose top-left cell is `origin`.
+
+    `probabilities` is the object's own array, not a view into a batch's masks: a tracker or analytics keeps the
+    mask of an object's last sighting, and a view would keep the whole batch's masks alive with it."""
 
     probabilities: np.ndarray
     origin: tuple[int, int]

@@ -4,17 +4,18 @@ Each track of the configured classes gets a tube (plugins/actions/tubes.py): cro
 device every `stride` frames. Once a tube holds `clip_len` crops, it is classified every `interval` new crops;
 the clips of every track and camera of a batch go through the model together. Scores are smoothed over
 consecutive clips; `action.start` when a label stays at or above its threshold for `min_clips` clips,
-`action.end` when it falls below the threshold minus `hysteresis` (or the track ends). The current top actions
-also ride on the tracker's `track.update` events. `mode: frame` classifies each camera's whole view instead.
+`action.end` when it falls below the threshold minus `hysteresis` (or the track ends). The current top actions of
+the detections due a `track.update` go in their `data` (`actions`, `action_scores`), and from there on the event.
+`mode: frame` classifies each camera's whole view instead.
 With `half`, the model runs under autocast in float16 (CUDA) or bfloat16 (CPU); its weights, the clips'
 normalisation and the crop boxes stay float32, and the start-up probe runs in that same precision.
 
-The plugin must come after a tracker in the chain (it reads `tracker_id` and the tracker's `track.end`).
+In `mode: tracks` the plugin must come after a tracker in the chain (it reads `tracker_id` and `frame.tracks`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -25,7 +26,7 @@ from pydantic import Field, field_validator
 from vigild.events import Event, object_payload
 from vigild.frame import Detections, Frame
 from vigild.plugin import FrameErrors, Plugin, PluginConfig, PluginConfigError, check_torchvision_weights
-from vigild.plugins.actions.tubes import TubeCutter, TubePool, square_boxes
+from vigild.plugins.actions.tubes import CameraTubes, LastSightings, TubeCutter, TubePool, square_boxes
 from vigild.plugins.actions.video_models import (
     ClipRunner,
     ClipSettings,
@@ -103,17 +104,15 @@ class _Due:
     generation: np.ndarray
 
 
-@dataclass
-class _Camera:
-    samples: int = 0
-    track_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    """Sorted ids of the tracks with a tube, and their slots."""
-    slots: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-
-
 class ActionRecognizer(Plugin[ActionRecognizerConfig]):
     Config = ActionRecognizerConfig
+    provides: ClassVar[frozenset[str]] = frozenset({"actions"})
     batched = True  # tubes are per track; a frame that fails is named with FrameErrors, never run twice
+
+    @classmethod
+    def requirements(cls, config: PluginConfig) -> frozenset[str]:
+        tracks = isinstance(config, ActionRecognizerConfig) and config.mode == "tracks"
+        return frozenset({"tracks"}) if tracks else frozenset()
 
     def start(self) -> None:
         c = self.config
@@ -149,9 +148,9 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
         self.active_since = np.zeros((n, k), np.float64)
         self.last_sample = np.zeros(n, np.int64)
         self.track_of = np.zeros(n, np.int64)  # the track id a slot serves (slots are per camera)
-        self.last_detections = np.empty(n, object)  # the frame's Detections where the track was last cut from
-        self.last_row = np.zeros(n, np.int64)  # and its index there
-        self._cameras: dict[str, _Camera] = {}
+        self.last_seen = LastSightings(n)  # the detection each track was last cut from
+        self.label_names = np.array(labels, object)
+        self._cameras: dict[str, CameraTubes] = {}
         self.tubes_refused = 0
         self._wanted_classes: dict[tuple[str, ...], np.ndarray] = {}
         self.log.info(
@@ -203,7 +202,7 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
                     frame.events.extend(self._score(frame, d.slots, d.rows, scores[start : start + len(d.slots)]))
                     start += len(d.slots)
         for frame in frames:
-            self._annotate_updates(frame)
+            self._add_top_actions(frame)
         if errors:
             raise FrameErrors(dict(sorted(errors.items())))
 
@@ -220,7 +219,7 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
 
     def _sample(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
         """Cut this frame's crops into the tubes of its tracks (every `stride` frames): (slots, detection index)."""
-        camera = self._cameras.setdefault(frame.camera, _Camera())
+        camera = self._cameras.setdefault(frame.camera, CameraTubes())
         sampled = camera.samples % self.config.stride == 0
         camera.samples += 1
         if not sampled:
@@ -242,10 +241,8 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
         rows = rows[known]
         self.pool.write(slots, crops[torch.from_numpy(known).to(crops.device)] if not known.all() else crops)
         self.last_sample[slots] = camera.samples
-        holder = np.empty(1, object)
-        holder[0] = frame.detections  # broadcast as one object, not as the sequence of detections it also is
-        self.last_detections[slots] = holder
-        self.last_row[slots] = rows
+        if self.config.mode == "tracks":
+            self.last_seen.put(slots, frame.detections, rows)
         return slots, rows
 
     def _class_mask(self, detections: Detections) -> np.ndarray:
@@ -255,17 +252,10 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
             self._wanted_classes[detections.class_names] = mask
         return mask
 
-    def _slots_for(self, camera: _Camera, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _slots_for(self, camera: CameraTubes, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Slots of these track ids, taking free ones for new tracks: (slots, mask of ids that have one)."""
-        where = np.searchsorted(camera.track_ids, ids)
-        found = np.zeros(len(ids), bool)
-        if len(camera.track_ids):
-            found = (where < len(camera.track_ids)) & (
-                camera.track_ids[np.minimum(where, len(camera.track_ids) - 1)] == ids
-            )
-        slots = np.full(len(ids), -1, np.int64)
-        slots[found] = camera.slots[where[found]]
-        new = np.flatnonzero(~found)
+        slots = camera.slots_of(ids)
+        new = np.flatnonzero(slots < 0)
         if len(new):
             taken = self.pool.take(len(new))
             self.tubes_refused += len(new) - len(taken)
@@ -301,15 +291,15 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
             for i, k in zip(*np.nonzero(self.active[slots]), strict=True)
         ]
         camera.track_ids, camera.slots = camera.track_ids[~gone], camera.slots[~gone]
-        self.last_detections[slots] = None
+        self.last_seen.drop(slots)
         self.active[slots] = False
         self.pool.give_back(slots)
         return events
 
     def _close_ended(self, frame: Frame) -> list[Event]:
         """Tubes of tracks the tracker ended on this frame, and of tracks not seen for long, are freed."""
-        ended = [e.object["track_id"] for e in frame.events if e.type == "track.end" and e.object is not None]
-        events = self._release(frame.camera, np.array(ended, np.int64), frame.ts_wall, frame.index, "track_end")
+        ended = frame.tracks.ended.track_id if frame.tracks is not None else np.zeros(0, np.int64)
+        events = self._release(frame.camera, ended, frame.ts_wall, frame.index, "track_end")
         camera = self._cameras.get(frame.camera)
         if camera is not None and len(camera.slots) and self.config.mode == "tracks":
             patience = 4 * self.pool.clip_len * self.config.stride + 30
@@ -358,12 +348,10 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
 
     def _end_event(self, camera: str, slot: int, k: int, ts: float, frame_index: int, reason: str) -> Event:
         """action.end of the `k`-th watched label of a slot in use."""
-        seen = self.last_detections[slot]
         label = int(self.interest[k])
         payload = None
-        if seen is not None and self.config.mode == "tracks":
-            payload = object_payload(seen, int(self.last_row[slot]))
-            payload["track_id"] = int(self.track_of[slot])
+        if self.last_seen.held[slot] and self.config.mode == "tracks":
+            payload = object_payload(self.last_seen.get(slot, int(self.track_of[slot])), 0)
         return Event(
             "action.end",
             camera,
@@ -378,24 +366,21 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
             },
         )
 
-    def _annotate_updates(self, frame: Frame) -> None:
-        """The current top actions of a track ride on its `track.update` events."""
+    def _add_top_actions(self, frame: Frame) -> None:
+        """The current top actions of the tracks due a `track.update` (`frame.tracks.updated`), as the detections'
+        `actions` (labels, None where a track has no scores yet) and `action_scores` (NaN there)."""
         camera = self._cameras.get(frame.camera)
-        if not self.config.top_k or camera is None or not len(camera.track_ids):
+        if not self.config.top_k or camera is None or not len(camera.track_ids) or frame.tracks is None:
             return
-        for event in frame.events:
-            if event.type != "track.update" or event.object is None:
-                continue
-            where = np.searchsorted(camera.track_ids, event.object["track_id"])
-            if where >= len(camera.track_ids) or camera.track_ids[where] != event.object["track_id"]:
-                continue
-            slot = int(camera.slots[where])
-            if self.clips_seen[slot] == 0:
-                continue
-            top = np.argsort(-self.smoothed[slot])[: self.config.top_k]
-            event.data["actions"] = [
-                {"action": self.video.labels[i], "score": round(float(self.smoothed[slot, i]), 4)} for i in top
-            ]
+        detections, rows = frame.detections, frame.tracks.updated
+        slots = camera.slots_of(detections.tracker_id[rows])
+        rows, slots = rows[slots >= 0], slots[slots >= 0]
+        rows, slots = rows[self.clips_seen[slots] > 0], slots[self.clips_seen[slots] > 0]
+        top = np.argsort(-self.smoothed[slots], axis=1)[:, : self.config.top_k]
+        labels = np.full((len(detections), top.shape[1]), None, object)
+        scores = np.full(labels.shape, np.nan, np.float32)
+        labels[rows], scores[rows] = self.label_names[top], np.take_along_axis(self.smoothed[slots], top, axis=1)
+        frame.detections = detections.with_data(actions=labels, action_scores=scores)
 
     def on_source_end(self, camera: str, ts_wall: float, frame_index: int) -> list[Event]:
         state = self._cameras.get(camera)

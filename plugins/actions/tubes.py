@@ -4,13 +4,18 @@ Crops are cut with `torchvision.ops.roi_align` from the frame on the device (one
 smallest rectangle holding every wanted box and the pixel around it, not the whole image), as squares around the
 box with a context margin, resized to the model's size, and stored as uint8 in one preallocated pool: a slot per
 track, a ring of T frames per slot. Slots are reused when tracks end, so memory stays flat while tracks come and go.
+`LastSightings` keeps, per slot, the detection its track was last cut from (for the events that outlive it).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 from torchvision.ops import roi_align
+
+from vigild.frame import Detections
 
 
 def square_boxes(xyxy: np.ndarray, margin: float, width: int, height: int) -> np.ndarray:
@@ -91,3 +96,52 @@ class TubePool:
         index = torch.from_numpy(order).to(self.frames.device)
         rows = torch.from_numpy(slots).to(self.frames.device)[:, None]
         return self.frames[rows, index].permute(0, 2, 1, 3, 4)
+
+
+@dataclass
+class CameraTubes:
+    """A camera's tracks that have a tube: their ids, sorted, and their slots; `samples` counts its frames."""
+
+    samples: int = 0
+    track_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    slots: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def slots_of(self, ids: np.ndarray) -> np.ndarray:
+        """The slot of each of these track ids, -1 for a track without a tube."""
+        if not len(self.track_ids):
+            return np.full(len(ids), -1, np.int64)
+        where = np.minimum(np.searchsorted(self.track_ids, ids), len(self.track_ids) - 1)
+        return np.where(self.track_ids[where] == ids, self.slots[where], -1)
+
+
+class LastSightings:
+    """Per slot, the detection its track was last cut from: that row's box, confidence, class, mask and keypoints
+    as columns, never the frame's detections (which would keep every object of the frame, masks and all)."""
+
+    def __init__(self, capacity: int):
+        self.xyxy = np.zeros((capacity, 4), np.float32)
+        self.confidence = np.zeros(capacity, np.float32)
+        self.class_id = np.zeros(capacity, np.int32)
+        self.names, self.masks, self.keypoints = (np.full(capacity, None, object) for _ in range(3))
+        self.held = np.zeros(capacity, bool)
+
+    def put(self, slots: np.ndarray, detections: Detections, rows: np.ndarray) -> None:
+        self.xyxy[slots], self.confidence[slots] = detections.xyxy[rows], detections.confidence[rows]
+        self.class_id[slots] = detections.class_id[rows]
+        names = np.empty(1, object)
+        names[0] = detections.class_names  # broadcast as one object, not as the sequence of names it also is
+        self.names[slots] = names
+        self.masks[slots] = None if detections.masks is None else detections.masks[rows]
+        points = detections.keypoints
+        self.keypoints[slots] = None if points is None else np.fromiter(points[rows], object, len(rows))
+        self.held[slots] = True
+
+    def drop(self, slots: np.ndarray) -> None:
+        self.names[slots] = self.masks[slots] = self.keypoints[slots] = None
+        self.held[slots] = False
+
+    def get(self, slot: int, track_id: int) -> Detections:
+        """The slot's sighting as one detection, with `track_id`."""
+        at = slice(slot, slot + 1)
+        return Detections.of_rows(self.xyxy[at], self.confidence[at], self.class_id[at], np.array([track_id]),
+                                  self.names[at], self.masks[at], self.keypoints[at])  # fmt: skip

@@ -4,8 +4,8 @@ Runs after a tracker (it reads `tracker_id`; untracked detections are ignored) o
 camera's config. Every decision has hysteresis: an object must be seen on the new side `min_frames` times in a
 row before it enters, exits or crosses, so a box jittering on an edge produces nothing. Frames in which a track is
 not seen (occlusion) change nothing: when it reappears under the same id it has not left. Every `zone.enter` gets
-exactly one `zone.exit`: when the object leaves, when its track ends (the tracker's `track.end` on the same frame),
-or when the camera stops. Events are described in docs/analytics.md.
+exactly one `zone.exit`: when the object leaves, when its track ends (`frame.tracks.ended`, the tracker's verdict
+on the same frame), or when the camera stops. Events are described in docs/analytics.md.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
@@ -71,6 +71,7 @@ class _Side:
 class _Track:
     label: str
     last_seen: tuple[Detections, int]
+    """Where it was last seen: the tracked detections of that frame while it is seen, then its own row alone."""
     zones: dict[str, _Presence] = field(default_factory=dict)
     lines: dict[str, _Side] = field(default_factory=dict)
 
@@ -88,6 +89,8 @@ class _Camera:
     lines: dict[str, tuple[np.ndarray, np.ndarray]]
     tracks: dict[int, _Track] = field(default_factory=dict)
     counts: dict[str, _Count] = field(default_factory=dict)
+    seen: Detections | None = None
+    """The tracked detections of its latest frame."""
 
 
 def anchor_points(xyxy: np.ndarray, anchor: Anchor) -> np.ndarray:
@@ -98,6 +101,7 @@ def anchor_points(xyxy: np.ndarray, anchor: Anchor) -> np.ndarray:
 
 class Analytics(Plugin[AnalyticsConfig]):
     Config = AnalyticsConfig
+    requires: ClassVar[frozenset[str]] = frozenset({"tracks"})
     batched = False  # state per camera and track: one frame at a time, in order
 
     def start(self) -> None:
@@ -161,25 +165,29 @@ class Analytics(Plugin[AnalyticsConfig]):
             labels = np.array([detections.label(i) for i in range(len(detections))], dtype=object)
             keep &= np.isin(labels, self.config.classes)
         index = np.flatnonzero(keep)
-        anchors = anchor_points(detections.xyxy[index], self.config.anchor)
+        seen = state.seen = detections[index]
+        anchors = anchor_points(seen.xyxy, self.config.anchor)
         ts = frame.ts_wall
         inside = {name: inside_polygon(anchors, polygon) for name, polygon in state.zones.items()}
         sides = {name: side_of_line(anchors, *ends) for name, ends in state.lines.items()}
-        for row, i in enumerate(index.tolist()):
-            track_id = int(detections.tracker_id[i])
+        for row, track_id in enumerate(seen.tracker_id.tolist()):
             track = state.tracks.get(track_id)
             if track is None:
-                track = state.tracks[track_id] = _Track(detections.label(i), (detections, i))
-            track.last_seen = (detections, i)
+                track = state.tracks[track_id] = _Track(seen.label(row), (seen, row))
+            track.last_seen = (seen, row)
             for name, flags in inside.items():
                 self._zone_step(frame, track, name, bool(flags[row]), ts)
             for name, observed in sides.items():
                 self._line_step(frame, state, track, name, int(observed[row]), anchors[row])
-        for event in frame.events:  # the tracker's verdicts on this frame: their visits are over
-            if event.type == "track.end" and event.object is not None:
-                ended = state.tracks.pop(int(event.object["track_id"]), None)
-                if ended is not None:
-                    self._close(frame.camera, frame.index, ts, ended, "track_end", frame.events)
+        ended = frame.tracks.ended.track_id.tolist() if frame.tracks is not None else []
+        for track_id in ended:  # the tracker's verdicts on this frame: their visits are over
+            track = state.tracks.pop(track_id, None)
+            if track is not None:
+                self._close(frame.camera, frame.index, ts, track, "track_end", frame.events)
+        for track in state.tracks.values():  # those not seen now keep their own row, not the frame's detections
+            last, row = track.last_seen
+            if last is not seen and len(last) > 1:
+                track.last_seen = (last[row : row + 1], 0)
         self._loiter(frame, state, ts)
         self._counts(frame, state, ts)
 
@@ -277,7 +285,8 @@ class Analytics(Plugin[AnalyticsConfig]):
         payload = object_payload(*track.last_seen)
         event = Event(kind, frame.camera, frame.ts_wall, frame.index, payload, data)
         config = self.config
-        if config.snapshot != "none" and track.last_seen[0] is frame.detections:  # only of an object seen now
+        seen_now = track.last_seen[0] is self._cameras[frame.camera].seen
+        if config.snapshot != "none" and seen_now:  # only of an object seen now
             event.snapshot = make_snapshot(
                 frame.image,
                 payload["bbox"],

@@ -282,9 +282,9 @@ class UltralyticsBackend(DetectorBackend):
         y1 = np.clip(np.ceil(boxes[:, 3] / stride) + 1, y0 + 1, height).astype(np.int64)
         frame_size = size.astype(np.int64)
         out = np.empty(len(index), dtype=object)
-        for i, b in enumerate(index.tolist()):  # per object: a view into the batch's masks, nothing encoded yet
+        for i, b in enumerate(index.tolist()):  # per object: its own copy of its crop, nothing encoded yet
             out[i] = InstanceMask(
-                host[i, y0[i] : y1[i], x0[i] : x1[i]],
+                host[i, y0[i] : y1[i], x0[i] : x1[i]].copy(),  # a view would keep the whole batch's masks alive
                 (int(x0[i]), int(y0[i])),
                 stride,
                 (float(boxes[i, 0]), float(boxes[i, 1]), float(boxes[i, 2]), float(boxes[i, 3])),

@@ -5,27 +5,27 @@ The association is ByteTrack as ultralytics implements it (Kalman filter, two-st
 the assignment), held as arrays for every camera at once (plugins/tracking/multicamera_tracker.py: one Kalman
 predict, one IoU computation and one Kalman update per batch instead of per track). Ids are numbered per camera
 from 1: never shared between cameras, never reused on a camera, also when its tracker restarts after the source
-ended. Events: `track.new`, `track.update` (at most every `update_interval` seconds per track), `track.end` with
-the track's duration.
+ended. The plugin sets `frame.tracks` (vigild.frame.Tracks): which tracks were confirmed, are due a `track.update`
+(at most every `update_interval` seconds per track) and ended on the frame; vigild.events makes the `track.new`,
+`track.update` and `track.end` events from it once the frame has been through the chain.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
 
-from vigild.events import Event, object_payload
-from vigild.frame import Frame
+from vigild.events import Event, track_end_events
+from vigild.frame import EndedTracks, Frame, Tracks
 from vigild.plugin import FrameErrors, Plugin, PluginConfig
 from vigild.plugins.tracking.box_kalman import BoxForm
 from vigild.plugins.tracking.multicamera_tracker import (
     AssociationSettings,
     CameraFrame,
-    EndedTrack,
     FrameTracks,
     MultiCameraTracker,
 )
@@ -82,8 +82,8 @@ class UpdateCadence:
         `tracks.tracked`), and each one's age in seconds since confirmed; remembers that they had one."""
         known = self._cameras.get(camera) or _CameraCadence(np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
         ids, first, last, earliest = known.ids, known.first, known.last, known.earliest
-        if tracks.ended:
-            live = ~np.isin(ids, [track.track_id for track in tracks.ended])
+        if len(tracks.ended):
+            live = ~np.isin(ids, tracks.ended.tracker_id)
             ids, first, last = ids[live], first[live], last[live]
         old = len(ids)
         if len(tracks.new):
@@ -110,6 +110,8 @@ _NONE_DUE = (np.zeros(0, np.int64), np.zeros(0))
 
 class ByteTrack(Plugin[ByteTrackConfig]):
     Config = ByteTrackConfig
+    requires: ClassVar[frozenset[str]] = frozenset({"detections"})
+    provides: ClassVar[frozenset[str]] = frozenset({"tracks"})
     batched = True  # one step for every camera of the batch; a bad frame is named with FrameErrors, never rerun
     box_form: BoxForm = "xyah"
 
@@ -156,53 +158,13 @@ class ByteTrack(Plugin[ByteTrackConfig]):
                 break
             for frame, result in zip(batch, results, strict=True):
                 frame.detections = frame.detections.with_tracker_ids(result.tracker_id)
-                frame.events.extend(self._events(frame, result))
+                due, ages = self._cadence.due(frame.camera, frame.ts_wall, result)
+                ended = EndedTracks(result.ended, "lost")
+                frame.tracks = Tracks(frame.detections, result.new, due, ages, ended, len(frame.events))
         if errors:
             raise FrameErrors(errors)
-
-    def _events(self, frame: Frame, result: FrameTracks) -> list[Event]:
-        detections, ts = frame.detections, frame.ts_wall
-        due, ages = self._cadence.due(frame.camera, ts, result)
-        events = [
-            Event("track.new", frame.camera, ts, frame.index, object_payload(detections, int(i))) for i in result.new
-        ]
-        events += [
-            Event(
-                "track.update",
-                frame.camera,
-                ts,
-                frame.index,
-                object_payload(detections, int(i)),
-                {"age_s": round(float(age), 3)},
-            )
-            for i, age in zip(due, ages, strict=True)
-        ]
-        events += [self._end_event(frame.camera, track, ts, frame.index, "lost") for track in result.ended]
-        return events
-
-    @staticmethod
-    def _end_event(camera: str, track: EndedTrack, ts: float, frame_index: int, reason: str) -> Event:
-        payload = object_payload(track.detections, track.index)
-        payload["track_id"] = track.track_id  # the tracker saw that frame's detections before it gave them ids
-        return Event(
-            "track.end",
-            camera,
-            ts,
-            frame_index,
-            payload,
-            {
-                "reason": reason,
-                "duration_s": round(track.last_ts - track.first_ts, 3),
-                "frames": track.frames,
-                "first_frame": track.first_frame,
-                "last_frame": track.last_frame,
-            },
-        )
 
     def on_source_end(self, camera: str, ts_wall: float, frame_index: int) -> list[Event]:
         ended = self._tracker.drop_camera(camera)
         self._cadence.forget(camera)
-        return [
-            self._end_event(camera, track, ts_wall, frame_index if frame_index >= 0 else track.last_frame, "source_end")
-            for track in ended
-        ]
+        return track_end_events(camera, ts_wall, frame_index, EndedTracks(ended, "source_end"))

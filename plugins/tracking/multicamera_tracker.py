@@ -38,7 +38,7 @@ from vigild.plugins.tracking.association import (
 )
 from vigild.plugins.tracking.box_kalman import BoxForm, BoxKalman
 from vigild.plugins.tracking.camera_motion import CameraMotion
-from vigild.plugins.tracking.track_table import LOST, TRACKED, EndedTrack, TrackTable
+from vigild.plugins.tracking.track_table import LOST, TRACKED, Sightings, TrackTable
 
 
 @dataclass
@@ -59,7 +59,8 @@ class FrameTracks:
     """Indices of detections whose track was confirmed on this frame, in the order of their ids."""
     tracked: np.ndarray
     """Indices of every detection with a track id (`new` among them), in the order of the tracker's lists."""
-    ended: list[EndedTrack]
+    ended: Detections
+    """The tracks that ended: each one's last sighting, with its lifetime (`vigild.frame.EndedTracks`)."""
 
 
 @dataclass
@@ -87,7 +88,7 @@ class _Batch:
     frame_id: np.ndarray  # per frame: frames its camera's tracker has stepped, this one included
     ts: np.ndarray
     index: np.ndarray
-    dets: np.ndarray  # per frame: its Detections
+    seen: Sightings  # per detection: what a track keeps of it
     det_start: np.ndarray  # per frame: where its detections start in the flat arrays
     det_count: np.ndarray
     det_pos: np.ndarray  # per detection: its frame's pos
@@ -132,11 +133,11 @@ class MultiCameraTracker:
         self._next_uid = np.zeros(0, np.int64)
         self._order = 0
 
-    def drop_camera(self, camera: str) -> list[EndedTrack]:
+    def drop_camera(self, camera: str) -> Detections:
         """Its source ended: end its confirmed tracks; its next tracker starts afresh but goes on numbering."""
         slot = self._slots.get(camera)
         if slot is None:
-            return []
+            return _NONE_ENDED
         mine = self.tracks.cam == slot
         ended = self._ended(self.tracks.take(np.flatnonzero(mine)))
         self.tracks = self.tracks.take(np.flatnonzero(~mine))
@@ -174,8 +175,6 @@ class MultiCameraTracker:
         slots = np.array([pending.slots[f.camera] for f in frames], np.int64)
         if len(np.unique(slots)) != count:
             raise ValueError("MultiCameraTracker.step takes at most one frame per camera")
-        dets = np.empty(count, object)
-        dets[:] = [f.detections for f in frames]
         det_count = np.array([len(f.detections) for f in frames], np.int64)
         xyxy = np.concatenate([f.detections.xyxy for f in frames]) if count else np.zeros((0, 4), np.float32)
         conf = np.concatenate([f.detections.confidence for f in frames]) if count else np.zeros(0, np.float32)
@@ -184,16 +183,17 @@ class MultiCameraTracker:
         xywh[:, :2] -= xywh[:, 2:] / 2
         ltwh = xywh.astype(np.float32)
         valid = (wh[:, 0] > 0) & (wh[:, 1] > 0)
+        det_pos = np.repeat(np.arange(count), det_count)
         return _Batch(
             frames,
             slots,
             frame_id=pending.frames[slots] + 1,
             ts=np.array([f.ts for f in frames], np.float64),
             index=np.array([f.index for f in frames], np.int64),
-            dets=dets,
+            seen=Sightings.of([f.detections for f in frames], xyxy, conf, det_pos),
             det_start=np.concatenate([[0], np.cumsum(det_count)[:-1]]),
             det_count=det_count,
-            det_pos=np.repeat(np.arange(count), det_count),
+            det_pos=det_pos,
             xyxy=xyxy,
             conf=conf,
             high=valid & (conf >= s.high_thresh),
@@ -335,7 +335,7 @@ class MultiCameraTracker:
         tracks.seen[shown] += 1
         tracks.last_ts[shown] = batch.ts[shown_pos]
         tracks.last_index[shown] = batch.index[shown_pos]
-        tracks.dets[shown] = batch.dets[shown_pos]
+        tracks.saw(shown, batch.seen, batch.det_start[shown_pos] + tracks.det[shown])
         return _Outcome(tracks, pos, gone, confirm, shown)
 
     def _results(self, batch: _Batch, outcome: _Outcome) -> list[FrameTracks]:
@@ -344,9 +344,7 @@ class MultiCameraTracker:
         tracker_id = np.full(int(batch.det_count.sum()), NO_TRACK, np.int64)
         tracker_id[batch.det_start[shown_pos] + tracks.det[shown]] = tracks.uid[shown]
         ended = self._ended(outcome.gone)
-        ended_by_slot: dict[int, list[EndedTrack]] = {}
-        for track, slot in zip(ended, outcome.gone.cam[outcome.gone.uid > 0].tolist(), strict=True):
-            ended_by_slot.setdefault(slot, []).append(track)
+        ended_cam = outcome.gone.cam[outcome.gone.uid > 0] if len(ended) else outcome.gone.cam[:0]
         results = []
         for p, (start, n, slot) in enumerate(zip(batch.det_start.tolist(), batch.det_count.tolist(),
                                                  batch.slots.tolist(), strict=True)):  # fmt: skip
@@ -355,7 +353,7 @@ class MultiCameraTracker:
                     tracker_id=tracker_id[start : start + n],
                     new=tracks.det[confirmed[confirmed_pos == p]],
                     tracked=tracks.det[shown[shown_pos == p]],
-                    ended=ended_by_slot.get(slot, []),
+                    ended=ended[ended_cam == slot] if len(ended) and (ended_cam == slot).any() else _NONE_ENDED,
                 )
             )
         return results
@@ -375,8 +373,11 @@ class MultiCameraTracker:
             self.motion.commit(pending.gmc)
 
     @staticmethod
-    def _ended(gone: TrackTable) -> list[EndedTrack]:
-        return gone.ended()
+    def _ended(gone: TrackTable) -> Detections:
+        return gone.ended() if (gone.uid > 0).any() else _NONE_ENDED
+
+
+_NONE_ENDED = TrackTable.empty().ended()
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:

@@ -1,11 +1,13 @@
 """The tracks of every camera as one table of parallel arrays, one row per track (see multicamera_tracker.py).
 
 Each column is named once, as a field annotated with its dtype and the shape of one row's value. `take` and
-`concat` copy, so a step can change its rows freely and put them back only when it commits.
+`concat` copy, so a step can change its rows freely and put them back only when it commits. A track keeps of its
+last sighting only its own row (box, confidence, class, mask, keypoints), never the frame's detections.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Annotated, Any, ClassVar, get_type_hints
 
@@ -17,16 +19,36 @@ TRACKED, LOST = 0, 1
 
 
 @dataclass
-class EndedTrack:
-    track_id: int
-    detections: Detections
-    """The frame's detections where the track was last seen, and its index there."""
-    index: int
-    first_ts: float
-    last_ts: float
-    first_frame: int
-    last_frame: int
-    frames: int
+class Sightings:
+    """The detections of a step's frames, flat: what a track keeps of the one it is seen as."""
+
+    xyxy: np.ndarray
+    confidence: np.ndarray
+    class_id: np.ndarray
+    names: np.ndarray
+    """Per frame: its `class_names` (object)."""
+    pos: np.ndarray
+    """Per detection: its frame."""
+    masks: np.ndarray | None
+    """Per detection: its mask or None (object); None when no frame has masks."""
+    keypoints: np.ndarray | None
+    """Per detection: its (K, 3) keypoints or None (object); None when no frame has keypoints."""
+
+    @classmethod
+    def of(cls, frames: Sequence[Detections], xyxy: np.ndarray, confidence: np.ndarray, pos: np.ndarray) -> Sightings:
+        """`xyxy`, `confidence`: the frames' own, already concatenated; `pos`: each detection's frame."""
+        names = np.fromiter((d.class_names for d in frames), object, len(frames))
+        class_id = np.concatenate([d.class_id for d in frames]) if frames else np.zeros(0, np.int32)
+        masks = keypoints = None
+        if any(d.masks is not None for d in frames):
+            masks = np.concatenate([_or_none(d.masks, len(d)) for d in frames])
+        if any(d.keypoints is not None for d in frames):  # each row a view of its frame's (N, K, 3) keypoints
+            keypoints = np.concatenate([_or_none(d.keypoints, len(d)) for d in frames])
+        return cls(xyxy, confidence, class_id, names, pos, masks, keypoints)
+
+
+def _or_none(values: np.ndarray | None, n: int) -> np.ndarray:
+    return np.full(n, None, object) if values is None else np.fromiter(values, object, n)
 
 
 @dataclass(eq=False)
@@ -41,7 +63,12 @@ class TrackTable:
     cov: Annotated[np.ndarray, np.float64, 8, 8]
     uid: Annotated[np.ndarray, np.int64]  # its id, 0 until confirmed
     det: Annotated[np.ndarray, np.int64]  # index of its detection in the frame last seen
-    dets: Annotated[np.ndarray, object]  # that frame's Detections
+    xyxy: Annotated[np.ndarray, np.float32, 4]  # that detection's box, confidence, class...
+    confidence: Annotated[np.ndarray, np.float32]
+    class_id: Annotated[np.ndarray, np.int32]
+    names: Annotated[np.ndarray, object]  # ...its frame's class names, its mask and keypoints (or None)
+    mask: Annotated[np.ndarray, object]
+    keypoints: Annotated[np.ndarray, object]
     first_ts: Annotated[np.ndarray, np.float64]  # when confirmed
     last_ts: Annotated[np.ndarray, np.float64]  # when last seen
     first_index: Annotated[np.ndarray, np.int64]
@@ -51,32 +78,45 @@ class TrackTable:
 
     COLUMNS: ClassVar[tuple[str, ...]]
     LAYOUT: ClassVar[dict[str, tuple[Any, ...]]]
+    WIDE: ClassVar[frozenset[str]]
+    """Columns of more than one value per row: `ndarray.take` copies their rows faster than fancy indexing."""
 
     @classmethod
     def empty(cls, n: int = 0) -> TrackTable:
-        return cls(**{name: np.zeros((n, *shape), dtype) for name, (dtype, *shape) in cls.LAYOUT.items()})
+        return cls(**{name: np.empty((n, *shape), dtype) if dtype is object else np.zeros((n, *shape), dtype)
+                      for name, (dtype, *shape) in cls.LAYOUT.items()})  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.cam)
 
     def take(self, rows: np.ndarray) -> TrackTable:
-        return TrackTable(**{name: getattr(self, name)[rows] for name in self.COLUMNS})
+        """These rows (an index array), copied."""
+        wide = self.WIDE
+        return TrackTable(**{name: column.take(rows, axis=0) if name in wide else column[rows]
+                             for name, column in vars(self).items()})  # fmt: skip
 
-    def ended(self) -> list[EndedTrack]:
-        """The confirmed tracks among these rows, as ended tracks."""
+    def saw(self, rows: np.ndarray, seen: Sightings, at: np.ndarray) -> None:
+        """`rows` were seen as the detections `at` of `seen`: that is their last sighting now."""
+        self.xyxy[rows], self.confidence[rows] = seen.xyxy[at], seen.confidence[at]
+        self.class_id[rows], self.names[rows] = seen.class_id[at], seen.names[seen.pos[at]]
+        self.mask[rows] = None if seen.masks is None else seen.masks[at]
+        self.keypoints[rows] = None if seen.keypoints is None else seen.keypoints[at]
+
+    def ended(self) -> Detections:
+        """The confirmed tracks among these rows, as ended tracks: each one's last sighting with its id and, in
+        `data`, its lifetime (see `vigild.frame.EndedTracks`)."""
         rows = np.flatnonzero(self.uid > 0)
-        if not len(rows):
-            return []
-        columns = (self.uid, self.dets, self.det, self.first_ts, self.last_ts, self.first_index, self.last_index)
-        values = (column[rows].tolist() for column in (*columns, self.seen))
-        return [EndedTrack(*track) for track in zip(*values, strict=True)]
+        lifetime = {"first_ts": self.first_ts[rows], "last_ts": self.last_ts[rows], "frames": self.seen[rows],
+                    "first_frame": self.first_index[rows], "last_frame": self.last_index[rows]}  # fmt: skip
+        return Detections.of_rows(self.xyxy[rows], self.confidence[rows], self.class_id[rows], self.uid[rows],
+                                  self.names[rows], self.mask[rows], self.keypoints[rows], lifetime)  # fmt: skip
 
     def concat(self, other: TrackTable) -> TrackTable:
-        return TrackTable(
-            **{name: np.concatenate([getattr(self, name), getattr(other, name)]) for name in self.COLUMNS}
-        )
+        theirs = vars(other)
+        return TrackTable(**{name: np.concatenate([column, theirs[name]]) for name, column in vars(self).items()})
 
 
 TrackTable.COLUMNS = tuple(f.name for f in fields(TrackTable))
 _hints = get_type_hints(TrackTable, include_extras=True)
 TrackTable.LAYOUT = {name: _hints[name].__metadata__ for name in TrackTable.COLUMNS}  # name: (dtype, *shape)
+TrackTable.WIDE = frozenset(name for name, (_, *shape) in TrackTable.LAYOUT.items() if shape)
