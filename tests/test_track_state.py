@@ -92,6 +92,37 @@ def test_a_plugin_after_the_tracker_sees_its_decisions_as_typed_state_and_the_ev
     assert (end.data["frames"], end.data["duration_s"], end.data["reason"]) == (21, 2.0, "lost")
 
 
+class DropConfig(PluginConfig):
+    type: Literal["drop"] = "drop"
+
+
+class DropFirst(Plugin[DropConfig]):
+    """A plugin after the tracker that replaces the detections with other rows (all but the first)."""
+
+    Config = DropConfig
+
+    def process(self, frames: list[Frame]) -> None:
+        for frame in frames:
+            frame.detections = frame.detections[1:]
+
+
+def test_track_events_describe_the_trackers_detections_when_a_later_plugin_changes_the_rows():
+    """The indices of `frame.tracks` are rows of the detections the tracker labelled: if a later plugin replaces
+    them with other rows, the track events still describe the objects the tracker saw (as with no such plugin)."""
+
+    def events_with(*later: tuple[str, type[Plugin], PluginConfig]) -> list[dict]:
+        chain = started_chain({"cam": CAMERA}, ("bytetrack", ByteTrack, ByteTrackConfig(update_interval=0.3)), *later)
+        out = []
+        for frame in walkers(50, vanish_after=10):
+            chain.process([frame])
+            out += [e.to_json_dict(0, "x") for e in frame.events]
+        return out
+
+    plain = events_with()
+    assert len(plain) >= 10 and {e["type"] for e in plain} == {"track.new", "track.update", "track.end"}
+    assert events_with(("drop", DropFirst, DropConfig())) == plain
+
+
 class RectConfig(PluginConfig):
     type: Literal["rect"] = "rect"
 

@@ -187,7 +187,7 @@ class Analytics(Plugin[AnalyticsConfig]):
         for track in state.tracks.values():  # those not seen now keep their own row, not the frame's detections
             last, row = track.last_seen
             if last is not seen and len(last) > 1:
-                track.last_seen = (last[row : row + 1], 0)
+                track.last_seen = (last[np.array([row])], 0)  # a copy: a slice would be a view of all the rows
         self._loiter(frame, state, ts)
         self._counts(frame, state, ts)
 
