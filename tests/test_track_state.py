@@ -8,7 +8,6 @@ import weakref
 from typing import Literal
 
 import numpy as np
-import pytest
 from known_models import RectangleYolo
 from test_analytics import CAMERA, started_chain
 
@@ -210,11 +209,6 @@ class FailOn(Plugin[FailOnConfig]):
             raise FrameErrors(bad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Chain.process makes the track events of the frames that came through (`live`) only, while the "
-    "scheduler publishes the events of every frame: it must call add_track_events for every frame (pipeline owner)",
-)
 def test_a_frame_a_later_plugin_fails_on_still_carries_the_trackers_events():
     """The scheduler publishes what earlier plugins decided about a frame a later plugin failed on: the track events
     of that frame too, so that every track.end has its track.new."""

@@ -183,8 +183,8 @@ class Chain:
             stage.durations.observe(elapsed)
             if failed:
                 live = [frame for frame in live if id(frame) not in failed]
-        for frame in live:  # the tracker's verdicts become events once every plugin has added its data
-            add_track_events(frame)
+        for frame in frames:  # the tracker's verdicts become events once every plugin has added its data; also on a
+            add_track_events(frame)  # frame a later plugin failed on: the tracker's state has moved on with it
         return live
 
     def source_ended(self, camera: str, ts_wall: float, frame_index: int) -> list[Event]:
