@@ -15,6 +15,7 @@ In `mode: tracks` the plugin must come after a tracker in the chain (it reads `t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -212,8 +213,8 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
         out = [self.splitter(self._forward, list(piece)) for piece in pieces]
         return np.concatenate([np.stack(part) for part in out]) if out else np.zeros((0, len(self.video.labels)))
 
-    def _forward(self, clips: list[torch.Tensor]) -> list[np.ndarray]:
-        return list(torch.softmax(self.run(torch.stack(clips)), dim=1).cpu().numpy())
+    def _forward(self, clips: Sequence[torch.Tensor]) -> list[np.ndarray]:
+        return list(torch.softmax(self.run(torch.stack(list(clips))), dim=1).cpu().numpy())
 
     # ---- tubes
 

@@ -17,7 +17,7 @@ from vigild.plugins.tracking.bytetrack import ByteTrack, ByteTrackConfig
 
 
 class BotSortConfig(ByteTrackConfig):
-    type: Literal["botsort"] = "botsort"
+    type: Literal["botsort"] = "botsort"  # type: ignore[assignment]  # a subclass of its own type
     gmc_method: Literal["none", "sparseOptFlow", "orb", "ecc"] = Field(
         "none", description="Camera-motion compensation for moving (PTZ, handheld) cameras; costs CPU per frame."
     )

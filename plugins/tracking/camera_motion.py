@@ -29,6 +29,8 @@ class CameraMotion:
         out of the estimate); the compensator that saw `frame` goes into `pending`."""
         from ultralytics.trackers.utils.gmc import GMC
 
+        if frame.image is None:
+            raise ValueError("camera-motion compensation needs the frame's image")
         known = self._gmc.get(slot)
         # GMC.apply replaces its previous frame and key points (never changes them in place): a shallow copy keeps
         # the committed one as it was until the step commits.
