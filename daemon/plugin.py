@@ -135,6 +135,11 @@ class Plugin(ABC, Generic[ConfigT]):
     error naming the plugin's key and the camera."""
     provides: ClassVar[frozenset[str]] = frozenset()
     """What this plugin adds to the frames it processes, for later plugins (words of `CAPABILITIES`)."""
+    camera_settings: ClassVar[type[BaseModel] | None] = None
+    """A model of keys this plugin reads from each camera's own section (next to `source:`), which the core's camera
+    settings keep as plain mappings: the analytics plugin's `zones:` and `lines:`. Loading validates every camera's
+    keys with it, with the file and line, whenever the plugin is in `plugins:`; the camera's `resize` is passed as
+    the validation context (`{"resize": (w, h) | None}`)."""
 
     @classmethod
     def requirements(cls, config: PluginConfig) -> frozenset[str]:

@@ -228,22 +228,51 @@ def test_without_hysteresis_the_jittering_object_would_cross_but_with_it_never_d
 
 
 @pytest.mark.parametrize(
-    ("geometry", "fragment"),
+    ("geometry", "where", "fragment"),
     [
-        ({"zones": {"z": {"points": [[0, 0], [100, 100], [100, 0], [0, 100]]}}}, "intersects itself"),
-        ({"zones": {"z": {"points": [[0, 0], [50, 50], [100, 100]]}}}, "enclose no area"),
-        ({"lines": {"l": {"points": [[10, 10], [10, 10]]}}}, "has no length"),
-        ({"lines": {"l": {"points": [[0, 0], [1.5, 0.5]], "normalized": True}}}, "outside 0-1"),
-        (
-            {"resize": [640, 360], "zones": {"z": {"points": [[0, 0], [700, 0], [0, 300]]}}},
-            "outside the 640x360 frame",
-        ),
-        ({"zones": {"z": {"points": [[-5, 0], [100, 0], [0, 100]]}}}, "greater than or equal to 0"),
+        ("zones:\n      z:\n        points: [[0, 0], [100, 100], [100, 0], [0, 100]]", ":5: cameras.cam.zones.z:",
+         "intersects itself"),
+        ("zones:\n      z:\n        points: [[0, 0], [50, 50], [100, 100]]", ":5: cameras.cam.zones.z:",
+         "enclose no area"),
+        ("lines:\n      l:\n        points: [[10, 10], [10, 10]]", ":5: cameras.cam.lines.l:", "has no length"),
+        ("lines:\n      l:\n        points: [[0, 0], [1.5, 0.5]]\n        normalized: true",
+         ":5: cameras.cam.lines.l:", "outside 0-1"),
+        ("resize: [640, 360]\n    zones:\n      z:\n        points: [[0, 0], [700, 0], [0, 300]]",
+         ":2: cameras.cam:", "zones.z: a point lies outside the 640x360 frame set by resize"),
+        ("zones:\n      z:\n        points: [[-5, 0], [100, 0], [0, 100]]", ":6: cameras.cam.zones.z.points.0.0:",
+         "greater than or equal to 0"),
+        ("zones:\n      z:\n        points: [[0, 0], [9, 0], [0, 9]]\n        colour: red",
+         ":7: cameras.cam.zones.z.colour:", "unknown key"),
     ],
-)
-def test_bad_geometry_is_a_config_error_saying_what_is_wrong(geometry, fragment):
-    with pytest.raises(ValidationError, match=fragment):
-        CameraConfig(source="a.mp4", **geometry)
+)  # fmt: skip
+def test_bad_geometry_is_a_config_error_naming_file_line_and_key(tmp_path, geometry, where, fragment):
+    """Users write zones and lines under each camera; the analytics plugin owns what they mean (its
+    `camera_settings`), and loading reports a bad one with the file, the line and the key."""
+    from vigild.config.loading import ConfigError, load_config
+
+    path = tmp_path / "vigild.yaml"
+    path.write_text(f"cameras:\n  cam:\n    source: a.mp4\n    {geometry}\nplugins:\n  - type: analytics\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    message = str(caught.value)
+    assert f"{path}{where}" in message and fragment in message, message
+
+
+def test_zones_and_lines_are_the_analytics_plugins_settings(tmp_path):
+    """The core keeps a camera's zones and lines as it read them; they are checked by the analytics plugin when it is
+    in the chain (a config without it never reads them), and the plugin sees them in pixels of the frame."""
+    from vigild.config.loading import load_config
+    from vigild.plugins.analytics.geometry import CameraGeometry
+
+    path = tmp_path / "vigild.yaml"
+    path.write_text(
+        "cameras:\n  cam:\n    source: a.mp4\n    zones:\n      z:\n        points: [[0, 0], [0.5, 0], [0, 0.5]]\n"
+        "        normalized: true\n"
+    )
+    camera = load_config(path, environ={}).cameras["cam"]
+    geometry = CameraGeometry.of_camera(camera)
+    zone = geometry.zones["z"]
+    assert zone.pixels(zone.points, 200, 100).tolist() == [[0, 0], [100, 0], [0, 50]]
 
 
 @pytest.mark.e2e

@@ -247,9 +247,28 @@ def _resolve_chain(document: YamlDocument, settings: DaemonSettings) -> tuple[li
                         f"no plugin with id '{plugin_id}' in `plugins:` (ids: {known})",
                     )
                 )
+    problems.extend(_camera_settings_problems(document, settings, chain))
     if not problems:  # with an entry missing, what the chain provides is not known
         problems = _unmet_requirements(document, settings, chain)
     return chain, problems
+
+
+def _camera_settings_problems(
+    document: YamlDocument, settings: DaemonSettings, chain: list[PluginSpec]
+) -> list[Problem]:
+    """Each camera's keys that a plugin of the chain owns (`Plugin.camera_settings`: analytics' zones and lines),
+    validated by that plugin's model, once per model."""
+    problems: list[Problem] = []
+    models = {spec.cls.camera_settings for spec in chain if spec.cls.camera_settings is not None}
+    for model in sorted(models, key=lambda model: model.__qualname__):
+        keys = set(model.model_fields) & set(CameraConfig.model_fields)
+        for name, camera in settings.cameras.items():
+            values = {key: getattr(camera, key) for key in sorted(keys) if key in camera.model_fields_set}
+            try:
+                model.model_validate(values, context={"resize": camera.resize})
+            except ValidationError as exc:
+                problems.extend(problems_of(document, exc, ("cameras", name), model))
+    return problems
 
 
 def _unmet_requirements(

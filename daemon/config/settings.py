@@ -13,7 +13,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, fi
 from vigild.capture.sources import SourceKind, parse_source
 from vigild.events import SYSTEM_CAMERA
 from vigild.plugin import MAX_NAME_LENGTH
-from vigild.vision.geometry import LineConfig, ZoneConfig
 
 _HOUR = 3600.0
 """Upper bound of the daemon's durations: a wait beyond threading.TIMEOUT_MAX (~292 years) raises OverflowError in
@@ -99,11 +98,14 @@ class CameraConfig(StrictModel):
         default_factory=dict, description="Per-plugin overrides by plugin id: parameters, or `enabled: false`."
     )
     reconnect: ReconnectConfig = ReconnectConfig()
-    zones: dict[ShapeName, ZoneConfig] = Field(
-        default_factory=dict, description="Named polygons for the analytics plugin (docs/analytics.md)."
+    zones: dict[ShapeName, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Named polygons for the analytics plugin (docs/analytics.md), which validates them (its "
+        "`camera_settings`) when the config is loaded.",
     )
-    lines: dict[ShapeName, LineConfig] = Field(
-        default_factory=dict, description="Named directed lines for the analytics plugin (docs/analytics.md)."
+    lines: dict[ShapeName, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Named directed lines for the analytics plugin (docs/analytics.md), which validates them.",
     )
 
     @field_validator("source")
@@ -122,14 +124,6 @@ class CameraConfig(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> CameraConfig:
         """Values only: whether this machine has the back end is asked where capture starts (vigild.capture.backends)."""
-        if self.resize is not None:  # the frame's size is known: pixel points must lie on it
-            width, height = self.resize
-            for kind_name, shapes in (("zones", self.zones), ("lines", self.lines)):
-                for name, shape in shapes.items():
-                    if not shape.normalized and any(x > width or y > height for x, y in shape.points):
-                        raise ValueError(
-                            f"{kind_name}.{name}: a point lies outside the {width}x{height} frame set by resize"
-                        )
         if self.backend == "opencv" and parse_source(self.source).kind is SourceKind.TEST:
             raise ValueError("source: test:// patterns need the GStreamer back end, but backend: opencv")
         return self

@@ -1,1 +1,1 @@
-"""Image and model helpers that plugins share: letterboxing, devices, masks, snapshots, geometry."""
+"""Image and model helpers that plugins share: letterboxing, devices, masks, snapshots."""

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from vigild.events import Event, object_payload
 from vigild.frame import Detections, Frame
 from vigild.plugin import Plugin, PluginConfig, PluginConfigError
-from vigild.vision.geometry import crosses_segment, inside_polygon, side_of_line
+from vigild.plugins.analytics.geometry import CameraGeometry, crosses_segment, inside_polygon, side_of_line
 from vigild.vision.snapshot import make_snapshot
 
 Anchor = Literal["bottom_center", "center", "top_center"]
@@ -102,6 +102,7 @@ def anchor_points(xyxy: np.ndarray, anchor: Anchor) -> np.ndarray:
 class Analytics(Plugin[AnalyticsConfig]):
     Config = AnalyticsConfig
     requires: ClassVar[frozenset[str]] = frozenset({"tracks"})
+    camera_settings: ClassVar[type[BaseModel] | None] = CameraGeometry  # each camera's zones: and lines:
     batched = False  # state per camera and track: one frame at a time, in order
 
     def start(self) -> None:
@@ -125,10 +126,11 @@ class Analytics(Plugin[AnalyticsConfig]):
         config = self.context.cameras[frame.camera]
         width, height = frame.size
         zones, lines = {}, {}
-        for name, zone in config.zones.items():
+        geometry = CameraGeometry.of_camera(config)  # checked when the config was loaded (camera_settings)
+        for name, zone in geometry.zones.items():
             if self.config.zones is None or name in self.config.zones:
                 zones[name] = self._on_frame(frame, "zones", name, zone.pixels(zone.points, width, height))
-        for name, line in config.lines.items():
+        for name, line in geometry.lines.items():
             if self.config.lines is None or name in self.config.lines:
                 points = self._on_frame(frame, "lines", name, line.pixels(list(line.points), width, height))
                 lines[name] = (points[0], points[1])

@@ -1,5 +1,8 @@
 """Zones (polygons) and directed lines of a camera, from the config, and the vectorised tests on them.
 
+Users write `zones:` and `lines:` under each camera; the analytics plugin owns what they mean: its
+`camera_settings` model (`CameraGeometry`) is what config loading validates them with, with the file and line.
+
 Coordinates are pixels of the frame the chain sees (after `resize`), or fractions of its width and height with
 `normalized: true`. A line's direction: walking along it from its first point to its second as drawn on the
 image (y pointing down), `in` is a crossing from the left-hand side to the right-hand side, `out` the reverse.
@@ -8,10 +11,12 @@ Example: a line from [0, 300] to [800, 300] counts an object moving down the ima
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+
+from vigild.config.settings import ShapeName
 
 Point = tuple[Annotated[float, Field(ge=0)], Annotated[float, Field(ge=0)]]
 
@@ -106,3 +111,35 @@ def crosses_segment(a: np.ndarray, b: np.ndarray, start: np.ndarray, end: np.nda
     e0 = np.sign(direction[:, 0] * (seg[0, 1] - a[:, 1]) - direction[:, 1] * (seg[0, 0] - a[:, 0]))
     e1 = np.sign(direction[:, 0] * (seg[1, 1] - a[:, 1]) - direction[:, 1] * (seg[1, 0] - a[:, 0]))
     return (side_a * side_b < 0) & (e0 * e1 <= 0)
+
+
+class CameraGeometry(BaseModel):
+    """A camera's `zones:` and `lines:`, validated when the config is loaded (the camera's `resize`, if any, comes as
+    the validation context: pixel points must then lie on the frame)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    zones: dict[ShapeName, ZoneConfig] = Field(default_factory=dict, description="Named polygons (docs/analytics.md).")
+    lines: dict[ShapeName, LineConfig] = Field(
+        default_factory=dict, description="Named directed lines (docs/analytics.md)."
+    )
+
+    @model_validator(mode="after")
+    def _on_the_frame(self, info: ValidationInfo) -> CameraGeometry:
+        context: dict[str, Any] = info.context or {}
+        resize = context.get("resize")
+        if resize is None:
+            return self
+        width, height = resize  # the frame's size is known: pixel points must lie on it
+        shapes: dict[str, dict[str, ZoneConfig] | dict[str, LineConfig]] = {"zones": self.zones, "lines": self.lines}
+        for kind, named in shapes.items():
+            for name, shape in named.items():
+                points = shape.points
+                if not shape.normalized and any(x > width or y > height for x, y in points):
+                    raise ValueError(f"{kind}.{name}: a point lies outside the {width}x{height} frame set by resize")
+        return self
+
+    @classmethod
+    def of_camera(cls, camera: Any) -> CameraGeometry:
+        """The geometry of a camera's settings (validated already when its config was loaded)."""
+        return cls.model_validate({"zones": camera.zones, "lines": camera.lines}, context={"resize": camera.resize})
