@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pydantic import ValidationError
 from torchvision.ops import box_iou
 
 from vigild.config.loading import CameraConfig, PluginSpec
