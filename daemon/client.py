@@ -82,17 +82,21 @@ class Subscriber:
         self.close()
 
 
-def default_endpoint(environ: Mapping[str, str] | None = None) -> str:
-    """ipc://$RUNTIME_DIRECTORY/control under systemd, else in $XDG_RUNTIME_DIR/vigild, else in
-    ~/.local/state/vigild: never a fixed name under /tmp, which another user could create first."""
+def default_runtime_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """$RUNTIME_DIRECTORY under systemd, else $XDG_RUNTIME_DIR/vigild, else ~/.local/state/vigild: never a fixed
+    name under /tmp, which another user could create first."""
     env = os.environ if environ is None else environ
     runtime = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
     if runtime:
-        return f"ipc://{runtime}/control"
+        return Path(runtime)
     base = env.get("XDG_RUNTIME_DIR")
     home = env.get("HOME") or str(Path.home())
-    directory = Path(base) / "vigild" if base else Path(home) / ".local" / "state" / "vigild"
-    return f"ipc://{directory}/control"
+    return Path(base) / "vigild" if base else Path(home) / ".local" / "state" / "vigild"
+
+
+def default_endpoint(environ: Mapping[str, str] | None = None) -> str:
+    """ipc://<default_runtime_dir>/control."""
+    return f"ipc://{default_runtime_dir(environ)}/control"
 
 
 class ControlClient:

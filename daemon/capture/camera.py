@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Protocol
 
 from vigild.capture.backends import BackendUnavailable, camera_backend
 from vigild.capture.gst_pipeline import resolve_backend
@@ -21,7 +22,7 @@ from vigild.capture.reader import EndOfStream, FrameReader, ReaderCounters, Sour
 from vigild.capture.sources import SourceSpec, redact
 from vigild.config.settings import CameraConfig
 from vigild.frame import Frame
-from vigild.pipeline.exchange import FrameExchange, Notice, NoticeKind
+from vigild.pipeline.exchange import Notice, NoticeKind
 
 log = logging.getLogger("vigild.capture")
 
@@ -73,6 +74,33 @@ class CameraStats:
 
 
 
+class FrameSink(Protocol):
+    """Where a capture thread hands its frames and notices: the daemon's `FrameExchange`, or a capture worker's
+    shared-memory link to it (vigild.capture.worker)."""
+
+    def put(self, frame: Frame, wait: bool = False) -> bool:
+        """Offer `frame`; with `wait`, block until the previous one was taken. False: stop capturing."""
+        ...
+
+    def notify(self, notice: Notice) -> None: ...
+
+
+class Capture(Protocol):
+    """One camera's capture as the service drives it: a thread here (`CameraCapture`) or in a capture worker
+    (`vigild.capture.pool.RemoteCapture`)."""
+
+    name: str
+    stats: CameraStats
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def join(self, timeout: float | None = None) -> None: ...
+
+    def is_alive(self) -> bool: ...
+
+
 def make_reader(
     camera: str, config: CameraConfig, spec: SourceSpec, backend: str, *, software_only: bool = False
 ) -> FrameReader:
@@ -97,7 +125,18 @@ class Outcome(StrEnum):
 
 
 class CameraCapture:
-    def __init__(self, name: str, config: CameraConfig, spec: SourceSpec, exchange: FrameExchange):
+    def __init__(
+        self,
+        name: str,
+        config: CameraConfig,
+        spec: SourceSpec,
+        exchange: FrameSink,
+        *,
+        first_index: int = 0,
+        down_reported: bool = False,
+    ):
+        """`first_index`, `down_reported`: where a capture restarted in a new worker process takes over (its frame
+        numbers go on; a `down` already sent for the outage is not sent again)."""
         self.name = name
         self.config = config
         self.spec = spec
@@ -112,8 +151,8 @@ class CameraCapture:
         self.stats = CameraStats(backend=self.backend)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"capture-{name}", daemon=True)
-        self._index = 0
-        self._down_reported = False  # a `down` was sent and no `up` since: one report per outage
+        self._index = first_index
+        self._down_reported = down_reported  # a `down` was sent and no `up` since: one report per outage
         self._software_only = False  # set after a hardware decoder failed: later connections decode in software
         self._retry_now = False  # the hardware decoder just failed: reconnect in software at once, no backoff
         self._frame_size: tuple[int, ...] = (0, 0)  # (height, width) of the last frame delivered
@@ -222,7 +261,7 @@ class CameraCapture:
                 if self.spec.is_live:
                     stats.last_error = "the source ended the stream"
                     return self._lost("end_of_stream") if stats.state is CameraState.STREAMING else Outcome.FAILED
-                if config.loop and self._index > 0:
+                if config.loop and stats.frames_delivered > 0:
                     reader.rewind()
                     continue
                 self._set_state(CameraState.ENDED)

@@ -138,6 +138,22 @@ class SchedulerConfig(StrictModel):
     )
 
 
+class CaptureSettings(StrictModel):
+    workers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = Field(
+        "auto",
+        description="Processes that decode the cameras, frames handed over in shared memory (docs/capture.md); 0: "
+        "capture threads in the daemon. auto: 0 below 8 usable CPUs, else one per 4 CPUs (at most one per camera, "
+        "16 in all); the environment variable VIGILD_CAPTURE_WORKERS, when set, decides auto instead.",
+    )
+    slots: int = Field(
+        6,
+        ge=4,
+        le=64,
+        description="Frames in shared memory per camera (with workers): the one being written, the one waiting, the "
+        "batch in the chain, the last frame kept for snapshots, and spares for plugins that hold a frame.",
+    )
+
+
 class PublisherConfig(StrictModel):
     endpoint: str = Field("tcp://127.0.0.1:5555", description="ZeroMQ endpoint the PUB socket binds.")
     hwm: int = Field(
@@ -247,6 +263,7 @@ class DaemonSettings(StrictModel):
     plugins: list[dict[str, Any]] = Field(default_factory=list)
     publisher: PublisherConfig = PublisherConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    capture: CaptureSettings = CaptureSettings()
     control: ControlConfig = ControlConfig()
     curve: CurveConfig | None = Field(None, description="Require CURVE authentication (docs/security.md).")
     metrics: MetricsConfig = MetricsConfig()

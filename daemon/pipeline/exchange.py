@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -51,9 +52,13 @@ class FrameExchange:
         self._streaming: set[str] = set()
         """Cameras whose last notice was `up` (posted as their capture starts streaming)."""
         self.drops: Counter[str] = Counter()
+        self._on_taken: dict[str, Callable[[], None]] = {}
 
-    def put(self, frame: Frame, wait: bool = False) -> bool:
-        """Offer `frame`; with `wait`, block until the previous one was taken. False once the exchange is closed."""
+    def put(self, frame: Frame, wait: bool = False, on_taken: Callable[[], None] | None = None) -> bool:
+        """Offer `frame`; with `wait`, block until the previous one was taken. False once the exchange is closed.
+
+        `on_taken` is called (on the taker's thread, outside the lock; it must not block) when the scheduler takes
+        the frame: a capture worker waiting for its consumer learns so through it."""
         with self._cond:
             if wait:
                 self._cond.wait_for(
@@ -64,6 +69,10 @@ class FrameExchange:
             if frame.camera in self._frames:
                 self.drops[frame.camera] += 1
             self._frames[frame.camera] = frame
+            if on_taken is not None:
+                self._on_taken[frame.camera] = on_taken
+            else:
+                self._on_taken.pop(frame.camera, None)
             self._cond.notify_all()
             return True
 
@@ -73,6 +82,7 @@ class FrameExchange:
             self._retired.add(camera)
             self._streaming.discard(camera)
             self._frames.pop(camera, None)
+            self._on_taken.pop(camera, None)
             self._notices = deque(n for n in self._notices if n.camera != camera)
             self._cond.notify_all()
 
@@ -88,6 +98,7 @@ class FrameExchange:
             self._retired.discard(camera)
             self._streaming.discard(camera)
             self._frames.pop(camera, None)
+            self._on_taken.pop(camera, None)
             self._notices = deque(n for n in self._notices if n.camera != camera)
             self.drops.pop(camera, None)
             self._cond.notify_all()
@@ -114,6 +125,15 @@ class FrameExchange:
         Returns at most `max_frames` frames, oldest capture first; a camera left out keeps its frame for the
         next call.
         """
+        callbacks: list[Callable[[], None]] = []
+        taken = self._take(max_frames, max_wait, want, timeout, callbacks)
+        for callback in callbacks:
+            callback()
+        return taken
+
+    def _take(
+        self, max_frames: int, max_wait: float, want: int, timeout: float, callbacks: list[Callable[[], None]]
+    ) -> Taken:
         with self._cond:
             if not self._cond.wait_for(lambda: self._frames or self._notices or self._closed, timeout):
                 return Taken([], [], [])
@@ -134,6 +154,9 @@ class FrameExchange:
             ][:max_frames]
             for frame in ready:
                 del self._frames[frame.camera]
+                callback = self._on_taken.pop(frame.camera, None) if self._on_taken else None
+                if callback is not None:
+                    callbacks.append(callback)
             opened: list[Notice] = []
             closed: list[Notice] = []
             kept: deque[Notice] = deque()

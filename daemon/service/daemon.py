@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from vigild.capture.camera import CameraCapture
+from vigild.capture.camera import Capture
 from vigild.config.loading import Config, ConfigError, load_config, with_camera
 from vigild.config.yamlsource import KeyPath
 from vigild.events import SYSTEM_CAMERA, Event
@@ -31,6 +31,7 @@ from vigild.service.reconfigure import RESTART_REQUIRED, Applied, reconfigure
 from vigild.service.running import CAPTURE_JOIN_TIMEOUT_S, Change, Pipeline, Running
 from vigild.service.status import Heartbeat, Rates, status_line
 from vigild.service.threads import apply_threads, choose_threads
+from vigild.service.workers import capture_workers
 
 log = logging.getLogger("vigild")
 
@@ -69,7 +70,8 @@ class Daemon:
         scheduler = Scheduler(
             settings.scheduler, exchange, chain, publisher, list(config.cameras), self._stop_requested
         )
-        self.pipeline = Pipeline(exchange, scheduler, publisher, device, threads)
+        self.workers = capture_workers(settings.capture, exchange, threads.usable_cpus, len(config.cameras))
+        self.pipeline = Pipeline(exchange, scheduler, publisher, device, threads, self.workers)
         self.exchange, self.scheduler, self.publisher = exchange, scheduler, publisher
         self.device, self.threads = device, threads
         self._running = Running(config, chain, {name: self.pipeline.capture(config, name) for name in config.cameras})
@@ -97,7 +99,7 @@ class Daemon:
         return self._running.chain
 
     @property
-    def captures(self) -> Mapping[str, CameraCapture]:
+    def captures(self) -> Mapping[str, Capture]:
         return self._running.captures
 
     @property
@@ -130,6 +132,9 @@ class Daemon:
                     address = f"{self.metrics.config.address}:{self.metrics.config.port}"
                     raise BindError(("metrics", "port"), f"cannot serve metrics on {address}: {exc}") from exc
                 started.append(self.metrics)
+            if self.workers is not None:  # they start while the models load
+                self.workers.start()
+                started.append(self.workers)
             self.chain.start()
             apply_threads(self.threads)  # again: importing ultralytics, for one, sets cv2.setNumThreads(0)
         except Exception:
@@ -193,6 +198,8 @@ class Daemon:
                         capture.name,
                         CAPTURE_JOIN_TIMEOUT_S,
                     )
+            if self.workers is not None:
+                self.workers.stop()
         log.info("stopped")
 
     # ----- health and status

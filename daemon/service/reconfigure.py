@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from vigild.capture.camera import CameraCapture
+from vigild.capture.camera import Capture
 from vigild.config.loading import Config
 from vigild.pipeline.chain import Chain, PluginStartError, Stage
 from vigild.plugin import Plugin, PluginConfigError
@@ -30,7 +30,7 @@ from vigild.service.threads import apply_threads
 
 log = logging.getLogger("vigild")
 
-RESTART_REQUIRED = ("publisher", "control", "curve", "metrics", "device", "torch_threads")
+RESTART_REQUIRED = ("publisher", "control", "curve", "metrics", "device", "torch_threads", "capture")
 """Settings a reload cannot change in a running process (sockets, the compute device): they wait for a restart."""
 
 
@@ -92,7 +92,7 @@ class Prepared:
     """Started: its new instances are running, those it takes over see their new cameras at the swap."""
     left_behind: list[tuple[Stage, Plugin, frozenset[str]]]
     """Instances of the running chain that `chain` does not take over, with the cameras they serve."""
-    captures: dict[str, CameraCapture]
+    captures: dict[str, Capture]
     """Of the arriving cameras, not started."""
 
 

@@ -7,7 +7,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from vigild.capture.camera import CameraCapture
+from vigild.capture.camera import CameraCapture, Capture
+from vigild.capture.pool import CaptureWorkers
 from vigild.config.loading import Config
 from vigild.outputs.publisher import Publisher
 from vigild.pipeline.chain import Chain
@@ -30,9 +31,13 @@ class Pipeline:
     publisher: Publisher
     device: str
     threads: ThreadChoice
+    workers: CaptureWorkers | None = None
+    """The capture worker processes (`capture.workers` > 0); None: capture threads in this process."""
 
-    def capture(self, config: Config, name: str) -> CameraCapture:
-        """A capture of camera `name` of `config` into the exchange (not started)."""
+    def capture(self, config: Config, name: str) -> Capture:
+        """A capture of camera `name` of `config` into the exchange (not started): in a worker, or a thread here."""
+        if self.workers is not None:
+            return self.workers.capture(name, config.cameras[name], config.source(name))
         return CameraCapture(name, config.cameras[name], config.source(name), self.exchange)
 
     def on_scheduler(self, function: Callable[[], None], timeout: float) -> None:
@@ -52,7 +57,7 @@ class Running:
 
     config: Config
     chain: Chain
-    captures: Mapping[str, CameraCapture]
+    captures: Mapping[str, Capture]
     """Of every enabled camera, paused ones included (their capture is stopped)."""
     paused: frozenset[str] = frozenset()
 
@@ -64,4 +69,4 @@ class Change(Generic[T]):
 
     running: Running
     result: T
-    starting: tuple[CameraCapture, ...] = ()
+    starting: tuple[Capture, ...] = ()

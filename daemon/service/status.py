@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from vigild.capture.camera import CameraCapture, CameraState
+from vigild.capture.camera import CameraState, Capture
 from vigild.capture.sources import redact
 from vigild.config.loading import Config
 from vigild.events import Event
@@ -40,7 +40,7 @@ class Rates:
         self._last: tuple[float, dict[str, int], dict[str, int]] = (time.monotonic(), {}, {})
         self.by_camera: dict[str, tuple[float, float]] = {}
 
-    def update(self, processed: Mapping[str, int], captures: Mapping[str, CameraCapture]) -> None:
+    def update(self, processed: Mapping[str, int], captures: Mapping[str, Capture]) -> None:
         """At a heartbeat: the rates since the previous one."""
         now = time.monotonic()
         previous_at, previous_processed, previous_read = self._last

@@ -1,0 +1,239 @@
+"""Frames in POSIX shared memory between capture workers and the inference process, and the record that lets a
+later start remove what a killed daemon left.
+
+A **segment** holds one camera's frames of one size: a header of slot states, then `slots` frames of (H, W, 3)
+uint8. A worker makes it when a camera's first frame (or a frame of a new size) arrives and unlinks it when the
+camera stops or changes size; the daemon maps it on the first frame that names it. Each slot is in one of three
+states, each moved by one side only:
+
+- FREE → SENT: the worker wrote a frame into it and sends its number over the worker's socket;
+- SENT → TAKEN: the daemon's scheduler took the frame from the exchange (only cameras that wait for the consumer,
+  `realtime: false` files, need this: their worker sends the next frame once the previous one is taken);
+- SENT/TAKEN → FREE: the daemon let go of the frame: nothing refers to its image any more (see `FrameLease`).
+
+**Ownership rule**: a frame's image is a read-only view into its slot, valid for as long as anything holds that
+array or a view of it (the exchange, the batch in the chain, the scheduler's latest frame for snapshots, a plugin's
+last frame); the slot returns to the worker when the last reference goes. A plugin that keeps pixels for longer
+than that (a clip, a crop) keeps a copy, as it must with any frame.
+
+Segments are files in /dev/shm (what `shm_open` makes on Linux), opened directly rather than through
+`multiprocessing.shared_memory`: on Python 3.11 that registers every segment, even one only attached to, with a
+resource-tracker process that unlinks them when it exits and warns about "leaks" that are not. Names carry the
+daemon's instance id, so daemons side by side (in other network namespaces too, which share /dev/shm) never touch
+each other's, and a cleanup removes exactly one instance's segments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import json
+import logging
+import mmap
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("vigild.capture")
+
+SHM_DIR = Path("/dev/shm")
+PREFIX = "vigild-"
+HEADER_BYTES = 4096
+"""Slot states in the first bytes; frames start on a page boundary."""
+MAX_SLOTS = 64
+
+FREE, SENT, TAKEN = 0, 1, 2
+
+
+def _page_align(n: int) -> int:
+    return -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+@dataclass(frozen=True)
+class SegmentName:
+    """`vigild-<instance>-w<worker>.<generation>-c<capture>.<sequence>`: whose it is, readable in /dev/shm."""
+
+    instance: str
+    worker: int
+    generation: int
+    capture: int
+    sequence: int
+
+    def __str__(self) -> str:
+        return f"{worker_prefix(self.instance, self.worker, self.generation)}c{self.capture}.{self.sequence}"
+
+
+def instance_prefix(instance: str) -> str:
+    return f"{PREFIX}{instance}-"
+
+
+def worker_prefix(instance: str, worker: int, generation: int) -> str:
+    """Every segment one run of one worker makes starts with this."""
+    return f"{instance_prefix(instance)}w{worker}.{generation}-"
+
+
+class Segment:
+    """One mapping of a segment, in the worker that made it or the daemon that reads it."""
+
+    def __init__(self, name: str, fd: int, shape: tuple[int, int, int], slots: int):
+        self.name = name
+        self.shape = shape
+        self.slots = slots
+        self.frame_bytes = shape[0] * shape[1] * shape[2]
+        self.stride = _page_align(self.frame_bytes)
+        try:
+            self._mmap = mmap.mmap(fd, HEADER_BYTES + slots * self.stride)
+        finally:
+            os.close(fd)
+        self.view = memoryview(self._mmap)
+        self._address: int | None = None
+        self.states = np.ndarray((slots,), np.uint8, buffer=self.view[:slots])
+
+    @classmethod
+    def create(cls, name: str, shape: tuple[int, int, int], slots: int) -> Segment:
+        """Worker side: a new segment, owner-only, every slot FREE."""
+        if not 1 <= slots <= MAX_SLOTS:
+            raise ValueError(f"slots must be 1..{MAX_SLOTS}")
+        fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, HEADER_BYTES + slots * _page_align(shape[0] * shape[1] * shape[2]))
+        except OSError:
+            os.close(fd)
+            unlink(name)
+            raise
+        return cls(name, fd, shape, slots)
+
+    @classmethod
+    def attach(cls, name: str, shape: tuple[int, int, int], slots: int) -> Segment:
+        """Daemon side: map a segment a worker made (it may have been unlinked since: then FileNotFoundError)."""
+        return cls(name, os.open(SHM_DIR / name, os.O_RDWR | os.O_CLOEXEC), shape, slots)
+
+    def image(self, slot: int) -> np.ndarray:
+        """Worker side: a writable (H, W, 3) view of `slot`."""
+        start = HEADER_BYTES + slot * self.stride
+        return np.ndarray(self.shape, np.uint8, buffer=self.view[start : start + self.frame_bytes])
+
+    def lease(self, slot: int) -> FrameLease:
+        """Daemon side: the read-only image of `slot`, as an object whose life is the frame's (see FrameLease)."""
+        if self._address is None:
+            self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._mmap))
+        return FrameLease(self, self._address + HEADER_BYTES + slot * self.stride)
+
+    def free_slot(self) -> int | None:
+        free = np.flatnonzero(self.states == FREE)
+        return int(free[0]) if free.size else None
+
+
+class FrameLease:
+    """The owner of one frame's pixels in a daemon-side segment: `np.asarray(lease)` is a read-only (H, W, 3) view of
+    the slot whose `base` is the lease, so every array made from it (slices, `torch.as_tensor`) keeps it alive, and
+    `weakref.finalize(lease, ...)` runs when the last of them is gone: that gives the slot back. A plain
+    memoryview cannot do this: numpy's `base` skips past it to the mmap, which all frames of the segment share."""
+
+    __slots__ = ("__array_interface__", "__weakref__", "segment")
+
+    def __init__(self, segment: Segment, address: int):
+        self.segment = segment  # keeps the mapping alive as long as the frame
+        self.__array_interface__ = {"shape": segment.shape, "typestr": "|u1", "data": (address, True), "version": 3}
+
+
+def unlink(name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(SHM_DIR / name)
+
+
+def unlink_prefix(prefix: str) -> list[str]:
+    """Remove every segment whose name starts with `prefix`; the names removed."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        if name.startswith(prefix):
+            unlink(name)
+            removed.append(name)
+    return removed
+
+
+def new_instance_id() -> str:
+    return secrets.token_hex(6)
+
+
+class InstanceRecord:
+    """`<runtime dir>/shm/<instance>.json`, locked (flock) for as long as the daemon lives.
+
+    It names the instance's segment prefix. A start tries each record's lock: one it gets belongs to a daemon that is
+    gone (killed, crashed; the kernel drops a dead process's locks), so its segments are removed and the record with
+    them. A record whose lock is held belongs to a daemon still running, here or in another network namespace, and is
+    left alone.
+    """
+
+    def __init__(self, directory: Path, instance: str):
+        self.directory = directory
+        self.instance = instance
+        self.path = directory / f"{instance}.json"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Write the record under a name no cleanup looks at, lock it, then rename it into place: another daemon's
+        start never sees it unlocked."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        partial = self.directory / f".{self.instance}.new"
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        record = {
+            "instance": self.instance,
+            "pid": os.getpid(),
+            "prefix": instance_prefix(self.instance),
+            "shm_dir": str(SHM_DIR),
+            "started": time.time(),
+        }
+        os.write(fd, json.dumps(record).encode() + b"\n")
+        os.rename(partial, self.path)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Clean stop: every segment of this instance goes, then the record."""
+        unlink_prefix(instance_prefix(self.instance))
+        if self._fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            os.close(self._fd)
+            self._fd = None
+
+
+def remove_stale(directory: Path) -> list[str]:
+    """Remove what dead instances recorded in `directory` left; the segments removed. Live instances are untouched."""
+    removed: list[str] = []
+    try:
+        entries = sorted(directory.glob("*.json"))
+    except OSError:
+        return removed
+    for path in entries:
+        instance = path.stem
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a daemon that is running holds it
+            gone = unlink_prefix(instance_prefix(instance))
+            path.unlink(missing_ok=True)
+            removed.extend(gone)
+            log.warning(
+                "removed %d shared-memory segment(s) left by vigild instance %s, which did not stop cleanly",
+                len(gone),
+                instance,
+            )
+        finally:
+            os.close(fd)
+    return removed

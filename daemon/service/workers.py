@@ -1,0 +1,43 @@
+"""How many capture workers a daemon runs (`capture.workers`), and where their shared-memory record lives."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from vigild.capture.pool import CaptureWorkers, auto_workers
+from vigild.client import default_runtime_dir
+from vigild.config.settings import CaptureSettings
+from vigild.pipeline.exchange import FrameExchange
+
+log = logging.getLogger("vigild")
+
+ENV_WORKERS = "VIGILD_CAPTURE_WORKERS"
+"""When set (0..64), what `capture.workers: auto` means: to run a whole installation, or a test suite, either way."""
+
+
+def worker_count(settings: CaptureSettings, usable_cpus: int, cameras: int) -> int:
+    if settings.workers != "auto":
+        return settings.workers
+    override = os.environ.get(ENV_WORKERS, "").strip()
+    if override:
+        try:
+            count = int(override)
+        except ValueError:
+            count = -1
+        if not 0 <= count <= 64:
+            raise ValueError(f"{ENV_WORKERS}={override!r}: expected a whole number of worker processes, 0 to 64")
+        return count
+    return auto_workers(usable_cpus, cameras)
+
+
+def capture_workers(
+    settings: CaptureSettings, exchange: FrameExchange, usable_cpus: int, cameras: int
+) -> CaptureWorkers | None:
+    """The worker pool (not started), or None for capture threads in the daemon."""
+    count = worker_count(settings, usable_cpus, cameras)
+    if count == 0:
+        return None
+    # colour conversion in each worker: the CPUs shared among them
+    cv2_threads = max(1, usable_cpus // count)
+    return CaptureWorkers(count, settings.slots, exchange, default_runtime_dir(), cv2_threads)
