@@ -92,6 +92,11 @@ class Capture(Protocol):
     name: str
     stats: CameraStats
 
+    @property
+    def worker(self) -> int | None:
+        """The capture worker serving it (None: a thread in the daemon)."""
+        ...
+
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
@@ -125,6 +130,8 @@ class Outcome(StrEnum):
 
 
 class CameraCapture:
+    worker: int | None = None
+
     def __init__(
         self,
         name: str,

@@ -123,6 +123,10 @@ class RemoteCapture:
 
     # ----- the Capture protocol
 
+    @property
+    def worker(self) -> int:
+        return self.handle.index
+
     def start(self) -> None:
         self._started = True
         self.handle.add(self)
@@ -328,31 +332,36 @@ class WorkerHandle:
 
     def _receive(self, connection: Connection, bell: Doorbell) -> None:
         """Until the worker's socket closes: its messages, in order."""
-        exchange = self.pool.exchange
-        captures = self.captures
         while True:
             try:
                 message = connection.recv()
             except (EOFError, OSError):
                 return
-            kind = message[0]
-            rc = captures.get(message[1])
-            if rc is None:
-                continue
-            if kind == "frame":
-                self._frame(rc, bell, *message[2:])
-            elif kind == "stats":
-                rc.update(*message[2:])
-            elif kind == "notice":
-                notice_kind = NoticeKind(message[2])
-                rc.noticed(notice_kind)
-                exchange.notify(Notice(rc.name, notice_kind, message[3], message[4], message[5]))
-            elif kind == "stopped":
-                with self._lock:
-                    captures.pop(rc.capture_id, None)
-                for name in message[2]:
-                    shm.unlink(name)
-                rc.ended()
+            try:
+                self._handle(message, bell)
+            except Exception:  # a bug here must not stop the frames of every camera of the worker
+                log.exception("capture worker %d: could not handle %r", self.index, message[:2])
+
+    def _handle(self, message: tuple[Any, ...], bell: Doorbell) -> None:
+        exchange, captures = self.pool.exchange, self.captures
+        kind = message[0]
+        rc = captures.get(message[1])
+        if rc is None:  # a capture already ended: nothing of it goes anywhere
+            return
+        if kind == "frame":
+            self._frame(rc, bell, *message[2:])
+        elif kind == "stats":
+            rc.update(*message[2:])
+        elif kind == "notice":
+            notice_kind = NoticeKind(message[2])
+            rc.noticed(notice_kind)
+            exchange.notify(Notice(rc.name, notice_kind, message[3], message[4], message[5]))
+        elif kind == "stopped":
+            with self._lock:
+                captures.pop(rc.capture_id, None)
+            for name in message[2]:
+                shm.unlink(name)
+            rc.ended()
 
     def _frame(
         self,

@@ -103,6 +103,12 @@ class DaemonCollector(Collector):
             plugin_failures.add_metric([plugin_id], plugin["failures"])
             batch_failures.add_metric([plugin_id], plugin["batch_failures"])
         yield from (plugin_failures, batch_failures)
+        restarts = CounterMetricFamily(
+            "vigild_capture_worker_restarts", "Times a capture worker process died and was restarted", labels=["worker"]
+        )
+        for index, worker in enumerate(status["capture"]["workers"]):
+            restarts.add_metric([str(index)], worker["restarts"])
+        yield restarts
         yield GaugeMetricFamily("vigild_uptime_seconds", "Seconds since start", value=status["uptime_s"])
         memory = GaugeMetricFamily("vigild_gpu_memory_bytes", "GPU memory held by torch", labels=["device", "kind"])
         device = status["device"]

@@ -82,6 +82,7 @@ def snapshot(running: Running, pipeline: Pipeline, rates: Rates, uptime_s: float
             "plugin_failures": failures.get(name, 0),
             "latency_ms": round(scheduler.last_latency_s.get(name, 0.0) * 1000, 1),
             "last_error": stats.last_error,
+            "worker": capture.worker,
         }
     batches = scheduler.batches
     publisher = pipeline.publisher.stats
@@ -91,6 +92,7 @@ def snapshot(running: Running, pipeline: Pipeline, rates: Rates, uptime_s: float
         "threads": thread_report(pipeline.threads),
         "config": str(running.config.file),
         "cameras": cameras,
+        "capture": {"workers": pipeline.workers.status() if pipeline.workers is not None else []},
         "scheduler": {
             "batches": batches,
             "mean_batch": round(scheduler.frames_in_batches / batches, 2) if batches else 0.0,
