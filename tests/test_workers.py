@@ -252,12 +252,6 @@ def in_process_frames(source: Path) -> list[tuple[tuple[int, ...], int]]:
 CAMERAS = ["a", "b", "c", "d"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in daemon/capture/pool.py CaptureWorkers.capture: a camera goes to the worker with the fewest "
-    "cameras by WorkerHandle.load(), which counts only started captures; the daemon makes every capture before "
-    "starting any, so all 4 cameras go to worker 0 and worker 1 serves none",
-)
 def test_a_killed_worker_costs_only_its_cameras_and_a_clean_stop_leaves_nothing(tmp_path, subscriber_factory):
     cameras = "".join(camera_yaml(name, VTEST, loop=True) for name in CAMERAS)
     daemon = Daemon(tmp_path, cameras, workers=2, await_subscribers=1)

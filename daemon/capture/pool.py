@@ -200,6 +200,8 @@ class WorkerHandle:
         self.index = index
         self.generation = 0
         self.captures: dict[int, RemoteCapture] = {}
+        self.assigned: weakref.WeakSet[RemoteCapture] = weakref.WeakSet()
+        """Made for this worker and not started yet; one that is never started (a change that failed) drops out."""
         self.restarts = 0
         self.process: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
@@ -215,7 +217,8 @@ class WorkerHandle:
         return self.process.pid if self.process is not None else None
 
     def load(self) -> int:
-        return sum(not rc.stopping for rc in self.captures.values())
+        """Cameras it serves, and those given to it and not started yet (a daemon makes every capture first)."""
+        return sum(not rc.stopping for rc in list(self.captures.values())) + len(self.assigned)
 
     def start(self) -> None:
         with self._lock:
@@ -255,6 +258,7 @@ class WorkerHandle:
 
     def add(self, rc: RemoteCapture) -> None:
         with self._lock:
+            self.assigned.discard(rc)
             self.captures[rc.capture_id] = rc
             self._send(rc.add_message())
 
@@ -424,7 +428,9 @@ class CaptureWorkers:
         """A capture of `name` (not started) in the worker serving the fewest cameras."""
         with self._lock:
             handle = min(self.handles, key=lambda h: (h.load(), h.index))
-            return RemoteCapture(handle, next(self._ids), name, config, spec)
+            rc = RemoteCapture(handle, next(self._ids), name, config, spec)
+            handle.assigned.add(rc)
+            return rc
 
     def stop(self) -> None:
         """After the captures were stopped: the workers exit, every segment of this daemon goes, then its record."""
