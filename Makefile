@@ -20,7 +20,7 @@ export VIGILD_MODELS ?= $(abspath $(SHARED)/models)
 # never let ultralytics try to download or pip-install anything in the demo and tests
 export YOLO_OFFLINE ?= 1
 
-.PHONY: setup system-deps demo test lint unit e2e soak bench install clean
+.PHONY: setup system-deps demo test lint unit e2e e2e-workers soak bench install clean
 
 setup: $(VENV)/.installed
 
@@ -59,9 +59,20 @@ unit: setup
 e2e: setup
 	$(VENV)/bin/python -m pytest -m e2e
 
+# the test files that run the daemon: `make test` runs them a second time with capture in worker processes
+# (VIGILD_CAPTURE_WORKERS decides `capture.workers: auto`), so every end-to-end behaviour holds in both modes
+DAEMON_TESTS := tests/test_actions.py tests/test_analytics.py tests/test_config_security.py \
+	tests/test_control_security.py tests/test_curve.py tests/test_e2e.py tests/test_hostile_files.py \
+	tests/test_plugin_requirements.py tests/test_reconnect.py tests/test_reload.py tests/test_service.py \
+	tests/test_threads.py
+
 test: lint
 	@$(VENV)/bin/python -m pytest; rc=$$?; \
 	if [ $$rc = 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+	$(MAKE) --no-print-directory e2e-workers
+
+e2e-workers: setup
+	VIGILD_CAPTURE_WORKERS=2 $(VENV)/bin/python -m pytest -m "not slow" $(DAEMON_TESTS)
 
 soak: setup
 	VIGILD_SOAK_S=$${VIGILD_SOAK_S:-600} $(VENV)/bin/python -m pytest -m slow -s
