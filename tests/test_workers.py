@@ -491,3 +491,37 @@ def test_a_slot_goes_back_to_the_worker_only_when_the_last_view_of_its_image_goe
     finally:
         bell.close()
         shm.unlink(name)
+
+
+def test_a_hung_worker_is_killed_and_replaced(tmp_path, subscriber_factory):
+    """A worker that stops answering (SIGSTOP: a decoder deadlocked, the process frozen) is found out by its silence,
+    killed and replaced: its camera gets camera.down `worker_died` and comes up again; the other worker's camera
+    streams on without a gap."""
+    cameras = camera_yaml("a", VTEST, loop=True) + camera_yaml("b", VTEST, loop=True)
+    daemon = Daemon(tmp_path, cameras, workers=2, await_subscribers=1)
+    try:
+        subscriber = subscriber_factory(daemon.publisher, idle_s=5)
+        instance = daemon.instance()
+        subscriber.wait_for(lambda ms: all(len(frames_of(ms, c)) >= 10 for c in "ab"), timeout=120)
+        workers = worker_pids(daemon.pid)
+        assert len(workers) == 2, workers
+        hung = workers[0]
+        hung_camera = {"c1": "a", "c2": "b"}[mapped_segments(hung, instance).pop().rsplit("-", 1)[1].split(".")[0]]
+        os.kill(hung, signal.SIGSTOP)
+        died = subscriber.wait_for(lambda ms: bool(events_of(ms, "camera.down", hung_camera)), timeout=120)
+        (down,) = events_of(died, "camera.down", hung_camera)
+        assert down["reason"] == "worker_died" and "SIGKILL" in down["error"], down
+        back = subscriber.wait_for(lambda ms: len(events_of(ms, "camera.up", hung_camera)) >= 2, timeout=60)
+        mark = len(back)
+        subscriber.wait_for(lambda ms: len(frames_after(ms, hung_camera, mark)) >= 10, timeout=60)
+        assert not alive(hung)
+        assert len(worker_pids(daemon.pid)) == 2
+        assert daemon.stop() == 0, daemon.log_text()[-3000:]
+        assert segments(instance) == set()
+    finally:
+        daemon.kill()
+    messages = subscriber.finish(timeout=60)
+    other = "b" if hung_camera == "a" else "a"
+    assert lifecycle(messages, other) == [("camera.up", None), ("camera.down", "stopped")]
+    indices = frames_of(messages, other)
+    assert indices[0] == 0 and gaps(indices) == [], gaps(indices)[:5]

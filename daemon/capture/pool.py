@@ -47,6 +47,9 @@ RESTART_MAX_S = 30.0
 STABLE_S = 30.0
 """A worker that lived this long before dying restarts after the initial delay again."""
 EXIT_WAIT_S = 2.0
+SILENT_S = 15.0
+"""A worker that sends nothing for this long (it sends counters every 0.25 s) is hung: it is killed and restarted
+like one that died."""
 _ONE = (1).to_bytes(8, sys.byteorder)
 
 
@@ -338,6 +341,15 @@ class WorkerHandle:
         """Until the worker's socket closes: its messages, in order."""
         while True:
             try:
+                if not connection.poll(SILENT_S):
+                    process = self.process
+                    log.error(
+                        "capture worker %d (pid %s) sent nothing for %.0f s: killing it",
+                        self.index, process.pid if process else "?", SILENT_S,
+                    )  # fmt: skip
+                    if process is not None:
+                        process.kill()
+                    return
                 message = connection.recv()
             except (EOFError, OSError):
                 return

@@ -230,11 +230,15 @@ class Worker:
                     self.doorbell.notify_all()
 
     def _stats_loop(self) -> None:
+        """Counters of every capture; a worker without cameras still says it is alive (the daemon kills a worker
+        that says nothing for SILENT_S)."""
         while not self._exit.wait(STATS_INTERVAL_S):
             with self._lock:
                 captures = list(self._captures.values())
             for capture in captures:
                 self.send(stats_message(capture.sink.capture_id, capture.stats, capture.sink.slot_drops))
+            if not captures:
+                self.send(("alive", 0))
 
     def add(self, capture_id: int, name: str, config: CameraConfig, spec: SourceSpec, first: int, down: bool) -> None:
         sink = ShmSink(self, capture_id, name)
