@@ -20,6 +20,8 @@ SNAPSHOT = {
         "gate": {"state": "connecting", "fps": 0.0, "frames": 0, "captured": 0, "drops": 7, "reconnects": 4,
                  "decode_errors": 0, "plugin_failures": 0},
     },
+    "capture": {"workers": [{"pid": 4001, "cameras": ["door"], "restarts": 0},
+                            {"pid": 4077, "cameras": ["gate", "yard"], "restarts": 3}]},
     "scheduler": {"batches": 77},
     "plugins": {"detector": {"failures": 3, "batch_failures": 1}},
     "publisher": {"sent": 300, "sent_by_type": {"track.update": 250, "heartbeat": 50}, "dropped_queue_full": 6,
@@ -62,6 +64,8 @@ def test_the_metrics_are_the_snapshots_numbers():
     assert got['vigild_plugin_failures_total{plugin="detector"}'] == 3
     assert got['vigild_plugin_batch_failures_total{plugin="detector"}'] == 1
     assert got["vigild_uptime_seconds"] == 12.5
+    assert got['vigild_capture_worker_restarts_total{worker="0"}'] == 0
+    assert got['vigild_capture_worker_restarts_total{worker="1"}'] == 3
 
 
 def test_the_status_line_is_the_snapshots_numbers():
