@@ -5,7 +5,9 @@ cached) and each number of cameras, each in a fresh process, one after the other
 
 - `vigild`: the real daemon (capture threads → cross-camera batcher → detector on the device pipeline →
   ByteTrack → ZeroMQ publisher), every camera a looping file read as fast as the chain consumes (`realtime: false`);
-  latency is capture to publish per frame;
+  latency is capture to publish per frame; one run per `--workers` value (`capture.workers`: 0 captures in threads
+  of the daemon, N in N worker processes with frames in shared memory, `auto` what the daemon picks), its CPU that
+  of the daemon and its workers together;
 - `naive`: one ultralytics model per camera thread, `track(persist=True)` per frame (bench/baselines.py);
 - `streams`: ultralytics' multi-stream mode, one `.streams` file of all sources (bench/baselines.py);
 
@@ -15,6 +17,7 @@ measures, in the same run, the decode ceiling (one OpenCV decoding process per c
 the device-path ceiling (vigild's letterbox + forward + NMS on frames already decoded, batch `--max-batch`).
 
     python bench/throughput.py [--cameras 1 4 16] [--resolutions 1080 720] [--seconds 20] [--device auto]
+                               [--workers 0 2]
 """
 
 from __future__ import annotations
@@ -96,6 +99,20 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of another process, e.g. a capture worker, from /proc; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def workers_value(text: str) -> int | str:
+    """A `capture.workers` value: a whole number, or auto."""
+    return text if text == "auto" else int(text)
+
+
 class GpuSampler:
     """Mean GPU utilisation over a window, through NVML where it is installed (nvidia-ml-py), else None; of the
     physical GPU torch's `device` is (CUDA_VISIBLE_DEVICES renumbers them: contenders.nvml_index)."""
@@ -132,6 +149,7 @@ def vigild_config(args: argparse.Namespace) -> str:
         f"publisher:\n  endpoint: {free_endpoint()}\n"
         "control:\n  enabled: false\n"  # the default socket may be another daemon's on this machine
         f"scheduler:\n  max_batch: {args.max_batch}\n  max_wait_ms: {args.max_wait_ms}\n"
+        f"capture:\n  workers: {args.workers_one}\n"
         f"device: {args.device}\nlog_level: WARNING\n"
     )
 
@@ -146,18 +164,25 @@ def run_vigild(args: argparse.Namespace) -> dict[str, Any]:
     daemon = Daemon(load_config(handle.name))
     gpu = GpuSampler(daemon.device)
     daemon.start()
+    handles = daemon.workers.handles if daemon.workers is not None else []
     try:
         time.sleep(args.warmup)
         scheduler = daemon.scheduler
         frames0, batches0 = sum(scheduler.processed.values()), scheduler.batches
         drops0 = sum(daemon.exchange.drops.values())
         scheduler.latencies_s.clear()
+        pids = [handle.pid for handle in handles]
+        restarts0 = sum(handle.restarts for handle in handles)
+        workers_cpu0 = sum(process_cpu_seconds(pid) for pid in pids if pid)
         cpu0, started = cpu_seconds(), time.monotonic()
         while time.monotonic() - started < args.seconds:
             time.sleep(0.5)
             gpu.sample()
         elapsed = time.monotonic() - started
         cpu = cpu_seconds() - cpu0
+        # the workers that ran the window (a restarted one's figures are lost: see worker_restarts)
+        workers_cpu = sum(process_cpu_seconds(pid) for pid in pids if pid) - workers_cpu0
+        restarts = sum(handle.restarts for handle in handles) - restarts0
         frames = sum(scheduler.processed.values()) - frames0
         batches = scheduler.batches - batches0
         latencies = list(scheduler.latencies_s)
@@ -167,6 +192,10 @@ def run_vigild(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         daemon.stop()
         os.unlink(handle.name)
+    leftover = []  # what a clean stop must not leave: the workers' processes, their segments (issue 17)
+    if daemon.workers is not None:
+        leftover += [f"worker pid {h.pid} still running" for h in handles if h.process and h.process.poll() is None]
+        leftover += [f"segment {p.name} left" for p in Path("/dev/shm").glob(f"vigild-{daemon.workers.instance}-*")]
     return {
         "mode": "vigild",
         "cameras": args.cameras,
@@ -176,7 +205,15 @@ def run_vigild(args: argparse.Namespace) -> dict[str, Any]:
         "latency_ms": percentiles(latencies),
         "mean_batch": round(frames / max(batches, 1), 2),
         "drops": drops,
-        "cpu_percent": round(100 * cpu / elapsed, 1),
+        "workers": args.workers_one,
+        "capture_workers": len(handles),
+        "worker_restarts": restarts,
+        "leftover": "; ".join(leftover),
+        "cpu_percent": round(100 * (cpu + workers_cpu) / elapsed, 1),
+        "cpu_percent_daemon": round(100 * cpu / elapsed, 1),
+        "cpu_percent_workers": round(100 * workers_cpu / elapsed, 1),
+        # on a CPU shared with other work (a noisy CI box), a steadier comparison than fps
+        "frames_per_cpu_second": round(frames / max(cpu + workers_cpu, 1e-9), 2),
         "gpu_util_percent": gpu.mean(),
         "plugin_seconds": stages,
         "threads": threads,
@@ -240,7 +277,7 @@ def device_ceiling(args: argparse.Namespace) -> dict[str, Any]:
     return {"device_fps": round(done / (time.monotonic() - started), 1), "threads": thread_counts()}
 
 
-def in_subprocess(mode: str, args: argparse.Namespace, cameras: int) -> dict[str, Any]:
+def in_subprocess(mode: str, args: argparse.Namespace, cameras: int, workers: int | str = 0) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         out = Path(handle.name)
     command = [
@@ -248,6 +285,7 @@ def in_subprocess(mode: str, args: argparse.Namespace, cameras: int) -> dict[str
         "--cameras-one", str(cameras), "--weights", str(args.weights), "--conf", str(args.conf),
         "--imgsz", str(args.imgsz[0]), str(args.imgsz[1]), "--device", args.device, "--seconds", str(args.seconds),
         "--warmup", str(args.warmup), "--max-batch", str(args.max_batch), "--capture", args.capture,
+        "--workers-one", str(workers),
     ]  # fmt: skip
     if args.half is not None:
         command += ["--half", str(args.half).lower()]
@@ -285,6 +323,9 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", choices=["auto", "full", "half"], default=["auto"],
                         help="vigild rows: the device's default (fp16 on CUDA, fp32 on the CPU), fp32, or half "
                         "(fp16 on CUDA, bf16 on the CPU); ultralytics' loops use its defaults (fp32 on the CPU)")
+    parser.add_argument("--workers", type=workers_value, nargs="+", default=[0],
+                        help="vigild rows: capture.workers values, each its own run (0: capture threads in the "
+                        "daemon; auto: what the daemon picks on this machine)")
     parser.add_argument("--weights", type=Path, default=None)
     parser.add_argument("--ceilings", action="store_true", help="also measure the decode and device-path ceilings")
     parser.add_argument("--json", type=Path, help="write all results here")
@@ -292,6 +333,7 @@ def main() -> None:
     parser.add_argument("--run", choices=["vigild", "ceiling"], help=argparse.SUPPRESS)
     parser.add_argument("--video", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cameras-one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--workers-one", type=workers_value, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("YOLO_OFFLINE", "1")
     if args.max_batch is None:
@@ -311,6 +353,14 @@ def main() -> None:
     print(f"vigild throughput: yolov8n {args.imgsz[0]}x{args.imgsz[1]} conf {args.conf} + ByteTrack + publish, "
           f"vigild precision {', '.join(args.precisions)}, "
           f"device {args.device}, {os.cpu_count()} CPUs, {args.seconds:.0f} s windows", flush=True)
+    from vigild.config.settings import CaptureSettings
+    from vigild.service.threads import process_cpus
+    from vigild.service.workers import worker_count
+
+    cpus = process_cpus()
+    auto = {cameras: worker_count(CaptureSettings(), cpus, cameras) for cameras in args.cameras}
+    print(f"capture.workers: auto on this machine ({cpus} usable CPUs): "
+          + ", ".join(f"{n} at {cameras} camera(s)" for cameras, n in auto.items()), flush=True)
     results: list[dict[str, Any]] = []
     for resolution in args.resolutions:
         args.video = h264(resolution)
@@ -329,16 +379,18 @@ def main() -> None:
                 print(f"{resolution}p device-path ceiling ({precision}, batch {args.max_batch}): {fps} fps, "
                       f"threads {threads}", flush=True)
         print(f"\n{resolution}p  {'cameras':>7} {'mode':>15} {'fps':>8} {'p50 ms':>8} {'p99 ms':>8} {'cpu %':>6} "
-              f"{'gpu %':>6} {'batch':>6} {'vs naive':>8} {'vs streams':>10}")
+              f"{'gpu %':>6} {'batch':>6} {'vs naive':>8} {'vs streams':>10} {'vs w0':>6}")
         for cameras in args.cameras:
             row: dict[str, dict[str, Any]] = {}
             runs = [m for m in args.modes if m != "vigild"]
-            runs += [f"vigild:{p}" for p in args.precisions] if "vigild" in args.modes else []
+            if "vigild" in args.modes:
+                runs += [f"vigild:{p}:{w}" for p in args.precisions for w in args.workers]
             for run in runs:  # vigild last: its rows show the ratios
-                mode, _, precision = run.partition(":")
+                mode, _, rest = run.partition(":")
+                precision, _, workers = rest.partition(":")
                 if mode == "vigild":
                     args.half = {"auto": None, "full": False, "half": True}[precision]
-                    result = in_subprocess("vigild", args, cameras)
+                    result = in_subprocess("vigild", args, cameras, workers)
                     result["precision"] = precision
                 else:
                     from baselines import run_baseline
@@ -352,12 +404,24 @@ def main() -> None:
                     result = run_baseline(mode, [args.video] * cameras, str(args.weights), max(args.imgsz),
                                           args.conf, resolve_device(args.device), args.seconds, warmup)
                 result["resolution"] = resolution
-                label = f"vigild/{precision}" if mode == "vigild" else mode
+                label = f"vigild/{precision}/w{workers}" if mode == "vigild" else mode
+                result["label"] = label
                 row[label] = result
                 results.append(result)
                 latency = result.get("latency_ms") or {}
-                ratio_naive = ratio_streams = ""
+                ratio_naive = ratio_streams = ratio_w0 = ""
+                earlier = ""
                 if mode == "vigild":
+                    threads_row = row.get(f"vigild/{precision}/w0")
+                    if workers != "0" and threads_row is not None and threads_row["fps"] > 0:
+                        ratio = round(result["fps"] / threads_row["fps"], 2)
+                        result["ratio_vs_workers_0"] = ratio
+                        ratio_w0 = f"{ratio:.2f}x"
+                    elif workers == "0" and result["fps"] > 0:  # rows with workers run before this one
+                        for other_label, other in row.items():
+                            if other_label.startswith(f"vigild/{precision}/w") and other is not result:
+                                other["ratio_vs_workers_0"] = round(other["fps"] / result["fps"], 2)
+                                earlier += f"  {other_label} vs this: {other['ratio_vs_workers_0']:.2f}x"
                     for baseline in ("naive", "streams"):
                         if baseline in row:
                             if row[baseline]["fps"] <= 0:
@@ -371,7 +435,12 @@ def main() -> None:
                 print(f"{resolution}p  {cameras:>7} {label:>15} {result['fps']:>8.1f} {latency.get('p50', '-')!s:>8} "
                       f"{latency.get('p99', '-')!s:>8} {result.get('cpu_percent', '-')!s:>6} "
                       f"{result.get('gpu_util_percent') or '-'!s:>6} {result.get('mean_batch', '-')!s:>6} "
-                      f"{ratio_naive:>8} {ratio_streams:>10}  threads {threads_of(result)}", flush=True)
+                      f"{ratio_naive:>8} {ratio_streams:>10} {ratio_w0:>6}  threads {threads_of(result)}"
+                      + (f"  workers {result['capture_workers']} (cpu % daemon {result['cpu_percent_daemon']}, "
+                         f"workers {result['cpu_percent_workers']}"
+                         + (f", {result['worker_restarts']} restarts!" if result["worker_restarts"] else "") + ")"
+                         if mode == "vigild" and result.get("capture_workers") else "")
+                      + (f"  {result['leftover']}!" if result.get("leftover") else "") + earlier, flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
