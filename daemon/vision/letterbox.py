@@ -10,12 +10,18 @@ loop over pixels). `Geometry` maps model coordinates back to each frame.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+# Frames from capture workers are read-only views of shared memory (vigild.capture.shm), and torch warns when it
+# wraps one. The CPU path below only reads the tensor it makes of a frame (it is the source the letterbox resizes
+# into a new batch), so the warning says nothing here.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 PAD_VALUE = 114
 """Grey of the letterbox border, as in ultralytics (so its models see what they were trained on)."""
@@ -180,7 +186,8 @@ class Letterboxer:
         CPU: each frame is used where it lies (a zero-copy view), one group per frame.
         """
         if self._fence is None:
-            # ascontiguousarray: a no-op for frames from capture; flipped or strided views get copied once
+            # ascontiguousarray: a no-op for frames from capture; flipped or strided views get copied once. The tensor
+            # may wrap a read-only frame (capture workers): it is only read
             return [([i], torch.from_numpy(np.ascontiguousarray(image))[None]) for i, image in enumerate(images)]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):
