@@ -525,3 +525,19 @@ def test_a_hung_worker_is_killed_and_replaced(tmp_path, subscriber_factory):
     assert lifecycle(messages, other) == [("camera.up", None), ("camera.down", "stopped")]
     indices = frames_of(messages, other)
     assert indices[0] == 0 and gaps(indices) == [], gaps(indices)[:5]
+
+
+def test_cameras_spread_over_the_workers_and_one_stopped_while_its_worker_is_down_is_stopped_at_once(tmp_path):
+    """No processes: a pool that is not started is like one whose worker died and has not been restarted yet."""
+    pool = CaptureWorkers(2, 6, FrameExchange(), tmp_path)
+    config = CameraConfig(source=str(VTEST))
+    captures = [pool.capture(name, config, parse_source(config.source)) for name in "abcd"]
+    # made before any is started (as the daemon does): two a worker
+    assert sorted(c.worker for c in captures) == [0, 0, 1, 1]
+    capture = captures[0]
+    capture.start()
+    assert capture.is_alive()
+    capture.stop()  # no worker to tell: nothing runs it any more
+    capture.join(0)
+    assert not capture.is_alive()
+    assert capture.capture_id not in pool.handles[capture.worker].captures

@@ -239,6 +239,10 @@ class WorkerHandle:
                 pass_fds=(child.fileno(), bell.fd),
                 stdin=subprocess.DEVNULL,
             )
+        except OSError:
+            parent.close()
+            bell.close()
+            raise
         finally:
             child.close()
         self._connection, self._bell, self._started_at = Connection(parent.detach()), bell, time.monotonic()
@@ -268,8 +272,13 @@ class WorkerHandle:
     def remove(self, rc: RemoteCapture) -> None:
         with self._lock:
             rc.stopping = True
-            if rc.capture_id in self.captures:
-                self._send(("remove", rc.capture_id))
+            if rc.capture_id not in self.captures:
+                return
+            if self._connection is None:  # no worker now (it died, the next one is not started): nothing runs it
+                del self.captures[rc.capture_id]
+                rc.ended()
+                return
+            self._send(("remove", rc.capture_id))
 
     def stop(self) -> None:
         """Ask the worker to exit (its captures were stopped), wait, kill it if it does not."""
@@ -331,11 +340,18 @@ class WorkerHandle:
                 "capture worker %d (pid %d) died (%s); restarting it in %.1f s for camera(s) %s",
                 self.index, process.pid, how, delay, ", ".join(sorted(names)) or "none",
             )  # fmt: skip
-            if self.pool.stopping.wait(delay):
+            while not self.pool.stopping.wait(delay):
+                with self._lock:
+                    try:
+                        self._spawn()
+                    except OSError as exc:  # no processes or descriptors left, for now: try again later
+                        delay = min(RESTART_MAX_S, delay * 2)
+                        log.error("capture worker %d: cannot start (%s); trying again in %.1f s", self.index, exc, delay)
+                        continue
+                    self.restarts += 1
+                    break
+            else:
                 return
-            with self._lock:
-                self.restarts += 1
-                self._spawn()
 
     def _receive(self, connection: Connection, bell: Doorbell) -> None:
         """Until the worker's socket closes: its messages, in order."""
