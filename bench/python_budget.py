@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -102,6 +103,20 @@ def publishing_ms(events: int) -> float:
     return cost / events * 1000
 
 
+class Drain(threading.Thread):
+    """Takes every frame from the exchange as the scheduler would, counting them."""
+
+    def __init__(self, exchange: Any, cameras: int):
+        super().__init__(name="drain", daemon=True)
+        self.exchange, self.cameras = exchange, cameras
+        self.taken = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.taken += len(self.exchange.take(self.cameras, 0.005, self.cameras, 0.2).frames)
+
+
 def capture_ms(cameras: int, seconds: float) -> tuple[float, float, float, float]:
     """(capture threads' CPU ms per frame, whole process CPU ms per frame, frames/s, drain thread's CPU ms per
     frame)."""
@@ -118,28 +133,20 @@ def capture_ms(cameras: int, seconds: float) -> tuple[float, float, float, float
     captures = [CameraCapture(f"c{i}", config, parse_source(str(video)), exchange) for i in range(cameras)]
     for capture in captures:
         capture.start()
-    taken = 0
-    stop = threading.Event()
-
-    def drain() -> None:
-        nonlocal taken
-        while not stop.is_set():
-            taken += len(exchange.take(cameras, 0.005, cameras, 0.2).frames)
-
-    drainer = threading.Thread(target=drain, daemon=True)
+    drainer = Drain(exchange, cameras)
     drainer.start()
     time.sleep(2.0)
     ids = [c._thread.native_id for c in captures]
     assert drainer.native_id is not None
     cpu0, drain0 = sum(thread_cpu_s(i) for i in ids if i), thread_cpu_s(drainer.native_id)
-    proc0, taken0, began = time.process_time(), taken, time.monotonic()
+    proc0, taken0, began = time.process_time(), drainer.taken, time.monotonic()
     time.sleep(seconds)
-    frames = taken - taken0
+    frames = drainer.taken - taken0
     elapsed = time.monotonic() - began
     threads_cpu = sum(thread_cpu_s(i) for i in ids if i) - cpu0
     drain_cpu = thread_cpu_s(drainer.native_id) - drain0
     process_cpu = time.process_time() - proc0
-    stop.set()
+    drainer.stop.set()
     for capture in captures:
         capture.stop()
     drainer.join()
@@ -173,15 +180,7 @@ def capture_workers_ms(cameras: int, workers: int, seconds: float, slots: int) -
         captures = [pool.capture(f"c{i}", config, parse_source(str(video))) for i in range(cameras)]
         for capture in captures:
             capture.start()
-        taken = 0
-        stop = threading.Event()
-
-        def drain() -> None:
-            nonlocal taken
-            while not stop.is_set():
-                taken += len(exchange.take(cameras, 0.005, cameras, 0.2).frames)
-
-        drainer = threading.Thread(target=drain, name="drain", daemon=True)
+        drainer = Drain(exchange, cameras)
         drainer.start()
         try:
             time.sleep(3.0)  # the workers start (a Python interpreter each, importing vigild) and their pipelines
@@ -192,9 +191,9 @@ def capture_workers_ms(cameras: int, workers: int, seconds: float, slots: int) -
             receive0 = sum(thread_cpu_s(i) for i in receivers if i)
             drain0 = thread_cpu_s(drainer.native_id)
             workers0 = sum(process_cpu_s(pid) for pid in pids if pid)
-            proc0, taken0, began = time.process_time(), taken, time.monotonic()
+            proc0, taken0, began = time.process_time(), drainer.taken, time.monotonic()
             time.sleep(seconds)
-            frames = taken - taken0
+            frames = drainer.taken - taken0
             elapsed = time.monotonic() - began
             receive_cpu = sum(thread_cpu_s(i) for i in receivers if i) - receive0
             drain_cpu = thread_cpu_s(drainer.native_id) - drain0
@@ -206,7 +205,7 @@ def capture_workers_ms(cameras: int, workers: int, seconds: float, slots: int) -
                 capture.stop()
             for capture in captures:
                 capture.join(5.0)
-            stop.set()
+            drainer.stop.set()
             drainer.join()
             pool.stop()
             exchange.close()
