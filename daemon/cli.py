@@ -137,10 +137,15 @@ def _run(config: Config, log_level: str | None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from vigild.service.workers import WorkersVariableError
+
     try:
         daemon = Daemon(config, log_level_override=log_level)
     except PluginStartError as exc:
         return _refuse_plugin(config, exc)
+    except WorkersVariableError as exc:
+        print(f"vigild: environment error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     reload_requested = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

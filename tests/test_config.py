@@ -42,6 +42,26 @@ def test_minimal_config_has_documented_defaults(tmp_path):
     assert set(config.chain[0].per_camera) == {"door"}
 
 
+def test_capture_workers_auto_is_threads_on_small_hosts_and_the_environment_can_decide_it(tmp_path, monkeypatch):
+    from vigild.service.workers import ENV_WORKERS, worker_count
+
+    config = load_config(write(tmp_path, minimal() + "capture:\n  workers: ${N:-auto}\n"), environ={})
+    settings = config.settings.capture
+    assert settings.workers == "auto" and settings.slots == 6
+    monkeypatch.delenv(ENV_WORKERS, raising=False)
+    assert worker_count(settings, usable_cpus=2, cameras=4) == 0
+    assert worker_count(settings, usable_cpus=16, cameras=16) == 4
+    assert worker_count(settings, usable_cpus=64, cameras=3) == 3  # at most one per camera
+    monkeypatch.setenv(ENV_WORKERS, "2")
+    assert worker_count(settings, usable_cpus=2, cameras=4) == 2
+    # a number in the file is what the user asked for: the environment decides only `auto`
+    explicit = load_config(write(tmp_path, minimal() + "capture:\n  workers: ${N}\n"), environ={"N": "1"})
+    assert worker_count(explicit.settings.capture, usable_cpus=2, cameras=4) == 1
+    monkeypatch.setenv(ENV_WORKERS, "many")
+    with pytest.raises(ValueError, match="VIGILD_CAPTURE_WORKERS='many'"):
+        worker_count(settings, usable_cpus=2, cameras=4)
+
+
 def test_environment_expansion_with_defaults_and_escape(tmp_path):
     path = write(
         tmp_path,
@@ -115,6 +135,18 @@ def test_unset_variable_names_the_key_and_line(tmp_path):
             "cameras:\n  door:\n    source: a.mp4\nplugins:\n  - type: detector\n    backend: darknet\n    weights: x.weights\n",
             ":5: plugins.0.cfg: required when backend is darknet",
         ),
+        (
+            "cameras:\n  door:\n    source: a.mp4\ncapture:\n  workers: lots\n",
+            ':5: capture.workers: expected auto or a number of worker processes from 0 to 64, got "lots"',
+        ),
+        (
+            "cameras:\n  door:\n    source: a.mp4\ncapture:\n  workers: 65\n",
+            ":5: capture.workers: expected auto or a number of worker processes from 0 to 64, got 65",
+        ),
+        (
+            "cameras:\n  door:\n    source: a.mp4\ncapture:\n  slots: 2\n",
+            ":5: capture.slots: Input should be greater than or equal to 4, got 2",
+        ),
     ],
     ids=[
         "malformed",
@@ -132,6 +164,9 @@ def test_unset_variable_names_the_key_and_line(tmp_path):
         "missing-cfg-file",
         "missing-weights",
         "darknet-needs-cfg",
+        "capture-workers-word",
+        "capture-workers-too-many",
+        "capture-slots-too-few",
     ],
 )
 def test_bad_config_reports_file_line_key_and_expectation(tmp_path, text, expected):

@@ -145,6 +145,18 @@ class CaptureSettings(StrictModel):
         "capture threads in the daemon. auto: 0 below 8 usable CPUs, else one per 4 CPUs (at most one per camera, "
         "16 in all); the environment variable VIGILD_CAPTURE_WORKERS, when set, decides auto instead.",
     )
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: object) -> object:
+        """One message for both spellings (pydantic would report the int and the 'auto' branch apart)."""
+        if value == "auto":
+            return value
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 64:
+            return value
+        raise ValueError("expected auto or a number of worker processes from 0 to 64")
+
     slots: int = Field(
         6,
         ge=4,

@@ -16,6 +16,10 @@ ENV_WORKERS = "VIGILD_CAPTURE_WORKERS"
 """When set (0..64), what `capture.workers: auto` means: to run a whole installation, or a test suite, either way."""
 
 
+class WorkersVariableError(ValueError):
+    """VIGILD_CAPTURE_WORKERS is set to something that is not a worker count."""
+
+
 def worker_count(settings: CaptureSettings, usable_cpus: int, cameras: int) -> int:
     if settings.workers != "auto":
         return settings.workers
@@ -26,7 +30,9 @@ def worker_count(settings: CaptureSettings, usable_cpus: int, cameras: int) -> i
         except ValueError:
             count = -1
         if not 0 <= count <= 64:
-            raise ValueError(f"{ENV_WORKERS}={override!r}: expected a whole number of worker processes, 0 to 64")
+            raise WorkersVariableError(
+                f"{ENV_WORKERS}={override!r}: expected a whole number of worker processes, 0 to 64"
+            )
         return count
     return auto_workers(usable_cpus, cameras)
 
