@@ -280,18 +280,21 @@ class WorkerHandle:
                 return
             self._send(("remove", rc.capture_id))
 
-    def stop(self) -> None:
-        """Ask the worker to exit (its captures were stopped), wait, kill it if it does not."""
+    def request_exit(self) -> None:
+        """Ask the worker to exit (its captures were stopped)."""
         self._send(("exit",))
+
+    def stop(self, deadline: float) -> None:
+        """Wait for the worker asked to exit until `deadline` (monotonic), kill it if it has not; close its ends."""
         process = self.process
         if process is not None:
             try:
-                process.wait(EXIT_WAIT_S)
+                process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning("capture worker %d (pid %d) did not exit; killing it", self.index, process.pid)
                 process.kill()
                 process.wait()
-        self._thread.join(EXIT_WAIT_S)
+        self._thread.join(max(0.1, deadline - time.monotonic()))
         with self._lock:
             connection, self._connection = self._connection, None
             if connection is not None:
@@ -466,7 +469,10 @@ class CaptureWorkers:
             return
         self.stopping.set()
         for handle in self.handles:
-            handle.stop()
+            handle.request_exit()
+        deadline = time.monotonic() + EXIT_WAIT_S  # all at once: a stop stays within systemd's patience
+        for handle in self.handles:
+            handle.stop(deadline)
         self.record.release()
 
     def status(self) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ import select
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -279,9 +280,10 @@ class Worker:
         for capture in captures:
             capture.stop()
             capture.sink.stop()
-        if orderly:
+        if orderly:  # one deadline for all: a capture stuck in its source is left behind (os._exit below)
+            deadline = time.monotonic() + EXIT_JOIN_S
             for capture in captures:
-                capture.join(EXIT_JOIN_S)
+                capture.join(max(0.0, deadline - time.monotonic()))
         hello = self.hello
         shm.unlink_prefix(shm.worker_prefix(hello.instance, hello.worker, hello.generation))
         return 0
