@@ -46,6 +46,11 @@ class PluginConfig(BaseModel):
         max_length=MAX_NAME_LENGTH,
         description="Name used by per-camera overrides; defaults to `type`.",
     )
+    branch: bool | None = Field(
+        default=None,
+        description="Run beside the chain on a thread of its own, on the newest frames, never holding up the "
+        "plugins after it (only plugins that can: `Plugin.branchable`); default: the plugin's own choice.",
+    )
 
     @classmethod
     def admin_only_keys(cls) -> frozenset[str]:
@@ -135,6 +140,12 @@ class Plugin(ABC, Generic[ConfigT]):
     error naming the plugin's key and the camera."""
     provides: ClassVar[frozenset[str]] = frozenset()
     """What this plugin adds to the frames it processes, for later plugins (words of `CAPABILITIES`)."""
+    branchable: ClassVar[bool] = False
+    """True for a plugin that can run as a branch (vigild.pipeline.branch): beside the chain, on the newest frame of
+    each camera, skipping frames it cannot keep up with. Its results are events only: nothing it adds to a frame
+    reaches later plugins, and its `process` and `on_source_end` run on the branch's thread."""
+    branch_default: ClassVar[bool] = False
+    """Whether it runs as a branch when its entry does not say (`branch:`)."""
     camera_settings: ClassVar[type[BaseModel] | None] = None
     """A model of keys this plugin reads from each camera's own section (next to `source:`), which the core's camera
     settings keep as plain mappings: the analytics plugin's `zones:` and `lines:`. Loading validates every camera's

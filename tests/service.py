@@ -16,7 +16,8 @@ from conftest import daemon_env, free_endpoint, install_fake_distribution, vigil
 # subscriber can check each camera's frame indices for gaps; while the file `hang_when` exists, it blocks in
 # `process` like a stuck model (and touches `held_file`, if set, so a test knows a batch is held); `delay_s` makes
 # every batch take that long, like a model; while the file `fail_start_when` exists, `start()` raises, like a model
-# that will not load.
+# that will not load. It can run as a branch (`branch: true`); `kind` names its per-frame events, and with `closing`
+# it sends a `closing` event when a camera closes.
 FRAME_ECHO = '''
 import os
 import time
@@ -33,10 +34,18 @@ class FrameEchoConfig(PluginConfig):
     delay_s: float = 0.0
     fail_start_when: str | None = None
     pad: int = 0  # bytes of filler in each event, to make a backlog show in memory
+    kind: str = "frame"
+    closing: bool = False
 
 
 class FrameEcho(Plugin[FrameEchoConfig]):
     Config = FrameEchoConfig
+    branchable = True
+
+    def on_source_end(self, camera, ts_wall, frame_index):
+        if not self.config.closing:
+            return []
+        return [Event("closing", camera, ts_wall, frame_index if frame_index >= 0 else None)]
 
     def start(self):
         if self.config.fail_start_when and os.path.exists(self.config.fail_start_when):
@@ -51,7 +60,7 @@ class FrameEcho(Plugin[FrameEchoConfig]):
             time.sleep(self.config.delay_s)
         data = {"pad": "x" * self.config.pad} if self.config.pad else {}
         for frame in frames:
-            frame.events.append(Event("frame", frame.camera, frame.ts_wall, frame.index, data=data))
+            frame.events.append(Event(self.config.kind, frame.camera, frame.ts_wall, frame.index, data=data))
 '''
 
 

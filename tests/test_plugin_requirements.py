@@ -43,6 +43,7 @@ class Follows(Plugin[FollowsConfig]):
     Config = FollowsConfig
     requires = frozenset({"detections"})
     provides = frozenset({"tracks"})
+    branchable = True  # (only to show that a branch provides nothing to later plugins)
 
     def process(self, frames):
         pass
@@ -121,6 +122,34 @@ def test_a_tracker_disabled_for_one_camera_is_an_error_at_that_cameras_override(
         f"{path}:8: cameras.yard.plugins.follows.enabled: watches (plugins.2) needs tracks on camera yard, which "
         "follows (plugins.1) provides, but not for this camera (enable follows for it, or disable watches for it too)"
     )
+
+
+def test_what_a_branch_provides_never_reaches_later_plugins(tmp_path, requiring):
+    chain = "plugins:\n  - type: finds\n  - type: follows\n    branch: true\n  - type: watches\n"
+    path = write(tmp_path, TWO_CAMERAS + chain)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert str(info.value) == (
+        f"{path}:9: plugins.1.branch: watches (plugins.2) needs tracks, which follows (plugins.1) provides only beside "
+        "the chain, as a branch: what a branch adds to a frame never reaches later plugins (set `branch: false` on it)"
+    )
+
+
+def test_only_a_plugin_that_can_runs_as_a_branch_and_never_per_camera(tmp_path, requiring):
+    path = write(tmp_path, TWO_CAMERAS + "plugins:\n  - type: finds\n    branch: true\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert str(info.value).startswith(f"{path}:8: plugins.0.branch: plugin type 'finds' cannot run as a branch")
+    text = (
+        f"cameras:\n  door:\n    source: {VTEST}\n    plugins:\n      follows: {{branch: true}}\n"
+        "plugins:\n  - type: finds\n  - type: follows\n"
+    )
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert f"{path}:5: cameras.door.plugins.follows.branch: `branch` cannot be overridden per camera" in str(info.value)
+    config = load_config(write(tmp_path, TWO_CAMERAS + "plugins:\n  - type: finds\n  - type: follows\n    branch: true\n"))
+    assert [spec.branch for spec in config.chain] == [False, True]
 
 
 def test_valid_chains_pass(tmp_path, requiring):

@@ -58,6 +58,11 @@ class PluginSpec:
     per_camera: Mapping[str, PluginConfig]
     """Effective config for each enabled camera that runs this plugin (with its overrides applied)."""
 
+    @property
+    def branch(self) -> bool:
+        """Runs beside the chain (vigild.pipeline.branch): `branch:` in its entry, else the plugin's own default."""
+        return self.config.branch if self.config.branch is not None else self.cls.branch_default
+
 
 @dataclass(frozen=True)
 class Config:
@@ -224,6 +229,15 @@ def _resolve_chain(document: YamlDocument, settings: DaemonSettings) -> tuple[li
             problems.extend(problems_of(document, exc, path, cls.Config))
             continue
         plugin_id = base.id or base.type
+        if base.branch and not cls.branchable:
+            problems.append(
+                document.problem(
+                    (*path, "branch"),
+                    f"plugin type '{type_name}' cannot run as a branch: later plugins need what it adds to each frame, "
+                    "or it keeps state from frame to frame (remove `branch:`)",
+                )
+            )
+            continue
         if plugin_id in ids:
             problems.append(
                 document.problem(
@@ -281,13 +295,30 @@ def _unmet_requirements(
     provided = {name: set[str]() for name, camera in settings.cameras.items() if camera.enabled}
     for position, spec in enumerate(chain):
         lacking: dict[str, list[str]] = {}  # need -> cameras for which no plugin before this one provides it
+        branch_only: set[tuple[str, int]] = set()  # (need, position of a branch that provides it)
         for name, have in provided.items():
             config = spec.per_camera.get(name)
             if config is None:
                 continue
             for need in sorted(spec.cls.requirements(config) - have):
-                off = [index for index in range(position) if need in chain[index].cls.provides]
+                providers = [index for index in range(position) if need in chain[index].cls.provides]
+                off = [index for index in providers if not chain[index].branch]
                 if not off:
+                    branches = [index for index in providers if chain[index].branch]
+                    if branches:
+                        if (need, branches[-1]) in branch_only:  # said once, whichever cameras it concerns
+                            continue
+                        branch_only.add((need, branches[-1]))
+                        provider = chain[branches[-1]]
+                        problems.append(
+                            document.problem(
+                                ("plugins", branches[-1], "branch"),
+                                f"{spec.id} (plugins.{position}) needs {need}, which {provider.id} "
+                                f"(plugins.{branches[-1]}) provides only beside the chain, as a branch: what a branch "
+                                "adds to a frame never reaches later plugins (set `branch: false` on it)",
+                            )
+                        )
+                        continue
                     lacking.setdefault(need, []).append(name)
                     continue
                 provider = chain[off[-1]]  # provides it, but not for this camera
@@ -313,7 +344,7 @@ def _unmet_requirements(
                 )
             )
         for name, have in provided.items():
-            if name in spec.per_camera:
+            if name in spec.per_camera and not spec.branch:  # a branch's results never reach later plugins
                 have |= spec.cls.provides
     return problems
 
@@ -344,7 +375,7 @@ def _per_camera_configs(
         if not override:
             per_camera[name] = base
             continue
-        for fixed in ("type", "id"):
+        for fixed in ("type", "id", "branch"):
             if fixed in override:
                 problems.append(document.problem((*override_path, fixed), f"`{fixed}` cannot be overridden per camera"))
         try:

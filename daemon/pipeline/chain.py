@@ -20,13 +20,15 @@ import dataclasses
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from types import MappingProxyType
 
 from vigild.config.loading import CameraConfig, PluginSpec
 from vigild.events import Event, add_track_events
 from vigild.frame import Frame
+from vigild.pipeline.branch import Branch
 from vigild.pipeline.durations import PLUGIN_BUCKETS, Durations
 from vigild.plugin import FrameErrors, Plugin, PluginConfig, PluginContext
 
@@ -74,10 +76,16 @@ class Chain:
         cameras: Mapping[str, CameraConfig],
         torch_threads: int | None = None,
         reuse: Chain | None = None,
+        publish: Callable[[Event], None] | None = None,
     ):
         """`reuse`: the running chain, whose unchanged instances this one takes over (they are not started again;
-        they see their new cameras only at `activate()`, on the scheduler thread)."""
+        they see their new cameras only at `activate()`, on the scheduler thread). `publish`: where the events of
+        plugins that run as branches go (vigild.pipeline.branch); the chain's own events are the caller's."""
         self.stages: list[Stage] = []
+        self._publish = publish if publish is not None else _unpublished
+        self.branches: dict[int, Branch] = {}
+        """Of the instances that run beside the chain, by `id(plugin)`."""
+        self._branch_handover: list[tuple[Stage, Plugin, Branch]] = []
         self._keys: dict[InstanceKey, Plugin] = {}
         self._fresh: list[tuple[Stage, Plugin]] = []
         self._handover: list[tuple[Plugin, Mapping[str, CameraConfig]]] = []
@@ -101,9 +109,15 @@ class Chain:
                     if plugin is not None:
                         plugin.check_cameras(served_cameras)
                         self._handover.append((plugin, served_cameras))
+                        if reuse is not None and id(plugin) in reuse.branches:
+                            branch = reuse.branches[id(plugin)]
+                            self.branches[id(plugin)] = branch
+                            self._branch_handover.append((stage, plugin, branch))
                     else:
                         plugin = spec.cls(config, PluginContext(device, served_cameras, torch_threads))
                         self._fresh.append((stage, plugin))
+                        if spec.branch:
+                            self.branches[id(plugin)] = self._branch(stage, plugin)
                 except Exception as exc:
                     raise PluginStartError(spec.id, position, exc) from exc
                 self._keys[instance_key] = plugin
@@ -112,8 +126,23 @@ class Chain:
         self._last_failure_log: dict[tuple[str, str], float] = {}
         self._cameras = frozenset(cameras)
 
+    def _branch(self, stage: Stage, plugin: Plugin) -> Branch:
+        return Branch(
+            stage.spec.id,
+            partial(self._run, stage, plugin),
+            plugin.on_source_end,
+            self._publish,
+            partial(self._observe, stage),
+        )
+
+    @staticmethod
+    def _observe(stage: Stage, elapsed: float) -> None:
+        stage.seconds += elapsed
+        stage.durations.observe(elapsed)
+
     def start(self) -> None:
-        """Start the instances this chain made (not those taken over); on failure stop them and raise."""
+        """Start the instances this chain made (not those taken over), and their branches; on failure stop them and
+        raise."""
         started: list[tuple[Stage, Plugin]] = []
         for stage, plugin in self._fresh:
             try:
@@ -122,19 +151,30 @@ class Chain:
                 self._stop_plugins(started)
                 raise PluginStartError(stage.spec.id, self.stages.index(stage), exc) from exc
             started.append((stage, plugin))
+        for _, plugin in self._fresh:
+            branch = self.branches.get(id(plugin))
+            if branch is not None:
+                branch.start()
 
     def stop(self) -> None:
+        """Branches finish what they hold (closing events included) first, then every plugin stops."""
         self._stop_plugins([(stage, plugin) for stage in self.stages for plugin, _ in stage.instances])
 
     def discard(self) -> None:
         """A chain that was made and started but will not run (a reload refused): stop only what it started."""
         self._stop_plugins(self._fresh)
 
+    def stop_instance(self, stage: Stage, plugin: Plugin) -> None:
+        """One instance a change leaves behind: its branch finishes, then it stops."""
+        self._stop_plugins([(stage, plugin)])
+
     def activate(self) -> None:
         """Scheduler thread, at the swap: instances taken over now serve their new cameras (a new context: the one
-        they had is frozen, and its cameras read-only)."""
+        they had is frozen, and its cameras read-only); branches taken over count into this chain's stages."""
         for plugin, cameras in self._handover:
             plugin.context = dataclasses.replace(plugin.context, cameras=cameras)
+        for stage, plugin, branch in self._branch_handover:
+            branch.rebind(partial(self._run, stage, plugin), partial(self._observe, stage))
         for stage in self.stages:  # counters carried over keep nothing of cameras gone (added again: from zero)
             for camera in [name for name in stage.failures if name not in self._cameras]:
                 stage.removed_failures += stage.failures.pop(camera)
@@ -155,6 +195,10 @@ class Chain:
         ]
 
     def close_instance(self, stage: Stage, plugin: Plugin, camera: str, ts_wall: float) -> list[Event]:
+        branch = self.branches.get(id(plugin))
+        if branch is not None:  # it publishes its own closing events, in turn with its frames
+            branch.close_camera(camera, ts_wall, -1)
+            return []
         try:
             return plugin.on_source_end(camera, ts_wall, -1)
         except Exception:
@@ -162,6 +206,10 @@ class Chain:
             return []
 
     def _stop_plugins(self, plugins: list[tuple[Stage, Plugin]]) -> None:
+        for _, plugin in plugins:
+            branch = self.branches.get(id(plugin))
+            if branch is not None:
+                branch.stop()
         for stage, plugin in plugins:
             try:
                 plugin.stop()
@@ -174,6 +222,12 @@ class Chain:
         for stage in self.stages:
             failed: set[int] = set()
             started = time.perf_counter()
+            if stage.spec.branch:  # beside the chain: handed over, never waited for; it counts its own time
+                for plugin, cameras in stage.instances:
+                    batch = [frame for frame in live if frame.camera in cameras]
+                    if batch:
+                        self.branches[id(plugin)].offer(batch)
+                continue
             for plugin, cameras in stage.instances:
                 batch = [frame for frame in live if frame.camera in cameras]
                 if batch:
@@ -192,6 +246,10 @@ class Chain:
         for stage in self.stages:
             for plugin, cameras in stage.instances:
                 if camera in cameras:
+                    branch = self.branches.get(id(plugin))
+                    if branch is not None:  # it publishes its own closing events, after its frames of the camera
+                        branch.close_camera(camera, ts_wall, frame_index)
+                        continue
                     try:
                         events.extend(plugin.on_source_end(camera, ts_wall, frame_index))
                     except Exception:
@@ -266,6 +324,11 @@ class Chain:
                 exc,
                 exc_info=stage.failures[frame.camera] == 1,
             )
+
+
+def _unpublished(event: Event) -> None:
+    """A chain made without a publisher (tools, tests) has nowhere to send its branches' events."""
+    log.debug("no publisher: dropping %s from a branch", event.type)
 
 
 def failures_by_camera(chain: Chain) -> dict[str, int]:

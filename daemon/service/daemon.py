@@ -64,8 +64,8 @@ class Daemon:
         apply_threads(threads)
         self._stop_requested = threading.Event()
         exchange = FrameExchange()
-        chain = Chain(config.chain, device, config.cameras, threads.count)
         publisher = Publisher(settings.publisher, curve=settings.curve)
+        chain = Chain(config.chain, device, config.cameras, threads.count, publish=publisher.publish)
         # every camera ended (files read to their end): the scheduler sets our stop request
         scheduler = Scheduler(
             settings.scheduler, exchange, chain, publisher, list(config.cameras), self._stop_requested

@@ -99,10 +99,23 @@ class DaemonCollector(Collector):
         batch_failures = CounterMetricFamily(
             "vigild_plugin_batch_failures", "Batches a plugin raised on (whole or rerun frame by frame)", labels=["plugin"]
         )
+        pending = GaugeMetricFamily(
+            "vigild_branch_pending", "Frames and closings a branch plugin has not handled yet", labels=["plugin"]
+        )
+        branch_frames = CounterMetricFamily("vigild_branch_frames", "Frames a branch plugin ran on", labels=["plugin"])
+        skipped = CounterMetricFamily(
+            "vigild_branch_skipped_frames",
+            "Frames a branch plugin skipped to keep up (replaced by a newer one of the camera)",
+            labels=["plugin"],
+        )
         for plugin_id, plugin in status["plugins"].items():
             plugin_failures.add_metric([plugin_id], plugin["failures"])
             batch_failures.add_metric([plugin_id], plugin["batch_failures"])
-        yield from (plugin_failures, batch_failures)
+            if "branch" in plugin:
+                pending.add_metric([plugin_id], plugin["branch"]["pending"])
+                branch_frames.add_metric([plugin_id], plugin["branch"]["frames"])
+                skipped.add_metric([plugin_id], plugin["branch"]["skipped"])
+        yield from (plugin_failures, batch_failures, pending, branch_frames, skipped)
         restarts = CounterMetricFamily(
             "vigild_capture_worker_restarts", "Times a capture worker process died and was restarted", labels=["worker"]
         )

@@ -117,7 +117,14 @@ def prepare(plan: Plan, running: Running, pipeline: Pipeline) -> Prepared:
     plugin refuses its new cameras or fails to start (named by its key, as at start)."""
     new = plan.new
     try:
-        chain = Chain(new.chain, pipeline.device, new.cameras, pipeline.threads.count, reuse=running.chain)
+        chain = Chain(
+            new.chain,
+            pipeline.device,
+            new.cameras,
+            pipeline.threads.count,
+            reuse=running.chain,
+            publish=pipeline.publisher.publish,
+        )
         chain.start()  # models load here, while the old chain keeps running
     except PluginStartError as exc:
         cause = exc.cause
@@ -158,11 +165,8 @@ def settle(prepared: Prepared, running: Running, pipeline: Pipeline) -> Change[A
     for name in plan.removed:
         if not running.captures[name].is_alive():  # a capture still stuck in its source could still put frames
             pipeline.exchange.forget(name)
-    for stage, plugin, _ in prepared.left_behind:
-        try:
-            plugin.stop()
-        except Exception:
-            log.exception("plugin '%s' failed to stop cleanly", stage.spec.id)
+    for stage, plugin, _ in prepared.left_behind:  # a branch finishes first; a plugin failing to stop is logged
+        running.chain.stop_instance(stage, plugin)
     for name in plan.arriving:
         pipeline.exchange.admit(name)
     captures = {

@@ -14,7 +14,7 @@ from vigild.capture.camera import CameraState, Capture
 from vigild.capture.sources import redact
 from vigild.config.loading import Config
 from vigild.events import Event
-from vigild.pipeline.chain import failures_by_camera
+from vigild.pipeline.chain import Chain, Stage, failures_by_camera
 from vigild.pipeline.durations import Timings
 from vigild.service.running import Pipeline, Running
 from vigild.service.threads import thread_report
@@ -102,6 +102,7 @@ def snapshot(running: Running, pipeline: Pipeline, rates: Rates, uptime_s: float
                 "seconds": round(stage.seconds, 3),
                 "failures": stage.total_failures,
                 "batch_failures": stage.batch_failures,
+                **branch_report(chain, stage),
             }
             for stage in chain.stages
         },
@@ -111,6 +112,23 @@ def snapshot(running: Running, pipeline: Pipeline, rates: Rates, uptime_s: float
             "dropped_queue_full": publisher.dropped_queue_full,
             "dropped_unsendable": publisher.dropped_unsendable,
         },
+    }
+
+
+def branch_report(chain: Chain, stage: Stage) -> dict[str, Any]:
+    """For a plugin that runs beside the chain: `branch` with what it holds (`pending`: frames and closings not
+    handled yet), the frames it ran on, those it skipped to keep up (replaced by a newer one of the camera) and its
+    busy time; nothing for a plugin in the chain."""
+    branches = [chain.branches[id(plugin)] for plugin, _ in stage.instances if id(plugin) in chain.branches]
+    if not branches:
+        return {}
+    return {
+        "branch": {
+            "pending": sum(branch.pending for branch in branches),
+            "frames": sum(branch.frames for branch in branches),
+            "skipped": sum(sum(dict(branch.skipped).values()) for branch in branches),
+            "busy_s": round(sum(branch.busy_s for branch in branches), 3),
+        }
     }
 
 

@@ -61,6 +61,10 @@ class SemanticSegmenter(Plugin[SemanticSegmenterConfig]):
     Config = SemanticSegmenterConfig
     repeatable = True  # stateless per frame: after a failed batch the chain reruns it frame by frame
     provides = frozenset({"segmentation"})
+    # a slow model beside the chain by default, on the newest frame of each camera: detection never waits for it
+    # (`branch: false` puts it in the chain, on every frame, for a later plugin that reads frame.segmentation)
+    branchable = True
+    branch_default = True
 
     def start(self) -> None:
         config = self.config

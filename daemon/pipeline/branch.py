@@ -1,0 +1,187 @@
+"""A plugin beside the chain: its instance runs on a thread of its own, fed after the stages before it, and the
+chain never waits for it.
+
+The chain offers each batch's frames to the branch and goes on. The branch keeps the newest frame of each camera
+that it has not taken yet: when it cannot keep up, an older frame is replaced and counted as skipped (per camera),
+so the branch always works on the newest frames and its backlog never grows. It takes every waiting frame as one
+batch, runs the plugin on it (failures isolated as in the chain), and publishes the events the plugin put on each
+frame, in frame order per camera. The frames it gets are copies of the chain's (their own `events`, the detections
+as they were when offered), so nothing the branch does reaches the chain or is seen by it.
+
+Closing a camera (its source ended, the daemon stops, a change closes it) is queued behind the camera's frame
+already waiting: the branch runs the plugin's `on_source_end` in turn and publishes its events. The chain waits up to
+`CLOSE_WAIT_S` for that, so a branch's closing events normally come before the camera's `camera.down`; a branch
+stuck longer publishes them when it gets there. Stopping a branch lets it finish what is queued first.
+
+Every call into the plugin (process, on_source_end) happens on the branch's thread, so the plugin needs no locks.
+On Linux the thread runs at a lower scheduling priority (nice +`NICE`) so that the chain keeps its share of the
+CPUs; torch's own worker threads started from it are not reniced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vigild.events import Event
+from vigild.frame import Frame
+
+log = logging.getLogger("vigild.branch")
+
+CLOSE_WAIT_S = 5.0
+STOP_WAIT_S = 5.0
+NICE = 10
+
+
+@dataclass(frozen=True)
+class _Close:
+    camera: str
+    ts_wall: float
+    frame_index: int
+    seq: int
+    done: threading.Event
+
+
+class Branch:
+    def __init__(
+        self,
+        name: str,
+        run: Callable[[list[Frame]], set[int]],
+        close: Callable[[str, float, int], list[Event]],
+        publish: Callable[[Event], None],
+        observe: Callable[[float], None],
+    ):
+        """`run`: the plugin over a batch (returns the ids of the frames that failed; failures reported by the
+        caller's rules); `close`: the plugin's `on_source_end`; `publish`: where events go; `observe`: the seconds
+        of each batch (the stage's time)."""
+        self.name = name
+        self._run_batch = run
+        self._close = close
+        self._publish = publish
+        self._observe = observe
+        self._cond = threading.Condition()
+        self._waiting: dict[str, tuple[int, Frame]] = {}
+        """The newest frame of each camera not taken yet, with its sequence number."""
+        self._closes: list[_Close] = []
+        self._seq = 0
+        self._stopping = False
+        self._late = False
+        """A closing was waited for in vain: later ones are not waited for until the branch has caught up."""
+        self.skipped: Counter[str] = Counter()
+        """Frames replaced by a newer one of the same camera before the branch took them."""
+        self.frames = 0
+        """Frames the plugin has run on."""
+        self.busy_s = 0.0
+        self._thread = threading.Thread(target=self._loop, name=f"branch-{name}", daemon=True)
+
+    # ----- the chain's side (scheduler thread)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def offer(self, frames: list[Frame]) -> None:
+        """Hand over copies of `frames`; never blocks on the plugin."""
+        with self._cond:
+            for frame in frames:
+                self._seq += 1
+                if frame.camera in self._waiting:
+                    self.skipped[frame.camera] += 1
+                self._waiting[frame.camera] = (self._seq, dataclasses.replace(frame, events=[]))
+            self._cond.notify_all()
+
+    def close_camera(self, camera: str, ts_wall: float, frame_index: int, wait_s: float = CLOSE_WAIT_S) -> None:
+        """Queue the camera's closing behind its waiting frame; wait up to `wait_s` for its events to be out."""
+        done = threading.Event()
+        with self._cond:
+            self._seq += 1
+            self._closes.append(_Close(camera, ts_wall, frame_index, self._seq, done))
+            self._cond.notify_all()
+        if self._late or not self._thread.is_alive():  # it is behind already: no caller waits on it twice
+            return
+        if not done.wait(wait_s):
+            self._late = True
+            log.warning("branch %s is busy: camera %s's closing events will follow later", self.name, camera)
+
+    def rebind(self, run: Callable[[list[Frame]], set[int]], observe: Callable[[float], None]) -> None:
+        """A reload's chain took over this branch's instance: its failures and time count there from now on."""
+        self._run_batch, self._observe = run, observe
+
+    def forget(self, camera: str) -> None:
+        """Drop the counters of a camera that is gone."""
+        with self._cond:
+            self.skipped.pop(camera, None)
+
+    @property
+    def pending(self) -> int:
+        return len(self._waiting) + len(self._closes)
+
+    def stop(self, timeout: float = STOP_WAIT_S) -> None:
+        """Finish what is queued (closing events included), then end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("branch %s did not finish within %.0f s: stopping without it", self.name, timeout)
+
+    # ----- the branch's thread
+
+    def _take(self) -> tuple[list[Frame], list[_Close]] | None:
+        """The frames and closings to handle next, in order: a camera's frame offered after its closing waits for
+        the next round. None once stopping with nothing left."""
+        with self._cond:
+            while not self._waiting and not self._closes:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            first_close: dict[str, int] = {}
+            for item in self._closes:
+                first_close.setdefault(item.camera, item.seq)
+            batch = [
+                (seq, frame)
+                for camera, (seq, frame) in self._waiting.items()
+                if seq < first_close.get(camera, seq + 1)
+            ]
+            for _, frame in batch:
+                del self._waiting[frame.camera]
+            closes, self._closes = self._closes, []
+            return [frame for _, frame in sorted(batch, key=lambda item: item[0])], closes
+
+    def _loop(self) -> None:
+        # (AttributeError, OSError: not Linux, or not allowed: the same priority as the chain)
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
+        while (work := self._take()) is not None:
+            frames, closes = work
+            if frames:
+                started = time.perf_counter()
+                try:
+                    self._run_batch(frames)
+                except Exception:  # the caller reports plugin failures; this is a bug in vigild itself
+                    log.exception("branch %s failed on a batch of %d frames", self.name, len(frames))
+                elapsed = time.perf_counter() - started
+                self.busy_s += elapsed
+                self._observe(elapsed)
+                self.frames += len(frames)
+                for frame in frames:  # a frame the plugin failed on still carries the events it made before
+                    for event in frame.events:
+                        self._publish(event)
+            for item in closes:
+                try:
+                    events = self._close(item.camera, item.ts_wall, item.frame_index)
+                except Exception:
+                    log.exception("branch %s failed to close camera %s", self.name, item.camera)
+                    events = []
+                for event in events:
+                    self._publish(event)
+                item.done.set()
+            if closes and not self._waiting:
+                self._late = False

@@ -1,0 +1,198 @@
+"""A plugin beside the chain (vigild.pipeline.branch), in-process: the chain never waits for it, it works on the
+newest frame of each camera and counts what it skipped, its events describe the frames they were made on, and a
+camera's closing events come after its frames, also at stop."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import ClassVar, Literal
+
+import numpy as np
+import pytest
+
+from vigild.config.loading import CameraConfig, PluginSpec
+from vigild.events import Event
+from vigild.frame import Frame
+from vigild.pipeline.chain import Chain
+from vigild.plugin import Plugin, PluginConfig
+
+IMAGE = np.zeros((4, 4, 3), np.uint8)
+CAMS = {name: CameraConfig(source=f"{name}.mp4") for name in ["a", "b"]}
+
+
+class GateConfig(PluginConfig):
+    type: Literal["gate"] = "gate"
+
+
+class Gate(Plugin[GateConfig]):
+    """A test plugin (not a fake of anything real): one `seen` event per frame, with the detections' count as they
+    were when the frame reached it; blocks while `closed` is clear, like a slow model."""
+
+    Config = GateConfig
+    branchable = True
+    open_: ClassVar[threading.Event] = threading.Event()
+    entered: ClassVar[threading.Event] = threading.Event()
+    threads: ClassVar[set[str]] = set()
+
+    def process(self, frames: list[Frame]) -> None:
+        Gate.threads.add(threading.current_thread().name)
+        Gate.entered.set()
+        assert Gate.open_.wait(30)
+        for frame in frames:
+            frame.events.append(Event("seen", frame.camera, frame.ts_wall, frame.index, data={"n": len(frame.detections)}))
+
+    def on_source_end(self, camera: str, ts_wall: float, frame_index: int) -> list[Event]:
+        Gate.threads.add(threading.current_thread().name)
+        return [Event("closing", camera, ts_wall, frame_index if frame_index >= 0 else None)]
+
+
+class CountConfig(PluginConfig):
+    type: Literal["count"] = "count"
+
+
+class Count(Plugin[CountConfig]):
+    """After the branch in the chain: counts the frames it sees."""
+
+    Config = CountConfig
+    seen: ClassVar[list[tuple[str, int]]] = []
+
+    def process(self, frames: list[Frame]) -> None:
+        Count.seen.extend((frame.camera, frame.index) for frame in frames)
+        for frame in frames:
+            frame.events.append(Event("counted", frame.camera, frame.ts_wall, frame.index))
+
+
+def make_chain(published: list[Event]) -> Chain:
+    gate, count = GateConfig(branch=True), CountConfig()
+    specs = (
+        PluginSpec("gate", Gate, gate, dict.fromkeys(CAMS, gate)),
+        PluginSpec("count", Count, count, dict.fromkeys(CAMS, count)),
+    )
+    chain = Chain(specs, "cpu", CAMS, publish=published.append)
+    chain.start()
+    return chain
+
+
+def batch(index: int, *cameras: str) -> list[Frame]:
+    return [Frame(c, index, 1000.0 + index, time.monotonic(), IMAGE) for c in cameras]
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    Gate.open_.clear()
+    Gate.entered.clear()
+    Gate.threads.clear()
+    Count.seen.clear()
+    yield
+    Gate.open_.set()
+
+
+def test_the_chain_goes_on_while_a_branch_is_stuck_and_the_branch_skips_to_the_newest_frames():
+    published: list[Event] = []
+    chain = make_chain(published)
+    first = batch(0, "a", "b")
+    chain.process(first)
+    assert Gate.entered.wait(10)  # the branch holds frame 0 of both cameras, stuck
+    for index in range(1, 6):  # the chain runs on: every frame reaches the plugin after the branch
+        passed = chain.process(batch(index, "a", "b"))
+        assert [f.index for f in passed] == [index, index]
+    assert len(Count.seen) == 12
+    assert not any(e.type == "seen" for f in first for e in f.events)  # nothing of the branch on the chain's frames
+    (branch,) = chain.branches.values()
+    assert branch.pending == 2  # the newest frame of each camera waits
+    assert dict(branch.skipped) == {"a": 4, "b": 4}  # frames 1..4 of each camera were replaced by a newer one
+    Gate.open_.set()
+    # as the scheduler does at a camera's end and at stop: closing returns no events to the chain's caller, the
+    # branch publishes them itself after the camera's frames
+    assert chain.source_ended("a", 2000.0, 5) == []
+    assert chain.source_ended("b", 2000.0, -1) == []
+    chain.stop()
+    seen = [(e.camera, e.frame) for e in published if e.type == "seen"]
+    assert sorted(seen) == [("a", 0), ("a", 5), ("b", 0), ("b", 5)]
+    for camera, last in (("a", 5), ("b", None)):  # per camera in frame order, its closing after its last frame
+        events = [(e.type, e.frame) for e in published if e.camera == camera]
+        assert events == [("seen", 0), ("seen", 5), ("closing", last)], events
+    assert Gate.threads == {"branch-gate"}
+
+
+def test_a_branch_skips_nothing_when_it_keeps_up_and_its_frames_are_the_chains_as_offered():
+    published: list[Event] = []
+    chain = make_chain(published)
+    Gate.open_.set()
+    for index in range(20):
+        chain.process(batch(index, "a"))
+        deadline = time.monotonic() + 10
+        while chain.branches and next(iter(chain.branches.values())).pending and time.monotonic() < deadline:
+            time.sleep(0.001)
+    chain.stop()
+    (branch,) = chain.branches.values()
+    assert dict(branch.skipped) == {}
+    assert [e.frame for e in published if e.type == "seen"] == list(range(20))
+    assert branch.frames == 20
+
+
+# ----- through a running daemon
+
+
+def status(service) -> dict:
+    from vigild.service.control import ControlClient
+
+    with ControlClient(service.control_endpoint, timeout=20) as client:
+        reply, _ = client.request("status")
+    return reply["result"]
+
+
+@pytest.mark.e2e
+def test_a_stuck_branch_never_holds_up_the_chain_counts_what_it_skips_and_closes_at_stop(tmp_path, subscriber_factory):
+    """A test plugin as a branch (frame_echo, installed through the entry point) blocks while a file exists, like a
+    slow model: the chain's plugin goes on with every frame, the branch's skipped counter rises; released, it works
+    on the newest frames again, its events carrying the indices of the frames they describe; at stop its closing
+    event is published."""
+    from conftest import VTEST
+    from service import Service, camera_yaml, frames_of, free_endpoint, gaps, service_config
+
+    hang, held = tmp_path / "hang", tmp_path / "held"
+    hang.touch()
+    endpoint = free_endpoint()
+    plugins = (
+        "  - type: frame_echo\n"
+        f"  - type: frame_echo\n    id: slow\n    branch: true\n    kind: branch_frame\n    closing: true\n"
+        f"    hang_when: {hang}\n    held_file: {held}\n"
+    )
+    config = service_config(tmp_path, camera_yaml("a", VTEST, loop=True), endpoint, plugins=plugins, await_subscribers=1)
+    subscriber = subscriber_factory(endpoint)
+    service = Service(tmp_path, config)
+    try:
+        subscriber.wait_for(lambda ms: len(frames_of(ms, "a")) >= 5, timeout=120)
+        deadline = time.monotonic() + 60
+        while not held.exists():  # the branch holds its first batch
+            assert time.monotonic() < deadline, service.log_text()[-3000:]
+            time.sleep(0.1)
+        stuck_at = len(frames_of(subscriber.messages(), "a"))
+        subscriber.wait_for(lambda ms: len(frames_of(ms, "a")) >= stuck_at + 20, timeout=60)  # the chain goes on
+        first = status(service)["plugins"]["slow"]["branch"]
+        subscriber.wait_for(lambda ms: len(frames_of(ms, "a")) >= stuck_at + 30, timeout=60)
+        second = status(service)["plugins"]["slow"]["branch"]
+        assert second["skipped"] > first["skipped"] > 0, (first, second)
+        assert second["pending"] == 1 and second["frames"] == first["frames"], (first, second)
+        hang.unlink()
+        released = subscriber.wait_for(
+            lambda ms: len([m for m in ms if m["event"]["type"] == "branch_frame"]) >= 10, timeout=60
+        )
+        assert len([m for m in released if m["event"]["type"] == "branch_frame"]) >= 10
+        code, _ = service.stop()
+        assert code == 0, service.log_text()[-3000:]
+    finally:
+        hang.unlink(missing_ok=True)
+        service.kill()
+    messages = subscriber.finish(timeout=60)
+    chain = frames_of(messages, "a")
+    assert chain[0] == 0 and gaps(chain) == []  # the chain's plugin saw every frame, the branch stuck or not
+    branch = [m["event"] for m in messages if m["event"]["type"] == "branch_frame"]
+    indices = [e["frame"] for e in branch]
+    assert indices == sorted(set(indices)), "the branch's events are not in frame order"
+    assert set(indices) <= set(chain)  # each describes a frame that came through the chain
+    assert gaps(indices), "the branch skipped nothing while it was stuck"
+    kinds = [m["event"]["type"] for m in messages if m["event"]["type"] in ("branch_frame", "closing", "camera.down")]
+    assert kinds[-2:] == ["closing", "camera.down"], kinds[-5:]  # its closing after its frames, before the down
