@@ -47,7 +47,7 @@ def test_capture_workers_auto_is_threads_on_small_hosts_and_the_environment_can_
 
     config = load_config(write(tmp_path, minimal() + "capture:\n  workers: ${N:-auto}\n"), environ={})
     settings = config.settings.capture
-    assert settings.workers == "auto" and settings.slots == 6
+    assert settings.workers == "auto" and settings.slots == 8
     monkeypatch.delenv(ENV_WORKERS, raising=False)
     assert worker_count(settings, usable_cpus=2, cameras=4) == 0
     assert worker_count(settings, usable_cpus=16, cameras=16) == 4

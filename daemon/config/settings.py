@@ -158,11 +158,12 @@ class CaptureSettings(StrictModel):
         raise ValueError("expected auto or a number of worker processes from 0 to 64")
 
     slots: int = Field(
-        6,
+        8,
         ge=4,
         le=64,
         description="Frames in shared memory per camera (with workers): the one being written, the one waiting, the "
-        "batch in the chain, the last frame kept for snapshots, and spares for plugins that hold a frame.",
+        "batch in the chain, the last frame kept for snapshots, two for each branch (the frame waiting for it and "
+        "the one it works on), and spares for plugins that hold a frame.",
     )
 
 
