@@ -171,11 +171,14 @@ def test_a_stuck_branch_never_holds_up_the_chain_counts_what_it_skips_and_closes
             time.sleep(0.1)
         stuck_at = len(frames_of(subscriber.messages(), "a"))
         subscriber.wait_for(lambda ms: len(frames_of(ms, "a")) >= stuck_at + 20, timeout=60)  # the chain goes on
-        first = status(service)["plugins"]["slow"]["branch"]
+        first = status(service)["plugins"]
         subscriber.wait_for(lambda ms: len(frames_of(ms, "a")) >= stuck_at + 30, timeout=60)
-        second = status(service)["plugins"]["slow"]["branch"]
-        assert second["skipped"] > first["skipped"] > 0, (first, second)
-        assert second["pending"] == 1 and second["frames"] == first["frames"], (first, second)
+        second = status(service)["plugins"]
+        # the branch: stuck on its first frame, the newest one waiting, the others skipped; the chain's plugin on
+        assert second["slow"]["branch"]["skipped"] > first["slow"]["branch"]["skipped"] > 0, (first, second)
+        assert second["slow"]["branch"]["pending"] == 1, second
+        assert second["slow"]["frames"] == first["slow"]["frames"] == 0, (first, second)
+        assert second["frame_echo"]["frames"] >= first["frame_echo"]["frames"] + 10, (first, second)
         hang.unlink()
         released = subscriber.wait_for(
             lambda ms: len([m for m in ms if m["event"]["type"] == "branch_frame"]) >= 10, timeout=60
@@ -196,3 +199,20 @@ def test_a_stuck_branch_never_holds_up_the_chain_counts_what_it_skips_and_closes
     assert gaps(indices), "the branch skipped nothing while it was stuck"
     kinds = [m["event"]["type"] for m in messages if m["event"]["type"] in ("branch_frame", "closing", "camera.down")]
     assert kinds[-2:] == ["closing", "camera.down"], kinds[-5:]  # its closing after its frames, before the down
+
+
+def test_the_status_rates_show_each_plugins_frames_per_second_and_busy_fraction():
+    from vigild.service.status import Rates
+
+    published: list[Event] = []
+    chain = make_chain(published)
+    Gate.open_.set()
+    rates = Rates()
+    rates.update({}, {}, chain)
+    for index in range(10):
+        chain.process(batch(index, "a", "b"))
+    rates.update({}, {}, chain)
+    chain.stop()
+    count_fps, count_busy = rates.by_plugin["count"]
+    assert count_fps > 0 and 0 <= count_busy <= 1
+    assert chain.stages[1].frames == 20  # the chain's plugin ran on every frame of both cameras

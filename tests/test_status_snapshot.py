@@ -23,7 +23,9 @@ SNAPSHOT = {
     "capture": {"workers": [{"pid": 4001, "cameras": ["door"], "restarts": 0},
                             {"pid": 4077, "cameras": ["gate", "yard"], "restarts": 3}]},
     "scheduler": {"batches": 77},
-    "plugins": {"detector": {"failures": 3, "batch_failures": 1}},
+    "plugins": {"detector": {"frames": 160, "failures": 3, "batch_failures": 1},
+                "segmenter": {"frames": 12, "failures": 0, "batch_failures": 0,
+                              "branch": {"pending": 2, "skipped": 140, "busy_s": 11.5}}},
     "publisher": {"sent": 300, "sent_by_type": {"track.update": 250, "heartbeat": 50}, "dropped_queue_full": 6,
                   "dropped_unsendable": 2},
 }  # fmt: skip
@@ -64,6 +66,11 @@ def test_the_metrics_are_the_snapshots_numbers():
     assert got['vigild_plugin_failures_total{plugin="detector"}'] == 3
     assert got['vigild_plugin_batch_failures_total{plugin="detector"}'] == 1
     assert got["vigild_uptime_seconds"] == 12.5
+    assert got['vigild_plugin_frames_total{plugin="detector"}'] == 160
+    assert got['vigild_plugin_frames_total{plugin="segmenter"}'] == 12
+    assert got['vigild_branch_pending{plugin="segmenter"}'] == 2
+    assert got['vigild_branch_skipped_frames_total{plugin="segmenter"}'] == 140
+    assert 'vigild_branch_pending{plugin="detector"}' not in got  # not a branch
     assert got['vigild_capture_worker_restarts_total{worker="0"}'] == 0
     assert got['vigild_capture_worker_restarts_total{worker="1"}'] == 3
 

@@ -56,11 +56,11 @@ class Branch:
         run: Callable[[list[Frame]], set[int]],
         close: Callable[[str, float, int], list[Event]],
         publish: Callable[[Event], None],
-        observe: Callable[[float], None],
+        observe: Callable[[float, int], None],
     ):
         """`run`: the plugin over a batch (returns the ids of the frames that failed; failures reported by the
         caller's rules); `close`: the plugin's `on_source_end`; `publish`: where events go; `observe`: the seconds
-        of each batch (the stage's time)."""
+        and frames of each batch (the stage's counts)."""
         self.name = name
         self._run_batch = run
         self._close = close
@@ -109,7 +109,7 @@ class Branch:
             self._late = True
             log.warning("branch %s is busy: camera %s's closing events will follow later", self.name, camera)
 
-    def rebind(self, run: Callable[[list[Frame]], set[int]], observe: Callable[[float], None]) -> None:
+    def rebind(self, run: Callable[[list[Frame]], set[int]], observe: Callable[[float, int], None]) -> None:
         """A reload's chain took over this branch's instance: its failures and time count there from now on."""
         self._run_batch, self._observe = run, observe
 
@@ -169,7 +169,7 @@ class Branch:
                     log.exception("branch %s failed on a batch of %d frames", self.name, len(frames))
                 elapsed = time.perf_counter() - started
                 self.busy_s += elapsed
-                self._observe(elapsed)
+                self._observe(elapsed, len(frames))
                 self.frames += len(frames)
                 for frame in frames:  # a frame the plugin failed on still carries the events it made before
                     for event in frame.events:

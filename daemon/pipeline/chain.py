@@ -41,6 +41,8 @@ FAILURE_LOG_INTERVAL_S = 10.0
 class Stage:
     spec: PluginSpec
     instances: list[tuple[Plugin, frozenset[str]]]
+    cameras: frozenset[str] = frozenset()
+    """Every camera one of its instances serves."""
     seconds: float = 0.0
     failures: Counter[str] = field(default_factory=Counter)
     """Frames this plugin failed on, by camera."""
@@ -50,6 +52,8 @@ class Stage:
     """Failures of cameras since removed: kept in the plugin's total, so that its counter never goes down."""
     durations: Durations = field(default_factory=lambda: Durations(PLUGIN_BUCKETS))
     """The plugin's time per batch (the metrics read it)."""
+    frames: int = 0
+    """Frames the plugin ran on (a branch: those it took, not those it skipped)."""
 
     @property
     def total_failures(self) -> int:
@@ -100,7 +104,7 @@ class Chain:
             if spec.id in previous_stages:  # counters carry on across a reload
                 old = previous_stages[spec.id]
                 stage.seconds, stage.failures, stage.batch_failures = old.seconds, old.failures, old.batch_failures
-                stage.removed_failures, stage.durations = old.removed_failures, old.durations
+                stage.removed_failures, stage.durations, stage.frames = old.removed_failures, old.durations, old.frames
             for json_config, (config, served) in groups.items():
                 served_cameras = MappingProxyType({name: cameras[name] for name in sorted(served)})  # read-only
                 instance_key = (spec.id, spec.cls, json_config)
@@ -122,6 +126,7 @@ class Chain:
                     raise PluginStartError(spec.id, position, exc) from exc
                 self._keys[instance_key] = plugin
                 stage.instances.append((plugin, frozenset(served)))
+                stage.cameras |= served
             self.stages.append(stage)
         self._last_failure_log: dict[tuple[str, str], float] = {}
         self._cameras = frozenset(cameras)
@@ -136,8 +141,9 @@ class Chain:
         )
 
     @staticmethod
-    def _observe(stage: Stage, elapsed: float) -> None:
+    def _observe(stage: Stage, elapsed: float, frames: int) -> None:
         stage.seconds += elapsed
+        stage.frames += frames
         stage.durations.observe(elapsed)
 
     def start(self) -> None:
@@ -232,9 +238,7 @@ class Chain:
                 batch = [frame for frame in live if frame.camera in cameras]
                 if batch:
                     failed.update(self._run(stage, plugin, batch))
-            elapsed = time.perf_counter() - started
-            stage.seconds += elapsed
-            stage.durations.observe(elapsed)
+            self._observe(stage, time.perf_counter() - started, sum(frame.camera in stage.cameras for frame in live))
             if failed:
                 live = [frame for frame in live if id(frame) not in failed]
         for frame in frames:  # the tracker's verdicts become events once every plugin has added its data; also on a

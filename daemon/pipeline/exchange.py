@@ -114,6 +114,11 @@ class FrameExchange:
             self._notices.append(notice)
             self._cond.notify_all()
 
+    @property
+    def waiting(self) -> int:
+        """Frames waiting for the scheduler (at most one a camera)."""
+        return len(self._frames)
+
     def streaming(self) -> int:
         """How many cameras stream now: their capture said `up`, and neither `down` nor `ended` since, nor was it
         stopped on purpose (`retire`)."""

@@ -229,7 +229,7 @@ class Daemon:
     def _heartbeat(self) -> Event:
         """On the heartbeat thread, once per `heartbeat_interval`; rates are over the last interval."""
         running = self._running
-        self._rates.update(self.scheduler.processed, running.captures)
+        self._rates.update(self.scheduler.processed, running.captures, running.chain)
         data = status.snapshot(running, self.pipeline, self._rates, self.uptime_s)
         return Event("heartbeat", SYSTEM_CAMERA, time.time(), data=data)
 

@@ -102,7 +102,7 @@ class DaemonCollector(Collector):
         pending = GaugeMetricFamily(
             "vigild_branch_pending", "Frames and closings a branch plugin has not handled yet", labels=["plugin"]
         )
-        branch_frames = CounterMetricFamily("vigild_branch_frames", "Frames a branch plugin ran on", labels=["plugin"])
+        plugin_frames = CounterMetricFamily("vigild_plugin_frames", "Frames a plugin ran on", labels=["plugin"])
         skipped = CounterMetricFamily(
             "vigild_branch_skipped_frames",
             "Frames a branch plugin skipped to keep up (replaced by a newer one of the camera)",
@@ -111,11 +111,11 @@ class DaemonCollector(Collector):
         for plugin_id, plugin in status["plugins"].items():
             plugin_failures.add_metric([plugin_id], plugin["failures"])
             batch_failures.add_metric([plugin_id], plugin["batch_failures"])
+            plugin_frames.add_metric([plugin_id], plugin["frames"])
             if "branch" in plugin:
                 pending.add_metric([plugin_id], plugin["branch"]["pending"])
-                branch_frames.add_metric([plugin_id], plugin["branch"]["frames"])
                 skipped.add_metric([plugin_id], plugin["branch"]["skipped"])
-        yield from (plugin_failures, batch_failures, pending, branch_frames, skipped)
+        yield from (plugin_failures, batch_failures, plugin_frames, pending, skipped)
         restarts = CounterMetricFamily(
             "vigild_capture_worker_restarts", "Times a capture worker process died and was restarted", labels=["worker"]
         )

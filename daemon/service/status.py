@@ -34,13 +34,16 @@ def status_line(status: Mapping[str, Any]) -> str:
 
 
 class Rates:
-    """(processed, captured) frames/s of each camera over the last heartbeat interval."""
+    """Over the last heartbeat interval: (processed, captured) frames/s of each camera, and (frames/s, busy
+    fraction) of each plugin (a branch's busy fraction near 1 says it is the one that cannot keep up)."""
 
     def __init__(self) -> None:
         self._last: tuple[float, dict[str, int], dict[str, int]] = (time.monotonic(), {}, {})
+        self._stages: dict[str, tuple[int, float]] = {}
         self.by_camera: dict[str, tuple[float, float]] = {}
+        self.by_plugin: dict[str, tuple[float, float]] = {}
 
-    def update(self, processed: Mapping[str, int], captures: Mapping[str, Capture]) -> None:
+    def update(self, processed: Mapping[str, int], captures: Mapping[str, Capture], chain: Chain) -> None:
         """At a heartbeat: the rates since the previous one."""
         now = time.monotonic()
         previous_at, previous_processed, previous_read = self._last
@@ -55,6 +58,15 @@ class Rates:
             )
             for name in captures
         }
+        stages = {stage.spec.id: (stage.frames, stage.seconds) for stage in chain.stages}
+        self.by_plugin = {
+            plugin_id: (
+                round((frames - self._stages.get(plugin_id, (frames, seconds))[0]) / elapsed, 2),
+                round(min(1.0, (seconds - self._stages.get(plugin_id, (frames, seconds))[1]) / elapsed), 3),
+            )
+            for plugin_id, (frames, seconds) in stages.items()
+        }
+        self._stages = stages
 
 
 def snapshot(running: Running, pipeline: Pipeline, rates: Rates, uptime_s: float) -> dict[str, Any]:
@@ -94,11 +106,15 @@ def snapshot(running: Running, pipeline: Pipeline, rates: Rates, uptime_s: float
         "cameras": cameras,
         "capture": {"workers": pipeline.workers.status() if pipeline.workers is not None else []},
         "scheduler": {
+            "waiting": exchange.waiting,
             "batches": batches,
             "mean_batch": round(scheduler.frames_in_batches / batches, 2) if batches else 0.0,
         },
         "plugins": {
             stage.spec.id: {
+                "frames": stage.frames,
+                "fps": rates.by_plugin.get(stage.spec.id, (0.0, 0.0))[0],
+                "busy": rates.by_plugin.get(stage.spec.id, (0.0, 0.0))[1],
                 "seconds": round(stage.seconds, 3),
                 "failures": stage.total_failures,
                 "batch_failures": stage.batch_failures,
@@ -117,15 +133,14 @@ def snapshot(running: Running, pipeline: Pipeline, rates: Rates, uptime_s: float
 
 def branch_report(chain: Chain, stage: Stage) -> dict[str, Any]:
     """For a plugin that runs beside the chain: `branch` with what it holds (`pending`: frames and closings not
-    handled yet), the frames it ran on, those it skipped to keep up (replaced by a newer one of the camera) and its
-    busy time; nothing for a plugin in the chain."""
+    handled yet), the frames it skipped to keep up (replaced by a newer one of the camera) and its busy time;
+    nothing for a plugin in the chain."""
     branches = [chain.branches[id(plugin)] for plugin, _ in stage.instances if id(plugin) in chain.branches]
     if not branches:
         return {}
     return {
         "branch": {
             "pending": sum(branch.pending for branch in branches),
-            "frames": sum(branch.frames for branch in branches),
             "skipped": sum(sum(dict(branch.skipped).values()) for branch in branches),
             "busy_s": round(sum(branch.busy_s for branch in branches), 3),
         }
