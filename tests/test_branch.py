@@ -63,6 +63,14 @@ class Count(Plugin[CountConfig]):
             frame.events.append(Event("counted", frame.camera, frame.ts_wall, frame.index))
 
 
+def idle(branch, timeout: float = 10) -> None:
+    """Wait until the branch has handled everything it was given (it is running: Gate is open)."""
+    deadline = time.monotonic() + timeout
+    while (branch.pending or branch.working) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert not branch.pending and not branch.working
+
+
 def make_chain(published: list[Event]) -> Chain:
     gate, count = GateConfig(branch=True), CountConfig()
     specs = (
@@ -216,3 +224,35 @@ def test_the_status_rates_show_each_plugins_frames_per_second_and_busy_fraction(
     count_fps, count_busy = rates.by_plugin["count"]
     assert count_fps > 0 and 0 <= count_busy <= 1
     assert chain.stages[1].frames == 20  # the chain's plugin ran on every frame of both cameras
+
+
+def test_a_reload_keeps_a_branch_that_did_not_change_and_stops_one_left_behind():
+    """As a reload does: the new chain takes over the unchanged branch instance (its thread and counters go on,
+    counting into the new chain's stage) and the instance a changed config leaves behind finishes, then stops."""
+    published: list[Event] = []
+    old = make_chain(published)
+    Gate.open_.set()
+    old.process(batch(0, "a", "b"))
+    (kept,) = old.branches.values()
+    idle(kept)  # frame 0 handled before the reload: nothing of it can be skipped by the frames after
+    gate, count = GateConfig(branch=True), CountConfig(id="count2")
+    specs = (
+        PluginSpec("gate", Gate, gate, dict.fromkeys(CAMS, gate)),
+        PluginSpec("count2", Count, count, dict.fromkeys(CAMS, count)),
+    )
+    new = Chain(specs, "cpu", CAMS, reuse=old, publish=published.append)
+    new.start()
+    assert new.branches == {id(plugin): kept for plugin, _ in new.stages[0].instances}
+    left = old.left_behind(new)
+    assert [stage.spec.id for stage, _, _ in left] == ["count"]
+    new.activate()
+    for stage, plugin, _ in left:
+        old.stop_instance(stage, plugin)
+    assert kept._thread.is_alive()  # the branch taken over runs on
+    for index in range(1, 4):
+        new.process(batch(index, "a"))
+        idle(kept)
+    new.stop()
+    assert not kept._thread.is_alive()
+    assert [e.frame for e in published if e.type == "seen" and e.camera == "a"] == [0, 1, 2, 3]
+    assert new.stages[0].frames - old.stages[0].frames == 3  # counted into the new chain's stage after the swap

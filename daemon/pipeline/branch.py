@@ -79,6 +79,8 @@ class Branch:
         self.frames = 0
         """Frames the plugin has run on."""
         self.busy_s = 0.0
+        self.working = False
+        """It holds frames or closings it took and has not finished."""
         self._thread = threading.Thread(target=self._loop, name=f"branch-{name}", daemon=True)
 
     # ----- the chain's side (scheduler thread)
@@ -150,6 +152,7 @@ class Branch:
                 for camera, (seq, frame) in self._waiting.items()
                 if seq < first_close.get(camera, seq + 1)
             ]
+            self.working = True  # before anything leaves `pending`: an onlooker never sees it idle in between
             for _, frame in batch:
                 del self._waiting[frame.camera]
             closes, self._closes = self._closes, []
@@ -185,3 +188,4 @@ class Branch:
                 item.done.set()
             if closes and not self._waiting:
                 self._late = False
+            self.working = False
