@@ -61,7 +61,7 @@ e2e: setup
 
 # the test files that run the daemon: `make test` runs them a second time with capture in worker processes
 # (VIGILD_CAPTURE_WORKERS decides `capture.workers: auto`), so every end-to-end behaviour holds in both modes
-DAEMON_TESTS := tests/test_actions.py tests/test_analytics.py tests/test_config_security.py \
+DAEMON_TESTS := tests/test_actions.py tests/test_analytics.py tests/test_branch.py tests/test_config_security.py \
 	tests/test_control_security.py tests/test_curve.py tests/test_e2e.py tests/test_hostile_files.py \
 	tests/test_plugin_requirements.py tests/test_reconnect.py tests/test_reload.py tests/test_service.py \
 	tests/test_threads.py
