@@ -4,6 +4,7 @@ camera's closing events come after its frames, also at stop."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import ClassVar, Literal
@@ -35,8 +36,11 @@ class Gate(Plugin[GateConfig]):
     entered: ClassVar[threading.Event] = threading.Event()
     threads: ClassVar[set[str]] = set()
 
+    nice: ClassVar[list[int]] = []
+
     def process(self, frames: list[Frame]) -> None:
         Gate.threads.add(threading.current_thread().name)
+        Gate.nice.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         Gate.entered.set()
         assert Gate.open_.wait(30)
         for frame in frames:
@@ -91,6 +95,7 @@ def _reset():
     Gate.open_.clear()
     Gate.entered.clear()
     Gate.threads.clear()
+    Gate.nice.clear()
     Count.seen.clear()
     yield
     Gate.open_.set()
@@ -122,6 +127,8 @@ def test_the_chain_goes_on_while_a_branch_is_stuck_and_the_branch_skips_to_the_n
         events = [(e.type, e.frame) for e in published if e.camera == camera]
         assert events == [("seen", 0), ("seen", 5), ("closing", last)], events
     assert Gate.threads == {"branch-gate"}
+    # the branch runs at a lower priority than the chain (nice +10 on Linux)
+    assert set(Gate.nice) == {min(19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + 10)}
 
 
 def test_a_branch_skips_nothing_when_it_keeps_up_and_its_frames_are_the_chains_as_offered():
