@@ -17,9 +17,7 @@ capture-to-publish latency, and the clips classified per second.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ import numpy as np
 import torch
 
 # contenders (bench/) snapshots the environment as the benchmark started (numpy and torch leave it alone)
-from contenders import contender_env, spawning_with, thread_counts
+from contenders import in_fresh_process, start_daemon, thread_counts, vtest_daemon_yaml
 
 from vigild.config.loading import CameraConfig
 from vigild.frame import Detections, Frame
@@ -78,33 +76,16 @@ SHARED = Path(os.environ.get("VIGILD_SHARED", Path(__file__).resolve().parents[2
 
 
 def pipeline_config(cameras: int, actions: bool, args: argparse.Namespace) -> str:
-    fastest = SHARED / "models" / "yolo-fastest-1.1"
-    video = SHARED / "media" / "vtest.avi"
-    sources = "".join(f"  cam{i}:\n    source: {video}\n    realtime: false\n    loop: true\n" for i in range(cameras))
     recognizer = (
         f"  - type: action_recognizer\n    model: {args.model}\n    weights: null\n    interval: {args.interval}\n"
         f"    max_batch: {args.max_batch}\n"
     )
-    return (
-        f"cameras:\n{sources}plugins:\n"
-        f"  - type: detector\n    backend: darknet\n    cfg: {fastest}/yolo-fastest-1.1-xl.cfg\n"
-        f"    weights: {fastest}/yolo-fastest-1.1-xl.weights\n    names: {fastest}/coco.names\n"
-        "    classes: [person]\n    confidence: 0.3\n    input_size: 320\n"
-        f"  - type: bytetrack\n{recognizer if actions else ''}"
-        "publisher:\n  endpoint: tcp://127.0.0.1:0\ncontrol:\n  enabled: false\n"
-        f"device: {args.device}\nlog_level: WARNING\n"
-    )
+    return vtest_daemon_yaml(SHARED, cameras, recognizer if actions else "", args.device)
 
 
 def pipeline_run(config: str, warmup: float, seconds: float, results: Any) -> None:
     """One daemon in this (fresh) process; puts its figures over the measured window on `results`."""
-    from vigild.config.loading import load_config
-    from vigild.service.daemon import Daemon
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
-        handle.write(config)
-    daemon = Daemon(load_config(handle.name))
-    os.unlink(handle.name)
+    daemon = start_daemon(config)
     recognizers = [p for stage in daemon.chain.stages for p, _ in stage.instances if isinstance(p, ActionRecognizer)]
     clips = [0]
     for recognizer in recognizers:  # count what the model classifies, without changing what it does
@@ -142,15 +123,10 @@ def pipeline_run(config: str, warmup: float, seconds: float, results: Any) -> No
 
 
 def pipeline(cameras: int, actions: bool, args: argparse.Namespace) -> dict[str, Any]:
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    worker = context.Process(
-        target=pipeline_run, args=(pipeline_config(cameras, actions, args), args.warmup, args.seconds_pipeline, results)
+    config = pipeline_config(cameras, actions, args)
+    result: dict[str, Any] = in_fresh_process(
+        pipeline_run, (config, args.warmup, args.seconds_pipeline), args.warmup + args.seconds_pipeline + 600
     )
-    with spawning_with(contender_env()):  # the environment this benchmark started with, less thread variables
-        worker.start()
-    result: dict[str, Any] = results.get(timeout=args.warmup + args.seconds_pipeline + 600)
-    worker.join()
     return result
 
 

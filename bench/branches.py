@@ -15,9 +15,7 @@ and the segmenter's own frames/s and skipped frames. The segmenter runs torchvis
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,40 +23,23 @@ from typing import Any
 import numpy as np
 
 # contenders (bench/) snapshots the environment as the benchmark started
-from contenders import contender_env, spawning_with
+from contenders import in_fresh_process, start_daemon, vtest_daemon_yaml
 
 SHARED = Path(os.environ.get("VIGILD_SHARED", Path(__file__).resolve().parent.parent.parent / "shared")).resolve()
 MODES = {"none": None, "branch": True, "chain": False}
 
 
 def config(cameras: int, mode: str, args: argparse.Namespace) -> str:
-    fastest = SHARED / "models" / "yolo-fastest-1.1"
-    video = SHARED / "media" / "vtest.avi"
-    sources = "".join(f"  cam{i}:\n    source: {video}\n    realtime: false\n    loop: true\n" for i in range(cameras))
     segmenter = (
         f"  - type: semantic_segmenter\n    model: {args.model}\n    weights: null\n"
         f"    input_size: {args.input_size}\n    branch: {'true' if MODES[mode] else 'false'}\n"
     )
-    return (
-        f"cameras:\n{sources}plugins:\n"
-        f"  - type: detector\n    backend: darknet\n    cfg: {fastest}/yolo-fastest-1.1-xl.cfg\n"
-        f"    weights: {fastest}/yolo-fastest-1.1-xl.weights\n    names: {fastest}/coco.names\n"
-        "    classes: [person]\n    confidence: 0.3\n    input_size: 320\n"
-        f"  - type: bytetrack\n{segmenter if MODES[mode] is not None else ''}"
-        "publisher:\n  endpoint: tcp://127.0.0.1:0\ncontrol:\n  enabled: false\ncapture:\n  workers: 0\n"
-        f"device: {args.device}\nlog_level: WARNING\n"
-    )
+    return vtest_daemon_yaml(SHARED, cameras, segmenter if MODES[mode] is not None else "", args.device, workers=0)
 
 
 def run(text: str, warmup: float, seconds: float, results: Any) -> None:
     """One daemon in this (fresh) process; puts its figures over the measured window on `results`."""
-    from vigild.config.loading import load_config
-    from vigild.service.daemon import Daemon
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
-        handle.write(text)
-    daemon = Daemon(load_config(handle.name))
-    os.unlink(handle.name)
+    daemon = start_daemon(text)
     daemon.start()
     try:
         time.sleep(warmup)
@@ -95,13 +76,8 @@ def run(text: str, warmup: float, seconds: float, results: Any) -> None:
 
 
 def measure(cameras: int, mode: str, args: argparse.Namespace) -> dict[str, Any]:
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    worker = context.Process(target=run, args=(config(cameras, mode, args), args.warmup, args.seconds, results))
-    with spawning_with(contender_env()):  # the environment this benchmark started with, less thread variables
-        worker.start()
-    result: dict[str, Any] = results.get(timeout=args.warmup + args.seconds + 600)
-    worker.join()
+    text = config(cameras, mode, args)
+    result: dict[str, Any] = in_fresh_process(run, (text, args.warmup, args.seconds), args.warmup + args.seconds + 600)
     return result
 
 

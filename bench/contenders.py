@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 START_ENVIRON: dict[str, str] = dict(os.environ)
@@ -128,3 +129,58 @@ def nvml_handle(device: str) -> Any:
         pass
     index = nvml_index(ordinal, os.environ.get("CUDA_VISIBLE_DEVICES"), uuids, torch_uuid)
     return None if index is None else pynvml.nvmlDeviceGetHandleByIndex(index)
+
+
+def vtest_daemon_yaml(shared: Path, cameras: int, extra_plugins: str, device: str, workers: int | None = None) -> str:
+    """The daemon of the plugin benchmarks: `cameras` looping vtest.avi as fast as the chain takes it, the
+    detector and tracker below, then `extra_plugins`; no control socket, events to an unused port."""
+    video = shared / "media" / "vtest.avi"
+    sources = "".join(f"  cam{i}:\n    source: {video}\n    realtime: false\n    loop: true\n" for i in range(cameras))
+    capture = f"capture:\n  workers: {workers}\n" if workers is not None else ""
+    return (
+        f"cameras:\n{sources}plugins:\n{fastest_tracker_yaml(shared)}{extra_plugins}"
+        f"publisher:\n  endpoint: tcp://127.0.0.1:0\ncontrol:\n  enabled: false\n{capture}"
+        f"device: {device}\nlog_level: WARNING\n"
+    )
+
+
+def start_daemon(config: str) -> Any:
+    """A started `Daemon` of the YAML text `config` (in this process)."""
+    import tempfile
+
+    from vigild.config.loading import load_config
+    from vigild.service.daemon import Daemon
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+        handle.write(config)
+    try:
+        daemon = Daemon(load_config(handle.name))
+    finally:
+        os.unlink(handle.name)
+    return daemon
+
+
+def fastest_tracker_yaml(shared: Path) -> str:
+    """The plugins of the daemon benchmarks: the shared Yolo-Fastest-XL person detector at 320 and ByteTrack."""
+    fastest = shared / "models" / "yolo-fastest-1.1"
+    return (
+        f"  - type: detector\n    backend: darknet\n    cfg: {fastest}/yolo-fastest-1.1-xl.cfg\n"
+        f"    weights: {fastest}/yolo-fastest-1.1-xl.weights\n    names: {fastest}/coco.names\n"
+        "    classes: [person]\n    confidence: 0.3\n    input_size: 320\n"
+        "  - type: bytetrack\n"
+    )
+
+
+def in_fresh_process(target: Any, args: tuple[Any, ...], timeout: float) -> Any:
+    """`target(*args, results)` in a spawned process with the environment the benchmark started with (less thread
+    variables); what it puts on `results`."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    worker = context.Process(target=target, args=(*args, results))
+    with spawning_with(contender_env()):
+        worker.start()
+    result = results.get(timeout=timeout)
+    worker.join()
+    return result

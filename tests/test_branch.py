@@ -37,10 +37,14 @@ class Gate(Plugin[GateConfig]):
     threads: ClassVar[set[str]] = set()
 
     nice: ClassVar[list[int]] = []
+    torch_threads: ClassVar[list[int]] = []
 
     def process(self, frames: list[Frame]) -> None:
+        import torch
+
         Gate.threads.add(threading.current_thread().name)
         Gate.nice.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        Gate.torch_threads.append(torch.get_num_threads())
         Gate.entered.set()
         assert Gate.open_.wait(30)
         for frame in frames:
@@ -81,7 +85,7 @@ def make_chain(published: list[Event]) -> Chain:
         PluginSpec("gate", Gate, gate, dict.fromkeys(CAMS, gate)),
         PluginSpec("count", Count, count, dict.fromkeys(CAMS, count)),
     )
-    chain = Chain(specs, "cpu", CAMS, publish=published.append)
+    chain = Chain(specs, "cpu", CAMS, torch_threads=4, publish=published.append)
     chain.start()
     return chain
 
@@ -96,6 +100,7 @@ def _reset():
     Gate.entered.clear()
     Gate.threads.clear()
     Gate.nice.clear()
+    Gate.torch_threads.clear()
     Count.seen.clear()
     yield
     Gate.open_.set()
@@ -127,8 +132,9 @@ def test_the_chain_goes_on_while_a_branch_is_stuck_and_the_branch_skips_to_the_n
         events = [(e.type, e.frame) for e in published if e.camera == camera]
         assert events == [("seen", 0), ("seen", 5), ("closing", last)], events
     assert Gate.threads == {"branch-gate"}
-    # the branch runs at a lower priority than the chain (nice +10 on Linux)
+    # the branch runs at a lower priority than the chain (nice +10 on Linux), with half its torch threads
     assert set(Gate.nice) == {min(19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + 10)}
+    assert set(Gate.torch_threads) == {2}
 
 
 def test_a_branch_skips_nothing_when_it_keeps_up_and_its_frames_are_the_chains_as_offered():

@@ -14,8 +14,8 @@ already waiting: the branch runs the plugin's `on_source_end` in turn and publis
 stuck longer publishes them when it gets there. Stopping a branch lets it finish what is queued first.
 
 Every call into the plugin (process, on_source_end) happens on the branch's thread, so the plugin needs no locks.
-On Linux the thread runs at a lower scheduling priority (nice +`NICE`) so that the chain keeps its share of the
-CPUs; torch's own worker threads started from it are not reniced.
+On a CPU a branch takes less than the chain: its thread runs at a lower scheduling priority (nice +`NICE`, Linux),
+and torch's intra-op threads for its work are half the chain's (torch's OpenMP thread count is per calling thread).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 import threading
 import time
 from collections import Counter
@@ -57,6 +58,7 @@ class Branch:
         close: Callable[[str, float, int], list[Event]],
         publish: Callable[[Event], None],
         observe: Callable[[float, int], None],
+        threads: int | None = None,
     ):
         """`run`: the plugin over a batch (returns the ids of the frames that failed; failures reported by the
         caller's rules); `close`: the plugin's `on_source_end`; `publish`: where events go; `observe`: the seconds
@@ -66,6 +68,8 @@ class Branch:
         self._close = close
         self._publish = publish
         self._observe = observe
+        self.threads = max(1, threads // 2) if threads else None
+        """torch threads for the branch's work: half the chain's."""
         self._cond = threading.Condition()
         self._waiting: dict[str, tuple[int, Frame]] = {}
         """The newest frame of each camera not taken yet, with its sequence number."""
@@ -162,6 +166,9 @@ class Branch:
         # (AttributeError, OSError: not Linux, or not allowed: the same priority as the chain)
         with contextlib.suppress(AttributeError, OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
+        torch = sys.modules.get("torch")  # (not imported for a plugin that does not use it)
+        if torch is not None and self.threads is not None:
+            torch.set_num_threads(self.threads)  # this thread's only: OpenMP keeps the count per calling thread
         while (work := self._take()) is not None:
             frames, closes = work
             if frames:

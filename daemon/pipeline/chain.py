@@ -87,6 +87,7 @@ class Chain:
         plugins that run as branches go (vigild.pipeline.branch); the chain's own events are the caller's."""
         self.stages: list[Stage] = []
         self._publish = publish if publish is not None else _unpublished
+        self._torch_threads = torch_threads
         self.branches: dict[int, Branch] = {}
         """Of the instances that run beside the chain, by `id(plugin)`."""
         self._branch_handover: list[tuple[Stage, Plugin, Branch]] = []
@@ -138,6 +139,7 @@ class Chain:
             plugin.on_source_end,
             self._publish,
             partial(self._observe, stage),
+            self._torch_threads,
         )
 
     @staticmethod
