@@ -15,6 +15,7 @@ import pytest
 from vigild.config.loading import CameraConfig, PluginSpec
 from vigild.events import Event
 from vigild.frame import Frame
+from vigild.pipeline.branch import Branch
 from vigild.pipeline.chain import Chain
 from vigild.plugin import Plugin, PluginConfig
 
@@ -269,3 +270,54 @@ def test_a_reload_keeps_a_branch_that_did_not_change_and_stops_one_left_behind()
     assert not kept._thread.is_alive()
     assert [e.frame for e in published if e.type == "seen" and e.camera == "a"] == [0, 1, 2, 3]
     assert new.stages[0].frames - old.stages[0].frames == 3  # counted into the new chain's stage after the swap
+
+
+def _recording_branch(calls: list[tuple[str, int]], gate: threading.Event) -> Branch:
+    def run(frames: list[Frame]) -> set[int]:
+        assert gate.wait(30)
+        calls.extend(("run", frame.index) for frame in frames)
+        return set()
+
+    def close(camera: str, ts_wall: float, frame_index: int) -> list[Event]:
+        calls.append(("close", frame_index))
+        return []
+
+    return Branch("test", run, close, lambda event: None, lambda seconds, frames: None)
+
+
+def test_a_frame_between_two_closings_of_its_camera_runs_between_them():
+    """The camera closes, comes back for one frame and closes again while the branch is busy: the branch runs
+    them in that order (never both closings first, which would leave the frame's state open after camera.down)."""
+    calls: list[tuple[str, int]] = []
+    gate = threading.Event()
+    branch = _recording_branch(calls, gate)
+    branch.start()
+    branch.offer(batch(0, "a"))
+    deadline = time.monotonic() + 10
+    while not branch.working and time.monotonic() < deadline:
+        time.sleep(0.001)
+    branch.close_camera("a", 0.0, 10, wait_s=0)
+    branch.offer(batch(11, "a"))
+    branch.close_camera("a", 0.0, 20, wait_s=0)
+    gate.set()
+    branch.stop()
+    assert calls == [("run", 0), ("close", 10), ("run", 11), ("close", 20)]
+
+
+def test_a_branch_that_was_late_once_is_waited_for_again_once_it_has_caught_up():
+    calls: list[tuple[str, int]] = []
+    gate = threading.Event()
+    branch = _recording_branch(calls, gate)
+    branch.start()
+    branch.offer(batch(0, "a"))
+    branch.close_camera("a", 0.0, 0, wait_s=0.05)  # stuck in the frame: not waited for longer
+    assert branch._late
+    gate.set()
+    for index in range(1, 30):  # frames keep coming while it catches up, as from a live camera
+        branch.offer(batch(index, "b"))
+        time.sleep(0.002)
+    idle(branch)
+    assert not branch._late
+    branch.close_camera("b", 0.0, 29)  # waited for: its closing is out when this returns
+    assert calls[-1] == ("close", 29)
+    branch.stop()

@@ -10,6 +10,7 @@ import itertools
 import os
 import re
 import signal
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -541,3 +542,22 @@ def test_cameras_spread_over_the_workers_and_one_stopped_while_its_worker_is_dow
     capture.join(0)
     assert not capture.is_alive()
     assert capture.capture_id not in pool.handles[capture.worker].captures
+
+
+def test_a_doorbell_rung_again_while_ringing_does_not_hang():
+    """A garbage collection inside `ring` can free a frame of the same worker, whose finalizer rings again on the
+    same thread: that must not wait on itself."""
+    bell = Doorbell()
+    done = threading.Event()
+
+    def ring_inside_ring() -> None:
+        with bell._lock:  # as if inside ring(), when the collector runs a frame's finalizer
+            bell.ring()
+        done.set()
+
+    thread = threading.Thread(target=ring_inside_ring, daemon=True)
+    thread.start()
+    assert done.wait(10), "ringing inside a ring hung"
+    assert os.read(bell.fd, 8) == (1).to_bytes(8, "little")
+    bell.close()
+    bell.ring()  # after close: nothing, and no write to whatever reuses the descriptor

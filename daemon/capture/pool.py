@@ -67,7 +67,8 @@ class Doorbell:
 
     def __init__(self) -> None:
         self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._lock = threading.Lock()
+        # reentrant: a garbage collection inside `ring` may free a frame of the same worker, whose finalizer rings
+        self._lock = threading.RLock()
         self._closed = False
 
     def ring(self) -> None:
@@ -228,6 +229,7 @@ class WorkerHandle:
             self._spawn()
         self._thread.start()
 
+
     def _spawn(self) -> None:
         """With `_lock` held: a new process, told who it is and given every camera this handle serves."""
         self.generation += 1
@@ -294,7 +296,8 @@ class WorkerHandle:
                 log.warning("capture worker %d (pid %d) did not exit; killing it", self.index, process.pid)
                 process.kill()
                 process.wait()
-        self._thread.join(max(0.1, deadline - time.monotonic()))
+        if self._thread.ident is not None:
+            self._thread.join(max(0.1, deadline - time.monotonic()))
         with self._lock:
             connection, self._connection = self._connection, None
             if connection is not None:
@@ -311,7 +314,8 @@ class WorkerHandle:
         failures = 0
         while True:
             connection, bell, process = self._connection, self._bell, self.process
-            assert connection is not None and bell is not None and process is not None
+            if connection is None or bell is None or process is None:  # stopped meanwhile
+                return
             self._receive(connection, bell)
             if self.pool.stopping.is_set():
                 return
@@ -345,6 +349,8 @@ class WorkerHandle:
             )  # fmt: skip
             while not self.pool.stopping.wait(delay):
                 with self._lock:
+                    if self.pool.stopping.is_set():  # the stop came between the wait and the lock
+                        return
                     try:
                         self._spawn()
                     except OSError as exc:  # no processes or descriptors left, for now: try again later
@@ -417,6 +423,10 @@ class WorkerHandle:
                 segment = shm.Segment.attach(name, shape, slots)
             except FileNotFoundError:  # its capture stopped and the worker let go of it: the frame is void anyway
                 return
+            except OSError as exc:  # no descriptors or memory left: the frame is lost, its slot goes back
+                log.error("camera %s: cannot map frame memory %s: %s", rc.name, name, exc)
+                self._send(("free", name, slot))
+                return
             rc.segment = segment  # frames of the one before keep their mapping for as long as they live
         lease = segment.lease(slot)
         weakref.finalize(lease, _release, segment.states, slot, bell)
@@ -448,8 +458,12 @@ class CaptureWorkers:
         shm.remove_stale(self.record.directory)
         self.record.acquire()
         self._started = True
-        for handle in self.handles:
-            handle.start()
+        try:
+            for handle in self.handles:
+                handle.start()
+        except OSError:  # no process could be started: nothing of this pool is left running
+            self.stop()
+            raise
         log.info(
             "capture in %d worker process(es) (pids %s), frames in shared memory vigild-%s-*",
             len(self.handles), ", ".join(str(h.pid) for h in self.handles), self.instance,

@@ -101,7 +101,8 @@ class Segment:
             raise ValueError(f"slots must be 1..{MAX_SLOTS}")
         fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, HEADER_BYTES + slots * _page_align(shape[0] * shape[1] * shape[2]))
+            # allocated now: a full /dev/shm is an OSError here (the camera retries), never a SIGBUS at a later write
+            os.posix_fallocate(fd, 0, HEADER_BYTES + slots * _page_align(shape[0] * shape[1] * shape[2]))
         except OSError:
             os.close(fd)
             unlink(name)

@@ -102,6 +102,12 @@ class ShmSink:
         self._images = [segment.image(slot) for slot in range(segment.slots)]
         return segment
 
+    def segment_named(self, name: str) -> shm.Segment | None:
+        for segment in [*self._old, *([self._segment] if self._segment is not None else [])]:
+            if segment.name == name:
+                return segment
+        return None
+
     def _unlink_released(self) -> None:
         for segment in list(self._old):
             if not segment.states.any():  # every slot FREE: the daemon holds none of it (and has mapped it)
@@ -250,6 +256,16 @@ class Worker:
             self._captures[capture_id] = capture
         capture.start()
 
+    def free(self, segment_name: str, slot: int) -> None:
+        with self._lock:
+            captures = list(self._captures.values())
+        for capture in captures:
+            segment = capture.sink.segment_named(segment_name)
+            if segment is not None:
+                segment.states[slot] = shm.FREE
+                with self.doorbell:
+                    self.doorbell.notify_all()
+
     def remove(self, capture_id: int) -> None:
         with self._lock:
             capture = self._captures.get(capture_id)
@@ -271,6 +287,8 @@ class Worker:
                 self.add(*message[1:])
             elif kind == "remove":
                 self.remove(message[1])
+            elif kind == "free":  # the daemon could not map a frame it was sent: its slot is the worker's again
+                self.free(message[1], message[2])
             elif kind == "exit":
                 orderly = True
                 break

@@ -128,15 +128,24 @@ class Branch:
     def pending(self) -> int:
         return len(self._waiting) + len(self._closes)
 
-    def stop(self, timeout: float = STOP_WAIT_S) -> None:
+    def request_stop(self) -> None:
         """Finish what is queued (closing events included), then end the thread."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+
+    def join(self, deadline: float) -> bool:
+        """Wait for the thread until `deadline` (monotonic); whether it has ended (or never started)."""
         if self._thread.is_alive():
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.error("branch %s did not finish within %.0f s: stopping without it", self.name, timeout)
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            log.error("branch %s did not finish in time (stuck in its plugin): leaving it behind", self.name)
+            return False
+        return True
+
+    def stop(self, timeout: float = STOP_WAIT_S) -> bool:
+        self.request_stop()
+        return self.join(time.monotonic() + timeout)
 
     # ----- the branch's thread
 
@@ -156,10 +165,13 @@ class Branch:
                 for camera, (seq, frame) in self._waiting.items()
                 if seq < first_close.get(camera, seq + 1)
             ]
+            # a frame held back (it came after its camera's closing) also holds back the closings after it
+            held = {camera: seq for camera, (seq, _) in self._waiting.items() if seq > first_close.get(camera, seq)}
+            closes = [item for item in self._closes if item.seq < held.get(item.camera, item.seq + 1)]
             self.working = True  # before anything leaves `pending`: an onlooker never sees it idle in between
             for _, frame in batch:
                 del self._waiting[frame.camera]
-            closes, self._closes = self._closes, []
+            self._closes = [item for item in self._closes if item.seq >= held.get(item.camera, item.seq + 1)]
             return [frame for _, frame in sorted(batch, key=lambda item: item[0])], closes
 
     def _loop(self) -> None:
@@ -193,6 +205,7 @@ class Branch:
                 for event in events:
                     self._publish(event)
                 item.done.set()
-            if closes and not self._waiting:
-                self._late = False
-            self.working = False
+            with self._cond:
+                if closes and not self._closes:  # caught up with the closings: callers wait for them again
+                    self._late = False
+                self.working = False

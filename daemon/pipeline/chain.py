@@ -35,6 +35,8 @@ from vigild.plugin import FrameErrors, Plugin, PluginConfig, PluginContext
 log = logging.getLogger("vigild.chain")
 
 FAILURE_LOG_INTERVAL_S = 10.0
+BRANCH_STOP_S = 5.0
+"""How long the plugins that run as branches get, all together, to finish what they hold when they stop."""
 
 
 @dataclass
@@ -91,6 +93,8 @@ class Chain:
         self.branches: dict[int, Branch] = {}
         """Of the instances that run beside the chain, by `id(plugin)`."""
         self._branch_handover: list[tuple[Stage, Plugin, Branch]] = []
+        self._predecessors: list[tuple[Stage, Stage]] = []
+        """(stage, the running chain's stage of the same id): its counters go on from the other's at the swap."""
         self._keys: dict[InstanceKey, Plugin] = {}
         self._fresh: list[tuple[Stage, Plugin]] = []
         self._handover: list[tuple[Plugin, Mapping[str, CameraConfig]]] = []
@@ -102,10 +106,8 @@ class Chain:
                 key = config.model_dump_json()
                 groups.setdefault(key, (config, set()))[1].add(camera)
             stage = Stage(spec, [])
-            if spec.id in previous_stages:  # counters carry on across a reload
-                old = previous_stages[spec.id]
-                stage.seconds, stage.failures, stage.batch_failures = old.seconds, old.failures, old.batch_failures
-                stage.removed_failures, stage.durations, stage.frames = old.removed_failures, old.durations, old.frames
+            if spec.id in previous_stages:  # counters carry on across a reload (taken over at `activate`)
+                self._predecessors.append((stage, previous_stages[spec.id]))
             for json_config, (config, served) in groups.items():
                 served_cameras = MappingProxyType({name: cameras[name] for name in sorted(served)})  # read-only
                 instance_key = (spec.id, spec.cls, json_config)
@@ -179,6 +181,9 @@ class Chain:
     def activate(self) -> None:
         """Scheduler thread, at the swap: instances taken over now serve their new cameras (a new context: the one
         they had is frozen, and its cameras read-only); branches taken over count into this chain's stages."""
+        for stage, old in self._predecessors:  # as they are now, on the scheduler thread: no count is lost
+            stage.seconds, stage.failures, stage.batch_failures = old.seconds, old.failures, old.batch_failures
+            stage.removed_failures, stage.durations, stage.frames = old.removed_failures, old.durations, old.frames
         for plugin, cameras in self._handover:
             plugin.context = dataclasses.replace(plugin.context, cameras=cameras)
         for stage, plugin, branch in self._branch_handover:
@@ -214,11 +219,16 @@ class Chain:
             return []
 
     def _stop_plugins(self, plugins: list[tuple[Stage, Plugin]]) -> None:
-        for _, plugin in plugins:
-            branch = self.branches.get(id(plugin))
-            if branch is not None:
-                branch.stop()
+        """Branches first, all together against one deadline; a plugin whose branch is still inside it (stuck) is
+        not stopped under it."""
+        branches = [self.branches[id(plugin)] for _, plugin in plugins if id(plugin) in self.branches]
+        for branch in branches:
+            branch.request_stop()
+        deadline = time.monotonic() + BRANCH_STOP_S
+        stuck = {id(branch) for branch in branches if not branch.join(deadline)}
         for stage, plugin in plugins:
+            if id(self.branches.get(id(plugin))) in stuck:
+                continue
             try:
                 plugin.stop()
             except Exception:
