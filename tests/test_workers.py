@@ -442,6 +442,7 @@ def test_a_slot_goes_back_to_the_worker_only_when_the_last_view_of_its_image_goe
     exchange = FrameExchange()
     pool = CaptureWorkers(1, slots, exchange, tmp_path)  # (not started: no process, no record)
     handle = pool.handles[0]
+    handle.generation = 1  # as after its first start
     name = str(shm.SegmentName(pool.instance, 0, 1, 1, 1))
     writer = shm.Segment.create(name, shape, slots)  # the worker's mapping
     bell = Doorbell()
@@ -561,3 +562,44 @@ def test_a_doorbell_rung_again_while_ringing_does_not_hang():
     assert os.read(bell.fd, 8) == (1).to_bytes(8, "little")
     bell.close()
     bell.ring()  # after close: nothing, and no write to whatever reuses the descriptor
+
+
+def test_frame_memory_a_worker_names_is_checked_before_it_is_mapped_or_unlinked(tmp_path):
+    """The daemon maps and unlinks only segments of the worker that sends them, at the size the layout needs: a name
+    of another worker, another daemon or a path, a file smaller than its slots, a slot past the end are refused
+    (logged) and leave the files as they were."""
+    shape, slots = (48, 64, 3), 4
+    exchange = FrameExchange()
+    pool = CaptureWorkers(2, slots, exchange, tmp_path)
+    handle = pool.handles[0]
+    handle.generation = 1
+    other = CaptureWorkers(1, slots, FrameExchange(), tmp_path)  # another daemon's worker 0
+    mine, theirs, neighbour = (
+        str(shm.SegmentName(pool.instance, 0, 1, 1, 1)),
+        str(shm.SegmentName(other.instance, 0, 1, 1, 1)),
+        str(shm.SegmentName(pool.instance, 1, 1, 1, 1)),
+    )
+    made = [shm.Segment.create(name, shape, slots) for name in (mine, theirs, neighbour)]
+    small = str(shm.SegmentName(pool.instance, 0, 1, 2, 1))
+    made.append(shm.Segment.create(small, shape, 1))
+    config = CameraConfig(source=str(VTEST), realtime=True)
+    rc = RemoteCapture(handle, 1, "cam", config, parse_source(config.source))
+    handle.captures[1] = rc
+    bell = Doorbell()
+    try:
+        for name, count, slot in [(theirs, slots, 0), (neighbour, slots, 0), ("../../tmp/x", slots, 0),
+                                  (small, slots, 0), (mine, slots, slots)]:  # fmt: skip
+            handle._frame(rc, bell, name, count, shape, slot, 0, time.time(), time.monotonic(), None)
+            assert exchange.waiting == 0, name
+        prefix = shm.worker_prefix(pool.instance, 0, 1)
+        for count, layout in [(0, shape), (shm.MAX_SLOTS + 1, shape), (slots, (48, 64, 4)), (slots, (0, 64, 3))]:
+            with pytest.raises(ValueError):
+                shm.Segment.attach(mine, layout, count, prefix)
+        handle._frame(rc, bell, mine, slots, shape, 1, 0, time.time(), time.monotonic(), None)
+        assert exchange.waiting == 1  # the worker's own segment, as it made it
+        handle._handle(("stopped", 1, [theirs, neighbour, "../" + mine, mine]), bell)
+        assert not (shm.SHM_DIR / mine).exists()
+        assert all((shm.SHM_DIR / name).exists() for name in (theirs, neighbour))
+    finally:
+        for segment in made:
+            shm.unlink(segment.name)

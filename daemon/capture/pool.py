@@ -400,8 +400,10 @@ class WorkerHandle:
         elif kind == "stopped":
             with self._lock:
                 captures.pop(rc.capture_id, None)
-            for name in message[2]:
-                shm.unlink(name)
+            prefix = shm.worker_prefix(self.pool.instance, self.index, self.generation)
+            for name in message[2]:  # only what this worker made: a name it sends is never trusted as a path
+                if isinstance(name, str) and name.startswith(prefix) and "/" not in name:
+                    shm.unlink(name)
             rc.ended()
 
     def _frame(
@@ -420,15 +422,23 @@ class WorkerHandle:
         segment = rc.segment
         if segment is None or segment.name != name:
             try:
-                segment = shm.Segment.attach(name, shape, slots)
+                prefix = shm.worker_prefix(self.pool.instance, self.index, self.generation)
+                segment = shm.Segment.attach(name, shape, slots, prefix)
             except FileNotFoundError:  # its capture stopped and the worker let go of it: the frame is void anyway
+                return
+            except ValueError as exc:  # not what a worker of ours sends: nothing of it is mapped or touched
+                log.error("capture worker %d: refused frame memory for camera %s: %s", self.index, rc.name, exc)
                 return
             except OSError as exc:  # no descriptors or memory left: the frame is lost, its slot goes back
                 log.error("camera %s: cannot map frame memory %s: %s", rc.name, name, exc)
                 self._send(("free", name, slot))
                 return
             rc.segment = segment  # frames of the one before keep their mapping for as long as they live
-        lease = segment.lease(slot)
+        try:
+            lease = segment.lease(slot)
+        except ValueError as exc:
+            log.error("capture worker %d: camera %s: %s", self.index, rc.name, exc)
+            return
         weakref.finalize(lease, _release, segment.states, slot, bell)
         frame = Frame(rc.name, index, ts_wall, ts_mono, np.asarray(lease), pts_ms)
         on_taken = partial(_taken, segment.states, slot, bell) if rc.wait_for_consumer else None

@@ -110,9 +110,22 @@ class Segment:
         return cls(name, fd, shape, slots)
 
     @classmethod
-    def attach(cls, name: str, shape: tuple[int, int, int], slots: int) -> Segment:
-        """Daemon side: map a segment a worker made (it may have been unlinked since: then FileNotFoundError)."""
-        return cls(name, os.open(SHM_DIR / name, os.O_RDWR | os.O_CLOEXEC), shape, slots)
+    def attach(cls, name: str, shape: tuple[int, int, int], slots: int, prefix: str) -> Segment:
+        """Daemon side: map a segment a worker made (it may have been unlinked since: then FileNotFoundError).
+
+        What the worker says is checked before anything is mapped: the name must start with that worker's `prefix`
+        (never a path), the layout must be a frame's, and the file must be as large as the layout says (a smaller
+        one would be a SIGBUS at the first read). Anything else is a ValueError."""
+        if not name.startswith(prefix) or "/" in name or "\0" in name:
+            raise ValueError(f"not a segment of this worker: {name!r}")
+        height, width, channels = shape
+        if not (1 <= slots <= MAX_SLOTS and height > 0 and width > 0 and channels == 3):
+            raise ValueError(f"not a frame layout: {slots} slots of {shape}")
+        fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        if os.fstat(fd).st_size < HEADER_BYTES + slots * _page_align(height * width * channels):
+            os.close(fd)
+            raise ValueError(f"segment {name} is smaller than {slots} slots of {shape}")
+        return cls(name, fd, shape, slots)
 
     def image(self, slot: int) -> np.ndarray:
         """Worker side: a writable (H, W, 3) view of `slot`."""
@@ -121,6 +134,8 @@ class Segment:
 
     def lease(self, slot: int) -> FrameLease:
         """Daemon side: the read-only image of `slot`, as an object whose life is the frame's (see FrameLease)."""
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"segment {self.name} has no slot {slot}")
         if self._address is None:
             self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._mmap))
         return FrameLease(self, self._address + HEADER_BYTES + slot * self.stride)

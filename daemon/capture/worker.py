@@ -102,8 +102,12 @@ class ShmSink:
         self._images = [segment.image(slot) for slot in range(segment.slots)]
         return segment
 
+    def _segments(self) -> list[shm.Segment]:
+        """The older segments still held, then the current one."""
+        return [*self._old, *([self._segment] if self._segment is not None else [])]
+
     def segment_named(self, name: str) -> shm.Segment | None:
-        for segment in [*self._old, *([self._segment] if self._segment is not None else [])]:
+        for segment in self._segments():
             if segment.name == name:
                 return segment
         return None
@@ -181,7 +185,7 @@ class ShmSink:
     def close(self) -> list[str]:
         """The capture thread has ended: the names of its segments, for the daemon to unlink once it has read the
         frames still on their way (the worker unlinking them now could pull a file's last frame from under it)."""
-        names = [segment.name for segment in [*self._old, *([self._segment] if self._segment is not None else [])]]
+        names = [segment.name for segment in self._segments()]
         self._old, self._segment, self._images = [], None, []
         return names
 
