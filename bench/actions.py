@@ -7,11 +7,13 @@ clip classified every `--interval` crops), the plugin's time per frame and the c
 
 Then what the plugin costs the daemon (`--pipeline-cameras`, 0 to skip): the real daemon, each run in a fresh
 process, on vtest.avi (real pedestrians, looping, read as fast as the chain consumes) with the shared Yolo-Fastest-XL
-person detector and ByteTrack, once without and once with the action recognizer after the tracker: detection fps,
-capture-to-publish latency, and the clips classified per second.
+person detector and ByteTrack, once without the action recognizer, then with it after the tracker as a branch (its
+default: clips classified beside the chain) and in the chain (`branch: false`), as `--modes` says: detection fps
+and its ratio to the run without, capture-to-publish latency, the clips classified per second and, for the branch,
+the clips it skipped per second.
 
     python bench/actions.py [--device cpu] [--model r3d_18] [--batches 1 4 16] [--tracks 10 100 500]
-                            [--pipeline-cameras 1 4] [--seconds-pipeline 30]
+                            [--pipeline-cameras 1 4] [--seconds-pipeline 30] [--modes branch chain]
 """
 
 from __future__ import annotations
@@ -65,9 +67,9 @@ def per_frame(recognizer: ActionRecognizer, tracks: int, frames: int) -> tuple[f
     for i in range(frames):
         xyxy = np.concatenate([corner + i, corner + i + [60, 160]], axis=1)
         detections = Detections.untracked(xyxy, np.ones(tracks, np.float32), np.zeros(tracks, np.int32), ("person",))
-        before = int(recognizer.clips_seen.sum())
+        before = int(recognizer.scores.clips_seen.sum())
         recognizer.process([Frame("c", i, i / 25, i / 25, image, detections=detections.with_tracker_ids(ids))])
-        classified += int(recognizer.clips_seen.sum()) - before
+        classified += int(recognizer.scores.clips_seen.sum()) - before
     elapsed = time.perf_counter() - began
     return elapsed / frames * 1000, classified / elapsed
 
@@ -75,12 +77,13 @@ def per_frame(recognizer: ActionRecognizer, tracks: int, frames: int) -> tuple[f
 SHARED = Path(os.environ.get("VIGILD_SHARED", Path(__file__).resolve().parents[2] / "shared")).resolve()
 
 
-def pipeline_config(cameras: int, actions: bool, args: argparse.Namespace) -> str:
+def pipeline_config(cameras: int, mode: str, args: argparse.Namespace) -> str:
+    """`mode`: `none` (no recognizer), `branch` or `chain`."""
     recognizer = (
         f"  - type: action_recognizer\n    model: {args.model}\n    weights: null\n    interval: {args.interval}\n"
-        f"    max_batch: {args.max_batch}\n"
+        f"    max_batch: {args.max_batch}\n    branch: {'true' if mode == 'branch' else 'false'}\n"
     )
-    return vtest_daemon_yaml(SHARED, cameras, recognizer if actions else "", args.device)
+    return vtest_daemon_yaml(SHARED, cameras, recognizer if mode != "none" else "", args.device)
 
 
 def pipeline_run(config: str, warmup: float, seconds: float, results: Any) -> None:
@@ -88,7 +91,7 @@ def pipeline_run(config: str, warmup: float, seconds: float, results: Any) -> No
     daemon = start_daemon(config)
     recognizers = [p for stage in daemon.chain.stages for p, _ in stage.instances if isinstance(p, ActionRecognizer)]
     clips = [0]
-    for recognizer in recognizers:  # count what the model classifies, without changing what it does
+    for recognizer in recognizers:  # count what the model classifies in the chain, without changing what it does
         classify = recognizer.classify
 
         def counted(batch: torch.Tensor, classify: Any = classify) -> Any:
@@ -96,16 +99,24 @@ def pipeline_run(config: str, warmup: float, seconds: float, results: Any) -> No
             return classify(batch)
 
         recognizer.classify = counted
+
+    def classified() -> int:  # a branch's worker counts its own (it calls the method it was given at start)
+        return clips[0] + sum(r.worker.classified for r in recognizers if r.worker is not None)
+
+    def skipped() -> int:
+        return sum(r.worker.skipped_total for r in recognizers if r.worker is not None)
+
     daemon.start()
     try:
         time.sleep(warmup)
         scheduler = daemon.scheduler
-        frames0, clips0 = sum(scheduler.processed.values()), clips[0]
+        frames0, clips0, skipped0 = sum(scheduler.processed.values()), classified(), skipped()
         scheduler.latencies_s.clear()
         began = time.monotonic()
         time.sleep(seconds)
         elapsed = time.monotonic() - began
-        frames, classified = sum(scheduler.processed.values()) - frames0, clips[0] - clips0
+        frames = sum(scheduler.processed.values()) - frames0
+        done, skips = classified() - clips0, skipped() - skipped0
         latencies = np.array(scheduler.latencies_s) * 1000
         threads = daemon.status()["threads"]
     finally:
@@ -116,14 +127,15 @@ def pipeline_run(config: str, warmup: float, seconds: float, results: Any) -> No
             "fps": frames / elapsed,
             "p50": float(p50),
             "p99": float(p99),
-            "clips_s": classified / elapsed,
+            "clips_s": done / elapsed,
+            "skipped_s": skips / elapsed,
             "threads": threads,
         }
     )
 
 
-def pipeline(cameras: int, actions: bool, args: argparse.Namespace) -> dict[str, Any]:
-    config = pipeline_config(cameras, actions, args)
+def pipeline(cameras: int, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    config = pipeline_config(cameras, mode, args)
     result: dict[str, Any] = in_fresh_process(
         pipeline_run, (config, args.warmup, args.seconds_pipeline), args.warmup + args.seconds_pipeline + 600
     )
@@ -142,6 +154,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="per batch size")
     parser.add_argument("--pipeline-cameras", type=int, nargs="+", default=[1, 4], help="0: no daemon runs")
     parser.add_argument("--seconds-pipeline", type=float, default=30.0, help="measured window per daemon run")
+    parser.add_argument("--modes", nargs="+", choices=["branch", "chain"], default=["branch", "chain"])
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds before the window (loads, clips filling)")
     args = parser.parse_args()
     os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -162,16 +175,17 @@ def main() -> None:
     if cameras_list:
         print(f"daemon on vtest.avi (768x576), Yolo-Fastest-XL 320 + ByteTrack [+ {args.model}, a clip every "
               f"{args.interval} crops], {args.seconds_pipeline:.0f} s windows")
-        print(f"{'cameras':>7} {'actions':>8} {'fps':>7} {'p50 ms':>8} {'p99 ms':>8} {'clips/s':>8} {'fps ratio':>9}")
+        print(f"{'cameras':>7} {'actions':>8} {'fps':>7} {'p50 ms':>8} {'p99 ms':>8} {'clips/s':>8} "
+              f"{'skipped/s':>9} {'fps ratio':>9}")
     for cameras in cameras_list:
-        without = pipeline(cameras, False, args)
-        print(f"{cameras:>7} {'no':>8} {without['fps']:>7.1f} {without['p50']:>8.0f} {without['p99']:>8.0f}"
-              f"{'':>9} {'':>9}  threads {without['threads']}", flush=True)
-        with_actions = pipeline(cameras, True, args)
-        ratio = with_actions["fps"] / without["fps"] if without["fps"] else float("nan")
-        print(f"{cameras:>7} {'yes':>8} {with_actions['fps']:>7.1f} {with_actions['p50']:>8.0f} "
-              f"{with_actions['p99']:>8.0f} {with_actions['clips_s']:>8.1f} {ratio:>8.2f}x  "
-              f"threads {with_actions['threads']}", flush=True)
+        without = pipeline(cameras, "none", args)
+        print(f"{cameras:>7} {'none':>8} {without['fps']:>7.1f} {without['p50']:>8.0f} {without['p99']:>8.0f}"
+              f"{'':>9} {'':>10} {'':>9}  threads {without['threads']}", flush=True)
+        for mode in args.modes:
+            run = pipeline(cameras, mode, args)
+            ratio = run["fps"] / without["fps"] if without["fps"] else float("nan")
+            print(f"{cameras:>7} {mode:>8} {run['fps']:>7.1f} {run['p50']:>8.0f} {run['p99']:>8.0f} "
+                  f"{run['clips_s']:>8.1f} {run['skipped_s']:>9.1f} {ratio:>8.2f}x", flush=True)
 
 
 if __name__ == "__main__":

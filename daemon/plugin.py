@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Any, ClassVar, Generic, TypeVar, get_args
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -67,6 +67,10 @@ def _mentions_path(annotation: Any) -> bool:
     return any(_mentions_path(arg) for arg in get_args(annotation))
 
 
+def _unpublished(event: Event) -> None:
+    logging.getLogger("vigild.plugin").debug("no publisher: dropping %s", event.type)
+
+
 @dataclass(frozen=True)
 class PluginContext:
     """What the daemon tells a plugin about its surroundings."""
@@ -76,6 +80,26 @@ class PluginContext:
     cameras: Mapping[str, Any] = field(default_factory=dict)
     """Config of each camera this plugin instance serves, by name."""
     torch_threads: int | None = None
+    branch: bool = False
+    """For a plugin that `splits`: whether it runs its slow part beside the chain (its entry's `branch:`, else its
+    `branch_default`)."""
+    publish: Callable[[Event], None] = _unpublished
+    """Where a plugin that `splits` sends the events its own worker makes (thread-safe: the daemon's publisher)."""
+
+
+class BranchWork(Protocol):
+    """What the daemon shows of work that runs beside the chain (status `branch`, metrics): a `Branch`, or the
+    worker of a plugin that `splits`."""
+
+    unit: str
+    """What `pending` and `skipped_total` count: `frames`, `clips`..."""
+
+    @property
+    def pending(self) -> int: ...
+    @property
+    def skipped_total(self) -> int: ...
+    @property
+    def busy_s(self) -> float: ...
 
 
 def check_torchvision_weights(value: str | None) -> str | None:
@@ -146,6 +170,11 @@ class Plugin(ABC, Generic[ConfigT]):
     reaches later plugins, and its `process` and `on_source_end` run on the branch's thread."""
     branch_default: ClassVar[bool] = False
     """Whether it runs as a branch when its entry does not say (`branch:`)."""
+    splits: ClassVar[bool] = False
+    """For a `branchable` plugin: True when, as a branch, it stays in the chain for its cheap part (on every frame,
+    in order) and hands its slow part to a worker of its own, which it starts when `context.branch` is set, shows
+    through `branch_work()` and whose events it sends to `context.publish` (the action recognizer cuts tubes in the
+    chain and classifies clips beside it). False: the chain runs the whole plugin as a `Branch`."""
     camera_settings: ClassVar[type[BaseModel] | None] = None
     """A model of keys this plugin reads from each camera's own section (next to `source:`), which the core's camera
     settings keep as plain mappings: the analytics plugin's `zones:` and `lines:`. Loading validates every camera's
@@ -177,6 +206,16 @@ class Plugin(ABC, Generic[ConfigT]):
     def on_source_end(self, camera: str, ts_wall: float, frame_index: int) -> list[Event]:
         """`camera` will send no more frames (its file ended or the daemon stops): return the closing events."""
         return []
+
+    def prefetch(self, frames: list[Frame]) -> None:
+        """Optional, for the first plugin of the chain: start the device work of `frames` (the next batch) now, on
+        a thread of the plugin's own, while the scheduler finishes the batch before. `process` is then called with
+        the same frames (the same objects, in order) and takes the result; with any other frames it computes as
+        usual. Results must be exactly those of `process` alone. Default: nothing."""
+
+    def branch_work(self) -> BranchWork | None:
+        """A plugin that `splits`: its worker beside the chain, while it has one."""
+        return None
 
     def stop(self) -> None:
         """Release resources; called once, after the last `process`."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 import time
 import weakref
 
@@ -77,7 +78,9 @@ def actions_by_person(events, truths) -> dict[int, set[str]]:
     return found
 
 
-def run_chain(motion_model, reverse: bool) -> tuple[list[Event], list[dict]]:
+def run_chain(motion_model, reverse: bool, branch: bool = False) -> tuple[list[Event], list[dict]]:
+    """The scene through the detector, ByteTrack and the recognizer (`branch`: classifying beside the chain, its
+    events published from its own thread, as the daemon's publisher gets them)."""
     from conftest import yolo_fastest
 
     from vigild.pipeline.chain import Chain
@@ -85,7 +88,8 @@ def run_chain(motion_model, reverse: bool) -> tuple[list[Event], list[dict]]:
     from vigild.plugins.tracking.bytetrack import ByteTrack, ByteTrackConfig
 
     detector, tracker = yolo_fastest(0.3), ByteTrackConfig(update_interval=1.0)
-    actions = action_config(*motion_model)
+    actions = action_config(*motion_model, branch=branch)
+    published: list[Event] = []
     chain = Chain(
         (
             PluginSpec("detector", Detector, detector, {"r": detector}),
@@ -94,6 +98,7 @@ def run_chain(motion_model, reverse: bool) -> tuple[list[Event], list[dict]]:
         ),
         "cpu",
         {"r": CameraConfig(source="rendered")},
+        publish=published.append,
     )
     chain.start()
     images, truths = render(SCENE, SCENE_FRAMES, reverse=reverse)
@@ -104,16 +109,21 @@ def run_chain(motion_model, reverse: bool) -> tuple[list[Event], list[dict]]:
         events.extend(frame.events)
     events.extend(chain.source_ended("r", 1000.0 + len(images) / 10, len(images) - 1))
     chain.stop()
-    return events, truths
+    if branch:
+        assert not any(e.type.startswith("action.") for e in events), "a branch's events are its own to publish"
+        frames = [e.frame for e in published]
+        assert frames == sorted(frames), "a branch publishes in frame order"
+    return events + published, truths
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("branch", [True, False], ids=["branch", "in-chain"])
 def test_the_daemon_tells_each_subscriber_the_true_action_of_each_person_and_no_other(
-    tmp_path, motion_model, endpoint, subscriber_factory
+    tmp_path, motion_model, endpoint, subscriber_factory, branch
 ):
     """As a user runs it: the rendered scene as a video file, `vigild run` with the real detector, ByteTrack and
     the action recognizer with the user's TorchScript model and labels file, a plain pyzmq subscriber in its own
-    process."""
+    process; the recognizer as a branch (its default) and in the chain."""
     from conftest import daemon_env, vigild, write_video, yolo_fastest_yaml
 
     images, truths = render(SCENE, SCENE_FRAMES)
@@ -142,6 +152,7 @@ plugins:
     interval: 4
     margin: {MARGIN}
     threshold: 0.6
+    branch: {"true" if branch else "false"}
 publisher:
   endpoint: {endpoint}
   await_subscribers: 1  # the test's subscriber sees the first events (no PUB/SUB slow joiner)
@@ -163,11 +174,12 @@ device: cpu
 
 
 @pytest.mark.e2e
-def test_played_backwards_walking_left_becomes_walking_right(motion_model):
+@pytest.mark.parametrize("branch", [False, True], ids=["in-chain", "branch"])
+def test_played_backwards_walking_left_becomes_walking_right(motion_model, branch):
     """Through the real detector and tracker, in-process, on the scene played backwards: the model says what the
-    reversed motion is, so time order is kept from the capture to the clip."""
+    reversed motion is, so time order is kept from the capture to the clip; in the chain and as a branch."""
     reverse = True
-    events, truths = run_chain(motion_model, reverse)
+    events, truths = run_chain(motion_model, reverse, branch)
     found = actions_by_person(events, truths)
     expected = {person: {FLIPPED[a] if reverse else a} for person, a in TRUE.items()}
     assert found == expected
@@ -176,6 +188,10 @@ def test_played_backwards_walking_left_becomes_walking_right(motion_model):
     assert sorted((e.object["track_id"], e.data["action"]) for e in starts) == sorted(
         (e.object["track_id"], e.data["action"]) for e in ends
     ), "every action.start gets one action.end"
+    said = [(e.object["track_id"], e.data["action"], e.type) for e in events if e.type.startswith("action.")]
+    for key in {(track, action) for track, action, _ in said}:
+        kinds = [kind for track, action, kind in said if (track, action) == key]
+        assert kinds == ["action.start", "action.end"] * (len(kinds) // 2), f"{key}: an end never before its start"
     updates = [e for e in events if e.type == "track.update" and "actions" in e.data]
     assert updates and all(len(e.data["actions"]) == 2 for e in updates)
 
@@ -263,7 +279,7 @@ def test_whole_frame_mode_classifies_the_camera_view(motion_model, action):
         frame = Frame("c", i, i / 10, i / 10, view)
         plugin.process([frame])
         events += frame.events
-    assert plugin.clips_seen[plugin._cameras["c"].slots[0]] >= 3  # 20 samples: full at 8, then every 4
+    assert plugin.scores.clips_seen[plugin._cameras["c"].slots[0]] >= 3  # 20 samples: full at 8, then every 4
     events += plugin.on_source_end("c", 6.0, 59)
     assert [(e.type, e.data["action"], e.object) for e in events] == [
         ("action.start", action, None),
@@ -375,7 +391,7 @@ def test_a_model_failure_mid_batch_fails_only_the_frames_with_clips_and_leaves_t
     from vigild.pipeline.chain import Chain
 
     model_file, labels = motion_model
-    config = action_config(model_file, labels, stride=1, interval=4, smoothing=0.5)
+    config = action_config(model_file, labels, stride=1, interval=4, smoothing=0.5, branch=False)  # in the chain
     chain = Chain(
         (PluginSpec("action_recognizer", ActionRecognizer, config, {"r": config}),),
         "cpu",
@@ -399,19 +415,19 @@ def test_a_model_failure_mid_batch_fails_only_the_frames_with_clips_and_leaves_t
     for start in (0, 4):
         assert len(chain.process(frames(start))) == 4
     slots = plugin._cameras["r"].slots
-    assert plugin.clips_seen[slots].tolist() == [1, 1]  # classified on frame 7
+    assert plugin.scores.clips_seen[slots].tolist() == [1, 1]  # classified on frame 7
 
     passed = chain.process(frames(8))
     assert [f.index for f in passed] == [8, 9, 10] and stage.failures["r"] == 1
     assert plugin.pool.written[slots].tolist() == [12, 12], "each frame is cut into the tubes once"
     assert torch.equal(plugin.pool.clips(slots), truth_clips(images[4:12], truths[4:12], (0, 1))), "frames 4..11"
-    assert plugin.clips_seen[slots].tolist() == [1, 1]
+    assert plugin.scores.clips_seen[slots].tolist() == [1, 1]
 
     chain.process(frames(12))
-    assert plugin.clips_seen[slots].tolist() == [2, 2], "the clip left over is classified on frame 12"
+    assert plugin.scores.clips_seen[slots].tolist() == [2, 2], "the clip left over is classified on frame 12"
     first = true_scores(model_file, truth_clips(images[0:8], truths[0:8], (0, 1)))
     second = true_scores(model_file, truth_clips(images[5:13], truths[5:13], (0, 1)))
-    np.testing.assert_allclose(plugin.smoothed[slots], 0.5 * second + 0.5 * first, atol=1e-5)
+    np.testing.assert_allclose(plugin.scores.smoothed[slots], 0.5 * second + 0.5 * first, atol=1e-5)
     chain.stop()
 
 
@@ -424,7 +440,7 @@ def test_track_updates_carry_each_tracks_current_top_actions_and_no_frame_outliv
     from vigild.pipeline.chain import Chain
     from vigild.plugins.tracking.bytetrack import ByteTrack, ByteTrackConfig
 
-    tracker, actions = ByteTrackConfig(update_interval=0.5), action_config(*motion_model, top_k=2)
+    tracker, actions = ByteTrackConfig(update_interval=0.5), action_config(*motion_model, top_k=2, branch=False)
     chain = Chain(
         (PluginSpec("bytetrack", ByteTrack, tracker, {"r": tracker}),
          PluginSpec("action_recognizer", ActionRecognizer, actions, {"r": actions})),
@@ -443,12 +459,12 @@ def test_track_updates_carry_each_tracks_current_top_actions_and_no_frame_outliv
         assert kinds == sorted(kinds, key=lambda kind: not kind.startswith("track.")), kinds
         for event in (e for e in passed.events if e.type == "track.update"):
             slot = int(plugin._cameras["r"].slots_of(np.array([event.object["track_id"]]))[0])
-            updates.append(slot >= 0 and plugin.clips_seen[slot] > 0)
+            updates.append(slot >= 0 and plugin.scores.clips_seen[slot] > 0)
             if not updates[-1]:
                 assert "actions" not in event.data
                 continue
-            top = np.argsort(-plugin.smoothed[slot])[:2]
-            expected = [{"action": plugin.video.labels[k], "score": round(float(plugin.smoothed[slot, k]), 4)}
+            top = np.argsort(-plugin.scores.smoothed[slot])[:2]
+            expected = [{"action": plugin.video.labels[k], "score": round(float(plugin.scores.smoothed[slot, k]), 4)}
                         for k in top]  # fmt: skip
             assert list(event.data) == ["age_s", "actions"] and event.data["actions"] == expected
             last_top[person_of(event.object["bbox"], truths[passed.index])] = expected[0]["action"]
@@ -648,3 +664,99 @@ def assert_same_crops(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """uint8 crops equal to within one level of rounding."""
     assert actual.shape == expected.shape and actual.dtype == torch.uint8
     assert float((actual.float() - expected.float()).abs().max()) <= 1
+
+
+class GatedVideoModel(torch.nn.Module):
+    """The real model, held at the door of each forward pass until the test opens `gate` (a slow model, at will)."""
+
+    def __init__(self, model: torch.nn.Module, gate: threading.Event):
+        super().__init__()
+        self.model, self.gate = model, gate
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        assert self.gate.wait(60), "the test never opened the gate"
+        return self.model(clips)
+
+
+def wait_until(condition, what: str, timeout: float = 60.0) -> None:
+    """Wait for a state the worker reaches by itself (no timing is asserted: only that it gets there)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.01)
+
+
+def branch_recognizer(motion_model, published: list[Event], **overrides) -> ActionRecognizer:
+    config = action_config(*motion_model, branch=True, **overrides)
+    context = PluginContext("cpu", {"r": CameraConfig(source="r")}, branch=True, publish=published.append)
+    plugin = ActionRecognizer(config, context)
+    plugin.start()
+    return plugin
+
+
+def walkers(images, truths, i: int) -> Frame:
+    """Frame `i` of the two-walker scene with its true boxes as tracks 1 (walking left) and 2 (walking right)."""
+    boxes = np.array([truths[i][p] for p in (0, 1)], np.float32)
+    found = Detections.untracked(boxes, np.ones(2, np.float32), np.zeros(2, np.int32), ("person",))
+    return Frame("r", i, 100.0 + i / 10, i / 10, images[i], detections=found.with_tracker_ids(np.array([1, 2])))
+
+
+def test_as_a_branch_the_chain_never_waits_for_the_model_and_the_newest_clips_are_classified(motion_model):
+    """The recognizer as a branch, its model held shut: the chain's part (cutting tubes) goes on frame after frame,
+    clips due (frames 21, 33, 45... : a crop every 3 frames, 8 a clip, then every 4 crops) beyond the backlog of 2
+    are skipped oldest first and counted, and the worker classifies the newest. Opened, it catches up; its events
+    carry the frame they describe (index, time, the walker's box there), an end never before its start; the
+    camera's closing publishes each action's end before `on_source_end` returns."""
+    published: list[Event] = []
+    plugin = branch_recognizer(motion_model, published, interval=4, backlog=2, max_batch=2)
+    worker = plugin.branch_work()
+    assert worker is not None and worker.unit == "clips"
+    gate = threading.Event()
+    plugin.run.module = GatedVideoModel(plugin.run.module, gate)
+    images, truths = render(SCENE[:2], 130)
+    due = [21 + 12 * k for k in range(10)]  # 21, 33, ... 129
+    for i in range(97):
+        frame = walkers(images, truths, i)
+        plugin.process([frame])
+        assert not frame.events, "a branch's events are published by its worker, never put on the chain's frames"
+        if i == 21:
+            wait_until(lambda: plugin.worker.working, "the worker takes frame 21's clips")
+    # 21 is in the model; 33, 45, 57, 69, 81 were pushed out by newer ones (2 clips each); 93 waits
+    assert worker.skipped_total == 10 and worker.pending == 2 and published == []
+    gate.set()
+    wait_until(lambda: worker.pending == 0 and not plugin.worker.working, "the worker catches up")
+    for i in range(97, 130):
+        plugin.process([walkers(images, truths, i)])
+        if i in due:
+            wait_until(lambda: worker.pending == 0 and not plugin.worker.working, f"frame {i}'s clips")
+    assert worker.skipped_total == 10 and plugin.worker.classified == 2 * 5  # frames 21, 93, 105, 117, 129
+    assert plugin.on_source_end("r", 200.0, 130) == []
+    plugin.stop()
+    starts = [e for e in published if e.type == "action.start"]
+    ends = [e for e in published if e.type == "action.end"]
+    assert sorted(e.data["action"] for e in starts) == ["walk_left", "walk_right"]
+    assert sorted(e.data["action"] for e in ends) == ["walk_left", "walk_right"]
+    for event in starts:
+        assert event.frame in (93, 105, 117, 129) and event.ts_wall == 100.0 + event.frame / 10
+        person = {1: 0, 2: 1}[event.object["track_id"]]
+        np.testing.assert_allclose(event.object["bbox"], truths[event.frame][person], atol=0.06)
+    assert all(e.frame == 130 and e.ts_wall == 200.0 and e.data["reason"] == "source_end" for e in ends)
+    assert [e.frame for e in published] == sorted(e.frame for e in published)
+
+
+def test_as_a_branch_a_model_failure_costs_only_its_clips(motion_model):
+    """The model fails on its first call, on the worker: those 2 clips are counted as failed, the chain's frames are
+    untouched, and the clips due later are classified."""
+    published: list[Event] = []
+    plugin = branch_recognizer(motion_model, published, interval=4)
+    plugin.run.module = FakeFailingVideoModel(plugin.run.module, fail_on=1)
+    images, truths = render(SCENE[:2], 60)
+    for i in range(60):
+        frame = walkers(images, truths, i)
+        plugin.process([frame])
+        if i in (21, 33, 45, 57):
+            wait_until(lambda: plugin.worker.pending == 0 and not plugin.worker.working, f"frame {i}'s clips")
+    assert plugin.worker.failed == 2 and plugin.worker.classified == 6 and plugin.worker.skipped_total == 0
+    plugin.on_source_end("r", 200.0, 60)
+    plugin.stop()
+    assert {e.data["action"] for e in published if e.type == "action.start"} == {"walk_left", "walk_right"}

@@ -25,7 +25,7 @@ SNAPSHOT = {
     "scheduler": {"batches": 77},
     "plugins": {"detector": {"frames": 160, "failures": 3, "batch_failures": 1},
                 "segmenter": {"frames": 12, "failures": 0, "batch_failures": 0,
-                              "branch": {"pending": 2, "skipped": 140, "busy_s": 11.5}}},
+                              "branch": {"unit": "frames", "pending": 2, "skipped": 140, "busy_s": 11.5}}},
     "publisher": {"sent": 300, "sent_by_type": {"track.update": 250, "heartbeat": 50}, "dropped_queue_full": 6,
                   "dropped_unsendable": 2},
 }  # fmt: skip
@@ -68,9 +68,9 @@ def test_the_metrics_are_the_snapshots_numbers():
     assert got["vigild_uptime_seconds"] == 12.5
     assert got['vigild_plugin_frames_total{plugin="detector"}'] == 160
     assert got['vigild_plugin_frames_total{plugin="segmenter"}'] == 12
-    assert got['vigild_branch_pending{plugin="segmenter"}'] == 2
-    assert got['vigild_branch_skipped_frames_total{plugin="segmenter"}'] == 140
-    assert 'vigild_branch_pending{plugin="detector"}' not in got  # not a branch
+    assert got['vigild_branch_pending{plugin="segmenter",unit="frames"}'] == 2
+    assert got['vigild_branch_skipped_total{plugin="segmenter",unit="frames"}'] == 140
+    assert not any(key.startswith('vigild_branch_pending{plugin="detector"') for key in got)  # not a branch
     assert got['vigild_capture_worker_restarts_total{worker="0"}'] == 0
     assert got['vigild_capture_worker_restarts_total{worker="1"}'] == 3
 

@@ -63,6 +63,12 @@ class PluginSpec:
         """Runs beside the chain (vigild.pipeline.branch): `branch:` in its entry, else the plugin's own default."""
         return self.config.branch if self.config.branch is not None else self.cls.branch_default
 
+    @property
+    def whole_branch(self) -> bool:
+        """The chain runs the whole plugin beside it (a `Branch`); a branch plugin that `splits` stays in the chain
+        and runs its slow part on a worker of its own."""
+        return self.branch and not self.cls.splits
+
 
 @dataclass(frozen=True)
 class Config:

@@ -41,6 +41,22 @@ STOP_WAIT_S = 5.0
 NICE = 10
 
 
+def lower_priority(threads: int | None) -> None:
+    """Called first on a branch's thread: it runs at nice +`NICE` (Linux; elsewhere, or where not allowed, at the
+    chain's priority) and torch's intra-op threads for its work are `threads` (torch's OpenMP thread count is kept
+    per calling thread: the chain's stay as they are)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
+    torch = sys.modules.get("torch")  # (not imported for a plugin that does not use it)
+    if torch is not None and threads is not None:
+        torch.set_num_threads(threads)
+
+
+def branch_threads(chain_threads: int | None) -> int | None:
+    """torch threads for a branch's work: half the chain's."""
+    return max(1, chain_threads // 2) if chain_threads else None
+
+
 @dataclass(frozen=True)
 class _Close:
     camera: str
@@ -68,8 +84,7 @@ class Branch:
         self._close = close
         self._publish = publish
         self._observe = observe
-        self.threads = max(1, threads // 2) if threads else None
-        """torch threads for the branch's work: half the chain's."""
+        self.threads = branch_threads(threads)
         self._cond = threading.Condition()
         self._waiting: dict[str, tuple[int, Frame]] = {}
         """The newest frame of each camera not taken yet, with its sequence number."""
@@ -124,9 +139,16 @@ class Branch:
         with self._cond:
             self.skipped.pop(camera, None)
 
+    unit = "frames"
+    """What `pending` and `skipped_total` count (vigild.plugin.BranchWork)."""
+
     @property
     def pending(self) -> int:
         return len(self._waiting) + len(self._closes)
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(dict(self.skipped).values())  # a copy: the scheduler may add a camera
 
     def request_stop(self) -> None:
         """Finish what is queued (closing events included), then end the thread."""
@@ -175,12 +197,7 @@ class Branch:
             return [frame for _, frame in sorted(batch, key=lambda item: item[0])], closes
 
     def _loop(self) -> None:
-        # (AttributeError, OSError: not Linux, or not allowed: the same priority as the chain)
-        with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
-        torch = sys.modules.get("torch")  # (not imported for a plugin that does not use it)
-        if torch is not None and self.threads is not None:
-            torch.set_num_threads(self.threads)  # this thread's only: OpenMP keeps the count per calling thread
+        lower_priority(self.threads)
         while (work := self._take()) is not None:
             frames, closes = work
             if frames:

@@ -30,7 +30,7 @@ from vigild.events import Event, add_track_events
 from vigild.frame import Frame
 from vigild.pipeline.branch import Branch
 from vigild.pipeline.durations import PLUGIN_BUCKETS, Durations
-from vigild.plugin import FrameErrors, Plugin, PluginConfig, PluginContext
+from vigild.plugin import BranchWork, FrameErrors, Plugin, PluginConfig, PluginContext
 
 log = logging.getLogger("vigild.chain")
 
@@ -121,9 +121,10 @@ class Chain:
                             self.branches[id(plugin)] = branch
                             self._branch_handover.append((stage, plugin, branch))
                     else:
-                        plugin = spec.cls(config, PluginContext(device, served_cameras, torch_threads))
+                        context = PluginContext(device, served_cameras, torch_threads, spec.branch, self._publish)
+                        plugin = spec.cls(config, context)
                         self._fresh.append((stage, plugin))
-                        if spec.branch:
+                        if spec.whole_branch:
                             self.branches[id(plugin)] = self._branch(stage, plugin)
                 except Exception as exc:
                     raise PluginStartError(spec.id, position, exc) from exc
@@ -207,6 +208,12 @@ class Chain:
             if id(plugin) not in kept
         ]
 
+    def branch_work(self, stage: Stage) -> list[BranchWork]:
+        """What of `stage` runs beside the chain: the branches of its instances, or their own workers (a plugin
+        that `splits`); none for a plugin in the chain."""
+        works = [self.branches.get(id(plugin)) or plugin.branch_work() for plugin, _ in stage.instances]
+        return [work for work in works if work is not None]
+
     def close_instance(self, stage: Stage, plugin: Plugin, camera: str, ts_wall: float) -> list[Event]:
         branch = self.branches.get(id(plugin))
         if branch is not None:  # it publishes its own closing events, in turn with its frames
@@ -240,7 +247,7 @@ class Chain:
         for stage in self.stages:
             failed: set[int] = set()
             started = time.perf_counter()
-            if stage.spec.branch:  # beside the chain: handed over, never waited for; it counts its own time
+            if stage.spec.whole_branch:  # beside the chain: handed over, never waited for; it counts its own time
                 for plugin, cameras in stage.instances:
                     batch = [frame for frame in live if frame.camera in cameras]
                     if batch:
@@ -256,6 +263,20 @@ class Chain:
         for frame in frames:  # the tracker's verdicts become events once every plugin has added its data; also on a
             add_track_events(frame)  # frame a later plugin failed on: the tracker's state has moved on with it
         return live
+
+    def prefetch(self, frames: list[Frame]) -> None:
+        """Let the first plugin start the device work of the next batch (`Plugin.prefetch`); `process` with the
+        same frames picks it up. A branch, or a plugin that cannot, does nothing ahead."""
+        if not self.stages or self.stages[0].spec.whole_branch:
+            return
+        stage = self.stages[0]
+        for plugin, cameras in stage.instances:
+            batch = [frame for frame in frames if frame.camera in cameras]
+            if batch:
+                try:
+                    plugin.prefetch(batch)
+                except Exception:  # nothing is lost: `process` computes the batch itself
+                    log.exception("plugin '%s' failed to start a batch ahead", stage.spec.id)
 
     def source_ended(self, camera: str, ts_wall: float, frame_index: int) -> list[Event]:
         events: list[Event] = []

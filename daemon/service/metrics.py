@@ -100,21 +100,25 @@ class DaemonCollector(Collector):
             "vigild_plugin_batch_failures", "Batches a plugin raised on (whole or rerun frame by frame)", labels=["plugin"]
         )
         pending = GaugeMetricFamily(
-            "vigild_branch_pending", "Frames and closings a branch plugin has not handled yet", labels=["plugin"]
+            "vigild_branch_pending",
+            "Work a branch plugin has not handled yet (`unit`: frames and closings, or clips)",
+            labels=["plugin", "unit"],
         )
         plugin_frames = CounterMetricFamily("vigild_plugin_frames", "Frames a plugin ran on", labels=["plugin"])
         skipped = CounterMetricFamily(
-            "vigild_branch_skipped_frames",
-            "Frames a branch plugin skipped to keep up (replaced by a newer one of the camera)",
-            labels=["plugin"],
+            "vigild_branch_skipped",
+            "Work a branch plugin skipped to keep up (`unit`: frames replaced by a newer one of the camera, or clips "
+            "it could not afford)",
+            labels=["plugin", "unit"],
         )
         for plugin_id, plugin in status["plugins"].items():
             plugin_failures.add_metric([plugin_id], plugin["failures"])
             batch_failures.add_metric([plugin_id], plugin["batch_failures"])
             plugin_frames.add_metric([plugin_id], plugin["frames"])
             if "branch" in plugin:
-                pending.add_metric([plugin_id], plugin["branch"]["pending"])
-                skipped.add_metric([plugin_id], plugin["branch"]["skipped"])
+                branch = plugin["branch"]
+                pending.add_metric([plugin_id, branch["unit"]], branch["pending"])
+                skipped.add_metric([plugin_id, branch["unit"]], branch["skipped"])
         yield from (plugin_failures, batch_failures, plugin_frames, pending, skipped)
         restarts = CounterMetricFamily(
             "vigild_capture_worker_restarts", "Times a capture worker process died and was restarted", labels=["worker"]

@@ -132,17 +132,18 @@ def snapshot(running: Running, pipeline: Pipeline, rates: Rates, uptime_s: float
 
 
 def branch_report(chain: Chain, stage: Stage) -> dict[str, Any]:
-    """For a plugin that runs beside the chain: `branch` with what it holds (`pending`: frames and closings not
-    handled yet), the frames it skipped to keep up (replaced by a newer one of the camera) and its busy time;
-    nothing for a plugin in the chain."""
-    branches = [chain.branches[id(plugin)] for plugin, _ in stage.instances if id(plugin) in chain.branches]
-    if not branches:
+    """For a plugin that runs beside the chain: `branch` with what it holds (`pending`: frames and closings, or
+    clips, not handled yet), the work it skipped to keep up (frames replaced by a newer one of the camera, or clips
+    it could not afford), what those count (`unit`) and its busy time; nothing for a plugin in the chain."""
+    works = chain.branch_work(stage)
+    if not works:
         return {}
     return {
         "branch": {
-            "pending": sum(branch.pending for branch in branches),
-            "skipped": sum(sum(dict(branch.skipped).values()) for branch in branches),
-            "busy_s": round(sum(branch.busy_s for branch in branches), 3),
+            "unit": works[0].unit,
+            "pending": sum(work.pending for work in works),
+            "skipped": sum(work.skipped_total for work in works),
+            "busy_s": round(sum(work.busy_s for work in works), 3),
         }
     }
 

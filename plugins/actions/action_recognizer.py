@@ -7,6 +7,11 @@ consecutive clips; `action.start` when a label stays at or above its threshold f
 `action.end` when it falls below the threshold minus `hysteresis` (or the track ends). The current top actions of
 the detections due a `track.update` go in their `data` (`actions`, `action_scores`), and from there on the event.
 `mode: frame` classifies each camera's whole view instead.
+
+As a branch (the default: `branch: true`), the tubes are cut in the chain as above, and the clips due are classified
+beside it, on a worker of the plugin's own (plugins/actions/classifier.py): the chain never waits for the model, the
+worker skips the oldest clips it cannot afford, and its events reach subscribers a little later than the frame's
+other events, with that frame's index and time. With `branch: false` the chain classifies them itself.
 With `half`, the model runs under autocast in float16 (CUDA) or bfloat16 (CPU); its weights, the clips'
 normalisation and the crop boxes stay float32, and the start-up probe runs in that same precision.
 
@@ -24,9 +29,12 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from vigild.events import Event, object_payload
+from vigild.events import Event
 from vigild.frame import Detections, Frame
-from vigild.plugin import FrameErrors, Plugin, PluginConfig, PluginConfigError, check_torchvision_weights
+from vigild.pipeline.branch import CLOSE_WAIT_S
+from vigild.plugin import BranchWork, FrameErrors, Plugin, PluginConfig, PluginConfigError, check_torchvision_weights
+from vigild.plugins.actions.classifier import Clips, ClipWorker, Release
+from vigild.plugins.actions.scoring import ActionScores, ScoreRules
 from vigild.plugins.actions.tubes import CameraTubes, LastSightings, TubeCutter, TubePool, square_boxes
 from vigild.plugins.actions.video_models import (
     ClipRunner,
@@ -73,6 +81,12 @@ class ActionRecognizerConfig(PluginConfig):
     top_k: int = Field(3, ge=0, description="Actions added to each track.update event (0: none).")
     max_tracks: int = Field(512, ge=1, description="Tubes kept at once; further tracks wait for a free one.")
     max_batch: int = Field(64, ge=1, description="Clips per forward pass.")
+    backlog: int | None = Field(
+        None,
+        ge=1,
+        description="As a branch: clips waiting for the model at most; beyond, the oldest are skipped (counted). "
+        "Default `max_batch`.",
+    )
     half: bool | None = Field(
         None,
         description="Reduced precision through autocast (weights stay float32): float16 on CUDA (the default "
@@ -109,6 +123,9 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
     Config = ActionRecognizerConfig
     provides: ClassVar[frozenset[str]] = frozenset({"actions"})
     batched = True  # tubes are per track; a frame that fails is named with FrameErrors, never run twice
+    branchable = True
+    branch_default = True
+    splits = True  # tubes cut in the chain, clips classified beside it
 
     @classmethod
     def requirements(cls, config: PluginConfig) -> frozenset[str]:
@@ -133,31 +150,38 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
                 # labels from a file are that file's content: named by count only, whatever file it is
                 has = f"its labels file {c.labels} has {len(labels)}" if c.labels else f"it has {', '.join(labels[:20])}"
                 raise PluginConfigError(key, f"the model has no label {unknown[0]!r}; {has}")
-        self.interest = np.array([labels.index(a) for a in c.actions] if c.actions else range(len(labels)), np.int64)
-        self.start_at = np.array([c.thresholds.get(labels[i], c.threshold) for i in self.interest], np.float32)
-        self.end_below = self.start_at - c.hysteresis
+        interest = np.array([labels.index(a) for a in c.actions] if c.actions else range(len(labels)), np.int64)
+        start_at = np.array([c.thresholds.get(labels[i], c.threshold) for i in interest], np.float32)
+        rules = ScoreRules(tuple(labels), interest, start_at, start_at - c.hysteresis, c.smoothing, c.min_clips)
+        self.scores = ActionScores(c.max_tracks, rules)
         self.cutter = TubeCutter(video.size, self.device)
         self.pool = TubePool(c.max_tracks, video.clip_len, video.size, self.device)
         self.splitter = OomSplitter(f"action_recognizer {c.model}", self.context.device)
-        n, k = c.max_tracks, len(self.interest)
-        self.smoothed = np.zeros((n, len(labels)), np.float32)
-        self.clips_seen = np.zeros(n, np.int64)
+        n = c.max_tracks
         self.classified_at = np.zeros(n, np.int64)
         self.generation = np.zeros(n, np.int64)  # counts the tracks a slot has served
-        self.streak = np.zeros((n, k), np.int64)
-        self.active = np.zeros((n, k), bool)
-        self.active_since = np.zeros((n, k), np.float64)
         self.last_sample = np.zeros(n, np.int64)
         self.track_of = np.zeros(n, np.int64)  # the track id a slot serves (slots are per camera)
         self.last_seen = LastSightings(n)  # the detection each track was last cut from
-        self.label_names = np.array(labels, object)
         self._cameras: dict[str, CameraTubes] = {}
         self.tubes_refused = 0
         self._wanted_classes: dict[tuple[str, ...], np.ndarray] = {}
+        self.worker: ClipWorker | None = None
+        if self.context.branch:
+            self.worker = ClipWorker(c.id or c.type, self.classify, self.scores, self.context.publish,
+                                     c.backlog or c.max_batch, c.max_batch, self.context.torch_threads)  # fmt: skip
+            self.worker.start()
         self.log.info(
-            "%s (%d labels, clips %dx%dx%d) on %s, %s", c.model, len(labels), video.clip_len, video.size, video.size,
-            self.device, self.run.precision,
+            "%s (%d labels, clips %dx%dx%d) on %s, %s%s", c.model, len(labels), video.clip_len, video.size,
+            video.size, self.device, self.run.precision, ", classifying beside the chain" if self.worker else "",
         )  # fmt: skip
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+
+    def branch_work(self) -> BranchWork | None:
+        return self.worker
 
     # ---- per batch
 
@@ -166,7 +190,8 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
 
         A frame whose tubes cannot be cut is named in `FrameErrors` and the others go on. When the model fails, the
         frames with clips due are named (the crops stay: each frame is cut once) and those tubes are not marked as
-        classified, so they are classified at their next crop. The chain never runs this plugin twice on a frame."""
+        classified, so they are classified at their next crop. The chain never runs this plugin twice on a frame.
+        As a branch, the clips due go to the worker instead, and their events are its to publish."""
         errors: dict[int, Exception] = {}
         due: list[_Due] = []
         for position, frame in enumerate(frames):
@@ -183,11 +208,18 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
                 slots, rows = slots[ready], rows[ready]
                 if len(slots):
                     before = self.classified_at[slots].copy()
-                    # the clip as of this frame: later frames of the batch write over its oldest crops
+                    # the clip as of this frame (a copy): later frames write over its oldest crops
                     due.append(
                         _Due(position, slots, rows, self.pool.clips(slots), before, self.generation[slots].copy())
                     )
                     self.classified_at[slots] = self.pool.written[slots]  # later frames of the batch see it
+        if due and self.worker is not None:
+            for d in due:
+                frame = frames[d.position]
+                objects = frame.detections[d.rows] if self.config.mode == "tracks" else None
+                self.worker.put_clips(Clips(frame.camera, frame.ts_wall, frame.index, d.slots, d.generation,
+                                            objects, d.clips))  # fmt: skip
+            due = []
         if due:
             try:
                 scores = self.classify(torch.cat([d.clips for d in due]))
@@ -200,7 +232,11 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
                 start = 0
                 for d in due:
                     frame = frames[d.position]
-                    frame.events.extend(self._score(frame, d.slots, d.rows, scores[start : start + len(d.slots)]))
+                    objects = frame.detections[d.rows] if self.config.mode == "tracks" else None
+                    part = scores[start : start + len(d.slots)]
+                    frame.events.extend(
+                        self.scores.score(frame.camera, frame.ts_wall, frame.index, d.slots, d.generation, objects, part)
+                    )
                     start += len(d.slots)
         for frame in frames:
             self._add_top_actions(frame)
@@ -272,30 +308,33 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
         return slots[has], has
 
     def _reset(self, slots: np.ndarray) -> None:
+        """Slots taken by new tracks: a new generation (the scores start afresh with it)."""
         self.generation[slots] += 1
-        self.smoothed[slots] = 0
-        self.clips_seen[slots] = 0
         self.classified_at[slots] = 0
-        self.streak[slots] = 0
-        self.active[slots] = False
 
     def _release(
-        self, camera_name: str, track_ids: np.ndarray, ts: float, frame_index: int, reason: str
+        self, camera_name: str, track_ids: np.ndarray, ts: float, frame_index: int, reason: str, wait_s: float = 0.0
     ) -> list[Event]:
+        """Free the tubes of these tracks: their `action.end` events (as a branch, the worker publishes them, after
+        the clips queued before; `wait_s`: how long to wait for that)."""
         camera = self._cameras.get(camera_name)
         if camera is None or not len(track_ids) or not len(camera.track_ids):
             return []
         gone = np.isin(camera.track_ids, track_ids)
         slots = camera.slots[gone]
-        events = [
-            self._end_event(camera_name, int(slots[i]), int(k), ts, frame_index, reason)
-            for i, k in zip(*np.nonzero(self.active[slots]), strict=True)
-        ]
+        tracks = self.config.mode == "tracks"
+        sightings = [
+            self.last_seen.get(int(slot), int(self.track_of[slot])) if tracks and self.last_seen.held[slot] else None
+            for slot in slots
+        ]  # one per track that ended: its last detection, for the action.end events it may get
+        generations = self.generation[slots].copy()
         camera.track_ids, camera.slots = camera.track_ids[~gone], camera.slots[~gone]
         self.last_seen.drop(slots)
-        self.active[slots] = False
         self.pool.give_back(slots)
-        return events
+        if self.worker is not None:
+            self.worker.release(Release(camera_name, ts, frame_index, slots, generations, reason, sightings), wait_s)
+            return []
+        return self.scores.release(camera_name, ts, frame_index, slots, generations, reason, sightings)
 
     def _close_ended(self, frame: Frame) -> list[Event]:
         """Tubes of tracks the tracker ended on this frame, and of tracks not seen for long, are freed."""
@@ -311,62 +350,6 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
 
     # ---- scores and events
 
-    def _score(self, frame: Frame, slots: np.ndarray, rows: np.ndarray, scores: np.ndarray) -> list[Event]:
-        c = self.config
-        first = self.clips_seen[slots] == 0
-        blended = c.smoothing * scores + (1 - c.smoothing) * self.smoothed[slots]
-        self.smoothed[slots] = np.where(first[:, None], scores, blended)
-        self.clips_seen[slots] += 1
-        watched = self.smoothed[slots][:, self.interest]
-        above = watched >= self.start_at
-        self.streak[slots] = np.where(above, self.streak[slots] + 1, 0)
-        starts = ~self.active[slots] & (self.streak[slots] >= c.min_clips)
-        ends = self.active[slots] & (watched < self.end_below)
-        events = [
-            self._end_event(frame.camera, int(slots[i]), int(k), frame.ts_wall, frame.index, "below_threshold")
-            for i, k in zip(*np.nonzero(ends), strict=True)
-        ]
-        active = self.active[slots]
-        active[ends] = False
-        active[starts] = True
-        self.active[slots] = active
-        since = self.active_since[slots]
-        since[starts] = frame.ts_wall
-        self.active_since[slots] = since
-        for i, k in zip(*np.nonzero(starts), strict=True):
-            label = int(self.interest[k])
-            events.append(
-                Event(
-                    "action.start",
-                    frame.camera,
-                    frame.ts_wall,
-                    frame.index,
-                    object_payload(frame.detections, int(rows[i])) if rows[i] >= 0 else None,
-                    {"action": self.video.labels[label], "score": round(float(self.smoothed[slots[i], label]), 4)},
-                )
-            )
-        return events
-
-    def _end_event(self, camera: str, slot: int, k: int, ts: float, frame_index: int, reason: str) -> Event:
-        """action.end of the `k`-th watched label of a slot in use."""
-        label = int(self.interest[k])
-        payload = None
-        if self.last_seen.held[slot] and self.config.mode == "tracks":
-            payload = object_payload(self.last_seen.get(slot, int(self.track_of[slot])), 0)
-        return Event(
-            "action.end",
-            camera,
-            ts,
-            frame_index,
-            payload,
-            {
-                "action": self.video.labels[label],
-                "score": round(float(self.smoothed[slot, label]), 4),
-                "duration_s": round(ts - float(self.active_since[slot, k]), 3),
-                "reason": reason,
-            },
-        )
-
     def _add_top_actions(self, frame: Frame) -> None:
         """The current top actions of the tracks due a `track.update` (`frame.tracks.updated`), as the detections'
         `actions` (labels, None where a track has no scores yet) and `action_scores` (NaN there)."""
@@ -376,17 +359,16 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
         detections, rows = frame.detections, frame.tracks.updated
         slots = camera.slots_of(detections.tracker_id[rows])
         rows, slots = rows[slots >= 0], slots[slots >= 0]
-        rows, slots = rows[self.clips_seen[slots] > 0], slots[self.clips_seen[slots] > 0]
-        top = np.argsort(-self.smoothed[slots], axis=1)[:, : self.config.top_k]
-        labels = np.full((len(detections), top.shape[1]), None, object)
+        has, top_labels, top_scores = self.scores.top(slots, self.generation[slots], self.config.top_k)
+        labels = np.full((len(detections), top_labels.shape[1]), None, object)
         scores = np.full(labels.shape, np.nan, np.float32)
-        labels[rows], scores[rows] = self.label_names[top], np.take_along_axis(self.smoothed[slots], top, axis=1)
+        labels[rows[has]], scores[rows[has]] = top_labels, top_scores
         frame.detections = detections.with_data(actions=labels, action_scores=scores)
 
     def on_source_end(self, camera: str, ts_wall: float, frame_index: int) -> list[Event]:
         state = self._cameras.get(camera)
         if state is None:
             return []
-        events = self._release(camera, state.track_ids.copy(), ts_wall, frame_index, "source_end")
+        events = self._release(camera, state.track_ids.copy(), ts_wall, frame_index, "source_end", CLOSE_WAIT_S)
         self._cameras.pop(camera, None)
         return events

@@ -1,0 +1,229 @@
+"""The action recognizer as a branch: clips are classified on a thread of its own, beside the chain.
+
+The chain still cuts every sampled frame into the tubes, in order (cheap, on the device), and hands over each clip
+that falls due as a copy (the tube goes on filling) with the generation of its slot and the detections it was cut
+around. Tubes released (a track ended, a camera closed) follow in the same queue, so a release is never scored
+before the clips cut ahead of it, and an `action.end` never comes before its `action.start`.
+
+When the worker cannot keep up, the queue keeps at most `backlog` clips: the oldest clips go, counted in
+`skipped` (per camera), so the worker always classifies the newest full tubes. A tube's crops are never dropped (the
+chain cut them), and releases are never dropped. Each round takes clips and releases in order, up to a batch of
+clips, classifies the clips together, then scores and releases in order and publishes the events (those of the
+frame each clip was cut from: its index, time and object).
+
+A camera's closing (`release(..., wait_s)`) waits up to `CLOSE_WAIT_S` for the worker to get there, so its
+closing events normally come before the camera's `camera.down`; a worker stuck longer publishes them when it gets
+there, and later closings are not waited for until it has caught up. Stopping handles the releases still queued (the
+closing events are never lost) and skips the clips still queued.
+
+The worker runs at a lower priority than the chain on a CPU (vigild.pipeline.branch.lower_priority).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from vigild.events import Event
+from vigild.frame import Detections
+from vigild.pipeline.branch import branch_threads, lower_priority
+from vigild.plugins.actions.scoring import ActionScores
+
+log = logging.getLogger("vigild.plugins.actions")
+
+STOP_WAIT_S = 5.0
+FAILURE_LOG_INTERVAL_S = 10.0
+
+
+@dataclass(frozen=True)
+class Clips:
+    """The clips of frame `frame_index` of `camera` that fell due: one per slot."""
+
+    camera: str
+    ts: float
+    frame_index: int
+    slots: np.ndarray
+    generations: np.ndarray
+    objects: Detections | None
+    clips: torch.Tensor
+    """(K, 3, T, S, S) uint8, a copy: the tubes go on filling."""
+
+
+@dataclass(frozen=True)
+class Release:
+    """These slots' tracks ended on frame `frame_index` (`reason`); `sightings[i]`: slot i's last detection."""
+
+    camera: str
+    ts: float
+    frame_index: int
+    slots: np.ndarray
+    generations: np.ndarray
+    reason: str
+    sightings: Sequence[Detections | None]
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class ClipWorker:
+    unit = "clips"
+
+    def __init__(
+        self,
+        name: str,
+        classify: Callable[[torch.Tensor], np.ndarray],
+        scores: ActionScores,
+        publish: Callable[[Event], None],
+        backlog: int,
+        batch: int,
+        chain_threads: int | None,
+    ):
+        self.name = name
+        self._classify = classify
+        self._scores = scores
+        self._publish = publish
+        self.backlog = backlog
+        self.batch = batch
+        self.threads = branch_threads(chain_threads)
+        self._cond = threading.Condition()
+        self._queue: deque[Clips | Release] = deque()
+        self._queued_clips = 0
+        self._stopping = False
+        self._late = False
+        self.skipped: Counter[str] = Counter()
+        """Clips dropped from the queue (oldest first) to keep up, or still queued at stop, by camera."""
+        self.classified = 0
+        self.failed = 0
+        """Clips the model failed on (their events are lost; their tubes are classified again at the next interval)."""
+        self.busy_s = 0.0
+        self.working = False
+        self._last_failure_log = -FAILURE_LOG_INTERVAL_S
+        self._thread = threading.Thread(target=self._loop, name=f"branch-{name}", daemon=True)
+
+    # ----- the chain's side
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        """Clips and releases queued."""
+        with self._cond:
+            return self._queued_clips + sum(isinstance(item, Release) for item in self._queue)
+
+    @property
+    def skipped_total(self) -> int:
+        with self._cond:
+            return sum(self.skipped.values())
+
+    def put_clips(self, item: Clips) -> None:
+        """Queue a frame's due clips; the oldest queued clips go (counted) beyond `backlog`. Never blocks on the
+        model."""
+        with self._cond:
+            self._queue.append(item)
+            self._queued_clips += len(item.slots)
+            while self._queued_clips > self.backlog:
+                oldest = next(entry for entry in self._queue if isinstance(entry, Clips))
+                self._queue.remove(oldest)
+                self._queued_clips -= len(oldest.slots)
+                self.skipped[oldest.camera] += len(oldest.slots)
+            self._cond.notify_all()
+
+    def release(self, item: Release, wait_s: float = 0.0) -> None:
+        """Queue a release behind the clips before it; wait up to `wait_s` for its events to be out."""
+        with self._cond:
+            self._queue.append(item)
+            self._cond.notify_all()
+        if wait_s <= 0 or self._late or not self._thread.is_alive():
+            return
+        if not item.done.wait(wait_s):
+            self._late = True
+            log.warning("branch %s is busy: camera %s's closing events will follow later", self.name, item.camera)
+
+    def stop(self, timeout: float = STOP_WAIT_S) -> bool:
+        """Handle the releases queued (skipping the clips), then end; whether the thread ended in time."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("branch %s did not finish in time (stuck in its model): leaving it behind", self.name)
+            return False
+        return True
+
+    # ----- the worker's thread
+
+    def _take(self) -> list[Clips | Release] | None:
+        """Queued items in order, up to a batch of clips (releases between them come along); None once stopping
+        with nothing left. At stop, queued clips are skipped (counted) and only releases are taken."""
+        with self._cond:
+            while not self._queue:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            taken: list[Clips | Release] = []
+            clips = 0
+            while self._queue and (clips < self.batch or isinstance(self._queue[0], Release)):
+                item = self._queue.popleft()
+                if isinstance(item, Clips):
+                    self._queued_clips -= len(item.slots)
+                    if self._stopping:
+                        self.skipped[item.camera] += len(item.slots)
+                        continue
+                    clips += len(item.slots)
+                taken.append(item)
+            self.working = True  # under the lock that took them: an onlooker never sees it idle in between
+            return taken
+
+    def _loop(self) -> None:
+        lower_priority(self.threads)
+        while (taken := self._take()) is not None:
+            started = time.perf_counter()
+            due = [item for item in taken if isinstance(item, Clips)]
+            scores: np.ndarray | None = None
+            if due:
+                try:
+                    scores = self._classify(torch.cat([item.clips for item in due]))
+                except Exception as exc:
+                    self.failed += sum(len(item.slots) for item in due)
+                    self._log_failure(exc, sum(len(item.slots) for item in due))
+            start = 0
+            for item in taken:
+                try:
+                    if isinstance(item, Clips):
+                        if scores is None:
+                            continue
+                        part = scores[start : start + len(item.slots)]
+                        start += len(item.slots)
+                        events = self._scores.score(item.camera, item.ts, item.frame_index, item.slots,
+                                                    item.generations, item.objects, part)  # fmt: skip
+                    else:
+                        events = self._scores.release(item.camera, item.ts, item.frame_index, item.slots,
+                                                      item.generations, item.reason, item.sightings)  # fmt: skip
+                except Exception:  # a bug in vigild itself: the worker goes on with the next item
+                    log.exception("branch %s failed on an item of camera %s", self.name, item.camera)
+                    events = []
+                for event in events:
+                    self._publish(event)
+                if isinstance(item, Release):
+                    item.done.set()
+            if scores is not None:
+                self.classified += len(scores)
+            self.busy_s += time.perf_counter() - started
+            with self._cond:
+                if not any(isinstance(item, Release) for item in self._queue):
+                    self._late = False  # caught up with the closings: callers wait for them again
+                self.working = False
+
+    def _log_failure(self, exc: Exception, clips: int) -> None:
+        now = time.monotonic()
+        if now - self._last_failure_log >= FAILURE_LOG_INTERVAL_S:
+            self._last_failure_log = now
+            log.error("branch %s: the model failed on %d clips (%d so far): %s: %s", self.name, clips, self.failed,
+                      type(exc).__name__, exc, exc_info=self.failed == clips)  # fmt: skip
