@@ -149,6 +149,7 @@ def vigild_config(args: argparse.Namespace) -> str:
         f"publisher:\n  endpoint: {free_endpoint()}\n"
         "control:\n  enabled: false\n"  # the default socket may be another daemon's on this machine
         f"scheduler:\n  max_batch: {args.max_batch}\n  max_wait_ms: {args.max_wait_ms}\n"
+        f"  pipeline: {'true' if args.pipeline_one == 'on' else 'false'}\n"
         f"capture:\n  workers: {args.workers_one}\n"
         f"device: {args.device}\nlog_level: WARNING\n"
     )
@@ -277,7 +278,9 @@ def device_ceiling(args: argparse.Namespace) -> dict[str, Any]:
     return {"device_fps": round(done / (time.monotonic() - started), 1), "threads": thread_counts()}
 
 
-def in_subprocess(mode: str, args: argparse.Namespace, cameras: int, workers: int | str = 0) -> dict[str, Any]:
+def in_subprocess(
+    mode: str, args: argparse.Namespace, cameras: int, workers: int | str = 0, pipeline: str = "on"
+) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         out = Path(handle.name)
     command = [
@@ -285,7 +288,7 @@ def in_subprocess(mode: str, args: argparse.Namespace, cameras: int, workers: in
         "--cameras-one", str(cameras), "--weights", str(args.weights), "--conf", str(args.conf),
         "--imgsz", str(args.imgsz[0]), str(args.imgsz[1]), "--device", args.device, "--seconds", str(args.seconds),
         "--warmup", str(args.warmup), "--max-batch", str(args.max_batch), "--capture", args.capture,
-        "--workers-one", str(workers),
+        "--workers-one", str(workers), "--pipeline-one", pipeline,
     ]  # fmt: skip
     if args.half is not None:
         command += ["--half", str(args.half).lower()]
@@ -334,6 +337,9 @@ def main() -> None:
     parser.add_argument("--video", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cameras-one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--workers-one", type=workers_value, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--pipeline", nargs="+", choices=["on", "off"], default=["on"],
+                        help="vigild rows: scheduler.pipeline, each its own run (on, then off: the ratio)")
+    parser.add_argument("--pipeline-one", choices=["on", "off"], default="on", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("YOLO_OFFLINE", "1")
     if args.max_batch is None:
@@ -384,14 +390,16 @@ def main() -> None:
             row: dict[str, dict[str, Any]] = {}
             runs = [m for m in args.modes if m != "vigild"]
             if "vigild" in args.modes:
-                runs += [f"vigild:{p}:{w}" for p in args.precisions for w in args.workers]
+                runs += [f"vigild:{p}:{w}:{pl}" for p in args.precisions for w in args.workers for pl in args.pipeline]
             for run in runs:  # vigild last: its rows show the ratios
                 mode, _, rest = run.partition(":")
-                precision, _, workers = rest.partition(":")
+                precision, _, rest = rest.partition(":")
+                workers, _, pipeline = rest.partition(":")
                 if mode == "vigild":
                     args.half = {"auto": None, "full": False, "half": True}[precision]
-                    result = in_subprocess("vigild", args, cameras, workers)
+                    result = in_subprocess("vigild", args, cameras, workers, pipeline)
                     result["precision"] = precision
+                    result["pipeline"] = pipeline
                 else:
                     from baselines import run_baseline
 
@@ -405,13 +413,20 @@ def main() -> None:
                                           args.conf, resolve_device(args.device), args.seconds, warmup)
                 result["resolution"] = resolution
                 label = f"vigild/{precision}/w{workers}" if mode == "vigild" else mode
+                if mode == "vigild" and pipeline == "off":
+                    label += "/nopipe"
                 result["label"] = label
                 row[label] = result
                 results.append(result)
                 latency = result.get("latency_ms") or {}
                 ratio_naive = ratio_streams = ratio_w0 = ""
                 earlier = ""
-                if mode == "vigild":
+                if mode == "vigild" and pipeline == "off":
+                    piped = row.get(label.removesuffix("/nopipe"))
+                    if piped is not None and result["fps"] > 0:  # the pipelined run of the same settings came first
+                        piped["ratio_pipeline_vs_off"] = round(piped["fps"] / result["fps"], 2)
+                        earlier += f"  pipelined vs this: {piped['ratio_pipeline_vs_off']:.2f}x"
+                elif mode == "vigild":
                     threads_row = row.get(f"vigild/{precision}/w0")
                     if workers != "0" and threads_row is not None and threads_row["fps"] > 0:
                         ratio = round(result["fps"] / threads_row["fps"], 2)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, get_args
@@ -207,11 +208,13 @@ class Plugin(ABC, Generic[ConfigT]):
         """`camera` will send no more frames (its file ended or the daemon stops): return the closing events."""
         return []
 
-    def prefetch(self, frames: list[Frame]) -> None:
+    def prefetch(self, frames: list[Frame]) -> Future[Any] | None:
         """Optional, for the first plugin of the chain: start the device work of `frames` (the next batch) now, on
-        a thread of the plugin's own, while the scheduler finishes the batch before. `process` is then called with
-        the same frames (the same objects, in order) and takes the result; with any other frames it computes as
-        usual. Results must be exactly those of `process` alone. Default: nothing."""
+        a thread of the plugin's own, while the scheduler finishes the batch before, and return its future (the
+        scheduler looks at it only to know when it is done). `process` is then called with the same frames (the
+        same objects, in order) and takes the result; with any other frames it computes as usual. Results must be
+        exactly those of `process` alone. Default: nothing ahead (None)."""
+        return None
 
     def branch_work(self) -> BranchWork | None:
         """A plugin that `splits`: its worker beside the chain, while it has one."""

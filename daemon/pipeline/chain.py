@@ -21,9 +21,11 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 from types import MappingProxyType
+from typing import Any
 
 from vigild.config.loading import CameraConfig, PluginSpec
 from vigild.events import Event, add_track_events
@@ -264,19 +266,25 @@ class Chain:
             add_track_events(frame)  # frame a later plugin failed on: the tracker's state has moved on with it
         return live
 
-    def prefetch(self, frames: list[Frame]) -> None:
+    def prefetch(self, frames: list[Frame]) -> list[Future[Any]]:
         """Let the first plugin start the device work of the next batch (`Plugin.prefetch`); `process` with the
-        same frames picks it up. A branch, or a plugin that cannot, does nothing ahead."""
+        same frames picks it up. Returns what was started (done once the results are ready). A branch, or a plugin
+        that cannot, does nothing ahead."""
         if not self.stages or self.stages[0].spec.whole_branch:
-            return
+            return []
         stage = self.stages[0]
+        started: list[Future[Any]] = []
         for plugin, cameras in stage.instances:
             batch = [frame for frame in frames if frame.camera in cameras]
             if batch:
                 try:
-                    plugin.prefetch(batch)
+                    work = plugin.prefetch(batch)
                 except Exception:  # nothing is lost: `process` computes the batch itself
                     log.exception("plugin '%s' failed to start a batch ahead", stage.spec.id)
+                    continue
+                if work is not None:
+                    started.append(work)
+        return started
 
     def source_ended(self, camera: str, ts_wall: float, frame_index: int) -> list[Event]:
         events: list[Event] = []

@@ -3,6 +3,12 @@
 A batch closes when it holds `max_batch` frames, when every streaming camera has contributed one, or
 `max_wait_ms` after its first frame, whichever comes first, so one model call serves many cameras.
 
+Pipelined (`scheduler.pipeline`; by default on a GPU only): a batch taken is handed to the first plugin to start
+ahead (`Chain.prefetch`: the detector letterboxes, runs the model and NMS on its own thread); while that runs, the
+scheduler takes the next frames that come and finishes the batch before (the rest of the chain, events). Everything
+it publishes keeps its order: a batch's events, then the camera notices that came with it. Calls (`call`) run
+between batches with nothing started ahead.
+
 The scheduler never calls up into whoever made it: what it learns about the cameras comes with the frames (the
 exchange's notices), what it measures it keeps for others to read (counts, `latency`), and the one thing it tells
 (every camera has ended) it tells by setting the event it was given.
@@ -25,11 +31,13 @@ from vigild.frame import Frame
 from vigild.outputs.publisher import Publisher
 from vigild.pipeline.chain import Chain
 from vigild.pipeline.durations import LATENCY_BUCKETS, Durations
-from vigild.pipeline.exchange import FrameExchange, Notice, NoticeKind
+from vigild.pipeline.exchange import FrameExchange, Notice, NoticeKind, Taken
 
 log = logging.getLogger("vigild.scheduler")
 
 POLL_S = 0.2
+AHEAD_POLL_S = 0.002
+"""With a batch in flight, how often the scheduler looks whether its detection is done while it waits for frames."""
 LATENCY_SAMPLES = 100_000
 
 T = TypeVar("T")
@@ -44,9 +52,12 @@ class Scheduler:
         publisher: Publisher,
         cameras: list[str],
         all_ended: threading.Event | None = None,
+        device: str = "cpu",
     ):
-        """`all_ended`: set once every camera has ended (files that were read to their end), for the owner to stop."""
+        """`all_ended`: set once every camera has ended (files that were read to their end), for the owner to stop.
+        `device`: where the chain computes (`scheduler.pipeline` is on by default on a GPU only)."""
         self.config = config
+        self.device = device
         self.exchange = exchange
         self.chain = chain
         self.publisher = publisher
@@ -102,6 +113,13 @@ class Scheduler:
         if camera not in self._down:
             self._close_camera(Notice(camera, NoticeKind.DOWN, time.time(), -1, {"reason": reason}))
 
+    @property
+    def pipelined(self) -> bool:
+        """Batches overlap (`scheduler.pipeline`; unset: on a GPU only: on a CPU the forward pass already uses every
+        core, and overlapping it with the Python of the rest of the chain measured slower, docs/performance.md)."""
+        pipeline = self.config.pipeline
+        return pipeline if pipeline is not None else self.device.startswith("cuda")
+
     def take_over(self, chain: Chain, config: SchedulerConfig, cameras: list[str]) -> None:
         """Scheduler thread, at a reconfiguration's swap: run `chain` (activated here) with `config` over `cameras`."""
         chain.activate()
@@ -143,22 +161,54 @@ class Scheduler:
             self._run_calls()  # nobody waits forever on a call made as we stopped
 
     def _loop(self) -> None:
+        ahead: Taken | None = None
+        """A batch started ahead (its detection running) and not finished yet."""
+        work: list[Future[Any]] = []
+        """What the chain started ahead for it."""
         while not self._stop.is_set():
             self.alive_at = time.monotonic()
-            self._run_calls()
+            if not self._calls.empty():  # a change runs with nothing in flight
+                if ahead is not None:
+                    self._finish(ahead)
+                    ahead = None
+                self._run_calls()
             max_wait = self.config.max_wait_ms / 1000.0
             want = max(1, min(self.config.max_batch, self.exchange.streaming()))
-            taken = self.exchange.take(self.config.max_batch, max_wait, want, POLL_S)
+            if ahead is None:
+                taken = self.exchange.take(self.config.max_batch, max_wait, want, POLL_S)
+            else:  # frames for the next batch while the one in flight is detected, not longer
+                while True:
+                    taken = self.exchange.take(self.config.max_batch, max_wait, want, AHEAD_POLL_S)
+                    if taken.frames or taken.opened or taken.closed or all(w.done() for w in work):
+                        break
+            started = False
+            if ahead is not None:
+                if taken.frames and self.pipelined:
+                    work = self.chain.prefetch(taken.frames)  # its detection runs while the one before is finished
+                    started = True
+                self._finish(ahead)
+                ahead = None
             for notice in taken.opened:
                 self._down.discard(notice.camera)
                 self._publish_camera_event(notice, "camera.up")
-            if taken.frames:
-                self._process(taken.frames)
-            for notice in taken.closed:
-                self._close_camera(notice)
+            if taken.frames and self.pipelined:
+                if not started:
+                    work = self.chain.prefetch(taken.frames)
+                ahead = taken  # finished next time round, once the next batch is started
+                continue
+            self._finish(taken)
+        if ahead is not None:
+            self._finish(ahead)
         for camera in self.cameras:
             if camera not in self._down:  # cameras already down (or ended) were closed then
                 self._close_camera(Notice(camera, NoticeKind.DOWN, time.time(), -1, {"reason": "stopped"}))
+
+    def _finish(self, taken: Taken) -> None:
+        """Run the chain on the batch, publish its events, then close the cameras whose notices came with it."""
+        if taken.frames:
+            self._process(taken.frames)
+        for notice in taken.closed:
+            self._close_camera(notice)
 
     def _process(self, frames: list[Frame]) -> None:
         try:

@@ -68,7 +68,7 @@ class Daemon:
         chain = Chain(config.chain, device, config.cameras, threads.count, publish=publisher.publish)
         # every camera ended (files read to their end): the scheduler sets our stop request
         scheduler = Scheduler(
-            settings.scheduler, exchange, chain, publisher, list(config.cameras), self._stop_requested
+            settings.scheduler, exchange, chain, publisher, list(config.cameras), self._stop_requested, device
         )
         self.workers = capture_workers(settings.capture, exchange, threads.usable_cpus, len(config.cameras))
         self.pipeline = Pipeline(exchange, scheduler, publisher, device, threads, self.workers)

@@ -109,6 +109,7 @@ def snapshot(running: Running, pipeline: Pipeline, rates: Rates, uptime_s: float
             "waiting": exchange.waiting,
             "batches": batches,
             "mean_batch": round(scheduler.frames_in_batches / batches, 2) if batches else 0.0,
+            "pipelined": scheduler.pipelined,
         },
         "plugins": {
             stage.spec.id: {

@@ -3,10 +3,15 @@
 Two back ends behind one interface: `ultralytics` (YOLOv8/YOLO11 detect, segment and pose models: a `.pt` file, a
 model name, or an architecture `.yaml`) on vigild's batched device pipeline, and `darknet` (`.cfg` + `.weights`
 through OpenCV DNN). A frame that cannot be a model input fails alone; the rest of the batch goes on.
+
+With the scheduler's pipeline (`scheduler.pipeline`), the next batch is detected whole on the plugin's forward
+thread (`prefetch`) while the scheduler finishes the batch before; `process` then takes that result.
 """
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
@@ -14,7 +19,7 @@ import numpy as np
 from pydantic import BeforeValidator, Field, FilePath, ValidationInfo, field_validator
 
 from vigild.events import Event, object_payload
-from vigild.frame import Frame
+from vigild.frame import Detections, Frame
 from vigild.plugin import FrameErrors, Plugin, PluginConfig, PluginConfigError
 from vigild.plugins.detection.backend import DetectorBackend
 from vigild.vision.device import default_half
@@ -111,6 +116,9 @@ class Detector(Plugin[DetectorConfig]):
             names_file = config.names if config.backend == "darknet" else None
             backend.class_filter = self._class_ids(config.classes, backend.class_names, names_file)
         self.backend = backend
+        self._lock = threading.Lock()
+        self._ahead: ThreadPoolExecutor | None = None
+        self._prefetched: tuple[tuple[int, ...], Future[list[Detections]]] | None = None
         self.log.info(
             "%s detector %s on %s for %s",
             config.backend,
@@ -141,11 +149,41 @@ class Detector(Plugin[DetectorConfig]):
                 raise PluginConfigError("classes", f"the model has no class '{wanted}' (it has: {sample})")
         return np.array(sorted(set(ids)), np.int64)
 
+    def prefetch(self, frames: list[Frame]) -> Future[list[Detections]] | None:
+        """Detect `frames` on the plugin's forward thread (the scheduler's pipeline): letterbox, upload, forward
+        pass, NMS and mapping back, all of it, so `process` on the same frames only takes the result."""
+        positions, _ = sort_frames([frame.image for frame in frames])
+        good = [frames[position] for position in positions]
+        if not good:
+            return None
+        if self._ahead is None:
+            threads = self.context.torch_threads
+            self._ahead = ThreadPoolExecutor(1, f"forward-{self.config.id or self.config.type}",
+                                             initializer=_forward_thread, initargs=(threads,))  # fmt: skip
+        images = [frame.image for frame in good]
+        future = self._ahead.submit(self._detect, images)
+        self._prefetched = (tuple(map(id, good)), future)
+        return future
+
+    def _detect(self, images: list[np.ndarray]) -> list[Detections]:
+        with self._lock:  # the back end reuses buffers (the letterbox's staging): one batch at a time
+            return self.backend.detect(images)
+
+    def stop(self) -> None:
+        ahead = getattr(self, "_ahead", None)  # (none if start failed)
+        if ahead is not None:
+            ahead.shutdown(wait=True, cancel_futures=True)
+
     def process(self, frames: list[Frame]) -> None:
         positions, rejected = sort_frames([frame.image for frame in frames])
         good = [frames[position] for position in positions]
+        prefetched, self._prefetched = self._prefetched, None
         if good:
-            for frame, detections in zip(good, self.backend.detect([frame.image for frame in good]), strict=True):
+            if prefetched is not None and prefetched[0] == tuple(map(id, good)):
+                found = prefetched[1].result()  # its exception, if any, is the batch's: the chain reruns it
+            else:
+                found = self._detect([frame.image for frame in good])
+            for frame, detections in zip(good, found, strict=True):
                 frame.detections = detections
             if self.config.publish:  # after every frame has its detections: a failure here costs one frame
                 for position, frame in zip(positions, good, strict=True):
@@ -157,6 +195,14 @@ class Detector(Plugin[DetectorConfig]):
                     frame.events.append(event)
         if rejected:
             raise FrameErrors(rejected)
+
+
+def _forward_thread(threads: int | None) -> None:
+    """The forward thread does the chain's torch work: the chain's thread count (kept per calling thread)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def detections_event(frame: Frame) -> Event:
