@@ -72,20 +72,23 @@ def test_a_batch_started_ahead_gives_exactly_the_results_of_the_same_batch_run_i
 
     detector.backend.detect = noted  # type: ignore[method-assign]
     try:
-        for start in (0, 4):
-            plain = mixed_batch(vtest_images, start)
-            passed_plain = chain.process(plain)
-            ahead = mixed_batch(vtest_images, start)
-            chain.prefetch(ahead)
-            passed_ahead = chain.process(ahead)
-            assert [f.camera for f in passed_plain] == [f.camera for f in passed_ahead] == ["a", "b", "c"]
-            for one, other in zip(plain[:3], ahead[:3], strict=True):
+        plain = [mixed_batch(vtest_images, start) for start in (0, 4)]
+        passed_plain = [chain.process(batch) for batch in plain]
+        assert threads == [threading.current_thread().name] * 2
+        # as the scheduler does: the second batch is started before the first is finished
+        ahead = [mixed_batch(vtest_images, start) for start in (0, 4)]
+        chain.prefetch(ahead[0])
+        chain.prefetch(ahead[1])
+        passed_ahead = [chain.process(batch) for batch in ahead]
+        assert threads[2:] == ["forward-detector_0"] * 2, "each batch detected once, on the forward thread"
+        for one_batch, other_batch, one_passed, other_passed in zip(plain, ahead, passed_plain, passed_ahead):
+            assert [f.camera for f in one_passed] == [f.camera for f in other_passed] == ["a", "b", "c"]
+            for one, other in zip(one_batch[:3], other_batch[:3], strict=True):
                 assert len(one.detections) > 0
                 np.testing.assert_array_equal(one.detections.xyxy, other.detections.xyxy)
                 np.testing.assert_array_equal(one.detections.confidence, other.detections.confidence)
                 np.testing.assert_array_equal(one.detections.class_id, other.detections.class_id)
                 assert [e.data for e in one.events] == [e.data for e in other.events]
-        assert threads == [threading.current_thread().name, "forward-detector_0"] * 2  # in the chain, then ahead
         assert chain.stages[0].failures["d"] == 4  # twice a run, both ways
     finally:
         chain.stop()
@@ -138,6 +141,15 @@ def test_a_failure_after_the_detector_costs_only_its_batch_and_events_keep_their
         cams,
     )  # fmt: skip
     chain.start()
+    ((detector_plugin, _),) = chain.stages[0].instances
+    threads: list[str] = []
+    detect = detector_plugin.backend.detect
+
+    def noted(images):
+        threads.append(threading.current_thread().name)
+        return detect(images)
+
+    detector_plugin.backend.detect = noted
     exchange = FrameExchange()
     publisher = Publisher(PublisherConfig(endpoint="inproc://unused", queue_size=100_000))
     ended = threading.Event()
@@ -169,6 +181,11 @@ def test_a_failure_after_the_detector_costs_only_its_batch_and_events_keep_their
     assert set(plugin.people) == everything - set(plugin.failed)
     assert all(count > 0 for count in plugin.people.values()), "every frame that came through has its people"
     assert sum(scheduler.processed.values()) == 12 - len(plugin.failed)
+    assert len(threads) == scheduler.batches, "each batch detected once"
+    if pipeline:  # the first batch at least was started ahead (the next ones when their frames were ready in time)
+        assert threads[0] == "forward-detector_0"
+    else:
+        assert set(threads) == {"scheduler"}
     assert chain.stages[1].failures["a"] + chain.stages[1].failures["b"] == len(plugin.failed)
     events = [event for event in queued_events(publisher) if event[0] != "camera.up"]
     for name in cams:

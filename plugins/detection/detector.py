@@ -118,7 +118,9 @@ class Detector(Plugin[DetectorConfig]):
         self.backend = backend
         self._lock = threading.Lock()
         self._ahead: ThreadPoolExecutor | None = None
-        self._prefetched: tuple[tuple[int, ...], Future[list[Detections]]] | None = None
+        self._prefetched: dict[tuple[int, ...], Future[list[Detections]]] = {}
+        """Batches started ahead, by the ids of their frames (the scheduler starts one before it finishes the one
+        before: two at a time)."""
         self.log.info(
             "%s detector %s on %s for %s",
             config.backend,
@@ -162,7 +164,9 @@ class Detector(Plugin[DetectorConfig]):
                                              initializer=_forward_thread, initargs=(threads,))  # fmt: skip
         images = [frame.image for frame in good]
         future = self._ahead.submit(self._detect, images)
-        self._prefetched = (tuple(map(id, good)), future)
+        self._prefetched[tuple(map(id, good))] = future
+        while len(self._prefetched) > MAX_AHEAD:  # started and never asked for (the chain was replaced meanwhile)
+            del self._prefetched[next(iter(self._prefetched))]
         return future
 
     def _detect(self, images: list[np.ndarray]) -> list[Detections]:
@@ -177,10 +181,10 @@ class Detector(Plugin[DetectorConfig]):
     def process(self, frames: list[Frame]) -> None:
         positions, rejected = sort_frames([frame.image for frame in frames])
         good = [frames[position] for position in positions]
-        prefetched, self._prefetched = self._prefetched, None
         if good:
-            if prefetched is not None and prefetched[0] == tuple(map(id, good)):
-                found = prefetched[1].result()  # its exception, if any, is the batch's: the chain reruns it
+            prefetched = self._prefetched.pop(tuple(map(id, good)), None)
+            if prefetched is not None:
+                found = prefetched.result()  # its exception, if any, is the batch's: the chain reruns it
             else:
                 found = self._detect([frame.image for frame in good])
             for frame, detections in zip(good, found, strict=True):
@@ -195,6 +199,10 @@ class Detector(Plugin[DetectorConfig]):
                     frame.events.append(event)
         if rejected:
             raise FrameErrors(rejected)
+
+
+MAX_AHEAD = 4
+"""Batches started ahead kept at most: the oldest beyond were never asked for."""
 
 
 def _forward_thread(threads: int | None) -> None:
