@@ -81,7 +81,7 @@ def test_a_batch_started_ahead_gives_exactly_the_results_of_the_same_batch_run_i
         chain.prefetch(ahead[1])
         passed_ahead = [chain.process(batch) for batch in ahead]
         assert threads[2:] == ["forward-detector_0"] * 2, "each batch detected once, on the forward thread"
-        for one_batch, other_batch, one_passed, other_passed in zip(plain, ahead, passed_plain, passed_ahead):
+        for one_batch, other_batch, one_passed, other_passed in zip(plain, ahead, passed_plain, passed_ahead, strict=True):
             assert [f.camera for f in one_passed] == [f.camera for f in other_passed] == ["a", "b", "c"]
             for one, other in zip(one_batch[:3], other_batch[:3], strict=True):
                 assert len(one.detections) > 0

@@ -182,11 +182,9 @@ class Detector(Plugin[DetectorConfig]):
         positions, rejected = sort_frames([frame.image for frame in frames])
         good = [frames[position] for position in positions]
         if good:
-            prefetched = self._prefetched.pop(tuple(map(id, good)), None)
-            if prefetched is not None:
-                found = prefetched.result()  # its exception, if any, is the batch's: the chain reruns it
-            else:
-                found = self._detect([frame.image for frame in good])
+            ahead = self._prefetched.pop(tuple(map(id, good)), None)
+            # a batch started ahead: its exception, if any, is the batch's (the chain reruns it frame by frame)
+            found = ahead.result() if ahead is not None else self._detect([frame.image for frame in good])
             for frame, detections in zip(good, found, strict=True):
                 frame.detections = detections
             if self.config.publish:  # after every frame has its detections: a failure here costs one frame
