@@ -52,6 +52,14 @@ class PluginConfig(BaseModel):
         description="Run beside the chain on a thread of its own, on the newest frames, never holding up the "
         "plugins after it (only plugins that can: `Plugin.branchable`); default: the plugin's own choice.",
     )
+    branch_share: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="As a branch: the most of its time it may spend working; it rests between batches to keep to "
+        "it, skipping (counted) what it has no time for. Default: 0.25 on a CPU (the chain keeps its cores), 1 on a "
+        "GPU.",
+    )
 
     @classmethod
     def admin_only_keys(cls) -> frozenset[str]:

@@ -381,7 +381,7 @@ def _per_camera_configs(
         if not override:
             per_camera[name] = base
             continue
-        for fixed in ("type", "id", "branch"):
+        for fixed in ("type", "id", "branch", "branch_share"):
             if fixed in override:
                 problems.append(document.problem((*override_path, fixed), f"`{fixed}` cannot be overridden per camera"))
         try:

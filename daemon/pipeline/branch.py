@@ -39,6 +39,9 @@ log = logging.getLogger("vigild.branch")
 CLOSE_WAIT_S = 5.0
 STOP_WAIT_S = 5.0
 NICE = 10
+CPU_SHARE = 0.25
+"""On a CPU, the share of its time a branch works by default (`branch_share`): measured on two cores, a branch
+that works all the time takes half of the chain's rate (docs/performance.md), whatever its priority."""
 
 
 def lower_priority(threads: int | None) -> None:
@@ -50,6 +53,22 @@ def lower_priority(threads: int | None) -> None:
     torch = sys.modules.get("torch")  # (not imported for a plugin that does not use it)
     if torch is not None and threads is not None:
         torch.set_num_threads(threads)
+
+
+def branch_share(share: float | None, device: str) -> float:
+    """A plugin's `branch_share`, else `CPU_SHARE` on a CPU and 1 on a GPU."""
+    if share is not None:
+        return share
+    return 1.0 if device.startswith("cuda") else CPU_SHARE
+
+
+def rest(cond: threading.Condition, busy_s: float, share: float, wake: Callable[[], bool]) -> None:
+    """After `busy_s` of work, wait so that work stays `share` of the time; `wake()` (checked under `cond`) ends the
+    rest early: the branch is stopping, or has closings to run."""
+    if share >= 1:
+        return
+    with cond:
+        cond.wait_for(wake, busy_s * (1 / share - 1))
 
 
 def branch_threads(chain_threads: int | None) -> int | None:
@@ -75,6 +94,7 @@ class Branch:
         publish: Callable[[Event], None],
         observe: Callable[[float, int], None],
         threads: int | None = None,
+        share: float = 1.0,
     ):
         """`run`: the plugin over a batch (returns the ids of the frames that failed; failures reported by the
         caller's rules); `close`: the plugin's `on_source_end`; `publish`: where events go; `observe`: the seconds
@@ -85,6 +105,8 @@ class Branch:
         self._publish = publish
         self._observe = observe
         self.threads = branch_threads(threads)
+        self.share = share
+        """The most of its time it works (`branch_share`): it rests between batches."""
         self._cond = threading.Condition()
         self._waiting: dict[str, tuple[int, Frame]] = {}
         """The newest frame of each camera not taken yet, with its sequence number."""
@@ -226,3 +248,5 @@ class Branch:
                 if closes and not self._closes:  # caught up with the closings: callers wait for them again
                     self._late = False
                 self.working = False
+            if frames:  # its share of the time: frames offered meanwhile replace one another (counted)
+                rest(self._cond, elapsed, self.share, lambda: self._stopping or bool(self._closes))

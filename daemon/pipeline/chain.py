@@ -30,7 +30,7 @@ from typing import Any
 from vigild.config.loading import CameraConfig, PluginSpec
 from vigild.events import Event, add_track_events
 from vigild.frame import Frame
-from vigild.pipeline.branch import Branch
+from vigild.pipeline.branch import Branch, branch_share
 from vigild.pipeline.durations import PLUGIN_BUCKETS, Durations
 from vigild.plugin import BranchWork, FrameErrors, Plugin, PluginConfig, PluginContext
 
@@ -92,6 +92,7 @@ class Chain:
         self.stages: list[Stage] = []
         self._publish = publish if publish is not None else _unpublished
         self._torch_threads = torch_threads
+        self._device = device
         self.branches: dict[int, Branch] = {}
         """Of the instances that run beside the chain, by `id(plugin)`."""
         self._branch_handover: list[tuple[Stage, Plugin, Branch]] = []
@@ -145,6 +146,7 @@ class Chain:
             self._publish,
             partial(self._observe, stage),
             self._torch_threads,
+            branch_share(stage.spec.config.branch_share, self._device),
         )
 
     @staticmethod

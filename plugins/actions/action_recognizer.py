@@ -31,7 +31,7 @@ from pydantic import Field, field_validator
 
 from vigild.events import Event
 from vigild.frame import Detections, Frame
-from vigild.pipeline.branch import CLOSE_WAIT_S
+from vigild.pipeline.branch import CLOSE_WAIT_S, branch_share
 from vigild.plugin import BranchWork, FrameErrors, Plugin, PluginConfig, PluginConfigError, check_torchvision_weights
 from vigild.plugins.actions.classifier import Clips, ClipWorker, Release
 from vigild.plugins.actions.scoring import ActionScores, ScoreRules
@@ -168,8 +168,10 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
         self._wanted_classes: dict[tuple[str, ...], np.ndarray] = {}
         self.worker: ClipWorker | None = None
         if self.context.branch:
+            share = branch_share(c.branch_share, self.context.device)
             self.worker = ClipWorker(c.id or c.type, self.classify, self.scores, self.context.publish,
-                                     c.backlog or c.max_batch, c.max_batch, self.context.torch_threads)  # fmt: skip
+                                     c.backlog or c.max_batch, c.max_batch, self.context.torch_threads,
+                                     share)  # fmt: skip
             self.worker.start()
         self.log.info(
             "%s (%d labels, clips %dx%dx%d) on %s, %s%s", c.model, len(labels), video.clip_len, video.size,
@@ -181,7 +183,7 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
             self.worker.stop()
 
     def branch_work(self) -> BranchWork | None:
-        return self.worker
+        return getattr(self, "worker", None)  # (none before start: the status may be read while a change loads it)
 
     # ---- per batch
 
@@ -332,7 +334,8 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
         self.last_seen.drop(slots)
         self.pool.give_back(slots)
         if self.worker is not None:
-            self.worker.release(Release(camera_name, ts, frame_index, slots, generations, reason, sightings), wait_s)
+            item = Release(camera_name, ts, frame_index, slots, generations, reason, sightings, wait_s > 0)
+            self.worker.release(item, wait_s)
             return []
         return self.scores.release(camera_name, ts, frame_index, slots, generations, reason, sightings)
 

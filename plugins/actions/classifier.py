@@ -16,7 +16,11 @@ closing events normally come before the camera's `camera.down`; a worker stuck l
 there, and later closings are not waited for until it has caught up. Stopping handles the releases still queued (the
 closing events are never lost) and skips the clips still queued.
 
-The worker runs at a lower priority than the chain on a CPU (vigild.pipeline.branch.lower_priority).
+The worker runs at a lower priority than the chain on a CPU (vigild.pipeline.branch.lower_priority), and works
+at most `share` of its time (`branch_share`; 0.25 on a CPU): after each round it rests three times as long as the
+round took, unless a release comes. A round takes as many clips as the model classifies in about `ROUND_S` (measured
+as it goes, from one clip at first, at most `batch`), so that a round on a CPU is short and a closing never waits
+long for it, while on a GPU rounds are whole batches.
 """
 
 from __future__ import annotations
@@ -33,13 +37,15 @@ import torch
 
 from vigild.events import Event
 from vigild.frame import Detections
-from vigild.pipeline.branch import branch_threads, lower_priority
+from vigild.pipeline.branch import branch_threads, lower_priority, rest
 from vigild.plugins.actions.scoring import ActionScores
 
 log = logging.getLogger("vigild.plugins.actions")
 
 STOP_WAIT_S = 5.0
 FAILURE_LOG_INTERVAL_S = 10.0
+ROUND_S = 1.0
+"""About how long one round of classification takes, at most (unless one clip takes longer)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,8 @@ class Release:
     generations: np.ndarray
     reason: str
     sightings: Sequence[Detections | None]
+    awaited: bool = False
+    """A camera's closing that the chain waits for."""
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -82,6 +90,7 @@ class ClipWorker:
         backlog: int,
         batch: int,
         chain_threads: int | None,
+        share: float = 1.0,
     ):
         self.name = name
         self._classify = classify
@@ -90,9 +99,14 @@ class ClipWorker:
         self.backlog = backlog
         self.batch = batch
         self.threads = branch_threads(chain_threads)
+        self.share = share
+        self._clip_s: float | None = None
+        """Seconds per clip of the last round, for the size of the next."""
         self._cond = threading.Condition()
         self._queue: deque[Clips | Release] = deque()
         self._queued_clips = 0
+        self._awaited = 0
+        """Releases queued that someone waits for."""
         self._stopping = False
         self._late = False
         self.skipped: Counter[str] = Counter()
@@ -135,9 +149,12 @@ class ClipWorker:
             self._cond.notify_all()
 
     def release(self, item: Release, wait_s: float = 0.0) -> None:
-        """Queue a release behind the clips before it; wait up to `wait_s` for its events to be out."""
+        """Queue a release behind the clips before it; wait up to `wait_s` for its events to be out (a camera's
+        closing: the worker cuts its rest short for it)."""
         with self._cond:
             self._queue.append(item)
+            if item.awaited:
+                self._awaited += 1
             self._cond.notify_all()
         if wait_s <= 0 or self._late or not self._thread.is_alive():
             return
@@ -169,7 +186,8 @@ class ClipWorker:
                 self._cond.wait()
             taken: list[Clips | Release] = []
             clips = 0
-            while self._queue and (clips < self.batch or isinstance(self._queue[0], Release)):
+            batch = 1 if self._clip_s is None else max(1, min(self.batch, int(ROUND_S / max(self._clip_s, 1e-6))))
+            while self._queue and (clips < batch or isinstance(self._queue[0], Release)):
                 item = self._queue.popleft()
                 if isinstance(item, Clips):
                     self._queued_clips -= len(item.slots)
@@ -213,13 +231,24 @@ class ClipWorker:
                     self._publish(event)
                 if isinstance(item, Release):
                     item.done.set()
+                    if item.awaited:
+                        with self._cond:
+                            self._awaited -= 1
+            elapsed = time.perf_counter() - started
             if scores is not None:
                 self.classified += len(scores)
-            self.busy_s += time.perf_counter() - started
+                self._clip_s = elapsed / max(1, len(scores))
+            self.busy_s += elapsed
             with self._cond:
                 if not any(isinstance(item, Release) for item in self._queue):
                     self._late = False  # caught up with the closings: callers wait for them again
                 self.working = False
+            if due:  # its share of the time: clips queued meanwhile beyond the backlog are skipped (counted)
+                rest(self._cond, elapsed, self.share, self._wake)
+
+    def _wake(self) -> bool:
+        """Ends a rest: stopping, or a release someone waits for (a camera's closing) (under the lock)."""
+        return self._stopping or self._awaited > 0
 
     def _log_failure(self, exc: Exception, clips: int) -> None:
         now = time.monotonic()
