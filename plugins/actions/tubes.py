@@ -17,7 +17,6 @@ from torchvision.ops import roi_align
 
 from vigild.frame import Detections
 
-
 SAMPLES = 2
 """Bilinear samples per crop pixel and axis (four a pixel), averaged: a downscaled crop without aliasing. One would
 cut 3x faster on a CPU, and lost a walker's direction to flicker in the test scene (tests/test_actions.py)."""
