@@ -760,3 +760,27 @@ def test_as_a_branch_a_model_failure_costs_only_its_clips(motion_model):
     plugin.on_source_end("r", 200.0, 60)
     plugin.stop()
     assert {e.data["action"] for e in published if e.type == "action.start"} == {"walk_left", "walk_right"}
+
+
+def test_a_closing_ends_the_workers_rest_at_once(motion_model):
+    """A branch that may work 1 % of its time rests 99 times as long as each round took. A camera's closing must not
+    wait for that: on_source_end returns with every action's end published (it waits up to 5 s, and the rest after
+    the rounds here would last minutes)."""
+    published: list[Event] = []
+    plugin = branch_recognizer(motion_model, published, interval=4, branch_share=0.01)
+    gate = threading.Event()
+    plugin.run.module = GatedVideoModel(plugin.run.module, gate)
+    images, truths = render(SCENE[:2], 60)
+    for i in range(58):
+        plugin.process([walkers(images, truths, i)])
+        if i == 21:
+            wait_until(lambda: plugin.worker.working, "the worker takes frame 21's clips")
+            time.sleep(2)  # the round lasts at least 2 s: the rest after it at least 198 s
+            gate.set()
+            wait_until(lambda: not plugin.worker.working, "the round of frame 21 ends and the rest begins")
+    assert plugin.worker.classified == 2 and plugin.worker.pending > 0, "resting: later clips wait"
+    plugin.on_source_end("r", 200.0, 58)
+    ends = [e for e in published if e.type == "action.end"]
+    assert plugin.worker.pending == 0 and [e.data["reason"] for e in ends] == ["source_end"] * 2
+    assert {e.object["track_id"] for e in ends} == {e.object["track_id"] for e in published if e.type == "action.start"}
+    plugin.stop()
