@@ -640,8 +640,9 @@ def test_a_model_that_fails_in_reduced_precision_is_refused_at_start(tmp_path):
 
 
 def test_a_crop_is_the_same_whatever_else_is_cut_from_the_frame():
-    """The cutter uploads only the part of the frame its boxes need: each crop must still be what roi_align cuts
-    from the whole frame, alone or beside other boxes, for boxes at any fraction of a pixel."""
+    """The cutter uploads only the part of the frame its boxes need: each crop must still be what it cuts from the
+    whole frame (a 2x2 mean filter, then one bilinear sample a crop pixel), alone or beside other boxes, for boxes at
+    any fraction of a pixel."""
     from torchvision.ops import roi_align
 
     from vigild.plugins.actions.tubes import TubeCutter
@@ -649,15 +650,37 @@ def test_a_crop_is_the_same_whatever_else_is_cut_from_the_frame():
     rng = np.random.default_rng(7)
     image = rng.integers(0, 256, (576, 768, 3), dtype=np.uint8)
     whole = torch.from_numpy(image).permute(2, 0, 1).flip(0)[None].float()
-    corner = rng.uniform(40, 500, (20, 2))
-    boxes = np.concatenate([corner, corner + rng.uniform(20, 200, (20, 1))], axis=1).astype(np.float32)
-    truth = roi_align(whole, [torch.from_numpy(boxes)], output_size=SIZE, sampling_ratio=2, aligned=True)
+    corner = rng.uniform(40, 400, (20, 2))
+    boxes = np.concatenate([corner, corner + rng.uniform(20, 160, (20, 1))], axis=1).astype(np.float32)
+    truth = torch.empty((len(boxes), 3, SIZE, SIZE))
+    for i, box in enumerate(boxes):  # the definition, box by box, from the whole frame
+        d = max(1, round((box[2] - box[0]) / SIZE / 2))  # SIZE 32: filters of 1, 2 and 3 pixels here
+        smooth = (whole[..., :-d, :-d] + whole[..., d:, :-d] + whole[..., :-d, d:] + whole[..., d:, d:]) / 4
+        truth[i] = roi_align(smooth, [torch.from_numpy(box[None] - d / 2)], output_size=SIZE, sampling_ratio=1,
+                             aligned=True)[0]  # fmt: skip
     cutter = TubeCutter(SIZE, torch.device("cpu"))
     # The coordinates shift with the region, so the float32 interpolation differs by rounding (~0.003): a value
     # near .5 may round either way. A sample taken from the wrong pixels is off by far more on this noise.
     assert_same_crops(cutter(image, boxes), truth)
     for i in range(len(boxes)):
         assert_same_crops(cutter(image, boxes[i : i + 1]), truth[i : i + 1])
+
+
+def test_a_box_an_even_number_of_times_the_crops_size_is_cut_as_the_mean_of_four_samples_a_pixel():
+    """For a box 2, 4 or 6 times the crop's side, the cutter's filter and sample equal roi_align with four samples a
+    crop pixel (two a side, a quarter of a crop pixel from its centre), near and far people in one frame."""
+    from torchvision.ops import roi_align
+
+    from vigild.plugins.actions.tubes import TubeCutter
+
+    rng = np.random.default_rng(8)
+    image = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    whole = torch.from_numpy(image).permute(2, 0, 1).flip(0)[None].float()
+    side = np.repeat([2 * SIZE, 4 * SIZE, 6 * SIZE], 4)[:, None]  # steps of 2, 4 and 6 pixels
+    corner = rng.uniform(0, 1, (len(side), 2)) * (np.array([640, 480]) - side - 1)
+    boxes = np.concatenate([corner, corner + side], axis=1).astype(np.float32)
+    truth = roi_align(whole, [torch.from_numpy(boxes)], output_size=SIZE, sampling_ratio=2, aligned=True)
+    assert_same_crops(TubeCutter(SIZE, torch.device("cpu"))(image, boxes), truth)
 
 
 def assert_same_crops(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -713,7 +736,9 @@ def test_as_a_branch_the_chain_never_waits_for_the_model_and_the_newest_clips_ar
     assert worker is not None and worker.unit == "clips"
     gate = threading.Event()
     plugin.run.module = GatedVideoModel(plugin.run.module, gate)
-    images, truths = render(SCENE[:2], 130)
+    # at 3 px a frame: at the scene's 4, walker 2 reaches the part of the plaza (x 550-620, frames 108-126) where
+    # the tiny test model takes it for standing, whichever way it is cut
+    images, truths = render(SCENE[:2], 130, speed=3.0)
     due = [21 + 12 * k for k in range(10)]  # 21, 33, ... 129
     for i in range(97):
         frame = walkers(images, truths, i)
