@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Any, ClassVar, Generic, Protocol, TypeVar, get_args
+from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -47,10 +47,13 @@ class PluginConfig(BaseModel):
         max_length=MAX_NAME_LENGTH,
         description="Name used by per-camera overrides; defaults to `type`.",
     )
-    branch: bool | None = Field(
+    branch: bool | Literal["thread", "process"] | None = Field(
         default=None,
-        description="Run beside the chain on a thread of its own, on the newest frames, never holding up the "
-        "plugins after it (only plugins that can: `Plugin.branchable`); default: the plugin's own choice.",
+        description="Run beside the chain, on the newest frames, never holding up the plugins after it (only "
+        "plugins that can: `Plugin.branchable`): `true` or `thread` on a thread of its own (work that releases the "
+        "interpreter, such as a torch forward pass), `process` in a process of its own (pure Python work, which on "
+        "a thread would take the interpreter from the chain), `false` in the chain; default: the plugin's own "
+        "choice.",
     )
     branch_share: float | None = Field(
         default=None,
@@ -109,6 +112,10 @@ class BranchWork(Protocol):
     def skipped_total(self) -> int: ...
     @property
     def busy_s(self) -> float: ...
+    @property
+    def pid(self) -> int | None:
+        """The process it works in, when not the daemon's (`branch: process`)."""
+        ...
 
 
 def check_torchvision_weights(value: str | None) -> str | None:

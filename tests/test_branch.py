@@ -5,8 +5,10 @@ camera's closing events come after its frames, also at stop."""
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -16,7 +18,7 @@ from vigild.config.loading import CameraConfig, PluginSpec
 from vigild.events import Event
 from vigild.frame import Frame
 from vigild.pipeline.branch import Branch
-from vigild.pipeline.chain import Chain
+from vigild.pipeline.chain import Chain, PluginStartError
 from vigild.plugin import Plugin, PluginConfig
 
 IMAGE = np.zeros((4, 4, 3), np.uint8)
@@ -166,11 +168,15 @@ def status(service) -> dict:
 
 
 @pytest.mark.e2e
-def test_a_stuck_branch_never_holds_up_the_chain_counts_what_it_skips_and_closes_at_stop(tmp_path, subscriber_factory):
+@pytest.mark.parametrize("branch", ["true", "process"])
+def test_a_stuck_branch_never_holds_up_the_chain_counts_what_it_skips_and_closes_at_stop(
+    tmp_path, subscriber_factory, branch
+):
     """A test plugin as a branch (frame_echo, installed through the entry point) blocks while a file exists, like a
     slow model: the chain's plugin goes on with every frame, the branch's skipped counter rises; released, it works
     on the newest frames again, its events carrying the indices of the frames they describe; at stop its closing
-    event is published."""
+    event is published. On a thread (`branch: true`) and in a process of its own (`branch: process`: its pid in the
+    status, a child of the daemon's)."""
     from conftest import VTEST
     from service import Service, camera_yaml, frames_of, free_endpoint, gaps, service_config
 
@@ -179,7 +185,7 @@ def test_a_stuck_branch_never_holds_up_the_chain_counts_what_it_skips_and_closes
     endpoint = free_endpoint()
     plugins = (
         "  - type: frame_echo\n"
-        f"  - type: frame_echo\n    id: slow\n    branch: true\n    kind: branch_frame\n    closing: true\n"
+        f"  - type: frame_echo\n    id: slow\n    branch: {branch}\n    kind: branch_frame\n    closing: true\n"
         f"    hang_when: {hang}\n    held_file: {held}\n"
     )
     config = service_config(tmp_path, camera_yaml("a", VTEST, loop=True), endpoint, plugins=plugins, await_subscribers=1)
@@ -194,13 +200,21 @@ def test_a_stuck_branch_never_holds_up_the_chain_counts_what_it_skips_and_closes
         stuck_at = len(frames_of(subscriber.messages(), "a"))
         subscriber.wait_for(lambda ms: len(frames_of(ms, "a")) >= stuck_at + 20, timeout=60)  # the chain goes on
         first = status(service)["plugins"]
-        subscriber.wait_for(lambda ms: len(frames_of(ms, "a")) >= stuck_at + 30, timeout=60)
-        second = status(service)["plugins"]
+        deadline = time.monotonic() + 60
+        while (second := status(service)["plugins"])["frame_echo"]["frames"] < first["frame_echo"]["frames"] + 10:
+            assert time.monotonic() < deadline, (first, second)  # the chain's plugin goes on
+            time.sleep(0.2)
         # the branch: stuck on its first frame, the newest one waiting, the others skipped; the chain's plugin on
         assert second["slow"]["branch"]["skipped"] > first["slow"]["branch"]["skipped"] > 0, (first, second)
         assert second["slow"]["branch"]["pending"] == 1, second
         assert second["slow"]["frames"] == first["slow"]["frames"] == 0, (first, second)
         assert second["frame_echo"]["frames"] >= first["frame_echo"]["frames"] + 10, (first, second)
+        if branch == "process":
+            (pid,) = second["slow"]["branch"]["pids"]
+            status_lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+            assert pid != service.process.pid and f"PPid:\t{service.process.pid}" in status_lines
+        else:
+            assert "pids" not in second["slow"]["branch"]
         hang.unlink()
         released = subscriber.wait_for(
             lambda ms: len([m for m in ms if m["event"]["type"] == "branch_frame"]) >= 10, timeout=60
@@ -321,3 +335,119 @@ def test_a_branch_that_was_late_once_is_waited_for_again_once_it_has_caught_up()
     branch.close_camera("b", 0.0, 29)  # waited for: its closing is out when this returns
     assert calls[-1] == ("close", 29)
     branch.stop()
+
+
+# ----- in a process of its own (`branch: process`)
+
+
+def process_chain(published: list[Event], **settings) -> Chain:
+    """The `Where` test plugin in a process of its own, then `Count` in the chain."""
+    from branch_plugins import Where, WhereConfig
+
+    where, count = WhereConfig(branch="process", **settings), CountConfig()
+    specs = (
+        PluginSpec("where", Where, where, dict.fromkeys(CAMS, where)),
+        PluginSpec("count", Count, count, dict.fromkeys(CAMS, count)),
+    )
+    chain = Chain(specs, "cpu", CAMS, torch_threads=4, publish=published.append)
+    chain.start()
+    return chain
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_for(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.01)
+
+
+def test_a_process_branch_runs_its_plugin_in_a_child_at_lower_priority_and_publishes_its_events_in_order():
+    published: list[Event] = []
+    chain = process_chain(published)
+    (branch,) = chain.branches.values()
+    pid = branch.pid
+    assert pid is not None and pid != os.getpid()
+    parent = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("PPid:"))
+    assert int(parent.split()[1]) == os.getpid()  # the daemon's child
+    for index in range(5):
+        frames = batch(index, "a", "b")
+        assert [f.index for f in chain.process(frames)] == [index, index]
+        assert not any(e.type == "seen" for f in frames for e in f.events)  # nothing of the branch on the chain's
+        idle(branch)
+    assert chain.source_ended("a", 2000.0, 5) == []
+    assert chain.source_ended("b", 2000.0, -1) == []
+    chain.stop()
+    assert branch.pid is None and not alive(pid)  # it ran the plugin's stop and exited
+    seen = [e for e in published if e.type == "seen"]
+    assert sorted((e.camera, e.frame) for e in seen) == [(c, i) for c in "ab" for i in range(5)]
+    assert {e.data["pid"] for e in seen} == {pid}
+    assert {e.data["cameras"][0] for e in seen} == {"a"} and seen[0].data["cameras"] == ["a", "b"]
+    # at nice +10 (Linux), with half the chain's torch threads, as a branch thread
+    assert {e.data["nice"] for e in seen} == {min(19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + 10)}
+    assert {e.data["torch_threads"] for e in seen} == {2}
+    for camera, last in (("a", 5), ("b", None)):  # per camera in frame order, its closing (from the child) last
+        events = [(e.type, e.frame) for e in published if e.camera == camera]
+        assert events == [*(("seen", i) for i in range(5)), ("closing", last)], events
+    assert {e.data["pid"] for e in published if e.type == "closing"} == {pid}
+    assert Count.seen == [(c, i) for i in range(5) for c in "ab"]
+
+
+def test_a_process_branch_that_dies_costs_its_batch_and_the_next_starts_a_new_process(tmp_path):
+    """Killed while it holds frame 0: that frame fails (counted), the chain goes on, the next batch starts a new
+    process (the plugin's state starts afresh), and a frame the plugin names in `FrameErrors` fails alone."""
+    hang, held = tmp_path / "hang", tmp_path / "held"
+    hang.touch()
+    published: list[Event] = []
+    chain = process_chain(published, hang_when=str(hang), held_file=str(held), fail_index=7)
+    (branch,) = chain.branches.values()
+    first = branch.pid
+    assert first is not None
+    chain.process(batch(0, "a"))
+    wait_for(held.exists, "the branch's process holds frame 0")
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: not branch.working and not branch.pending, "the branch gives frame 0 up")
+    assert chain.stages[0].failures["a"] == 1
+    hang.unlink()
+    for index in range(1, 10):
+        assert [f.index for f in chain.process(batch(index, "a"))] == [index]  # the chain's plugin goes on
+        idle(branch)
+    second = branch.pid
+    assert second is not None and second != first and not alive(first)
+    chain.stop()
+    seen = [e for e in published if e.type == "seen"]
+    assert [e.frame for e in seen] == [1, 2, 3, 4, 5, 6, 8, 9]  # 0 died with its process; 7 failed in the plugin
+    assert [e.data["seen"] for e in seen] == list(range(1, 9)) and {e.data["pid"] for e in seen} == {second}
+    assert chain.stages[0].failures["a"] == 2
+    assert [e.frame for e in published if e.type == "closing"] == []  # no camera closed
+    assert Count.seen == [("a", i) for i in range(10)]
+
+
+def test_a_process_branch_stuck_in_its_plugin_at_stop_is_killed(tmp_path):
+    hang, held = tmp_path / "hang", tmp_path / "held"
+    hang.touch()
+    chain = process_chain([], hang_when=str(hang), held_file=str(held))
+    (branch,) = chain.branches.values()
+    pid = branch.pid
+    assert pid is not None
+    chain.process(batch(0, "a"))
+    wait_for(held.exists, "the branch's process holds frame 0")
+    chain.stop()  # waits for the branch as long as for a thread, then ends its process
+    assert not alive(pid)
+
+
+def test_a_process_branch_whose_plugin_cannot_start_fails_the_start_with_the_plugins_error():
+    from branch_plugins import Where, WhereConfig
+
+    where = WhereConfig(branch="process", fail_start=True)
+    chain = Chain((PluginSpec("where", Where, where, dict.fromkeys(CAMS, where)),), "cpu", CAMS)
+    with pytest.raises(PluginStartError, match=r"plugin 'where' \(plugins.0\) failed to start: RuntimeError: the "
+                       "model file is not there"):  # fmt: skip
+        chain.start()

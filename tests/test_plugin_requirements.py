@@ -265,3 +265,22 @@ def test_a_camera_add_through_the_control_socket_that_would_disable_the_tracker_
         assert code == 0
     finally:
         service.kill()
+
+
+def test_a_branch_runs_on_a_thread_or_in_a_process_and_a_plugin_that_splits_only_on_a_thread(tmp_path, requiring):
+    for value, in_process in (("true", False), ("thread", False), ("process", True), ("false", False)):
+        path = write(tmp_path, TWO_CAMERAS + f"plugins:\n  - type: finds\n  - type: follows\n    branch: {value}\n")
+        follows = load_config(path, environ={}).chain[1]
+        assert (follows.branch, follows.in_process) == (value != "false", in_process), value
+    path = write(tmp_path, TWO_CAMERAS + "plugins:\n  - type: finds\n  - type: follows\n    branch: sideways\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert f"{path}:9: plugins.1.branch" in str(info.value) and "'thread' or 'process'" in str(info.value)
+    text = TWO_CAMERAS + "plugins:\n  - type: action_recognizer\n    mode: frame\n    branch: process\n"
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert str(info.value).startswith(
+        f"{path}:9: plugins.0.branch: plugin type 'action_recognizer' runs its slow part beside the chain on a "
+        "thread of its own"
+    )

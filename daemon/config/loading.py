@@ -61,7 +61,12 @@ class PluginSpec:
     @property
     def branch(self) -> bool:
         """Runs beside the chain (vigild.pipeline.branch): `branch:` in its entry, else the plugin's own default."""
-        return self.config.branch if self.config.branch is not None else self.cls.branch_default
+        return bool(self.config.branch) if self.config.branch is not None else self.cls.branch_default
+
+    @property
+    def in_process(self) -> bool:
+        """A whole branch in a process of its own (`branch: process`; vigild.pipeline.branch_process)."""
+        return self.config.branch == "process"
 
     @property
     def whole_branch(self) -> bool:
@@ -241,6 +246,15 @@ def _resolve_chain(document: YamlDocument, settings: DaemonSettings) -> tuple[li
                     (*path, "branch"),
                     f"plugin type '{type_name}' cannot run as a branch: later plugins need what it adds to each frame, "
                     "or it keeps state from frame to frame (remove `branch:`)",
+                )
+            )
+            continue
+        if base.branch == "process" and cls.splits:
+            problems.append(
+                document.problem(
+                    (*path, "branch"),
+                    f"plugin type '{type_name}' runs its slow part beside the chain on a thread of its own and cuts "
+                    "its input in the chain: it cannot run in a process (use `branch: true`, or `false`)",
                 )
             )
             continue

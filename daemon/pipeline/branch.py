@@ -95,12 +95,14 @@ class Branch:
         observe: Callable[[float, int], None],
         threads: int | None = None,
         share: float = 1.0,
+        pid: Callable[[], int | None] | None = None,
     ):
         """`run`: the plugin over a batch (returns the ids of the frames that failed; failures reported by the
         caller's rules); `close`: the plugin's `on_source_end`; `publish`: where events go; `observe`: the seconds
         and frames of each batch (the stage's counts)."""
         self.name = name
         self._run_batch = run
+        self._pid = pid
         self._close = close
         self._publish = publish
         self._observe = observe
@@ -171,6 +173,11 @@ class Branch:
     @property
     def skipped_total(self) -> int:
         return sum(dict(self.skipped).values())  # a copy: the scheduler may add a camera
+
+    @property
+    def pid(self) -> int | None:
+        """The process its plugin runs in (`branch: process`), while there is one; None on a thread."""
+        return self._pid() if self._pid is not None else None
 
     def request_stop(self) -> None:
         """Finish what is queued (closing events included), then end the thread."""

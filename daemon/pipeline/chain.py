@@ -31,6 +31,7 @@ from vigild.config.loading import CameraConfig, PluginSpec
 from vigild.events import Event, add_track_events
 from vigild.frame import Frame
 from vigild.pipeline.branch import Branch, branch_share
+from vigild.pipeline.branch_process import ProcessPlugin
 from vigild.pipeline.durations import PLUGIN_BUCKETS, Durations
 from vigild.plugin import BranchWork, FrameErrors, Plugin, PluginConfig, PluginContext
 
@@ -125,7 +126,10 @@ class Chain:
                             self._branch_handover.append((stage, plugin, branch))
                     else:
                         context = PluginContext(device, served_cameras, torch_threads, spec.branch, self._publish)
-                        plugin = spec.cls(config, context)
+                        if spec.in_process:  # its stand-in here; the plugin is built in its process at start
+                            plugin = ProcessPlugin(spec.cls, spec.id, config, context)
+                        else:
+                            plugin = spec.cls(config, context)
                         self._fresh.append((stage, plugin))
                         if spec.whole_branch:
                             self.branches[id(plugin)] = self._branch(stage, plugin)
@@ -147,6 +151,7 @@ class Chain:
             partial(self._observe, stage),
             self._torch_threads,
             branch_share(stage.spec.config.branch_share, self._device),
+            pid=partial(getattr, plugin, "pid") if isinstance(plugin, ProcessPlugin) else None,
         )
 
     @staticmethod
@@ -239,6 +244,8 @@ class Chain:
         stuck = {id(branch) for branch in branches if not branch.join(deadline)}
         for stage, plugin in plugins:
             if id(self.branches.get(id(plugin))) in stuck:
+                if isinstance(plugin, ProcessPlugin):  # unlike a thread, a process can be ended
+                    plugin.kill()
                 continue
             try:
                 plugin.stop()

@@ -135,7 +135,8 @@ def snapshot(running: Running, pipeline: Pipeline, rates: Rates, uptime_s: float
 def branch_report(chain: Chain, stage: Stage) -> dict[str, Any]:
     """For a plugin that runs beside the chain: `branch` with what it holds (`pending`: frames and closings, or
     clips, not handled yet), the work it skipped to keep up (frames replaced by a newer one of the camera, or clips
-    it could not afford), what those count (`unit`) and its busy time; nothing for a plugin in the chain."""
+    it could not afford), what those count (`unit`), its busy time and, for one in processes of its own
+    (`branch: process`), their `pids`; nothing for a plugin in the chain."""
     works = chain.branch_work(stage)
     if not works:
         return {}
@@ -145,6 +146,7 @@ def branch_report(chain: Chain, stage: Stage) -> dict[str, Any]:
             "pending": sum(work.pending for work in works),
             "skipped": sum(work.skipped_total for work in works),
             "busy_s": round(sum(work.busy_s for work in works), 3),
+            **({"pids": pids} if (pids := [pid for work in works if (pid := work.pid) is not None]) else {}),
         }
     }
 

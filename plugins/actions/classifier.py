@@ -80,6 +80,8 @@ class Release:
 
 class ClipWorker:
     unit = "clips"
+    pid = None
+    """A thread of the daemon's (vigild.plugin.BranchWork)."""
 
     def __init__(
         self,
