@@ -112,12 +112,18 @@ def pipeline_run(config: str, warmup: float, seconds: float, results: Any) -> No
         time.sleep(warmup)
         scheduler = daemon.scheduler
         frames0, clips0, skipped0 = sum(scheduler.processed.values()), classified(), skipped()
+        stages0 = {stage.spec.id: (stage.seconds, stage.frames) for stage in daemon.chain.stages}
         scheduler.latencies_s.clear()
         began = time.monotonic()
         time.sleep(seconds)
         elapsed = time.monotonic() - began
         frames = sum(scheduler.processed.values()) - frames0
         done, skips = classified() - clips0, skipped() - skipped0
+        stage_ms = {  # each plugin's time a frame in the chain over the window (where the chain's time goes)
+            stage.spec.id: (stage.seconds - stages0[stage.spec.id][0]) * 1000
+            / max(1, stage.frames - stages0[stage.spec.id][1])
+            for stage in daemon.chain.stages
+        }
         latencies = np.array(scheduler.latencies_s) * 1000
         threads = daemon.status()["threads"]
     finally:
@@ -131,6 +137,7 @@ def pipeline_run(config: str, warmup: float, seconds: float, results: Any) -> No
             "clips_s": done / elapsed,
             "skipped_s": skips / elapsed,
             "threads": threads,
+            "stage_ms": stage_ms,
         }
     )
 
@@ -184,12 +191,17 @@ def main() -> None:
     for cameras in cameras_list:
         without = pipeline(cameras, "none", args)
         print(f"{cameras:>7} {'none':>8} {without['fps']:>7.1f} {without['p50']:>8.0f} {without['p99']:>8.0f}"
-              f"{'':>9} {'':>10} {'':>9}  threads {without['threads']}", flush=True)
+              f"{'':>9} {'':>10} {'':>9}  {stage_times(without)}  threads {without['threads']}", flush=True)
         for mode in args.modes:
             run = pipeline(cameras, mode, args)
             ratio = run["fps"] / without["fps"] if without["fps"] else float("nan")
             print(f"{cameras:>7} {mode:>8} {run['fps']:>7.1f} {run['p50']:>8.0f} {run['p99']:>8.0f} "
-                  f"{run['clips_s']:>8.1f} {run['skipped_s']:>9.1f} {ratio:>8.2f}x", flush=True)
+                  f"{run['clips_s']:>8.1f} {run['skipped_s']:>9.1f} {ratio:>8.2f}x  {stage_times(run)}", flush=True)
+
+
+def stage_times(run: dict[str, Any]) -> str:
+    """Each plugin's ms a frame in the chain (for a branch, what it did in the chain)."""
+    return "ms/frame " + ", ".join(f"{name} {ms:.1f}" for name, ms in run["stage_ms"].items())
 
 
 if __name__ == "__main__":

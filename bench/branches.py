@@ -5,11 +5,14 @@ fast as the chain consumes) with the shared Yolo-Fastest-XL person detector and 
 - no further plugin,
 - the semantic segmenter as a branch (its default),
 - the semantic segmenter in the chain (`branch: false`),
+- a pure-Python plugin (bench/python_work.py, `--work-ms` a frame) as a branch on a thread (`py-thread`) and in a
+  process of its own (`py-process`, `branch: process`),
 each for `--cameras` cameras. It reports detection frames/s (frames through the chain), capture-to-publish latency,
 and the segmenter's own frames/s and skipped frames. The segmenter runs torchvision's `--model` with random weights
 (speed does not depend on them) at `--input-size`.
 
-    python bench/branches.py [--cameras 1 4] [--seconds 30] [--device cpu]
+    python bench/branches.py [--cameras 1 4] [--seconds 30] [--device cpu] [--modes none branch chain py-thread
+                             py-process] [--work-ms 50]
 """
 
 from __future__ import annotations
@@ -26,26 +29,38 @@ import numpy as np
 from contenders import in_fresh_process, start_daemon, vtest_daemon_yaml
 
 SHARED = Path(os.environ.get("VIGILD_SHARED", Path(__file__).resolve().parent.parent.parent / "shared")).resolve()
-MODES = {"none": None, "branch": True, "chain": False}
+MODES = {"none": None, "branch": "true", "chain": "false", "py-thread": "true", "py-process": "process"}
+"""`py-*`: the `python_work` bench plugin (bench/python_work.py, pure Python, `--work-ms` a frame) instead of the
+segmenter, as a branch on a thread and in a process of its own."""
 
 
 def config(cameras: int, mode: str, args: argparse.Namespace) -> str:
-    segmenter = (
-        f"  - type: semantic_segmenter\n    model: {args.model}\n    weights: null\n"
-        f"    input_size: {args.input_size}\n    branch: {'true' if MODES[mode] else 'false'}\n"
-    )
-    return vtest_daemon_yaml(SHARED, cameras, segmenter if MODES[mode] is not None else "", args.device, workers=0)
+    if MODES[mode] is None:
+        plugin = ""
+    elif mode.startswith("py-"):
+        plugin = f"  - type: python_work\n    work_ms: {args.work_ms}\n    branch: {MODES[mode]}\n"
+    else:
+        plugin = (
+            f"  - type: semantic_segmenter\n    model: {args.model}\n    weights: null\n"
+            f"    input_size: {args.input_size}\n    branch: {MODES[mode]}\n"
+        )
+    return vtest_daemon_yaml(SHARED, cameras, plugin, args.device, workers=0)
 
 
 def run(text: str, warmup: float, seconds: float, results: Any) -> None:
     """One daemon in this (fresh) process; puts its figures over the measured window on `results`."""
+    import tempfile
+
+    from python_work import install
+
+    install(tempfile.mkdtemp(prefix="vigild-bench-site-"))
     daemon = start_daemon(text)
     daemon.start()
     try:
         time.sleep(warmup)
         scheduler = daemon.scheduler
         stages = {stage.spec.id: stage for stage in daemon.chain.stages}
-        segmenter = stages.get("semantic_segmenter")
+        segmenter = stages.get("semantic_segmenter") or stages.get("python_work")
         branch = next(iter(daemon.chain.branches.values()), None)
         frames0 = sum(scheduler.processed.values())
         seg0 = segmenter.frames if segmenter else 0
@@ -90,6 +105,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="measured window per daemon run")
     parser.add_argument("--warmup", type=float, default=10.0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--work-ms", type=float, default=50.0, help="py-* modes: Python work a frame")
     args = parser.parse_args()
     os.environ.setdefault("YOLO_OFFLINE", "1")
     print(f"daemon on vtest.avi (768x576), Yolo-Fastest-XL 320 + ByteTrack [+ {args.model} at {args.input_size}], "

@@ -82,12 +82,13 @@ def idle(branch, timeout: float = 10) -> None:
     assert not branch.pending and not branch.working
 
 
-def make_chain(published: list[Event]) -> Chain:
-    gate, count = GateConfig(branch=True), CountConfig()
-    specs = (
-        PluginSpec("gate", Gate, gate, dict.fromkeys(CAMS, gate)),
-        PluginSpec("count", Count, count, dict.fromkeys(CAMS, count)),
-    )
+def make_chain(published: list[Event], branch: PluginSpec | None = None) -> Chain:
+    """`branch` (default: the Gate plugin as a branch thread), then `Count` in the chain, for both cameras."""
+    if branch is None:
+        gate = GateConfig(branch=True)
+        branch = PluginSpec("gate", Gate, gate, dict.fromkeys(CAMS, gate))
+    count = CountConfig()
+    specs = (branch, PluginSpec("count", Count, count, dict.fromkeys(CAMS, count)))
     chain = Chain(specs, "cpu", CAMS, torch_threads=4, publish=published.append)
     chain.start()
     return chain
@@ -344,14 +345,8 @@ def process_chain(published: list[Event], **settings) -> Chain:
     """The `Where` test plugin in a process of its own, then `Count` in the chain."""
     from branch_plugins import Where, WhereConfig
 
-    where, count = WhereConfig(branch="process", **settings), CountConfig()
-    specs = (
-        PluginSpec("where", Where, where, dict.fromkeys(CAMS, where)),
-        PluginSpec("count", Count, count, dict.fromkeys(CAMS, count)),
-    )
-    chain = Chain(specs, "cpu", CAMS, torch_threads=4, publish=published.append)
-    chain.start()
-    return chain
+    where = WhereConfig(branch="process", **settings)
+    return make_chain(published, PluginSpec("where", Where, where, dict.fromkeys(CAMS, where)))
 
 
 def alive(pid: int) -> bool:

@@ -193,6 +193,7 @@ class ProcessPlugin(Plugin[PluginConfig]):
                 [sys.executable, "-m", "vigild.pipeline.branch_process", str(child.fileno())],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
+                env=thread_environment(self.threads),
             )
         except OSError:
             parent.close()
@@ -217,6 +218,15 @@ class ProcessPlugin(Plugin[PluginConfig]):
         log.info("branch %s runs in process %d", self.name, process.pid)
 
 
+def thread_environment(threads: int | None) -> dict[str, str]:
+    """The child's environment: the daemon's, with the OpenMP thread count of the branch, so torch starts with it
+    whenever the plugin imports it (`lower_priority` sets it only where torch is imported already)."""
+    environment = dict(os.environ)
+    if threads is not None:
+        environment["OMP_NUM_THREADS"] = environment["MKL_NUM_THREADS"] = str(threads)
+    return environment
+
+
 def portable(exc: BaseException) -> BaseException:
     """`exc` as it can cross to the daemon: itself if it pickles, else a RuntimeError with its type and message
     (a `FrameErrors` keeps its frames, each error made portable)."""
@@ -238,6 +248,7 @@ def serve(connection: Connection, hello: Hello) -> None:
     except Exception as exc:
         connection.send(("failed", portable(exc)))
         return
+    lower_priority(hello.threads)  # again: starting may have imported torch (and ultralytics sets its threads)
     connection.send(("ready", os.getpid()))
     while True:
         try:

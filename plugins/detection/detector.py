@@ -161,12 +161,12 @@ class Detector(Plugin[DetectorConfig]):
         if self._ahead is None:
             threads = self.context.torch_threads
             self._ahead = ThreadPoolExecutor(1, f"forward-{self.config.id or self.config.type}",
-                                             initializer=_forward_thread, initargs=(threads,))  # fmt: skip
+                                             initializer=_forward_thread, initargs=(threads, self.context.device))  # fmt: skip
         images = [frame.image for frame in good]
         future = self._ahead.submit(self._detect, images)
         self._prefetched[tuple(map(id, good))] = future
         while len(self._prefetched) > MAX_AHEAD:  # started and never asked for (the chain was replaced meanwhile)
-            del self._prefetched[next(iter(self._prefetched))]
+            self._prefetched.pop(next(iter(self._prefetched))).cancel()  # not run, if it has not begun
         return future
 
     def _detect(self, images: list[np.ndarray]) -> list[Detections]:
@@ -203,12 +203,18 @@ MAX_AHEAD = 4
 """Batches started ahead kept at most: the oldest beyond were never asked for."""
 
 
-def _forward_thread(threads: int | None) -> None:
-    """The forward thread does the chain's torch work: the chain's thread count (kept per calling thread)."""
-    if threads is not None:
-        import torch
+def _forward_thread(threads: int | None, device: str) -> None:
+    """The forward thread does the chain's torch work: the chain's thread count (kept per calling thread) and, on
+    CUDA, a stream of its own (torch's current stream is per thread too): its uploads and kernels do not queue behind
+    the GPU work other threads put on the default stream (tube cuts, a segmenter branch), and theirs not behind it.
+    Nothing crosses streams: a detection ends with its results copied to the host, which waits for the stream, and
+    the pinned staging buffer is guarded by a host-side wait on an event (vigild.vision.letterbox.CopyFence)."""
+    import torch
 
+    if threads is not None:
         torch.set_num_threads(threads)
+    if device.startswith("cuda"):
+        torch.cuda.set_stream(torch.cuda.Stream(torch.device(device)))
 
 
 def detections_event(frame: Frame) -> Event:
