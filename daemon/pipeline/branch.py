@@ -76,6 +76,77 @@ def branch_threads(chain_threads: int | None) -> int | None:
     return max(1, chain_threads // 2) if chain_threads else None
 
 
+class BranchThread:
+    """What every worker beside the chain shares (a `Branch`, the action recognizer's clip worker): its thread,
+    niced with fewer torch threads (`lower_priority`) and running `_loop`; its stop (it finishes what it must, then
+    ends; one stuck in its plugin is left behind, logged); and waiting for a camera's closing events, up to a limit,
+    and after one wait in vain, not again until it has caught up (`_caught_up`), so no caller waits on it twice.
+    Subclasses keep `working` (it holds work it took) and `busy_s` up to date, under `_cond`."""
+
+    unit = "frames"
+    """What `pending` and `skipped_total` count (vigild.plugin.BranchWork)."""
+
+    def __init__(self, name: str, threads: int | None, share: float):
+        self.name = name
+        self.threads = branch_threads(threads)
+        self.share = share
+        """The most of its time it works (`branch_share`): it rests between batches."""
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._late = False
+        """A closing was waited for in vain: later ones are not waited for until it has caught up."""
+        self.busy_s = 0.0
+        self.working = False
+        """It holds work it took and has not finished."""
+        self._thread = threading.Thread(target=self._run, name=f"branch-{name}", daemon=True)
+
+    @property
+    def pid(self) -> int | None:
+        """The process it works in, when not the daemon's."""
+        return None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request_stop(self) -> None:
+        """Finish what must be finished (closing events included), then end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
+    def join(self, deadline: float) -> bool:
+        """Wait for the thread until `deadline` (monotonic); whether it has ended (or never started)."""
+        if self._thread.is_alive():
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            log.error("branch %s did not finish in time (stuck in its plugin): leaving it behind", self.name)
+            return False
+        return True
+
+    def stop(self, timeout: float = STOP_WAIT_S) -> bool:
+        self.request_stop()
+        return self.join(time.monotonic() + timeout)
+
+    def _await_closing(self, done: threading.Event, camera: str, wait_s: float) -> None:
+        """Wait up to `wait_s` for a closing queued with `done`; unless it is behind already."""
+        if wait_s <= 0 or self._late or not self._thread.is_alive():
+            return
+        if not done.wait(wait_s):
+            self._late = True
+            log.warning("branch %s is busy: camera %s's closing events will follow later", self.name, camera)
+
+    def _caught_up(self) -> None:
+        """No closing is queued any more (under `_cond`): callers wait for closings again."""
+        self._late = False
+
+    def _run(self) -> None:
+        lower_priority(self.threads)
+        self._loop()
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class _Close:
     camera: str
@@ -85,7 +156,7 @@ class _Close:
     done: threading.Event
 
 
-class Branch:
+class Branch(BranchThread):
     def __init__(
         self,
         name: str,
@@ -100,36 +171,22 @@ class Branch:
         """`run`: the plugin over a batch (returns the ids of the frames that failed; failures reported by the
         caller's rules); `close`: the plugin's `on_source_end`; `publish`: where events go; `observe`: the seconds
         and frames of each batch (the stage's counts)."""
-        self.name = name
+        super().__init__(name, threads, share)
         self._run_batch = run
         self._pid = pid
         self._close = close
         self._publish = publish
         self._observe = observe
-        self.threads = branch_threads(threads)
-        self.share = share
-        """The most of its time it works (`branch_share`): it rests between batches."""
-        self._cond = threading.Condition()
         self._waiting: dict[str, tuple[int, Frame]] = {}
         """The newest frame of each camera not taken yet, with its sequence number."""
         self._closes: list[_Close] = []
         self._seq = 0
-        self._stopping = False
-        self._late = False
-        """A closing was waited for in vain: later ones are not waited for until the branch has caught up."""
         self.skipped: Counter[str] = Counter()
         """Frames replaced by a newer one of the same camera before the branch took them."""
         self.frames = 0
         """Frames the plugin has run on."""
-        self.busy_s = 0.0
-        self.working = False
-        """It holds frames or closings it took and has not finished."""
-        self._thread = threading.Thread(target=self._loop, name=f"branch-{name}", daemon=True)
 
     # ----- the chain's side (scheduler thread)
-
-    def start(self) -> None:
-        self._thread.start()
 
     def offer(self, frames: list[Frame]) -> None:
         """Hand over copies of `frames`; never blocks on the plugin."""
@@ -148,11 +205,7 @@ class Branch:
             self._seq += 1
             self._closes.append(_Close(camera, ts_wall, frame_index, self._seq, done))
             self._cond.notify_all()
-        if self._late or not self._thread.is_alive():  # it is behind already: no caller waits on it twice
-            return
-        if not done.wait(wait_s):
-            self._late = True
-            log.warning("branch %s is busy: camera %s's closing events will follow later", self.name, camera)
+        self._await_closing(done, camera, wait_s)
 
     def rebind(self, run: Callable[[list[Frame]], set[int]], observe: Callable[[float, int], None]) -> None:
         """A reload's chain took over this branch's instance: its failures and time count there from now on."""
@@ -162,9 +215,6 @@ class Branch:
         """Drop the counters of a camera that is gone."""
         with self._cond:
             self.skipped.pop(camera, None)
-
-    unit = "frames"
-    """What `pending` and `skipped_total` count (vigild.plugin.BranchWork)."""
 
     @property
     def pending(self) -> int:
@@ -178,25 +228,6 @@ class Branch:
     def pid(self) -> int | None:
         """The process its plugin runs in (`branch: process`), while there is one; None on a thread."""
         return self._pid() if self._pid is not None else None
-
-    def request_stop(self) -> None:
-        """Finish what is queued (closing events included), then end the thread."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-
-    def join(self, deadline: float) -> bool:
-        """Wait for the thread until `deadline` (monotonic); whether it has ended (or never started)."""
-        if self._thread.is_alive():
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-        if self._thread.is_alive():
-            log.error("branch %s did not finish in time (stuck in its plugin): leaving it behind", self.name)
-            return False
-        return True
-
-    def stop(self, timeout: float = STOP_WAIT_S) -> bool:
-        self.request_stop()
-        return self.join(time.monotonic() + timeout)
 
     # ----- the branch's thread
 
@@ -226,7 +257,6 @@ class Branch:
             return [frame for _, frame in sorted(batch, key=lambda item: item[0])], closes
 
     def _loop(self) -> None:
-        lower_priority(self.threads)
         while (work := self._take()) is not None:
             frames, closes = work
             if frames:
@@ -252,8 +282,8 @@ class Branch:
                     self._publish(event)
                 item.done.set()
             with self._cond:
-                if closes and not self._closes:  # caught up with the closings: callers wait for them again
-                    self._late = False
+                if closes and not self._closes:
+                    self._caught_up()
                 self.working = False
             if frames:  # its share of the time: frames offered meanwhile replace one another (counted)
                 rest(self._cond, elapsed, self.share, lambda: self._stopping or bool(self._closes))

@@ -37,12 +37,11 @@ import torch
 
 from vigild.events import Event
 from vigild.frame import Detections
-from vigild.pipeline.branch import branch_threads, lower_priority, rest
+from vigild.pipeline.branch import BranchThread, rest
 from vigild.plugins.actions.scoring import ActionScores
 
 log = logging.getLogger("vigild.plugins.actions")
 
-STOP_WAIT_S = 5.0
 FAILURE_LOG_INTERVAL_S = 10.0
 ROUND_S = 1.0
 """About how long one round of classification takes, at most (unless one clip takes longer)."""
@@ -78,10 +77,8 @@ class Release:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-class ClipWorker:
+class ClipWorker(BranchThread):
     unit = "clips"
-    pid = None
-    """A thread of the daemon's (vigild.plugin.BranchWork)."""
 
     def __init__(
         self,
@@ -94,37 +91,26 @@ class ClipWorker:
         chain_threads: int | None,
         share: float = 1.0,
     ):
-        self.name = name
+        super().__init__(name, chain_threads, share)
         self._classify = classify
         self._scores = scores
         self._publish = publish
         self.backlog = backlog
         self.batch = batch
-        self.threads = branch_threads(chain_threads)
-        self.share = share
         self._clip_s: float | None = None
         """Seconds per clip of the last round, for the size of the next."""
-        self._cond = threading.Condition()
         self._queue: deque[Clips | Release] = deque()
         self._queued_clips = 0
         self._awaited = 0
         """Releases queued that someone waits for."""
-        self._stopping = False
-        self._late = False
         self.skipped: Counter[str] = Counter()
         """Clips dropped from the queue (oldest first) to keep up, or still queued at stop, by camera."""
         self.classified = 0
         self.failed = 0
         """Clips the model failed on (their events are lost; their tubes are classified again at the next interval)."""
-        self.busy_s = 0.0
-        self.working = False
         self._last_failure_log = -FAILURE_LOG_INTERVAL_S
-        self._thread = threading.Thread(target=self._loop, name=f"branch-{name}", daemon=True)
 
     # ----- the chain's side
-
-    def start(self) -> None:
-        self._thread.start()
 
     @property
     def pending(self) -> int:
@@ -158,23 +144,9 @@ class ClipWorker:
             if item.awaited:
                 self._awaited += 1
             self._cond.notify_all()
-        if wait_s <= 0 or self._late or not self._thread.is_alive():
-            return
-        if not item.done.wait(wait_s):
-            self._late = True
-            log.warning("branch %s is busy: camera %s's closing events will follow later", self.name, item.camera)
+        self._await_closing(item.done, item.camera, wait_s)
 
-    def stop(self, timeout: float = STOP_WAIT_S) -> bool:
-        """Handle the releases queued (skipping the clips), then end; whether the thread ended in time."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.error("branch %s did not finish in time (stuck in its model): leaving it behind", self.name)
-            return False
-        return True
+    # `stop()` (BranchThread): the releases queued are handled, the clips still queued skipped (counted)
 
     # ----- the worker's thread
 
@@ -202,7 +174,6 @@ class ClipWorker:
             return taken
 
     def _loop(self) -> None:
-        lower_priority(self.threads)
         while (taken := self._take()) is not None:
             started = time.perf_counter()
             due = [item for item in taken if isinstance(item, Clips)]
@@ -243,7 +214,7 @@ class ClipWorker:
             self.busy_s += elapsed
             with self._cond:
                 if not any(isinstance(item, Release) for item in self._queue):
-                    self._late = False  # caught up with the closings: callers wait for them again
+                    self._caught_up()
                 self.working = False
             if due:  # its share of the time: clips queued meanwhile beyond the backlog are skipped (counted)
                 rest(self._cond, elapsed, self.share, self._wake)
