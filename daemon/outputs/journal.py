@@ -1,0 +1,282 @@
+"""The event journal (issue 19, first part): every event, with its snapshot, in an embedded SQLite database.
+
+One database file in WAL mode (stdlib `sqlite3`), next to a `snapshots/` directory of JPEG files that rows refer to
+by name (files, not BLOBs: the database stays small and a snapshot is served as it was sent). Rows hold the wire JSON
+as published, and beside it the columns queries filter on, each indexed: `seq` (the key), `ts` (seconds since the
+epoch), `camera` and `type` (with `ts`), `track` and `label` (from the event's object, where it has one).
+
+- One writer: the journal is locked (`flock` on `<path>.lock`) for as long as it is open for writing, and a second
+  opener gets `JournalLocked` naming the path and the holder's pid. Readers (`vigild events`) open the database
+  read-only and never take the lock: WAL lets them read while the daemon writes.
+- `write()` stores a batch in one transaction: its snapshot files first (written whole under a temporary name,
+  then renamed), then the rows. A run killed between the two leaves files no row refers to; `open` sweeps them.
+- `prune()` removes what retention says (older than `retention_days`; then, oldest first, what exceeds `max_bytes`,
+  counted as database plus snapshots), rows and their files together, and gives the freed pages back to the file
+  system (`auto_vacuum=INCREMENTAL`).
+
+What is not here yet: the writer thread that takes every event off the hot path, disk-full handling, the daemon's
+`journal:` section, `vigild events`, replay and resumable subscriptions (see the issue).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+SNAPSHOTS = "snapshots"
+PRUNE_ROUNDS = 8
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL,
+    run TEXT NOT NULL,
+    ts REAL NOT NULL,
+    camera TEXT NOT NULL,
+    type TEXT NOT NULL,
+    track INTEGER,
+    label TEXT,
+    body TEXT NOT NULL,
+    snapshot TEXT,
+    snapshot_bytes INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
+CREATE INDEX IF NOT EXISTS events_camera_ts ON events (camera, ts);
+CREATE INDEX IF NOT EXISTS events_type_ts ON events (type, ts);
+CREATE INDEX IF NOT EXISTS events_track ON events (camera, track) WHERE track IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_label ON events (label) WHERE label IS NOT NULL;
+"""
+
+
+class JournalLocked(Exception):
+    """Another process has the journal open for writing."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One event as the journal stores it: its wire JSON (with `seq`, `id`, `run`, `ts`, `camera`, `type`) and its
+    snapshot's JPEG, if it has one."""
+
+    body: dict[str, Any]
+    jpeg: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Query:
+    """What `Journal.query` selects; every field narrows it, None or empty leaves it open."""
+
+    camera: str | None = None
+    type_prefix: str | None = None
+    """`zone.` selects zone.enter and zone.exit; a full type selects that type."""
+    since: float | None = None
+    until: float | None = None
+    """Seconds since the epoch: since <= ts < until."""
+    track: int | None = None
+    label: str | None = None
+    after_seq: int | None = None
+    limit: int | None = None
+
+
+def epoch(iso: str) -> float:
+    """The wire format's `ts` (ISO 8601, UTC, `Z`) as seconds since the epoch."""
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+class Journal:
+    def __init__(self, path: Path, retention_days: float = 30.0, max_bytes: int = 10 << 30):
+        """Open (creating it, and its directory, owner and group only) the journal at `path` for writing; raise
+        `JournalLocked` if another process has it open."""
+        self.path = Path(path)
+        self.retention_days = retention_days
+        self.max_bytes = max_bytes
+        self.snapshots = self.path.parent / SNAPSHOTS
+        self.snapshots.mkdir(mode=0o750, parents=True, exist_ok=True)
+        self._lock = _take_lock(self.path)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # only takes on a new file: before any table
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: a power cut may lose the last commits, never tear
+            self._db.executescript(SCHEMA)
+            self.swept = self._sweep()
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
+        self._lock.close()
+
+    def last_seq(self) -> int:
+        """The highest seq stored, 0 for an empty journal: the next run goes on from it."""
+        row = self._db.execute("SELECT max(seq) FROM events").fetchone()
+        return int(row[0] or 0)
+
+    def write(self, records: Sequence[Record]) -> None:
+        """Store `records` in one transaction (their snapshot files first). On an error (a full disk, a seq stored
+        already) nothing of the batch is stored, and the files this call wrote for it are removed."""
+        written: list[Path] = []
+        rows = []
+        try:
+            for record in records:
+                body = record.body
+                name = None
+                if record.jpeg is not None:
+                    name = f"{body['seq']}-{body['id']}.jpg"
+                    if not (self.snapshots / name).exists():  # one that exists is a stored event's: left alone
+                        _write_file(self.snapshots / name, record.jpeg)
+                        written.append(self.snapshots / name)
+                obj = body.get("object") or {}
+                text = json.dumps(body, separators=(",", ":"))
+                jpeg_bytes = len(record.jpeg) if record.jpeg is not None else 0
+                rows.append((body["seq"], body["id"], body["run"], epoch(body["ts"]), body["camera"], body["type"],
+                             obj.get("track_id"), obj.get("label"), text, name, jpeg_bytes))  # fmt: skip
+            with self._transaction():
+                self._db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        except BaseException:
+            for file in written:
+                file.unlink(missing_ok=True)
+            raise
+
+    def prune(self, now: float | None = None) -> int:
+        """Remove rows (and their snapshot files) older than `retention_days`, then the oldest until the journal
+        (database plus snapshots) is within `max_bytes`; return how many rows went."""
+        now = time.time() if now is None else now
+        removed = self._remove("ts < ?", (now - self.retention_days * 86400,))
+        for _ in range(PRUNE_ROUNDS):  # the rows' bytes leave out index pages: a round may fall a little short
+            excess = self.size_bytes() - self.max_bytes
+            if excess <= 0:
+                break
+            # the oldest rows whose stored bytes add up to the excess: a running sum over seq, in SQL
+            row = self._db.execute(
+                "SELECT seq FROM (SELECT seq, sum(length(body) + snapshot_bytes) OVER (ORDER BY seq) AS total "
+                "FROM events) WHERE total >= ? ORDER BY seq LIMIT 1",
+                (excess,),
+            ).fetchone()
+            gone = self._remove("seq <= ?", (row[0] if row is not None else self.last_seq(),))
+            removed += gone
+            self._db.execute("PRAGMA incremental_vacuum")
+            if not gone:
+                break
+        if removed:
+            self._db.execute("PRAGMA incremental_vacuum")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return removed
+
+    def size_bytes(self) -> int:
+        """The journal's size as the size cap counts it: the database's pages in use, plus the snapshot files."""
+        (pages,) = self._db.execute("PRAGMA page_count").fetchone()
+        (free,) = self._db.execute("PRAGMA freelist_count").fetchone()
+        (page_size,) = self._db.execute("PRAGMA page_size").fetchone()
+        (snapshots,) = self._db.execute("SELECT coalesce(sum(snapshot_bytes), 0) FROM events").fetchone()
+        return int((pages - free) * page_size + snapshots)
+
+    def query(self, query: Query) -> Iterator[dict[str, Any]]:
+        """The stored events `query` selects, in seq order, as their wire JSON (dicts)."""
+        yield from select(self._db, query)
+
+    # ----- inside
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _remove(self, where: str, args: tuple[Any, ...]) -> int:
+        """Delete the rows `where` selects, and then their snapshot files (a file whose row is gone is never
+        served; a file left by a crash in between is swept at the next open)."""
+        found = self._db.execute(f"SELECT snapshot FROM events WHERE {where} AND snapshot IS NOT NULL", args)
+        names = [row[0] for row in found]
+        with self._transaction():
+            removed = self._db.execute(f"DELETE FROM events WHERE {where}", args).rowcount
+        for name in names:
+            (self.snapshots / name).unlink(missing_ok=True)
+        return int(removed)
+
+    def _sweep(self) -> int:
+        """Remove snapshot files no row refers to (a run killed between writing them and committing their rows,
+        or between deleting rows and their files) and temporary files; return how many."""
+        known = {row[0] for row in self._db.execute("SELECT snapshot FROM events WHERE snapshot IS NOT NULL")}
+        swept = 0
+        for file in self.snapshots.iterdir():
+            if file.name not in known:
+                file.unlink(missing_ok=True)
+                swept += 1
+        return swept
+
+
+def select(db: sqlite3.Connection, query: Query) -> Iterator[dict[str, Any]]:
+    """The events `query` selects from the journal's database `db`, in seq order."""
+    clauses, args = [], []
+    for column, op, value in (
+        ("camera", "=", query.camera),
+        ("ts", ">=", query.since),
+        ("ts", "<", query.until),
+        ("track", "=", query.track),
+        ("label", "=", query.label),
+        ("seq", ">", query.after_seq),
+    ):
+        if value is not None:
+            clauses.append(f"{column} {op} ?")
+            args.append(value)
+    if query.type_prefix:
+        # a range on the type (the index serves it), not LIKE: `_` and `%` in a type are not wildcards
+        clauses.append("type >= ? AND type < ?")
+        args += [query.type_prefix, query.type_prefix + "\U0010ffff"]
+    sql = "SELECT body FROM events" + (" WHERE " + " AND ".join(clauses) if clauses else "") + " ORDER BY seq"
+    if query.limit is not None:
+        sql += " LIMIT ?"
+        args.append(query.limit)
+    for (body,) in db.execute(sql, args):
+        yield json.loads(body)
+
+
+def open_read_only(path: Path) -> sqlite3.Connection:
+    """A reader's connection (`vigild events`): never writes, never takes the writer's lock."""
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+def _take_lock(path: Path) -> Any:
+    lock_path = path.with_name(path.name + ".lock")
+    handle = open(lock_path, "a+")  # noqa: SIM115 (held open for as long as the journal is)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise JournalLocked(
+            f"the event journal {path} is in use by another vigild (pid {holder}): give each daemon a journal of "
+            "its own (journal.path)"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write `data` whole: under a temporary name, renamed into place (a reader never sees half a JPEG)."""
+    temporary = path.with_name(path.name + ".part")
+    try:
+        with open(temporary, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
