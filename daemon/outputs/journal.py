@@ -14,8 +14,11 @@ epoch), `camera` and `type` (with `ts`), `track` and `label` (from the event's o
   counted as database plus snapshots), rows and their files together, and gives the freed pages back to the file
   system (`auto_vacuum=INCREMENTAL`).
 
-What is not here yet: the writer thread that takes every event off the hot path, disk-full handling, the daemon's
-`journal:` section, `vigild events`, replay and resumable subscriptions (see the issue).
+`JournalWriter` takes every event off the hot path and stores them on a thread of its own; a full disk costs the
+journal those events (counted), never the live stream, and journaling resumes by itself.
+
+What is not here yet: events carrying their seq and run from birth, the daemon's `journal:` section and the
+writer's place in it (heartbeat, metrics), `vigild events`, replay and resumable subscriptions (see the issue).
 """
 
 from __future__ import annotations
@@ -23,14 +26,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import sqlite3
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("vigild.journal")
 
 SNAPSHOTS = "snapshots"
 PRUNE_ROUNDS = 8
@@ -280,3 +288,108 @@ def _write_file(path: Path, data: bytes) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+QUEUE_MAX = 100_000
+"""Events waiting for the journal at most (a disk slower than the events, for long): beyond, the oldest are not
+journaled (counted), so memory stays bounded."""
+RETRY_S = 5.0
+PRUNE_INTERVAL_S = 60.0
+
+
+class JournalWriter:
+    """Takes every event off the hot path (`put` never blocks, whatever happens to the live PUB queue) and stores
+    them on a thread of its own, in batches, one transaction each; prunes by retention now and then.
+
+    A batch that cannot be stored (a full disk, an unwritable directory) is counted in `not_journaled` and given
+    up, one clear error is logged and kept in `error`, and the next attempt waits `RETRY_S`: the events that come
+    meanwhile are tried then, so journaling resumes by itself when space returns (logged). Events never journaled
+    leave holes in the stored seq, which is how history and replay tell them from events never made."""
+
+    def __init__(self, journal: Journal, batch_max: int = 512, retry_s: float = RETRY_S,
+                 prune_interval_s: float = PRUNE_INTERVAL_S):  # fmt: skip
+        self.journal = journal
+        self.batch_max = batch_max
+        self.retry_s = retry_s
+        self.prune_interval_s = prune_interval_s
+        self._cond = threading.Condition()
+        self._queue: deque[Record] = deque()
+        self._stopping = False
+        self._busy = False
+        self.stored = 0
+        self.not_journaled = 0
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._loop, name="journal", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, record: Record) -> None:
+        with self._cond:
+            self._queue.append(record)
+            if len(self._queue) > QUEUE_MAX:
+                self._queue.popleft()
+                self.not_journaled += 1
+            self._cond.notify_all()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing being written."""
+        with self._cond:
+            return not self._queue and not self._busy
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Store what is queued (one attempt), then close the journal."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("the journal writer did not finish in time: %d events not journaled", len(self._queue))
+            return
+        self.journal.close()
+
+    def _loop(self) -> None:
+        next_prune = time.monotonic() + self.prune_interval_s
+        retry_at = 0.0
+        while True:
+            with self._cond:
+                while not self._stopping and (not self._queue or time.monotonic() < retry_at):
+                    wait = retry_at - time.monotonic() if self._queue else next_prune - time.monotonic()
+                    self._cond.wait(max(0.01, wait))
+                    if not self._queue and time.monotonic() >= next_prune:
+                        break
+                if self._stopping and not self._queue:
+                    return
+                count = min(len(self._queue), self.batch_max)
+                batch = [self._queue.popleft() for _ in range(count)]
+                self._busy = True
+            try:
+                if batch:
+                    self.journal.write(batch)
+            except (sqlite3.Error, OSError) as exc:
+                retry_at = time.monotonic() + self.retry_s
+                self._not_written(batch, exc)
+            else:
+                with self._cond:
+                    self.stored += len(batch)
+                if self.error is not None and batch:
+                    log.warning("the event journal %s is written again (%d events were not journaled)",
+                                self.journal.path, self.not_journaled)  # fmt: skip
+                    self.error = None
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + self.prune_interval_s
+                try:
+                    self.journal.prune()
+                except (sqlite3.Error, OSError) as exc:  # a full disk may not let it delete either
+                    log.warning("cannot prune the event journal %s: %s", self.journal.path, exc)
+            with self._cond:
+                self._busy = False
+
+    def _not_written(self, batch: list[Record], exc: BaseException) -> None:
+        with self._cond:
+            self.not_journaled += len(batch)
+        if self.error is None:
+            log.error("cannot write the event journal %s: %s; live events go on, journaling resumes when it can "
+                      "(events not journaled are counted)", self.journal.path, exc)  # fmt: skip
+        self.error = f"{type(exc).__name__}: {exc}"
