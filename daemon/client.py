@@ -2,8 +2,9 @@
 (`vigild ctl`). Light on purpose: neither imports torch, OpenCV nor GStreamer.
 
 Every message is `[topic, json]`, or `[topic, json, jpeg]` for events that carry a snapshot. `seq` rises by one
-per message across all topics of one daemon run, so a subscriber to every topic (prefix `vigild.`) can count what it missed; with narrower prefixes gaps are expected.
-A restart of the daemon starts `seq` again at 1.
+per event across all topics of one daemon run (heartbeats have a `seq` of their own), so a subscriber to every topic
+(prefix `vigild.`) can count what it missed; with narrower prefixes gaps are expected. Each event carries the `run`
+that published it: a restart of the daemon is a new `run` (and starts `seq` again), not a gap.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ class Subscriber:
             self.socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self.socket.connect(endpoint)
         self.missed = 0
-        """Messages skipped according to `seq` (meaningful when subscribed to every topic)."""
+        """Events skipped according to `seq` within a run (meaningful when subscribed to every topic)."""
         self._last_seq: int | None = None
+        self._run: str | None = None
 
     def receive(self, timeout: float | None = None) -> Message | None:
         """The next message, or None when `timeout` seconds pass without one."""
@@ -60,7 +62,10 @@ class Subscriber:
         topic, payload, *rest = self.socket.recv_multipart()
         event = json.loads(payload)
         seq = event.get("seq")
-        if isinstance(seq, int):
+        heartbeat = event.get("type") == "heartbeat" and event.get("camera") == "sys"
+        if isinstance(seq, int) and not heartbeat:
+            if event.get("run") != self._run:  # the daemon restarted: a new sequence, not a gap
+                self._run, self._last_seq = event.get("run"), None
             if self._last_seq is not None and seq > self._last_seq + 1:
                 self.missed += seq - self._last_seq - 1
             self._last_seq = seq

@@ -16,7 +16,7 @@ SCHEMA_VERSION = 1
 TOPIC_ROOT = "vigild"
 SYSTEM_CAMERA = "sys"
 """Pseudo-camera of daemon-wide events such as the heartbeat; no real camera may take this name."""
-ENVELOPE = frozenset({"schema", "seq", "id", "type", "camera", "frame", "ts", "object", "snapshot"})
+ENVELOPE = frozenset({"schema", "seq", "id", "run", "type", "camera", "frame", "ts", "object", "snapshot"})
 """The fields every event has (or may have): a key of the same name in `data` is dropped."""
 MAX_COLLISIONS_LOGGED = 1000
 
@@ -27,7 +27,8 @@ _collisions: set[tuple[str, str]] = set()
 
 @dataclass
 class Event:
-    """One event before the publisher stamps it with `seq` and `id`.
+    """One event before the publisher stamps it with `seq`, `id` and `run` (as it takes it: its identity is fixed
+    before it is queued, sent or stored).
 
     `data` holds the type-specific fields; they go to the top level of the JSON next to the common ones (a key
     that is one of those, ENVELOPE, is dropped and logged once per event type).
@@ -46,11 +47,17 @@ class Event:
     def topic(self) -> str:
         return f"{TOPIC_ROOT}.{self.camera}.{self.type}"
 
-    def to_json_dict(self, seq: int, event_id: str) -> dict[str, Any]:
+    @property
+    def is_heartbeat(self) -> bool:
+        """The daemon's heartbeat, which has a sequence of its own (never in the events' `seq`)."""
+        return self.type == "heartbeat" and self.camera == SYSTEM_CAMERA
+
+    def to_json_dict(self, seq: int, event_id: str, run: str = "") -> dict[str, Any]:
         body: dict[str, Any] = {
             "schema": SCHEMA_VERSION,
             "seq": seq,
             "id": event_id,
+            "run": run,
             "type": self.type,
             "camera": self.camera,
             "frame": self.frame if self.frame is None or self.frame >= 0 else None,  # -1: no frame (a stop)

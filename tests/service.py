@@ -185,8 +185,20 @@ def frames_of(messages: list[dict], camera: str) -> list[int]:
     return [m["event"]["frame"] for m in messages if m["event"]["type"] == "frame" and m["event"]["camera"] == camera]
 
 
+def is_heartbeat(event: dict) -> bool:
+    return event["type"] == "heartbeat" and event["camera"] == "sys"
+
+
+def event_seqs(messages: list[dict]) -> list[int]:
+    """The `seq` of each event received, heartbeats left out (they have a sequence of their own)."""
+    return [m["event"]["seq"] for m in messages if not is_heartbeat(m["event"])]
+
+
 def gaps(indices: list[int]) -> list[tuple[int, int]]:
     return [(a, b) for a, b in itertools.pairwise(indices) if b != a + 1]
 
 
-__all__ = ["NotifySocket", "Service", "camera_yaml", "frames_of", "free_endpoint", "gaps", "service_config"]
+__all__ = [
+    "NotifySocket", "Service", "camera_yaml", "event_seqs", "frames_of", "free_endpoint", "gaps", "is_heartbeat",
+    "service_config",
+]  # fmt: skip

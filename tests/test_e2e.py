@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, VTEST, daemon_env, free_endpoint, vigild, yolo_fastest_yaml
+from service import event_seqs, is_heartbeat
 
 pytestmark = pytest.mark.e2e
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-COMMON = {"schema", "seq", "id", "type", "camera", "frame", "ts"}
+COMMON = {"schema", "seq", "id", "run", "type", "camera", "frame", "ts"}
 
 
 def events_of(messages: list[dict], kind: str, camera: str | None = None) -> list[dict]:
@@ -61,10 +62,13 @@ def test_example_config_publishes_a_complete_gapless_stream(endpoint, subscriber
     messages = subscriber.finish()
     assert messages, "the subscriber received nothing"
 
-    seqs = [m["event"]["seq"] for m in messages]
+    seqs = event_seqs(messages)  # events only: heartbeats have a sequence of their own
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "seq has gaps or reorders"
     assert seqs[0] == 1, "events before the subscriber connected were lost"
+    beats = [m["event"]["seq"] for m in messages if is_heartbeat(m["event"])]
+    assert beats == list(range(beats[0], beats[0] + len(beats))) if beats else True
     assert len({m["event"]["id"] for m in messages}) == len(messages)
+    assert len({m["event"]["run"] for m in messages}) == 1  # one run published them all
 
     for message in messages:
         event = message["event"]

@@ -196,7 +196,9 @@ def test_a_plugins_data_never_overwrites_the_envelope(endpoint, caplog):
     """A plugin's event `data` with keys named like envelope fields (seq, id, camera...) cannot forge them: the
     subscriber sees the publisher's seq and id, the event's own camera, type and frame; the colliding keys are
     dropped (logged once per type), the others kept."""
-    forged = {key: "forged" for key in ("schema", "seq", "id", "type", "camera", "frame", "ts", "object", "snapshot")}
+    forged = {
+        key: "forged" for key in ("schema", "seq", "id", "run", "type", "camera", "frame", "ts", "object", "snapshot")
+    }
     publisher = Publisher(PublisherConfig(endpoint=endpoint))
     publisher.start()
     with Subscriber(endpoint) as subscriber:
@@ -211,7 +213,52 @@ def test_a_plugins_data_never_overwrites_the_envelope(endpoint, caplog):
     for i, body in enumerate(events):
         assert body["schema"] == 1 and body["type"] == "zone.count" and body["camera"] == "door"
         assert body["frame"] == 7 and body["ts"] == "2023-11-14T22:13:20.000Z" and len(body["id"]) == 32
+        assert body["run"] == publisher.run
         assert "object" not in body and "snapshot" not in body and body["total"] == i
     assert "forged" not in json.dumps(events)
     warnings = [r.getMessage() for r in caplog.records if "envelope field" in r.getMessage()]
     assert len(warnings) == len(forged), warnings  # each key once, not once per event
+
+
+def heartbeat(i: int) -> Event:
+    return Event("heartbeat", "sys", 1_700_000_000.0 + i, data={"uptime_s": i})
+
+
+def test_heartbeats_have_a_sequence_of_their_own_and_events_seq_counts_events_only(endpoint):
+    publisher = Publisher(PublisherConfig(endpoint=endpoint))
+    publisher.start()
+    with Subscriber(endpoint) as subscriber:
+        connected(subscriber, publisher)
+        for i in range(10):
+            publisher.publish(event(i))
+            if i % 3 == 0:
+                publisher.publish(heartbeat(i))
+        received = [subscriber.receive(timeout=2) for _ in range(14)]
+    publisher.stop()
+    assert all(m is not None for m in received)
+    bodies = [m.event for m in received]  # type: ignore[union-attr]
+    events = [b["seq"] for b in bodies if b["type"] == "track.update"]
+    beats = [b["seq"] for b in bodies if b["type"] == "heartbeat"]
+    assert events == list(range(events[0], events[0] + 10))  # no hole where a heartbeat went out
+    assert beats == [1, 2, 3, 4]  # the heartbeats' own count
+    assert subscriber.missed == 0
+    assert {b["run"] for b in bodies} == {publisher.run} and len({b["id"] for b in bodies}) == 14
+
+
+def test_a_restarted_daemon_is_a_new_run_not_a_gap(endpoint):
+    """A subscriber that stays while the daemon restarts (a new publisher on the same endpoint, seq from 1 again)
+    sees a new `run` and counts nothing missed."""
+    with Subscriber(endpoint) as subscriber:
+        runs = []
+        for _ in range(2):
+            publisher = Publisher(PublisherConfig(endpoint=endpoint))
+            publisher.start()
+            connected(subscriber, publisher)
+            for i in range(5):
+                publisher.publish(event(i))
+            received = [subscriber.receive(timeout=2) for _ in range(5)]
+            assert all(m is not None for m in received)
+            assert {m.event["run"] for m in received} == {publisher.run}  # type: ignore[union-attr]
+            runs.append(publisher.run)
+            publisher.stop()
+        assert runs[0] != runs[1] and subscriber.missed == 0

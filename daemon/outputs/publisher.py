@@ -1,7 +1,9 @@
 """The ZeroMQ PUB side: events go out as `[topic, json]` multipart messages from one dedicated thread.
 
-`publish()` never blocks its caller: it stamps the event with the next `seq` and puts it on a bounded queue; when
-the queue is full the event is dropped and counted, and because `seq` was already taken a subscriber sees the gap.
+`publish()` never blocks its caller: it stamps the event with its identity, the next `seq`, a fresh `id` and the
+daemon's `run`, and puts it on a bounded queue; when the queue is full the event is dropped and counted, and because
+`seq` was already taken a subscriber sees the gap. Heartbeats have a `seq` of their own, so the events' `seq` counts
+events only.
 The socket sends without blocking; at the high-water mark ZeroMQ drops for that subscriber, also counted.
 """
 
@@ -67,7 +69,10 @@ class Publisher:
         self.stats = PublisherStats()
         self._context = zmq.Context()  # our own, terminated on stop: that is what makes `linger_ms` flush
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.queue_size)
+        self.run = uuid.uuid4().hex
+        """This run's id: in every event it publishes, so a subscriber can tell a restart from a gap."""
         self._seq = 0
+        self._heartbeats = 0
         self._seq_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
         self._bound = threading.Event()
@@ -118,10 +123,15 @@ class Publisher:
 
     def publish(self, event: Event) -> None:
         with self._seq_lock:
-            self._seq += 1
-            seq = self._seq
+            if event.is_heartbeat:
+                self._heartbeats += 1
+                seq = self._heartbeats
+            else:
+                self._seq += 1
+                seq = self._seq
+        event_id = uuid.uuid4().hex
         try:
-            self._queue.put_nowait((seq, event))
+            self._queue.put_nowait((seq, event_id, event))
             self.stats.queued += 1
         except queue.Full:
             self.stats.dropped_queue_full += 1
@@ -191,9 +201,9 @@ class Publisher:
                 if self.subscriptions >= self.config.await_subscribers:
                     self._subscribed.set()
 
-    def _send(self, socket: zmq.Socket, seq: int, event: Event) -> None:
+    def _send(self, socket: zmq.Socket, seq: int, event_id: str, event: Event) -> None:
         try:
-            body = event.to_json_dict(seq, uuid.uuid4().hex)
+            body = event.to_json_dict(seq, event_id, self.run)
             payload = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
             parts = [event.topic.encode(), payload]
             if event.snapshot is not None:
