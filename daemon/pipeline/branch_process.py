@@ -178,7 +178,11 @@ class ProcessPlugin(Plugin[PluginConfig]):
             self._forget()
         time.sleep(max(0.0, self._died_at + RESTART_DELAY_S - time.monotonic()))
         self.restarts += 1
-        self._spawn()
+        try:
+            self._spawn()
+        except Exception:  # (a plugin that no longer starts: tried again a second later at the soonest)
+            self._died_at = time.monotonic()
+            raise
 
     def _forget(self) -> None:
         if self._connection is not None:
@@ -210,6 +214,11 @@ class ProcessPlugin(Plugin[PluginConfig]):
         except (EOFError, OSError) as exc:
             connection.close()
             raise ChildDied(f"its process (pid {process.pid}) ended as it started (exit code {process.wait()})") from exc
+        except BaseException:  # (the config or class would not pickle): the child waits for its Hello, ended here
+            connection.close()
+            process.kill()
+            process.wait()
+            raise
         if status != "ready":
             connection.close()
             process.wait()
