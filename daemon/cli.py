@@ -1,4 +1,4 @@
-"""`vigild run | check | sub | ctl | keygen`. Exit codes: 0 success, 2 a config the daemon refuses, 1 anything else."""
+"""`vigild run | check | sub | ctl | events | keygen`. Exit codes: 0 success, 2 a config the daemon refuses, 1 anything else."""
 
 from __future__ import annotations
 
@@ -74,6 +74,19 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("pause", "resume"):
         actions.add_parser(name, help=f"{name} capturing a camera").add_argument("camera")
 
+    events = commands.add_parser("events", help="print the event journal's history (docs/events.md#history)")
+    events.add_argument("--journal", "-j", required=True, help="the journal's database file")
+    events.add_argument("--camera", help="only this camera's events")
+    events.add_argument("--type", dest="type_prefix", help="a type, or a prefix such as zone.")
+    events.add_argument("--since", help="ISO 8601 (UTC unless it says) or a duration before now: 15m, 2h, 1d")
+    events.add_argument("--until", help="as --since; events before it")
+    events.add_argument("--track", type=int, help="only this track id's events")
+    events.add_argument("--label", help="only events about objects of this label")
+    events.add_argument("--after-seq", type=int, help="only events after this seq")
+    events.add_argument("--limit", type=int, help="at most this many (the first, in seq order)")
+    events.add_argument("--format", choices=["json", "csv", "table"], default="json", help="default: JSON lines")
+    events.add_argument("--count-by", help="count the events per value of these fields instead, e.g. camera,type")
+
     keygen = commands.add_parser("keygen", help="make a CURVE key pair (NAME.key public, NAME.key_secret private)")
     keygen.add_argument("name", help="e.g. server, or a client's name")
     keygen.add_argument("--dir", "-d", default=".", help="where to write the two files")
@@ -100,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"vigild {args.command}: CURVE keys: {exc}", file=sys.stderr)
             return EXIT_FAILURE
         return _sub(args, keys) if args.command == "sub" else _ctl(args, keys)
+    if args.command == "events":
+        return _events(args)
     if args.command == "keygen":
         try:
             public, secret = keygen(Path(args.dir), args.name)
@@ -246,6 +261,39 @@ def _refuse_plugin(config: Config, exc: PluginStartError) -> int:
         error = config.error(("plugins", exc.position), f"failed to start: {type(cause).__name__}: {cause}")
     print(f"vigild: config error: {error}", file=sys.stderr)
     return EXIT_CONFIG
+
+
+def _events(args: argparse.Namespace) -> int:
+    """`vigild events`: history from the journal (sqlite3 only: no torch, OpenCV nor GStreamer)."""
+    from vigild.outputs import history
+    from vigild.outputs.journal import Query
+
+    try:
+        query = Query(
+            camera=args.camera,
+            type_prefix=args.type_prefix,
+            since=history.parse_time(args.since, option="--since") if args.since else None,
+            until=history.parse_time(args.until, option="--until") if args.until else None,
+            track=args.track,
+            label=args.label,
+            after_seq=args.after_seq,
+            limit=args.limit,
+        )
+        fields = history.count_fields(args.count_by) if args.count_by else None
+        db = history.open_journal(Path(args.journal))
+    except history.HistoryError as exc:
+        print(f"vigild events: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        if fields is not None:
+            history.write_counts(history.counts(db, query, fields), args.format)
+        else:
+            history.write(history.select(db, query), args.format)
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        return EXIT_OK
+    finally:
+        db.close()
+    return EXIT_OK
 
 
 def _sub(args: argparse.Namespace, keys: ClientKeys | None) -> int:

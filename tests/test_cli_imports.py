@@ -72,3 +72,9 @@ def test_ctl_config_reads_only_the_control_section(tmp_path):
     path.write_text("cameras:\n  door:\n    source: rtsp://cam/x\ncontrol:\n  endpoint: 127.0.0.1:5556\n")
     code, _, err = imported("ctl", "--config", str(path), "status")
     assert code == 2 and f"{path}:5: control.endpoint: expected ipc://PATH or tcp://" in err, err
+
+
+def test_events_imports_none_of_them_either(tmp_path):
+    code, heavy, err = imported("events", "--journal", str(tmp_path / "none.db"))
+    assert code == 2 and "no event journal at" in err, err
+    assert heavy == [], heavy

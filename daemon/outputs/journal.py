@@ -227,8 +227,8 @@ class Journal:
         return swept
 
 
-def select(db: sqlite3.Connection, query: Query) -> Iterator[dict[str, Any]]:
-    """The events `query` selects from the journal's database `db`, in seq order."""
+def where_clause(query: Query) -> tuple[str, list[Any]]:
+    """The WHERE clause (with its arguments) of the rows `query` selects, its limit aside."""
     clauses, args = [], []
     for column, op, value in (
         ("camera", "=", query.camera),
@@ -245,7 +245,13 @@ def select(db: sqlite3.Connection, query: Query) -> Iterator[dict[str, Any]]:
         # a range on the type (the index serves it), not LIKE: `_` and `%` in a type are not wildcards
         clauses.append("type >= ? AND type < ?")
         args += [query.type_prefix, query.type_prefix + "\U0010ffff"]
-    sql = "SELECT body FROM events" + (" WHERE " + " AND ".join(clauses) if clauses else "") + " ORDER BY seq"
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
+
+
+def select(db: sqlite3.Connection, query: Query) -> Iterator[dict[str, Any]]:
+    """The events `query` selects from the journal's database `db`, in seq order."""
+    where, args = where_clause(query)
+    sql = f"SELECT body FROM events{where} ORDER BY seq"
     if query.limit is not None:
         sql += " LIMIT ?"
         args.append(query.limit)
