@@ -100,8 +100,9 @@ def epoch(iso: str) -> float:
 
 class Journal:
     def __init__(self, path: Path, retention_days: float = 30.0, max_bytes: int = 10 << 30):
-        """Open (creating it, and its directory, owner and group only) the journal at `path` for writing; raise
-        `JournalLocked` if another process has it open."""
+        """Open the journal at `path` for writing, creating it and its directories (the snapshots' readable by
+        owner and group only; the database's mode follows the umask); raise `JournalLocked` if another process has
+        it open."""
         self.path = Path(path)
         self.retention_days = retention_days
         self.max_bytes = max_bytes
