@@ -122,7 +122,7 @@ class FailOnFrame(Plugin[FailOnConfig]):
 def queued_events(publisher: Publisher) -> list[tuple[str, str, int | None]]:
     events = []
     while not publisher._queue.empty():
-        _, event = publisher._queue.get_nowait()
+        *_, event = publisher._queue.get_nowait()  # (seq, id, event)
         events.append((event.type, event.camera, event.frame))
     return events
 

@@ -124,6 +124,6 @@ def test_an_accepted_change_is_a_new_state_for_the_caller_to_commit(tmp_path: Pa
     assert dict(kept.context.cameras) == dict(new.cameras)
     with pytest.raises(TypeError):
         kept.context.cameras["d"] = new.cameras["a"]  # type: ignore[index]
-    _, event = pipeline.publisher._queue.get_nowait()  # what the scheduler published: b closed, as reconfigured
+    *_, event = pipeline.publisher._queue.get_nowait()  # what the scheduler published: b closed, as reconfigured
     assert (event.type, event.camera, event.data["reason"]) == ("camera.down", "b", "reconfigured")
     assert pipeline.publisher._queue.empty()

@@ -42,7 +42,7 @@ def queued_events(publisher: Publisher) -> list[tuple[str, str, object]]:
     """What the scheduler published, in order (the publisher was never started: its queue holds all of it)."""
     events = []
     while not publisher._queue.empty():
-        _, event = publisher._queue.get_nowait()
+        *_, event = publisher._queue.get_nowait()  # (seq, id, event)
         events.append((event.type, event.camera, event.data.get("reason")))
     return events
 
