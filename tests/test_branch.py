@@ -74,8 +74,9 @@ class Count(Plugin[CountConfig]):
             frame.events.append(Event("counted", frame.camera, frame.ts_wall, frame.index))
 
 
-def idle(branch, timeout: float = 10) -> None:
-    """Wait until the branch has handled everything it was given (it is running: Gate is open)."""
+def idle(branch, timeout: float = 60) -> None:
+    """Wait until the branch has handled everything it was given (it is running: Gate is open). The bound is
+    generous: a process branch may be starting a new child (imports) on a loaded 2-core CI machine."""
     deadline = time.monotonic() + timeout
     while (branch.pending or branch.working) and time.monotonic() < deadline:
         time.sleep(0.005)
