@@ -11,6 +11,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from vigild import __version__
 from vigild.client import DEFAULT_ENDPOINT, Subscriber
@@ -47,6 +48,14 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", "-t", type=float, help="exit after this many seconds without a message (exit 1 if none came)"
     )
     sub.add_argument("--topics", action="store_true", help="print each topic before its JSON, separated by a space")
+    sub.add_argument(
+        "--resume",
+        action="store_true",
+        help="fill every gap in seq from the daemon's journal: each event once, in order; what the journal lacks "
+        "is printed as a gap notice (docs/events.md#resume)",
+    )
+    sub.add_argument("--after-seq", type=int, help="with --resume: start after this seq (0: the whole journal)")
+    sub.add_argument("--replay-endpoint", help="with --resume: the replay socket (default: the daemon's default)")
     _curve_arguments(sub)
     sub.add_argument(
         "prefixes",
@@ -75,7 +84,9 @@ def _parser() -> argparse.ArgumentParser:
         actions.add_parser(name, help=f"{name} capturing a camera").add_argument("camera")
 
     events = commands.add_parser("events", help="print the event journal's history (docs/events.md#history)")
-    events.add_argument("--journal", "-j", required=True, help="the journal's database file")
+    where = events.add_mutually_exclusive_group(required=True)
+    where.add_argument("--journal", "-j", help="the journal's database file")
+    where.add_argument("--config", "-c", help="the daemon's config file: its journal (and, to follow, its sockets)")
     events.add_argument("--camera", help="only this camera's events")
     events.add_argument("--type", dest="type_prefix", help="a type, or a prefix such as zone.")
     events.add_argument("--since", help="ISO 8601 (UTC unless it says) or a duration before now: 15m, 2h, 1d")
@@ -86,6 +97,14 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--limit", type=int, help="at most this many (the first, in seq order)")
     events.add_argument("--format", choices=["json", "csv", "table"], default="json", help="default: JSON lines")
     events.add_argument("--count-by", help="count the events per value of these fields instead, e.g. camera,type")
+    events.add_argument(
+        "--follow",
+        "-f",
+        action="store_true",
+        help="after the history, print the live events as they come: no gap, no duplicate (JSON lines)",
+    )
+    events.add_argument("--endpoint", "-e", help="--follow: the publisher (default: the config's, else the default)")
+    _curve_arguments(events)
 
     keygen = commands.add_parser("keygen", help="make a CURVE key pair (NAME.key public, NAME.key_secret private)")
     keygen.add_argument("name", help="e.g. server, or a client's name")
@@ -114,7 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_FAILURE
         return _sub(args, keys) if args.command == "sub" else _ctl(args, keys)
     if args.command == "events":
-        return _events(args)
+        try:
+            keys = _client_keys(args)
+        except (OSError, ValueError) as exc:
+            print(f"vigild events: CURVE keys: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        return _events(args, keys)
     if args.command == "keygen":
         try:
             public, secret = keygen(Path(args.dir), args.name)
@@ -263,8 +287,9 @@ def _refuse_plugin(config: Config, exc: PluginStartError) -> int:
     return EXIT_CONFIG
 
 
-def _events(args: argparse.Namespace) -> int:
-    """`vigild events`: history from the journal (sqlite3 only: no torch, OpenCV nor GStreamer)."""
+def _events(args: argparse.Namespace, keys: ClientKeys | None) -> int:
+    """`vigild events`: history from the journal (sqlite3 only: no torch, OpenCV nor GStreamer); with `--follow`,
+    then the live events through a resuming subscriber."""
     from vigild.outputs import history
     from vigild.outputs.journal import Query
 
@@ -280,25 +305,82 @@ def _events(args: argparse.Namespace) -> int:
             limit=args.limit,
         )
         fields = history.count_fields(args.count_by) if args.count_by else None
-        db = history.open_journal(Path(args.journal))
+        if args.follow and (fields is not None or args.format != "json"):
+            raise history.HistoryError("--follow prints JSON lines: not with --count-by or --format")
+        path, endpoint, replay = _journal_of(args)
+        db = history.open_journal(path)
     except history.HistoryError as exc:
         print(f"vigild events: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ConfigError as exc:
+        print(f"vigild events: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
         if fields is not None:
             history.write_counts(history.counts(db, query, fields), args.format)
-        else:
+        elif not args.follow:
             history.write(history.select(db, query), args.format)
+        else:
+            last = history.last_seq(db)  # the history up to here, then the journal and the live stream after it
+            printed = history.write(
+                (event for event in history.select(db, query) if event["seq"] <= last), args.format
+            )
+            sys.stdout.flush()
+            db.close()
+            _follow(query, endpoint, replay, keys, last, printed)
     except BrokenPipeError:  # `| head`: the reader has what it wanted
+        sys.stderr.close()
+        return EXIT_OK
+    except KeyboardInterrupt:
         return EXIT_OK
     finally:
         db.close()
     return EXIT_OK
 
 
+def _journal_of(args: argparse.Namespace) -> tuple[Path, str, str]:
+    """The journal's path, the publisher's endpoint and the replay endpoint: from the config file (its `journal:`
+    and `publisher:` sections only, so no plugin is imported), or `--journal` and `--endpoint`."""
+    from vigild.client import replay_endpoint_for
+    from vigild.config.loading import load_section
+    from vigild.config.settings import JournalConfig, PublisherConfig
+    from vigild.outputs.journal import default_path
+
+    if args.config is None:
+        endpoint = args.endpoint or DEFAULT_ENDPOINT
+        return Path(args.journal), endpoint, replay_endpoint_for(endpoint)
+    journal = load_section(args.config, "journal", JournalConfig)
+    publisher = load_section(args.config, "publisher", PublisherConfig)
+    endpoint = args.endpoint or publisher.endpoint
+    replay = journal.replay_endpoint or replay_endpoint_for(publisher.endpoint)
+    return journal.path or default_path(Path(args.config)), endpoint, replay
+
+
+def _follow(query: Any, endpoint: str, replay: str, keys: ClientKeys | None, after: int, printed: int) -> None:
+    """The events after seq `after` that `query` selects, as they come (gap notices too), until interrupted or
+    `query.limit` is reached."""
+    from vigild.client import GAP_TOPIC
+    from vigild.outputs import history
+
+    with Subscriber(endpoint, curve=keys, resume=True, after_seq=after, replay_endpoint=replay) as subscriber:
+        while query.limit is None or printed < query.limit:
+            message = subscriber.receive()
+            if message is None:
+                continue
+            gap = message.topic == GAP_TOPIC  # printed whatever the filters: what is missing may have matched
+            if not gap and (message.event.get("type") == "heartbeat" or not history.matches(query, message.event)):
+                continue
+            print(json.dumps(message.event, separators=(",", ":")), flush=True)
+            printed += 1
+
+
 def _sub(args: argparse.Namespace, keys: ClientKeys | None) -> int:
     received = 0
-    with Subscriber(args.endpoint, args.prefixes, curve=keys) as subscriber:
+    if (args.after_seq is not None or args.replay_endpoint) and not args.resume:
+        print("vigild sub: --after-seq and --replay-endpoint go with --resume", file=sys.stderr)
+        return EXIT_FAILURE
+    resume = {"resume": True, "after_seq": args.after_seq, "replay_endpoint": args.replay_endpoint} if args.resume else {}
+    with Subscriber(args.endpoint, args.prefixes, curve=keys, **resume) as subscriber:
         try:
             while args.count is None or received < args.count:
                 message = subscriber.receive(timeout=args.timeout)

@@ -106,10 +106,19 @@ RUNTIME_DIR = tempfile.mkdtemp(prefix="vigild-tests-")
 already running on the machine (a `make demo`, another checkout's suite) cannot collide with it."""
 
 
+STATE_DIR = tempfile.mkdtemp(prefix="vigild-tests-state-")
+"""Where the daemons the tests start keep their journals by default (under their own $XDG_STATE_HOME), never the
+user's ~/.local/state; the tests' in-process daemons too (set here, at import)."""
+os.environ["XDG_STATE_HOME"] = STATE_DIR
+
+
 def daemon_env(**extra: str) -> dict[str, str]:
+    """The environment of a daemon a test starts: each call a fresh $XDG_STATE_HOME, so that each daemon's default
+    journal is its own (a test that wants two runs on one journal names `journal.path`)."""
     env = dict(os.environ)
     env.update(VIGILD_MEDIA=str(MEDIA), VIGILD_MODELS=str(MODELS), YOLO_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.update(XDG_RUNTIME_DIR=RUNTIME_DIR)
+    env.update(XDG_RUNTIME_DIR=RUNTIME_DIR, XDG_STATE_HOME=tempfile.mkdtemp(dir=STATE_DIR))
+    env.pop("STATE_DIRECTORY", None)
     env.pop("RUNTIME_DIRECTORY", None)  # (systemd's, which would come first)
     env.update(extra)
     return env

@@ -101,7 +101,7 @@ def test_relative_times_count_back_from_now(tmp_path):
     records = []
     for seq, minutes_ago in enumerate((120, 50, 20, 5, 1), 1):  # events 2 h, 50, 20, 5 and 1 min ago
         ts = datetime.fromtimestamp(now - 60 * minutes_ago, tz=UTC).isoformat(timespec="milliseconds")
-        records.append(Record({"schema": 1, "seq": seq, "id": f"i{seq}", "run": "r", "type": "zone.enter",
+        records.append(Record({"schema": 1, "seq": seq, "id": f"{seq:032x}", "run": "r", "type": "zone.enter",
                                "camera": "door", "frame": seq, "ts": ts.replace("+00:00", "Z")}))  # fmt: skip
     journal.write(records)
     journal.close()

@@ -29,7 +29,7 @@ def make_records(count: int, jpeg_every: int = 0, start: int = 1) -> list[Record
         seq = start + i
         ts = datetime.fromtimestamp(T0 + 60 * i, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         body = {
-            "schema": 1, "seq": seq, "id": f"id{seq:06d}", "run": "run-a", "type": TYPES[i % len(TYPES)],
+            "schema": 1, "seq": seq, "id": f"{seq:032x}", "run": "run-a", "type": TYPES[i % len(TYPES)],
             "camera": CAMERAS[i % len(CAMERAS)], "frame": i, "ts": ts,
         }  # fmt: skip
         if i % 4 != 3:

@@ -27,7 +27,9 @@ SNAPSHOT = {
                 "segmenter": {"frames": 12, "failures": 0, "batch_failures": 0,
                               "branch": {"unit": "frames", "pending": 2, "skipped": 140, "busy_s": 11.5}}},
     "publisher": {"sent": 300, "sent_by_type": {"track.update": 250, "heartbeat": 50}, "dropped_queue_full": 6,
-                  "dropped_unsendable": 2},
+                  "dropped_unsendable": 2, "last_seq": 301},
+    "journal": {"enabled": True, "path": "/var/lib/vigild/journal.db", "stored": 280, "not_journaled": 21,
+                "queued": 4, "error": "OSError: [Errno 28] No space left on device", "replay": "tcp://127.0.0.1:5556"},
 }  # fmt: skip
 
 
@@ -63,6 +65,10 @@ def test_the_metrics_are_the_snapshots_numbers():
     assert got['vigild_events_dropped_total{reason="queue_full"}'] == 6
     assert got['vigild_events_dropped_total{reason="unsendable"}'] == 2
     assert got["vigild_batches_total"] == 77
+    assert got["vigild_journal_stored_total"] == 280
+    assert got["vigild_journal_not_journaled_total"] == 21
+    assert got["vigild_journal_queued"] == 4
+    assert got["vigild_journal_error"] == 1
     assert got['vigild_plugin_failures_total{plugin="detector"}'] == 3
     assert got['vigild_plugin_batch_failures_total{plugin="detector"}'] == 1
     assert got["vigild_uptime_seconds"] == 12.5

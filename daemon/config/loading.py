@@ -13,9 +13,9 @@ import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from vigild.capture.backends import BackendUnavailable, camera_backend
 from vigild.capture.sources import SourceKind, SourceSpec, parse_source
@@ -123,15 +123,24 @@ def load_control_settings(file: str | Path, environ: Mapping[str, str] | None = 
     """Only the `control:` section of a config file, for `vigild ctl --config`: read and expanded like the whole
     file, but no plugin is imported and no capture back end resolved, so a client loads neither torch, OpenCV nor
     GStreamer; the rest of the file is the daemon's to validate. Raises `ConfigError` for that section."""
+    return load_section(file, "control", ControlConfig, environ)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_section(file: str | Path, key: str, model: type[M], environ: Mapping[str, str] | None = None) -> M:
+    """One top-level section of a config file (`control`, `journal`, `publisher`) as a client needs it, read and
+    expanded like the whole file, without importing a plugin; raises `ConfigError` for that section."""
     document = load_yaml(file)
-    problems = [problem for problem in expand_env(document, environ) if problem.path[:1] == ("control",)]
+    problems = [problem for problem in expand_env(document, environ) if problem.path[:1] == (key,)]
     if problems:  # an unset variable elsewhere (a camera's password, say) is no concern of a client
         raise ConfigError(document.file, problems)
-    section = (document.data.get("control") if isinstance(document.data, dict) else None) or {}
+    section = (document.data.get(key) if isinstance(document.data, dict) else None) or {}
     try:
-        return ControlConfig.model_validate(section)
+        return model.model_validate(section)
     except ValidationError as exc:
-        raise ConfigError(document.file, problems_of(document, exc, ("control",), ControlConfig)) from None
+        raise ConfigError(document.file, problems_of(document, exc, (key,), model)) from None
 
 
 def with_camera(config: Config, name: str, camera: dict[str, Any] | None) -> Config:

@@ -209,6 +209,36 @@ class PublisherConfig(StrictModel):
         return value
 
 
+class JournalConfig(StrictModel):
+    """The event journal (docs/events.md#history): every event and its snapshot, kept in SQLite beside the stream."""
+
+    enabled: bool = Field(True, description="Keep the journal; off: no history, no replay, `seq` starts at 1 each run.")
+    path: Path | None = Field(
+        None,
+        description="The journal's database file (its snapshots go in `snapshots/` beside it); default "
+        "$STATE_DIRECTORY/journal.db under systemd, else $XDG_STATE_HOME/vigild/<config name>-<hash>/journal.db "
+        "(~/.local/state/... without XDG_STATE_HOME): one journal per config file.",
+    )
+    retention_days: float = Field(
+        30.0, gt=0, le=36_500, description="Events older than this many days are removed with their snapshots."
+    )
+    max_size_mb: float = Field(
+        10_240, gt=0, le=1 << 30, description="The journal's size cap, database plus snapshots; the oldest go first."
+    )
+    replay_endpoint: str | None = Field(
+        None,
+        description="ZeroMQ endpoint of the replay socket that resuming subscribers fill their gaps from; default: "
+        "the publisher's endpoint with its port + 1 (tcp) or `.replay` appended (ipc). CURVE as the publisher.",
+    )
+
+    @field_validator("replay_endpoint")
+    @classmethod
+    def _known_transport(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("tcp://", "ipc://")):
+            raise ValueError("expected a ZeroMQ endpoint such as tcp://127.0.0.1:5556 or ipc:///run/vigild/replay")
+        return value
+
+
 class ControlConfig(StrictModel):
     enabled: bool = Field(True, description="Serve the control socket (`vigild ctl`, docs/control.md).")
     endpoint: str | None = Field(
@@ -281,6 +311,7 @@ class DaemonSettings(StrictModel):
     cameras: dict[CameraName, CameraConfig] = Field(min_length=1)
     plugins: list[dict[str, Any]] = Field(default_factory=list)
     publisher: PublisherConfig = PublisherConfig()
+    journal: JournalConfig = JournalConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     capture: CaptureSettings = CaptureSettings()
     control: ControlConfig = ControlConfig()

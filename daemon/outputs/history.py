@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from vigild.outputs.journal import Query, open_read_only, select, where_clause
+from vigild.outputs.journal import Query, epoch, open_read_only, select, where_clause
 
 RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)$")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -119,6 +119,26 @@ def write_counts(rows: list[dict[str, Any]], form: str, out: TextIO = sys.stdout
         out.write("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() + "\n")
 
 
+def matches(query: Query, event: dict[str, Any]) -> bool:
+    """`query`'s filters (its limit aside) applied to one event's wire JSON, as the journal's WHERE applies them to
+    its rows: for `--follow`, whose live events never pass through SQLite."""
+    obj = event.get("object") or {}
+    ts = epoch(event["ts"]) if query.since is not None or query.until is not None else 0.0
+    return (
+        (query.camera is None or event.get("camera") == query.camera)
+        and (not query.type_prefix or str(event.get("type", "")).startswith(query.type_prefix))
+        and (query.since is None or ts >= query.since)
+        and (query.until is None or ts < query.until)
+        and (query.track is None or obj.get("track_id") == query.track)
+        and (query.label is None or obj.get("label") == query.label)
+        and (query.after_seq is None or event.get("seq", 0) > query.after_seq)
+    )
+
+
+def last_seq(db: sqlite3.Connection) -> int:
+    return int(db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0])
+
+
 def _row(event: dict[str, Any]) -> list[Any]:
     obj = event.get("object") or {}
     data = {k: v for k, v in event.items() if k not in ("schema", "seq", "ts", "camera", "type", "frame", "id", "run")}
@@ -127,4 +147,5 @@ def _row(event: dict[str, Any]) -> list[Any]:
             json.dumps(data, separators=(",", ":"))]  # fmt: skip
 
 
-__all__ = ["HistoryError", "count_fields", "counts", "open_journal", "parse_time", "select", "write", "write_counts"]
+__all__ = ["HistoryError", "count_fields", "counts", "last_seq", "matches", "open_journal", "parse_time", "select",
+           "write", "write_counts"]  # fmt: skip

@@ -17,14 +17,16 @@ epoch), `camera` and `type` (with `ts`), `track` and `label` (from the event's o
 `JournalWriter` takes every event off the hot path and stores them on a thread of its own; a full disk costs the
 journal those events (counted), never the live stream, and journaling resumes by itself.
 
-What is not here yet: events carrying their seq and run from birth, the daemon's `journal:` section and the
-writer's place in it (heartbeat, metrics), `vigild events`, replay and resumable subscriptions (see the issue).
+The daemon puts every event on the writer as the publisher stamps it (vigild.outputs.publisher), so the journal
+holds events in seq order whatever happens to the live PUB queue; vigild.outputs.replay serves them to resuming
+subscribers and `vigild events` (vigild.outputs.history) reads them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -32,15 +34,19 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vigild.events import Event
 
 log = logging.getLogger("vigild.journal")
 
 SNAPSHOTS = "snapshots"
+DATABASE = "journal.db"
 PRUNE_ROUNDS = 8
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -140,7 +146,7 @@ class Journal:
                 body = record.body
                 name = None
                 if record.jpeg is not None:
-                    name = f"{body['seq']}-{body['id']}.jpg"
+                    name = snapshot_name(body)
                     if not (self.snapshots / name).exists():  # one that exists is a stored event's: left alone
                         _write_file(self.snapshots / name, record.jpeg)
                         written.append(self.snapshots / name)
@@ -228,6 +234,36 @@ class Journal:
         return swept
 
 
+def snapshot_name(body: Mapping[str, Any]) -> str:
+    """The file name of an event's snapshot: from its seq (an int) and id (32 hex digits), checked, so that nothing
+    in an event can name a path outside the snapshots directory."""
+    seq, event_id = body["seq"], body["id"]
+    if not isinstance(seq, int) or isinstance(seq, bool) or not (
+        isinstance(event_id, str) and len(event_id) == 32 and all(c in "0123456789abcdef" for c in event_id)
+    ):
+        raise ValueError(f"not an event's seq and id: {seq!r}, {event_id!r}")
+    return f"{seq}-{event_id}.jpg"
+
+
+def default_path(config_file: Path | None, environ: Mapping[str, str] | None = None) -> Path:
+    """Where the journal of the daemon run with `config_file` lives when `journal.path` is not set.
+
+    Under systemd, $STATE_DIRECTORY/journal.db (the unit's StateDirectory, /var/lib/vigild). Otherwise the user's
+    XDG state directory, one journal per config file: $XDG_STATE_HOME (default ~/.local/state)
+    /vigild/<config file's stem>-<8 hex digits of its absolute path's SHA-1>/journal.db, so that two configs never
+    share a journal and the same config always finds its own again."""
+    env = os.environ if environ is None else environ
+    state = env.get("STATE_DIRECTORY", "").split(":")[0]
+    if state:
+        return Path(state) / DATABASE
+    base = Path(env.get("XDG_STATE_HOME") or Path(env.get("HOME") or Path.home()) / ".local" / "state")
+    if config_file is None:
+        return base / "vigild" / "default" / DATABASE
+    absolute = Path(config_file).resolve()
+    digest = hashlib.sha1(str(absolute).encode(), usedforsecurity=False).hexdigest()[:8]
+    return base / "vigild" / f"{absolute.stem}-{digest}" / DATABASE
+
+
 def where_clause(query: Query) -> tuple[str, list[Any]]:
     """The WHERE clause (with its arguments) of the rows `query` selects, its limit aside."""
     clauses, args = [], []
@@ -308,32 +344,45 @@ class JournalWriter:
     """Takes every event off the hot path (`put` never blocks, whatever happens to the live PUB queue) and stores
     them on a thread of its own, in batches, one transaction each; prunes by retention now and then.
 
-    A batch that cannot be stored (a full disk, an unwritable directory) is counted in `not_journaled` and given
-    up, one clear error is logged and kept in `error`, and the next attempt waits `RETRY_S`: the events that come
-    meanwhile are tried then, so journaling resumes by itself when space returns (logged). Events never journaled
-    leave holes in the stored seq, which is how history and replay tell them from events never made."""
+    The publisher puts each event as `(seq, id, event)` the moment it stamps it, in seq order; the writer builds
+    its wire JSON (with `run`) on its own thread. A batch that cannot be stored (a full disk, an unwritable
+    directory) is counted in `not_journaled` and given up, one clear error is logged and kept in `error`, and the
+    next attempt waits `RETRY_S`: the events that come meanwhile are tried then, so journaling resumes by itself
+    when space returns (logged). Events never journaled leave holes in the stored seq, which is how history and
+    replay tell them from events never made: every seq up to `through` has been stored or given up."""
 
-    def __init__(self, journal: Journal, batch_max: int = 512, retry_s: float = RETRY_S,
+    def __init__(self, journal: Journal, run: str = "", batch_max: int = 512, retry_s: float = RETRY_S,
                  prune_interval_s: float = PRUNE_INTERVAL_S):  # fmt: skip
         self.journal = journal
+        self.run = run
         self.batch_max = batch_max
         self.retry_s = retry_s
         self.prune_interval_s = prune_interval_s
         self._cond = threading.Condition()
-        self._queue: deque[Record] = deque()
+        self._queue: deque[Record | tuple[int, str, Event]] = deque()
         self._stopping = False
         self._busy = False
         self.stored = 0
         self.not_journaled = 0
         self.error: str | None = None
+        self.through = journal.last_seq()
+        """Every seq up to this one has been stored, or given up (counted in `not_journaled`)."""
         self._thread = threading.Thread(target=self._loop, name="journal", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def put(self, record: Record) -> None:
+        """Store `record` (its body already has `seq`, `id` and `run`)."""
+        self._append(record)
+
+    def put_event(self, seq: int, event_id: str, event: Event) -> None:
+        """Store `event` as published with `seq` and `event_id` (by this writer's `run`); cheap, never blocks."""
+        self._append((seq, event_id, event))
+
+    def _append(self, item: Record | tuple[int, str, Event]) -> None:
         with self._cond:
-            self._queue.append(record)
+            self._queue.append(item)
             if len(self._queue) > QUEUE_MAX:
                 self._queue.popleft()
                 self.not_journaled += 1
@@ -345,12 +394,17 @@ class JournalWriter:
         with self._cond:
             return not self._queue and not self._busy
 
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
     def stop(self, timeout: float = 10.0) -> None:
         """Store what is queued (one attempt), then close the journal."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        if self._thread.is_alive() or self._thread.ident is not None:
+            self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("the journal writer did not finish in time: %d events not journaled", len(self._queue))
             return
@@ -371,19 +425,22 @@ class JournalWriter:
                 count = min(len(self._queue), self.batch_max)
                 batch = [self._queue.popleft() for _ in range(count)]
                 self._busy = True
+            records = self._records(batch)
             try:
-                if batch:
-                    self.journal.write(batch)
-            except (sqlite3.Error, OSError) as exc:
+                if records:
+                    self.journal.write(records)
+            except (sqlite3.Error, OSError, ValueError) as exc:
                 retry_at = time.monotonic() + self.retry_s
-                self._not_written(batch, exc)
+                self._not_written(records, exc)
             else:
                 with self._cond:
-                    self.stored += len(batch)
-                if self.error is not None and batch:
+                    self.stored += len(records)
+                if self.error is not None and records:
                     log.warning("the event journal %s is written again (%d events were not journaled)",
                                 self.journal.path, self.not_journaled)  # fmt: skip
                     self.error = None
+            if records:
+                self.through = max(self.through, records[-1].body["seq"])
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + self.prune_interval_s
                 try:
@@ -392,6 +449,25 @@ class JournalWriter:
                     log.warning("cannot prune the event journal %s: %s", self.journal.path, exc)
             with self._cond:
                 self._busy = False
+
+    def _records(self, batch: list[Record | tuple[int, str, Event]]) -> list[Record]:
+        """The batch's records, their wire JSON built here, off the hot path; an event whose JSON cannot be built
+        is not journaled (counted), never the end of its batch."""
+        records = []
+        for item in batch:
+            if isinstance(item, Record):
+                records.append(item)
+                continue
+            seq, event_id, event = item
+            try:
+                body = event.to_json_dict(seq, event_id, self.run)
+            except (ValueError, TypeError) as exc:
+                log.warning("event seq=%d (%s) not journaled: %s", seq, event.type, exc)
+                with self._cond:
+                    self.not_journaled += 1
+                continue
+            records.append(Record(body, event.snapshot.jpeg if event.snapshot is not None else None))
+        return records
 
     def _not_written(self, batch: list[Record], exc: BaseException) -> None:
         with self._cond:

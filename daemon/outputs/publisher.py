@@ -3,7 +3,8 @@
 `publish()` never blocks its caller: it stamps the event with its identity, the next `seq`, a fresh `id` and the
 daemon's `run`, and puts it on a bounded queue; when the queue is full the event is dropped and counted, and because
 `seq` was already taken a subscriber sees the gap. Heartbeats have a `seq` of their own, so the events' `seq` counts
-events only.
+events only. With a journal attached, every event is handed to its writer as it is stamped, in seq order, before the
+live queue can drop it, and `seq` goes on from the journal's last.
 The socket sends without blocking; at the high-water mark ZeroMQ drops for that subscriber, also counted.
 """
 
@@ -18,13 +19,16 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import zmq
 
 from vigild.config.settings import CurveConfig, PublisherConfig
 from vigild.events import Event
+
+if TYPE_CHECKING:
+    from vigild.outputs.journal import JournalWriter
 
 log = logging.getLogger("vigild.publisher")
 
@@ -73,6 +77,7 @@ class Publisher:
         """This run's id: in every event it publishes, so a subscriber can tell a restart from a gap."""
         self._seq = 0
         self._heartbeats = 0
+        self.journal: JournalWriter | None = None
         self._seq_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
         self._bound = threading.Event()
@@ -121,7 +126,20 @@ class Publisher:
         )
         return False
 
+    def attach_journal(self, journal: JournalWriter) -> None:
+        """Journal every event from now on (before any is published): `seq` goes on from the journal's last."""
+        with self._seq_lock:
+            self.journal = journal
+            self._seq = max(self._seq, journal.through)
+            journal.run = self.run
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last event stamped (0 before the first of a journal-less run)."""
+        return self._seq
+
     def publish(self, event: Event) -> None:
+        event_id = uuid.uuid4().hex
         with self._seq_lock:
             if event.is_heartbeat:
                 self._heartbeats += 1
@@ -129,7 +147,8 @@ class Publisher:
             else:
                 self._seq += 1
                 seq = self._seq
-        event_id = uuid.uuid4().hex
+                if self.journal is not None:  # in seq order, whatever happens to the live queue
+                    self.journal.put_event(seq, event_id, event)
         try:
             self._queue.put_nowait((seq, event_id, event))
             self.stats.queued += 1

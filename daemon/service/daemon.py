@@ -20,12 +20,14 @@ from vigild.config.loading import Config, ConfigError, load_config, with_camera
 from vigild.config.yamlsource import KeyPath
 from vigild.events import SYSTEM_CAMERA, Event
 from vigild.outputs.publisher import Publisher, PublisherError
+from vigild.outputs.replay import ReplayError
 from vigild.pipeline.chain import Chain
 from vigild.pipeline.durations import Timings
 from vigild.pipeline.exchange import FrameExchange
 from vigild.pipeline.scheduler import Scheduler
 from vigild.service import cameras, status
 from vigild.service.control import CommandError, ControlServer
+from vigild.service.journaling import JournalBusy, Journaling
 from vigild.service.notify import ServiceNotifier
 from vigild.service.reconfigure import RESTART_REQUIRED, Applied, reconfigure
 from vigild.service.running import CAPTURE_JOIN_TIMEOUT_S, Change, Pipeline, Running
@@ -71,7 +73,8 @@ class Daemon:
             settings.scheduler, exchange, chain, publisher, list(config.cameras), self._stop_requested, device
         )
         self.workers = capture_workers(settings.capture, exchange, threads.usable_cpus, len(config.cameras))
-        self.pipeline = Pipeline(exchange, scheduler, publisher, device, threads, self.workers)
+        self.journaling = Journaling(settings.journal, config.file, publisher, settings.curve)
+        self.pipeline = Pipeline(exchange, scheduler, publisher, device, threads, self.workers, self.journaling)
         self.exchange, self.scheduler, self.publisher = exchange, scheduler, publisher
         self.device, self.threads = device, threads
         self._running = Running(config, chain, {name: self.pipeline.capture(config, name) for name in config.cameras})
@@ -116,9 +119,17 @@ class Daemon:
             self.publisher.start()
         except PublisherError as exc:
             raise BindError(("publisher", "endpoint"), str(exc)) from exc
-        self.heartbeat.start()
-        started: list[Any] = [self.publisher, self.heartbeat]
+        started: list[Any] = [self.publisher]
         try:
+            try:  # before any event is published: seq goes on from the journal's last
+                self.journaling.start()
+            except JournalBusy as exc:
+                raise BindError(("journal", "path"), str(exc)) from exc
+            except ReplayError as exc:
+                raise BindError(("journal", "replay_endpoint"), str(exc)) from exc
+            started.append(self.journaling)
+            self.heartbeat.start()
+            started.append(self.heartbeat)
             if self.control is not None:
                 try:
                     self.control.start()
@@ -187,6 +198,7 @@ class Daemon:
                 self.chain.stop()
             self.heartbeat.stop()
             self.publisher.stop()
+            self.journaling.stop()  # after the publisher: every event it took is on the writer
             if self.metrics is not None:
                 self.metrics.stop()
             deadline = time.monotonic() + CAPTURE_JOIN_TIMEOUT_S
@@ -259,7 +271,8 @@ class Daemon:
             except (ConfigError, CommandError) as exc:
                 log.error("reload refused, still running the previous config: %s", exc)
                 raise
-            for part in (self.publisher.curve, self.control.curve if self.control is not None else None):
+            control_curve = self.control.curve if self.control is not None else None
+            for part in (self.publisher.curve, self.journaling.curve, control_curve):
                 if part is not None:
                     part.reload_keys()
             return applied

@@ -94,6 +94,18 @@ class DaemonCollector(Collector):
         dropped.add_metric(["queue_full"], publisher["dropped_queue_full"])
         dropped.add_metric(["unsendable"], publisher["dropped_unsendable"])
         yield dropped
+        journal = status["journal"]
+        if journal["enabled"]:
+            yield CounterMetricFamily("vigild_journal_stored", "Events stored in the journal", value=journal["stored"])
+            yield CounterMetricFamily(
+                "vigild_journal_not_journaled",
+                "Events the journal could not store (full disk, unwritable path): gaps in history and replay",
+                value=journal["not_journaled"],
+            )
+            yield GaugeMetricFamily("vigild_journal_queued", "Events waiting for the journal", value=journal["queued"])
+            yield GaugeMetricFamily(
+                "vigild_journal_error", "1 while the journal cannot be written (see the log)", value=float(bool(journal["error"]))
+            )
         yield CounterMetricFamily("vigild_batches", "Batches through the chain", value=status["scheduler"]["batches"])
         plugin_failures = CounterMetricFamily("vigild_plugin_failures", "Frames a plugin failed on", labels=["plugin"])
         batch_failures = CounterMetricFamily(

@@ -30,7 +30,7 @@ from vigild.service.threads import apply_threads
 
 log = logging.getLogger("vigild")
 
-RESTART_REQUIRED = ("publisher", "control", "curve", "metrics", "device", "torch_threads", "capture")
+RESTART_REQUIRED = ("publisher", "journal", "control", "curve", "metrics", "device", "torch_threads", "capture")
 """Settings a reload cannot change in a running process (sockets, the compute device): they wait for a restart."""
 
 

@@ -15,6 +15,7 @@ from vigild.pipeline.chain import Chain
 from vigild.pipeline.exchange import FrameExchange
 from vigild.pipeline.scheduler import Scheduler
 from vigild.service.control import CommandError
+from vigild.service.journaling import Journaling
 from vigild.service.threads import ThreadChoice
 
 CAPTURE_JOIN_TIMEOUT_S = 2.0
@@ -33,6 +34,7 @@ class Pipeline:
     threads: ThreadChoice
     workers: CaptureWorkers | None = None
     """The capture worker processes (`capture.workers` > 0); None: capture threads in this process."""
+    journaling: Journaling | None = None
 
     def capture(self, config: Config, name: str) -> Capture:
         """A capture of camera `name` of `config` into the exchange (not started): in a worker, or a thread here."""

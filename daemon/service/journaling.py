@@ -1,0 +1,109 @@
+"""The daemon's journal: opened at start beside the publisher, written on a thread of its own, served to resuming
+subscribers on the replay socket, reported in the heartbeat and the metrics (docs/events.md#history).
+
+Only a journal held by another daemon stops the start (`JournalBusy`: two writers would interleave their seq). Any
+other failure to open it (an unwritable directory, a full disk, a damaged file) is one clear error: the daemon runs
+and publishes, every event is counted as not journaled, the replay socket answers with that gap, and the next start
+tries again. A failure to write once it is open is the writer's (vigild.outputs.journal.JournalWriter): it resumes
+by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from vigild.client import replay_endpoint_for
+from vigild.config.settings import CurveConfig, JournalConfig
+from vigild.outputs.journal import Journal, JournalLocked, JournalWriter, default_path
+from vigild.outputs.publisher import Publisher
+from vigild.outputs.replay import ReplayError, ReplayServer
+
+log = logging.getLogger("vigild.journal")
+
+MB = 1 << 20
+
+
+class JournalBusy(Exception):
+    """Another daemon holds the journal."""
+
+
+class Journaling:
+    def __init__(self, config: JournalConfig, config_file: Path | None, publisher: Publisher,
+                 curve: CurveConfig | None):  # fmt: skip
+        self.config = config
+        self.path = config.path or default_path(config_file)
+        self.replay_endpoint = config.replay_endpoint or replay_endpoint_for(publisher.config.endpoint)
+        self._publisher = publisher
+        self._curve = curve
+        self.writer: JournalWriter | None = None
+        self.replay: ReplayServer | None = None
+        self.open_error: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.enabled
+
+    def start(self) -> None:
+        """Open the journal and attach it to the publisher (before any event is published), then bind the replay
+        socket. Raises `JournalBusy` or `ReplayError` with nothing left open."""
+        if not self.config.enabled:
+            return
+        try:
+            journal = Journal(self.path, self.config.retention_days, int(self.config.max_size_mb * MB))
+        except JournalLocked as exc:
+            raise JournalBusy(str(exc)) from None
+        except (OSError, sqlite3.Error) as exc:
+            self.open_error = f"{type(exc).__name__}: {exc}"
+            log.error(
+                "cannot open the event journal %s: %s; events are published but not journaled this run (no history "
+                "or replay of them; counted as not journaled); fix it and restart",
+                self.path,
+                self.open_error,
+            )
+        else:
+            if journal.swept:
+                log.info("event journal: removed %d snapshot file(s) a stopped run left behind", journal.swept)
+            self.writer = JournalWriter(journal)
+            self._publisher.attach_journal(self.writer)
+            self.writer.start()
+            log.info("event journal %s: events from seq %d on", self.path, self.writer.through + 1)
+        self.replay = ReplayServer(self.replay_endpoint, self.writer, lambda: self._publisher.last_seq, self._curve)
+        try:
+            self.replay.start()
+        except ReplayError:
+            self.replay = None
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """After the publisher has taken its last event: the writer stores what is queued."""
+        if self.replay is not None:
+            self.replay.stop()
+        if self.writer is not None:
+            self.writer.stop()
+
+    @property
+    def curve(self) -> Any:
+        return self.replay.curve if self.replay is not None else None
+
+    def status(self) -> dict[str, Any]:
+        """The heartbeat's `journal` section (None when it is off)."""
+        if not self.config.enabled:
+            return {"enabled": False}
+        writer = self.writer
+        if writer is None:
+            not_journaled = self._publisher.last_seq if self.open_error is not None else 0
+            return {"enabled": True, "path": str(self.path), "stored": 0, "not_journaled": not_journaled,
+                    "queued": 0, "error": self.open_error, "replay": self.replay_endpoint}  # fmt: skip
+        return {
+            "enabled": True,
+            "path": str(self.path),
+            "stored": writer.stored,
+            "not_journaled": writer.not_journaled,
+            "queued": writer.queued,
+            "error": writer.error,
+            "replay": self.replay_endpoint,
+        }
