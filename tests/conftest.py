@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import subprocess
@@ -212,3 +213,30 @@ def rtsp_server(encoded_media):
     server = RtspServer({"/h264": encoded_media["h264"], "/h265": encoded_media["h265"]}).start()
     yield server
     server.kill()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs the test mounts (a real full file system: ENOSPC from the kernel). Mounting needs root, which
+    this project's machines and CI have; elsewhere the test says so and is skipped."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    path = tmp_path / "small"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill(directory) -> None:
+    """Take every free byte of the file system (4 KiB at a time until the kernel says ENOSPC)."""
+    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)

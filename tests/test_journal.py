@@ -4,7 +4,6 @@ The records are made here, with a known time, camera, type, track and label each
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import subprocess
@@ -14,6 +13,7 @@ import time
 from datetime import UTC, datetime
 
 import pytest
+from conftest import fill
 
 from vigild.outputs.journal import Journal, JournalLocked, JournalWriter, Query, Record, open_read_only, select
 
@@ -182,33 +182,6 @@ def test_the_writer_stores_every_event_put_in_batches_and_the_rest_at_stop(tmp_p
     writer.stop()
     assert (writer.stored, writer.not_journaled, writer.error) == (300, 0, None)
     assert stored_seqs(tmp_path / "journal.db") == list(range(1, 301))
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MiB tmpfs the test mounts (a real full file system: ENOSPC from the kernel). Mounting needs root, which
-    this project's machines and CI have; elsewhere the test says so and is skipped."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    path = tmp_path / "small"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
-
-
-def fill(directory) -> None:
-    """Take every free byte of the file system (4 KiB at a time until the kernel says ENOSPC)."""
-    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
 
 
 def test_a_full_disk_costs_the_journal_only_those_events_counted_and_it_resumes_when_space_returns(small_disk, caplog):

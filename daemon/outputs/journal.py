@@ -411,7 +411,7 @@ class JournalWriter:
         self.journal.close()
 
     def _loop(self) -> None:
-        next_prune = time.monotonic() + self.prune_interval_s
+        next_prune = time.monotonic()  # at start: what retention says went while the daemon was stopped
         retry_at = 0.0
         while True:
             with self._cond:
