@@ -332,3 +332,81 @@ def test_a_full_disk_costs_only_the_journal_and_resuming_subscribers_are_told_ex
     assert told == [seq for seq in missing if seq <= end] and {g["reason"] for g in notices} == {"not_journaled"}
     got = [r["event"]["seq"] for r in lines_of(resumed) if r["event"]["type"] != "gap" and r["event"]["seq"] <= end]
     assert got == [seq for seq in stored if seq <= end], "every journaled event once, in order"
+
+
+def test_members_of_the_services_group_can_read_a_running_daemons_journal_and_others_cannot(tmp_path):
+    """As the unit runs it (UMask=0027, StateDirectoryMode=0750): the journal's files are the group's to read.
+    `vigild events` as another user of that group reads it while the daemon writes (SQLite's WAL read with a
+    read-only -shm); a user outside the group cannot. The group here is `daemon`, standing in for `vigild`."""
+    import grp
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to act as another user")
+    base = Path(tempfile.mkdtemp(prefix="vigild-group-"))
+    try:
+        base.chmod(0o755)  # as /var/lib is: anyone may pass through to the 0750 state directory
+        state = base / "vigild"
+        config, endpoint, _ = write_config(tmp_path, 1, "", plugins=False)
+        config.write_text(config.read_text().replace(f"source: {VTEST}", "source: test://balls?fps=10"))
+        daemon = vigild("run", "--config", str(config), "--log-level", "WARNING",
+                        env=daemon_env(STATE_DIRECTORY=str(state)), preexec_fn=lambda: os.umask(0o027))  # fmt: skip
+        journal = state / "journal.db"
+        try:
+            wait_for(lambda: len(rows_or_empty(journal)) >= 1, "the first event stored")
+            state.chmod(0o750)  # (systemd's StateDirectoryMode=0750; here the daemon made it under our umask)
+            group = grp.getgrnam("daemon").gr_gid
+            for path in [state, *state.rglob("*")]:
+                os.chown(path, 0, group)
+            modes = {path.name: path.stat().st_mode & 0o777 for path in state.iterdir()}
+            assert modes["journal.db"] == 0o640 and modes["snapshots"] == 0o750, modes
+
+            def as_user(gid: str) -> subprocess.CompletedProcess:
+                return subprocess.run(
+                    ["setpriv", "--reuid=nobody", f"--regid={gid}", "--clear-groups", sys.executable, "-m", "vigild",
+                     "events", "--journal", str(journal)],
+                    capture_output=True, text=True, env=daemon_env(), cwd=ROOT, timeout=60,
+                )  # fmt: skip
+
+            member = as_user("daemon")
+            assert member.returncode == 0, member.stderr
+            assert [json.loads(line)["seq"] for line in member.stdout.splitlines()][:1] == [1]
+            outsider = as_user("nogroup")
+            assert outsider.returncode == 2 and "cannot read the event journal" in outsider.stderr, outsider.stderr
+            assert stop(daemon) == 0
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_line_crossings_per_direction_in_a_time_window_from_the_plaza_configs_journal():
+    """configs/plaza-analytics.yaml as shipped (vtest.avi as fast as the chain goes), its journal where a user's
+    daemon keeps it (the XDG state directory), and `vigild events --config` on the same file: the crossings per
+    direction are the ones counted by hand on this footage (12 in, 7 out; the tracker may miss or split a few:
+    test_analytics.py's range), and a time window splits them without losing or doubling one."""
+    env = daemon_env(VIGILD_REALTIME="false", VIGILD_PUB=free_endpoint())
+    config = "configs/plaza-analytics.yaml"
+    daemon = vigild("run", "--config", config, "--log-level", "WARNING", env=env)
+    assert daemon.wait(600) == 0, "the daemon ends with its file"
+
+    def events(*args: str) -> list[dict]:
+        result = subprocess.run([sys.executable, "-m", "vigild", "events", "--config", config, *args],
+                                capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return [json.loads(line) for line in result.stdout.splitlines()]
+
+    counts = {row["direction"]: row["count"] for row in events("--type", "line.cross", "--count-by", "direction")}
+    assert 8 <= counts.get("in", 0) <= 16 and 4 <= counts.get("out", 0) <= 12, counts
+    crossings = events("--type", "line.cross")
+    assert len(crossings) == sum(counts.values()) and {e["camera"] for e in crossings} == {"plaza"}
+    middle = crossings[len(crossings) // 2]["ts"]
+    before = events("--type", "line.cross", "--until", middle, "--count-by", "direction")
+    after = events("--type", "line.cross", "--since", middle, "--count-by", "direction")
+    for direction, count in counts.items():
+        split = [row["count"] for rows_ in (before, after) for row in rows_ if row["direction"] == direction]
+        assert sum(split) == count
+    assert sum(row["count"] for row in after) == len(crossings) - len(crossings) // 2
+    assert events("--type", "line.cross", "--since", "0s") == [], "nothing after the run"

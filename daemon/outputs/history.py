@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import sqlite3
 import sys
@@ -61,6 +62,18 @@ def count_fields(text: str) -> list[str]:
 
 
 def open_journal(path: Path) -> sqlite3.Connection:
+    try:
+        path.stat()
+        readable = os.access(path, os.R_OK)
+    except PermissionError:
+        readable = False
+    except OSError:
+        raise HistoryError(f"no event journal at {path}") from None
+    if not readable:
+        raise HistoryError(
+            f"cannot read the event journal {path}: permission denied (the installed service's journal is readable "
+            "by members of its group: `sudo adduser $USER vigild`, then log in again)"
+        )
     if not path.is_file():
         raise HistoryError(f"no event journal at {path}")
     try:
