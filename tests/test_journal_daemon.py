@@ -348,7 +348,7 @@ def test_members_of_the_services_group_can_read_a_running_daemons_journal_and_ot
     try:
         base.chmod(0o755)  # as /var/lib is: anyone may pass through to the 0750 state directory
         state = base / "vigild"
-        config, endpoint, _ = write_config(tmp_path, 1, "", plugins=False)
+        config, _, _ = write_config(tmp_path, 1, "", plugins=False)
         config.write_text(config.read_text().replace(f"source: {VTEST}", "source: test://balls?fps=10"))
         daemon = vigild("run", "--config", str(config), "--log-level", "WARNING",
                         env=daemon_env(STATE_DIRECTORY=str(state)), preexec_fn=lambda: os.umask(0o027))  # fmt: skip
