@@ -131,15 +131,23 @@ def nvml_handle(device: str) -> Any:
     return None if index is None else pynvml.nvmlDeviceGetHandleByIndex(index)
 
 
-def vtest_daemon_yaml(shared: Path, cameras: int, extra_plugins: str, device: str, workers: int | None = None) -> str:
+def vtest_daemon_yaml(shared: Path, cameras: int, extra_plugins: str, device: str, workers: int | None = None,
+                      journal: bool = True, camera_extra: str = "") -> str:  # fmt: skip
     """The daemon of the plugin benchmarks: `cameras` looping vtest.avi as fast as the chain takes it, the
-    detector and tracker below, then `extra_plugins`; no control socket, events to an unused port."""
+    detector and tracker below, then `extra_plugins`; no control socket, events to an unused port, the event
+    journal on as by default (in a fresh temporary directory) or off."""
+    import tempfile
+
     video = shared / "media" / "vtest.avi"
-    sources = "".join(f"  cam{i}:\n    source: {video}\n    realtime: false\n    loop: true\n" for i in range(cameras))
+    sources = "".join(
+        f"  cam{i}:\n    source: {video}\n    realtime: false\n    loop: true\n{camera_extra}" for i in range(cameras)
+    )
     capture = f"capture:\n  workers: {workers}\n" if workers is not None else ""
+    place = tempfile.mkdtemp(prefix="vigild-bench-journal-")
+    journaling = f"  path: {place}/journal.db\n" if journal else "  enabled: false\n"
     return (
         f"cameras:\n{sources}plugins:\n{fastest_tracker_yaml(shared)}{extra_plugins}"
-        f"publisher:\n  endpoint: tcp://127.0.0.1:0\ncontrol:\n  enabled: false\n{capture}"
+        f"publisher:\n  endpoint: tcp://127.0.0.1:0\njournal:\n{journaling}control:\n  enabled: false\n{capture}"
         f"device: {device}\nlog_level: WARNING\n"
     )
 

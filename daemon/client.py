@@ -34,9 +34,12 @@ REPLAY_PAGE = 500
 
 def replay_endpoint_for(endpoint: str) -> str:
     """The replay socket a daemon publishing on `endpoint` serves by default (`journal.replay_endpoint`): the
-    publisher's port + 1 for tcp, its path with `.replay` appended for ipc."""
+    publisher's port + 1 for tcp (a port the system picks, `*` or 0: one it picks), its path with `.replay` appended
+    for ipc."""
     if endpoint.startswith("tcp://"):
         host, _, port = endpoint.rpartition(":")
+        if port in ("*", "0"):  # a port the system picks: the replay socket's is picked too
+            return f"{host}:{port}"
         if port.isdigit():
             return f"{host}:{int(port) + 1}"
         raise ValueError(f"cannot derive a replay endpoint from {endpoint!r}: give journal.replay_endpoint")

@@ -67,6 +67,14 @@ class ReplayServer:
         self._thread = threading.Thread(target=self._run, name="replay", daemon=True)
 
     def start(self) -> None:
+        from vigild.outputs.publisher import is_loopback_endpoint
+
+        if not is_loopback_endpoint(self.endpoint) and self.curve_config is None:
+            log.warning(
+                "INSECURE: the replay socket binds %s, which is reachable from other machines, without CURVE: anyone "
+                "who can connect can read the event journal; bind to 127.0.0.1 or configure `curve:`",
+                self.endpoint,
+            )
         self._thread.start()
         self._bound.wait()
         if self._bind_error is not None:
