@@ -14,7 +14,7 @@ import zmq.auth
 from conftest import ROOT, VTEST, daemon_env, free_endpoint
 from service import Service, camera_yaml, service_config
 
-from vigild.client import Subscriber
+from vigild.client import GAP_TOPIC, Subscriber
 from vigild.service.control import ControlClient
 from vigild.service.curve import ClientKeys
 from vigild.service.curve import keygen as curve_keygen
@@ -131,6 +131,13 @@ def test_only_authorised_keys_receive_events_and_send_commands(tmp_path):
         assert received(publisher, trusted, 10) == 3
         assert received(publisher, None, 3) == 0
         assert received(publisher, stranger, 3) == 0
+        # the journal's replay socket (the publisher's port + 1) asks for the same keys
+        with Subscriber(publisher, curve=trusted, resume=True, after_seq=0) as subscriber:
+            first = subscriber.receive(timeout=60)
+            assert first is not None and first.topic != GAP_TOPIC and first.event["seq"] == 1
+        with Subscriber(publisher, curve=stranger, resume=True, after_seq=0, replay_timeout=3) as subscriber:
+            notice = subscriber.receive(timeout=30)
+            assert notice is not None and notice.topic == GAP_TOPIC and notice.event["reason"] == "no_replay"
         for keys_used in (None, stranger):
             with ControlClient(service.control_endpoint, keys_used, timeout=3) as client, pytest.raises(TimeoutError):
                 client.request("status")
