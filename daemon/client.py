@@ -172,9 +172,10 @@ class Subscriber:
         while last is None or after < last:
             reply = self._ask({"after_seq": after, "until_seq": last, "limit": REPLAY_PAGE}, deadline)
             if reply is None:
-                self._gap(after + 1, last, "no_replay")
-                after = last if last is not None else after
-                break
+                if last is not None:  # a known range it cannot fill: said, never silent
+                    self._gap(after + 1, last, "no_replay")
+                    after = last
+                break  # (catching up with a daemon not there yet: the first live event shows what to fill)
             header, events = reply
             items = [(body["seq"], self._message(body, jpeg)) for body, jpeg in events if body["seq"] > after]
             items += [(gap["first"], self._gap_message(gap["first"], gap["last"], gap["reason"]))

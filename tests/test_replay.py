@@ -21,7 +21,7 @@ from vigild.outputs.replay import PAGE_EVENTS, ReplayServer
 from vigild.service.status import Heartbeat
 from vigild.vision.snapshot import Snapshot
 
-T0 = 1_790_000_000.0
+T0 = time.time()  # now: retention (30 days) keeps these events
 
 
 class Daemonish:
@@ -156,17 +156,35 @@ def test_what_the_journal_lacks_comes_as_gap_notices_with_the_exact_ranges(tmp_p
     assert subscriber.missed == 9
 
 
-def test_a_replay_socket_that_does_not_answer_is_a_gap_notice_not_silence(tmp_path):
-    nobody = f"ipc://{tmp_path}/nobody"
+def test_a_gap_the_replay_socket_does_not_answer_for_is_a_notice_not_silence(tmp_path):
+    """Events 1-20 are in a journal nobody serves; the subscriber resumes after 5 and the first live event it gets
+    is 21 or later: it is told that 6 up to that one are missing, then gets it."""
+    journal = Journal(tmp_path / "journal.db")
+    journal.write([Record({"schema": 1, "seq": seq, "id": f"{seq:032x}", "run": "0" * 32, "type": "zone.enter",
+                           "camera": "door", "frame": seq, "ts": "2026-11-30T10:00:00Z"}) for seq in range(1, 21)])  # fmt: skip
+    writer = JournalWriter(journal)
     publisher = Publisher(PublisherConfig(endpoint=free_endpoint()))
+    publisher.attach_journal(writer)  # seq goes on from 20
     publisher.start()
+    writer.start()
     try:
-        with Subscriber(publisher.config.endpoint, resume=True, after_seq=5, replay_endpoint=nobody,
+        with Subscriber(publisher.config.endpoint, resume=True, after_seq=5, replay_endpoint=f"ipc://{tmp_path}/nobody",
                         replay_timeout=1.0) as subscriber:  # fmt: skip
-            (notice,) = take(subscriber, 1, timeout=10)
+            got: list = []
+            deadline = time.monotonic() + 30
+            while len(got) < 2 and time.monotonic() < deadline:  # until the subscription is through
+                publisher.publish(Event("zone.enter", "door", T0, 0))
+                message = subscriber.receive(timeout=0.05)
+                if message is not None:
+                    got.append(message)
+            got += take(subscriber, max(0, 2 - len(got)))
     finally:
         publisher.stop()
-    assert notice.topic == GAP_TOPIC and notice.event["first"] == 6 and notice.event["reason"] == "no_replay"
+        writer.stop()
+    notice, event = got[:2]
+    assert notice.topic == GAP_TOPIC and notice.event["reason"] == "no_replay"
+    assert (notice.event["first"], notice.event["last"] + 1) == (6, event.event["seq"]) and event.event["seq"] >= 21
+    assert subscriber.missed == event.event["seq"] - 6
 
 
 def test_replay_pages_are_bounded_and_a_bad_request_gets_an_error(outputs):
