@@ -125,20 +125,13 @@ def _client_keys(args: argparse.Namespace) -> ClientKeys | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command in ("sub", "ctl"):
+    if args.command in ("sub", "ctl", "events"):
         try:
             keys = _client_keys(args)
         except (OSError, ValueError) as exc:
             print(f"vigild {args.command}: CURVE keys: {exc}", file=sys.stderr)
             return EXIT_FAILURE
-        return _sub(args, keys) if args.command == "sub" else _ctl(args, keys)
-    if args.command == "events":
-        try:
-            keys = _client_keys(args)
-        except (OSError, ValueError) as exc:
-            print(f"vigild events: CURVE keys: {exc}", file=sys.stderr)
-            return EXIT_FAILURE
-        return _events(args, keys)
+        return {"sub": _sub, "ctl": _ctl, "events": _events}[args.command](args, keys)
     if args.command == "keygen":
         try:
             public, secret = keygen(Path(args.dir), args.name)
@@ -162,6 +155,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in config.cameras:
             source = config.source(name)
             print(f"  {name}: {source.kind.value} {source.display} via {backends[name]}")
+        journal = config.settings.journal
+        if journal.enabled:
+            from vigild.client import replay_endpoint_for
+            from vigild.outputs.journal import default_path
+
+            replay = journal.replay_endpoint or replay_endpoint_for(config.settings.publisher.endpoint)
+            print(f"  journal: {journal.path or default_path(config.file)} (replay on {replay})")
+        else:
+            print("  journal: off")
         return EXIT_OK
     return _run(config, args.log_level)
 
