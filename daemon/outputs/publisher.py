@@ -169,18 +169,12 @@ class Publisher:
             socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, also a second one to the same topic
         socket.setsockopt(zmq.SNDHWM, self.config.hwm)
         socket.setsockopt(zmq.LINGER, self.config.linger_ms)
-        try:
-            if self.curve_config is not None:
-                from vigild.service.curve import CurveServer
+        from vigild.service.curve import bind_secured
 
-                self.curve = CurveServer(self.curve_config, self._context)
-                self.curve.secure(socket)
-            socket.bind(self.config.endpoint)
+        try:
+            self.curve = bind_secured(socket, self.config.endpoint, self.curve_config, self._context)
         except (zmq.ZMQError, OSError, ValueError) as exc:
             self._bind_error = str(exc)
-            socket.close(linger=0)
-            if self.curve is not None:
-                self.curve.stop()
             self._context.term()
             self._bound.set()
             return

@@ -91,18 +91,12 @@ class ReplayServer:
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, 16)  # a reply is a page: few at a time per client
         socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a client that left: its reply is dropped, never blocks
-        try:
-            if self.curve_config is not None:
-                from vigild.service.curve import CurveServer
+        from vigild.service.curve import bind_secured
 
-                self.curve = CurveServer(self.curve_config, self._context)
-                self.curve.secure(socket)
-            socket.bind(self.endpoint)
+        try:
+            self.curve = bind_secured(socket, self.endpoint, self.curve_config, self._context)
         except (zmq.ZMQError, OSError, ValueError) as exc:
             self._bind_error = str(exc)
-            socket.close()
-            if self.curve is not None:
-                self.curve.stop()
             self._context.term()
             self._bound.set()
             return

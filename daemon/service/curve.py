@@ -139,3 +139,21 @@ class CurveServer:
 
     def stop(self) -> None:
         self._auth.stop()
+
+
+def bind_secured(socket: zmq.Socket, endpoint: str, config: CurveConfig | None, context: zmq.Context) -> CurveServer | None:
+    """Secure `socket` with CURVE (`config`; None: plain) and bind it to `endpoint`; return the CurveServer (to
+    reload keys and stop), or close the socket, stop what was started and raise (zmq.ZMQError, OSError,
+    ValueError) when it cannot bind."""
+    curve = None
+    try:
+        if config is not None:
+            curve = CurveServer(config, context)
+            curve.secure(socket)
+        socket.bind(endpoint)
+    except BaseException:
+        socket.close(linger=0)
+        if curve is not None:
+            curve.stop()
+        raise
+    return curve
