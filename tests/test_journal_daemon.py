@@ -410,3 +410,26 @@ def test_line_crossings_per_direction_in_a_time_window_from_the_plaza_configs_jo
         assert sum(split) == count
     assert sum(row["count"] for row in after) == len(crossings) - len(crossings) // 2
     assert events("--type", "line.cross", "--since", "0s") == [], "nothing after the run"
+
+
+def test_a_journal_that_cannot_be_opened_is_one_clear_error_and_the_daemon_publishes_on(tmp_path, subscriber_factory):
+    """`journal.path` under a regular file (no directory can be made there, whoever runs it): the daemon starts,
+    logs the error once, says it in the heartbeat, and publishes every event live, counted as not journaled."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    config, endpoint, _ = write_config(tmp_path, 1, f"  path: {blocker}/journal.db\n", plugins=False)
+    config.write_text(config.read_text().replace(f"source: {VTEST}", "source: test://balls?fps=10"))
+    live = subscriber_factory(endpoint, idle_s=10)
+    log_file = tmp_path / "daemon.log"
+    daemon = vigild("run", "--config", str(config), env=daemon_env(), stderr=log_file.open("w"))
+    try:
+        messages = live.wait_for(lambda ms: len(heartbeats_of(ms)) >= 3, timeout=120)
+        assert stop(daemon) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    beat = heartbeats_of(messages)[-1]
+    assert beat["journal"]["error"] and "not-a-directory" in beat["journal"]["error"]
+    assert beat["journal"]["not_journaled"] == beat["publisher"]["last_seq"] >= 1  # camera.up at least
+    log = log_file.read_text()
+    assert log.count("cannot open the event journal") == 1 and "not journaled this run" in log

@@ -90,7 +90,7 @@ class Journaling:
         return self.replay.curve if self.replay is not None else None
 
     def status(self) -> dict[str, Any]:
-        """The heartbeat's `journal` section (None when it is off)."""
+        """The heartbeat's `journal` section (`{"enabled": False}` when it is off)."""
         if not self.config.enabled:
             return {"enabled": False}
         writer = self.writer
