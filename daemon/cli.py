@@ -320,6 +320,8 @@ def _events(args: argparse.Namespace, keys: ClientKeys | None) -> int:
     try:
         if fields is not None:
             history.write_counts(history.counts(db, query, fields), args.format)
+        elif not args.follow and args.format == "json":
+            sys.stdout.writelines(body + "\n" for body in history.select_text(db, query))  # as stored: no parsing
         elif not args.follow:
             history.write(history.select(db, query), args.format)
         else:

@@ -84,6 +84,17 @@ def open_journal(path: Path) -> sqlite3.Connection:
     return db
 
 
+def select_text(db: sqlite3.Connection, query: Query) -> Iterable[str]:
+    """As `select`, the events' wire JSON as stored (compact, as published): printed as it is, never parsed."""
+    where, args = where_clause(query)
+    sql = f"SELECT body FROM events{where} ORDER BY seq"
+    if query.limit is not None:
+        sql += " LIMIT ?"
+        args.append(query.limit)
+    for (body,) in db.execute(sql, args):
+        yield body
+
+
 def counts(db: sqlite3.Connection, query: Query, fields: Sequence[str]) -> list[dict[str, Any]]:
     """How many events `query` selects per combination of the values of `fields`, most first."""
     selected = ", ".join(INDEXED.get(name) or f"json_extract(body, '$.{name}')" for name in fields)
@@ -161,4 +172,4 @@ def _row(event: dict[str, Any]) -> list[Any]:
 
 
 __all__ = ["HistoryError", "count_fields", "counts", "last_seq", "matches", "open_journal", "parse_time", "select",
-           "write", "write_counts"]  # fmt: skip
+           "select_text", "write", "write_counts"]  # fmt: skip

@@ -64,6 +64,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
 CREATE INDEX IF NOT EXISTS events_camera_ts ON events (camera, ts);
+CREATE INDEX IF NOT EXISTS events_camera_type_ts ON events (camera, type, ts);
 CREATE INDEX IF NOT EXISTS events_type_ts ON events (type, ts);
 CREATE INDEX IF NOT EXISTS events_track ON events (camera, track) WHERE track IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_label ON events (label) WHERE label IS NOT NULL;
