@@ -30,6 +30,8 @@ DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 GAP_TOPIC = "vigild.sys.gap"
 """The topic of a resuming subscriber's gap notices (they are made by the client, never published)."""
 REPLAY_PAGE = 500
+REPLAY_RETRY_S = 1.0
+"""Once the replay socket has not answered, how long the next gaps wait for it (until it answers again)."""
 
 
 def replay_endpoint_for(endpoint: str) -> str:
@@ -96,6 +98,7 @@ class Subscriber:
         self._curve = curve
         self._replay_endpoint = replay_endpoint or replay_endpoint_for(endpoint)
         self._replay: zmq.Socket | None = None
+        self._replay_down = False
         self._replay_timeout = replay_timeout
         self._next: int | None = after_seq + 1 if after_seq is not None else None
         self._catch_up = resume and after_seq is not None
@@ -210,10 +213,14 @@ class Subscriber:
                 self._curve.apply(self._replay)
             self._replay.connect(self._replay_endpoint)
         self._replay.send_multipart([b"", json.dumps(request).encode()])
+        if self._replay_down:  # it did not answer last time (the daemon stopped?): a short try, not the whole wait
+            deadline = min(deadline, time.monotonic() + REPLAY_RETRY_S)
         if not self._replay.poll(max(1, int((deadline - time.monotonic()) * 1000))):
             self._replay.close()
             self._replay = None
+            self._replay_down = True
             return None
+        self._replay_down = False
         frames = self._replay.recv_multipart()[1:]
         header = json.loads(frames[0])
         if "error" in header:
