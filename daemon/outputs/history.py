@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from vigild.outputs.journal import Query, epoch, open_read_only, select, where_clause
+from vigild.outputs.journal import Query, epoch, open_read_only, select, select_text, where_clause
 
 RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)$")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -82,17 +82,6 @@ def open_journal(path: Path) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         raise HistoryError(f"{path} is not a vigild event journal: {exc}") from None
     return db
-
-
-def select_text(db: sqlite3.Connection, query: Query) -> Iterable[str]:
-    """As `select`, the events' wire JSON as stored (compact, as published): printed as it is, never parsed."""
-    where, args = where_clause(query)
-    sql = f"SELECT body FROM events{where} ORDER BY seq"
-    if query.limit is not None:
-        sql += " LIMIT ?"
-        args.append(query.limit)
-    for (body,) in db.execute(sql, args):
-        yield body
 
 
 def counts(db: sqlite3.Connection, query: Query, fields: Sequence[str]) -> list[dict[str, Any]]:

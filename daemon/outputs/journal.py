@@ -286,15 +286,21 @@ def where_clause(query: Query) -> tuple[str, list[Any]]:
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
 
 
-def select(db: sqlite3.Connection, query: Query) -> Iterator[dict[str, Any]]:
-    """The events `query` selects from the journal's database `db`, in seq order."""
+def select_text(db: sqlite3.Connection, query: Query) -> Iterator[str]:
+    """The wire JSON, as stored (compact, as published), of the events `query` selects from the journal's database
+    `db`, in seq order."""
     where, args = where_clause(query)
     sql = f"SELECT body FROM events{where} ORDER BY seq"
     if query.limit is not None:
         sql += " LIMIT ?"
         args.append(query.limit)
     for (body,) in db.execute(sql, args):
-        yield json.loads(body)
+        yield body
+
+
+def select(db: sqlite3.Connection, query: Query) -> Iterator[dict[str, Any]]:
+    """The events `query` selects from the journal's database `db`, in seq order."""
+    return (json.loads(body) for body in select_text(db, query))
 
 
 def open_read_only(path: Path) -> sqlite3.Connection:
