@@ -1,0 +1,233 @@
+"""Darknet `.cfg` + `.weights` detectors (Yolo-Fastest-1.1 and -XL) as a torch module (issue 20, first part).
+
+The layer types their cfgs use: `convolutional` (groups, batch_normalize, leaky or linear), `shortcut`, `route`,
+`upsample`, `maxpool`, `dropout` (nothing at inference) and `yolo`. The output is OpenCV DNN's for the same blob, so
+the decoding in darknet.py serves both: per frame, rows of `cx, cy, w, h` (fractions of the input), objectness, and
+each class's score times the objectness, zeroed below the cfg's `thresh` as OpenCV's region layer does (darknet.py
+sets `thresh` to the detector's confidence). Rows are ordered as OpenCV orders them: by head, then cell (row-major),
+then anchor.
+
+Weights are darknet's file as written by its trainer: a header (major, minor, revision, then images seen as 64 bits
+from version 0.2 on), then per convolution its biases (or batch-norm beta), batch-norm gamma, mean and variance, and
+its kernel. A file that does not hold exactly what the cfg asks for is refused with the counts.
+
+Not wired into the detector yet: the device pipeline's stretch resize and the `backend:` choice come next.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LEAKY_SLOPE = 0.1
+BN_EPS = 1e-6  # darknet adds .000001 to the variance (normalize_cpu); so does OpenCV's importer
+
+
+class DarknetCfgError(ValueError):
+    """A cfg or weights file this port cannot take: the message says which section and why."""
+
+
+@dataclass
+class Section:
+    kind: str
+    options: dict[str, str] = field(default_factory=dict)
+    line: int = 0
+
+    def number(self, key: str, default: int | None = None) -> int:
+        if key not in self.options:
+            if default is None:
+                raise DarknetCfgError(f"[{self.kind}] at line {self.line}: `{key}` is missing")
+            return default
+        return int(self.options[key].strip())
+
+    def ints(self, key: str) -> list[int]:
+        return [int(part) for part in self.options.get(key, "").split(",") if part.strip()]
+
+    def floats(self, key: str) -> list[float]:
+        return [float(part) for part in self.options.get(key, "").split(",") if part.strip()]
+
+
+def parse_cfg(text: str) -> list[Section]:
+    """The cfg's sections in order (`[net]` first), options as written; comments dropped."""
+    sections: list[Section] = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("["):
+            sections.append(Section(line.strip("[]").strip().lower(), line=number))
+        elif "=" in line and sections:
+            key, value = (part.strip() for part in line.split("=", 1))
+            sections[-1].options[key] = value
+    if not sections or sections[0].kind not in ("net", "network"):
+        raise DarknetCfgError("a darknet cfg starts with a [net] section")
+    return sections
+
+
+class _Conv(nn.Module):
+    def __init__(self, section: Section, channels: int):
+        super().__init__()
+        filters, size, stride = section.number("filters"), section.number("size", 1), section.number("stride", 1)
+        groups = section.number("groups", 1)
+        padding = size // 2 if section.number("pad", 0) else section.number("padding", 0)
+        self.batch_normalize = bool(section.number("batch_normalize", 0))
+        self.conv = nn.Conv2d(channels, filters, size, stride, padding, groups=groups, bias=not self.batch_normalize)
+        self.bn = nn.BatchNorm2d(filters, eps=BN_EPS) if self.batch_normalize else None
+        activation = section.options.get("activation", "linear")
+        if activation not in ("leaky", "linear"):
+            raise DarknetCfgError(f"[convolutional] at line {section.line}: activation {activation!r} is not supported")
+        self.leaky = activation == "leaky"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x)
+        return F.leaky_relu(x, LEAKY_SLOPE) if self.leaky else x
+
+
+class _Yolo(nn.Module):
+    anchors: torch.Tensor
+
+    def __init__(self, section: Section, net_size: tuple[int, int]):
+        super().__init__()
+        pairs = np.array(section.floats("anchors"), np.float32).reshape(-1, 2)
+        mask = section.ints("mask") or list(range(len(pairs)))
+        self.classes = section.number("classes", 80)
+        self.scale_x_y = float(section.options.get("scale_x_y", "1"))
+        self.thresh = float(section.options.get("thresh", "0.2"))  # OpenCV's default for the region layer
+        width, height = net_size
+        self.register_buffer("anchors", torch.from_numpy(pairs[mask] / np.array([width, height], np.float32)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, rows, cols = x.shape
+        anchors = len(self.anchors)
+        x = x.view(batch, anchors, 5 + self.classes, rows, cols).permute(0, 3, 4, 1, 2)  # N, row, col, anchor, k
+        ys, xs = torch.meshgrid(torch.arange(rows, device=x.device), torch.arange(cols, device=x.device), indexing="ij")
+        grid = torch.stack((xs, ys), -1).to(x.dtype)[None, :, :, None, :]  # 1, row, col, 1, (x, y)
+        scale = torch.tensor([cols, rows], dtype=x.dtype, device=x.device)
+        xy = (torch.sigmoid(x[..., 0:2]) * self.scale_x_y - (self.scale_x_y - 1) / 2 + grid) / scale
+        wh = torch.exp(x[..., 2:4]) * self.anchors.to(x.dtype)
+        objectness = torch.sigmoid(x[..., 4:5])
+        scores = torch.sigmoid(x[..., 5:]) * objectness
+        scores = torch.where(scores > self.thresh, scores, torch.zeros_like(scores))
+        return torch.cat((xy, wh, objectness, scores), -1).reshape(batch, rows * cols * anchors, 5 + self.classes)
+
+
+class DarknetModel(nn.Module):
+    """The network a darknet cfg describes; `forward` takes the blob OpenCV's `blobFromImages` makes (N, 3, H, W,
+    RGB, 0-1) and returns (N, rows, 5 + classes) as OpenCV DNN's forward does, all heads concatenated."""
+
+    def __init__(self, cfg_text: str):
+        super().__init__()
+        sections = parse_cfg(cfg_text)
+        net = sections[0]
+        self.net_size = (net.number("width", 416), net.number("height", 416))
+        channels = net.number("channels", 3)
+        self.layers = nn.ModuleList()
+        self.plan: list[tuple[str, list[int]]] = []
+        """Per layer, its kind and the layers it reads (absolute indices)."""
+        widths: list[int] = []
+        for index, section in enumerate(sections[1:]):
+            kind = section.kind
+            sources: list[int] = []
+            if kind == "convolutional":
+                layer: nn.Module = _Conv(section, channels)
+                channels = section.number("filters")
+            elif kind == "shortcut":
+                source = section.number("from")
+                sources = [source + index if source < 0 else source]
+                if section.options.get("activation", "linear") != "linear":
+                    raise DarknetCfgError(f"[shortcut] at line {section.line}: only a linear activation is supported")
+                layer = nn.Identity()
+            elif kind == "route":
+                sources = [value + index if value < 0 else value for value in section.ints("layers")]
+                if section.number("groups", 1) != 1:
+                    raise DarknetCfgError(f"[route] at line {section.line}: groups are not supported")
+                channels = sum(widths[source] for source in sources)
+                layer = nn.Identity()
+            elif kind == "upsample":
+                layer = nn.Upsample(scale_factor=section.number("stride", 2), mode="nearest")
+            elif kind == "maxpool":
+                size, stride = section.number("size", 2), section.number("stride", 2)
+                if stride != 1 or size % 2 == 0:
+                    raise DarknetCfgError(f"[maxpool] at line {section.line}: only odd sizes at stride 1 are supported")
+                layer = nn.MaxPool2d(size, 1, size // 2)
+            elif kind == "dropout":
+                layer = nn.Identity()
+            elif kind == "yolo":
+                layer = _Yolo(section, self.net_size)
+            else:
+                raise DarknetCfgError(f"[{kind}] at line {section.line}: this layer type is not supported")
+            if any(not 0 <= source < index for source in sources):
+                raise DarknetCfgError(f"[{kind}] at line {section.line}: refers to a layer that is not before it")
+            self.layers.append(layer)
+            self.plan.append((kind, sources))
+            widths.append(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs: list[torch.Tensor] = []
+        heads = []
+        for layer, (kind, sources) in zip(self.layers, self.plan, strict=True):
+            if kind == "shortcut":
+                x = x + outputs[sources[0]]
+            elif kind == "route":
+                x = outputs[sources[0]] if len(sources) == 1 else torch.cat([outputs[s] for s in sources], 1)
+            elif kind == "yolo":
+                heads.append(layer(x))
+            else:
+                x = layer(x)
+            outputs.append(x)
+        return torch.cat(heads, 1)
+
+    def load_weights(self, path: Path) -> None:
+        """darknet's weights file into the layers, checked to hold exactly what the cfg needs."""
+        data = path.read_bytes()
+        major, minor, _ = np.frombuffer(data[:12], np.int32)
+        offset = 12 + (8 if major * 10 + minor >= 2 else 4)
+        values = np.frombuffer(data[offset : offset + (len(data) - offset) // 4 * 4], np.float32)
+        needed = sum(
+            (layer.conv.out_channels * (4 if layer.batch_normalize else 1)) + layer.conv.weight.numel()
+            for layer in self.layers
+            if isinstance(layer, _Conv)
+        )
+        if len(values) != needed:
+            raise DarknetCfgError(f"{path}: holds {len(values)} weights, the cfg needs {needed}")
+        at = 0
+
+        def take(tensor: torch.Tensor) -> None:
+            nonlocal at
+            count = tensor.numel()
+            tensor.data.copy_(torch.from_numpy(values[at : at + count].copy()).view_as(tensor))
+            at += count
+
+        with torch.no_grad():
+            for layer in self.layers:
+                if not isinstance(layer, _Conv):
+                    continue
+                if layer.bn is not None:
+                    take(layer.bn.bias)
+                    take(layer.bn.weight)
+                    assert layer.bn.running_mean is not None and layer.bn.running_var is not None
+                    take(layer.bn.running_mean)
+                    take(layer.bn.running_var)
+                else:
+                    assert layer.conv.bias is not None
+                    take(layer.conv.bias)
+                take(layer.conv.weight)
+
+
+def load_darknet(cfg: Path, weights: Path, thresh: float | None = None) -> DarknetModel:
+    """The model of `cfg` with `weights`, in eval mode; `thresh`: the YOLO heads' score floor (the detector's
+    confidence), as darknet.py's `with_score_floor` sets it for OpenCV."""
+    model = DarknetModel(cfg.read_text(encoding="utf-8", errors="replace"))
+    model.load_weights(weights)
+    if thresh is not None:
+        for layer in model.layers:
+            if isinstance(layer, _Yolo):
+                layer.thresh = thresh
+    return model.eval()
