@@ -96,7 +96,7 @@ class Subscriber:
         self._run: str | None = None
         self._resume = resume
         self._curve = curve
-        self._replay_endpoint = replay_endpoint or replay_endpoint_for(endpoint)
+        self._replay_endpoint = (replay_endpoint or replay_endpoint_for(endpoint)) if resume else ""
         self._replay: zmq.Socket | None = None
         self._replay_down = False
         self._replay_timeout = replay_timeout

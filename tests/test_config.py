@@ -112,6 +112,10 @@ def test_unset_variable_names_the_key_and_line(tmp_path):
             "cameras:\n  door:\n    source: a.mp4\npublisher:\n  endpoint: 127.0.0.1:5555\n",
             ":5: publisher.endpoint: expected a ZeroMQ endpoint",
         ),
+        (
+            "cameras:\n  door:\n    source: a.mp4\npublisher:\n  endpoint: tcp://127.0.0.1\n",
+            ":5: publisher.endpoint: a tcp:// endpoint needs a port (or *)",
+        ),
         ("cameras: {}\n", ":1: cameras: Dictionary should have at least 1 item"),
         ("- just\n- a list\n", ":1: (top level): expected a mapping"),
         (
@@ -157,6 +161,7 @@ def test_unset_variable_names_the_key_and_line(tmp_path):
         "duplicate-key",
         "reserved-name",
         "bad-endpoint",
+        "endpoint-without-port",
         "no-cameras",
         "not-a-mapping",
         "unknown-plugin",

@@ -201,10 +201,18 @@ def test_replay_pages_are_bounded_and_a_bad_request_gets_an_error(outputs):
         assert page["events"] == PAGE_EVENTS == len(parts) // 2 and page["through"] == PAGE_EVENTS
         assert page["missing"] == [] and page["journaled_through"] == PAGE_EVENTS + 20
         assert [json.loads(body)["seq"] for body in parts[::2]] == list(range(1, PAGE_EVENTS + 1))
-        for bad in ({"after_seq": -1}, {"after_seq": "x"}, {}):
+        for bad in ({"after_seq": -1}, {"after_seq": "x"}, {}, {"after_seq": 1 << 70}, [1], 7):
             client.send_multipart([b"", json.dumps(bad).encode()])
             assert client.poll(10_000)
             _, reply = client.recv_multipart()
             assert "not a replay request" in json.loads(reply)["error"]
+        flood = context.socket(zmq.DEALER)  # a request far over the limit: that peer is cut off, nobody else
+        flood.connect(outputs.replay_endpoint)
+        flood.send_multipart([b"", b" " * (1 << 20)])
+        assert not flood.poll(1000)
+        flood.close(linger=0)
+        client.send_multipart([b"", json.dumps({"after_seq": PAGE_EVENTS}).encode()])
+        assert client.poll(10_000)
+        assert json.loads(client.recv_multipart()[1])["events"] == 20
     finally:
         client.close(linger=0)

@@ -5,6 +5,7 @@ Plugin sections stay raw here (`DaemonSettings.plugins`); vigild.config.loading 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -206,6 +207,8 @@ class PublisherConfig(StrictModel):
     def _known_transport(cls, value: str) -> str:
         if not value.startswith(("tcp://", "ipc://", "inproc://")):
             raise ValueError("expected a ZeroMQ endpoint such as tcp://127.0.0.1:5555 or ipc:///run/vigild/events")
+        if value.startswith("tcp://") and not re.search(r":(\d+|\*)$", value):
+            raise ValueError("a tcp:// endpoint needs a port (or *), such as tcp://127.0.0.1:5555")
         return value
 
 

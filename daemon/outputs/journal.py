@@ -410,7 +410,7 @@ class JournalWriter:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread.is_alive() or self._thread.ident is not None:
+        if self._thread.ident is not None:  # started
             self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("the journal writer did not finish in time: %d events not journaled", len(self._queue))
@@ -446,8 +446,9 @@ class JournalWriter:
                     log.warning("the event journal %s is written again (%d events were not journaled)",
                                 self.journal.path, self.not_journaled)  # fmt: skip
                     self.error = None
-            if records:
-                self.through = max(self.through, records[-1].body["seq"])
+            if batch:  # the whole batch is dealt with, events whose JSON could not be built included
+                last = batch[-1]
+                self.through = max(self.through, last.body["seq"] if isinstance(last, Record) else last[0])
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + self.prune_interval_s
                 try:

@@ -31,13 +31,18 @@ from typing import Any
 import zmq
 
 from vigild.config.settings import CurveConfig
-from vigild.outputs.journal import SNAPSHOTS, JournalWriter
+from vigild.outputs.journal import SNAPSHOTS, JournalWriter, open_read_only
 
 log = logging.getLogger("vigild.replay")
 
 PAGE_EVENTS = 500
 PAGE_BYTES = 8 << 20
 POLL_MS = 200
+MAX_REQUEST_BYTES = 4096
+"""A request is a small JSON object: ZeroMQ disconnects a peer that sends a larger frame."""
+RECEIVE_HWM = 16
+MAX_SEQ = (1 << 63) - 1
+"""SQLite's largest integer: a seq beyond it cannot be asked for."""
 
 
 class ReplayError(Exception):
@@ -59,7 +64,6 @@ class ReplayServer:
         self._last_seq = last_seq
         self.curve_config = curve
         self.curve: Any = None
-        self.requests = 0
         self._context = zmq.Context()
         self._stop = threading.Event()
         self._bound = threading.Event()
@@ -89,6 +93,8 @@ class ReplayServer:
     def _run(self) -> None:
         socket = self._context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
+        socket.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
         socket.setsockopt(zmq.SNDHWM, 16)  # a reply is a page: few at a time per client
         socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a client that left: its reply is dropped, never blocks
         from vigild.service.curve import bind_secured
@@ -108,7 +114,7 @@ class ReplayServer:
                     continue
                 identity, *frames = socket.recv_multipart()
                 if database is None and self.writer is not None:
-                    database = sqlite3.connect(self.writer.journal.path, check_same_thread=False)
+                    database = open_read_only(self.writer.journal.path)
                 try:
                     reply = self.answer(database, json.loads(frames[-1]))
                 except (ValueError, TypeError, KeyError, IndexError) as exc:
@@ -116,7 +122,6 @@ class ReplayServer:
                 except sqlite3.Error as exc:
                     log.warning("replay: cannot read the journal: %s", exc)
                     reply = [json.dumps({"error": f"cannot read the journal: {exc}"}).encode()]
-                self.requests += 1
                 with contextlib.suppress(zmq.Again):  # that client is not reading: it asks again
                     socket.send_multipart([identity, b"", *reply], flags=zmq.NOBLOCK)
         finally:
@@ -132,19 +137,18 @@ class ReplayServer:
         until = _seq(request["until_seq"]) if request.get("until_seq") is not None else None
         limit = max(1, min(_seq(request.get("limit", PAGE_EVENTS)), PAGE_EVENTS))
         last_seq = self._last_seq()
-        if self.writer is None or database is None:  # no journal this run: nothing can be replayed
-            journaled = last_seq
-            rows: list[tuple[int, str, str | None]] = []
-            oldest = None
-        else:
-            journaled = self.writer.through  # first: every seq up to it is committed (or given up) by now
-            upper = journaled if until is None else min(until, journaled)
+        # read before the rows: every seq up to it is committed (or given up) by now; no journal this run (no
+        # database): nothing was stored
+        journaled = self.writer.through if self.writer is not None and database is not None else last_seq
+        upper = journaled if until is None else min(until, journaled)
+        rows: list[tuple[int, str, str | None]] = []
+        oldest = None
+        if database is not None:
             rows = database.execute(
                 "SELECT seq, body, snapshot FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
                 (after, upper, limit),
             ).fetchall()
             oldest = database.execute("SELECT min(seq) FROM events").fetchone()[0]
-        upper = journaled if until is None else min(until, journaled)
         parts: list[bytes] = []
         size = 0
         kept = 0
@@ -179,8 +183,8 @@ class ReplayServer:
 
 
 def _seq(value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"expected a seq (an integer >= 0), got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEQ:
+        raise ValueError(f"expected a seq (an integer from 0 to {MAX_SEQ}), got {str(value)[:40]!r}")
     return value
 
 

@@ -42,10 +42,6 @@ class Journaling:
         self.replay: ReplayServer | None = None
         self.open_error: str | None = None
 
-    @property
-    def enabled(self) -> bool:
-        return self.config.enabled
-
     def start(self) -> None:
         """Open the journal and attach it to the publisher (before any event is published), then bind the replay
         socket. Raises `JournalBusy` or `ReplayError` with nothing left open."""
