@@ -256,13 +256,13 @@ def device_ceiling(args: argparse.Namespace) -> dict[str, Any]:
     """Frames/s of vigild's letterbox + forward + NMS on frames already decoded, batches of `max_batch`."""
     import cv2
 
-    from vigild.plugins.detection.yolo import UltralyticsBackend
+    from vigild.plugins.detection.yolo import YoloBackend
     from vigild.service.threads import apply_threads, choose_threads
     from vigild.vision.device import default_half, resolve_device
 
     device = resolve_device(args.device)
     half = default_half(device) if args.half is None else args.half
-    backend = UltralyticsBackend.load(
+    backend = YoloBackend.load(
         str(args.weights), tuple(args.imgsz), args.conf, 0.45, device, half
     )
     # as the daemon does, after the load (importing ultralytics sets cv2.setNumThreads(0)): the daemon's ceiling

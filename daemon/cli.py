@@ -1,4 +1,4 @@
-"""`vigild run | check | sub | ctl | events | keygen`. Exit codes: 0 success, 2 a config the daemon refuses, 1 anything else."""
+"""`vigild run | check | sub | ctl | events | keygen | export | quantize`. Exit codes: 0 success, 2 a config the daemon refuses, 1 anything else."""
 
 from __future__ import annotations
 
@@ -109,6 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     keygen = commands.add_parser("keygen", help="make a CURVE key pair (NAME.key public, NAME.key_secret private)")
     keygen.add_argument("name", help="e.g. server, or a client's name")
     keygen.add_argument("--dir", "-d", default=".", help="where to write the two files")
+
+    from vigild.plugins.detection import commands as model_tools  # argparse only: torch is imported when run
+
+    model_tools.add_arguments(commands)
     return parser
 
 
@@ -132,6 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"vigild {args.command}: CURVE keys: {exc}", file=sys.stderr)
             return EXIT_FAILURE
         return {"sub": _sub, "ctl": _ctl, "events": _events}[args.command](args, keys)
+    if args.command in ("export", "quantize"):
+        from vigild.plugins.detection import commands as model_tools
+
+        return model_tools.run(args)
     if args.command == "keygen":
         try:
             public, secret = keygen(Path(args.dir), args.name)

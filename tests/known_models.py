@@ -2,7 +2,7 @@
 exactly where a box, mask or keypoint must land in the frame.
 
 Each reads the letterboxed batch the way a real model does (B, 3, H, W, RGB 0-1) and answers in the format of
-ultralytics' heads in export mode, so it runs through the same `UltralyticsBackend` as a YOLO model. The rule:
+ultralytics' heads in export mode, so it runs through the same `YoloBackend` as a YOLO model. The rule:
 pixels brighter than 0.75 (a white rectangle; the letterbox grey is 0.45) are the object.
 """
 

@@ -151,9 +151,10 @@ def test_darknet_runs_in_the_precision_half_says_on_the_gpu_the_device_names(dev
 
 @pytest.mark.skipif(cv2.cuda.getCudaEnabledDeviceCount() > 0, reason="this OpenCV has CUDA")
 def test_darknet_on_a_gpu_this_opencv_cannot_use_runs_on_the_cpu_and_says_so(first_100, caplog):
-    """The pip wheels of OpenCV have no CUDA: `cuda:1` falls back to the CPU with a warning, and still finds people."""
+    """`runtime: opencv`: the pip wheels of OpenCV have no CUDA: `cuda:1` falls back to the CPU with a warning, and
+    still finds people."""
     with caplog.at_level(logging.WARNING, logger="vigild.plugins.darknet"):
-        detector = darknet("cuda:1")
+        detector = darknet("cuda:1", runtime="opencv")
     assert "sees no CUDA device 1: the darknet detector runs on the CPU" in caplog.text
     assert detector.backend.cuda_index is None
     frames = as_frames(first_100[:4])

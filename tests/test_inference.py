@@ -26,7 +26,7 @@ from vigild.config.loading import CameraConfig, PluginSpec
 from vigild.frame import Frame
 from vigild.pipeline.chain import Chain
 from vigild.plugins.detection.detector import Detector, DetectorConfig
-from vigild.plugins.detection.yolo import UltralyticsBackend, decode_in_float32, select
+from vigild.plugins.detection.yolo import YoloBackend, decode_in_float32, select
 from vigild.vision.device import OomSplitter
 from vigild.vision.letterbox import Letterboxer
 from vigild.vision.masks import InstanceMask, rle_decode
@@ -48,9 +48,9 @@ def scene(width: int, height: int, x1: int, y1: int, x2: int, y2: int) -> np.nda
     return image
 
 
-def rectangle_backend(task: str, mask_format: str = "polygon", half: bool = False) -> UltralyticsBackend:
+def rectangle_backend(task: str, mask_format: str = "polygon", half: bool = False) -> YoloBackend:
     kpt_shape = (4, 3) if task == "pose" else None
-    return UltralyticsBackend(
+    return YoloBackend(
         RectangleYolo(task), task, ("box", "other"), INPUT, 0.5, 0.45, "cpu", half, mask_format, kpt_shape  # type: ignore[arg-type]
     )
 
@@ -122,7 +122,7 @@ def _sorted(detections):
 )
 def test_real_architectures_give_each_frame_the_same_objects_in_a_batch_as_alone(weights, confidence):
     """Untrained (built from the yaml, no weights can be downloaded here), at a threshold that keeps objects."""
-    backend = UltralyticsBackend.load(weights, INPUT, confidence, 0.45, "cpu", False)
+    backend = YoloBackend.load(weights, INPUT, confidence, 0.45, "cpu", False)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h, *_ in SCENES[:4]]
     batched = backend.detect(images)
@@ -146,8 +146,8 @@ def test_in_bfloat16_the_yolo_head_still_decodes_boxes_in_float32():
     """bfloat16 has 8 bits of mantissa: without float32 decoding a box corner near x=600 could move by 4 pixels,
     and at 1280 pixels (160 anchor cells) the anchors' half-cell centres themselves would round."""
     size = (1280, 768)
-    full = UltralyticsBackend.load("yolov8n.yaml", size, 0.25, 0.45, "cpu", False)
-    half = UltralyticsBackend.load("yolov8n.yaml", size, 0.25, 0.45, "cpu", True)
+    full = YoloBackend.load("yolov8n.yaml", size, 0.25, 0.45, "cpu", False)
+    half = YoloBackend.load("yolov8n.yaml", size, 0.25, 0.45, "cpu", True)
     batch, _ = full.letterbox([np.random.default_rng(4).integers(0, 256, (720, 1280, 3), dtype=np.uint8)])
     with torch.inference_mode():
         want = full.model(batch)
@@ -161,7 +161,7 @@ def yolov8n_with_fractional_boxes(size: tuple[int, int]) -> torch.nn.Module:
     """yolov8n from its yaml with random biases on the box branches' last convolutions. Untrained, its DFL
     distributions are uniform and every box lands on a whole or half pixel, which any precision represents near
     640; with these biases the boxes have fractions, as a trained model's do."""
-    model = UltralyticsBackend.load("yolov8n.yaml", size, 0.25, 0.45, "cpu", False).model
+    model = YoloBackend.load("yolov8n.yaml", size, 0.25, 0.45, "cpu", False).model
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for branch in model.model[-1].cv2:
@@ -297,7 +297,7 @@ def test_a_flipped_view_of_a_frame_is_a_valid_frame():
 def test_mask_polygons_stay_inside_the_frame_when_the_box_reaches_into_the_letterbox_border():
     """A 1920x1080 frame in a 640x384 input: scale 1/3, 12 pixels of border above (y < 12) and below."""
     probabilities = np.full((22, 12), 255, np.uint8)  # 4-pixel cells from model y = 0 to 88, x = 200 to 248
-    mask = InstanceMask(probabilities, (50, 0), 4.0, (200.0, 0.0, 248.0, 88.0), 1 / 3, (0.0, 12.0), (1920, 1080))
+    mask = InstanceMask(probabilities, (50, 0), 4.0, (200.0, 0.0, 248.0, 88.0), (1 / 3, 1 / 3), (0.0, 12.0), (1920, 1080))
     points = np.concatenate([np.reshape(p, (-1, 2)) for p in mask.polygons()])
     assert points[:, 1].min() == 0.0, "clipped to the frame's top edge"
     assert (points >= 0).all() and (points[:, 0] <= 1920).all() and (points[:, 1] <= 1080).all()

@@ -574,9 +574,9 @@ YOLO("yolov8n.yaml").save("{tmp_path}/real.pt")
 """
     load = """
 import sys
-from vigild.plugins.detection.yolo import UltralyticsBackend
+from vigild.plugins.detection.yolo import YoloBackend
 try:
-    backend = UltralyticsBackend.load(sys.argv[1], None, 0.25, 0.45, "cpu", False)
+    backend = YoloBackend.load(sys.argv[1], None, 0.25, 0.45, "cpu", False)
 except Exception as exc:
     print("refused:", type(exc).__name__, exc)
 else:

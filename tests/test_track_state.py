@@ -15,7 +15,7 @@ from vigild.config.loading import CameraConfig
 from vigild.frame import Detections, Frame, Tracks
 from vigild.plugin import FrameErrors, Plugin, PluginConfig
 from vigild.plugins.analytics.analytics import Analytics, AnalyticsConfig
-from vigild.plugins.detection.yolo import UltralyticsBackend
+from vigild.plugins.detection.yolo import YoloBackend
 from vigild.plugins.tracking.bytetrack import ByteTrack, ByteTrackConfig
 
 WIDTH, HEIGHT = 1000, 800
@@ -133,7 +133,7 @@ class RectSegmenter(Plugin[RectConfig]):
     made: list[Detections]
 
     def start(self) -> None:
-        self.backend = UltralyticsBackend(RectangleYolo("segment"), "segment", ("box", "other"), (640, 384), 0.5,
+        self.backend = YoloBackend(RectangleYolo("segment"), "segment", ("box", "other"), (640, 384), 0.5,
                                           0.45, "cpu", False)  # fmt: skip
         self.made = []
 

@@ -2,10 +2,12 @@
 
 Frames of any sizes go into one (B, 3, H, W) tensor of the model's fixed input size, each scaled to fit and
 centred on grey padding (ultralytics' letterbox, value 114), so that a frame gives the same input whatever it is
-batched with. The uint8 pixels travel to the device (4x fewer bytes than floats) through a reused page-locked host
+batched with. Models trained on frames stretched to the input size (darknet's, through OpenCV's `blobFromImages`)
+take `resize="stretch"`: each frame fills the input, scaled on each axis on its own. The uint8 pixels travel to the device (4x fewer bytes than floats) through a reused page-locked host
 buffer with non-blocking copies, which is written again only once the device has read it (`CopyFence`);
 conversion, resizing and normalisation run there, as tensor operations over each group of same-sized frames (no
-loop over pixels). `Geometry` maps model coordinates back to each frame.
+loop over pixels). On the CPU each frame is resized by OpenCV (bilinear, as `blobFromImages` and ultralytics' own
+letterbox do, so that a darknet model sees the pixels OpenCV DNN gives it), straight from where it lies. `Geometry` maps model coordinates back to each frame.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -55,9 +59,9 @@ def sort_frames(images: Sequence[object]) -> tuple[list[int], dict[int, Exceptio
 
 @dataclass(frozen=True)
 class Geometry:
-    """Where each frame sits in the batch tensor: model pixel = frame pixel * scale + pad.
+    """Where each frame sits in the batch tensor: model pixel = frame pixel * scale + pad, per axis.
 
-    scale: (B,) float32; pad: (B, 2) float32 (left, top); size: (B, 2) float32 (width, height) of the frame;
+    scale: (B, 2) float32 (x, y: equal when letterboxed, not when stretched); pad: (B, 2) float32 (left, top); size: (B, 2) float32 (width, height) of the frame;
     all on the model's device. inner: (B, 4) int64 (x0, y0, x1, y1) of the frame's pixels inside the input.
     """
 
@@ -69,21 +73,29 @@ class Geometry:
     def boxes_to_frames(self, xyxy: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
         """(N, 4) boxes in model pixels of frames `batch_index` → each frame's pixels, clipped to the frame."""
         pad = self.pad[batch_index].repeat(1, 2)
-        out = (xyxy - pad) / self.scale[batch_index, None]
+        out = (xyxy - pad) / self.scale[batch_index].repeat(1, 2)
         limit = self.size[batch_index].repeat(1, 2)
         return torch.minimum(out.clamp_(min=0), limit)
 
     def points_to_frames(self, xy: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
         """(N, K, 2) points in model pixels → frame pixels (not clipped: keypoints may lie outside)."""
-        return (xy - self.pad[batch_index, None, :]) / self.scale[batch_index, None, None]
+        return (xy - self.pad[batch_index, None, :]) / self.scale[batch_index, None, :]
 
 
-def fit(width: int, height: int, input_size: tuple[int, int]) -> tuple[float, int, int, int, int]:
-    """(scale, scaled width, scaled height, left pad, top pad) of a frame letterboxed into `input_size` (w, h)."""
+Resize = Literal["letterbox", "stretch"]
+
+
+def fit(
+    width: int, height: int, input_size: tuple[int, int], resize: Resize = "letterbox"
+) -> tuple[float, float, int, int, int, int]:
+    """(x scale, y scale, scaled width, scaled height, left pad, top pad) of a frame put into `input_size` (w, h):
+    letterboxed (one scale, centred) or stretched (each axis to fill the input)."""
     in_w, in_h = input_size
+    if resize == "stretch":
+        return in_w / width, in_h / height, in_w, in_h, 0, 0
     scale = min(in_w / width, in_h / height)
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    return scale, new_w, new_h, (in_w - new_w) // 2, (in_h - new_h) // 2
+    return scale, scale, new_w, new_h, (in_w - new_w) // 2, (in_h - new_h) // 2
 
 
 class CopyFence:
@@ -120,8 +132,10 @@ class Letterboxer:
         mean: tuple[float, float, float] = (0.0, 0.0, 0.0),
         std: tuple[float, float, float] = (1.0, 1.0, 1.0),
         channels_last: bool = True,
+        resize: Resize = "letterbox",
     ):
         self.input_size = input_size
+        self.resize = resize
         self.device = torch.device(device)
         self.dtype = dtype
         self.channels_last = channels_last
@@ -156,27 +170,31 @@ class Letterboxer:
         batch = torch.full((count, 3, in_h, in_w), float(PAD_VALUE), dtype=work, device=self.device)
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        geometry = np.zeros((count, 7), np.float32)  # scale, pad x, pad y, width, height, scaled w, scaled h
+        geometry = np.zeros((count, 8), np.float32)  # scale x, y, pad x, y, width, height, scaled w, h
         for members, pixels in self._upload(images):
             height, width = pixels.shape[1:3]
-            scale, new_w, new_h, left, top = fit(width, height, self.input_size)
-            group = pixels.permute(0, 3, 1, 2)  # NHWC uint8 -> an NCHW view, channels-last in memory: no copy
-            if self.device.type != "cpu":
-                group = group.to(self.dtype)  # CUDA resizes floats; the CPU has fast uint8 kernels
-            if (new_h, new_w) != (height, width):
-                group = F.interpolate(group, size=(new_h, new_w), mode="bilinear", align_corners=False)
+            scale_x, scale_y, new_w, new_h, left, top = fit(width, height, self.input_size, self.resize)
+            if self.device.type == "cpu":
+                if (new_h, new_w) != (height, width):  # OpenCV's resize, as OpenCV's and ultralytics' own
+                    # pre-processing (torch's uint8 bilinear rounds differently: a level off on a sixth of pixels)
+                    pixels = torch.from_numpy(cv2.resize(pixels[0].numpy(), (new_w, new_h)))[None]
+                group = pixels.permute(0, 3, 1, 2)  # NHWC uint8 -> an NCHW view, channels-last in memory: no copy
+            else:
+                group = pixels.permute(0, 3, 1, 2).to(self.dtype)  # CUDA resizes floats
+                if (new_h, new_w) != (height, width):
+                    group = F.interpolate(group, size=(new_h, new_w), mode="bilinear", align_corners=False)
             target = batch[:, :, top : top + new_h, left : left + new_w]
             if len(members) == count:
                 target.copy_(group.flip(1))  # BGR -> RGB
             else:
                 target[torch.tensor(members, device=self.device)] = group.flip(1).to(work)
-            geometry[members] = (scale, left, top, width, height, new_w, new_h)
+            geometry[members] = (scale_x, scale_y, left, top, width, height, new_w, new_h)
         batch.mul_(self._scale).sub_(self._shift)
         if batch.dtype != self.dtype:
             batch = batch.to(self.dtype)
         geo = torch.from_numpy(geometry).to(self.device, non_blocking=True)
-        inner = torch.cat([geo[:, 1:3], geo[:, 1:3] + geo[:, 5:7]], dim=1).round().long()
-        return batch, Geometry(scale=geo[:, 0], pad=geo[:, 1:3], size=geo[:, 3:5], inner=inner)
+        inner = torch.cat([geo[:, 2:4], geo[:, 2:4] + geo[:, 6:8]], dim=1).round().long()
+        return batch, Geometry(scale=geo[:, 0:2], pad=geo[:, 2:4], size=geo[:, 4:6], inner=inner)
 
     def _upload(self, images: list[np.ndarray]) -> list[tuple[list[int], torch.Tensor]]:
         """(batch positions, (n, H, W, 3) uint8 on the device) per group of same-sized frames.

@@ -44,8 +44,8 @@ class InstanceMask:
     stride: float
     box: tuple[float, float, float, float]
     """The object's box in model-input pixels: the mask is cut to it."""
-    scale: float
-    """Model pixel = frame pixel * scale + pad."""
+    scale: tuple[float, float]
+    """Model pixel = frame pixel * scale + pad, per axis (x, y)."""
     pad: tuple[float, float]
     frame_size: tuple[int, int]
     """(width, height) of the frame."""
@@ -71,11 +71,12 @@ class InstanceMask:
         contours, _ = cv2.findContours(crop.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         shift = np.array(origin, np.float32) - np.array(self.pad, np.float32)
         limit = np.array(self.frame_size, np.float32)
+        scale = np.array(self.scale, np.float32)
         out = []
         for contour in contours:
             if len(contour) < 3:
                 continue
-            points = np.clip((contour.reshape(-1, 2).astype(np.float32) + shift) / self.scale, 0, limit)
+            points = np.clip((contour.reshape(-1, 2).astype(np.float32) + shift) / scale, 0, limit)
             out.append(np.round(points, 1).ravel().tolist())
         return out
 
@@ -86,14 +87,15 @@ class InstanceMask:
         full = np.zeros((height, width), bool)
         h, w = crop.shape
         # the crop's extent in frame pixels, rounded outwards, sampled at the centre of each frame pixel
-        fx0 = max(0, int(np.floor((x0 - self.pad[0]) / self.scale)))
-        fy0 = max(0, int(np.floor((y0 - self.pad[1]) / self.scale)))
-        fx1 = min(width, int(np.ceil((x0 + w - self.pad[0]) / self.scale)))
-        fy1 = min(height, int(np.ceil((y0 + h - self.pad[1]) / self.scale)))
+        sx, sy = self.scale
+        fx0 = max(0, int(np.floor((x0 - self.pad[0]) / sx)))
+        fy0 = max(0, int(np.floor((y0 - self.pad[1]) / sy)))
+        fx1 = min(width, int(np.ceil((x0 + w - self.pad[0]) / sx)))
+        fy1 = min(height, int(np.ceil((y0 + h - self.pad[1]) / sy)))
         if fx1 <= fx0 or fy1 <= fy0:
             return full
-        xs = np.floor((np.arange(fx0, fx1) + 0.5) * self.scale + self.pad[0] - x0).astype(np.int64)
-        ys = np.floor((np.arange(fy0, fy1) + 0.5) * self.scale + self.pad[1] - y0).astype(np.int64)
+        xs = np.floor((np.arange(fx0, fx1) + 0.5) * sx + self.pad[0] - x0).astype(np.int64)
+        ys = np.floor((np.arange(fy0, fy1) + 0.5) * sy + self.pad[1] - y0).astype(np.int64)
         inside_x, inside_y = (xs >= 0) & (xs < w), (ys >= 0) & (ys < h)
         block = crop[np.ix_(np.clip(ys, 0, h - 1), np.clip(xs, 0, w - 1))]
         full[fy0:fy1, fx0:fx1] = block & inside_y[:, None] & inside_x[None, :]

@@ -1,4 +1,4 @@
-"""Darknet `.cfg` + `.weights` detectors (Yolo-Fastest-1.1 and -XL) as a torch module (issue 20, first part).
+"""Darknet `.cfg` + `.weights` detectors (Yolo-Fastest-1.1 and -XL) as a torch module, on the device pipeline.
 
 The layer types their cfgs use: `convolutional` (groups, batch_normalize, leaky or linear), `shortcut`, `route`,
 `upsample`, `maxpool`, `dropout` (nothing at inference) and `yolo`. The output is OpenCV DNN's for the same blob, so
@@ -11,25 +11,36 @@ Weights are darknet's file as written by its trainer: a header (major, minor, re
 from version 0.2 on), then per convolution its biases (or batch-norm beta), batch-norm gamma, mean and variance, and
 its kernel. A file that does not hold exactly what the cfg asks for is refused with the counts.
 
-Not wired into the detector yet: the device pipeline's stretch resize and the `backend:` choice come next.
+`darknet_backend` runs it as the detector's `darknet` back end (`runtime: torch`): `YoloLayout` gives its output
+ultralytics' layout, so that the batched pipeline of vigild.plugins.detection.yolo (one upload, one NMS a batch,
+any device) serves it, with frames stretched to the input as darknet trained them; exported to ONNX, the same layout
+is what the ONNX Runtime back end reads.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vigild.plugin import PluginConfigError
+from vigild.plugins.detection.yolo import YoloBackend
+
 LEAKY_SLOPE = 0.1
 BN_EPS = 1e-6  # darknet adds .000001 to the variance (normalize_cpu); so does OpenCV's importer
 
 
-class DarknetCfgError(ValueError):
-    """A cfg or weights file this port cannot take: the message says which section and why."""
+class DarknetCfgError(PluginConfigError):
+    """A cfg or weights file this port cannot take: the message says which section and why; `key` is the detector
+    setting it came from (`cfg`, `weights` or `names`)."""
+
+    def __init__(self, message: str, key: str = "cfg"):
+        super().__init__(key, message)
 
 
 @dataclass
@@ -38,18 +49,31 @@ class Section:
     options: dict[str, str] = field(default_factory=dict)
     line: int = 0
 
+    lines: dict[str, int] = field(default_factory=dict)
+    """The line of each option."""
+
     def number(self, key: str, default: int | None = None) -> int:
         if key not in self.options:
             if default is None:
                 raise DarknetCfgError(f"[{self.kind}] at line {self.line}: `{key}` is missing")
             return default
-        return int(self.options[key].strip())
+        return self._parse(key, int)[0]
 
     def ints(self, key: str) -> list[int]:
-        return [int(part) for part in self.options.get(key, "").split(",") if part.strip()]
+        return self._parse(key, int)
 
     def floats(self, key: str) -> list[float]:
-        return [float(part) for part in self.options.get(key, "").split(",") if part.strip()]
+        return self._parse(key, float)
+
+    def _parse(self, key: str, kind: type[int] | type[float]) -> list[Any]:
+        """The option's comma-separated values as `kind`; a value that is not one names the line and key."""
+        try:
+            return [kind(part) for part in self.options.get(key, "").split(",") if part.strip()]
+        except ValueError:
+            raise DarknetCfgError(
+                f"line {self.lines.get(key, self.line)}: `{key}={self.options[key]}` in [{self.kind}]: expected "
+                f"{'integers' if kind is int else 'numbers'}"
+            ) from None
 
 
 def parse_cfg(text: str) -> list[Section]:
@@ -64,6 +88,7 @@ def parse_cfg(text: str) -> list[Section]:
         elif "=" in line and sections:
             key, value = (part.strip() for part in line.split("=", 1))
             sections[-1].options[key] = value
+            sections[-1].lines[key] = number
     if not sections or sections[0].kind not in ("net", "network"):
         raise DarknetCfgError("a darknet cfg starts with a [net] section")
     return sections
@@ -93,28 +118,33 @@ class _Conv(nn.Module):
 class _Yolo(nn.Module):
     anchors: torch.Tensor
 
-    def __init__(self, section: Section, net_size: tuple[int, int]):
+    def __init__(self, section: Section):
         super().__init__()
         pairs = np.array(section.floats("anchors"), np.float32).reshape(-1, 2)
         mask = section.ints("mask") or list(range(len(pairs)))
+        if any(not 0 <= m < len(pairs) for m in mask):
+            raise DarknetCfgError(f"[yolo] at line {section.line}: `mask` names an anchor it does not have")
         self.classes = section.number("classes", 80)
-        self.scale_x_y = float(section.options.get("scale_x_y", "1"))
-        self.thresh = float(section.options.get("thresh", "0.2"))  # OpenCV's default for the region layer
-        width, height = net_size
-        self.register_buffer("anchors", torch.from_numpy(pairs[mask] / np.array([width, height], np.float32)))
+        self.scale_x_y = float(section.floats("scale_x_y")[0]) if "scale_x_y" in section.options else 1.0
+        self.thresh: float | None = section.floats("thresh")[0] if "thresh" in section.options else 0.2
+        """Scores at or below it are zeroed (OpenCV's region layer; 0.2 its default); None: none are."""
+        self.register_buffer("anchors", torch.from_numpy(pairs[mask]))  # in input pixels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_wh: torch.Tensor) -> torch.Tensor:
+        """`input_wh`: (2,) float32, the network input's width and height (anchors are in its pixels)."""
         batch, _, rows, cols = x.shape
         anchors = len(self.anchors)
+        x = x.float()  # the decoding in float32 (bfloat16 would keep a 320-pixel coordinate to about a pixel only)
         x = x.view(batch, anchors, 5 + self.classes, rows, cols).permute(0, 3, 4, 1, 2)  # N, row, col, anchor, k
         ys, xs = torch.meshgrid(torch.arange(rows, device=x.device), torch.arange(cols, device=x.device), indexing="ij")
         grid = torch.stack((xs, ys), -1).to(x.dtype)[None, :, :, None, :]  # 1, row, col, 1, (x, y)
         scale = torch.tensor([cols, rows], dtype=x.dtype, device=x.device)
         xy = (torch.sigmoid(x[..., 0:2]) * self.scale_x_y - (self.scale_x_y - 1) / 2 + grid) / scale
-        wh = torch.exp(x[..., 2:4]) * self.anchors.to(x.dtype)
+        wh = torch.exp(x[..., 2:4]) * (self.anchors / input_wh)
         objectness = torch.sigmoid(x[..., 4:5])
         scores = torch.sigmoid(x[..., 5:]) * objectness
-        scores = torch.where(scores > self.thresh, scores, torch.zeros_like(scores))
+        if self.thresh is not None:
+            scores = torch.where(scores > self.thresh, scores, torch.zeros_like(scores))
         return torch.cat((xy, wh, objectness, scores), -1).reshape(batch, rows * cols * anchors, 5 + self.classes)
 
 
@@ -160,7 +190,7 @@ class DarknetModel(nn.Module):
             elif kind == "dropout":
                 layer = nn.Identity()
             elif kind == "yolo":
-                layer = _Yolo(section, self.net_size)
+                layer = _Yolo(section)
             else:
                 raise DarknetCfgError(f"[{kind}] at line {section.line}: this layer type is not supported")
             if any(not 0 <= source < index for source in sources):
@@ -170,6 +200,7 @@ class DarknetModel(nn.Module):
             widths.append(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_wh = torch.tensor([x.shape[3], x.shape[2]], dtype=torch.float32, device=x.device)
         outputs: list[torch.Tensor] = []
         heads = []
         for layer, (kind, sources) in zip(self.layers, self.plan, strict=True):
@@ -178,7 +209,7 @@ class DarknetModel(nn.Module):
             elif kind == "route":
                 x = outputs[sources[0]] if len(sources) == 1 else torch.cat([outputs[s] for s in sources], 1)
             elif kind == "yolo":
-                heads.append(layer(x))
+                heads.append(layer(x, input_wh))
             else:
                 x = layer(x)
             outputs.append(x)
@@ -187,6 +218,8 @@ class DarknetModel(nn.Module):
     def load_weights(self, path: Path) -> None:
         """darknet's weights file into the layers, checked to hold exactly what the cfg needs."""
         data = path.read_bytes()
+        if len(data) < 20:
+            raise DarknetCfgError(f"{path}: {len(data)} bytes is too short for a darknet weights file", "weights")
         major, minor, _ = np.frombuffer(data[:12], np.int32)
         offset = 12 + (8 if major * 10 + minor >= 2 else 4)
         values = np.frombuffer(data[offset : offset + (len(data) - offset) // 4 * 4], np.float32)
@@ -196,7 +229,7 @@ class DarknetModel(nn.Module):
             if isinstance(layer, _Conv)
         )
         if len(values) != needed:
-            raise DarknetCfgError(f"{path}: holds {len(values)} weights, the cfg needs {needed}")
+            raise DarknetCfgError(f"{path}: holds {len(values)} weights, the cfg needs {needed}", "weights")
         at = 0
 
         def take(tensor: torch.Tensor) -> None:
@@ -231,3 +264,56 @@ def load_darknet(cfg: Path, weights: Path, thresh: float | None = None) -> Darkn
             if isinstance(layer, _Yolo):
                 layer.thresh = thresh
     return model.eval()
+
+
+class YoloLayout(nn.Module):
+    """A darknet model's output in ultralytics' export layout: (B, 4 + classes, rows), the box as centre and size in
+    input pixels, then each class's score (times the objectness), which `yolo.select` reads (and ONNX carries)."""
+
+    def __init__(self, model: DarknetModel):
+        super().__init__()
+        self.darknet = model
+        heads = [layer for layer in model.layers if isinstance(layer, _Yolo)]
+        if not heads:
+            raise DarknetCfgError("the cfg has no [yolo] layer: it is not a detector")
+        if len({head.classes for head in heads}) != 1:
+            raise DarknetCfgError("the cfg's [yolo] layers disagree on the number of classes")
+        self.classes = heads[0].classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.darknet(x)
+        size = torch.tensor([x.shape[3], x.shape[2], x.shape[3], x.shape[2]], dtype=out.dtype, device=out.device)
+        return torch.cat((out[..., :4] * size, out[..., 5:]), -1).transpose(1, 2)
+
+
+def darknet_layout(cfg: Path, weights: Path, thresh: float | None) -> YoloLayout:
+    """`load_darknet` in ultralytics' layout; `thresh` None: no score is zeroed (an export: the detector's own
+    threshold comes after)."""
+    model = load_darknet(cfg, weights)
+    for layer in model.layers:
+        if isinstance(layer, _Yolo):
+            layer.thresh = thresh
+    return YoloLayout(model).eval()
+
+
+def darknet_backend(
+    cfg: Path,
+    weights: Path,
+    names: Path | None,
+    input_size: tuple[int, int] | None,
+    confidence: float,
+    nms_iou: float,
+    device: str,
+    half: bool,
+) -> YoloBackend:
+    """The darknet model on vigild's device pipeline, frames stretched to its input as in training (the cfg's
+    size unless `input_size`); `thresh` is the detector's confidence, as darknet.py sets it for OpenCV."""
+    from vigild.plugins.detection.darknet import read_names
+
+    model = darknet_layout(cfg, weights, confidence)
+    class_names = read_names(names, model.classes)
+    if len(class_names) != model.classes:
+        raise DarknetCfgError(f"{names} has {len(class_names)} names; the cfg's [yolo] layers have {model.classes}", "names")
+    size = input_size or model.darknet.net_size
+    return YoloBackend(model, "detect", class_names, size, confidence, nms_iou, device, half,
+                       name=cfg.name, resize="stretch")  # fmt: skip

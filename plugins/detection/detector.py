@@ -1,8 +1,14 @@
 """Object detector plugin: one model serves every camera of its group, a batch of frames per call.
 
-Two back ends behind one interface: `ultralytics` (YOLOv8/YOLO11 detect, segment and pose models: a `.pt` file, a
-model name, or an architecture `.yaml`) on vigild's batched device pipeline, and `darknet` (`.cfg` + `.weights`
-through OpenCV DNN). A frame that cannot be a model input fails alone; the rest of the batch goes on.
+Three back ends behind one interface:
+- `ultralytics`: YOLOv8/YOLO11 detect, segment and pose models (a `.pt` file, a model name, or an architecture
+  `.yaml`) on vigild's batched device pipeline;
+- `darknet`: a `.cfg` + `.weights` (Yolo-Fastest, YOLOv3/v4-tiny...), by default ported to torch on the same
+  pipeline with frames stretched as darknet trained them (`runtime: torch`), or through OpenCV DNN (`runtime:
+  opencv`);
+- `onnx`: an `.onnx` model (ultralytics' exports, `vigild export` and `vigild quantize`) through ONNX Runtime.
+Left out, `backend` follows the files: `cfg:` → darknet, a `.onnx` weights file → onnx, else ultralytics. A frame
+that cannot be a model input fails alone; the rest of the batch goes on.
 
 With the scheduler's pipeline (`scheduler.pipeline`), the next batch is detected whole on the plugin's forward
 thread (`prefetch`) while the scheduler finishes the batch before; `process` then takes that result.
@@ -22,6 +28,7 @@ from vigild.events import Event, object_payload
 from vigild.frame import Detections, Frame
 from vigild.plugin import FrameErrors, Plugin, PluginConfig, PluginConfigError
 from vigild.plugins.detection.backend import DetectorBackend
+from vigild.service.threads import process_cpus
 from vigild.vision.device import default_half
 from vigild.vision.letterbox import sort_frames
 
@@ -33,19 +40,28 @@ def _square(value: object) -> object:
 
 
 class DetectorConfig(PluginConfig):
-    admin_only: ClassVar[frozenset[str]] = frozenset({"backend", "cfg", "names", "weights"})  # files it loads
     type: Literal["detector"] = "detector"
-    backend: Literal["ultralytics", "darknet"] = "ultralytics"
+    admin_only: ClassVar[frozenset[str]] = frozenset({"backend", "cfg", "names", "weights", "runtime"})
+    backend: Literal["ultralytics", "darknet", "onnx"] | None = Field(
+        None, description="Default: darknet with a cfg, onnx for a .onnx weights file, else ultralytics."
+    )
     cfg: FilePath | None = Field(None, validate_default=True, description="darknet: the network's .cfg file.")
-    names: FilePath | None = Field(None, description="darknet: class names, one a line (e.g. coco.names).")
     weights: str = Field(description="A weights file; for ultralytics also a model name such as yolov8n.pt.")
+    names: FilePath | None = Field(
+        None, description="darknet, onnx: class names, one a line (e.g. coco.names); onnx models carry their own."
+    )
+    runtime: Literal["torch", "opencv"] | None = Field(
+        None,
+        description="darknet: torch (default: vigild's batched device pipeline, any device) or opencv (OpenCV DNN).",
+    )
     classes: list[str | int] | None = Field(None, description="Keep only these classes (names or ids); default all.")
     confidence: float = Field(0.25, ge=0, le=1)
     nms_iou: float = Field(0.45, ge=0, le=1)
     input_size: Annotated[tuple[Size, Size], BeforeValidator(_square)] | None = Field(
         None,
-        description="Network input, one side or [width, height], multiples of 32; every frame is letterboxed into it. "
-        "Default: 640x640 (ultralytics), the cfg's size (darknet). For 16:9 cameras [640, 384] halves the work.",
+        description="Network input, one side or [width, height], multiples of 32; every frame is letterboxed into it "
+        "(stretched, for darknet models). Default: 640x640 (ultralytics), the cfg's size (darknet), the model's (onnx). "
+        "For 16:9 cameras [640, 384] halves the work.",
     )
     half: bool | None = Field(
         None,
@@ -64,6 +80,8 @@ class DetectorConfig(PluginConfig):
     def _cfg_for_darknet(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         if value is None and info.data.get("backend") == "darknet":
             raise ValueError("required when backend is darknet (the network's .cfg file)")
+        if value is not None and info.data.get("backend") not in (None, "darknet"):
+            raise ValueError(f"a darknet .cfg, but backend is {info.data.get('backend')}")
         return value
 
     @field_validator("weights")
@@ -72,9 +90,39 @@ class DetectorConfig(PluginConfig):
         path = Path(value)
         if path.is_file():
             return value
-        if info.data.get("backend") == "darknet" or "/" in value or path.exists():
+        if info.data.get("backend") in ("darknet", "onnx") or "/" in value or path.exists() or value.endswith(".onnx"):
             raise ValueError(f"weights file not found: {value}")
         return value  # a bare model name: ultralytics resolves it (downloads it where online)
+
+    @field_validator("names", "runtime", "half")
+    @classmethod
+    def _fits_the_backend(cls, value: object, info: ValidationInfo) -> object:
+        if value is None or "weights" not in info.data:
+            return value
+        backend = backend_of(info.data.get("backend"), info.data.get("cfg"), info.data["weights"])
+        if info.field_name == "runtime" and backend != "darknet":
+            raise ValueError(f"only for the darknet back end (this detector's is {backend})")
+        if info.field_name == "half" and value and backend == "onnx":
+            raise ValueError("an ONNX model runs in the precision it was exported or quantized in (vigild quantize)")
+        if info.field_name == "names" and backend == "ultralytics":
+            raise ValueError("ultralytics models carry their class names")
+        return value
+
+    @property
+    def resolved_backend(self) -> Backend:
+        """`backend`, or the one its files call for."""
+        return backend_of(self.backend, self.cfg, self.weights)
+
+
+Backend = Literal["ultralytics", "darknet", "onnx"]
+
+
+def backend_of(backend: Backend | None, cfg: Path | None, weights: str) -> Backend:
+    if backend is not None:
+        return backend
+    if cfg is not None:
+        return "darknet"
+    return "onnx" if weights.lower().endswith(".onnx") else "ultralytics"
 
 
 class Detector(Plugin[DetectorConfig]):
@@ -84,36 +132,9 @@ class Detector(Plugin[DetectorConfig]):
 
     def start(self) -> None:
         config = self.config
-        backend: DetectorBackend
-        if config.backend == "darknet":
-            from vigild.plugins.detection.darknet import DarknetBackend
-
-            assert config.cfg is not None  # the config validator guarantees it
-            backend = DarknetBackend(
-                config.cfg,
-                Path(config.weights),
-                config.names,
-                config.input_size,
-                config.confidence,
-                config.nms_iou,
-                self.context.device,
-                config.half if config.half is not None else default_half(self.context.device),
-            )
-        else:
-            from vigild.plugins.detection.yolo import UltralyticsBackend
-
-            half = config.half if config.half is not None else default_half(self.context.device)
-            backend = UltralyticsBackend.load(
-                config.weights,
-                config.input_size,
-                config.confidence,
-                config.nms_iou,
-                self.context.device,
-                half,
-                config.mask_format,
-            )
+        backend = self._backend(config)
         if config.classes is not None:
-            names_file = config.names if config.backend == "darknet" else None
+            names_file = config.names
             backend.class_filter = self._class_ids(config.classes, backend.class_names, names_file)
         self.backend = backend
         self._lock = threading.Lock()
@@ -123,10 +144,39 @@ class Detector(Plugin[DetectorConfig]):
         before: two at a time)."""
         self.log.info(
             "%s detector %s on %s for %s",
-            config.backend,
+            config.resolved_backend + (f" ({config.runtime})" if config.runtime else ""),
             config.weights,
             self.context.device,
             ", ".join(self.context.cameras),
+        )
+
+    def _backend(self, config: DetectorConfig) -> DetectorBackend:
+        device = self.context.device
+        half = config.half if config.half is not None else default_half(device)
+        backend = config.resolved_backend
+        if backend == "darknet":
+            assert config.cfg is not None  # the config validator guarantees it
+            args = (config.cfg, Path(config.weights), config.names, config.input_size, config.confidence,
+                    config.nms_iou, device, half)  # fmt: skip
+            if config.runtime == "opencv":
+                from vigild.plugins.detection.darknet import DarknetBackend
+
+                return DarknetBackend(*args)
+            from vigild.plugins.detection.darknet_torch import darknet_backend
+
+            return darknet_backend(*args)
+        if backend == "onnx":
+            from vigild.plugins.detection.darknet import read_names
+            from vigild.plugins.detection.onnx_runtime import onnx_backend
+
+            names = read_names(config.names) if config.names is not None else None
+            threads = self.context.torch_threads or process_cpus()
+            return onnx_backend(Path(config.weights), names, config.input_size, config.confidence, config.nms_iou,
+                                device, threads, config.mask_format)  # fmt: skip
+        from vigild.plugins.detection.yolo import YoloBackend
+
+        return YoloBackend.load(
+            config.weights, config.input_size, config.confidence, config.nms_iou, device, half, config.mask_format
         )
 
     @staticmethod

@@ -23,7 +23,7 @@ from torchvision.ops import batched_nms
 from vigild.frame import Detections
 from vigild.plugins.detection.backend import DetectorBackend
 from vigild.vision.device import OomSplitter, half_dtype
-from vigild.vision.letterbox import Geometry, Letterboxer
+from vigild.vision.letterbox import Geometry, Letterboxer, Resize
 from vigild.vision.masks import InstanceMask, MaskFormat
 
 log = logging.getLogger("vigild.plugins.yolo")
@@ -123,8 +123,16 @@ def instance_masks(coefficients: torch.Tensor, prototypes: torch.Tensor, counts:
     return out
 
 
-class UltralyticsBackend(DetectorBackend):
-    """A YOLO-style module on the device: input (B, 3, H, W) RGB 0-1; output as ultralytics' heads in export mode."""
+class YoloBackend(DetectorBackend):
+    """A YOLO-style model on the device: input (B, 3, H, W) RGB 0-1; output as ultralytics' heads in export mode.
+
+    The model is a torch module: an ultralytics model (`load`), the darknet port in that layout
+    (vigild.plugins.detection.darknet_torch), or an ONNX Runtime session behind a module
+    (vigild.plugins.detection.onnx_runtime). `resize` is how frames become its input: letterboxed (ultralytics) or
+    stretched (darknet's training)."""
+
+    channels_last = True
+    """The batch's memory layout: channels-last suits torch's CPU and CUDA convolutions; ONNX Runtime takes NCHW."""
 
     def __init__(
         self,
@@ -140,11 +148,14 @@ class UltralyticsBackend(DetectorBackend):
         kpt_shape: tuple[int, int] | None = None,
         end2end: bool = False,
         name: str = "yolo",
+        resize: Resize = "letterbox",
     ):
         self.task = task
         self.device = torch.device(device)
         self.dtype = half_dtype(self.device) if half else torch.float32
-        self.model = model.eval().to(self.device, self.dtype).to(memory_format=torch.channels_last)
+        self.model = model.eval().to(self.device, self.dtype)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.class_names = class_names
         self.num_classes = len(class_names)
         self.kpt_shape = kpt_shape if task == "pose" else None
@@ -153,7 +164,8 @@ class UltralyticsBackend(DetectorBackend):
         self.confidence = confidence
         self.nms_iou = nms_iou
         self.mask_format = mask_format
-        self.letterbox = Letterboxer(input_size, self.device, self.dtype)
+        self.resize = resize
+        self.letterbox = Letterboxer(input_size, self.device, self.dtype, channels_last=self.channels_last, resize=resize)
         self.oom = OomSplitter(f"detector {name}", device)
         self._class_filter_device: torch.Tensor | None = None
 
@@ -167,40 +179,23 @@ class UltralyticsBackend(DetectorBackend):
         device: str,
         half: bool,
         mask_format: MaskFormat = "polygon",
-    ) -> UltralyticsBackend:
+    ) -> YoloBackend:
         """Load through ultralytics: a `.pt` file, a name it resolves (downloads where online), or a `.yaml`."""
-        from ultralytics import YOLO  # imported here: it is slow to import and only this back end needs it
-
-        yolo = YOLO(weights)
-        if yolo.task not in ("detect", "segment", "pose"):
-            raise ValueError(f"{weights} is a '{yolo.task}' model; the detector runs detect, segment and pose models")
-        if not isinstance(yolo.model, torch.nn.Module):
-            raise ValueError(f"{weights}: the detector needs a PyTorch model (.pt or .yaml), not an exported one")
-        model: Any = yolo.model.fuse()
-        head = model.model[-1]
-        head.export = True  # the head returns its decoded output alone (with the prototypes for segment)
-        stride = int(max(model.stride))
-        size = input_size or (640, 640)
-        if size[0] % stride or size[1] % stride:
-            raise ValueError(f"input_size {list(size)} must be a multiple of the model's stride {stride}")
-        names: Any = yolo.names
-        class_names = tuple(names[i] for i in range(len(names))) if isinstance(names, dict) else tuple(names)
-        kpt_shape = (int(head.kpt_shape[0]), int(head.kpt_shape[1])) if yolo.task == "pose" else None
-        end2end = bool(getattr(head, "end2end", False))
+        loaded = load_ultralytics(weights, input_size)
         if half:  # fp16 on CUDA as bfloat16 on the CPU: neither keeps a 640-pixel coordinate to the pixel
-            decode_in_float32(head)
+            decode_in_float32(loaded.model.model[-1])
         return cls(
-            model,
-            yolo.task,
-            class_names,
-            size,
+            loaded.model,
+            loaded.task,
+            loaded.class_names,
+            loaded.input_size,
             confidence,
             nms_iou,
             device,
             half,
             mask_format,
-            kpt_shape,
-            end2end,
+            loaded.kpt_shape,
+            loaded.end2end,
             weights,
         )
 
@@ -271,7 +266,7 @@ class UltralyticsBackend(DetectorBackend):
         size = geometry.size.cpu().numpy()
         # each box cut to its frame's area in model pixels (not the letterbox border), like the published bbox
         low = np.tile(pad[index], 2)
-        high = np.tile(pad[index] + size[index] * scale[index, None], 2)
+        high = np.tile(pad[index] + size[index] * scale[index], 2)
         boxes = np.clip(xyxy.float().cpu().numpy(), low, high)
         height, width = host.shape[1:]
         stride = self.input_size[0] / width  # input pixels per prototype pixel (4 for YOLO)
@@ -288,12 +283,45 @@ class UltralyticsBackend(DetectorBackend):
                 (int(x0[i]), int(y0[i])),
                 stride,
                 (float(boxes[i, 0]), float(boxes[i, 1]), float(boxes[i, 2]), float(boxes[i, 3])),
-                float(scale[b]),
+                (float(scale[b, 0]), float(scale[b, 1])),
                 (float(pad[b, 0]), float(pad[b, 1])),
                 (int(frame_size[b, 0]), int(frame_size[b, 1])),
                 self.mask_format,
             )
         return out
+
+
+@dataclass
+class UltralyticsModel:
+    """An ultralytics model ready for the device pipeline (and for `vigild export`): fused, its head in export mode."""
+
+    model: Any
+    task: str
+    class_names: tuple[str, ...]
+    input_size: tuple[int, int]
+    kpt_shape: tuple[int, int] | None
+    end2end: bool
+
+
+def load_ultralytics(weights: str, input_size: tuple[int, int] | None) -> UltralyticsModel:
+    from ultralytics import YOLO  # imported here: it is slow to import and only this back end needs it
+
+    yolo = YOLO(weights)
+    if yolo.task not in ("detect", "segment", "pose"):
+        raise ValueError(f"{weights} is a '{yolo.task}' model; the detector runs detect, segment and pose models")
+    if not isinstance(yolo.model, torch.nn.Module):
+        raise ValueError(f"{weights}: the detector needs a PyTorch model (.pt or .yaml), not an exported one")
+    model: Any = yolo.model.fuse()
+    head = model.model[-1]
+    head.export = True  # the head returns its decoded output alone (with the prototypes for segment)
+    stride = int(max(model.stride))
+    size = input_size or (640, 640)
+    if size[0] % stride or size[1] % stride:
+        raise ValueError(f"input_size {list(size)} must be a multiple of the model's stride {stride}")
+    names: Any = yolo.names
+    class_names = tuple(names[i] for i in range(len(names))) if isinstance(names, dict) else tuple(names)
+    kpt_shape = (int(head.kpt_shape[0]), int(head.kpt_shape[1])) if yolo.task == "pose" else None
+    return UltralyticsModel(model, yolo.task, class_names, size, kpt_shape, bool(getattr(head, "end2end", False)))
 
 
 def decode_in_float32(head: Any) -> None:

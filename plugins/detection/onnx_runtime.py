@@ -1,0 +1,236 @@
+"""ONNX models on the detector (`weights: model.onnx`): ONNX Runtime runs the network, vigild's pipeline the rest.
+
+The model is what ultralytics' `export(format="onnx")` writes for its detect, segment and pose models, or what
+`vigild export` and `vigild quantize` write (vigild.plugins.detection.export): input `images` (B, 3, H, W) RGB 0-1,
+output `output0` in ultralytics' layout (B, 4 + classes [+ mask coefficients | keypoints], anchors), and for segment
+models `output1`, the mask prototypes. Both write the same metadata, which is read here: `names`, `imgsz` ([height,
+width]), `task`, `kpt_shape`, `end2end`, and vigild's own `vigild.resize` (`letterbox` unless it says `stretch`, as
+for darknet models). A model with a fixed batch size is run in chunks of that size.
+
+Frames are letterboxed (or stretched) and NMS-ed exactly as for the torch models (`YoloBackend`): only the forward
+pass differs. ONNX Runtime's CPU execution provider is what runs here, with the daemon's thread count (intra-op; one
+inter-op thread: the graph runs sequentially). On `cuda:N` the CUDA execution provider is asked for when the
+installed onnxruntime has it (`onnxruntime-gpu`); the batch then goes through host memory (no I/O binding) and this
+path has never been run. TensorRT's provider is not used (docs/models.md).
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vigild.plugin import PluginConfigError
+from vigild.plugins.detection.yolo import YoloBackend
+from vigild.vision.letterbox import Resize
+from vigild.vision.masks import MaskFormat
+
+log = logging.getLogger("vigild.plugins.onnx")
+
+RESIZE_KEY = "vigild.resize"
+
+
+class OnnxModelError(PluginConfigError):
+    """An ONNX file the detector cannot run (its `weights`): the message names the file and what is wrong."""
+
+    def __init__(self, message: str):
+        super().__init__("weights", message)
+
+
+@dataclass(frozen=True)
+class OnnxModelInfo:
+    task: str
+    class_names: tuple[str, ...]
+    input_size: tuple[int, int]
+    """(width, height)."""
+    resize: Resize
+    kpt_shape: tuple[int, int] | None
+    end2end: bool
+    batch: int | None
+    """The model's fixed batch size, or None for a dynamic batch axis."""
+
+
+def session_options(threads: int | None) -> Any:
+    """The daemon's thread policy for ONNX Runtime: `threads` for each operator, the graph run sequentially."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's own choice (one per core)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: its warnings about unused initialisers are not the user's
+    return options
+
+
+def providers_for(device: str) -> list[Any]:
+    """CUDA's provider on `cuda:N` when this onnxruntime has it (then the CPU's for what it lacks); else the CPU's."""
+    import onnxruntime as ort
+
+    parsed = torch.device(device)
+    if parsed.type == "cuda":
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            return [("CUDAExecutionProvider", {"device_id": parsed.index or 0}), "CPUExecutionProvider"]
+        log.warning("this onnxruntime has no CUDA execution provider (install onnxruntime-gpu): the CPU runs the model")
+    return ["CPUExecutionProvider"]
+
+
+def open_session(path: Path, device: str, threads: int | None) -> Any:
+    """An inference session for `path`; a file ONNX Runtime cannot read raises `OnnxModelError` saying so."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), session_options(threads), providers=providers_for(device))
+    except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, NoSuchFile...)
+        message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise OnnxModelError(f"{path}: ONNX Runtime cannot load this model: {message}") from None
+
+
+def parse_names(text: str) -> tuple[str, ...]:
+    """ultralytics' `names` metadata: the repr of a {id: name} dict (or a list), read as a literal, never run."""
+    value = ast.literal_eval(text)
+    if isinstance(value, dict):
+        return tuple(str(value[i]) for i in range(len(value)))
+    if isinstance(value, list | tuple):
+        return tuple(str(v) for v in value)
+    raise ValueError("expected a dict or a list")
+
+
+def read_info(session: Any, path: Path, names: tuple[str, ...] | None, input_size: tuple[int, int] | None) -> OnnxModelInfo:
+    """What the detector needs to know of the model, from its inputs, outputs and metadata; checked against them."""
+    meta = session.get_modelmeta().custom_metadata_map
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or len(inputs[0].shape) != 4:
+        raise OnnxModelError(f"{path}: expected one image input (batch, 3, height, width), got {_shapes(inputs)}")
+    batch, channels, height, width = inputs[0].shape
+    if channels not in (3, "channels") and isinstance(channels, int):
+        raise OnnxModelError(f"{path}: the input has {channels} channels, not 3")
+    task = meta.get("task", "detect")
+    if task not in ("detect", "segment", "pose"):
+        raise OnnxModelError(f"{path}: a '{task}' model; the detector runs detect, segment and pose models")
+    wanted_outputs = 2 if task == "segment" else 1
+    if len(outputs) != wanted_outputs or len(outputs[0].shape) != 3:
+        raise OnnxModelError(
+            f"{path}: expected ultralytics' output layout for a {task} model ({wanted_outputs} output(s), the first "
+            f"(batch, 4 + classes..., anchors)), got {_shapes(outputs)}"
+        )
+    try:
+        model_names = parse_names(meta["names"]) if "names" in meta else None
+        imgsz = ast.literal_eval(meta["imgsz"]) if "imgsz" in meta else None
+        kpt = ast.literal_eval(meta["kpt_shape"]) if task == "pose" else None
+    except (ValueError, SyntaxError, KeyError, TypeError) as exc:
+        raise OnnxModelError(f"{path}: its metadata cannot be read ({type(exc).__name__}: {exc})") from None
+    if task == "pose" and kpt is None:
+        raise OnnxModelError(f"{path}: a pose model without `kpt_shape` in its metadata")
+    fixed = (width, height) if isinstance(width, int) and isinstance(height, int) else None
+    if input_size is not None:
+        if fixed is not None and fixed != input_size:
+            raise OnnxModelError(f"{path}: its input is fixed at {list(fixed)}; input_size {list(input_size)} differs")
+        size = input_size
+    elif fixed is not None:
+        size = fixed
+    elif isinstance(imgsz, list | tuple) and len(imgsz) == 2:
+        size = (int(imgsz[1]), int(imgsz[0]))  # ultralytics writes [height, width]
+    else:
+        raise OnnxModelError(f"{path}: neither its input nor its metadata gives the input size: set input_size")
+    end2end = str(meta.get("end2end", "False")) == "True"
+    extra = 0 if task == "detect" else 32 if task == "segment" else int(np.prod(kpt or ()))
+    rows = outputs[0].shape[2 if end2end else 1]
+    found = names or model_names
+    if isinstance(rows, int) and not end2end:
+        classes = rows - 4 - extra
+        if found is None:
+            found = tuple(str(i) for i in range(classes))
+        if classes != len(found):
+            raise OnnxModelError(f"{path}: its output has {classes} classes, the names give {len(found)}")
+    if found is None:
+        raise OnnxModelError(f"{path}: no class names in its metadata: give a names file")
+    resize: Resize
+    match meta.get(RESIZE_KEY, "letterbox"):
+        case "letterbox":
+            resize = "letterbox"
+        case "stretch":
+            resize = "stretch"
+        case other:
+            raise OnnxModelError(f"{path}: {RESIZE_KEY} is {other!r}, expected letterbox or stretch")
+    return OnnxModelInfo(task, found, size, resize,
+                         (int(kpt[0]), int(kpt[1])) if kpt else None, end2end, batch if isinstance(batch, int) else None)  # fmt: skip
+
+
+def _shapes(values: list[Any]) -> str:
+    return ", ".join(f"{value.name} {list(value.shape)}" for value in values) or "none"
+
+
+class OrtModule(nn.Module):
+    """An ONNX Runtime session as a module: (B, 3, H, W) float32 in, its outputs as tensors on the input's device.
+    A model with a fixed batch size runs in chunks of that size, the last one padded."""
+
+    def __init__(self, session: Any, batch: int | None, threads: int | None = None):
+        super().__init__()
+        self.session = session
+        self.threads = threads
+        """The session's intra-op threads (None: ONNX Runtime's choice)."""
+        self.input_name = session.get_inputs()[0].name
+        self.batch = batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        host = x.detach().to("cpu", torch.float32).contiguous().numpy()  # a view where it is already so (the CPU)
+        if self.batch is None:
+            outputs = self.session.run(None, {self.input_name: host})
+        else:
+            outputs = self._in_chunks(host, self.batch)
+        tensors = tuple(torch.from_numpy(out).to(x.device) for out in outputs)
+        return tensors[0] if len(tensors) == 1 else tensors
+
+    def _in_chunks(self, host: np.ndarray, size: int) -> list[np.ndarray]:
+        parts: list[list[np.ndarray]] = []
+        for start in range(0, len(host), size):
+            chunk = host[start : start + size]
+            count = len(chunk)
+            if count < size:
+                chunk = np.concatenate([chunk, np.zeros((size - count, *chunk.shape[1:]), chunk.dtype)])
+            parts.append([out[:count] for out in self.session.run(None, {self.input_name: chunk})])
+        return [np.concatenate(outs) for outs in zip(*parts, strict=True)]
+
+
+class OnnxBackend(YoloBackend):
+    """`YoloBackend` with ONNX Runtime for the forward pass; its batch in NCHW float32, as the session takes it."""
+
+    channels_last = False
+    model: OrtModule
+
+
+def onnx_backend(
+    weights: Path,
+    names: tuple[str, ...] | None,
+    input_size: tuple[int, int] | None,
+    confidence: float,
+    nms_iou: float,
+    device: str,
+    threads: int | None,
+    mask_format: MaskFormat = "polygon",
+) -> OnnxBackend:
+    session = open_session(weights, device, threads)
+    info = read_info(session, weights, names, input_size)
+    on_gpu = session.get_providers()[0] == "CUDAExecutionProvider"
+    return OnnxBackend(
+        OrtModule(session, info.batch, threads),
+        info.task,
+        info.class_names,
+        info.input_size,
+        confidence,
+        nms_iou,
+        device if on_gpu else "cpu",  # where the pre-processing runs: where the session reads its input
+        False,
+        mask_format,
+        info.kpt_shape,
+        info.end2end,
+        weights.name,
+        info.resize,
+    )
