@@ -89,6 +89,7 @@ bench: setup
 	$(VENV)/bin/python bench/decode.py
 	$(VENV)/bin/python bench/stuck_subscriber.py
 	$(VENV)/bin/python bench/journal.py
+	$(VENV)/bin/python bench/quantize.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .mypy-tree *.egg-info
