@@ -42,8 +42,9 @@ def darknet_yaml(runtime: str, half: bool) -> str:
             f"    runtime: {runtime}\n    half: {str(half).lower()}\n    classes: [person]\n    confidence: 0.3\n")  # fmt: skip
 
 
-def onnx_yaml(model: Path) -> str:
-    return f"  - type: detector\n    id: people\n    weights: {model}\n    classes: [person]\n    confidence: 0.3\n"
+def onnx_yaml(model: Path, people: bool) -> str:
+    classes = "    classes: [person]\n" if people else ""
+    return f"  - type: detector\n    id: people\n    weights: {model}\n{classes}    confidence: 0.3\n"
 
 
 def ultralytics_yaml() -> str:
@@ -112,11 +113,11 @@ def main() -> None:
             "xl opencv dnn": darknet_yaml("opencv", False),
             "xl torch fp32": darknet_yaml("torch", False),
             "xl torch bf16": darknet_yaml("torch", True),
-            "xl onnx fp32": onnx_yaml(made["xl-fp32"]),
-            "xl onnx int8": onnx_yaml(made["xl-int8"]),
+            "xl onnx fp32": onnx_yaml(made["xl-fp32"], True),
+            "xl onnx int8": onnx_yaml(made["xl-int8"], True),
             "v8n torch fp32": ultralytics_yaml(),
-            "v8n onnx fp32": onnx_yaml(made["v8n-fp32"]),
-            "v8n onnx int8": onnx_yaml(made["v8n-int8"]),
+            "v8n onnx fp32": onnx_yaml(made["v8n-fp32"], False),
+            "v8n onnx int8": onnx_yaml(made["v8n-int8"], False),
         }
         print(f"\ndaemon frames/s on {args.device} ({args.seconds:.0f} s windows after {args.warmup:.0f} s), "
               "detector + ByteTrack, vtest looping unpaced", flush=True)  # fmt: skip

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from vigild.plugin import PluginConfigError
 from vigild.plugins.detection.yolo import YoloBackend
@@ -112,7 +113,13 @@ class _Conv(nn.Module):
         x = self.conv(x)
         if self.bn is not None:
             x = self.bn(x)
-        return F.leaky_relu(x, LEAKY_SLOPE) if self.leaky else x
+        return F.leaky_relu(x, LEAKY_SLOPE, inplace=True) if self.leaky else x
+
+    def fuse(self) -> None:
+        """Fold the batch norm into the convolution (inference only): one operation less per layer."""
+        if self.bn is not None:
+            self.conv = fuse_conv_bn_eval(self.conv.eval(), self.bn.eval())
+            self.bn = None
 
 
 class _Yolo(nn.Module):
@@ -293,6 +300,8 @@ def darknet_layout(cfg: Path, weights: Path, thresh: float | None) -> YoloLayout
     for layer in model.layers:
         if isinstance(layer, _Yolo):
             layer.thresh = thresh
+        elif isinstance(layer, _Conv):
+            layer.fuse()
     return YoloLayout(model).eval()
 
 

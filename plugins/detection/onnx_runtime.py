@@ -66,6 +66,8 @@ def session_options(threads: int | None) -> Any:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: its warnings about unused initialisers are not the user's
+    # its threads sleep between batches instead of spinning: the cores are shared with capture, trackers and the rest
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 

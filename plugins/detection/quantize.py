@@ -11,8 +11,9 @@
    convolutions (the ones whose output reaches the model's outputs through no other convolution): their raw box
    offsets go through exp, where an INT8 step is a few percent of the box.
 4. Agreement of the INT8 model with the fp32 one on the held-back frames, the fp32 boxes taken as the reference:
-   precision, recall and F1 of boxes at confidence 0.25, matched one to one within a class at IoU >= 0.5 (by the
-   Hungarian method on IoU), per class and overall; and frames per second of both, measured one after the other.
+   precision, recall and F1 of boxes at confidence 0.25 (of the detector's `classes`, where it has them), matched
+   one to one within a class at IoU >= 0.5 (by the Hungarian method on IoU), per class and overall; and frames per
+   second of both, measured one after the other.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torchvision.ops import box_iou
 
 from vigild.config.loading import Config
 from vigild.frame import Detections
-from vigild.plugins.detection.detector import DetectorConfig
+from vigild.plugins.detection.detector import Detector, DetectorConfig
 from vigild.plugins.detection.onnx_runtime import OnnxBackend, onnx_backend
 
 MIN_FRAMES = 10
@@ -213,6 +214,7 @@ def quantize_model(
             quantize_graph(prepared, reference, trial_frames, trial, prefix)
             candidate = onnx_backend(trial, reference.class_names, reference.input_size, reference.confidence,
                                      reference.nms_iou, "cpu", reference.model.threads)  # fmt: skip
+            candidate.class_filter = reference.class_filter
             f1 = agreement(expected, detect_all(candidate, check_frames), reference.class_names).overall.f1
             steps.append((prefix, f1))
             if f1 >= target:
@@ -367,6 +369,8 @@ def quantize(
             names = read_names(detector.names)
         settings = (names, detector.input_size, AGREEMENT_CONFIDENCE, detector.nms_iou, "cpu", threads)
         reference = onnx_backend(fp32, *settings)
+        if detector.classes is not None:  # the agreement of what the detector keeps
+            reference.class_filter = Detector._class_ids(detector.classes, reference.class_names, detector.names)
         got = collect_frames(config, camera, frames + holdout)
         if len(got) < frames + holdout:
             raise QuantizeError(
@@ -376,6 +380,7 @@ def quantize(
         calibration, held = got[:frames], got[frames:]
         search = quantize_model(fp32, reference, calibration, out, work=Path(work))
         int8 = onnx_backend(out, *settings)
+        int8.class_filter = reference.class_filter
         result = agreement(detect_all(reference, held), detect_all(int8, held), reference.class_names)
         fp32_fps = frames_per_second(reference, held)
         int8_fps = frames_per_second(int8, held)
