@@ -111,7 +111,7 @@ def read_info(session: Any, path: Path, names: tuple[str, ...] | None, input_siz
     if len(inputs) != 1 or len(inputs[0].shape) != 4:
         raise OnnxModelError(f"{path}: expected one image input (batch, 3, height, width), got {_shapes(inputs)}")
     batch, channels, height, width = inputs[0].shape
-    if channels not in (3, "channels") and isinstance(channels, int):
+    if isinstance(channels, int) and channels != 3:
         raise OnnxModelError(f"{path}: the input has {channels} channels, not 3")
     task = meta.get("task", "detect")
     if task not in ("detect", "segment", "pose"):
