@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,24 @@ def in_fresh_process(target: Any, args: tuple[Any, ...], timeout: float) -> Any:
     result = results.get(timeout=timeout)
     worker.join()
     return result
+
+
+def run_daemon(text: str, warmup: float, seconds: float, results: Any) -> None:
+    """(In a fresh process: `in_fresh_process`.) The daemon of the YAML `text`, started; after `warmup` s, the frames
+    its chain finished and the events it published over `seconds` s, per second, and its journal's status."""
+    daemon = start_daemon(text)
+    daemon.start()
+    try:
+        time.sleep(warmup)
+        scheduler = daemon.scheduler
+        frames0 = sum(scheduler.processed.values())
+        events0 = daemon.publisher.last_seq
+        began = time.monotonic()
+        time.sleep(seconds)
+        elapsed = time.monotonic() - began
+        frames = sum(scheduler.processed.values()) - frames0
+        events = daemon.publisher.last_seq - events0
+        journal = daemon.journaling.status()
+    finally:
+        daemon.stop()
+    results.put({"fps": frames / elapsed, "events_s": events / elapsed, "journal": journal})

@@ -21,9 +21,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-from contenders import in_fresh_process, start_daemon, vtest_daemon_yaml
+from contenders import in_fresh_process, run_daemon, vtest_daemon_yaml
 
 SHARED = Path(os.environ.get("VIGILD_SHARED", Path(__file__).resolve().parent.parent.parent / "shared")).resolve()
 TYPES = ("zone.enter", "zone.exit", "line.cross", "track.start", "track.end")
@@ -58,25 +57,6 @@ def write_rate(count: int, snapshot_every: int) -> float:
     writer.stop()
     assert writer.stored == count and writer.not_journaled == 0
     return count / elapsed
-
-
-def run_daemon(text: str, warmup: float, seconds: float, results: Any) -> None:
-    daemon = start_daemon(text)
-    daemon.start()
-    try:
-        time.sleep(warmup)
-        scheduler = daemon.scheduler
-        frames0 = sum(scheduler.processed.values())
-        events0 = daemon.publisher.last_seq
-        began = time.monotonic()
-        time.sleep(seconds)
-        elapsed = time.monotonic() - began
-        frames = sum(scheduler.processed.values()) - frames0
-        events = daemon.publisher.last_seq - events0
-        journal = daemon.journaling.status()
-    finally:
-        daemon.stop()
-    results.put({"fps": frames / elapsed, "events_s": events / elapsed, "journal": journal})
 
 
 def daemon_ratio(args: argparse.Namespace) -> None:

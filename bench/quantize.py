@@ -23,13 +23,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from baselines import run_baseline  # noqa: E402
-from contenders import contender_env, in_fresh_process, start_daemon  # noqa: E402
+from contenders import contender_env, in_fresh_process, run_daemon  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 VTEST = SHARED / "media" / "vtest.avi"
@@ -56,22 +55,6 @@ def daemon_yaml(detector: str, cameras: int, device: str) -> str:
     return (f"cameras:\n{sources}plugins:\n{detector}  - type: bytetrack\n"
             f"publisher:\n  endpoint: tcp://127.0.0.1:0\njournal:\n  enabled: false\ncontrol:\n  enabled: false\n"
             f"device: {device}\nlog_level: WARNING\n")  # fmt: skip
-
-
-def run_daemon(text: str, warmup: float, seconds: float, results: Any) -> None:
-    daemon = start_daemon(text)
-    daemon.start()
-    try:
-        time.sleep(warmup)
-        scheduler = daemon.scheduler
-        frames0 = sum(scheduler.processed.values())
-        began = time.monotonic()
-        time.sleep(seconds)
-        elapsed = time.monotonic() - began
-        frames = sum(scheduler.processed.values()) - frames0
-    finally:
-        daemon.stop()
-    results.put({"fps": frames / elapsed})
 
 
 def cli(*args: str) -> str:

@@ -254,7 +254,7 @@ def test_through_the_control_socket_a_crafted_model_is_never_loaded_and_no_file_
 
 def test_an_unknown_class_does_not_show_the_names_file(tmp_path):
     names = tmp_path / "secret.names"
-    names.write_text(PASSWD_LIKE)
+    names.write_text(PASSWD_LIKE + "".join(f"filler{i}\n" for i in range(78)))  # 80 lines, as the model's classes
     config = DetectorConfig(
         backend="darknet", cfg=FASTEST / "yolo-fastest-1.1.cfg", weights=str(OTHER_WEIGHTS), names=names,
         classes=["person"],
@@ -262,7 +262,21 @@ def test_an_unknown_class_does_not_show_the_names_file(tmp_path):
     with pytest.raises(PluginConfigError) as raised:
         Detector(config, PluginContext("cpu", {})).start()
     message = str(raised.value)
-    assert raised.value.key == "classes" and str(names) in message and "has 2 names" in message, message
+    assert raised.value.key == "classes" and str(names) in message and "has 80 names" in message, message
+    assert "root:x" not in message and "nologin" not in message, message
+
+
+def test_a_names_file_of_another_length_than_the_models_classes_is_refused_unread(tmp_path):
+    """The darknet port checks the names against its cfg's classes (80): a file of 2 lines is named, not echoed."""
+    names = tmp_path / "secret.names"
+    names.write_text(PASSWD_LIKE)
+    config = DetectorConfig(
+        backend="darknet", cfg=FASTEST / "yolo-fastest-1.1.cfg", weights=str(OTHER_WEIGHTS), names=names,
+    )  # fmt: skip
+    with pytest.raises(PluginConfigError) as raised:
+        Detector(config, PluginContext("cpu", {})).start()
+    message = str(raised.value)
+    assert raised.value.key == "names" and f"{names} has 2 names; the cfg's [yolo] layers have 80" in message
     assert "root:x" not in message and "nologin" not in message, message
 
 

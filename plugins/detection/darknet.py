@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -76,18 +77,25 @@ def dnn_placement(device: str, half: bool) -> tuple[int, int, int | None]:
     return cv2.dnn.DNN_BACKEND_CUDA, target, parsed.index or 0
 
 
+@dataclass(frozen=True)
+class DarknetSpec:
+    """What a darknet back end is built from (OpenCV DNN's here, the torch port's in darknet_torch.py)."""
+
+    cfg: Path
+    weights: Path
+    names: Path | None
+    input_size: tuple[int, int] | None
+    """None: the cfg's."""
+    confidence: float
+    nms_iou: float
+    device: str
+    half: bool = False
+
+
 class DarknetBackend(DetectorBackend):
-    def __init__(
-        self,
-        cfg: Path,
-        weights: Path,
-        names: Path | None,
-        input_size: tuple[int, int] | None,
-        confidence: float,
-        nms_iou: float,
-        device: str,
-        half: bool = False,
-    ):
+    def __init__(self, spec: DarknetSpec):
+        cfg, weights, names, input_size = spec.cfg, spec.weights, spec.names, spec.input_size
+        confidence, nms_iou, device, half = spec.confidence, spec.nms_iou, spec.device, spec.half
         cfg_text = cfg.read_text(encoding="utf-8", errors="replace")
         self.net = cv2.dnn.readNetFromDarknet(
             np.frombuffer(with_score_floor(cfg_text, confidence).encode(), np.uint8),

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from vigild.plugin import PluginConfigError
+from vigild.plugins.detection.darknet import DarknetSpec, read_names
 from vigild.plugins.detection.yolo import YoloBackend
 
 LEAKY_SLOPE = 0.1
@@ -305,24 +306,15 @@ def darknet_layout(cfg: Path, weights: Path, thresh: float | None) -> YoloLayout
     return YoloLayout(model).eval()
 
 
-def darknet_backend(
-    cfg: Path,
-    weights: Path,
-    names: Path | None,
-    input_size: tuple[int, int] | None,
-    confidence: float,
-    nms_iou: float,
-    device: str,
-    half: bool,
-) -> YoloBackend:
+def darknet_backend(spec: DarknetSpec) -> YoloBackend:
     """The darknet model on vigild's device pipeline, frames stretched to its input as in training (the cfg's
     size unless `input_size`); `thresh` is the detector's confidence, as darknet.py sets it for OpenCV."""
-    from vigild.plugins.detection.darknet import read_names
-
-    model = darknet_layout(cfg, weights, confidence)
-    class_names = read_names(names, model.classes)
+    model = darknet_layout(spec.cfg, spec.weights, spec.confidence)
+    class_names = read_names(spec.names, model.classes)
     if len(class_names) != model.classes:
-        raise DarknetCfgError(f"{names} has {len(class_names)} names; the cfg's [yolo] layers have {model.classes}", "names")
-    size = input_size or model.darknet.net_size
-    return YoloBackend(model, "detect", class_names, size, confidence, nms_iou, device, half,
-                       name=cfg.name, resize="stretch")  # fmt: skip
+        raise DarknetCfgError(
+            f"{spec.names} has {len(class_names)} names; the cfg's [yolo] layers have {model.classes}", "names"
+        )
+    size = spec.input_size or model.darknet.net_size
+    return YoloBackend(model, "detect", class_names, size, spec.confidence, spec.nms_iou, spec.device, spec.half,
+                       name=spec.cfg.name, resize="stretch")  # fmt: skip

@@ -156,15 +156,15 @@ class Detector(Plugin[DetectorConfig]):
         backend = config.resolved_backend
         if backend == "darknet":
             assert config.cfg is not None  # the config validator guarantees it
-            args = (config.cfg, Path(config.weights), config.names, config.input_size, config.confidence,
-                    config.nms_iou, device, half)  # fmt: skip
-            if config.runtime == "opencv":
-                from vigild.plugins.detection.darknet import DarknetBackend
+            from vigild.plugins.detection.darknet import DarknetBackend, DarknetSpec
 
-                return DarknetBackend(*args)
+            spec = DarknetSpec(config.cfg, Path(config.weights), config.names, config.input_size, config.confidence,
+                               config.nms_iou, device, half)  # fmt: skip
+            if config.runtime == "opencv":
+                return DarknetBackend(spec)
             from vigild.plugins.detection.darknet_torch import darknet_backend
 
-            return darknet_backend(*args)
+            return darknet_backend(spec)
         if backend == "onnx":
             from vigild.plugins.detection.darknet import read_names
             from vigild.plugins.detection.onnx_runtime import onnx_backend
