@@ -84,9 +84,18 @@ def providers_for(device: str) -> list[Any]:
 
 
 def open_session(path: Path, device: str, threads: int | None) -> Any:
-    """An inference session for `path`; a file ONNX Runtime cannot read raises `OnnxModelError` saying so."""
+    """An inference session for `path`; a file ONNX Runtime cannot read raises `OnnxModelError` saying so.
+
+    The file is parsed and checked by `onnx` first: ONNX Runtime's own parser aborts the whole process on some
+    malformed files (seen here on random bytes), where `onnx`'s raises an exception."""
+    import onnx
     import onnxruntime as ort
 
+    try:
+        onnx.checker.check_model(onnx.load(str(path), load_external_data=False))
+    except Exception as exc:  # DecodeError, ValidationError, OSError...
+        message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise OnnxModelError(f"{path}: not a valid ONNX model: {message}") from None
     try:
         return ort.InferenceSession(str(path), session_options(threads), providers=providers_for(device))
     except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, NoSuchFile...)
