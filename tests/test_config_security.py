@@ -272,6 +272,7 @@ def test_a_names_file_of_another_length_than_the_models_classes_is_refused_unrea
     names.write_text(PASSWD_LIKE)
     config = DetectorConfig(
         backend="darknet", cfg=FASTEST / "yolo-fastest-1.1.cfg", weights=str(OTHER_WEIGHTS), names=names,
+        runtime="torch",
     )  # fmt: skip
     with pytest.raises(PluginConfigError) as raised:
         Detector(config, PluginContext("cpu", {})).start()

@@ -111,12 +111,12 @@ def sorted_rows(found: Detections) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("input_size", [None, (416, 320)])
 def test_the_detector_on_the_port_finds_what_opencv_dnn_finds_in_vtest_frames(input_size):
-    """The default darknet runtime (the port on the device pipeline, frames stretched as in training, one NMS a
+    """The torch runtime (the port on the device pipeline, frames stretched as in training, one NMS a
     batch) against `runtime: opencv` (OpenCV DNN's own pre-processing, network and decoding): boxes within 1 px in
     the frame, the same classes, scores within 1e-3; at the cfg's size and at a size of the user's (both stretch the
     768x576 frames unevenly: a scale per axis)."""
     size = {"input_size": input_size} if input_size else {}
-    port, opencv = detector("", **size), detector("opencv", **size)
+    port, opencv = detector("torch", **size), detector("opencv", **size)
     frames = vtest_frames(24, 30)
     assert type(port.backend).__name__ == "YoloBackend" and type(opencv.backend).__name__ == "DarknetBackend"
     total = 0
@@ -134,7 +134,7 @@ def test_the_detector_on_the_port_finds_what_opencv_dnn_finds_in_vtest_frames(in
 
 
 def test_the_port_detects_a_batch_as_it_detects_each_frame_alone():
-    plugin = detector("")
+    plugin = detector("torch")
     frames = vtest_frames(6, 45)
     together = plugin.backend.detect(frames)
     for frame, batched in zip(frames, together, strict=True):

@@ -62,7 +62,7 @@ def exported_darknet(tmp_path_factory) -> Path:
 
 
 def test_an_exported_darknet_model_finds_the_boxes_of_the_torch_model_it_came_from(exported_darknet):
-    onnx, port = start(weights=str(exported_darknet), confidence=0.25), start(**DARKNET, confidence=0.25)
+    onnx, port = start(weights=str(exported_darknet), confidence=0.25), start(**DARKNET, runtime="torch", confidence=0.25)
     assert onnx.config.resolved_backend == "onnx" and type(onnx.backend).__name__ == "OnnxBackend"
     assert onnx.backend.class_names == port.backend.class_names  # read back from the model's metadata
     assert onnx.backend.input_size == (320, 320) and onnx.backend.resize == "stretch"

@@ -206,12 +206,14 @@ class DarknetModel(nn.Module):
             self.layers.append(layer)
             self.plan.append((kind, sources))
             widths.append(channels)
+        self.kept = frozenset(source for _, sources in self.plan for source in sources)
+        """Layers whose output a later layer reads (route, shortcut): only these are held through the forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         input_wh = torch.tensor([x.shape[3], x.shape[2]], dtype=torch.float32, device=x.device)
-        outputs: list[torch.Tensor] = []
+        outputs: dict[int, torch.Tensor] = {}
         heads = []
-        for layer, (kind, sources) in zip(self.layers, self.plan, strict=True):
+        for index, (layer, (kind, sources)) in enumerate(zip(self.layers, self.plan, strict=True)):
             if kind == "shortcut":
                 x = x + outputs[sources[0]]
             elif kind == "route":
@@ -220,7 +222,8 @@ class DarknetModel(nn.Module):
                 heads.append(layer(x, input_wh))
             else:
                 x = layer(x)
-            outputs.append(x)
+            if index in self.kept:  # every other layer's output is freed as soon as the next one has read it
+                outputs[index] = x
         return torch.cat(heads, 1)
 
     def load_weights(self, path: Path) -> None:

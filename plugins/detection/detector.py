@@ -3,9 +3,9 @@
 Three back ends behind one interface:
 - `ultralytics`: YOLOv8/YOLO11 detect, segment and pose models (a `.pt` file, a model name, or an architecture
   `.yaml`) on vigild's batched device pipeline;
-- `darknet`: a `.cfg` + `.weights` (Yolo-Fastest, YOLOv3/v4-tiny...), by default ported to torch on the same
-  pipeline with frames stretched as darknet trained them (`runtime: torch`), or through OpenCV DNN (`runtime:
-  opencv`);
+- `darknet`: a `.cfg` + `.weights` (Yolo-Fastest, YOLOv3/v4-tiny...), ported to torch on the same pipeline with
+  frames stretched as darknet trained them (`runtime: torch`, the default on CUDA), or through OpenCV DNN
+  (`runtime: opencv`, the default on the CPU);
 - `onnx`: an `.onnx` model (ultralytics' exports, `vigild export` and `vigild quantize`) through ONNX Runtime.
 Left out, `backend` follows the files: `cfg:` → darknet, a `.onnx` weights file → onnx, else ultralytics. A frame
 that cannot be a model input fails alone; the rest of the batch goes on.
@@ -52,7 +52,8 @@ class DetectorConfig(PluginConfig):
     )
     runtime: Literal["torch", "opencv"] | None = Field(
         None,
-        description="darknet: torch (default: vigild's batched device pipeline, any device) or opencv (OpenCV DNN).",
+        description="darknet: torch (vigild's batched device pipeline, any device; the default on CUDA) or opencv "
+        "(OpenCV DNN; the default on the CPU).",
     )
     classes: list[str | int] | None = Field(None, description="Keep only these classes (names or ids); default all.")
     confidence: float = Field(0.25, ge=0, le=1)
@@ -117,6 +118,12 @@ class DetectorConfig(PluginConfig):
 Backend = Literal["ultralytics", "darknet", "onnx"]
 
 
+def default_darknet_runtime(device: str) -> Literal["torch", "opencv"]:
+    """The port on CUDA (batched, fp16: what OpenCV's pip wheels cannot do); OpenCV DNN on the CPU, where the two run
+    at about the same speed and OpenCV DNN holds steadier memory (docs/models.md#darknet)."""
+    return "torch" if device.startswith("cuda") else "opencv"
+
+
 def backend_of(backend: Backend | None, cfg: Path | None, weights: str) -> Backend:
     if backend is not None:
         return backend
@@ -160,7 +167,7 @@ class Detector(Plugin[DetectorConfig]):
 
             spec = DarknetSpec(config.cfg, Path(config.weights), config.names, config.input_size, config.confidence,
                                config.nms_iou, device, half)  # fmt: skip
-            if config.runtime == "opencv":
+            if (config.runtime or default_darknet_runtime(device)) == "opencv":
                 return DarknetBackend(spec)
             from vigild.plugins.detection.darknet_torch import darknet_backend
 
