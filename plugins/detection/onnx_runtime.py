@@ -94,13 +94,17 @@ def open_session(path: Path, device: str, threads: int | None) -> Any:
     try:
         onnx.checker.check_model(onnx.load(str(path), load_external_data=False))
     except Exception as exc:  # DecodeError, ValidationError, OSError...
-        message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise OnnxModelError(f"{path}: not a valid ONNX model: {message}") from None
+        raise OnnxModelError(f"{path}: not a valid ONNX model: {first_line(exc)}") from None
     try:
         return ort.InferenceSession(str(path), session_options(threads), providers=providers_for(device))
     except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, NoSuchFile...)
-        message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise OnnxModelError(f"{path}: ONNX Runtime cannot load this model: {message}") from None
+        raise OnnxModelError(f"{path}: ONNX Runtime cannot load this model: {first_line(exc)}") from None
+
+
+def first_line(exc: Exception) -> str:
+    """An exception's first line, at most 300 characters (a library's message can be long), or its class's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def parse_names(text: str) -> tuple[str, ...]:
@@ -135,8 +139,8 @@ def read_info(session: Any, path: Path, names: tuple[str, ...] | None, input_siz
         model_names = parse_names(meta["names"]) if "names" in meta else None
         imgsz = ast.literal_eval(meta["imgsz"]) if "imgsz" in meta else None
         kpt = ast.literal_eval(meta["kpt_shape"]) if task == "pose" else None
-    except (ValueError, SyntaxError, KeyError, TypeError) as exc:
-        raise OnnxModelError(f"{path}: its metadata cannot be read ({type(exc).__name__}: {exc})") from None
+    except (ValueError, SyntaxError, KeyError, TypeError, RecursionError, MemoryError) as exc:  # the file's text
+        raise OnnxModelError(f"{path}: its metadata cannot be read ({type(exc).__name__}: {first_line(exc)})") from None
     if task == "pose" and kpt is None:
         raise OnnxModelError(f"{path}: a pose model without `kpt_shape` in its metadata")
     fixed = (width, height) if isinstance(width, int) and isinstance(height, int) else None
