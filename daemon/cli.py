@@ -245,7 +245,9 @@ def _ctl(args: argparse.Namespace, keys: ClientKeys | None) -> int:
     endpoint = args.endpoint
     if args.config and not endpoint:
         try:
-            endpoint = load_control_settings(args.config).endpoint  # that section alone: no plugin is imported
+            from vigild.paths import control_endpoint  # unset: the default socket of that config's daemon
+
+            endpoint = load_control_settings(args.config).endpoint or control_endpoint(args.config)
         except ConfigError as exc:
             print(f"vigild: config error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
