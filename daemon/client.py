@@ -14,7 +14,6 @@ filled (never journaled, or removed by retention) comes as a gap notice, never s
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
@@ -24,6 +23,7 @@ from typing import Any
 
 import zmq
 
+from vigild import paths
 from vigild.service.curve import ClientKeys
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
@@ -264,21 +264,15 @@ def _is_heartbeat(event: Mapping[str, Any]) -> bool:
     return event.get("type") == "heartbeat" and event.get("camera") == "sys"
 
 
-def default_runtime_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """$RUNTIME_DIRECTORY under systemd, else $XDG_RUNTIME_DIR/vigild, else ~/.local/state/vigild: never a fixed
-    name under /tmp, which another user could create first."""
-    env = os.environ if environ is None else environ
-    runtime = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    if runtime:
-        return Path(runtime)
-    base = env.get("XDG_RUNTIME_DIR")
-    home = env.get("HOME") or str(Path.home())
-    return Path(base) / "vigild" if base else Path(home) / ".local" / "state" / "vigild"
+def default_runtime_dir(environ: Mapping[str, str] | None = None, config_file: Path | str | None = None) -> Path:
+    """The runtime directory (sockets, shared-memory records) of the daemon run with `config_file`: one rule,
+    vigild.paths.runtime_dir (docs/service.md#the-state-directory); never a fixed name under /tmp."""
+    return paths.runtime_dir(config_file, environ)
 
 
-def default_endpoint(environ: Mapping[str, str] | None = None) -> str:
-    """ipc://<default_runtime_dir>/control."""
-    return f"ipc://{default_runtime_dir(environ)}/control"
+def default_endpoint(environ: Mapping[str, str] | None = None, config_file: Path | str | None = None) -> str:
+    """The control socket's default: ipc://<default_runtime_dir>/control."""
+    return paths.control_endpoint(config_file, environ)
 
 
 class ControlClient:
