@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hermetic import pytest_sessionfinish, pytest_sessionstart, pytest_terminal_summary  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("VIGILD_SHARED", ROOT.parent / "shared")).resolve()
@@ -102,25 +103,61 @@ def install_fake_distribution(site: Path, entry_points: str, modules: dict[str, 
         (site / f"{name}.py").write_text(source)
 
 
-RUNTIME_DIR = tempfile.mkdtemp(prefix="vigild-tests-")
-"""$XDG_RUNTIME_DIR of every daemon the tests start: their default control socket is the suite's own, so a `vigild`
-already running on the machine (a `make demo`, another checkout's suite) cannot collide with it."""
+RUNTIME_DIR = tempfile.mkdtemp(prefix="vt-run-")
+"""$XDG_RUNTIME_DIR of every daemon the tests start through daemon_env(): their default control socket is the suite's
+own, so a `vigild` already running on the machine (a `make demo`, another checkout's suite) cannot collide with it.
+(Short, for socket paths; not named vigild*, which the session guard below watches in /tmp.)"""
+
+STATE_DIR = tempfile.mkdtemp(prefix="vt-state-")
+"""Where the daemons started through daemon_env() keep their journals by default (each its own $XDG_STATE_HOME)."""
+
+HOMES = tempfile.mkdtemp(prefix="vt-home-")
+"""The suite's HOMEs: one for the session (module- and session-scoped fixtures), and a fresh one for every test."""
+
+HERMETIC_UNSET = ("STATE_DIRECTORY", "RUNTIME_DIRECTORY")
+"""systemd's variables (which come before XDG's): unset like every XDG_* variable unless a test sets them itself."""
 
 
-STATE_DIR = tempfile.mkdtemp(prefix="vigild-tests-state-")
-"""Where the daemons the tests start keep their journals by default (under their own $XDG_STATE_HOME), never the
-user's ~/.local/state; the tests' in-process daemons too (set here, at import)."""
-os.environ["XDG_STATE_HOME"] = STATE_DIR
+def _hermetic(environ, home: str) -> None:
+    """A fresh HOME, and no XDG_*, STATE_DIRECTORY or RUNTIME_DIRECTORY: defaults as on a new user's machine."""
+    environ["HOME"] = home
+    for name in [name for name in environ if name.startswith("XDG_") or name in HERMETIC_UNSET]:
+        del environ[name]
+
+
+# the session's own HOME from import on (module-scoped fixtures run before the per-test one below); GStreamer's
+# registry kept once for the suite, not rebuilt under every fresh HOME (0.7 s each daemon start)
+_hermetic(os.environ, tempfile.mkdtemp(dir=HOMES, prefix="session-"))
+os.environ["GST_REGISTRY"] = os.path.join(HOMES, "gstreamer-registry.bin")
+
+
+@pytest.fixture(autouse=True)
+def hermetic_home(monkeypatch) -> Path:
+    """Every test: a fresh HOME with XDG_*, STATE_DIRECTORY and RUNTIME_DIRECTORY unset (a test that wants them sets
+    them itself), so that nothing a test runs in its own process, or starts with os.environ, reaches the real HOME."""
+    home = Path(tempfile.mkdtemp(dir=HOMES, prefix="t-"))
+    monkeypatch.setenv("HOME", str(home))
+    for name in [name for name in os.environ if name.startswith("XDG_") or name in HERMETIC_UNSET]:
+        monkeypatch.delenv(name)
+    return home
 
 
 def daemon_env(**extra: str) -> dict[str, str]:
-    """The environment of a daemon a test starts: each call a fresh $XDG_STATE_HOME, so that each daemon's default
-    journal is its own (a test that wants two runs on one journal names `journal.path`)."""
-    env = dict(os.environ)
-    env.update(VIGILD_MEDIA=str(MEDIA), VIGILD_MODELS=str(MODELS), YOLO_OFFLINE="1", PYTHONUNBUFFERED="1")
+    """The environment of a daemon a test starts: the test's HOME, the suite's $XDG_RUNTIME_DIR and each call a fresh
+    $XDG_STATE_HOME, so that each daemon's default journal is its own (a test that wants two runs on one journal
+    names `journal.path`). A test of the defaults without XDG (as the README runs it) pops XDG_RUNTIME_DIR and
+    XDG_STATE_HOME from it, or uses bare_env()."""
+    env = bare_env()
     env.update(XDG_RUNTIME_DIR=RUNTIME_DIR, XDG_STATE_HOME=tempfile.mkdtemp(dir=STATE_DIR))
-    env.pop("STATE_DIRECTORY", None)
-    env.pop("RUNTIME_DIRECTORY", None)  # (systemd's, which would come first)
+    env.update(extra)
+    return env
+
+
+def bare_env(**extra: str) -> dict[str, str]:
+    """A daemon's environment as a new user's shell has it: the test's fresh HOME, no XDG_*, no systemd variables."""
+    env = dict(os.environ)
+    _hermetic(env, env["HOME"])
+    env.update(VIGILD_MEDIA=str(MEDIA), VIGILD_MODELS=str(MODELS), YOLO_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
 
