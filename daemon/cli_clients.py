@@ -1,0 +1,177 @@
+"""The client commands of `vigild`: `ctl`, `events` and `sub` (argument parsing and dispatch: vigild.cli). They
+import neither torch nor OpenCV nor GStreamer: a client starts fast on a machine without a GPU stack."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from vigild.client import DEFAULT_ENDPOINT, Subscriber
+from vigild.config.loading import ConfigError, load_control_settings
+from vigild.service.curve import ClientKeys
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+def ctl(args: argparse.Namespace, keys: ClientKeys | None) -> int:
+    from vigild.service.control import ControlClient
+
+    endpoint = args.endpoint
+    if args.config and not endpoint:
+        try:
+            from vigild.paths import control_endpoint  # unset: the default socket of that config's daemon
+
+            endpoint = load_control_settings(args.config).endpoint or control_endpoint(args.config)
+        except ConfigError as exc:
+            print(f"vigild: config error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    arguments: dict[str, object] = {}
+    action = args.action
+    if action == "cameras":
+        arguments["action"] = args.verb
+        if args.verb != "list":
+            if not args.name:
+                print(f"vigild ctl cameras {args.verb}: give the camera's name", file=sys.stderr)
+                return EXIT_FAILURE
+            arguments["camera"] = args.name
+        if args.verb in ("add", "update"):
+            try:
+                arguments["config"] = json.loads(args.settings or "")
+            except ValueError as exc:
+                print(f"vigild ctl cameras {args.verb}: settings must be JSON: {exc}", file=sys.stderr)
+                return EXIT_FAILURE
+    elif action in ("snapshot", "pause", "resume"):
+        arguments["camera"] = args.camera
+    with ControlClient(endpoint, keys, args.timeout) as client:
+        try:
+            reply, attachment = client.request(action, **arguments)
+        except TimeoutError as exc:
+            print(f"vigild ctl: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+    if not reply.get("ok"):
+        error = reply.get("error", {})
+        print(f"vigild ctl: {error.get('code')}: {error.get('message')}", file=sys.stderr)
+        return EXIT_FAILURE
+    if action == "snapshot" and attachment is not None:
+        if args.output == "-":
+            sys.stdout.buffer.write(attachment)
+        else:
+            Path(args.output).write_bytes(attachment)
+            print(json.dumps(reply["result"]))
+        return EXIT_OK
+    print(json.dumps(reply["result"], indent=2))
+    return EXIT_OK
+
+
+def events(args: argparse.Namespace, keys: ClientKeys | None) -> int:
+    """`vigild events`: history from the journal (sqlite3 only: no torch, OpenCV nor GStreamer); with `--follow`,
+    then the live events through a resuming subscriber."""
+    from vigild.outputs import history
+    from vigild.outputs.journal import Query
+
+    try:
+        query = Query(
+            camera=args.camera,
+            type_prefix=args.type_prefix,
+            since=history.parse_time(args.since, option="--since") if args.since else None,
+            until=history.parse_time(args.until, option="--until") if args.until else None,
+            track=args.track,
+            label=args.label,
+            after_seq=args.after_seq,
+            limit=args.limit,
+        )
+        fields = history.count_fields(args.count_by) if args.count_by else None
+        if args.follow and (fields is not None or args.format != "json"):
+            raise history.HistoryError("--follow prints JSON lines: not with --count-by or --format")
+        path, endpoint, replay = journal_of(args)
+        db = history.open_journal(path)
+    except history.HistoryError as exc:
+        print(f"vigild events: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ConfigError as exc:
+        print(f"vigild events: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        if fields is not None:
+            history.write_counts(history.counts(db, query, fields), args.format)
+        elif not args.follow and args.format == "json":
+            sys.stdout.writelines(body + "\n" for body in history.select_text(db, query))  # as stored: no parsing
+        elif not args.follow:
+            history.write(history.select(db, query), args.format)
+        else:
+            last = history.last_seq(db)  # the history up to here, then the journal and the live stream after it
+            printed = history.write((event for event in history.select(db, query) if event["seq"] <= last), args.format)
+            sys.stdout.flush()
+            db.close()
+            follow(query, endpoint, replay, keys, last, printed)
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        sys.stderr.close()
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        db.close()
+    return EXIT_OK
+
+
+def journal_of(args: argparse.Namespace) -> tuple[Path, str, str]:
+    """The journal's path, the publisher's endpoint and the replay endpoint: from the config file (its `journal:`
+    and `publisher:` sections only, so no plugin is imported), or `--journal` and `--endpoint`."""
+    from vigild.client import replay_endpoint_for
+    from vigild.config.loading import load_section
+    from vigild.config.settings import JournalConfig, PublisherConfig
+    from vigild.outputs.journal import default_path
+
+    if args.config is None:
+        endpoint = args.endpoint or DEFAULT_ENDPOINT
+        return Path(args.journal), endpoint, replay_endpoint_for(endpoint)
+    journal = load_section(args.config, "journal", JournalConfig)
+    publisher = load_section(args.config, "publisher", PublisherConfig)
+    endpoint = args.endpoint or publisher.endpoint
+    replay = journal.replay_endpoint or replay_endpoint_for(publisher.endpoint)
+    return journal.path or default_path(Path(args.config)), endpoint, replay
+
+
+def follow(query: Any, endpoint: str, replay: str, keys: ClientKeys | None, after: int, printed: int) -> None:
+    """The events after seq `after` that `query` selects, as they come (gap notices too), until interrupted or
+    `query.limit` is reached."""
+    from vigild.client import GAP_TOPIC
+    from vigild.outputs import history
+
+    with Subscriber(endpoint, curve=keys, resume=True, after_seq=after, replay_endpoint=replay) as subscriber:
+        while query.limit is None or printed < query.limit:
+            message = subscriber.receive()
+            if message is None:
+                continue
+            gap = message.topic == GAP_TOPIC  # printed whatever the filters: what is missing may have matched
+            if not gap and (message.event.get("type") == "heartbeat" or not history.matches(query, message.event)):
+                continue
+            print(json.dumps(message.event, separators=(",", ":")), flush=True)
+            printed += 1
+
+
+def sub(args: argparse.Namespace, keys: ClientKeys | None) -> int:
+    received = 0
+    if (args.after_seq is not None or args.replay_endpoint) and not args.resume:
+        print("vigild sub: --after-seq and --replay-endpoint go with --resume", file=sys.stderr)
+        return EXIT_FAILURE
+    resume = (
+        {"resume": True, "after_seq": args.after_seq, "replay_endpoint": args.replay_endpoint} if args.resume else {}
+    )
+    with Subscriber(args.endpoint, args.prefixes, curve=keys, **resume) as subscriber:
+        try:
+            while args.count is None or received < args.count:
+                message = subscriber.receive(timeout=args.timeout)
+                if message is None:
+                    break
+                line = json.dumps(message.event, separators=(",", ":"))
+                print(f"{message.topic} {line}" if args.topics else line, flush=True)
+                received += 1
+        except KeyboardInterrupt:
+            pass
+        except BrokenPipeError:  # `vigild sub | head` closes our stdout: that is a normal end
+            sys.stderr.close()
+    return EXIT_OK if received or args.timeout is None else EXIT_FAILURE
