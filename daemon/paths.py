@@ -112,6 +112,15 @@ def _owned_root(path: Path, environ: Mapping[str, str] | None) -> Path | None:
     return None
 
 
+def _chmod_dir(directory: Path, mode: int) -> None:
+    """chmod the directory itself: a symbolic link put in its place meanwhile is refused (ELOOP), never followed."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
 def private_dir(path: Path | str, environ: Mapping[str, str] | None = None) -> Path:
     """Make `path` (and its missing parents) owner-only, or check and tighten it: see the module's docstring.
 
@@ -124,7 +133,7 @@ def private_dir(path: Path | str, environ: Mapping[str, str] | None = None) -> P
             os.mkdir(directory, mode)
         except FileExistsError:
             continue  # made meanwhile by another process: checked below like any existing one
-        os.chmod(directory, mode)  # exactly `mode`, whatever the umask
+        _chmod_dir(directory, mode)  # exactly `mode`, whatever the umask
     root = _owned_root(path, environ)
     levels = [path] if root is None else [p for p in (path, *path.parents) if p == root or root in p.parents][:-1]
     for directory in levels or [path]:
@@ -135,7 +144,7 @@ def private_dir(path: Path | str, environ: Mapping[str, str] | None = None) -> P
             raise OSError(f"{directory} belongs to another user (uid {info.st_uid}); vigild needs a directory of its own")
         current = stat.S_IMODE(info.st_mode)
         if root is not None and current & ~mode:
-            os.chmod(directory, current & mode)
+            os.chmod(directory, current & mode)  # through a link the user made: its target was checked above
             log.warning("%s was open to other users (mode %04o): tightened to %04o", directory, current, current & mode)
     return path
 

@@ -5,6 +5,7 @@ The daemon tests talk to a real `vigild run` only from outside (control socket, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import signal
@@ -369,7 +370,11 @@ def test_the_control_socket_directory_is_owner_only_and_never_chmodded(tmp_path)
     with pytest.raises(OSError, match="over the 107"):
         ControlServer(_control(f"ipc://{deep}/control"), None, None).start()  # type: ignore[arg-type]
 
-    assert default_endpoint({"HOME": "/home/ann"}) == "ipc:///home/ann/.local/state/vigild/control"
+    # without XDG_RUNTIME_DIR: per config file, in the run/ directory of its state directory (vigild.paths)
+    key = "cams-" + hashlib.sha1(b"/etc/cams.yaml", usedforsecurity=False).hexdigest()[:8]
+    ann = {"HOME": "/home/ann"}
+    assert default_endpoint(ann, "/etc/cams.yaml") == f"ipc:///home/ann/.local/state/vigild/{key}/run/control"
+    assert default_endpoint(ann) == "ipc:///home/ann/.local/state/vigild/default/run/control"
     assert default_endpoint({"HOME": "/home/ann", "XDG_RUNTIME_DIR": "/run/user/7"}) == "ipc:///run/user/7/vigild/control"
     systemd = {"HOME": "/home/ann", "XDG_RUNTIME_DIR": "/run/user/7", "RUNTIME_DIRECTORY": "/run/vigild"}
     assert default_endpoint(systemd) == "ipc:///run/vigild/control"

@@ -132,8 +132,8 @@ def test_files_a_killed_run_left_behind_are_swept_at_open(tmp_path):
     journal.write(records)
     journal.close()
     snapshots = tmp_path / "snapshots"
-    (snapshots / "99-iddead.jpg").write_bytes(b"x")  # written, its row never committed
-    (snapshots / "100-idhalf.jpg.part").write_bytes(b"x")  # killed mid-write
+    (snapshots / f"99-{'d' * 32}.jpg").write_bytes(b"x")  # written, its row never committed
+    (snapshots / f"100-{'a' * 32}.jpg.part").write_bytes(b"x")  # killed mid-write
     journal = Journal(tmp_path / "journal.db")
     assert journal.swept == 2
     assert sorted(p.name for p in snapshots.iterdir()) == sorted(

@@ -349,9 +349,13 @@ def test_default_writable_paths_of_the_daemon_are_writable_under_the_unit(tmp_pa
             assert inside(env[variable], writable), f"{variable}={env[variable]} is read-only under the unit"
     assert inside(one(staged.service, "WorkingDirectory"), writable)
     from vigild.outputs.journal import default_path
+    from vigild.paths import runtime_dir, state_dir
 
-    journal = default_path(Path("/etc/vigild/vigild.yaml"), env)  # the event journal and its snapshots
+    config = Path("/etc/vigild/vigild.yaml")
+    journal = default_path(config, env)  # the event journal and its snapshots
     assert inside(str(journal.parent), writable), f"the journal {journal} is read-only under the unit"
+    assert journal.parent == state_dir(config, env) == Path(env["STATE_DIRECTORY"])
+    assert inside(str(runtime_dir(config, env)), writable)  # sockets and shared-memory records
 
 
 def test_address_families_cover_the_sockets_the_daemon_opens_by_default(service: dict[str, list[str]]) -> None:

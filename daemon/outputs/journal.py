@@ -20,33 +20,45 @@ journal those events (counted), never the live stream, and journaling resumes by
 The daemon puts every event on the writer as the publisher stamps it (vigild.outputs.publisher), so the journal
 holds events in seq order whatever happens to the live PUB queue; vigild.outputs.replay serves them to resuming
 subscribers and `vigild events` (vigild.outputs.history) reads them.
+
+Where the files live, their modes, and what the start-up sweep may remove: vigild.outputs.journal_files. What
+readers ask: vigild.outputs.journal_query. Both are importable from here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from vigild.outputs.journal_files import (
+    DATABASE,
+    SNAPSHOTS,
+    JournalLocked,
+    default_path,
+    open_read_only,
+    prepare_database,
+    prepare_directories,
+    snapshot_name,
+    sweep,
+    take_lock,
+    write_file,
+)
+from vigild.outputs.journal_query import Query, epoch, select, select_text, where_clause
 
 if TYPE_CHECKING:
     from vigild.events import Event
 
 log = logging.getLogger("vigild.journal")
 
-SNAPSHOTS = "snapshots"
-DATABASE = "journal.db"
 PRUNE_ROUNDS = 8
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -71,10 +83,6 @@ CREATE INDEX IF NOT EXISTS events_label ON events (label) WHERE label IS NOT NUL
 """
 
 
-class JournalLocked(Exception):
-    """Another process has the journal open for writing."""
-
-
 @dataclass(frozen=True)
 class Record:
     """One event as the journal stores it: its wire JSON (with `seq`, `id`, `run`, `ts`, `camera`, `type`) and its
@@ -84,39 +92,18 @@ class Record:
     jpeg: bytes | None = None
 
 
-@dataclass(frozen=True)
-class Query:
-    """What `Journal.query` selects; every field narrows it, None or empty leaves it open."""
-
-    camera: str | None = None
-    type_prefix: str | None = None
-    """`zone.` selects zone.enter and zone.exit; a full type selects that type."""
-    since: float | None = None
-    until: float | None = None
-    """Seconds since the epoch: since <= ts < until."""
-    track: int | None = None
-    label: str | None = None
-    after_seq: int | None = None
-    limit: int | None = None
-
-
-def epoch(iso: str) -> float:
-    """The wire format's `ts` (ISO 8601, UTC, `Z`) as seconds since the epoch."""
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-
-
 class Journal:
     def __init__(self, path: Path, retention_days: float = 30.0, max_bytes: int = 10 << 30):
-        """Open the journal at `path` for writing, creating it and its directories (the snapshots' readable by
-        owner and group only; the database's mode follows the umask); raise `JournalLocked` if another process has
-        it open."""
+        """Open the journal at `path` for writing, creating it and its directories owner-only (group-readable
+        under the unit: vigild.outputs.journal_files); raise `JournalLocked` if another process has it open, OSError
+        naming a file or directory it cannot use as its own."""
         self.path = Path(path)
         self.retention_days = retention_days
         self.max_bytes = max_bytes
-        self.snapshots = self.path.parent / SNAPSHOTS
-        self.snapshots.mkdir(mode=0o750, parents=True, exist_ok=True)
-        self._lock = _take_lock(self.path)
+        self.snapshots = prepare_directories(self.path)
+        self._lock = take_lock(self.path)
         try:
+            prepare_database(self.path)
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # only takes on a new file: before any table
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -149,7 +136,7 @@ class Journal:
                 if record.jpeg is not None:
                     name = snapshot_name(body)
                     if not (self.snapshots / name).exists():  # one that exists is a stored event's: left alone
-                        _write_file(self.snapshots / name, record.jpeg)
+                        write_file(self.snapshots / name, record.jpeg)
                         written.append(self.snapshots / name)
                 obj = body.get("object") or {}
                 text = json.dumps(body, separators=(",", ":"))
@@ -225,119 +212,10 @@ class Journal:
 
     def _sweep(self) -> int:
         """Remove snapshot files no row refers to (a run killed between writing them and committing their rows,
-        or between deleting rows and their files) and temporary files; return how many."""
+        or between deleting rows and their files) and temporary files; return how many. Only names the journal
+        gives are touched (journal_files.sweep)."""
         known = {row[0] for row in self._db.execute("SELECT snapshot FROM events WHERE snapshot IS NOT NULL")}
-        swept = 0
-        for file in self.snapshots.iterdir():
-            if file.name not in known:
-                file.unlink(missing_ok=True)
-                swept += 1
-        return swept
-
-
-def snapshot_name(body: Mapping[str, Any]) -> str:
-    """The file name of an event's snapshot: from its seq (an int) and id (32 hex digits), checked, so that nothing
-    in an event can name a path outside the snapshots directory."""
-    seq, event_id = body["seq"], body["id"]
-    if not isinstance(seq, int) or isinstance(seq, bool) or not (
-        isinstance(event_id, str) and len(event_id) == 32 and all(c in "0123456789abcdef" for c in event_id)
-    ):
-        raise ValueError(f"not an event's seq and id: {seq!r}, {event_id!r}")
-    return f"{seq}-{event_id}.jpg"
-
-
-def default_path(config_file: Path | None, environ: Mapping[str, str] | None = None) -> Path:
-    """Where the journal of the daemon run with `config_file` lives when `journal.path` is not set.
-
-    Under systemd, $STATE_DIRECTORY/journal.db (the unit's StateDirectory, /var/lib/vigild). Otherwise the user's
-    XDG state directory, one journal per config file: $XDG_STATE_HOME (default ~/.local/state)
-    /vigild/<config file's stem>-<8 hex digits of its absolute path's SHA-1>/journal.db, so that two configs never
-    share a journal and the same config always finds its own again."""
-    env = os.environ if environ is None else environ
-    state = env.get("STATE_DIRECTORY", "").split(":")[0]
-    if state:
-        return Path(state) / DATABASE
-    base = Path(env.get("XDG_STATE_HOME") or Path(env.get("HOME") or Path.home()) / ".local" / "state")
-    if config_file is None:
-        return base / "vigild" / "default" / DATABASE
-    absolute = Path(config_file).resolve()
-    digest = hashlib.sha1(str(absolute).encode(), usedforsecurity=False).hexdigest()[:8]
-    return base / "vigild" / f"{absolute.stem}-{digest}" / DATABASE
-
-
-def where_clause(query: Query) -> tuple[str, list[Any]]:
-    """The WHERE clause (with its arguments) of the rows `query` selects, its limit aside."""
-    clauses, args = [], []
-    for column, op, value in (
-        ("camera", "=", query.camera),
-        ("ts", ">=", query.since),
-        ("ts", "<", query.until),
-        ("track", "=", query.track),
-        ("label", "=", query.label),
-        ("seq", ">", query.after_seq),
-    ):
-        if value is not None:
-            clauses.append(f"{column} {op} ?")
-            args.append(value)
-    if query.type_prefix:
-        # a range on the type (the index serves it), not LIKE: `_` and `%` in a type are not wildcards
-        clauses.append("type >= ? AND type < ?")
-        args += [query.type_prefix, query.type_prefix + "\U0010ffff"]
-    return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
-
-
-def select_text(db: sqlite3.Connection, query: Query) -> Iterator[str]:
-    """The wire JSON, as stored (compact, as published), of the events `query` selects from the journal's database
-    `db`, in seq order."""
-    where, args = where_clause(query)
-    sql = f"SELECT body FROM events{where} ORDER BY seq"
-    if query.limit is not None:
-        sql += " LIMIT ?"
-        args.append(query.limit)
-    for (body,) in db.execute(sql, args):
-        yield body
-
-
-def select(db: sqlite3.Connection, query: Query) -> Iterator[dict[str, Any]]:
-    """The events `query` selects from the journal's database `db`, in seq order."""
-    return (json.loads(body) for body in select_text(db, query))
-
-
-def open_read_only(path: Path) -> sqlite3.Connection:
-    """A reader's connection (`vigild events`): never writes, never takes the writer's lock."""
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-
-
-def _take_lock(path: Path) -> Any:
-    lock_path = path.with_name(path.name + ".lock")
-    handle = open(lock_path, "a+")  # noqa: SIM115 (held open for as long as the journal is)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise JournalLocked(
-            f"the event journal {path} is in use by another vigild (pid {holder}): give each daemon a journal of "
-            "its own (journal.path)"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return handle
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    """Write `data` whole: under a temporary name, renamed into place (a reader never sees half a JPEG)."""
-    temporary = path.with_name(path.name + ".part")
-    try:
-        with open(temporary, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+        return sweep(self.snapshots, known)
 
 
 QUEUE_MAX = 100_000
@@ -484,3 +362,21 @@ class JournalWriter:
             log.error("cannot write the event journal %s: %s; live events go on, journaling resumes when it can "
                       "(events not journaled are counted)", self.journal.path, exc)  # fmt: skip
         self.error = f"{type(exc).__name__}: {exc}"
+
+
+__all__ = [
+    "DATABASE",
+    "SNAPSHOTS",
+    "Journal",
+    "JournalLocked",
+    "JournalWriter",
+    "Query",
+    "Record",
+    "default_path",
+    "epoch",
+    "open_read_only",
+    "select",
+    "select_text",
+    "snapshot_name",
+    "where_clause",
+]

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import zmq
 
+from vigild import paths
 from vigild.client import ControlClient, default_endpoint
 from vigild.config.settings import ControlConfig, CurveConfig
 from vigild.config.yamlsource import ConfigError
@@ -47,8 +48,6 @@ CHANGE_POLL_MS = 20
 COMMANDS = ("status", "cameras", "reload", "snapshot", "pause", "resume")
 MAX_REQUEST_DEPTH = 32
 """Deepest nesting of lists and objects in a request: a camera's settings need 6 (zones' points)."""
-MAX_PATH_BYTES = 107
-"""Longest path of a unix socket (sun_path less its terminating NUL)."""
 
 
 class CommandError(Exception):
@@ -60,35 +59,19 @@ class CommandError(Exception):
 
 
 def _prepare_ipc(path: Path) -> None:
-    """Use an owner-only directory for the socket: one made here, or one that is owner-only already (or systemd's
-    RuntimeDirectory=, whose mode the unit sets); never chmod a directory someone else chose. Refuse to take over a
-    socket another process serves."""
-    if len(os.fsencode(path)) > MAX_PATH_BYTES:
-        raise OSError(
-            f"the socket path {path} is {len(os.fsencode(path))} bytes, over the {MAX_PATH_BYTES} a unix socket allows; "
-            "set a shorter control.endpoint"
-        )
-    directory = path.parent
-    try:
-        directory.mkdir(parents=True, mode=0o700)
-        created = True
-    except FileExistsError:
-        created = False
-    info = directory.stat()
-    if not stat.S_ISDIR(info.st_mode):
-        raise OSError(f"{directory} is not a directory; the control socket needs a directory of its own")
-    if info.st_uid != os.getuid():
-        raise OSError(f"{directory} belongs to another user; the control socket needs a directory of its own")
-    mode = stat.S_IMODE(info.st_mode)
+    """Use an owner-only directory for the socket (vigild.paths.private_dir): one made here (0700), one of vigild's
+    own (under its state or runtime root) tightened with a log line, systemd's RuntimeDirectory= as the unit set it;
+    never chmod a directory someone else chose, refuse it when it is open to others. Refuse to take over a socket
+    another process serves."""
+    paths.socket_path_fits(path)
+    directory = paths.private_dir(path.parent)  # refuses a non-directory and another user's
+    mode = stat.S_IMODE(directory.stat().st_mode)
     systemd = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    if mode & 0o077:
-        if created:
-            directory.chmod(0o700)  # made just now, under a umask that left bits for others
-        elif not (systemd and directory.resolve() == Path(systemd).resolve()):
-            raise OSError(
-                f"{directory} is open to other users (mode {mode:04o}); the control socket needs an owner-only "
-                f"directory: `chmod 700 {directory}`, or set control.endpoint to a socket in a directory of its own"
-            )
+    if mode & ~paths.dir_mode() and not (systemd and directory.resolve() == Path(systemd).resolve()):
+        raise OSError(
+            f"{directory} is open to other users (mode {mode:04o}); the control socket needs an owner-only "
+            f"directory: `chmod 700 {directory}`, or set control.endpoint to a socket in a directory of its own"
+        )
     if path.exists():
         probe = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
         try:
@@ -145,9 +128,12 @@ class Controlled(Protocol):
 
 
 class ControlServer:
-    def __init__(self, config: ControlConfig, curve: CurveConfig | None, daemon: Controlled):
+    def __init__(self, config: ControlConfig, curve: CurveConfig | None, daemon: Controlled,
+                 config_file: Path | None = None):  # fmt: skip
+        """`config_file`: the daemon's, whose default socket this is when control.endpoint is unset (per config file
+        without XDG_RUNTIME_DIR: vigild.paths.control_endpoint)."""
         self.config = config
-        self.endpoint = config.endpoint or default_endpoint()
+        self.endpoint = config.endpoint or default_endpoint(config_file=config_file)
         self._curve_config = curve
         self.curve: Any = None
         self._daemon = daemon

@@ -72,7 +72,8 @@ class Daemon:
         scheduler = Scheduler(
             settings.scheduler, exchange, chain, publisher, list(config.cameras), self._stop_requested, device
         )
-        self.workers = capture_workers(settings.capture, exchange, threads.usable_cpus, len(config.cameras))
+        cameras = len(config.cameras)
+        self.workers = capture_workers(settings.capture, exchange, threads.usable_cpus, cameras, config.file)
         self.journaling = Journaling(settings.journal, config.file, publisher, settings.curve)
         self.pipeline = Pipeline(exchange, scheduler, publisher, device, threads, self.workers, self.journaling)
         self.exchange, self.scheduler, self.publisher = exchange, scheduler, publisher
@@ -82,7 +83,8 @@ class Daemon:
         self._rates = Rates()
         self.heartbeat = Heartbeat(settings.publisher.heartbeat_interval, self._heartbeat, publisher.publish)
         self.notifier = ServiceNotifier(self.healthy, self.status_line)
-        self.control = ControlServer(settings.control, settings.curve, self) if settings.control.enabled else None
+        control = settings.control  # its default socket is per config file (vigild.paths.control_endpoint)
+        self.control = ControlServer(control, settings.curve, self, config.file) if control.enabled else None
         self.metrics: Any = None
         if settings.metrics.enabled:
             from vigild.service.metrics import MetricsServer

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
+from vigild import paths
 from vigild.capture.pool import CaptureWorkers, auto_workers
-from vigild.client import default_runtime_dir
 from vigild.config.settings import CaptureSettings
 from vigild.pipeline.exchange import FrameExchange
 
@@ -18,6 +19,11 @@ ENV_WORKERS = "VIGILD_CAPTURE_WORKERS"
 
 class WorkersVariableError(ValueError):
     """VIGILD_CAPTURE_WORKERS is set to something that is not a worker count."""
+
+
+class RuntimeDirError(WorkersVariableError):
+    """The runtime directory, where the workers' shared-memory record lives, cannot be used (another user's, not a
+    directory): an environment error like the variable's, reported before anything starts."""
 
 
 def worker_count(settings: CaptureSettings, usable_cpus: int, cameras: int) -> int:
@@ -38,12 +44,17 @@ def worker_count(settings: CaptureSettings, usable_cpus: int, cameras: int) -> i
 
 
 def capture_workers(
-    settings: CaptureSettings, exchange: FrameExchange, usable_cpus: int, cameras: int
+    settings: CaptureSettings, exchange: FrameExchange, usable_cpus: int, cameras: int, config_file: Path | None = None
 ) -> CaptureWorkers | None:
-    """The worker pool (not started), or None for capture threads in the daemon."""
+    """The worker pool (not started), or None for capture threads in the daemon. Its shared-memory record goes in
+    the runtime directory of the daemon run with `config_file` (vigild.paths.runtime_dir), made owner-only here."""
     count = worker_count(settings, usable_cpus, cameras)
     if count == 0:
         return None
     # colour conversion in each worker: the CPUs shared among them
     cv2_threads = max(1, usable_cpus // count)
-    return CaptureWorkers(count, settings.slots, exchange, default_runtime_dir(), cv2_threads)
+    try:
+        runtime = paths.private_dir(paths.runtime_dir(config_file))
+    except OSError as exc:
+        raise RuntimeDirError(f"the runtime directory (capture workers' shared-memory records): {exc}") from None
+    return CaptureWorkers(count, settings.slots, exchange, runtime, cv2_threads)

@@ -1,0 +1,73 @@
+"""What readers ask of the event journal (vigild.outputs.journal): a `Query`, turned into SQL over its indexed
+columns; `vigild events` (vigild.outputs.history), the replay socket and `Journal.query` share it."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Query:
+    """What `Journal.query` selects; every field narrows it, None or empty leaves it open."""
+
+    camera: str | None = None
+    type_prefix: str | None = None
+    """`zone.` selects zone.enter and zone.exit; a full type selects that type."""
+    since: float | None = None
+    until: float | None = None
+    """Seconds since the epoch: since <= ts < until."""
+    track: int | None = None
+    label: str | None = None
+    after_seq: int | None = None
+    limit: int | None = None
+
+
+def epoch(iso: str) -> float:
+    """The wire format's `ts` (ISO 8601, UTC, `Z`) as seconds since the epoch."""
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def where_clause(query: Query) -> tuple[str, list[Any]]:
+    """The WHERE clause (with its arguments) of the rows `query` selects, its limit aside."""
+    clauses, args = [], []
+    for column, op, value in (
+        ("camera", "=", query.camera),
+        ("ts", ">=", query.since),
+        ("ts", "<", query.until),
+        ("track", "=", query.track),
+        ("label", "=", query.label),
+        ("seq", ">", query.after_seq),
+    ):
+        if value is not None:
+            clauses.append(f"{column} {op} ?")
+            args.append(value)
+    if query.type_prefix:
+        # a range on the type (the index serves it), not LIKE: `_` and `%` in a type are not wildcards
+        clauses.append("type >= ? AND type < ?")
+        args += [query.type_prefix, query.type_prefix + "\U0010ffff"]
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
+
+
+def select_text(db: sqlite3.Connection, query: Query) -> Iterator[str]:
+    """The wire JSON, as stored (compact, as published), of the events `query` selects from the journal's database
+    `db`, in seq order."""
+    where, args = where_clause(query)
+    sql = f"SELECT body FROM events{where} ORDER BY seq"
+    if query.limit is not None:
+        sql += " LIMIT ?"
+        args.append(query.limit)
+    for (body,) in db.execute(sql, args):
+        yield body
+
+
+def select(db: sqlite3.Connection, query: Query) -> Iterator[dict[str, Any]]:
+    """The events `query` selects from the journal's database `db`, in seq order."""
+    return (json.loads(body) for body in select_text(db, query))
+
+
+__all__ = ["Query", "epoch", "select", "select_text", "where_clause"]
