@@ -247,7 +247,8 @@ class ControlConfig(StrictModel):
     endpoint: str | None = Field(
         None,
         description="ZeroMQ endpoint the control socket binds; default ipc://$RUNTIME_DIRECTORY/control under "
-        "systemd, else ipc://$XDG_RUNTIME_DIR/vigild/control (or ~/.local/state/vigild/control), owner-only.",
+        "systemd, else ipc://$XDG_RUNTIME_DIR/vigild/control, else run/control in the config's state directory "
+        "(docs/service.md#the-state-directory), owner-only.",
     )
     timeout: float = Field(
         10.0,
