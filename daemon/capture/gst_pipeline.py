@@ -51,6 +51,15 @@ FLOW_REASONS_AFTER_A_HARDWARE_DECODER = ("reason not-negotiated", "reason not-li
 SINK_NAME = "sink"
 DECODEBIN_NAME = "decode"
 
+LOCAL_SOURCE_REFUSED = "source tried to open a local file: refused"
+"""A network camera's `last_error` when its stream (an HLS or DASH playlist) names a local file or device: the same
+text whatever the file is, whether it exists or not, so the error tells nothing about this machine's files."""
+NETWORK_URI_SCHEMES = frozenset(
+    {"http", "https", "rtsp", "rtsps", "rtspu", "rtspt", "rtsph", "rtspsu", "rtspst", "rtspsh", "udp", "rtp", "srtp"}
+    | {"data"}  # inline content (`data:` keys in playlists): read from the stream itself, not from this machine
+)
+"""URI schemes a network camera's pipeline may open on its own (segments, sockets rtspsrc opens for RTP)."""
+
 
 def gst_modules() -> Any:
     """`(Gst, GstApp, GstVideo)`, initialised; raises ImportError when PyGObject or GStreamer is missing."""
@@ -135,6 +144,24 @@ def hardware_decoder_to_blame(
     if domain == STREAM_ERROR_DOMAIN and code == STREAM_ERROR_FAILED and stopped_by_its_output:
         return selected
     return None
+
+
+def reads_local(klass: str, uri: str | None, protocols: Sequence[str]) -> bool:
+    """Whether an element plugged into a running pipeline would read something on this machine, not the network.
+
+    `klass`: its factory's element class; `uri`: its URI when it is a URI source (None when it is not, or has none
+    yet); `protocols`: the schemes it handles as a URI source (empty when it is not one). A local file source
+    (`Source/File`: filesrc, fdsrc, giosrc, multifilesrc...), or a URI source for any scheme but the network ones
+    (`file://`, `fd://`, `v4l2://`, `appsrc://`...), is local; so is a URI source without a URI that handles no
+    network scheme."""
+    parts = klass.split("/")
+    if "Source" in parts and "File" in parts:
+        return True
+    if uri:
+        return uri.partition(":")[0].lower() not in NETWORK_URI_SCHEMES
+    if protocols:
+        return not any(protocol.lower() in NETWORK_URI_SCHEMES for protocol in protocols)
+    return False
 
 
 def nvmm_converter(registry_has: Callable[[str], bool], software_only: bool) -> str | None:

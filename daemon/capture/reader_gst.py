@@ -16,6 +16,7 @@ import numpy as np
 from vigild.capture.gst_decoder_log import decoder_error_log
 from vigild.capture.gst_pipeline import (
     DECODEBIN_NAME,
+    LOCAL_SOURCE_REFUSED,
     SINK_NAME,
     gst_modules,
     hardware_decoder_to_blame,
@@ -23,6 +24,7 @@ from vigild.capture.gst_pipeline import (
     nvmm_converter,
     pipeline_description,
     pipeline_limits_fps,
+    reads_local,
     unusable_decoders,
 )
 from vigild.capture.reader import EndOfStream, FrameReader, RawFrame, SourceError, check_local_source
@@ -57,6 +59,10 @@ class GstReader(FrameReader):
         self._eos = False
         self._decoder_known = False
         self._element_added_id: int | None = None
+        self._guard_local = spec.kind is not SourceKind.FILE
+        """Only a configured file may read local files: anything else that plugs a local source is refused."""
+        self._refused = False
+        """A local source was plugged (and kept from starting): the connection fails with `LOCAL_SOURCE_REFUSED`."""
         self._logged_errors = 0
         """Errors the decoder logged (FFmpeg's concealment reports), counted by `DecoderErrorLog` on the decoder's
         own threads; folded into `counters.decode_errors` on the capture thread."""
@@ -111,6 +117,8 @@ class GstReader(FrameReader):
         self._probe = (pad, pad.add_probe(gst.PadProbeType.BUFFER, self._count_buffer))
         if self._pipeline.set_state(gst.State.PLAYING) == gst.StateChangeReturn.FAILURE:
             self._raise_bus_error(default="the pipeline refused to start")
+        if self._refused:
+            raise SourceError(LOCAL_SOURCE_REFUSED)
 
     def _setup_source(self, _bin: Any, source: Any) -> None:
         """Called by uridecodebin once it created rtspsrc or souphttpsrc, before it connects."""
@@ -134,10 +142,29 @@ class GstReader(FrameReader):
             source.set_property("user-pw", password or "")
 
     def _element_added(self, _pipeline: Any, _bin: Any, element: Any) -> None:
-        """Called (on a streaming thread) for every element plugged anywhere into the pipeline."""
+        """Called (on a streaming thread) for every element plugged anywhere into the pipeline, as it is added to its
+        bin: before its bin starts it, so a refused source never opens what it names."""
         factory = element.get_factory()
-        if factory is not None and is_hardware_decoder(factory.get_name(), factory.get_metadata("klass") or ""):
+        if factory is None:
+            return
+        klass = factory.get_metadata("klass") or ""
+        if is_hardware_decoder(factory.get_name(), klass):
             self.hardware_decoder = str(factory.get_name())
+        if self._guard_local:
+            uri, protocols = None, ()
+            if isinstance(element, self._gst.URIHandler) and element.get_uri_type() == self._gst.URIType.SRC:
+                uri, protocols = element.get_uri(), tuple(element.get_protocols() or ())
+            if reads_local(klass, uri, protocols):
+                self._refuse(element, uri or factory.get_name())
+
+    def _refuse(self, element: Any, what: str) -> None:
+        """Keep `element` in NULL (its bin's state changes skip a locked element, so it never opens its file) and
+        fail the connection; the capture thread raises on its next read. The log names what was asked for, the
+        camera's error does not."""
+        element.set_locked_state(True)
+        element.set_state(self._gst.State.NULL)
+        self._refused = True
+        log.warning("camera %s: its stream asked for %r, a local source: refused", self.camera, what)
 
     def _count_buffer(self, _pad: Any, _info: Any) -> Any:
         self.counters.decoded += 1
@@ -145,9 +172,13 @@ class GstReader(FrameReader):
 
     def read(self, timeout: float) -> RawFrame | None:
         gst = self._gst
+        if self._refused:
+            raise SourceError(LOCAL_SOURCE_REFUSED)
         sample = self._sink.try_pull_sample(int(timeout * 1e9))
         self._drain_bus()
         self._fold_logged_errors()
+        if self._refused:  # refused while waiting: what came meanwhile is from the network, but the camera fails
+            raise SourceError(LOCAL_SOURCE_REFUSED)
         if sample is None:
             if self._eos or self._sink.is_eos():
                 raise EndOfStream()
@@ -262,6 +293,8 @@ class GstReader(FrameReader):
         raise SourceError(default)
 
     def _raise_error(self, message: Any) -> None:
+        if self._refused:  # whatever a demuxer says after its source was refused, the reason is the refusal
+            raise SourceError(LOCAL_SOURCE_REFUSED)
         error, debug = message.parse_error()
         source = message.src
         factory = source.get_factory() if hasattr(source, "get_factory") else None

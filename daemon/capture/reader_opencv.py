@@ -2,11 +2,15 @@
 
 OpenCV decodes and hands over every frame, so what GStreamer does in its pipeline is done here in Python:
 pacing files to their frame rate, the `fps` limit and `resize`. FFmpeg's own open and read timeouts are set
-to `stall_timeout`, so a silent source makes `read` fail instead of blocking forever.
+to `stall_timeout`, so a silent source makes `read` fail instead of blocking forever. A network source is opened with
+FFmpeg's protocol whitelist set to network protocols only, so an HLS playlist naming a `file://` segment, key or
+variant cannot make FFmpeg read a local file.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 
 import cv2
@@ -15,6 +19,43 @@ import numpy as np
 from vigild.capture.reader import EndOfStream, FrameReader, RawFrame, SourceError, SourceStalled, check_local_source
 from vigild.capture.sources import SourceKind, SourceSpec, with_credentials
 from vigild.config.settings import CameraConfig
+
+OPTIONS_VARIABLE = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
+NETWORK_PROTOCOLS = "http,https,tls,tcp,udp,rtp,srtp,crypto,httpproxy,data"
+"""What FFmpeg may open for a network source, itself and everything it names (HLS segments, keys, variants; RTP
+sockets): no `file`, `fd`, `pipe`, `subfile` or any other protocol that reads this machine. `crypto` only wraps one
+of the others; `data` is inline content."""
+OPENCV_DEFAULT_OPTIONS = "rtsp_flags;prefer_tcp"
+"""What OpenCV sets when the variable is unset (and drops when it is set): RTSP over TCP first."""
+_FFMPEG_OPEN = threading.Lock()
+"""OpenCV reads the options from the environment (process-wide) as it opens; every FFmpeg open holds this lock, so a
+file camera never sees a network camera's options. OpenCV serialises its FFmpeg opens anyway (unless
+OPENCV_FFMPEG_IS_THREAD_SAFE=1), so the lock makes no camera wait longer than it did."""
+
+
+def network_options(current: str | None) -> str:
+    """The options for a network source: the user's own `OPENCV_FFMPEG_CAPTURE_OPTIONS` (`key;value|key;value`, as
+    OpenCV parses it; OpenCV's default when unset) with their `protocol_whitelist`, if any, replaced by ours."""
+    pairs = (current if current is not None else OPENCV_DEFAULT_OPTIONS).split("|")
+    kept = [pair for pair in pairs if pair and pair.split(";", 1)[0].strip() != "protocol_whitelist"]
+    return "|".join([*kept, f"protocol_whitelist;{NETWORK_PROTOCOLS}"])
+
+
+def open_ffmpeg(uri: str, params: list[int], *, network: bool) -> cv2.VideoCapture:
+    """`cv2.VideoCapture(uri, CAP_FFMPEG, params)`, with network-only protocols when `network`; the environment is
+    as it was once it returns."""
+    with _FFMPEG_OPEN:
+        if not network:
+            return cv2.VideoCapture(uri, cv2.CAP_FFMPEG, params)
+        before = os.environ.get(OPTIONS_VARIABLE)
+        os.environ[OPTIONS_VARIABLE] = network_options(before)
+        try:
+            return cv2.VideoCapture(uri, cv2.CAP_FFMPEG, params)
+        finally:
+            if before is None:
+                del os.environ[OPTIONS_VARIABLE]
+            else:
+                os.environ[OPTIONS_VARIABLE] = before
 
 
 class OpenCVReader(FrameReader):
@@ -39,10 +80,11 @@ class OpenCVReader(FrameReader):
             self._capture = cv2.VideoCapture(self.spec.uri, cv2.CAP_V4L2)
         else:
             uri = self.spec.uri
-            if self.spec.kind in (SourceKind.RTSP, SourceKind.HTTP):  # a file path has no place for credentials
+            network = self.spec.kind in (SourceKind.RTSP, SourceKind.HTTP)
+            if network:  # a file path has no place for credentials
                 password = self.config.password.get_secret_value() if self.config.password else None
                 uri = with_credentials(uri, self.config.username, password)
-            self._capture = cv2.VideoCapture(uri, cv2.CAP_FFMPEG, params)
+            self._capture = open_ffmpeg(uri, params, network=network)
         if not self._capture.isOpened():
             raise SourceError(f"OpenCV cannot open {self.spec.display}")
         fps = self._capture.get(cv2.CAP_PROP_FPS)
