@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vigild import __version__, cli_clients
+from vigild.cli_args import integer, seconds
 from vigild.cli_clients import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 from vigild.client import DEFAULT_ENDPOINT
 from vigild.config.loading import Config, ConfigError, load_config
@@ -40,9 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--endpoint", "-e", default=DEFAULT_ENDPOINT, help=f"publisher endpoint (default {DEFAULT_ENDPOINT})"
     )
-    sub.add_argument("--count", "-n", type=int, help="exit after this many messages")
+    sub.add_argument("--count", "-n", type=integer(1), help="exit after this many messages")
     sub.add_argument(
-        "--timeout", "-t", type=float, help="exit after this many seconds without a message (exit 1 if none came)"
+        "--timeout", "-t", type=seconds, help="exit after this many seconds without a message (exit 1 if none came)"
     )
     sub.add_argument("--topics", action="store_true", help="print each topic before its JSON, separated by a space")
     sub.add_argument(
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         help="fill every gap in seq from the daemon's journal: each event once, in order; what the journal lacks "
         "is printed as a gap notice (docs/events.md#resume)",
     )
-    sub.add_argument("--after-seq", type=int, help="with --resume: start after this seq (0: the whole journal)")
+    sub.add_argument("--after-seq", type=integer(0), help="with --resume: start after this seq (0: the whole journal)")
     sub.add_argument("--replay-endpoint", help="with --resume: the replay socket (default: the daemon's default)")
     _curve_arguments(sub)
     sub.add_argument(
@@ -65,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     ctl = commands.add_parser("ctl", help="send a command to a running daemon's control socket")
     ctl.add_argument("--endpoint", "-e", help="control endpoint (default: the daemon's default ipc:// socket)")
     ctl.add_argument("--config", "-c", help="take the endpoint from this config file")
-    ctl.add_argument("--timeout", "-t", type=float, default=30.0, help="seconds to wait for the reply")
+    ctl.add_argument("--timeout", "-t", type=seconds, default=30.0, help="seconds to wait for the reply")
     _curve_arguments(ctl)
     actions = ctl.add_subparsers(dest="action", required=True)
     actions.add_parser("status", help="the daemon's state, as JSON")
@@ -90,10 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--type", dest="type_prefix", help="a type, or a prefix such as zone.")
     events.add_argument("--since", help="ISO 8601 (UTC unless it says) or a duration before now: 15m, 2h, 1d")
     events.add_argument("--until", help="as --since; events before it")
-    events.add_argument("--track", type=int, help="only this track id's events")
+    events.add_argument("--track", type=integer(0), help="only this track id's events")
     events.add_argument("--label", help="only events about objects of this label")
-    events.add_argument("--after-seq", type=int, help="only events after this seq")
-    events.add_argument("--limit", type=int, help="at most this many (the first, in seq order)")
+    events.add_argument("--after-seq", type=integer(0), help="only events after this seq")
+    events.add_argument("--limit", type=integer(0), help="at most this many (the first, in seq order)")
     events.add_argument("--format", choices=["json", "csv", "table"], default="json", help="default: JSON lines")
     events.add_argument("--count-by", help="count the events per value of these fields instead, e.g. camera,type")
     events.add_argument(
@@ -103,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
         help="after the history, print the live events as they come: no gap, no duplicate (JSON lines)",
     )
     events.add_argument("--endpoint", "-e", help="--follow: the publisher (default: the config's, else the default)")
+    events.add_argument(
+        "--replay-endpoint", help="--follow: the replay socket (default: the config's, else the daemon's default)"
+    )
     _curve_arguments(events)
 
     keygen = commands.add_parser("keygen", help="make a CURVE key pair (NAME.key public, NAME.key_secret private)")
@@ -166,10 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {name}: {source.kind.value} {source.display} via {backends[name]}")
         journal = config.settings.journal
         if journal.enabled:
-            from vigild.client import replay_endpoint_for
             from vigild.outputs.journal import default_path
+            from vigild.paths import replay_endpoint
 
-            replay = journal.replay_endpoint or replay_endpoint_for(config.settings.publisher.endpoint)
+            replay = journal.replay_endpoint or replay_endpoint(config.file)
             print(f"  journal: {journal.path or default_path(config.file)} (replay on {replay})")
         else:
             print("  journal: off")

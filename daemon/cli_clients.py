@@ -119,19 +119,20 @@ def events(args: argparse.Namespace, keys: ClientKeys | None) -> int:
 
 def journal_of(args: argparse.Namespace) -> tuple[Path, str, str]:
     """The journal's path, the publisher's endpoint and the replay endpoint: from the config file (its `journal:`
-    and `publisher:` sections only, so no plugin is imported), or `--journal` and `--endpoint`."""
-    from vigild.client import replay_endpoint_for
+    and `publisher:` sections only, so no plugin is imported), or `--journal`, `--endpoint` and `--replay-endpoint`.
+    An unset replay endpoint is the daemon's default socket (vigild.paths: per config file, as the control socket;
+    without a config, the default daemon's)."""
+    from vigild import paths
     from vigild.config.loading import load_section
     from vigild.config.settings import JournalConfig, PublisherConfig
     from vigild.outputs.journal import default_path
 
     if args.config is None:
-        endpoint = args.endpoint or DEFAULT_ENDPOINT
-        return Path(args.journal), endpoint, replay_endpoint_for(endpoint)
+        return Path(args.journal), args.endpoint or DEFAULT_ENDPOINT, args.replay_endpoint or paths.replay_endpoint()
     journal = load_section(args.config, "journal", JournalConfig)
     publisher = load_section(args.config, "publisher", PublisherConfig)
     endpoint = args.endpoint or publisher.endpoint
-    replay = journal.replay_endpoint or replay_endpoint_for(publisher.endpoint)
+    replay = args.replay_endpoint or journal.replay_endpoint or paths.replay_endpoint(args.config)
     return journal.path or default_path(Path(args.config)), endpoint, replay
 
 
