@@ -450,7 +450,7 @@ def test_a_slot_goes_back_to_the_worker_only_when_the_last_view_of_its_image_goe
     def send(rc: RemoteCapture, slot: int, index: int, value: int) -> None:
         writer.image(slot)[:] = value
         writer.states[slot] = shm.SENT
-        handle._frame(rc, bell, name, slots, shape, slot, index, time.time(), time.monotonic(), None)
+        rc.deliver(bell, name, slots, shape, slot, index, time.time(), time.monotonic(), None)
 
     def rings() -> int:
         try:
@@ -589,13 +589,13 @@ def test_frame_memory_a_worker_names_is_checked_before_it_is_mapped_or_unlinked(
     try:
         for name, count, slot in [(theirs, slots, 0), (neighbour, slots, 0), ("../../tmp/x", slots, 0),
                                   (small, slots, 0), (mine, slots, slots)]:  # fmt: skip
-            handle._frame(rc, bell, name, count, shape, slot, 0, time.time(), time.monotonic(), None)
+            rc.deliver(bell, name, count, shape, slot, 0, time.time(), time.monotonic(), None)
             assert exchange.waiting == 0, name
         prefix = shm.worker_prefix(pool.instance, 0, 1)
         for count, layout in [(0, shape), (shm.MAX_SLOTS + 1, shape), (slots, (48, 64, 4)), (slots, (0, 64, 3))]:
             with pytest.raises(ValueError):
                 shm.Segment.attach(mine, layout, count, prefix)
-        handle._frame(rc, bell, mine, slots, shape, 1, 0, time.time(), time.monotonic(), None)
+        rc.deliver(bell, mine, slots, shape, 1, 0, time.time(), time.monotonic(), None)
         assert exchange.waiting == 1  # the worker's own segment, as it made it
         handle._handle(("stopped", 1, [theirs, neighbour, "../" + mine, mine]), bell)
         assert not (shm.SHM_DIR / mine).exists()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -28,17 +27,14 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from vigild.capture import shm
-from vigild.capture.backends import BackendUnavailable, camera_backend
-from vigild.capture.camera import CameraState, CameraStats
-from vigild.capture.gst_pipeline import resolve_backend
+from vigild.capture.remote import Doorbell, RemoteCapture
 from vigild.capture.sources import SourceSpec
 from vigild.capture.worker import Hello
 from vigild.config.settings import CameraConfig
-from vigild.frame import Frame
 from vigild.pipeline.exchange import FrameExchange, Notice, NoticeKind
+
+__all__ = ["CaptureWorkers", "Doorbell", "RemoteCapture", "WorkerHandle", "auto_workers"]
 
 log = logging.getLogger("vigild.capture")
 
@@ -50,7 +46,6 @@ EXIT_WAIT_S = 2.0
 SILENT_S = 15.0
 """A worker that sends nothing for this long (it sends counters every 0.25 s) is hung: it is killed and restarted
 like one that died."""
-_ONE = (1).to_bytes(8, sys.byteorder)
 
 
 def auto_workers(usable_cpus: int, cameras: int) -> int:
@@ -59,130 +54,6 @@ def auto_workers(usable_cpus: int, cameras: int) -> int:
     if usable_cpus < 8:
         return 0
     return max(1, min(usable_cpus // 4, cameras, 16))
-
-
-class Doorbell:
-    """An eventfd the daemon writes to wake a worker's waiting captures; safe to ring after it is closed (a frame
-    let go of after its worker died), which does nothing, never a write to whatever reused the number."""
-
-    def __init__(self) -> None:
-        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        # reentrant: a garbage collection inside `ring` may free a frame of the same worker, whose finalizer rings
-        self._lock = threading.RLock()
-        self._closed = False
-
-    def ring(self) -> None:
-        with self._lock:
-            if not self._closed:
-                # OSError: the counter is full, and the worker has plenty of wake-ups waiting
-                with contextlib.suppress(OSError):
-                    os.write(self.fd, _ONE)
-
-    def close(self) -> None:
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                os.close(self.fd)
-
-
-def _release(states: np.ndarray, slot: int, bell: Doorbell) -> None:
-    """The last reference to a frame's image went: its slot is the worker's again."""
-    states[slot] = shm.FREE
-    bell.ring()
-
-
-def _taken(states: np.ndarray, slot: int, bell: Doorbell) -> None:
-    """The scheduler took the frame: a worker waiting for its consumer sends the next one."""
-    if states[slot] == shm.SENT:
-        states[slot] = shm.TAKEN
-        bell.ring()
-
-
-class RemoteCapture:
-    """A camera captured in a worker process, driven like a `CameraCapture` (the `Capture` protocol)."""
-
-    def __init__(self, handle: WorkerHandle, capture_id: int, name: str, config: CameraConfig, spec: SourceSpec):
-        self.handle = handle
-        self.capture_id = capture_id
-        self.name = name
-        self.config = config
-        self.spec = spec
-        try:
-            backend = camera_backend(config, spec.kind)
-        except BackendUnavailable:
-            backend = resolve_backend(config.backend)
-        self.stats = CameraStats(backend=backend)
-        self.wait_for_consumer = not spec.is_live and not config.realtime
-        self.next_index = 0
-        self.streaming = False
-        """Its last notice was `up`."""
-        self.down_reported = False
-        self.stopping = False
-        self.segment: shm.Segment | None = None
-        self._started = False
-        self._done = threading.Event()
-        self._base = [0, 0, 0, 0]
-        """Counters of the workers that died under it (decoded, drops, decode errors, reconnects)."""
-        self._last = [0, 0, 0, 0]
-
-    # ----- the Capture protocol
-
-    @property
-    def worker(self) -> int:
-        return self.handle.index
-
-    def start(self) -> None:
-        self._started = True
-        self.handle.add(self)
-
-    def stop(self) -> None:
-        self.handle.remove(self)
-
-    def join(self, timeout: float | None = None) -> None:
-        if self._started:
-            self._done.wait(timeout)
-
-    def is_alive(self) -> bool:
-        return self._started and not self._done.is_set()
-
-    # ----- from the worker (its handle's thread)
-
-    def add_message(self) -> tuple[Any, ...]:
-        return ("add", self.capture_id, self.name, self.config, self.spec, self.next_index, self.down_reported)
-
-    def update(self, state: str, since: float, decoded: int, drops: int, errors: int, reconnects: int,
-               last_error: str | None, fps: float | None, backend: str, decoder: str | None) -> None:  # fmt: skip
-        stats, base = self.stats, self._base
-        self._last = [decoded, drops, errors, reconnects]
-        stats.state, stats.state_since = CameraState(state), since
-        stats.frames_decoded, stats.source_drops = base[0] + decoded, base[1] + drops
-        stats.decode_errors, stats.reconnects = base[2] + errors, base[3] + reconnects
-        stats.last_error, stats.source_fps, stats.backend, stats.decoder = last_error, fps, backend, decoder
-
-    def noticed(self, kind: NoticeKind) -> None:
-        self.streaming = kind is NoticeKind.UP
-        self.down_reported = kind is NoticeKind.DOWN
-
-    def worker_died(self, how: str) -> Notice | None:
-        """Its worker died: the counters carry over to the next one; the `down` to send, if it was streaming."""
-        self._base = [b + last for b, last in zip(self._base, self._last, strict=True)]
-        self._last = [0, 0, 0, 0]
-        self.segment = None
-        stats = self.stats
-        stats.last_error = f"capture worker died ({how})"
-        stats.state, stats.state_since = CameraState.BACKOFF, time.monotonic()
-        self._base[3] += 1  # the restart counts as a reconnect
-        stats.reconnects = self._base[3]
-        if not self.streaming:
-            return None
-        self.streaming, self.down_reported = False, True
-        detail: dict[str, object] = {"reason": "worker_died", "error": stats.last_error}
-        return Notice(self.name, NoticeKind.DOWN, time.time(), self.next_index - 1, detail)
-
-    def ended(self) -> None:
-        if self.stats.state not in (CameraState.ENDED, CameraState.STOPPED):
-            self.stats.state = CameraState.STOPPED
-        self._done.set()
 
 
 def _describe(code: int | None) -> str:
@@ -229,19 +100,19 @@ class WorkerHandle:
             self._spawn()
         self._thread.start()
 
-
     def _spawn(self) -> None:
-        """With `_lock` held: a new process, told who it is and given every camera this handle serves."""
+        """With `_lock` held: a new process, told who it is and given every camera this handle serves. `-P`: the
+        worker imports the installed vigild, never a `vigild/` in the directory the daemon was started from."""
         self.generation += 1
         parent, child = socket.socketpair()
         bell = Doorbell()
         try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "vigild.capture.worker", str(child.fileno()), str(bell.fd)],
+            self.process = process = subprocess.Popen(
+                [sys.executable, "-P", "-m", "vigild.capture.worker", str(child.fileno()), str(bell.fd)],
                 pass_fds=(child.fileno(), bell.fd),
                 stdin=subprocess.DEVNULL,
             )
-        except OSError:
+        except BaseException:
             parent.close()
             bell.close()
             raise
@@ -250,10 +121,18 @@ class WorkerHandle:
         self._connection, self._bell, self._started_at = Connection(parent.detach()), bell, time.monotonic()
         pool = self.pool
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-        self._send(Hello(pool.instance, self.index, self.generation, pool.slots, level, pool.cv2_threads))
-        for rc in self.captures.values():
-            if not rc.stopping:
-                self._send(rc.add_message())
+        try:
+            self._send(Hello(pool.instance, self.index, self.generation, pool.slots, level, pool.cv2_threads))
+            for rc in self.captures.values():
+                if not rc.stopping:
+                    self._send(rc.add_message())
+        except BaseException:  # (a camera that would not pickle): no half-told worker is left running
+            process.kill()
+            process.wait()
+            self._connection.close()
+            self._connection = None
+            bell.close()
+            raise
 
     def _send(self, message: object) -> None:
         connection = self._connection
@@ -311,6 +190,8 @@ class WorkerHandle:
     # ----- the handle's thread
 
     def _supervise(self) -> None:
+        """Read the worker's messages; when it dies, clean up after it and start the next one. Nothing that goes
+        wrong in a cleanup or a start ends this thread: that would leave the worker's cameras without one."""
         failures = 0
         while True:
             connection, bell, process = self._connection, self._bell, self.process
@@ -329,20 +210,8 @@ class WorkerHandle:
             failures = 1 if lived >= STABLE_S else failures + 1
             delay = min(RESTART_MAX_S, RESTART_INITIAL_S * 2 ** (failures - 1))
             with self._lock:
-                connection.close()
                 self._connection = None
-                bell.close()  # frames still held ring it harmlessly
-                shm.unlink_prefix(shm.worker_prefix(self.pool.instance, self.index, self.generation))
-                names = []
-                for capture_id, rc in list(self.captures.items()):
-                    if rc.stopping:  # it was being stopped anyway: its capture has ended
-                        del self.captures[capture_id]
-                        rc.ended()
-                        continue
-                    names.append(rc.name)
-                    notice = rc.worker_died(how)
-                    if notice is not None:
-                        self.pool.exchange.notify(notice)
+                names = self._died(connection, bell, how)
             log.error(
                 "capture worker %d (pid %d) died (%s); restarting it in %.1f s for camera(s) %s",
                 self.index, process.pid, how, delay, ", ".join(sorted(names)) or "none",
@@ -353,7 +222,7 @@ class WorkerHandle:
                         return
                     try:
                         self._spawn()
-                    except OSError as exc:  # no processes or descriptors left, for now: try again later
+                    except Exception as exc:  # no processes or descriptors left, for now: try again later
                         delay = min(RESTART_MAX_S, delay * 2)
                         log.error("capture worker %d: cannot start (%s); trying again in %.1f s", self.index, exc, delay)
                         continue
@@ -361,6 +230,31 @@ class WorkerHandle:
                     break
             else:
                 return
+
+    def _died(self, connection: Connection, bell: Doorbell, how: str) -> list[str]:
+        """With `_lock` held, after the worker died: its ends closed, its segments removed, its cameras told; the
+        names of those it served. Each step is logged if it fails, and the next one taken."""
+        names: list[str] = []
+        steps = [connection.close, bell.close]  # frames still held ring the closed bell harmlessly
+        steps.append(partial(shm.unlink_prefix, shm.worker_prefix(self.pool.instance, self.index, self.generation)))
+        for capture_id, rc in list(self.captures.items()):
+            if rc.stopping:  # it was being stopped anyway: its capture has ended
+                del self.captures[capture_id]
+                steps.append(rc.ended)
+                continue
+            names.append(rc.name)
+            steps.append(partial(self._orphaned, rc, how))
+        for step in steps:
+            try:
+                step()
+            except Exception:
+                log.exception("capture worker %d: cleaning up after it failed (going on)", self.index)
+        return names
+
+    def _orphaned(self, rc: RemoteCapture, how: str) -> None:
+        notice = rc.worker_died(how)
+        if notice is not None:
+            self.pool.exchange.notify(notice)
 
     def _receive(self, connection: Connection, bell: Doorbell) -> None:
         """Until the worker's socket closes: its messages, in order."""
@@ -378,6 +272,13 @@ class WorkerHandle:
                 message = connection.recv()
             except (EOFError, OSError):
                 return
+            except Exception as exc:  # not a message a worker of ours sends: it is of no use any more
+                log.error("capture worker %d: unreadable message (%s): killing it", self.index, exc)
+                with contextlib.suppress(OSError):
+                    process = self.process
+                    if process is not None:
+                        process.kill()
+                return
             try:
                 self._handle(message, bell)
             except Exception:  # a bug here must not stop the frames of every camera of the worker
@@ -390,7 +291,7 @@ class WorkerHandle:
         if rc is None:  # a capture already ended: nothing of it goes anywhere
             return
         if kind == "frame":
-            self._frame(rc, bell, *message[2:])
+            rc.deliver(bell, *message[2:])
         elif kind == "stats":
             rc.update(*message[2:])
         elif kind == "notice":
@@ -405,46 +306,6 @@ class WorkerHandle:
                 if isinstance(name, str) and name.startswith(prefix) and "/" not in name:
                     shm.unlink(name)
             rc.ended()
-
-    def _frame(
-        self,
-        rc: RemoteCapture,
-        bell: Doorbell,
-        name: str,
-        slots: int,
-        shape: tuple[int, int, int],
-        slot: int,
-        index: int,
-        ts_wall: float,
-        ts_mono: float,
-        pts_ms: float | None,
-    ) -> None:
-        segment = rc.segment
-        if segment is None or segment.name != name:
-            try:
-                prefix = shm.worker_prefix(self.pool.instance, self.index, self.generation)
-                segment = shm.Segment.attach(name, shape, slots, prefix)
-            except FileNotFoundError:  # its capture stopped and the worker let go of it: the frame is void anyway
-                return
-            except ValueError as exc:  # not what a worker of ours sends: nothing of it is mapped or touched
-                log.error("capture worker %d: refused frame memory for camera %s: %s", self.index, rc.name, exc)
-                return
-            except OSError as exc:  # no descriptors or memory left: the frame is lost, its slot goes back
-                log.error("camera %s: cannot map frame memory %s: %s", rc.name, name, exc)
-                self._send(("free", name, slot))
-                return
-            rc.segment = segment  # frames of the one before keep their mapping for as long as they live
-        try:
-            lease = segment.lease(slot)
-        except ValueError as exc:
-            log.error("capture worker %d: camera %s: %s", self.index, rc.name, exc)
-            return
-        weakref.finalize(lease, _release, segment.states, slot, bell)
-        frame = Frame(rc.name, index, ts_wall, ts_mono, np.asarray(lease), pts_ms)
-        on_taken = partial(_taken, segment.states, slot, bell) if rc.wait_for_consumer else None
-        rc.next_index = index + 1
-        if self.pool.exchange.put(frame, on_taken=on_taken):
-            rc.stats.frames_delivered += 1
 
 
 class CaptureWorkers:

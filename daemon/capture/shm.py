@@ -21,6 +21,11 @@ Segments are files in /dev/shm (what `shm_open` makes on Linux), opened directly
 resource-tracker process that unlinks them when it exits and warns about "leaks" that are not. Names carry the
 daemon's instance id, so daemons side by side (in other network namespaces too, which share /dev/shm) never touch
 each other's, and a cleanup removes exactly one instance's segments.
+
+/dev/shm is writable by every local user, so nothing there is trusted: each segment's name ends in 64 random bits
+(another user who reads the directory cannot plant the next one; a name taken anyway is drawn again), a segment is
+created with O_EXCL and mapped only when it is a regular file of the daemon's own user, and a cleanup unlinks only
+files of its own user: a planted file with one of our names is left where it is, logged, and never an error.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ import logging
 import mmap
 import os
 import secrets
+import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,18 +60,25 @@ def _page_align(n: int) -> int:
     return -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
+def _token() -> str:
+    return secrets.token_hex(8)
+
+
 @dataclass(frozen=True)
 class SegmentName:
-    """`vigild-<instance>-w<worker>.<generation>-c<capture>.<sequence>`: whose it is, readable in /dev/shm."""
+    """`vigild-<instance>-w<worker>.<generation>-c<capture>.<sequence>.<token>`: whose it is, readable in /dev/shm;
+    the random token makes it unguessable."""
 
     instance: str
     worker: int
     generation: int
     capture: int
     sequence: int
+    token: str = field(default_factory=_token)
 
     def __str__(self) -> str:
-        return f"{worker_prefix(self.instance, self.worker, self.generation)}c{self.capture}.{self.sequence}"
+        prefix = worker_prefix(self.instance, self.worker, self.generation)
+        return f"{prefix}c{self.capture}.{self.sequence}.{self.token}"
 
 
 def instance_prefix(instance: str) -> str:
@@ -99,7 +112,7 @@ class Segment:
         """Worker side: a new segment, owner-only, every slot FREE."""
         if not 1 <= slots <= MAX_SLOTS:
             raise ValueError(f"slots must be 1..{MAX_SLOTS}")
-        fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             # allocated now: a full /dev/shm is an OSError here (the camera retries), never a SIGBUS at a later write
             os.posix_fallocate(fd, 0, HEADER_BYTES + slots * _page_align(shape[0] * shape[1] * shape[2]))
@@ -108,6 +121,17 @@ class Segment:
             unlink(name)
             raise
         return cls(name, fd, shape, slots)
+
+    @classmethod
+    def create_new(cls, name: SegmentName, shape: tuple[int, int, int], slots: int, tries: int = 8) -> Segment:
+        """`create` under `name` with a fresh token, drawn again while the name is taken (planted by someone)."""
+        for attempt in range(tries):
+            try:
+                return cls.create(str(name if attempt == 0 else replace(name, token=_token())), shape, slots)
+            except FileExistsError:
+                if attempt == tries - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     @classmethod
     def attach(cls, name: str, shape: tuple[int, int, int], slots: int, prefix: str) -> Segment:
@@ -121,8 +145,12 @@ class Segment:
         height, width, channels = shape
         if not (1 <= slots <= MAX_SLOTS and height > 0 and width > 0 and channels == 3):
             raise ValueError(f"not a frame layout: {slots} slots of {shape}")
-        fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-        if os.fstat(fd).st_size < HEADER_BYTES + slots * _page_align(height * width * channels):
+        fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            os.close(fd)
+            raise ValueError(f"segment {name} is not a file of this user's (owner uid {info.st_uid})")
+        if info.st_size < HEADER_BYTES + slots * _page_align(height * width * channels):
             os.close(fd)
             raise ValueError(f"segment {name} is smaller than {slots} slots of {shape}")
         return cls(name, fd, shape, slots)
@@ -158,23 +186,32 @@ class FrameLease:
         self.__array_interface__ = {"shape": segment.shape, "typestr": "|u1", "data": (address, True), "version": 3}
 
 
-def unlink(name: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(SHM_DIR / name)
+def unlink(name: str) -> bool:
+    """Remove the segment `name` if it is a file of this user's; whether it was removed. Never raises: a file of
+    another user (planted under one of our names), one this user may not remove, or any other error is logged and
+    left where it is (root may remove anyone's file: the owner check keeps it from doing so)."""
+    path = SHM_DIR / name
+    try:
+        owner = os.lstat(path).st_uid
+        if owner != os.geteuid():
+            log.warning("shared memory: %s belongs to uid %d, not this daemon's user: left alone", path, owner)
+            return False
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:  # PermissionError included: a cleanup goes on with the next file
+        log.warning("shared memory: cannot remove %s: %s", path, exc)
+        return False
+    return True
 
 
 def unlink_prefix(prefix: str) -> list[str]:
-    """Remove every segment whose name starts with `prefix`; the names removed."""
-    removed: list[str] = []
+    """Remove every segment of this user's whose name starts with `prefix`; the names removed. Never raises."""
     try:
         names = os.listdir(SHM_DIR)
-    except FileNotFoundError:
-        return removed
-    for name in names:
-        if name.startswith(prefix):
-            unlink(name)
-            removed.append(name)
-    return removed
+    except OSError:
+        return []
+    return [name for name in names if name.startswith(prefix) and unlink(name)]
 
 
 def new_instance_id() -> str:
@@ -218,7 +255,7 @@ class InstanceRecord:
         """Clean stop: every segment of this instance goes, then the record."""
         unlink_prefix(instance_prefix(self.instance))
         if self._fd is not None:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 self.path.unlink()
             os.close(self._fd)
             self._fd = None
@@ -234,8 +271,8 @@ def remove_stale(directory: Path) -> list[str]:
     for path in entries:
         instance = path.stem
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:  # gone meanwhile, or not a record this user may lock
             continue
         try:
             try:
@@ -243,7 +280,8 @@ def remove_stale(directory: Path) -> list[str]:
             except BlockingIOError:
                 continue  # a daemon that is running holds it
             gone = unlink_prefix(instance_prefix(instance))
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
             removed.extend(gone)
             log.warning(
                 "removed %d shared-memory segment(s) left by vigild instance %s, which did not stop cleanly",

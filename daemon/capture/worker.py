@@ -1,7 +1,8 @@
 """A capture worker: a process that runs the capture threads of a group of cameras and hands their frames to the
 daemon through shared memory (`capture.workers` > 0).
 
-The daemon starts it as `python -m vigild.capture.worker <socket fd> <doorbell fd>` and drives it over the socket
+The daemon starts it as `python -P -m vigild.capture.worker <socket fd> <doorbell fd>` (-P: nothing is imported
+from the directory the daemon was started in, only the installed vigild) and drives it over the socket
 (multiprocessing's framed pickles): `add` a camera (its config, source, the frame number to go on from), `remove`
 one, `exit`. The worker answers with, in order per camera: `frame` (segment, slot, size, number, timestamps),
 `notice` (up/down/ended, each after a `stats` of the same moment), `stats` (the capture counters, every
@@ -95,7 +96,7 @@ class ShmSink:
         hello = self.worker.hello
         self._sequence += 1
         name = shm.SegmentName(hello.instance, hello.worker, hello.generation, self.capture_id, self._sequence)
-        segment = shm.Segment.create(str(name), shape, hello.slots)
+        segment = shm.Segment.create_new(name, shape, hello.slots)
         if self._segment is not None:
             self._old.append(self._segment)
         self._segment = segment

@@ -2,8 +2,9 @@
 between frames), which on a thread would take the interpreter from the chain.
 
 `ProcessPlugin` stands in the chain for the plugin. Its branch (vigild.pipeline.branch) calls it as it would call the
-plugin, on the branch's thread, and each call goes to a child process (`python -m vigild.pipeline.branch_process`,
-over a socket pair, as the capture workers do) that builds the real plugin from its config and runs it. Frames go
+plugin, on the branch's thread, and each call goes to a child process (`python -P -m vigild.pipeline.branch_process`,
+over a socket pair, as the capture workers do; -P: nothing from the daemon's working directory is imported before
+the daemon's own `sys.path` arrives) that builds the real plugin from its config and runs it. Frames go
 over the socket pickled (their image copied: at a branch's rate, the newest frame of each camera while it keeps up,
 a small cost beside a slow plugin's work); their events come back with what the plugin raised (`FrameErrors` or an
 exception), so the chain reports failures as for any plugin and publishes the events of every frame.
@@ -194,7 +195,7 @@ class ProcessPlugin(Plugin[PluginConfig]):
         parent, child = socket.socketpair()
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "vigild.pipeline.branch_process", str(child.fileno())],
+                [sys.executable, "-P", "-m", "vigild.pipeline.branch_process", str(child.fileno())],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
                 env=thread_environment(self.threads),
