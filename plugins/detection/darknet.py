@@ -4,7 +4,8 @@ OpenCV 5.0 removed the darknet importer, so vigild pins opencv-python below 5: O
 maintained runtime for these models and runs Yolo-Fastest-XL at about 15 frames/s on two CPU cores. Decoding and
 NMS are vectorised over the whole batch (one `grouped_nms` call, grouped by frame and class). On `cuda:N`, with an
 OpenCV built with CUDA (the pip wheels are not), the network runs on GPU N in fp16 or fp32 as `half` says
-(`dnn_placement`; this path has never been run).
+(`dnn_placement`; this path has never been run). The cfg and the weights file's size are checked with the port's
+bounds (darknet_cfg.py) before OpenCV reads them.
 """
 
 from __future__ import annotations
@@ -21,25 +22,10 @@ import torch
 from vigild.frame import Detections
 from vigild.plugin import MAX_LIST_FILE_BYTES, read_list_file
 from vigild.plugins.detection.backend import DetectorBackend
+from vigild.plugins.detection.darknet_cfg import parse_cfg, plan_cfg, read_cfg, weights_header
 from vigild.plugins.detection.yolo import grouped_nms
 
 log = logging.getLogger("vigild.plugins.darknet")
-
-
-def read_net_size(cfg_text: str) -> tuple[int, int]:
-    """(width, height) from the `[net]` section of a darknet cfg (the section parsers choke on repeated sections)."""
-    values: dict[str, str] = {}
-    in_net = False
-    for raw in cfg_text.splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if line.startswith("["):
-            if in_net:
-                break
-            in_net = line.lower() in ("[net]", "[network]")
-        elif in_net and "=" in line:
-            key, value = (part.strip() for part in line.split("=", 1))
-            values[key] = value
-    return int(values.get("width", 416)), int(values.get("height", 416))
 
 
 def with_score_floor(cfg_text: str, confidence: float) -> str:
@@ -96,7 +82,9 @@ class DarknetBackend(DetectorBackend):
     def __init__(self, spec: DarknetSpec):
         cfg, weights, names, input_size = spec.cfg, spec.weights, spec.names, spec.input_size
         confidence, nms_iou, device, half = spec.confidence, spec.nms_iou, spec.device, spec.half
-        cfg_text = cfg.read_text(encoding="utf-8", errors="replace")
+        cfg_text = read_cfg(cfg)
+        plan = plan_cfg(parse_cfg(cfg_text, cfg), input_size)  # bounded before OpenCV allocates what it asks for
+        weights_header(weights, plan.parameters, exact=False)  # (OpenCV reads what it needs, ignores the rest)
         self.net = cv2.dnn.readNetFromDarknet(
             np.frombuffer(with_score_floor(cfg_text, confidence).encode(), np.uint8),
             np.fromfile(weights, np.uint8),
@@ -112,7 +100,7 @@ class DarknetBackend(DetectorBackend):
             else:
                 log.warning("this OpenCV sees no CUDA device %d: the darknet detector runs on the CPU", cuda_index)
         self.output_names = self.net.getUnconnectedOutLayersNames()
-        self.input_size = input_size or read_net_size(cfg_text)
+        self.input_size = input_size or plan.net_size
         self.confidence = confidence
         self.nms_iou = nms_iou
         self.class_names = read_names(names, 80)

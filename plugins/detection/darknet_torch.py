@@ -9,7 +9,8 @@ then anchor.
 
 Weights are darknet's file as written by its trainer: a header (major, minor, revision, then images seen as 64 bits
 from version 0.2 on), then per convolution its biases (or batch-norm beta), batch-norm gamma, mean and variance, and
-its kernel. A file that does not hold exactly what the cfg asks for is refused with the counts.
+its kernel. A file that does not hold exactly what the cfg asks for is refused with the counts. The cfg is walked
+and bounded (darknet_cfg.py) and the weights file's size compared with it before any tensor is made.
 
 `darknet_backend` runs it as the detector's `darknet` back end (`runtime: torch`): `YoloLayout` gives its output
 ultralytics' layout, so that the batched pipeline of vigild.plugins.detection.yolo (one upload, one NMS a batch,
@@ -19,9 +20,7 @@ is what the ONNX Runtime back end reads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,71 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from vigild.plugin import PluginConfigError
 from vigild.plugins.detection.darknet import DarknetSpec, read_names
+from vigild.plugins.detection.darknet_cfg import DarknetCfgError, Section, parse_cfg, plan_cfg, read_cfg, weights_header
 from vigild.plugins.detection.yolo import YoloBackend
 
 LEAKY_SLOPE = 0.1
 BN_EPS = 1e-6  # darknet adds .000001 to the variance (normalize_cpu); so does OpenCV's importer
-
-
-class DarknetCfgError(PluginConfigError):
-    """A cfg or weights file this port cannot take: the message says which section and why; `key` is the detector
-    setting it came from (`cfg`, `weights` or `names`)."""
-
-    def __init__(self, message: str, key: str = "cfg"):
-        super().__init__(key, message)
-
-
-@dataclass
-class Section:
-    kind: str
-    options: dict[str, str] = field(default_factory=dict)
-    line: int = 0
-
-    lines: dict[str, int] = field(default_factory=dict)
-    """The line of each option."""
-
-    def number(self, key: str, default: int | None = None) -> int:
-        if key not in self.options:
-            if default is None:
-                raise DarknetCfgError(f"[{self.kind}] at line {self.line}: `{key}` is missing")
-            return default
-        return self._parse(key, int)[0]
-
-    def ints(self, key: str) -> list[int]:
-        return self._parse(key, int)
-
-    def floats(self, key: str) -> list[float]:
-        return self._parse(key, float)
-
-    def _parse(self, key: str, kind: type[int] | type[float]) -> list[Any]:
-        """The option's comma-separated values as `kind`; a value that is not one names the line and key."""
-        try:
-            return [kind(part) for part in self.options.get(key, "").split(",") if part.strip()]
-        except ValueError:
-            raise DarknetCfgError(
-                f"line {self.lines.get(key, self.line)}: `{key}={self.options[key]}` in [{self.kind}]: expected "
-                f"{'integers' if kind is int else 'numbers'}"
-            ) from None
-
-
-def parse_cfg(text: str) -> list[Section]:
-    """The cfg's sections in order (`[net]` first), options as written; comments dropped."""
-    sections: list[Section] = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        if line.startswith("["):
-            sections.append(Section(line.strip("[]").strip().lower(), line=number))
-        elif "=" in line and sections:
-            key, value = (part.strip() for part in line.split("=", 1))
-            sections[-1].options[key] = value
-            sections[-1].lines[key] = number
-    if not sections or sections[0].kind not in ("net", "network"):
-        raise DarknetCfgError("a darknet cfg starts with a [net] section")
-    return sections
 
 
 class _Conv(nn.Module):
@@ -107,7 +47,7 @@ class _Conv(nn.Module):
         self.bn = nn.BatchNorm2d(filters, eps=BN_EPS) if self.batch_normalize else None
         activation = section.options.get("activation", "linear")
         if activation not in ("leaky", "linear"):
-            raise DarknetCfgError(f"[convolutional] at line {section.line}: activation {activation!r} is not supported")
+            raise section.error(f"activation {activation!r} is not supported")
         self.leaky = activation == "leaky"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,7 +71,7 @@ class _Yolo(nn.Module):
         pairs = np.array(section.floats("anchors"), np.float32).reshape(-1, 2)
         mask = section.ints("mask") or list(range(len(pairs)))
         if any(not 0 <= m < len(pairs) for m in mask):
-            raise DarknetCfgError(f"[yolo] at line {section.line}: `mask` names an anchor it does not have")
+            raise section.error("`mask` names an anchor it does not have")
         self.classes = section.number("classes", 80)
         self.scale_x_y = float(section.floats("scale_x_y")[0]) if "scale_x_y" in section.options else 1.0
         self.thresh: float | None = section.floats("thresh")[0] if "thresh" in section.options else 0.2
@@ -160,10 +100,15 @@ class DarknetModel(nn.Module):
     """The network a darknet cfg describes; `forward` takes the blob OpenCV's `blobFromImages` makes (N, 3, H, W,
     RGB, 0-1) and returns (N, rows, 5 + classes) as OpenCV DNN's forward does, all heads concatenated."""
 
-    def __init__(self, cfg_text: str):
+    def __init__(self, cfg_text: str, cfg_path: Path | str = "", input_size: tuple[int, int] | None = None):
+        """`cfg_path`: the cfg's path, as errors name it; `input_size`: (width, height) it will run at, if not the
+        cfg's (layer outputs are bounded at that size)."""
         super().__init__()
-        sections = parse_cfg(cfg_text)
+        sections = parse_cfg(cfg_text, cfg_path)
+        self.weight_count = plan_cfg(sections, input_size).parameters
+        """The weights the cfg needs (bounded, as every option, before a tensor is made)."""
         net = sections[0]
+        self.source = str(cfg_path)
         self.net_size = (net.number("width", 416), net.number("height", 416))
         channels = net.number("channels", 3)
         self.layers = nn.ModuleList()
@@ -180,12 +125,12 @@ class DarknetModel(nn.Module):
                 source = section.number("from")
                 sources = [source + index if source < 0 else source]
                 if section.options.get("activation", "linear") != "linear":
-                    raise DarknetCfgError(f"[shortcut] at line {section.line}: only a linear activation is supported")
+                    raise section.error("only a linear activation is supported")
                 layer = nn.Identity()
             elif kind == "route":
                 sources = [value + index if value < 0 else value for value in section.ints("layers")]
                 if section.number("groups", 1) != 1:
-                    raise DarknetCfgError(f"[route] at line {section.line}: groups are not supported")
+                    raise section.error("groups are not supported")
                 channels = sum(widths[source] for source in sources)
                 layer = nn.Identity()
             elif kind == "upsample":
@@ -193,16 +138,16 @@ class DarknetModel(nn.Module):
             elif kind == "maxpool":
                 size, stride = section.number("size", 2), section.number("stride", 2)
                 if stride != 1 or size % 2 == 0:
-                    raise DarknetCfgError(f"[maxpool] at line {section.line}: only odd sizes at stride 1 are supported")
+                    raise section.error("only odd sizes at stride 1 are supported")
                 layer = nn.MaxPool2d(size, 1, size // 2)
             elif kind == "dropout":
                 layer = nn.Identity()
             elif kind == "yolo":
                 layer = _Yolo(section)
             else:
-                raise DarknetCfgError(f"[{kind}] at line {section.line}: this layer type is not supported")
+                raise section.error("this layer type is not supported")
             if any(not 0 <= source < index for source in sources):
-                raise DarknetCfgError(f"[{kind}] at line {section.line}: refers to a layer that is not before it")
+                raise section.error("refers to a layer that is not before it")
             self.layers.append(layer)
             self.plan.append((kind, sources))
             widths.append(channels)
@@ -228,18 +173,11 @@ class DarknetModel(nn.Module):
 
     def load_weights(self, path: Path) -> None:
         """darknet's weights file into the layers, checked to hold exactly what the cfg needs."""
+        needed = self.weight_count
+        header = weights_header(path, needed, exact=True)  # the size, before the file is read
         data = path.read_bytes()
-        if len(data) < 20:
-            raise DarknetCfgError(f"{path}: {len(data)} bytes is too short for a darknet weights file", "weights")
-        major, minor, _ = np.frombuffer(data[:12], np.int32)
-        offset = 12 + (8 if major * 10 + minor >= 2 else 4)
-        values = np.frombuffer(data[offset : offset + (len(data) - offset) // 4 * 4], np.float32)
-        needed = sum(
-            (layer.conv.out_channels * (4 if layer.batch_normalize else 1)) + layer.conv.weight.numel()
-            for layer in self.layers
-            if isinstance(layer, _Conv)
-        )
-        if len(values) != needed:
+        values = np.frombuffer(data[header : header + (len(data) - header) // 4 * 4], np.float32)
+        if len(values) != needed:  # the file changed since
             raise DarknetCfgError(f"{path}: holds {len(values)} weights, the cfg needs {needed}", "weights")
         at = 0
 
@@ -265,10 +203,14 @@ class DarknetModel(nn.Module):
                 take(layer.conv.weight)
 
 
-def load_darknet(cfg: Path, weights: Path, thresh: float | None = None) -> DarknetModel:
+def load_darknet(cfg: Path, weights: Path, thresh: float | None = None,
+                 input_size: tuple[int, int] | None = None) -> DarknetModel:  # fmt: skip
     """The model of `cfg` with `weights`, in eval mode; `thresh`: the YOLO heads' score floor (the detector's
-    confidence), as darknet.py's `with_score_floor` sets it for OpenCV."""
-    model = DarknetModel(cfg.read_text(encoding="utf-8", errors="replace"))
+    confidence), as darknet.py's `with_score_floor` sets it for OpenCV; `input_size` as for `DarknetModel`. The
+    cfg's weights are counted and compared with the weights file's size before any tensor is made."""
+    text = read_cfg(cfg)
+    weights_header(weights, plan_cfg(parse_cfg(text, cfg), input_size).parameters, exact=True)
+    model = DarknetModel(text, cfg, input_size)
     model.load_weights(weights)
     if thresh is not None:
         for layer in model.layers:
@@ -286,9 +228,9 @@ class YoloLayout(nn.Module):
         self.darknet = model
         heads = [layer for layer in model.layers if isinstance(layer, _Yolo)]
         if not heads:
-            raise DarknetCfgError("the cfg has no [yolo] layer: it is not a detector")
+            raise DarknetCfgError(f"{model.source or 'the cfg'}: no [yolo] layer: it is not a detector")
         if len({head.classes for head in heads}) != 1:
-            raise DarknetCfgError("the cfg's [yolo] layers disagree on the number of classes")
+            raise DarknetCfgError(f"{model.source or 'the cfg'}: its [yolo] layers disagree on the number of classes")
         self.classes = heads[0].classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -297,10 +239,11 @@ class YoloLayout(nn.Module):
         return torch.cat((out[..., :4] * size, out[..., 5:]), -1).transpose(1, 2)
 
 
-def darknet_layout(cfg: Path, weights: Path, thresh: float | None) -> YoloLayout:
+def darknet_layout(cfg: Path, weights: Path, thresh: float | None,
+                   input_size: tuple[int, int] | None = None) -> YoloLayout:  # fmt: skip
     """`load_darknet` in ultralytics' layout; `thresh` None: no score is zeroed (an export: the detector's own
     threshold comes after)."""
-    model = load_darknet(cfg, weights)
+    model = load_darknet(cfg, weights, input_size=input_size)
     for layer in model.layers:
         if isinstance(layer, _Yolo):
             layer.thresh = thresh
@@ -312,7 +255,7 @@ def darknet_layout(cfg: Path, weights: Path, thresh: float | None) -> YoloLayout
 def darknet_backend(spec: DarknetSpec) -> YoloBackend:
     """The darknet model on vigild's device pipeline, frames stretched to its input as in training (the cfg's
     size unless `input_size`); `thresh` is the detector's confidence, as darknet.py sets it for OpenCV."""
-    model = darknet_layout(spec.cfg, spec.weights, spec.confidence)
+    model = darknet_layout(spec.cfg, spec.weights, spec.confidence, spec.input_size)
     class_names = read_names(spec.names, model.classes)
     if len(class_names) != model.classes:
         raise DarknetCfgError(

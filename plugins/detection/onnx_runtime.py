@@ -34,6 +34,16 @@ from vigild.vision.masks import MaskFormat
 log = logging.getLogger("vigild.plugins.onnx")
 
 RESIZE_KEY = "vigild.resize"
+MIN_SIDE, MAX_SIDE = 32, 8192
+"""The input sizes a model may ask for (`imgsz`, or fixed in its graph), as for the detector's `input_size`."""
+MAX_KEYPOINTS = 1000
+MAX_CLASSES = 10_000
+MAX_BATCH = 256
+"""A fixed batch size (each batch is padded to it)."""
+MAX_SHAPE_TEXT = 100
+"""Characters of `imgsz` and `kpt_shape` metadata read at most."""
+MAX_NAMES_TEXT = 1 << 20
+MAX_METADATA_ENTRIES = 1000
 
 
 class OnnxModelError(PluginConfigError):
@@ -87,12 +97,14 @@ def open_session(path: Path, device: str, threads: int | None) -> Any:
     """An inference session for `path`; a file ONNX Runtime cannot read raises `OnnxModelError` saying so.
 
     The file is parsed and checked by `onnx` first: ONNX Runtime's own parser aborts the whole process on some
-    malformed files (seen here on random bytes), where `onnx`'s raises an exception."""
+    malformed files (seen here on random bytes), where `onnx`'s raises an exception. The checker is given the path,
+    so that external data is looked for beside the model (not in the working directory), and data outside the
+    model's directory (`../`, an absolute path, a symbolic link) is refused."""
     import onnx
     import onnxruntime as ort
 
     try:
-        onnx.checker.check_model(onnx.load(str(path), load_external_data=False))
+        onnx.checker.check_model(str(path))
     except Exception as exc:  # DecodeError, ValidationError, OSError...
         raise OnnxModelError(f"{path}: not a valid ONNX model: {first_line(exc)}") from None
     try:
@@ -135,23 +147,20 @@ def read_info(session: Any, path: Path, names: tuple[str, ...] | None, input_siz
             f"{path}: expected ultralytics' output layout for a {task} model ({wanted_outputs} output(s), the first "
             f"(batch, 4 + classes..., anchors)), got {_shapes(outputs)}"
         )
-    try:
-        model_names = parse_names(meta["names"]) if "names" in meta else None
-        imgsz = ast.literal_eval(meta["imgsz"]) if "imgsz" in meta else None
-        kpt = ast.literal_eval(meta["kpt_shape"]) if task == "pose" else None
-    except (ValueError, SyntaxError, KeyError, TypeError, RecursionError, MemoryError) as exc:  # the file's text
-        raise OnnxModelError(f"{path}: its metadata cannot be read ({type(exc).__name__}: {first_line(exc)})") from None
-    if task == "pose" and kpt is None:
-        raise OnnxModelError(f"{path}: a pose model without `kpt_shape` in its metadata")
+    model_names, imgsz, kpt = _metadata(meta, path, task)
     fixed = (width, height) if isinstance(width, int) and isinstance(height, int) else None
+    if isinstance(batch, int) and not 1 <= batch <= MAX_BATCH:  # a fixed batch is padded to: its memory
+        raise OnnxModelError(f"{path}: its batch is fixed at {batch}; from 1 to {MAX_BATCH} run")
+    if fixed is not None and not all(MIN_SIDE <= side <= MAX_SIDE for side in fixed):
+        raise OnnxModelError(f"{path}: its input is fixed at {list(fixed)}; sides from {MIN_SIDE} to {MAX_SIDE} run")
     if input_size is not None:
         if fixed is not None and fixed != input_size:
             raise OnnxModelError(f"{path}: its input is fixed at {list(fixed)}; input_size {list(input_size)} differs")
         size = input_size
     elif fixed is not None:
         size = fixed
-    elif isinstance(imgsz, list | tuple) and len(imgsz) == 2:
-        size = (int(imgsz[1]), int(imgsz[0]))  # ultralytics writes [height, width]
+    elif imgsz is not None:
+        size = imgsz
     else:
         raise OnnxModelError(f"{path}: neither its input nor its metadata gives the input size: set input_size")
     end2end = str(meta.get("end2end", "False")) == "True"
@@ -160,6 +169,8 @@ def read_info(session: Any, path: Path, names: tuple[str, ...] | None, input_siz
     found = names or model_names
     if isinstance(rows, int) and not end2end:
         classes = rows - 4 - extra
+        if not 1 <= classes <= MAX_CLASSES:
+            raise OnnxModelError(f"{path}: its output has {classes} classes; from 1 to {MAX_CLASSES} run")
         if found is None:
             found = tuple(str(i) for i in range(classes))
         if classes != len(found):
@@ -174,8 +185,42 @@ def read_info(session: Any, path: Path, names: tuple[str, ...] | None, input_siz
             resize = "stretch"
         case other:
             raise OnnxModelError(f"{path}: {RESIZE_KEY} is {other!r}, expected letterbox or stretch")
-    return OnnxModelInfo(task, found, size, resize,
-                         (int(kpt[0]), int(kpt[1])) if kpt else None, end2end, batch if isinstance(batch, int) else None)  # fmt: skip
+    return OnnxModelInfo(task, found, size, resize, kpt, end2end, batch if isinstance(batch, int) else None)
+
+
+def _metadata(meta: dict[str, str], path: Path, task: str) -> tuple[tuple[str, ...] | None, tuple[int, int] | None,
+                                                                  tuple[int, int] | None]:  # fmt: skip
+    """`names`, `imgsz` as (width, height) and `kpt_shape` from the metadata, each bounded; a refusal names the file
+    and the key."""
+    if len(meta) > MAX_METADATA_ENTRIES:
+        raise OnnxModelError(f"{path}: {len(meta)} metadata entries; at most {MAX_METADATA_ENTRIES}")
+    for key in ("names", "imgsz", "kpt_shape"):
+        if len(meta.get(key, "")) > (MAX_NAMES_TEXT if key == "names" else MAX_SHAPE_TEXT):
+            raise OnnxModelError(f"{path}: metadata `{key}` is {len(meta[key])} characters long: not what it holds")
+    try:
+        key = "names"
+        names = parse_names(meta["names"]) if "names" in meta else None
+        key = "imgsz"
+        imgsz = ast.literal_eval(meta["imgsz"]) if "imgsz" in meta else None
+        key = "kpt_shape"
+        kpt = ast.literal_eval(meta["kpt_shape"]) if task == "pose" else None
+    except (ValueError, SyntaxError, KeyError, TypeError, RecursionError, MemoryError) as exc:  # the file's text
+        raise OnnxModelError(f"{path}: metadata `{key}` cannot be read ({type(exc).__name__}: {first_line(exc)})") from None
+    if task == "pose" and kpt is None:
+        raise OnnxModelError(f"{path}: a pose model without `kpt_shape` in its metadata")
+    if imgsz is not None and not _sides(imgsz, MIN_SIDE, MAX_SIDE, 32):  # [1e999, 640], [0, 0], [-64, 640]...
+        raise OnnxModelError(f"{path}: metadata `imgsz` is {meta['imgsz'][:60]!r}: expected "
+                             f"[height, width], multiples of 32 from {MIN_SIDE} to {MAX_SIDE}")  # fmt: skip
+    if kpt is not None and not (_sides(kpt, 1, MAX_KEYPOINTS, 1) and kpt[1] in (2, 3)):
+        raise OnnxModelError(f"{path}: metadata `kpt_shape` is {meta['kpt_shape'][:60]!r}: expected [keypoints, 2 or 3] "
+                             f"with at most {MAX_KEYPOINTS} keypoints")  # fmt: skip
+    return names, (imgsz[1], imgsz[0]) if imgsz else None, (kpt[0], kpt[1]) if kpt else None  # imgsz: [h, w]
+
+
+def _sides(value: object, low: int, high: int, multiple: int) -> bool:
+    """Whether `value` is a pair of integers (not booleans, not floats) from `low` to `high`, multiples of `multiple`."""
+    return (isinstance(value, list | tuple) and len(value) == 2
+            and all(type(v) is int and low <= v <= high and v % multiple == 0 for v in value))  # fmt: skip
 
 
 def _shapes(values: list[Any]) -> str:
