@@ -60,12 +60,13 @@ def _xdg_root(environ: Mapping[str, str] | None) -> Path:
 
 def config_key(config_file: Path | str | None) -> str:
     """<stem>-<8 hex of the absolute path's SHA-1>: the same config always finds its own directory again, and two
-    configs never share one. `default` without a config file."""
+    configs never share one. `default` without a config file. The stem is cut to 24 characters, so that the
+    fallback socket path (`<state dir>/run/control`) fits a unix socket's 107 bytes under any ordinary HOME."""
     if config_file is None:
         return "default"
     absolute = Path(config_file).resolve()
     digest = hashlib.sha1(str(absolute).encode(), usedforsecurity=False).hexdigest()[:8]
-    return f"{absolute.stem}-{digest}"
+    return f"{absolute.stem[:24]}-{digest}"
 
 
 def state_dir(config_file: Path | str | None, environ: Mapping[str, str] | None = None) -> Path:

@@ -77,3 +77,16 @@ def test_a_socket_path_over_107_bytes_is_a_clear_error(tmp_path):
     paths.socket_path_fits(Path("/run/vigild/control"))
     with pytest.raises(OSError, match="over the 107 a unix socket allows; set XDG_RUNTIME_DIR"):
         paths.socket_path_fits(tmp_path / ("d" * 100) / "control")
+
+
+def test_a_long_config_name_keeps_the_fallback_socket_within_a_unix_socket_path(tmp_path):
+    """The per-config fallback directory cuts the config's stem, so an ordinary HOME and a long file name still give
+    a control socket path a unix socket can hold (107 bytes)."""
+    from vigild import paths
+
+    config = tmp_path / ("front-door-camera-with-a-very-long-descriptive-name-" * 3 + ".yaml")
+    env = {"HOME": "/home/somebody-with-a-long-login"}
+    endpoint = paths.control_endpoint(config, env)
+    assert endpoint.startswith("ipc:///home/somebody-with-a-long-login/.local/state/vigild/front-door-camera-with-a-")
+    assert len(endpoint.removeprefix("ipc://").encode()) <= paths.MAX_SOCKET_PATH_BYTES
+    assert paths.config_key(config) != paths.config_key(tmp_path / "other.yaml")
