@@ -279,7 +279,7 @@ def test_cli_refuses_bad_config_with_one_line_and_exit_2(tmp_path, text, fragmen
 @pytest.mark.parametrize(
     ("example", "summary"),
     [
-        ("vtest.yaml", ["ok: 1 camera(s) [vtest]", "vtest: file", "journal: ", "/journal.db (replay on tcp://127.0.0.1:5556)"]),
+        ("vtest.yaml", ["ok: 1 camera(s) [vtest]", "vtest: file", "journal: ", "/journal.db (replay on ipc://", "/replay)"]),
         ("test-pattern.yaml", ["ok: 2 camera(s) [balls, bars]", "balls: test test://balls"]),
         ("rtsp-cameras.yaml", ["ok: 3 camera(s) [door, yard, garage]", "door: rtsp rtsp://192.0.2.10:554/stream1"]),
         ("gpu-analytics.yaml", ["ok: 16 camera(s) [cam01,", "cam16: rtsp rtsp://192.0.2.36:554/stream1"]),

@@ -9,6 +9,8 @@ live in vigild.config.settings, the wording of errors in vigild.config.errors; a
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +20,8 @@ from pydantic import BaseModel, ValidationError
 
 from vigild.capture.backends import BackendUnavailable, camera_backend
 from vigild.capture.sources import SourceKind, SourceSpec, parse_source
-from vigild.config.resolve import PluginSpec, resolve_chain
 from vigild.config.errors import problems_of
+from vigild.config.resolve import PluginSpec, resolve_chain
 from vigild.config.settings import (
     MAX_FRAME_SIDE,
     CameraConfig,
@@ -52,6 +54,22 @@ class Config:
     chain: tuple[PluginSpec, ...]
     document: YamlDocument
     """The parsed file, kept to point at lines when a plugin finds a problem only at start."""
+    file_instances: int | None = None
+    """Plugin instances of the config file as loaded, before control clients changed cameras (`with_camera` carries
+    it over); None: this config is the file's own."""
+
+    @functools.cached_property
+    def instances(self) -> int:
+        """Distinct plugin instances the chain makes: one per plugin and distinct effective config (as
+        vigild.pipeline.chain groups the cameras)."""
+        return sum(len({config.model_dump_json() for config in spec.per_camera.values()}) for spec in self.chain)
+
+    @property
+    def instance_limit(self) -> int:
+        """The most plugin instances control clients' changes may bring it to: the file's own plus
+        `control.max_instances`."""
+        own = self.instances if self.file_instances is None else self.file_instances
+        return own + self.settings.control.max_instances
 
     def error(self, path: KeyPath, message: str) -> ConfigError:
         return ConfigError(self.file, [self.document.problem(path, message)])
@@ -115,7 +133,8 @@ def load_section(file: str | Path, key: str, model: type[M], environ: Mapping[st
 
 def with_camera(config: Config, name: str, camera: dict[str, Any] | None) -> Config:
     """`config` with camera `name` set to `camera` (raw, as a control client sent it: never `${VAR}`-expanded) or
-    removed (None), validated whole, with the camera's capture back end available here. Raises `ConfigError`, or
+    removed (None), validated whole, with the camera's capture back end available here. Raises `ConfigError` (one
+    naming `control.max_instances` where the change would make more plugin instances than it allows), or
     `ControlRefused` where `camera` names a file, changing nothing."""
     data = copy.deepcopy(config.document.data)
     cameras = data.setdefault("cameras", {})
@@ -136,6 +155,22 @@ def with_camera(config: Config, name: str, camera: dict[str, Any] | None) -> Con
             raise ControlRefused(config.file, refused)
         cameras[name] = camera
     changed = validate_document(YamlDocument(config.file, data, config.document.lines))
+    own = config.instances if config.file_instances is None else config.file_instances
+    changed = dataclasses.replace(changed, file_instances=own)
+    if camera is not None and changed.instances > max(config.instances, changed.instance_limit):
+        limit = config.settings.control.max_instances
+        raise ConfigError(
+            config.file,
+            [
+                Problem(
+                    ("cameras", name, "plugins"),
+                    f"this change would make {changed.instances} plugin instances, each with its own model, past "
+                    f"the limit of {changed.instance_limit} (the config file's {own} + control.max_instances: "
+                    f"{limit}); cameras with the same plugin settings share one instance: give this camera settings "
+                    "another camera has, or raise control.max_instances in the config file",
+                )
+            ],
+        )
     if name in changed.cameras:
         changed.backends([name])  # capture would start at once: a back end not installed here refuses it now
     return changed

@@ -263,6 +263,15 @@ class ControlConfig(StrictModel):
         description="A control client's `cameras add` is refused (`forbidden`) once this many cameras are "
         "configured, so that clients cannot grow the daemon without bound; the config file itself may hold more.",
     )
+    max_instances: int = Field(
+        16,
+        ge=0,
+        le=10_000,
+        description="Plugin instances (each with its own model; a process of its own under `branch: process`) that "
+        "control clients' camera changes may add beyond those of the config file: cameras with the same effective "
+        "plugin settings share one, each distinct per-camera override makes one. A change past it is refused "
+        "(`invalid_config`); `vigild ctl status` counts them (`plugin_instances`).",
+    )
 
     @field_validator("endpoint")
     @classmethod

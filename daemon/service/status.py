@@ -119,9 +119,14 @@ def snapshot(running: Running, pipeline: Pipeline, rates: Rates, uptime_s: float
                 "seconds": round(stage.seconds, 3),
                 "failures": stage.total_failures,
                 "batch_failures": stage.batch_failures,
+                "instances": len(stage.instances),
                 **branch_report(chain, stage),
             }
             for stage in chain.stages
+        },
+        "plugin_instances": {  # control.max_instances: what control clients' changes may add
+            "count": sum(len(stage.instances) for stage in chain.stages),
+            "limit": running.config.instance_limit,
         },
         "publisher": {
             "sent": publisher.sent,
