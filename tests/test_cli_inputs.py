@@ -171,3 +171,22 @@ def current_umask() -> int:
     umask = os.umask(0o022)
     os.umask(umask)
     return umask
+
+
+def test_check_names_the_replay_socket_the_daemon_binds_by_default(tmp_path, monkeypatch, capsys):
+    """Without XDG_RUNTIME_DIR the replay socket is in the config's own state directory (vigild.paths), not the
+    publisher's port + 1; a `journal.replay_endpoint` of the config is printed as it is."""
+    from vigild import paths
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("XDG_RUNTIME_DIR", "XDG_STATE_HOME", "RUNTIME_DIRECTORY", "STATE_DIRECTORY"):
+        monkeypatch.delenv(name, raising=False)
+    config = tmp_path / "cams#2.yaml"
+    config.write_text("cameras:\n  a:\n    source: test://balls\nplugins: []\n")
+    assert main(["check", "--config", str(config)]) == 0
+    expected = paths.replay_endpoint(config)
+    assert expected.startswith(f"ipc://{tmp_path}/.local/state/vigild/") and expected.endswith("/run/replay")
+    assert f"(replay on {expected})" in capsys.readouterr().out
+    config.write_text(config.read_text() + "journal:\n  replay_endpoint: tcp://127.0.0.1:7001\n")
+    assert main(["check", "--config", str(config)]) == 0
+    assert "(replay on tcp://127.0.0.1:7001)" in capsys.readouterr().out
