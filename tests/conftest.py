@@ -277,3 +277,46 @@ def fill(directory) -> None:
         assert exc.errno == errno.ENOSPC
     finally:
         os.close(fd)
+
+
+CAPTURE_MODES_ELSEWHERE = {
+    "test_service.py": (
+        "test_notify_reload_as_a_diff_and_graceful_stop",
+        "test_capture_waits_for_the_awaited_subscriber_which_then_gets_the_first_frame",
+        "test_watchdog_pings_stop_while_a_plugin_hangs_and_resume_after",
+        "test_control_commands_metrics_and_fuzz",
+        "test_a_subscriber_that_never_reads_loses_only_its_own_events_and_memory_stays_bounded",
+    ),
+    "test_control_security.py": (
+        "test_a_camera_removed_and_added_again_starts_from_zero",
+        "test_a_slow_reload_or_camera_change_never_holds_up_status",
+        "test_a_change_sent_while_the_daemon_starts_is_busy_and_the_daemon_starts",
+    ),
+}
+"""capture_modes tests in files whose tests are written by others as well (marked here, by name; a name that is gone
+is an error, so that a rename cannot quietly drop a test from `make e2e-workers`)."""
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "capture_modes: the behaviour goes through capture: run again with capture in worker processes "
+        "(`make e2e-workers`, VIGILD_CAPTURE_WORKERS=2)",
+    )
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config, items) -> None:
+    collected: dict[str, set[str]] = {}
+    for item in items:
+        names = CAPTURE_MODES_ELSEWHERE.get(item.path.name)
+        if names is None:
+            continue
+        name = getattr(item, "originalname", item.name)
+        collected.setdefault(item.path.name, set()).add(name)
+        if name in names:
+            item.add_marker(pytest.mark.capture_modes)
+    whole_files = not any("::" in arg for arg in config.args)
+    for module, found in collected.items():
+        if whole_files and (missing := set(CAPTURE_MODES_ELSEWHERE[module]) - found):
+            raise pytest.UsageError(f"conftest.CAPTURE_MODES_ELSEWHERE names tests {module} no longer has: {missing}")

@@ -78,20 +78,29 @@ def _open_anywhere(paths: set[str]) -> set[str]:
     for pid in filter(str.isdigit, _listing(Path("/proc"))):
         try:
             maps = Path(f"/proc/{pid}/maps").read_text()
-            held.update(path for path in paths if path in maps)
-            for fd in _listing(Path(f"/proc/{pid}/fd")):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target in paths:
-                    held.add(target)
         except OSError:
-            continue
+            continue  # gone, or not ours to read
+        held.update(path for path in paths if path in maps)
+        for fd in _listing(Path(f"/proc/{pid}/fd")):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue  # closed meanwhile (the listing's own descriptor, for one)
+            if target in paths:
+                held.add(target)
     return held
 
 
 def changes(before: Snapshot, after: Snapshot) -> list[str]:
-    """What differs, one line each; a /dev/shm segment only if it is new and no live process holds it (left behind)."""
-    lines = [f"removed {path}" for path in sorted(before.keys() - after.keys())]
-    lines += [f"changed {path}" for path in sorted(before.keys() & after.keys()) if before[path] != after[path]]
+    """What differs, one line each. In /tmp and /dev/shm, which other users and programs share, only what is new
+    and left behind counts (a segment only if no live process holds it): others' files come and go there."""
+    shared = ("/tmp/", "/dev/shm/")
+    lines = [f"removed {path}" for path in sorted(before.keys() - after.keys()) if not path.startswith(shared)]
+    lines += [
+        f"changed {path}"
+        for path in sorted(before.keys() & after.keys())
+        if before[path] != after[path] and not path.startswith(shared)
+    ]
     added = after.keys() - before.keys()
     segments = {path for path in added if path.startswith("/dev/shm/")}
     added -= _open_anywhere(segments)

@@ -118,6 +118,7 @@ def run_chain(motion_model, reverse: bool, branch: bool = False) -> tuple[list[E
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("branch", [True, False], ids=["branch", "in-chain"])
+@pytest.mark.capture_modes
 def test_the_daemon_tells_each_subscriber_the_true_action_of_each_person_and_no_other(
     tmp_path, motion_model, endpoint, subscriber_factory, branch
 ):

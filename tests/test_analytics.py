@@ -443,6 +443,7 @@ def test_pedestrians_rendered_on_known_paths_are_tracked_and_counted_by_the_real
 
 
 @pytest.mark.e2e
+@pytest.mark.capture_modes
 def test_the_daemon_counts_the_rendered_crossings_for_a_subscriber_in_another_process(
     tmp_path, endpoint, subscriber_factory
 ):

@@ -171,6 +171,7 @@ def status(service) -> dict:
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("branch", ["true", "process"])
+@pytest.mark.capture_modes
 def test_a_stuck_branch_never_holds_up_the_chain_counts_what_it_skips_and_closes_at_stop(
     tmp_path, subscriber_factory, branch
 ):

@@ -50,6 +50,7 @@ def stop(process: subprocess.Popen, timeout: float = 60.0) -> tuple[int, float]:
     return code, time.monotonic() - started
 
 
+@pytest.mark.capture_modes
 def test_example_config_publishes_a_complete_gapless_stream(endpoint, subscriber_factory):
     subscriber = subscriber_factory(endpoint, idle_s=5)
     daemon = vigild(
@@ -103,6 +104,7 @@ def test_example_config_publishes_a_complete_gapless_stream(endpoint, subscriber
     assert max(b["cameras"]["vtest"]["fps"] for b in beats) > 0
 
 
+@pytest.mark.capture_modes
 def test_sigterm_stops_with_exit_0_and_closes_open_tracks(tmp_path, endpoint, subscriber_factory):
     config = write_config(tmp_path, f"vtest:\n  source: {VTEST}\n  loop: true\n", endpoint)
     subscriber = subscriber_factory(endpoint, idle_s=3)
@@ -118,6 +120,7 @@ def test_sigterm_stops_with_exit_0_and_closes_open_tracks(tmp_path, endpoint, su
     assert last["type"] == "camera.down" and last["reason"] == "stopped"
 
 
+@pytest.mark.capture_modes
 def test_missing_camera_is_reported_and_retried_while_the_other_publishes(tmp_path, endpoint, subscriber_factory):
     cameras = f"""\
     vtest:
@@ -184,6 +187,7 @@ def vigild_command() -> list[str]:
     return [sys.executable, "-m", "vigild"]
 
 
+@pytest.mark.capture_modes
 def test_test_pattern_cameras_stream_through_the_daemon(endpoint, subscriber_factory):
     subscriber = subscriber_factory(endpoint, idle_s=10)
     daemon = vigild(

@@ -4,12 +4,13 @@ changes the real HOME's vigild directories (or a fixed shared path) fails, namin
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
 
 from conftest import ROOT, bare_env, daemon_env
-from hermetic import REAL_HOME
+from hermetic import REAL_HOME, changes
 
 from vigild import paths
 
@@ -49,3 +50,16 @@ def test_a_run_that_writes_into_the_real_homes_vigild_state_fails_and_names_it(t
     assert f"created {tmp_path / 'home' / '.local' / 'state' / 'vigild' / 'control'}\n" in run.stdout  # to the file
     clean = probe(tmp_path, "stay")
     assert clean.returncode == 0, clean.stdout + clean.stderr
+
+
+def test_a_segment_left_in_dev_shm_counts_but_one_a_live_process_holds_or_others_removed_does_not():
+    path = f"/dev/shm/vigild-hermetic-{os.getpid()}-{secrets.token_hex(4)}"
+    after = {path: (0, 0, 0)}
+    try:
+        with open(path, "w"):
+            assert changes({}, after) == []  # a daemon running beside the suite holds it
+        assert changes({}, after) == [f"created {path}"]  # nobody does: left behind
+    finally:
+        os.unlink(path)
+    assert changes(after, {}) == []  # someone else's, gone: their business
+    assert changes({"/run/vigild": (0o40700, 0, 1)}, {}) == ["removed /run/vigild"]

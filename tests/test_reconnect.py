@@ -23,6 +23,7 @@ def resources(pid: int) -> tuple[int, int]:
     return len(os.listdir(f"/proc/{pid}/task")), len(os.listdir(f"/proc/{pid}/fd"))
 
 
+@pytest.mark.capture_modes
 def test_rtsp_camera_survives_its_server_restarting_20_times(tmp_path: Path, endpoint, subscriber_factory, encoded_media):
     server = RtspServer({"/cam": encoded_media["h264"]}).start()
     config = tmp_path / "vigild.yaml"

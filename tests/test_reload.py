@@ -34,6 +34,7 @@ def events_of(messages: list[dict], kind: str, camera: str | None = None) -> lis
     return [event for event in events if camera is None or event["camera"] == camera]
 
 
+@pytest.mark.capture_modes
 def test_a_reload_refused_or_timed_out_while_a_batch_is_held_changes_nothing(tmp_path, subscriber_factory):
     """The scheduler is held inside a batch (frame_echo's `hang_when`). A reload whose new plugin fails to start is
     refused with `invalid_config` at once (plugins load beside the running chain); a valid reload or a pause that
@@ -125,6 +126,7 @@ def seconds(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
+@pytest.mark.capture_modes
 def test_analytics_refusing_the_new_cameras_refuses_the_reload_and_keeps_its_visits(tmp_path, subscriber_factory):
     """The analytics instance watches zone `plaza` by name; a reload that adds a camera without that zone is refused
     whole by its check_cameras, with `invalid_config` naming the plugin's key and the camera. The running detector,

@@ -189,6 +189,7 @@ plugins:
 
 
 @pytest.mark.e2e
+@pytest.mark.capture_modes
 def test_daemon_uses_the_cpus_it_may_use_not_omp_num_threads(tmp_path):
     expected = independent_usable_cpus()
     misleading = "1" if expected > 1 else "3"  # anything but the right answer
@@ -198,6 +199,7 @@ def test_daemon_uses_the_cpus_it_may_use_not_omp_num_threads(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.capture_modes
 def test_torch_threads_setting_wins_over_cpus_and_environment(tmp_path):
     threads = heartbeat_threads(tmp_path, "3", "torch_threads: 1")
     assert threads["torch"] == 1
