@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -235,7 +236,7 @@ class WorkerHandle:
         """With `_lock` held, after the worker died: its ends closed, its segments removed, its cameras told; the
         names of those it served. Each step is logged if it fails, and the next one taken."""
         names: list[str] = []
-        steps = [connection.close, bell.close]  # frames still held ring the closed bell harmlessly
+        steps: list[Callable[[], object]] = [connection.close, bell.close]  # held frames ring a closed bell: no harm
         steps.append(partial(shm.unlink_prefix, shm.worker_prefix(self.pool.instance, self.index, self.generation)))
         for capture_id, rc in list(self.captures.items()):
             if rc.stopping:  # it was being stopped anyway: its capture has ended
