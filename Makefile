@@ -59,18 +59,18 @@ unit: setup
 e2e: setup
 	$(VENV)/bin/python -m pytest -m e2e
 
-# `make test` runs the whole suite once, then again the tests marked `capture_modes` (their behaviour goes through
-# capture: frames, reconnects, reloads, stops) with capture in worker processes (VIGILD_CAPTURE_WORKERS decides
-# `capture.workers: auto`), so every end-to-end behaviour of capture holds in both modes; the tests that run a daemon
-# only to check its config, control socket or CURVE keys run once. pytest's exit 5 (nothing collected) fails.
+# `make test` runs the whole suite once, in one session. The tests marked `capture_modes` (their behaviour goes through
+# capture: frames, reconnects, reloads, stops) run twice in it, [threads] and [workers] (capture in worker processes),
+# so that every end-to-end behaviour of capture holds in both modes; the tests that run a daemon only to check its
+# config, control socket or CURVE keys run once. `make e2e-workers` runs the [workers] variants alone. pytest's exit 5
+# (nothing collected) fails both.
 NO_TESTS_FAIL = rc=$$?; if [ $$rc = 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 test: lint
 	@$(VENV)/bin/python -m pytest; $(NO_TESTS_FAIL)
-	$(MAKE) --no-print-directory e2e-workers
 
 e2e-workers: setup
-	@VIGILD_CAPTURE_WORKERS=2 $(VENV)/bin/python -m pytest -m "capture_modes and not slow"; $(NO_TESTS_FAIL)
+	@$(VENV)/bin/python -m pytest -m "capture_workers and not slow"; $(NO_TESTS_FAIL)
 
 soak: setup
 	VIGILD_SOAK_S=$${VIGILD_SOAK_S:-600} $(VENV)/bin/python -m pytest -m slow -s

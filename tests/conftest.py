@@ -132,9 +132,14 @@ os.environ["GST_REGISTRY"] = os.path.join(HOMES, "gstreamer-registry.bin")
 
 
 @pytest.fixture(autouse=True)
-def hermetic_home(monkeypatch) -> Path:
+def hermetic_home(request, monkeypatch) -> Path:
     """Every test: a fresh HOME with XDG_*, STATE_DIRECTORY and RUNTIME_DIRECTORY unset (a test that wants them sets
-    them itself), so that nothing a test runs in its own process, or starts with os.environ, reaches the real HOME."""
+    them itself), so that nothing a test runs in its own process, or starts with os.environ, reaches the real HOME.
+    A capture_modes test's daemons run with capture in worker processes in its [workers] variant, in their own
+    threads in its [threads] variant (whatever `capture.workers: auto` would choose on this machine)."""
+    mode = getattr(request.node, "callspec", None) and request.node.callspec.params.get("capture_mode")
+    if mode:
+        monkeypatch.setenv("VIGILD_CAPTURE_WORKERS", CAPTURE_WORKERS if mode == "workers" else "0")
     home = Path(tempfile.mkdtemp(dir=HOMES, prefix="t-"))
     monkeypatch.setenv("HOME", str(home))
     for name in [name for name in os.environ if name.startswith("XDG_") or name in HERMETIC_UNSET]:
@@ -297,12 +302,27 @@ CAPTURE_MODES_ELSEWHERE = {
 is an error, so that a rename cannot quietly drop a test from `make e2e-workers`)."""
 
 
+CAPTURE_WORKERS = "2"
+"""VIGILD_CAPTURE_WORKERS of the `workers` variants (it decides `capture.workers: auto`)."""
+
+
 def pytest_configure(config) -> None:
     config.addinivalue_line(
         "markers",
-        "capture_modes: the behaviour goes through capture: run again with capture in worker processes "
-        "(`make e2e-workers`, VIGILD_CAPTURE_WORKERS=2)",
+        "capture_modes: the behaviour goes through capture: the test runs twice, [threads] and [workers] (capture "
+        "in worker processes: VIGILD_CAPTURE_WORKERS=2)",
     )
+    config.addinivalue_line("markers", "capture_workers: the [workers] variant of a capture_modes test")
+
+
+def pytest_generate_tests(metafunc) -> None:
+    """Each capture_modes test in both capture modes, in one session (session fixtures made once)."""
+    definition = metafunc.definition
+    elsewhere = metafunc.function.__name__ in CAPTURE_MODES_ELSEWHERE.get(definition.path.name, ())
+    if elsewhere or definition.get_closest_marker("capture_modes"):
+        metafunc.fixturenames.append("capture_mode")
+        modes = ["threads", pytest.param("workers", marks=pytest.mark.capture_workers)]
+        metafunc.parametrize("capture_mode", modes)
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker

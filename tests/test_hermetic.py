@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, bare_env, daemon_env
 from hermetic import REAL_HOME, changes
 
@@ -63,3 +64,9 @@ def test_a_segment_left_in_dev_shm_counts_but_one_a_live_process_holds_or_others
         os.unlink(path)
     assert changes(after, {}) == []  # someone else's, gone: their business
     assert changes({"/run/vigild": (0o40700, 0, 1)}, {}) == ["removed /run/vigild"]
+
+
+@pytest.mark.capture_modes
+def test_a_capture_modes_test_runs_in_both_modes_and_its_daemons_see_which(capture_mode):
+    expected = {"threads": "0", "workers": "2"}[capture_mode]
+    assert os.environ["VIGILD_CAPTURE_WORKERS"] == expected and daemon_env()["VIGILD_CAPTURE_WORKERS"] == expected
