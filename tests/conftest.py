@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,9 +12,10 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+import hermetic
 import numpy as np
 import pytest
-from hermetic import pytest_sessionfinish, pytest_sessionstart, pytest_terminal_summary  # noqa: F401
+from hermetic import pytest_sessionstart, pytest_terminal_summary  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("VIGILD_SHARED", ROOT.parent / "shared")).resolve()
@@ -103,16 +105,31 @@ def install_fake_distribution(site: Path, entry_points: str, modules: dict[str, 
         (site / f"{name}.py").write_text(source)
 
 
-RUNTIME_DIR = tempfile.mkdtemp(prefix="vt-run-")
-"""$XDG_RUNTIME_DIR of every daemon the tests start through daemon_env(): their default control socket is the suite's
-own, so a `vigild` already running on the machine (a `make demo`, another checkout's suite) cannot collide with it.
-(Short, for socket paths; not named vigild*, which the session guard below watches in /tmp.)"""
+SUITE_DIR = tempfile.mkdtemp(prefix="vt-")
+"""Everything of this session's outside pytest's tmp_path, removed at its end (conftest's pytest_sessionfinish).
+Short, for socket paths; not named vigild*, which the session guard (hermetic.py) watches in /tmp."""
 
-STATE_DIR = tempfile.mkdtemp(prefix="vt-state-")
+
+def _suite_dir(name: str) -> str:
+    os.mkdir(path := os.path.join(SUITE_DIR, name), 0o700)
+    return path
+
+
+RUNTIME_DIR = _suite_dir("run")
+"""$XDG_RUNTIME_DIR of every daemon the tests start through daemon_env(): their default control socket is the suite's
+own, so a `vigild` already running on the machine (a `make demo`, another checkout's suite) cannot collide with it."""
+
+STATE_DIR = _suite_dir("state")
 """Where the daemons started through daemon_env() keep their journals by default (each its own $XDG_STATE_HOME)."""
 
-HOMES = tempfile.mkdtemp(prefix="vt-home-")
+HOMES = _suite_dir("home")
 """The suite's HOMEs: one for the session (module- and session-scoped fixtures), and a fresh one for every test."""
+
+# temporary files of the tests and of everything they start go in the suite's own directory, so that the guard's
+# /tmp/vigild* can only be a fixed path (a suite running beside this one keeps its temporary files to itself too);
+# pytest's tmp_path stays where it was (/tmp/pytest-of-<user>: socket paths in it must stay short)
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+os.environ["TMPDIR"] = tempfile.tempdir = _suite_dir("tmp")
 
 HERMETIC_UNSET = ("STATE_DIRECTORY", "RUNTIME_DIRECTORY")
 """systemd's variables (which come before XDG's): unset like every XDG_* variable unless a test sets them itself."""
@@ -129,6 +146,11 @@ def _hermetic(environ, home: str) -> None:
 # registry kept once for the suite, not rebuilt under every fresh HOME (0.7 s each daemon start)
 _hermetic(os.environ, tempfile.mkdtemp(dir=HOMES, prefix="session-"))
 os.environ["GST_REGISTRY"] = os.path.join(HOMES, "gstreamer-registry.bin")
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    hermetic.pytest_sessionfinish(session, exitstatus)
+    shutil.rmtree(SUITE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
