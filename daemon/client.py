@@ -30,22 +30,20 @@ DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 GAP_TOPIC = "vigild.sys.gap"
 """The topic of a resuming subscriber's gap notices (they are made by the client, never published)."""
 REPLAY_PAGE = 500
+REPLAY_BUSY_WAIT_S = 0.2
+"""The replay socket is serving as many clients as it may: ask again after this long (until the gap's deadline)."""
 REPLAY_RETRY_S = 1.0
 """Once the replay socket has not answered, how long the next gaps wait for it (until it answers again)."""
 
 
-def replay_endpoint_for(endpoint: str) -> str:
-    """The replay socket a daemon publishing on `endpoint` serves by default (`journal.replay_endpoint`): the
-    publisher's port + 1 for tcp (a port the system picks, `*` or 0: one it picks), its path with `.replay` appended
-    for ipc."""
-    if endpoint.startswith("tcp://"):
-        host, _, port = endpoint.rpartition(":")
-        if port in ("*", "0"):  # a port the system picks: the replay socket's is picked too
-            return f"{host}:{port}"
-        if port.isdigit():
-            return f"{host}:{int(port) + 1}"
-        raise ValueError(f"cannot derive a replay endpoint from {endpoint!r}: give journal.replay_endpoint")
-    return endpoint + ".replay"
+def _reachable(named: str, publisher: str) -> str:
+    """The replay endpoint a heartbeat names, as this client can reach it: a tcp wildcard host (`*`, 0.0.0.0, ::) is
+    the publisher endpoint's host."""
+    if named.startswith("tcp://") and publisher.startswith("tcp://"):
+        host, _, port = named[len("tcp://") :].rpartition(":")
+        if host in ("*", "0.0.0.0", "[::]", "::"):
+            return f"{publisher.rpartition(':')[0]}:{port}"
+    return named
 
 
 @dataclass(frozen=True)
@@ -71,8 +69,9 @@ class Subscriber:
     ):
         """`curve`: the server's public key and this client's key pair, for a daemon that requires CURVE.
 
-        `resume`: fill every gap in `seq` from the daemon's replay socket (`replay_endpoint`, default as the
-        daemon's: `replay_endpoint_for(endpoint)`) and yield every event exactly once, in seq order, with a gap
+        `resume`: fill every gap in `seq` from the daemon's replay socket (`replay_endpoint`; by default the one
+        the daemon's heartbeat names, and until one is heard `vigild.paths.replay_endpoint()`, the daemon's default
+        without a config file: catching up from `after_seq` waits for that first heartbeat) and yield every event exactly once, in seq order, with a gap
         notice (topic `GAP_TOPIC`) for what the journal does not have. `after_seq`: start after this seq (the last
         one a previous run of this program handled; 0: everything the journal holds) and catch up from the journal
         first; None: start with the first live event. `replay_timeout`: how long a gap waits for the journal to
@@ -96,7 +95,14 @@ class Subscriber:
         self._run: str | None = None
         self._resume = resume
         self._curve = curve
-        self._replay_endpoint = (replay_endpoint or replay_endpoint_for(endpoint)) if resume else ""
+        self._endpoint = endpoint
+        self._replay_given = replay_endpoint
+        self._replay_heard: str | None = None
+        """The replay endpoint the last heartbeat named."""
+        self._held: list[Message] = []
+        """Live events that came before the first heartbeat, held while catching up waits to hear the replay
+        endpoint (until `replay_timeout`)."""
+        self._hold_until = time.monotonic() + replay_timeout
         self._replay: zmq.Socket | None = None
         self._replay_down = False
         self._replay_timeout = replay_timeout
@@ -109,24 +115,44 @@ class Subscriber:
         """With `resume`: the seq of the last event handed out (or announced missing); keep it to resume after."""
         return self._next - 1 if self._next is not None else None
 
+    @property
+    def replay_endpoint(self) -> str:
+        """The replay socket gaps are filled from: the one given, else the one the heartbeat names, else the
+        default (vigild.paths.replay_endpoint)."""
+        return self._replay_given or self._replay_heard or paths.replay_endpoint(None)
+
     def receive(self, timeout: float | None = None) -> Message | None:
         """The next message, or None when `timeout` seconds pass without one."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._ready:
                 return self._ready.popleft()
-            if self._catch_up:
+            if self._catch_up and (self._knows_replay() or time.monotonic() >= self._hold_until):
                 self._catch_up = False
                 assert self._next is not None
                 self._fill(self._next, None)
+                held, self._held = self._held, []
+                for message in held:
+                    self._take(message)
                 continue
             wait = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+            if self._catch_up:  # wake up when the wait for a heartbeat ends
+                hold = max(0, int((self._hold_until - time.monotonic()) * 1000))
+                wait = hold if wait < 0 else min(wait, hold)
             if not self.socket.poll(wait):
+                if self._catch_up and time.monotonic() >= self._hold_until:
+                    continue
                 return None
             message = self._read()
             if not self._resume:
                 return message
+            if self._catch_up and not _is_heartbeat(message.event):
+                self._held.append(message)  # until the heartbeat names the replay socket to catch up from
+                continue
             self._take(message)
+
+    def _knows_replay(self) -> bool:
+        return bool(self._replay_given or self._replay_heard)
 
     def _read(self) -> Message:
         topic, payload, *rest = self.socket.recv_multipart()
@@ -146,6 +172,9 @@ class Subscriber:
         event = message.event
         seq = event.get("seq")
         if _is_heartbeat(event):  # it says the last seq published: a gap at the end of the stream shows here
+            named = (event.get("journal") or {}).get("replay")
+            if isinstance(named, str) and named:
+                self._replay_heard = _reachable(named, self._endpoint)
             last = (event.get("publisher") or {}).get("last_seq")
             if self._next is not None and isinstance(last, int) and last >= self._next:
                 self._fill(self._next, last)
@@ -202,6 +231,12 @@ class Subscriber:
                 time.sleep(0.05)
         if self._next is None or after + 1 > self._next:
             self._next = after + 1
+        self._close_replay()  # the replay socket serves few clients at once: a place is held while connected
+
+    def _close_replay(self) -> None:
+        if self._replay is not None:
+            self._replay.close()
+            self._replay = None
 
     def _ask(self, request: dict[str, Any], deadline: float) -> tuple[dict[str, Any], list[tuple[dict[str, Any], bytes]]] | None:
         """One replay request; None when no answer comes before `deadline` (the socket is then made anew, so that
@@ -211,18 +246,21 @@ class Subscriber:
             self._replay.setsockopt(zmq.LINGER, 0)
             if self._curve is not None:
                 self._curve.apply(self._replay)
-            self._replay.connect(self._replay_endpoint)
+            self._replay.connect(self.replay_endpoint)
         self._replay.send_multipart([b"", json.dumps(request).encode()])
         if self._replay_down:  # it did not answer last time (the daemon stopped?): a short try, not the whole wait
             deadline = min(deadline, time.monotonic() + REPLAY_RETRY_S)
         if not self._replay.poll(max(1, int((deadline - time.monotonic()) * 1000))):
-            self._replay.close()
-            self._replay = None
+            self._close_replay()
             self._replay_down = True
             return None
         self._replay_down = False
         frames = self._replay.recv_multipart()[1:]
         header = json.loads(frames[0])
+        if header.get("code") == "busy" and time.monotonic() + REPLAY_BUSY_WAIT_S < deadline:
+            self._close_replay()  # as many clients as it serves: ask again shortly
+            time.sleep(REPLAY_BUSY_WAIT_S)
+            return self._ask(request, deadline)
         if "error" in header:
             return None
         bodies = frames[1::2]
@@ -250,8 +288,7 @@ class Subscriber:
 
     def close(self) -> None:
         self.socket.close()
-        if self._replay is not None:
-            self._replay.close()
+        self._close_replay()
 
     def __enter__(self) -> Subscriber:
         return self

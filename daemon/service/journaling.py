@@ -15,7 +15,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from vigild.client import replay_endpoint_for
+from vigild import paths
 from vigild.config.settings import CurveConfig, JournalConfig
 from vigild.outputs.journal import Journal, JournalLocked, JournalWriter, default_path
 from vigild.outputs.publisher import Publisher
@@ -35,7 +35,8 @@ class Journaling:
                  curve: CurveConfig | None):  # fmt: skip
         self.config = config
         self.path = config.path or default_path(config_file)
-        self.replay_endpoint = config.replay_endpoint or replay_endpoint_for(publisher.config.endpoint)
+        self.replay_endpoint = config.replay_endpoint or paths.replay_endpoint(config_file)
+        self._default_replay = config.replay_endpoint is None
         self._publisher = publisher
         self._curve = curve
         self.writer: JournalWriter | None = None
@@ -66,7 +67,8 @@ class Journaling:
             self._publisher.attach_journal(self.writer)
             self.writer.start()
             log.info("event journal %s: events from seq %d on", self.path, self.writer.through + 1)
-        self.replay = ReplayServer(self.replay_endpoint, self.writer, lambda: self._publisher.last_seq, self._curve)
+        self.replay = ReplayServer(self.replay_endpoint, self.writer, lambda: self._publisher.last_seq, self._curve,
+                                   private_dir=self._default_replay)  # fmt: skip
         try:
             self.replay.start()
         except ReplayError:
@@ -89,11 +91,16 @@ class Journaling:
         """The heartbeat's `journal` section (`{"enabled": False}` when it is off)."""
         if not self.config.enabled:
             return {"enabled": False}
+        replay = self.replay
+        served: dict[str, Any] = {}
+        if replay is not None:
+            replay.ensure_running()  # a replay thread that died is started again here, once per heartbeat
+            served = replay.status()
         writer = self.writer
         if writer is None:
             not_journaled = self._publisher.last_seq if self.open_error is not None else 0
             return {"enabled": True, "path": str(self.path), "stored": 0, "not_journaled": not_journaled,
-                    "queued": 0, "error": self.open_error, "replay": self.replay_endpoint}  # fmt: skip
+                    "queued": 0, "error": self.open_error, "replay": self.replay_endpoint, **served}  # fmt: skip
         return {
             "enabled": True,
             "path": str(self.path),
@@ -102,4 +109,5 @@ class Journaling:
             "queued": writer.queued,
             "error": writer.error,
             "replay": self.replay_endpoint,
+            **served,
         }
