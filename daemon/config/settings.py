@@ -231,7 +231,8 @@ class JournalConfig(StrictModel):
     replay_endpoint: str | None = Field(
         None,
         description="ZeroMQ endpoint of the replay socket that resuming subscribers fill their gaps from; default: "
-        "the publisher's endpoint with its port + 1 (tcp) or `.replay` appended (ipc). CURVE as the publisher.",
+        "ipc://<runtime directory>/replay (mode 0660: the daemon's user and group; docs/events.md#resume). CURVE as "
+        "the publisher; a tcp:// one without CURVE is logged INSECURE, loopback included.",
     )
 
     @field_validator("replay_endpoint")
