@@ -243,11 +243,12 @@ def cut_hls(h264_mp4: Path, folder: Path, timeout: float = 60.0) -> Path:
     streaming thread idle. Here the pipeline forwards its children's messages (`message-forward`), and the EOS of
     the hlssink2 element itself ends the wait, whether or not the pipeline's aggregated EOS follows.
     """
+    from vigild.capture.gst_lockdown import launch  # no filesrc by name in this process once a reader ran
     from vigild.capture.gst_pipeline import gst_modules
 
     gst = gst_modules()[0]
     playlist = folder / "live.m3u8"
-    pipeline = gst.parse_launch(
+    pipeline = launch(
         f'filesrc location="{h264_mp4}" ! qtdemux ! h264parse ! hlssink2 name=hls target-duration=2 '
         f'playlist-length=0 max-files=0 location="{folder}/segment%05d.ts" playlist-location="{playlist}"'
     )

@@ -21,6 +21,7 @@ from conftest import VTEST
 from streams import count_frames, encode, frames_at_least, run_camera  # count_frames: 59 or 60 frames, run by run
 
 from vigild.capture.camera import CameraCapture
+from vigild.capture.gst_lockdown import launch
 from vigild.capture.gst_pipeline import (
     CORE_ERROR_DOMAIN,
     CORE_ERROR_NEGOTIATION,
@@ -268,7 +269,7 @@ def test_decoder_software_never_tries_a_hardware_decoder(fake_hardware_decoder, 
 @pytest.mark.parametrize("fake_hardware_decoder", ["fakehwdec"], indirect=True)
 def test_the_fake_is_plugged_first(fake_hardware_decoder, h264_file):
     """The fallback tests prove something only if decodebin really plugs the fake before avdec_h264."""
-    pipeline = Gst.parse_launch(f'filesrc location="{h264_file}" ! decodebin ! fakesink')
+    pipeline = launch(f'filesrc location="{h264_file}" ! decodebin ! fakesink')  # no filesrc by name after a reader ran
     pipeline.set_state(Gst.State.PLAYING)
     message = pipeline.get_bus().timed_pop_filtered(10 * Gst.SECOND, Gst.MessageType.ERROR | Gst.MessageType.EOS)
     pipeline.set_state(Gst.State.NULL)

@@ -18,6 +18,7 @@ import pytest
 from conftest import VTEST, daemon_env, free_endpoint
 from service import Service, camera_yaml, service_config
 
+from vigild.capture.gst_lockdown import launch
 from vigild.capture.gst_pipeline import DECODEBIN_NAME, gst_modules, gstreamer_available, pipeline_description
 from vigild.capture.sources import SourceKind, parse_source
 from vigild.config.loading import ConfigError, load_config
@@ -331,7 +332,7 @@ def test_a_source_is_one_property_value_in_the_gstreamer_pipeline(source):
     gst = gst_modules()[0]
     spec = parse_source(source)
     description = pipeline_description(spec, resize=(320, 240), fps=5, sync=False, drop=True)
-    pipeline = gst.parse_launch(description)
+    pipeline = launch(description)  # as the reader builds it: a file's filesrc from the kept factory
     elements, iterator = [], pipeline.iterate_elements()
     while (step := iterator.next())[0] == gst.IteratorResult.OK:
         elements.append(step[1].get_factory().get_name())

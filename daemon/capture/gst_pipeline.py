@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any
@@ -162,6 +163,15 @@ def reads_local(klass: str, uri: str | None, protocols: Sequence[str]) -> bool:
     if protocols:
         return not any(protocol.lower() in NETWORK_URI_SCHEMES for protocol in protocols)
     return False
+
+
+_URI_SCHEME = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def names_local_uri(text: str) -> bool:
+    """Whether an error text names a URI of a local scheme: what an adaptive demuxer says when its stream named a
+    `file://` variant, key or segment that it found no source for (`Failed to download 'file:///…'`)."""
+    return any(scheme.lower() not in NETWORK_URI_SCHEMES for scheme in _URI_SCHEME.findall(text))
 
 
 def nvmm_converter(registry_has: Callable[[str], bool], software_only: bool) -> str | None:

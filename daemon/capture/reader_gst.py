@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from vigild.capture.gst_decoder_log import decoder_error_log
+from vigild.capture.gst_lockdown import launch
 from vigild.capture.gst_pipeline import (
     DECODEBIN_NAME,
     LOCAL_SOURCE_REFUSED,
@@ -21,6 +22,7 @@ from vigild.capture.gst_pipeline import (
     gst_modules,
     hardware_decoder_to_blame,
     is_hardware_decoder,
+    names_local_uri,
     nvmm_converter,
     pipeline_description,
     pipeline_limits_fps,
@@ -97,8 +99,8 @@ class GstReader(FrameReader):
         )
         check_local_source(self.spec)
         decoder_error_log(gst).watch(self)
-        try:
-            self._pipeline = gst.parse_launch(description)
+        try:  # with no local source left in GStreamer's registry (a configured file's filesrc is kept aside)
+            self._pipeline = launch(description)
         except Exception as exc:  # GLib.Error: a missing element (plugin package not installed)
             raise SourceError(f"cannot build the GStreamer pipeline: {exc}") from None
         self._sink = self._pipeline.get_by_name(SINK_NAME)
@@ -296,6 +298,8 @@ class GstReader(FrameReader):
         if self._refused:  # whatever a demuxer says after its source was refused, the reason is the refusal
             raise SourceError(LOCAL_SOURCE_REFUSED)
         error, debug = message.parse_error()
+        if self._guard_local and names_local_uri(f"{error.message} {debug}"):  # a demuxer failed to fetch one
+            raise SourceError(LOCAL_SOURCE_REFUSED)
         source = message.src
         factory = source.get_factory() if hasattr(source, "get_factory") else None
         factory_name = factory.get_name() if factory is not None else ""
