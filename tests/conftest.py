@@ -110,8 +110,12 @@ SUITE_DIR = tempfile.mkdtemp(prefix="vt-")
 Short, for socket paths; not named vigild*, which the session guard (hermetic.py) watches in /tmp."""
 
 
-def _suite_dir(name: str) -> str:
-    os.mkdir(path := os.path.join(SUITE_DIR, name), 0o700)
+os.chmod(SUITE_DIR, 0o711)  # traversable: a test may run a daemon as another user (setpriv) with files in it
+
+
+def _suite_dir(name: str, mode: int = 0o700) -> str:
+    os.mkdir(path := os.path.join(SUITE_DIR, name))
+    os.chmod(path, mode)
     return path
 
 
@@ -129,7 +133,7 @@ HOMES = _suite_dir("home")
 # /tmp/vigild* can only be a fixed path (a suite running beside this one keeps its temporary files to itself too);
 # pytest's tmp_path stays where it was (/tmp/pytest-of-<user>: socket paths in it must stay short)
 os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
-os.environ["TMPDIR"] = tempfile.tempdir = _suite_dir("tmp")
+os.environ["TMPDIR"] = tempfile.tempdir = _suite_dir("tmp", 0o1777)  # as /tmp: for every user, sticky
 
 HERMETIC_UNSET = ("STATE_DIRECTORY", "RUNTIME_DIRECTORY")
 """systemd's variables (which come before XDG's): unset like every XDG_* variable unless a test sets them itself."""
