@@ -124,7 +124,8 @@ class Soaked:
         cameras = "".join(camera_yaml(name, VTEST, loop=True, realtime=False, **GEOMETRY) for name in CAMERAS)
         plugins = f"{yolo_fastest_yaml()}\n  - type: bytetrack\n{ANALYTICS}"
         endpoint = free_endpoint()
-        extra = f"capture:\n  workers: {workers}\n"
+        # two daemons side by side in the suite's runtime directory: each its own replay socket
+        extra = f"capture:\n  workers: {workers}\njournal:\n  replay_endpoint: ipc://{folder}/replay\n"
         config = service_config(folder, cameras, endpoint, plugins=plugins, extra=extra)
         self.events = AnalyticsEvents(endpoint)
         self.events.start()
