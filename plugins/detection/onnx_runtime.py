@@ -96,14 +96,17 @@ def providers_for(device: str) -> list[Any]:
 def open_session(path: Path, device: str, threads: int | None) -> Any:
     """An inference session for `path`; a file ONNX Runtime cannot read raises `OnnxModelError` saying so.
 
-    The file is parsed and checked by `onnx` first: ONNX Runtime's own parser aborts the whole process on some
-    malformed files (seen here on random bytes), where `onnx`'s raises an exception. The checker is given the path,
+    The file is parsed by `onnx` (Python's protobuf) and checked first: ONNX Runtime's own parser, and the checker's
+    C++ one, abort the whole process on some malformed files (seen here on random bytes), where Python's raises. The checker is given the path,
     so that external data is looked for beside the model (not in the working directory), and data outside the
     model's directory (`../`, an absolute path, a symbolic link) is refused."""
     import onnx
     import onnxruntime as ort
 
     try:
+        # Python's protobuf parses first: given a path, the checker parses the file in C++ and aborts the process on
+        # some malformed files (seen in CI), as ONNX Runtime does; a file that parses here is well-formed protobuf
+        onnx.load(str(path), load_external_data=False)
         onnx.checker.check_model(str(path))
     except Exception as exc:  # DecodeError, ValidationError, OSError...
         raise OnnxModelError(f"{path}: not a valid ONNX model: {first_line(exc)}") from None
