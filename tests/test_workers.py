@@ -158,7 +158,8 @@ class Daemon:
             cameras,
             self.publisher,
             plugins=plugins,
-            extra=f"capture:\n  workers: {workers}\n",
+            # (the runtime directory is the suite's, shared by daemons side by side: each its own replay socket)
+            extra=f"capture:\n  workers: {workers}\njournal:\n  replay_endpoint: ipc://{folder}/replay\n",
             await_subscribers=await_subscribers,
         )
         self.log = folder / "daemon.log"

@@ -97,23 +97,48 @@ def open_session(path: Path, device: str, threads: int | None) -> Any:
     """An inference session for `path`; a file ONNX Runtime cannot read raises `OnnxModelError` saying so.
 
     The file is parsed by `onnx` (Python's protobuf) and checked first: ONNX Runtime's own parser, and the checker's
-    C++ one, abort the whole process on some malformed files (seen here on random bytes), where Python's raises. The checker is given the path,
-    so that external data is looked for beside the model (not in the working directory), and data outside the
-    model's directory (`../`, an absolute path, a symbolic link) is refused."""
+    C++ one, abort the whole process on some malformed files (seen here on random bytes), where Python's raises.
+    External data is looked for beside the model (not in the working directory), and data outside the model's
+    directory (`../`, an absolute path, a symbolic link) is refused (`check_external_data`)."""
     import onnx
     import onnxruntime as ort
 
     try:
-        # Python's protobuf parses first: given a path, the checker parses the file in C++ and aborts the process on
-        # some malformed files (seen in CI), as ONNX Runtime does; a file that parses here is well-formed protobuf
-        onnx.load(str(path), load_external_data=False)
-        onnx.checker.check_model(str(path))
+        # Python's protobuf parses, and the checker gets the parsed model, never the path: given a path, its C++ side
+        # parses the file and resolves external data itself, and it aborted the whole process in a CI run (a model
+        # whose external data pointed outside its directory). External data is checked here, beside the model.
+        model = onnx.load(str(path), load_external_data=False)
+        check_external_data(model, path)
+        onnx.load_external_data_for_model(model, str(path.parent))  # (checked: files beside the model)
+        onnx.checker.check_model(model)
+        del model
     except Exception as exc:  # DecodeError, ValidationError, OSError...
         raise OnnxModelError(f"{path}: not a valid ONNX model: {first_line(exc)}") from None
     try:
         return ort.InferenceSession(str(path), session_options(threads), providers=providers_for(device))
     except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, NoSuchFile...)
         raise OnnxModelError(f"{path}: ONNX Runtime cannot load this model: {first_line(exc)}") from None
+
+
+def check_external_data(model: Any, path: Path) -> None:
+    """Every tensor kept outside the model file names a regular file in the model's own directory: a relative name
+    with no `..`, not a symbolic link (ONNX Runtime then reads it beside the model, whatever the working directory);
+    otherwise ValueError naming the tensor and the location."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    directory = path.parent.resolve()
+    for tensor in _get_all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        location = ExternalDataInfo(tensor).location
+        target = directory / location
+        if not location or Path(location).is_absolute() or ".." in Path(location).parts:
+            raise ValueError(f"tensor {tensor.name!r}: external data {location!r} is not a file beside the model")
+        if target.is_symlink() or not target.is_file() or target.resolve().parent != directory:
+            raise ValueError(
+                f"tensor {tensor.name!r}: external data {location!r} is not a regular file in {directory} "
+                "(a missing file, a directory or a symbolic link)"
+            )
 
 
 def first_line(exc: Exception) -> str:
