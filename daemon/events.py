@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -73,6 +74,10 @@ class Event:
             else:
                 body[key] = value
         return body
+
+
+Publish = Callable[[Event], None]
+"""Where events go: the daemon hands every maker of events its bus's `publish` (vigild.outputs.bus)."""
 
 
 def _collision(event_type: str, key: str) -> None:

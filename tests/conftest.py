@@ -89,6 +89,18 @@ def plaza() -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     return background, (first[240:326, 646:678].copy(), first[225:311, 255:279].copy())
 
 
+def journal_record(body: dict, jpeg: bytes | None = None):
+    """A journal record made from an event's wire body, as the bus would have stamped it (the journal itself never
+    parses what it stores: it takes the columns from the event)."""
+    import json
+
+    from vigild.outputs.journal import Record, epoch
+
+    obj = body.get("object") or {}
+    return Record(body["seq"], body["id"], body["run"], epoch(body["ts"]), body["camera"], body["type"],
+                  json.dumps(body, separators=(",", ":")).encode(), obj.get("track_id"), obj.get("label"), jpeg)  # fmt: skip
+
+
 def free_endpoint() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -126,13 +126,16 @@ def test_scheduler_forgets_the_cameras_a_new_configuration_drops():
     """The scheduler's per-camera counts (frames, latency, the last frame for snapshots, down/ended) of cameras
     that are no longer configured are dropped, so that add/remove cycles never grow them."""
     from vigild.config.loading import PublisherConfig, SchedulerConfig
+    from vigild.outputs.bus import EventBus
     from vigild.outputs.publisher import Publisher
     from vigild.pipeline.chain import Chain
     from vigild.pipeline.scheduler import Scheduler
 
     exchange = FrameExchange()
     publisher = Publisher(PublisherConfig(endpoint="inproc://unused"))  # never started: publish only queues
-    scheduler = Scheduler(SchedulerConfig(), exchange, Chain((), "cpu", {}), publisher, ["a"])
+    bus = EventBus()
+    bus.attach(publisher)
+    scheduler = Scheduler(SchedulerConfig(), exchange, Chain((), "cpu", {}), bus.publish, ["a"])
     for i in range(500):
         name = f"cam{i}"
         scheduler.set_cameras(["a", name])

@@ -11,11 +11,11 @@ import time
 from datetime import UTC, datetime
 
 import pytest
-from conftest import vigild
+from conftest import journal_record, vigild
 from test_journal import T0, make_records
 
 from vigild.outputs.history import HistoryError, parse_time
-from vigild.outputs.journal import Journal, Record
+from vigild.outputs.journal import Journal
 
 
 def events_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -28,13 +28,13 @@ def events_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def journal_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("history") / "journal.db"
     journal = Journal(path)
-    records = make_records(120)
-    for record in records:  # line crossings with a direction, for counts per direction
-        if record.body["type"] == "line.cross":
-            record.body["direction"] = ("in", "out", "in")[record.body["seq"] % 3]
-    journal.write(records)
+    bodies = [json.loads(r.body) for r in make_records(120)]
+    for body in bodies:  # line crossings with a direction, for counts per direction
+        if body["type"] == "line.cross":
+            body["direction"] = ("in", "out", "in")[body["seq"] % 3]
+    journal.write([journal_record(body) for body in bodies])
     journal.close()
-    return path, [r.body for r in records]
+    return path, bodies
 
 
 def car(body) -> bool:
@@ -101,7 +101,7 @@ def test_relative_times_count_back_from_now(tmp_path):
     records = []
     for seq, minutes_ago in enumerate((120, 50, 20, 5, 1), 1):  # events 2 h, 50, 20, 5 and 1 min ago
         ts = datetime.fromtimestamp(now - 60 * minutes_ago, tz=UTC).isoformat(timespec="milliseconds")
-        records.append(Record({"schema": 1, "seq": seq, "id": f"{seq:032x}", "run": "r", "type": "zone.enter",
+        records.append(journal_record({"schema": 1, "seq": seq, "id": f"{seq:032x}", "run": "r", "type": "zone.enter",
                                "camera": "door", "frame": seq, "ts": ts.replace("+00:00", "Z")}))  # fmt: skip
     journal.write(records)
     journal.close()

@@ -4,6 +4,7 @@ The records are made here, with a known time, camera, type, track and label each
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -13,7 +14,7 @@ import time
 from datetime import UTC, datetime
 
 import pytest
-from conftest import fill
+from conftest import fill, journal_record
 
 from vigild.outputs.journal import Journal, JournalLocked, JournalWriter, Query, Record, open_read_only, select
 
@@ -35,12 +36,12 @@ def make_records(count: int, jpeg_every: int = 0, start: int = 1) -> list[Record
         if i % 4 != 3:
             body["object"] = {"track_id": i % 7, "label": ("person", "car")[i % 2], "bbox": [0, 0, 1, 1]}
         jpeg = bytes([seq % 256]) * 2000 if jpeg_every and i % jpeg_every == 0 else None
-        records.append(Record(body, jpeg))
+        records.append(journal_record(body, jpeg))
     return records
 
 
 def truth(records: list[Record], keep) -> list[int]:
-    return [r.body["seq"] for r in records if keep(r.body)]
+    return [r.seq for r in records if keep(json.loads(r.body))]
 
 
 def track_of(body):
@@ -77,7 +78,7 @@ def test_each_history_query_returns_exactly_its_events_in_seq_order(tmp_path, qu
     expected = truth(records, keep) if keep is not None else truth(records, lambda b: b["camera"] == "gate")[:5]
     assert [event["seq"] for event in journal.query(query)] == expected
     reader = open_read_only(tmp_path / "journal.db")  # `vigild events` beside the running daemon
-    assert [event for event in select(reader, query)] == [r.body for r in records if r.body["seq"] in expected]
+    assert [event for event in select(reader, query)] == [json.loads(r.body) for r in records if r.seq in expected]
     journal.close()
 
 
@@ -116,7 +117,7 @@ def test_snapshots_are_files_beside_the_rows_and_a_failed_batch_leaves_neither(t
     records = make_records(12, jpeg_every=3)
     journal.write(records)
     files = sorted(p.name for p in journal.snapshots.iterdir())
-    assert files == sorted(f"{r.body['seq']}-{r.body['id']}.jpg" for r in records if r.jpeg is not None)
+    assert files == sorted(f"{r.seq}-{r.id}.jpg" for r in records if r.jpeg is not None)
     assert (journal.snapshots / files[0]).read_bytes() == records[0].jpeg
     clash = [*make_records(4, jpeg_every=1, start=20), records[0]]  # seq 1 again: the batch fails whole
     with pytest.raises(Exception, match="UNIQUE"):
@@ -137,7 +138,7 @@ def test_files_a_killed_run_left_behind_are_swept_at_open(tmp_path):
     journal = Journal(tmp_path / "journal.db")
     assert journal.swept == 2
     assert sorted(p.name for p in snapshots.iterdir()) == sorted(
-        f"{r.body['seq']}-{r.body['id']}.jpg" for r in records if r.jpeg is not None
+        f"{r.seq}-{r.id}.jpg" for r in records if r.jpeg is not None
     )
     journal.close()
 

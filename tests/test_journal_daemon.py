@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, VTEST, daemon_env, fill, free_endpoint, vigild, yolo_fastest_yaml
+from conftest import ROOT, VTEST, daemon_env, fill, free_endpoint, journal_record, vigild, yolo_fastest_yaml
 
-from vigild.outputs.journal import Journal, Record
+from vigild.outputs.journal import Journal
 
 pytestmark = pytest.mark.e2e
 
@@ -239,7 +239,7 @@ def test_retention_at_start_and_a_second_daemon_on_the_same_journal_is_refused(t
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + ".000Z"
         body = {"schema": 1, "seq": seq, "id": f"{seq:032x}", "run": "1" * 32, "type": "zone.enter",
                 "camera": "cam0", "frame": seq, "ts": stamp}  # fmt: skip
-        records.append(Record(body, os.urandom(30_000)))
+        records.append(journal_record(body, os.urandom(30_000)))
     journal.write(records)
     journal.close()
     config, endpoint, _ = write_config(

@@ -19,6 +19,7 @@ from test_journal import make_records
 
 from vigild.config.settings import PublisherConfig
 from vigild.events import Event
+from vigild.outputs.bus import EventBus
 from vigild.outputs.journal import Journal, JournalWriter, Query, default_path, open_read_only, select
 from vigild.outputs.publisher import Publisher
 from vigild.outputs.replay import ReplayServer
@@ -79,7 +80,7 @@ def test_a_journal_path_with_uri_characters_is_read_read_only(tmp_path, name):
     records = make_records(5)
     journal.write(records)
     db = open_read_only(path)
-    assert [e["seq"] for e in select(db, Query())] == [r.body["seq"] for r in records]
+    assert [e["seq"] for e in select(db, Query())] == [r.seq for r in records]
     with pytest.raises(Exception, match="readonly"):  # mode=ro held: the `?` in the path did not drop it
         db.execute("DELETE FROM events")
     db.close()
@@ -103,26 +104,29 @@ def test_vigild_events_and_replay_read_the_journal_of_a_config_named_with_a_hash
     done = subprocess.run([sys.executable, "-m", "vigild", "events", "--config", str(config)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert [json.loads(line)["seq"] for line in done.stdout.splitlines()] == [r.body["seq"] for r in records]
+    assert [json.loads(line)["seq"] for line in done.stdout.splitlines()] == [r.seq for r in records]
 
     publisher = Publisher(PublisherConfig(endpoint=free_endpoint(), heartbeat_interval=0.2))
+    bus = EventBus()
+    bus.attach(publisher)
     publisher.start()
     writer = JournalWriter(Journal(path))
-    publisher.attach_journal(writer)
+    bus.continue_from(writer.through)
+    bus.attach(writer)
     writer.start()
     replay_endpoint = f"ipc://{tmp_path}/replay"
-    replay = ReplayServer(replay_endpoint, writer, lambda: publisher.last_seq)
+    replay = ReplayServer(replay_endpoint, writer, bus)
     replay.start()
     try:
         with Subscriber(publisher.config.endpoint, resume=True, after_seq=0, replay_endpoint=replay_endpoint) as sub:
             got: list[int] = []
             deadline = time.monotonic() + 60
-            publisher.publish(Event("zone.enter", "door", time.time(), 0))  # live: the subscriber sees seq 7
+            bus.publish(Event("zone.enter", "door", time.time(), 0))  # live: the subscriber sees seq 7
             while len(got) < 7 and time.monotonic() < deadline:
                 message = sub.receive(timeout=0.5)
                 if message is not None and message.event.get("type") != "heartbeat":
                     got.append(message.event["seq"])
-            assert got[:6] == [r.body["seq"] for r in records], got  # from the journal, through its quoted URI
+            assert got[:6] == [r.seq for r in records], got  # from the journal, through its quoted URI
             assert sub.missed == 0
     finally:
         replay.stop()

@@ -16,6 +16,7 @@ from conftest import VTEST, yolo_fastest
 
 from vigild.config.loading import CameraConfig, PluginSpec, PublisherConfig, SchedulerConfig
 from vigild.frame import Frame
+from vigild.outputs.bus import EventBus
 from vigild.outputs.publisher import Publisher
 from vigild.pipeline.chain import Chain
 from vigild.pipeline.exchange import FrameExchange, Notice, NoticeKind
@@ -121,8 +122,8 @@ class FailOnFrame(Plugin[FailOnConfig]):
 
 def queued_events(publisher: Publisher) -> list[tuple[str, str, int | None]]:
     events = []
-    while not publisher._queue.empty():
-        *_, event = publisher._queue.get_nowait()  # (seq, id, event)
+    while publisher._queue:
+        event = publisher._queue.popleft().event  # as the bus stamped it
         events.append((event.type, event.camera, event.frame))
     return events
 
@@ -152,8 +153,10 @@ def test_a_failure_after_the_detector_costs_only_its_batch_and_events_keep_their
     detector_plugin.backend.detect = noted
     exchange = FrameExchange()
     publisher = Publisher(PublisherConfig(endpoint="inproc://unused", queue_size=100_000))
+    bus = EventBus()
+    bus.attach(publisher)
     ended = threading.Event()
-    scheduler = Scheduler(SchedulerConfig(pipeline=pipeline), exchange, chain, publisher, list(cams), ended)
+    scheduler = Scheduler(SchedulerConfig(pipeline=pipeline), exchange, chain, bus.publish, list(cams), ended)
     for name in cams:
         exchange.notify(Notice(name, NoticeKind.UP, time.time(), 0, {}))
 

@@ -15,6 +15,7 @@ from conftest import ROOT
 from vigild.client import Subscriber
 from vigild.config.loading import PublisherConfig
 from vigild.events import Event
+from vigild.outputs.bus import EventBus
 from vigild.outputs.publisher import Publisher, is_loopback_endpoint
 
 
@@ -22,10 +23,10 @@ def event(i: int, camera: str = "door") -> Event:
     return Event("track.update", camera, 1_700_000_000.0 + i, i, {"track_id": i, "label": "person"})
 
 
-def connected(subscriber: Subscriber, publisher: Publisher) -> None:
+def connected(subscriber: Subscriber, bus: EventBus) -> None:
     """Publish probes until one arrives, so the subscription is in place (ZeroMQ's slow-joiner)."""
     for _ in range(100):
-        publisher.publish(Event("probe", "sys", time.time()))
+        bus.publish(Event("probe", "sys", time.time()))
         if subscriber.receive(timeout=0.05) is not None:
             while subscriber.receive(timeout=0.05) is not None:
                 pass
@@ -35,11 +36,13 @@ def connected(subscriber: Subscriber, publisher: Publisher) -> None:
 
 def test_multipart_topic_and_json_with_consecutive_seq(endpoint):
     publisher = Publisher(PublisherConfig(endpoint=endpoint))
+    bus = EventBus()
+    bus.attach(publisher)
     publisher.start()
     with Subscriber(endpoint) as subscriber:
-        connected(subscriber, publisher)
+        connected(subscriber, bus)
         for i in range(20):
-            publisher.publish(event(i))
+            bus.publish(event(i))
         received = [subscriber.receive(timeout=2) for _ in range(20)]
     publisher.stop()
     assert all(m is not None for m in received)
@@ -53,16 +56,18 @@ def test_multipart_topic_and_json_with_consecutive_seq(endpoint):
 
 def test_topic_prefix_filters(endpoint):
     publisher = Publisher(PublisherConfig(endpoint=endpoint))
+    bus = EventBus()
+    bus.attach(publisher)
     publisher.start()
     with Subscriber(endpoint, topics=["vigild.yard."]) as subscriber:
         for _ in range(100):  # wait until the subscription is in place
-            publisher.publish(event(0, "yard"))
+            bus.publish(event(0, "yard"))
             if subscriber.receive(timeout=0.05):
                 break
         while subscriber.receive(timeout=0.1):
             pass
-        publisher.publish(event(1, "door"))
-        publisher.publish(event(2, "yard"))
+        bus.publish(event(1, "door"))
+        bus.publish(event(2, "yard"))
         message = subscriber.receive(timeout=2)
         assert message is not None and message.event["frame"] == 2
         assert subscriber.receive(timeout=0.2) is None
@@ -71,15 +76,19 @@ def test_topic_prefix_filters(endpoint):
 
 def test_full_queue_drops_and_counts_and_leaves_a_visible_gap():
     publisher = Publisher(PublisherConfig(queue_size=2))  # not started: nothing drains the queue
+    bus = EventBus()
+    bus.attach(publisher)
     for i in range(5):
-        publisher.publish(event(i))
+        bus.publish(event(i))
     assert publisher.stats.queued == 2 and publisher.stats.dropped_queue_full == 3
-    publisher.publish(event(5))
-    assert publisher._seq == 6  # seq was taken for the dropped ones too, so subscribers see the gap
+    bus.publish(event(5))
+    assert bus.last_seq == 6  # seq was taken for the dropped ones too, so subscribers see the gap
 
 
 def test_slow_subscriber_never_blocks_publish(endpoint):
     publisher = Publisher(PublisherConfig(endpoint=endpoint, hwm=10, queue_size=100_000))
+    bus = EventBus()
+    bus.attach(publisher)
     publisher.start()
     context = zmq.Context.instance()
     sluggish = context.socket(zmq.SUB)
@@ -91,7 +100,7 @@ def test_slow_subscriber_never_blocks_publish(endpoint):
 
     def flood() -> None:
         for i in range(20_000):
-            publisher.publish(Event("bulk", "door", time.time(), i, data=big))
+            bus.publish(Event("bulk", "door", time.time(), i, data=big))
         done.set()
 
     threading.Thread(target=flood, daemon=True).start()
@@ -109,12 +118,14 @@ def test_heartbeat_is_published_on_its_interval(endpoint):
 
     beats = iter(range(1000))
     publisher = Publisher(PublisherConfig(endpoint=endpoint))
+    bus = EventBus()
+    bus.attach(publisher)
     publisher.start()
 
     def beat() -> Event:
         return Event("heartbeat", "sys", time.time(), data={"n": next(beats)})
 
-    heartbeat = Heartbeat(0.1, beat, publisher.publish)
+    heartbeat = Heartbeat(0.1, beat, bus.publish)
     heartbeat.start()
     with Subscriber(endpoint, topics=["vigild.sys.heartbeat"]) as subscriber:
         got = [subscriber.receive(timeout=2) for _ in range(3)]
@@ -127,6 +138,8 @@ def test_heartbeat_is_published_on_its_interval(endpoint):
 
 def test_vigild_sub_prints_json_lines(endpoint):
     publisher = Publisher(PublisherConfig(endpoint=endpoint))
+    bus = EventBus()
+    bus.attach(publisher)
     publisher.start()
     sub = subprocess.Popen(
         [sys.executable, "-m", "vigild", "sub", "--endpoint", endpoint, "--count", "3", "vigild.door."],
@@ -137,8 +150,8 @@ def test_vigild_sub_prints_json_lines(endpoint):
     try:
         deadline = time.monotonic() + 30
         while sub.poll() is None and time.monotonic() < deadline:
-            publisher.publish(event(0, "yard"))  # filtered out
-            publisher.publish(event(1, "door"))
+            bus.publish(event(0, "yard"))  # filtered out
+            bus.publish(event(1, "door"))
             time.sleep(0.05)
         out, _ = sub.communicate(timeout=10)
     finally:
@@ -170,16 +183,18 @@ def test_a_snapshot_travels_as_a_third_part_to_a_plain_subscriber(endpoint, subs
     snapshot = make_snapshot(image, [200, 100, 300, 300], "crop")
     assert snapshot is not None
     publisher = Publisher(PublisherConfig(endpoint=endpoint))
+    bus = EventBus()
+    bus.attach(publisher)
     publisher.start()
     subscriber = subscriber_factory(endpoint, idle_s=2.0)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not subscriber.messages():
-        publisher.publish(Event("probe", "sys", time.time()))
+        bus.publish(Event("probe", "sys", time.time()))
         time.sleep(0.05)
     with_image = Event("zone.enter", "door", time.time(), 7, {"track_id": 1, "bbox": [200, 100, 300, 300]}, {"zone": "hall"})
     with_image.snapshot = snapshot
-    publisher.publish(with_image)
-    publisher.publish(event(8))  # and the next message is an ordinary two-part one
+    bus.publish(with_image)
+    bus.publish(event(8))  # and the next message is an ordinary two-part one
     messages = subscriber.finish()
     publisher.stop()
     (entered,) = [m for m in messages if m["event"]["type"] == "zone.enter"]
@@ -200,11 +215,13 @@ def test_a_plugins_data_never_overwrites_the_envelope(endpoint, caplog):
         key: "forged" for key in ("schema", "seq", "id", "run", "type", "camera", "frame", "ts", "object", "snapshot")
     }
     publisher = Publisher(PublisherConfig(endpoint=endpoint))
+    bus = EventBus()
+    bus.attach(publisher)
     publisher.start()
     with Subscriber(endpoint) as subscriber:
-        connected(subscriber, publisher)
+        connected(subscriber, bus)
         for i in range(2):
-            publisher.publish(Event("zone.count", "door", 1_700_000_000.0, 7, data={**forged, "total": i}))
+            bus.publish(Event("zone.count", "door", 1_700_000_000.0, 7, data={**forged, "total": i}))
         received = [subscriber.receive(timeout=2) for _ in range(2)]
     publisher.stop()
     assert all(m is not None for m in received)
@@ -213,7 +230,7 @@ def test_a_plugins_data_never_overwrites_the_envelope(endpoint, caplog):
     for i, body in enumerate(events):
         assert body["schema"] == 1 and body["type"] == "zone.count" and body["camera"] == "door"
         assert body["frame"] == 7 and body["ts"] == "2023-11-14T22:13:20.000Z" and len(body["id"]) == 32
-        assert body["run"] == publisher.run
+        assert body["run"] == bus.run
         assert "object" not in body and "snapshot" not in body and body["total"] == i
     assert "forged" not in json.dumps(events)
     warnings = [r.getMessage() for r in caplog.records if "envelope field" in r.getMessage()]
@@ -226,13 +243,15 @@ def heartbeat(i: int) -> Event:
 
 def test_heartbeats_have_a_sequence_of_their_own_and_events_seq_counts_events_only(endpoint):
     publisher = Publisher(PublisherConfig(endpoint=endpoint))
+    bus = EventBus()
+    bus.attach(publisher)
     publisher.start()
     with Subscriber(endpoint) as subscriber:
-        connected(subscriber, publisher)
+        connected(subscriber, bus)
         for i in range(10):
-            publisher.publish(event(i))
+            bus.publish(event(i))
             if i % 3 == 0:
-                publisher.publish(heartbeat(i))
+                bus.publish(heartbeat(i))
         received = [subscriber.receive(timeout=2) for _ in range(14)]
     publisher.stop()
     assert all(m is not None for m in received)
@@ -242,7 +261,7 @@ def test_heartbeats_have_a_sequence_of_their_own_and_events_seq_counts_events_on
     assert events == list(range(events[0], events[0] + 10))  # no hole where a heartbeat went out
     assert beats == [1, 2, 3, 4]  # the heartbeats' own count
     assert subscriber.missed == 0
-    assert {b["run"] for b in bodies} == {publisher.run} and len({b["id"] for b in bodies}) == 14
+    assert {b["run"] for b in bodies} == {bus.run} and len({b["id"] for b in bodies}) == 14
 
 
 def test_a_restarted_daemon_is_a_new_run_not_a_gap(endpoint):
@@ -252,13 +271,15 @@ def test_a_restarted_daemon_is_a_new_run_not_a_gap(endpoint):
         runs = []
         for _ in range(2):
             publisher = Publisher(PublisherConfig(endpoint=endpoint))
+            bus = EventBus()
+            bus.attach(publisher)
             publisher.start()
-            connected(subscriber, publisher)
+            connected(subscriber, bus)
             for i in range(5):
-                publisher.publish(event(i))
+                bus.publish(event(i))
             received = [subscriber.receive(timeout=2) for _ in range(5)]
             assert all(m is not None for m in received)
-            assert {m.event["run"] for m in received} == {publisher.run}  # type: ignore[union-attr]
-            runs.append(publisher.run)
+            assert {m.event["run"] for m in received} == {bus.run}  # type: ignore[union-attr]
+            runs.append(bus.run)
             publisher.stop()
         assert runs[0] != runs[1] and subscriber.missed == 0

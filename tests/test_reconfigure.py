@@ -17,6 +17,7 @@ from conftest import VTEST
 
 from vigild.config.loading import Config, ConfigError, PluginSpec, load_config
 from vigild.frame import Frame
+from vigild.outputs.bus import EventBus
 from vigild.outputs.publisher import Publisher
 from vigild.pipeline.chain import Chain
 from vigild.pipeline.exchange import FrameExchange
@@ -69,8 +70,10 @@ def running(tmp_path: Path):
     publisher = Publisher(old.settings.publisher)
     chain = Chain(old.chain, "cpu", old.cameras)
     chain.start()
-    scheduler = Scheduler(old.settings.scheduler, exchange, chain, publisher, list(old.cameras))
-    pipeline = Pipeline(exchange, scheduler, publisher, "cpu", choose_threads(1))
+    bus = EventBus()
+    bus.attach(publisher)
+    scheduler = Scheduler(old.settings.scheduler, exchange, chain, bus.publish, list(old.cameras))
+    pipeline = Pipeline(exchange, scheduler, publisher, "cpu", choose_threads(1), bus=bus)
     state = Running(old, chain, {name: pipeline.capture(old, name) for name in old.cameras})
     for capture in state.captures.values():
         capture.start()
@@ -124,6 +127,6 @@ def test_an_accepted_change_is_a_new_state_for_the_caller_to_commit(tmp_path: Pa
     assert dict(kept.context.cameras) == dict(new.cameras)
     with pytest.raises(TypeError):
         kept.context.cameras["d"] = new.cameras["a"]  # type: ignore[index]
-    *_, event = pipeline.publisher._queue.get_nowait()  # what the scheduler published: b closed, as reconfigured
+    event = pipeline.publisher._queue.popleft().event  # what the scheduler published: b closed, as reconfigured
     assert (event.type, event.camera, event.data["reason"]) == ("camera.down", "b", "reconfigured")
-    assert pipeline.publisher._queue.empty()
+    assert not pipeline.publisher._queue

@@ -7,15 +7,17 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import zmq
-from conftest import free_endpoint
+from conftest import free_endpoint, journal_record
 
 from vigild.client import GAP_TOPIC, Subscriber
 from vigild.config.settings import PublisherConfig
 from vigild.events import Event
-from vigild.outputs.journal import Journal, JournalWriter, Record
+from vigild.outputs.bus import EventBus
+from vigild.outputs.journal import Journal, JournalWriter
 from vigild.outputs.publisher import Publisher
 from vigild.outputs.replay import PAGE_EVENTS, ReplayServer
 from vigild.service.status import Heartbeat
@@ -25,8 +27,8 @@ T0 = time.time()  # now: retention (30 days) keeps these events
 
 
 class Daemonish:
-    """The daemon's outputs as it wires them: the publisher stamps each event and hands it to the journal's writer;
-    the replay socket reads the journal."""
+    """The daemon's outputs as it wires them: the bus stamps each event and hands it to the publisher and the
+    journal's writer; the replay socket reads the journal."""
 
     def __init__(self, tmp_path: Path, hwm: int = 1000):
         self.endpoint = free_endpoint()
@@ -34,19 +36,22 @@ class Daemonish:
         self.publisher = Publisher(PublisherConfig(endpoint=self.endpoint, hwm=hwm, heartbeat_interval=0.2))
         self.publisher.start()
         self.writer = JournalWriter(Journal(tmp_path / "journal.db"))
-        self.publisher.attach_journal(self.writer)
+        self.bus = EventBus()
+        self.bus.continue_from(self.writer.through)
+        self.bus.attach(self.publisher)
+        self.bus.attach(self.writer)
         self.writer.start()
-        self.replay = ReplayServer(self.replay_endpoint, self.writer, lambda: self.publisher.last_seq)
+        self.replay = ReplayServer(self.replay_endpoint, self.writer, self.bus)
         self.replay.start()
         # the daemon's heartbeat says the last seq published: a gap at the end of the stream shows there
-        beat = lambda: Event("heartbeat", "sys", time.time(), data={"publisher": {"last_seq": self.publisher.last_seq}})  # noqa: E731
-        self.heartbeat = Heartbeat(0.2, beat, self.publisher.publish)
+        beat = lambda: Event("heartbeat", "sys", time.time(), data={"publisher": {"last_seq": self.bus.last_seq}})  # noqa: E731
+        self.heartbeat = Heartbeat(0.2, beat, self.bus.publish)
         self.heartbeat.start()
 
     def publish(self, first: int, count: int, with_jpeg: bool = False) -> None:
         for index in range(first, first + count):
             snapshot = Snapshot(f"jpeg-{index}".encode(), "crop", 10, 10) if with_jpeg else None
-            self.publisher.publish(Event("zone.enter", "door", T0 + index, index, data={"n": index}, snapshot=snapshot))
+            self.bus.publish(Event("zone.enter", "door", T0 + index, index, data={"n": index}, snapshot=snapshot))
 
     def settle(self) -> None:
         deadline = time.monotonic() + 30
@@ -119,7 +124,7 @@ def test_events_the_live_stream_dropped_are_filled_by_replay(tmp_path):
             assert first is not None
             outputs.publish(100, 300)  # not read meanwhile: dropped at the high-water marks
             outputs.settle()
-            last = outputs.publisher.last_seq
+            last = outputs.bus.last_seq
             messages = take(subscriber, last - first)
             assert [m.event["seq"] for m in messages] == list(range(first + 1, last + 1))
             assert subscriber.replayed > 0 and subscriber.missed == 0
@@ -133,7 +138,7 @@ def test_what_the_journal_lacks_comes_as_gap_notices_with_the_exact_ranges(tmp_p
     journal = Journal(tmp_path / "journal.db", retention_days=30)
     run = "0" * 32
     kept = [*range(1, 11), *range(16, 31)]
-    records = [Record({"schema": 1, "seq": seq, "id": f"{seq:032x}", "run": run, "type": "zone.enter",
+    records = [journal_record({"schema": 1, "seq": seq, "id": f"{seq:032x}", "run": run, "type": "zone.enter",
                        "camera": "door", "frame": seq, "ts": "2026-11-30T10:00:00Z" if seq > 4 else
                        "2020-01-01T00:00:00Z"}) for seq in kept]  # fmt: skip
     journal.write(records)
@@ -141,7 +146,7 @@ def test_what_the_journal_lacks_comes_as_gap_notices_with_the_exact_ranges(tmp_p
     writer = JournalWriter(journal)
     assert writer.through == 30
     endpoint, replay = free_endpoint(), f"ipc://{tmp_path}/replay"
-    server = ReplayServer(replay, writer, lambda: 30)
+    server = ReplayServer(replay, writer, SimpleNamespace(last_seq=30, run=run))
     server.start()
     try:
         with Subscriber(endpoint, resume=True, after_seq=0, replay_endpoint=replay) as subscriber:
@@ -160,11 +165,14 @@ def test_a_gap_the_replay_socket_does_not_answer_for_is_a_notice_not_silence(tmp
     """Events 1-20 are in a journal nobody serves; the subscriber resumes after 5 and the first live event it gets
     is 21 or later: it is told that 6 up to that one are missing, then gets it."""
     journal = Journal(tmp_path / "journal.db")
-    journal.write([Record({"schema": 1, "seq": seq, "id": f"{seq:032x}", "run": "0" * 32, "type": "zone.enter",
+    journal.write([journal_record({"schema": 1, "seq": seq, "id": f"{seq:032x}", "run": "0" * 32, "type": "zone.enter",
                            "camera": "door", "frame": seq, "ts": "2026-11-30T10:00:00Z"}) for seq in range(1, 21)])  # fmt: skip
     writer = JournalWriter(journal)
     publisher = Publisher(PublisherConfig(endpoint=free_endpoint()))
-    publisher.attach_journal(writer)  # seq goes on from 20
+    bus = EventBus()
+    bus.continue_from(writer.through)  # seq goes on from 20
+    bus.attach(publisher)
+    bus.attach(writer)
     publisher.start()
     writer.start()
     try:
@@ -173,7 +181,7 @@ def test_a_gap_the_replay_socket_does_not_answer_for_is_a_notice_not_silence(tmp
             got: list = []
             deadline = time.monotonic() + 30
             while len(got) < 2 and time.monotonic() < deadline:  # until the subscription is through
-                publisher.publish(Event("zone.enter", "door", T0, 0))
+                bus.publish(Event("zone.enter", "door", T0, 0))
                 message = subscriber.receive(timeout=0.05)
                 if message is not None:
                     got.append(message)

@@ -13,16 +13,18 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import zmq
-from conftest import free_endpoint
+from conftest import free_endpoint, journal_record
 
 from vigild import paths
 from vigild.client import Subscriber
 from vigild.config.settings import JournalConfig, PublisherConfig
 from vigild.events import Event
 from vigild.outputs import replay as replay_module
+from vigild.outputs.bus import EventBus
 from vigild.outputs.journal import Journal, JournalWriter, Record
 from vigild.outputs.publisher import Publisher
 from vigild.outputs.replay import MAX_PEERS, PAGE_BYTES, SEND_HWM, ReplayServer
@@ -34,7 +36,7 @@ JPEG = b"\xff\xd8" + b"j" * 100_000  # a 100 kB snapshot
 
 
 def record(seq: int, jpeg: bytes | None = None) -> Record:
-    return Record({"schema": 1, "seq": seq, "id": f"{seq:032x}", "run": RUN, "type": "zone.enter", "camera": "door",
+    return journal_record({"schema": 1, "seq": seq, "id": f"{seq:032x}", "run": RUN, "type": "zone.enter", "camera": "door",
                    "frame": seq, "ts": "2030-01-01T00:00:00Z"}, jpeg)  # fmt: skip
 
 
@@ -43,7 +45,7 @@ def served(tmp_path):
     """A journal of 30 events with 100 kB snapshots (3 MB: more than a page) and its replay socket."""
     journal = Journal(tmp_path / "journal.db")
     journal.write([record(seq, JPEG) for seq in range(1, 31)])
-    server = ReplayServer(f"ipc://{tmp_path}/replay", JournalWriter(journal), lambda: 30, max_peers=3)
+    server = ReplayServer(f"ipc://{tmp_path}/replay", JournalWriter(journal), SimpleNamespace(last_seq=30, run=RUN), max_peers=3)
     server.start()
     yield server
     server.stop()
@@ -195,7 +197,7 @@ def test_one_event_larger_than_a_page_goes_alone(tmp_path):
     journal = Journal(tmp_path / "journal.db")
     big = b"\xff\xd8" + b"b" * (PAGE_BYTES + 10)
     journal.write([record(1, big), record(2, JPEG)])
-    server = ReplayServer(f"ipc://{tmp_path}/replay", JournalWriter(journal), lambda: 2)
+    server = ReplayServer(f"ipc://{tmp_path}/replay", JournalWriter(journal), SimpleNamespace(last_seq=2, run=RUN))
     server.start()
     socket = client(server)
     try:
@@ -222,11 +224,13 @@ def test_by_default_the_replay_socket_is_private_ipc_and_resume_finds_it_through
     config = tmp_path / "cams.yaml"
     publisher = Publisher(PublisherConfig(endpoint=free_endpoint(), heartbeat_interval=0.2))
     publisher.start()
-    journaling = Journaling(JournalConfig(path=tmp_path / "journal.db"), config, publisher, None)
+    bus = EventBus()
+    bus.attach(publisher)
+    journaling = Journaling(JournalConfig(path=tmp_path / "journal.db"), config, bus, None)
     journaling.start()
-    beat = lambda: Event("heartbeat", "sys", time.time(), data={"publisher": {"last_seq": publisher.last_seq},  # noqa: E731
+    beat = lambda: Event("heartbeat", "sys", time.time(), data={"publisher": {"last_seq": bus.last_seq},  # noqa: E731
                                                                "journal": journaling.status()})  # fmt: skip
-    heartbeat = Heartbeat(0.2, beat, publisher.publish)
+    heartbeat = Heartbeat(0.2, beat, bus.publish)
     heartbeat.start()
     try:
         assert journaling.replay_endpoint == paths.replay_endpoint(config)
@@ -236,7 +240,7 @@ def test_by_default_the_replay_socket_is_private_ipc_and_resume_finds_it_through
         assert stat.S_IMODE(os.stat(socket_path).st_mode) & ~0o660 == 0  # user and group only
         assert stat.S_IMODE(os.stat(socket_path.parent).st_mode) & 0o007 == 0
         for index in range(1, 21):
-            publisher.publish(Event("zone.enter", "door", time.time(), index, data={"n": index}))
+            bus.publish(Event("zone.enter", "door", time.time(), index, data={"n": index}))
         deadline = time.monotonic() + 30
         while not (journaling.writer.idle and journaling.writer.through == 20):
             assert time.monotonic() < deadline
@@ -258,7 +262,7 @@ def test_by_default_the_replay_socket_is_private_ipc_and_resume_finds_it_through
 
 
 def test_a_second_daemon_cannot_take_over_a_served_replay_socket(served):
-    other = ReplayServer(served.endpoint, None, lambda: 0)
+    other = ReplayServer(served.endpoint, None, SimpleNamespace(last_seq=0, run=RUN))
     with pytest.raises(replay_module.ReplayError, match="another process is serving"):
         other.start()
     socket = client(served)
@@ -269,7 +273,7 @@ def test_a_second_daemon_cannot_take_over_a_served_replay_socket(served):
 
 
 def test_a_tcp_replay_socket_without_curve_is_insecure_even_on_loopback(tmp_path, caplog):
-    server = ReplayServer(free_endpoint(), None, lambda: 0)
+    server = ReplayServer(free_endpoint(), None, SimpleNamespace(last_seq=0, run=RUN))
     server.start()
     server.stop()
     assert any("INSECURE" in r.getMessage() and "every local user" in r.getMessage() for r in caplog.records)

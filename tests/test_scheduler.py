@@ -12,6 +12,7 @@ import numpy as np
 
 from vigild.config.loading import CameraConfig, PluginSpec, PublisherConfig, SchedulerConfig
 from vigild.frame import Frame
+from vigild.outputs.bus import EventBus
 from vigild.outputs.publisher import Publisher
 from vigild.pipeline.chain import Chain
 from vigild.pipeline.exchange import FrameExchange, Notice, NoticeKind
@@ -41,8 +42,8 @@ class RecordPlugin(Plugin[RecordConfig]):
 def queued_events(publisher: Publisher) -> list[tuple[str, str, object]]:
     """What the scheduler published, in order (the publisher was never started: its queue holds all of it)."""
     events = []
-    while not publisher._queue.empty():
-        *_, event = publisher._queue.get_nowait()  # (seq, id, event)
+    while publisher._queue:
+        event = publisher._queue.popleft().event  # as the bus stamped it
         events.append((event.type, event.camera, event.data.get("reason")))
     return events
 
@@ -54,7 +55,9 @@ def test_a_scheduler_with_no_daemon_runs_two_files_to_their_end_and_sets_the_eve
     chain = Chain((PluginSpec("record", RecordPlugin, config, dict.fromkeys(CAMS, config)),), "cpu", CAMS)
     chain.start()
     ended = threading.Event()
-    scheduler = Scheduler(SchedulerConfig(), exchange, chain, publisher, list(CAMS), ended)
+    bus = EventBus()
+    bus.attach(publisher)
+    scheduler = Scheduler(SchedulerConfig(), exchange, chain, bus.publish, list(CAMS), ended)
     for name in CAMS:  # each capture says `up` before its first frame
         exchange.notify(Notice(name, NoticeKind.UP, time.time(), 0, {}))
     assert exchange.streaming() == 2

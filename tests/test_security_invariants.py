@@ -12,6 +12,7 @@ import zmq
 
 from vigild.config.loading import ConfigError, PublisherConfig, load_config
 from vigild.events import Event
+from vigild.outputs.bus import EventBus
 from vigild.outputs.publisher import Publisher
 
 BAD_NAMES = ["a.b", "a*", "a b", "door>", "a/b", "caméra", "a#", "", "a\u200bb"]
@@ -56,6 +57,8 @@ def test_the_same_config_with_good_names_is_valid(tmp_path):
 
 def test_an_event_with_nan_or_infinity_is_dropped_and_counted_and_the_next_one_goes(endpoint):
     publisher = Publisher(PublisherConfig(endpoint=endpoint))
+    bus = EventBus()
+    bus.attach(publisher)
     publisher.start()
     context = zmq.Context.instance()
     subscriber = context.socket(zmq.SUB)
@@ -63,7 +66,7 @@ def test_an_event_with_nan_or_infinity_is_dropped_and_counted_and_the_next_one_g
     subscriber.connect(endpoint)
     try:
         for _ in range(200):  # until the subscription is in place (ZeroMQ's slow joiner)
-            publisher.publish(Event("probe", "door", time.time()))
+            bus.publish(Event("probe", "door", time.time()))
             if subscriber.poll(50):
                 break
         else:
@@ -71,9 +74,9 @@ def test_an_event_with_nan_or_infinity_is_dropped_and_counted_and_the_next_one_g
         while subscriber.poll(200):
             subscriber.recv_multipart()
         before = publisher.stats.dropped_unsendable
-        publisher.publish(Event("bad", "door", time.time(), data={"score": math.nan}))
-        publisher.publish(Event("bad", "door", time.time(), data={"score": [1.0, math.inf]}))
-        publisher.publish(Event("good", "door", time.time(), data={"score": 0.5}))
+        bus.publish(Event("bad", "door", time.time(), data={"score": math.nan}))
+        bus.publish(Event("bad", "door", time.time(), data={"score": [1.0, math.inf]}))
+        bus.publish(Event("good", "door", time.time(), data={"score": 0.5}))
         received = []
         while subscriber.poll(2000):
             received.append(subscriber.recv_multipart())

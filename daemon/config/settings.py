@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from vigild.capture.sources import SourceKind, parse_source
+from vigild.config.outputs import OutputConfig
 from vigild.events import SYSTEM_CAMERA
 from vigild.plugin import MAX_NAME_LENGTH
 
@@ -326,6 +327,7 @@ class DaemonSettings(StrictModel):
     plugins: list[dict[str, Any]] = Field(default_factory=list)
     publisher: PublisherConfig = PublisherConfig()
     journal: JournalConfig = JournalConfig()
+    outputs: list[OutputConfig] = Field(default_factory=list, description="Further outputs (docs/outputs.md).")
     scheduler: SchedulerConfig = SchedulerConfig()
     capture: CaptureSettings = CaptureSettings()
     control: ControlConfig = ControlConfig()
@@ -340,3 +342,15 @@ class DaemonSettings(StrictModel):
         "its cgroup CPU quota), whatever OMP_NUM_THREADS or MKL_NUM_THREADS say. Reported in the heartbeat.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("outputs")
+    @classmethod
+    def _unique_output_ids(cls, value: list[OutputConfig]) -> list[OutputConfig]:
+        seen: dict[str, int] = {"publisher": -1, "journal": -1}
+        for i, entry in enumerate(value):
+            name = entry.name
+            if name in seen:
+                taken = f"entry {seen[name]}'s" if seen[name] >= 0 else "the built-in output's"
+                raise ValueError(f"entry {i}'s id {name!r} is {taken} too: give each output an `id` of its own")
+            seen[name] = i
+        return value

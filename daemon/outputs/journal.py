@@ -28,7 +28,6 @@ readers ask: vigild.outputs.journal_query. Both are importable from here.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sqlite3
 import threading
@@ -55,7 +54,7 @@ from vigild.outputs.journal_files import (
 from vigild.outputs.journal_query import Query, epoch, select, select_text, where_clause
 
 if TYPE_CHECKING:
-    from vigild.events import Event
+    from vigild.outputs.bus import Stamped
 
 log = logging.getLogger("vigild.journal")
 
@@ -80,16 +79,35 @@ CREATE INDEX IF NOT EXISTS events_camera_type_ts ON events (camera, type, ts);
 CREATE INDEX IF NOT EXISTS events_type_ts ON events (type, ts);
 CREATE INDEX IF NOT EXISTS events_track ON events (camera, track) WHERE track IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_label ON events (label) WHERE label IS NOT NULL;
+CREATE TABLE IF NOT EXISTS output_cursors (output TEXT PRIMARY KEY, seq INTEGER NOT NULL, updated REAL NOT NULL);
 """
 
 
 @dataclass(frozen=True)
 class Record:
-    """One event as the journal stores it: its wire JSON (with `seq`, `id`, `run`, `ts`, `camera`, `type`) and its
-    snapshot's JPEG, if it has one."""
+    """One event as the journal stores it: its wire JSON as published (`body`), the columns queries filter on, and
+    its snapshot's JPEG, if it has one. Made from the event the bus stamped (`from_stamped`): the journal never
+    parses the JSON it stores."""
 
-    body: dict[str, Any]
+    seq: int
+    id: str
+    run: str
+    ts: float
+    camera: str
+    type: str
+    body: bytes
+    track: int | None = None
+    label: str | None = None
     jpeg: bytes | None = None
+
+    @classmethod
+    def from_stamped(cls, item: Stamped) -> Record:
+        """ValueError when the event's JSON cannot be built."""
+        event, obj = item.event, item.event.object or {}
+        track, label = obj.get("track_id"), obj.get("label")
+        return cls(item.seq, item.id, item.run, event.ts_wall, event.camera, event.type, item.wire(),
+                   track if isinstance(track, int) else None, label if isinstance(label, str) else None,
+                   event.snapshot.jpeg if event.snapshot is not None else None)  # fmt: skip
 
 
 class Journal:
@@ -130,19 +148,16 @@ class Journal:
         written: list[Path] = []
         rows = []
         try:
-            for record in records:
-                body = record.body
+            for r in records:
                 name = None
-                if record.jpeg is not None:
-                    name = snapshot_name(body)
+                if r.jpeg is not None:
+                    name = snapshot_name(r.seq, r.id)
                     if not (self.snapshots / name).exists():  # one that exists is a stored event's: left alone
-                        write_file(self.snapshots / name, record.jpeg)
+                        write_file(self.snapshots / name, r.jpeg)
                         written.append(self.snapshots / name)
-                obj = body.get("object") or {}
-                text = json.dumps(body, separators=(",", ":"))
-                jpeg_bytes = len(record.jpeg) if record.jpeg is not None else 0
-                rows.append((body["seq"], body["id"], body["run"], epoch(body["ts"]), body["camera"], body["type"],
-                             obj.get("track_id"), obj.get("label"), text, name, jpeg_bytes))  # fmt: skip
+                jpeg_bytes = len(r.jpeg) if r.jpeg is not None else 0
+                rows.append((r.seq, r.id, r.run, r.ts, r.camera, r.type, r.track, r.label, r.body.decode(), name,
+                             jpeg_bytes))  # fmt: skip
             with self._transaction():
                 self._db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         except BaseException:
@@ -226,25 +241,28 @@ PRUNE_INTERVAL_S = 60.0
 
 
 class JournalWriter:
-    """Takes every event off the hot path (`put` never blocks, whatever happens to the live PUB queue) and stores
-    them on a thread of its own, in batches, one transaction each; prunes by retention now and then.
+    """The journal's output: takes every event off the hot path (`offer` never blocks, whatever happens to the
+    other outputs' queues) and stores them on a thread of its own, in batches, one transaction each; prunes by
+    retention now and then.
 
-    The publisher puts each event as `(seq, id, event)` the moment it stamps it, in seq order; the writer builds
-    its wire JSON (with `run`) on its own thread. A batch that cannot be stored (a full disk, an unwritable
+    The bus offers each event the moment it stamps it, in seq order; the writer takes its wire JSON (built once,
+    shared with the other outputs) on its own thread. A batch that cannot be stored (a full disk, an unwritable
     directory) is counted in `not_journaled` and given up, one clear error is logged and kept in `error`, and the
     next attempt waits `RETRY_S`: the events that come meanwhile are tried then, so journaling resumes by itself
     when space returns (logged). Events never journaled leave holes in the stored seq, which is how history and
     replay tell them from events never made: every seq up to `through` has been stored or given up."""
 
-    def __init__(self, journal: Journal, run: str = "", batch_max: int = 512, retry_s: float = RETRY_S,
+    id = "journal"
+    heartbeats = False
+
+    def __init__(self, journal: Journal, batch_max: int = 512, retry_s: float = RETRY_S,
                  prune_interval_s: float = PRUNE_INTERVAL_S):  # fmt: skip
         self.journal = journal
-        self.run = run
         self.batch_max = batch_max
         self.retry_s = retry_s
         self.prune_interval_s = prune_interval_s
         self._cond = threading.Condition()
-        self._queue: deque[Record | tuple[int, str, Event]] = deque()
+        self._queue: deque[Record | Stamped] = deque()
         self._stopping = False
         self._busy = False
         self.stored = 0
@@ -261,17 +279,22 @@ class JournalWriter:
         """Store `record` (its body already has `seq`, `id` and `run`)."""
         self._append(record)
 
-    def put_event(self, seq: int, event_id: str, event: Event) -> None:
-        """Store `event` as published with `seq` and `event_id` (by this writer's `run`); cheap, never blocks."""
-        self._append((seq, event_id, event))
+    def offer(self, item: Stamped) -> None:
+        """Store the event as the bus stamped it; cheap, never blocks."""
+        self._append(item)
 
-    def _append(self, item: Record | tuple[int, str, Event]) -> None:
+    def _append(self, item: Record | Stamped) -> None:
         with self._cond:
             self._queue.append(item)
             if len(self._queue) > QUEUE_MAX:
                 self._queue.popleft()
                 self.not_journaled += 1
             self._cond.notify_all()
+
+    @property
+    def database(self) -> Path:
+        """The journal's database file (outputs that catch up read it, vigild.outputs.catchup)."""
+        return self.journal.path
 
     @property
     def idle(self) -> bool:
@@ -326,7 +349,7 @@ class JournalWriter:
                     self.error = None
             if batch:  # the whole batch is dealt with, events whose JSON could not be built included
                 last = batch[-1]
-                self.through = max(self.through, last.body["seq"] if isinstance(last, Record) else last[0])
+                self.through = max(self.through, last.seq)
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + self.prune_interval_s
                 try:
@@ -336,24 +359,31 @@ class JournalWriter:
             with self._cond:
                 self._busy = False
 
-    def _records(self, batch: list[Record | tuple[int, str, Event]]) -> list[Record]:
-        """The batch's records, their wire JSON built here, off the hot path; an event whose JSON cannot be built
-        is not journaled (counted), never the end of its batch."""
+    def _records(self, batch: list[Record | Stamped]) -> list[Record]:
+        """The batch's records, off the hot path; an event whose JSON cannot be built is not journaled (counted),
+        never the end of its batch."""
         records = []
         for item in batch:
             if isinstance(item, Record):
                 records.append(item)
                 continue
-            seq, event_id, event = item
             try:
-                body = event.to_json_dict(seq, event_id, self.run)
-            except (ValueError, TypeError) as exc:
-                log.warning("event seq=%d (%s) not journaled: %s", seq, event.type, exc)
+                records.append(Record.from_stamped(item))
+            except ValueError as exc:
+                log.warning("event seq=%d (%s) not journaled: %s", item.seq, item.event.type, exc)
                 with self._cond:
                     self.not_journaled += 1
-                continue
-            records.append(Record(body, event.snapshot.jpeg if event.snapshot is not None else None))
         return records
+
+    def status(self) -> dict[str, Any]:
+        """As an output (`outputs.journal`): its state, lag and what it could not store."""
+        with self._cond:
+            queued, oldest = len(self._queue), self._queue[0] if self._queue else None
+        ts = oldest.ts if isinstance(oldest, Record) else oldest.event.ts_wall if oldest is not None else None
+        return {"type": "JournalWriter", "state": "failed" if self.error else "running" if self._thread.is_alive()
+                else "stopped", "error": self.error, "delivered": self.stored, "last_seq": self.through,
+                "lag_events": queued, "lag_s": round(max(0.0, time.time() - ts), 3) if ts is not None else 0.0,
+                "drops": {"not_journaled": self.not_journaled} if self.not_journaled else {}}  # fmt: skip
 
     def _not_written(self, batch: list[Record], exc: BaseException) -> None:
         with self._cond:

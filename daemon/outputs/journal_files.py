@@ -24,7 +24,7 @@ import sqlite3
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from vigild import paths
 
@@ -47,10 +47,9 @@ def default_path(config_file: Path | None, environ: Mapping[str, str] | None = N
     return paths.state_dir(config_file, environ) / DATABASE
 
 
-def snapshot_name(body: Mapping[str, Any]) -> str:
+def snapshot_name(seq: int, event_id: str) -> str:
     """The file name of an event's snapshot: from its seq (an int) and id (32 hex digits), checked, so that nothing
     in an event can name a path outside the snapshots directory."""
-    seq, event_id = body["seq"], body["id"]
     if not isinstance(seq, int) or isinstance(seq, bool) or not (
         isinstance(event_id, str) and len(event_id) == 32 and all(c in "0123456789abcdef" for c in event_id)
     ):

@@ -70,4 +70,25 @@ def select(db: sqlite3.Connection, query: Query) -> Iterator[dict[str, Any]]:
     return (json.loads(body) for body in select_text(db, query))
 
 
-__all__ = ["Query", "epoch", "select", "select_text", "where_clause"]
+def missing_ranges(after: int, through: int, seqs: list[int], oldest: int | None) -> list[dict[str, Any]]:
+    """The ranges of (after, through] that `seqs` (ascending) leaves out, each with its reason: below the oldest
+    stored seq, retention removed it; above, the journal never stored it. The replay socket's `missing` and the
+    gap notices of outputs that catch up from the journal."""
+    ranges = []
+    expected = after + 1
+    for seq in [*seqs, through + 1]:
+        if seq > expected:
+            ranges.append((expected, seq - 1))
+        expected = seq + 1
+    missing = []
+    for first, last in ranges:
+        if oldest is not None and first < oldest:
+            cut = min(last, oldest - 1)
+            missing.append({"first": first, "last": cut, "reason": "retention"})
+            first = cut + 1
+        if first <= last:
+            missing.append({"first": first, "last": last, "reason": "not_journaled"})
+    return missing
+
+
+__all__ = ["Query", "epoch", "missing_ranges", "select", "select_text", "where_clause"]

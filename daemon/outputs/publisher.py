@@ -1,38 +1,32 @@
-"""The ZeroMQ PUB side: events go out as `[topic, json]` multipart messages from one dedicated thread.
+"""The ZeroMQ PUB output: events go out as `[topic, json]` multipart messages (a third part: the snapshot's JPEG)
+from the publisher's own thread.
 
-`publish()` never blocks its caller: it stamps the event with its identity, the next `seq`, a fresh `id` and the
-daemon's `run`, and puts it on a bounded queue; when the queue is full the event is dropped and counted, and because
-`seq` was already taken a subscriber sees the gap. Heartbeats have a `seq` of their own, so the events' `seq` counts
-events only. With a journal attached, every event is handed to its writer as it is stamped, in seq order, before the
-live queue can drop it, and `seq` goes on from the journal's last.
-The socket sends without blocking; at the high-water mark ZeroMQ drops for that subscriber, also counted.
+The bus (vigild.outputs.bus) stamps each event and offers it here without blocking: the publisher's queue is
+bounded (`queue_size`); when it is full the event is dropped and counted (`dropped_queue_full`), and because `seq`
+was already taken a subscriber sees the gap. Heartbeats have a `seq` of their own, so the events' `seq` counts
+events only. The socket sends without blocking; at the high-water mark ZeroMQ drops for that subscriber, also
+counted (`dropped_unsendable`, with events whose JSON cannot be built).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
-import queue
 import threading
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import zmq
 
 from vigild.config.settings import CurveConfig, PublisherConfig
-from vigild.events import Event
-
-if TYPE_CHECKING:
-    from vigild.outputs.journal import JournalWriter
+from vigild.outputs.base import OutputError, QueuedOutput
+from vigild.outputs.bus import Stamped
 
 log = logging.getLogger("vigild.publisher")
 
-_STOP = object()
 SUBSCRIPTIONS_PER_ROUND = 100
 
 
@@ -47,7 +41,7 @@ class PublisherStats:
     high-water mark; that subscriber sees those drops as gaps in `seq`."""
 
 
-class PublisherError(Exception):
+class PublisherError(OutputError):
     pass
 
 
@@ -63,29 +57,32 @@ def is_loopback_endpoint(endpoint: str) -> bool:
         return False
 
 
-class Publisher:
+class Publisher(QueuedOutput):
+    heartbeats = True
+
     def __init__(self, config: PublisherConfig, curve: CurveConfig | None = None):
+        super().__init__("publisher", config.queue_size)
         self.config = config
         self.curve_config = curve
         self.curve: Any = None  # the CurveServer, made on the publisher thread
-        self.alive_at = time.monotonic()
-        """When the publisher thread last went round its loop (at least once per heartbeat interval)."""
-        self.stats = PublisherStats()
+        self.tick_s = config.heartbeat_interval  # the longest it waits: `alive_at` stays fresh for the watchdog
+        self.sent_by_type: Counter[str] = Counter()
         self._context = zmq.Context()  # our own, terminated on stop: that is what makes `linger_ms` flush
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.queue_size)
-        self.run = uuid.uuid4().hex
-        """This run's id: in every event it publishes, so a subscriber can tell a restart from a gap."""
-        self._seq = 0
-        self._heartbeats = 0
-        self.journal: JournalWriter | None = None
-        self._seq_lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
-        self._bound = threading.Event()
-        self._bind_error: str | None = None
+        self._socket: zmq.Socket | None = None
         self.subscriptions = 0
         """Subscriptions received (only counted with `await_subscribers`, which makes the socket an XPUB)."""
         self._subscribed = threading.Event()
         self._awaiting = config.await_subscribers > 0
+
+    @property
+    def stats(self) -> PublisherStats:
+        return PublisherStats(
+            queued=self.delivered + self.drops["unsendable"] + self.queued,
+            sent=self.delivered,
+            sent_by_type=self.sent_by_type,
+            dropped_queue_full=self.drops["queue_full"],
+            dropped_unsendable=self.drops["unsendable"],
+        )
 
     def start(self) -> None:
         """Bind in the publisher thread (sockets stay on one thread) and wait for the outcome."""
@@ -95,11 +92,10 @@ class Publisher:
                 "can connect receives every event; bind to 127.0.0.1 or configure `curve:` (docs/security.md)",
                 self.config.endpoint,
             )
-        self._thread.start()
-        self._bound.wait()
-        if self._bind_error is not None:
-            self._thread.join()
-            raise PublisherError(f"cannot bind publisher to {self.config.endpoint}: {self._bind_error}")
+        try:
+            super().start()
+        except OutputError as exc:
+            raise PublisherError(f"cannot bind publisher to {self.config.endpoint}: {exc}") from None
 
     def await_subscribers(self, stop: threading.Event | None = None) -> bool:
         """Block until `await_subscribers` subscriptions have arrived, `await_timeout` has passed or `stop` is set;
@@ -116,6 +112,7 @@ class Publisher:
         while not arrived and time.monotonic() < deadline and not (stop is not None and stop.is_set()):
             arrived = self._subscribed.wait(min(0.1, max(0.0, deadline - time.monotonic())))
         self._awaiting = False
+        self.tick_s = self.config.heartbeat_interval
         if arrived:
             return True
         log.warning(
@@ -126,81 +123,37 @@ class Publisher:
         )
         return False
 
-    def attach_journal(self, journal: JournalWriter) -> None:
-        """Journal every event from now on (before any is published): `seq` goes on from the journal's last."""
-        with self._seq_lock:
-            self.journal = journal
-            self._seq = max(self._seq, journal.through)
-            journal.run = self.run
+    # ----- on the publisher thread
 
-    @property
-    def last_seq(self) -> int:
-        """The seq of the last event stamped (0 before the first of a journal-less run)."""
-        return self._seq
-
-    def publish(self, event: Event) -> None:
-        event_id = uuid.uuid4().hex
-        with self._seq_lock:
-            if event.is_heartbeat:
-                self._heartbeats += 1
-                seq = self._heartbeats
-            else:
-                self._seq += 1
-                seq = self._seq
-                if self.journal is not None:  # in seq order, whatever happens to the live queue
-                    self.journal.put_event(seq, event_id, event)
-        try:
-            self._queue.put_nowait((seq, event_id, event))
-            self.stats.queued += 1
-        except queue.Full:
-            self.stats.dropped_queue_full += 1
-
-    def stop(self) -> None:
-        """Send what is queued, then close the socket with the configured linger."""
-        if self._thread.is_alive():
-            self._queue.put(_STOP)
-            self._thread.join()
-
-    def _run(self) -> None:
+    def open(self) -> None:
         # an XPUB is a PUB that also hands over its subscribers' subscriptions, which `await_subscribers` counts
         counting = self.config.await_subscribers > 0
         socket = self._context.socket(zmq.XPUB if counting else zmq.PUB)
         if counting:
             socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, also a second one to the same topic
+            self.tick_s = 0.02  # look for the awaited subscriptions often
         socket.setsockopt(zmq.SNDHWM, self.config.hwm)
         socket.setsockopt(zmq.LINGER, self.config.linger_ms)
         from vigild.service.curve import bind_secured
 
         try:
             self.curve = bind_secured(socket, self.config.endpoint, self.curve_config, self._context)
-        except (zmq.ZMQError, OSError, ValueError) as exc:
-            self._bind_error = str(exc)
+        except (zmq.ZMQError, OSError, ValueError):
+            socket.close(0)
             self._context.term()
-            self._bound.set()
-            return
-        self._bound.set()
-        interval = self.config.heartbeat_interval  # the longest it waits: `alive_at` stays fresh for the watchdog
-        try:
-            while True:
-                self.alive_at = time.monotonic()
-                wait = interval
-                if self._awaiting and not self._subscribed.is_set():
-                    wait = min(wait, 0.02)  # look for the awaited subscriptions often
-                try:
-                    item = self._queue.get(timeout=wait)
-                except queue.Empty:
-                    item = None
-                if item is _STOP:
-                    break
-                if counting:
-                    self._read_subscriptions(socket)
-                if item is not None:
-                    self._send(socket, *item)
-        finally:
-            socket.close()  # with LINGER = linger_ms
-            if self.curve is not None:
-                self.curve.stop()
-            self._context.term()  # blocks until queued messages are sent or the linger runs out
+            raise
+        self._socket = socket
+
+    def tick(self) -> None:
+        if self.config.await_subscribers > 0 and self._socket is not None:
+            self._read_subscriptions(self._socket)
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()  # with LINGER = linger_ms
+        if self.curve is not None:
+            self.curve.stop()
+        self._context.term()  # blocks until queued messages are sent or the linger runs out
 
     def _read_subscriptions(self, socket: zmq.Socket) -> None:
         """Take what the XPUB has received (read, so that it does not pile up): a subscription starts with 1. At
@@ -214,17 +167,19 @@ class Publisher:
                 if self.subscriptions >= self.config.await_subscribers:
                     self._subscribed.set()
 
-    def _send(self, socket: zmq.Socket, seq: int, event_id: str, event: Event) -> None:
-        try:
-            body = event.to_json_dict(seq, event_id, self.run)
-            payload = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
-            parts = [event.topic.encode(), payload]
-            if event.snapshot is not None:
-                parts.append(event.snapshot.jpeg)
-            socket.send_multipart(parts, flags=zmq.NOBLOCK)
-        except (zmq.Again, ValueError, TypeError) as exc:
-            self.stats.dropped_unsendable += 1
-            log.warning("dropped %s event seq=%d: %s", event.topic, seq, exc)
-            return
-        self.stats.sent += 1
-        self.stats.sent_by_type[event.type] += 1
+    def deliver(self, batch: list[Stamped]) -> None:
+        socket = self._socket
+        assert socket is not None
+        for item in batch:
+            event = item.event
+            try:
+                parts = [item.topic, item.wire()]
+                if event.snapshot is not None:
+                    parts.append(event.snapshot.jpeg)
+                socket.send_multipart(parts, flags=zmq.NOBLOCK)
+            except (zmq.Again, ValueError, TypeError) as exc:
+                self.drop("unsendable")
+                log.warning("dropped %s event seq=%d: %s", event.topic, item.seq, exc)
+                continue
+            self.delivered += 1
+            self.sent_by_type[event.type] += 1

@@ -33,9 +33,8 @@ import os
 import socket as pysocket
 import sqlite3
 import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -43,6 +42,7 @@ from zmq.utils.monitor import parse_monitor_message
 from vigild import paths
 from vigild.config.settings import CurveConfig
 from vigild.outputs.journal import SNAPSHOTS, JournalWriter, open_read_only
+from vigild.outputs.journal_query import missing_ranges
 
 log = logging.getLogger("vigild.replay")
 
@@ -68,6 +68,15 @@ SOCKET_MODE = 0o660
 
 class ReplayError(Exception):
     pass
+
+
+class Stamping(Protocol):
+    """What the replay header tells of the live stream (vigild.outputs.bus.EventBus)."""
+
+    run: str
+
+    @property
+    def last_seq(self) -> int: ...
 
 
 class Peers:
@@ -111,17 +120,17 @@ class ReplayServer:
         self,
         endpoint: str,
         writer: JournalWriter | None,
-        last_seq: Callable[[], int],
+        bus: Stamping,
         curve: CurveConfig | None = None,
         max_peers: int = MAX_PEERS,
         private_dir: bool = False,
     ):
         """`writer`: the journal's (None: the journal could not be opened, and every event is `not_journaled`);
-        `last_seq`: the publisher's last stamped seq; `private_dir`: an ipc endpoint's directory is vigild's own
+        `bus`: its `last_seq` (the last stamped) and `run`; `private_dir`: an ipc endpoint's directory is vigild's own
         (the default endpoint: made owner-only, or checked and tightened)."""
         self.endpoint = endpoint
         self.writer = writer
-        self._last_seq = last_seq
+        self._bus = bus
         self.curve_config = curve
         self.curve: Any = None
         self.peers = Peers(max_peers)
@@ -303,7 +312,7 @@ class ReplayServer:
         after = _seq(request["after_seq"])
         until = _seq(request["until_seq"]) if request.get("until_seq") is not None else None
         limit = max(1, min(_seq(request.get("limit", PAGE_EVENTS)), PAGE_EVENTS))
-        last_seq = self._last_seq()
+        last_seq = self._bus.last_seq
         # read before the rows: every seq up to it is committed (or given up) by now; no journal this run (no
         # database): nothing was stored
         journaled = self.writer.through if self.writer is not None and database is not None else last_seq
@@ -333,10 +342,10 @@ class ReplayServer:
             "after_seq": after,
             "through": through,
             "events": kept,
-            "missing": _missing(after, through, [row[0] for row in rows], oldest),
+            "missing": missing_ranges(after, through, [row[0] for row in rows], oldest),
             "journaled_through": journaled,
             "last_seq": last_seq,
-            "run": self.writer.run if self.writer is not None else None,
+            "run": self._bus.run if self.writer is not None else None,
         }
         return [json.dumps(header).encode(), *parts]
 
@@ -372,24 +381,3 @@ def _seq(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEQ:
         raise ValueError(f"expected a seq (an integer from 0 to {MAX_SEQ}), got {str(value)[:40]!r}")
     return value
-
-
-def _missing(after: int, through: int, seqs: list[int], oldest: int | None) -> list[dict[str, Any]]:
-    """The ranges of (after, through] that `seqs` (ascending) leaves out, each with its reason: below the oldest
-    stored seq, retention removed it; above, the journal never stored it."""
-    ranges = []
-    expected = after + 1
-    for seq in [*seqs, through + 1]:
-        if seq > expected:
-            ranges.append((expected, seq - 1))
-        expected = seq + 1
-    missing = []
-    for first, last in ranges:
-        if oldest is not None and first < oldest:
-            cut = min(last, oldest - 1)
-            missing.append({"first": first, "last": cut, "reason": "retention"})
-            first = cut + 1
-        if first <= last:
-            missing.append({"first": first, "last": last, "reason": "not_journaled"})
-    return missing
-

@@ -26,9 +26,8 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from vigild.config.settings import SchedulerConfig
-from vigild.events import Event
+from vigild.events import Event, Publish
 from vigild.frame import Frame
-from vigild.outputs.publisher import Publisher
 from vigild.pipeline.chain import Chain
 from vigild.pipeline.durations import LATENCY_BUCKETS, Durations
 from vigild.pipeline.exchange import FrameExchange, Notice, NoticeKind, Taken
@@ -49,7 +48,7 @@ class Scheduler:
         config: SchedulerConfig,
         exchange: FrameExchange,
         chain: Chain,
-        publisher: Publisher,
+        publish: Publish,
         cameras: list[str],
         all_ended: threading.Event | None = None,
         device: str = "cpu",
@@ -60,7 +59,7 @@ class Scheduler:
         self.device = device
         self.exchange = exchange
         self.chain = chain
-        self.publisher = publisher
+        self.publish = publish
         self.cameras = list(cameras)
         self.all_ended = all_ended if all_ended is not None else threading.Event()
         self.processed: Counter[str] = Counter()
@@ -218,8 +217,8 @@ class Scheduler:
             return
         for frame in frames:  # a frame a later plugin failed on still carries what earlier plugins decided
             for event in frame.events:
-                self.publisher.publish(event)
-        now = time.monotonic()  # handed to the publisher's queue: capture to publish
+                self.publish(event)
+        now = time.monotonic()  # handed to the bus: capture to publish
         self.batches += 1
         self.frames_in_batches += len(frames)
         for frame in passed:
@@ -233,7 +232,7 @@ class Scheduler:
     def _close_camera(self, notice: Notice) -> None:
         """Let plugins close what they hold for the camera (tracks...), then say it is down."""
         for event in self.chain.source_ended(notice.camera, notice.ts_wall, notice.frame_index):
-            self.publisher.publish(event)
+            self.publish(event)
         self._publish_camera_event(notice, "camera.down")
         self._down.add(notice.camera)
         if notice.kind is NoticeKind.ENDED:
@@ -244,4 +243,4 @@ class Scheduler:
 
     def _publish_camera_event(self, notice: Notice, event_type: str) -> None:
         frame = notice.frame_index if notice.frame_index >= 0 else None
-        self.publisher.publish(Event(event_type, notice.camera, notice.ts_wall, frame, data=dict(notice.detail)))
+        self.publish(Event(event_type, notice.camera, notice.ts_wall, frame, data=dict(notice.detail)))

@@ -1,4 +1,4 @@
-"""The daemon: wires capture → exchange → scheduler/chain → publisher, and stops them in that order.
+"""The daemon: wires capture → exchange → scheduler/chain → event bus → outputs, and stops them in that order.
 
 Around that flow it holds what a service needs: the systemd notifications and watchdog, the heartbeat, the control
 socket and the Prometheus endpoint. What it does on their behalf lives beside it: the status snapshot (status.py),
@@ -19,6 +19,7 @@ from vigild.capture.camera import Capture
 from vigild.config.loading import Config, ConfigError, load_config, with_camera
 from vigild.config.yamlsource import KeyPath
 from vigild.events import SYSTEM_CAMERA, Event
+from vigild.outputs.bus import EventBus
 from vigild.outputs.publisher import Publisher, PublisherError
 from vigild.outputs.replay import ReplayError
 from vigild.pipeline.chain import Chain
@@ -29,6 +30,7 @@ from vigild.service import cameras, status
 from vigild.service.control import CommandError, ControlServer
 from vigild.service.journaling import JournalBusy, Journaling
 from vigild.service.notify import ServiceNotifier
+from vigild.service.outputs import OutputRefused, Outputs
 from vigild.service.reconfigure import RESTART_REQUIRED, Applied, reconfigure
 from vigild.service.running import CAPTURE_JOIN_TIMEOUT_S, Change, Pipeline, Running
 from vigild.service.status import Heartbeat, Rates, status_line
@@ -66,22 +68,27 @@ class Daemon:
         apply_threads(threads)
         self._stop_requested = threading.Event()
         exchange = FrameExchange()
+        # every event, whoever makes it, enters the bus: the one place that stamps it and hands it to the outputs
+        self.bus = bus = EventBus()
         publisher = Publisher(settings.publisher, curve=settings.curve)
-        chain = Chain(config.chain, device, config.cameras, threads.count, publish=publisher.publish)
+        chain = Chain(config.chain, device, config.cameras, threads.count, publish=bus.publish)
         # every camera ended (files read to their end): the scheduler sets our stop request
         scheduler = Scheduler(
-            settings.scheduler, exchange, chain, publisher, list(config.cameras), self._stop_requested, device
+            settings.scheduler, exchange, chain, bus.publish, list(config.cameras), self._stop_requested, device
         )
         cameras = len(config.cameras)
         self.workers = capture_workers(settings.capture, exchange, threads.usable_cpus, cameras, config.file)
-        self.journaling = Journaling(settings.journal, config.file, publisher, settings.curve)
-        self.pipeline = Pipeline(exchange, scheduler, publisher, device, threads, self.workers, self.journaling)
+        self.journaling = journaling = Journaling(settings.journal, config.file, bus, settings.curve)
+        self.outputs = Outputs(bus, lambda: journaling.writer,
+                               lambda: [publisher, *([journaling.writer] if journaling.writer is not None else [])])
+        self.pipeline = Pipeline(exchange, scheduler, publisher, device, threads, self.workers, self.journaling,
+                                 bus, self.outputs)  # fmt: skip
         self.exchange, self.scheduler, self.publisher = exchange, scheduler, publisher
         self.device, self.threads = device, threads
         self._running = Running(config, chain, {name: self.pipeline.capture(config, name) for name in config.cameras})
         """Replaced whole by a change, never altered: readers on other threads see the old state or the new."""
         self._rates = Rates()
-        self.heartbeat = Heartbeat(settings.publisher.heartbeat_interval, self._heartbeat, publisher.publish)
+        self.heartbeat = Heartbeat(settings.publisher.heartbeat_interval, self._heartbeat, bus.publish)
         self.notifier = ServiceNotifier(self.healthy, self.status_line)
         control = settings.control  # its default socket is per config file (vigild.paths.control_endpoint)
         self.control = ControlServer(control, settings.curve, self, config.file) if control.enabled else None
@@ -121,6 +128,7 @@ class Daemon:
             self.publisher.start()
         except PublisherError as exc:
             raise BindError(("publisher", "endpoint"), str(exc)) from exc
+        self.bus.attach(self.publisher)
         started: list[Any] = [self.publisher]
         try:
             try:  # before any event is published: seq goes on from the journal's last
@@ -130,6 +138,12 @@ class Daemon:
             except ReplayError as exc:
                 raise BindError(("journal", "replay_endpoint"), str(exc)) from exc
             started.append(self.journaling)
+            try:
+                self.outputs.check(self.config)
+            except OutputRefused as exc:
+                raise BindError(exc.key, str(exc)) from exc
+            self.outputs.start(self.config)
+            started.append(self.outputs)
             self.heartbeat.start()
             started.append(self.heartbeat)
             if self.control is not None:
@@ -199,8 +213,9 @@ class Daemon:
             else:
                 self.chain.stop()
             self.heartbeat.stop()
+            self.outputs.stop()  # first: one catching up may still read what the journal's writer stores
             self.publisher.stop()
-            self.journaling.stop()  # after the publisher: every event it took is on the writer
+            self.journaling.stop()  # last: every event the bus took is on its writer
             if self.metrics is not None:
                 self.metrics.stop()
             deadline = time.monotonic() + CAPTURE_JOIN_TIMEOUT_S

@@ -17,8 +17,8 @@ from typing import Any
 
 from vigild import paths
 from vigild.config.settings import CurveConfig, JournalConfig
+from vigild.outputs.bus import EventBus
 from vigild.outputs.journal import Journal, JournalLocked, JournalWriter, default_path
-from vigild.outputs.publisher import Publisher
 from vigild.outputs.replay import ReplayError, ReplayServer
 
 log = logging.getLogger("vigild.journal")
@@ -31,21 +31,21 @@ class JournalBusy(Exception):
 
 
 class Journaling:
-    def __init__(self, config: JournalConfig, config_file: Path | None, publisher: Publisher,
+    def __init__(self, config: JournalConfig, config_file: Path | None, bus: EventBus,
                  curve: CurveConfig | None):  # fmt: skip
         self.config = config
         self.path = config.path or default_path(config_file)
         self.replay_endpoint = config.replay_endpoint or paths.replay_endpoint(config_file)
         self._default_replay = config.replay_endpoint is None
-        self._publisher = publisher
+        self._bus = bus
         self._curve = curve
         self.writer: JournalWriter | None = None
         self.replay: ReplayServer | None = None
         self.open_error: str | None = None
 
     def start(self) -> None:
-        """Open the journal and attach it to the publisher (before any event is published), then bind the replay
-        socket. Raises `JournalBusy` or `ReplayError` with nothing left open."""
+        """Open the journal and attach it to the bus (before any event is published: `seq` goes on from the
+        journal's last), then bind the replay socket. Raises `JournalBusy` or `ReplayError` with nothing left open."""
         if not self.config.enabled:
             return
         try:
@@ -64,10 +64,11 @@ class Journaling:
             if journal.swept:
                 log.info("event journal: removed %d snapshot file(s) a stopped run left behind", journal.swept)
             self.writer = JournalWriter(journal)
-            self._publisher.attach_journal(self.writer)
+            self._bus.continue_from(self.writer.through)
             self.writer.start()
+            self._bus.attach(self.writer)
             log.info("event journal %s: events from seq %d on", self.path, self.writer.through + 1)
-        self.replay = ReplayServer(self.replay_endpoint, self.writer, lambda: self._publisher.last_seq, self._curve,
+        self.replay = ReplayServer(self.replay_endpoint, self.writer, self._bus, self._curve,
                                    private_dir=self._default_replay)  # fmt: skip
         try:
             self.replay.start()
@@ -81,6 +82,7 @@ class Journaling:
         if self.replay is not None:
             self.replay.stop()
         if self.writer is not None:
+            self._bus.detach(self.writer)
             self.writer.stop()
 
     @property
@@ -98,7 +100,7 @@ class Journaling:
             served = replay.status()
         writer = self.writer
         if writer is None:
-            not_journaled = self._publisher.last_seq if self.open_error is not None else 0
+            not_journaled = self._bus.last_seq if self.open_error is not None else 0
             return {"enabled": True, "path": str(self.path), "stored": 0, "not_journaled": not_journaled,
                     "queued": 0, "error": self.open_error, "replay": self.replay_endpoint, **served}  # fmt: skip
         return {

@@ -25,6 +25,7 @@ from vigild.config.loading import Config
 from vigild.pipeline.chain import Chain, PluginStartError, Stage
 from vigild.plugin import Plugin, PluginConfigError
 from vigild.service.control import CommandError
+from vigild.service.outputs import OutputRefused
 from vigild.service.running import CAPTURE_JOIN_TIMEOUT_S, Change, Pipeline, Running
 from vigild.service.threads import apply_threads
 
@@ -46,6 +47,8 @@ class Applied:
     plugins_started: list[str] = field(default_factory=list)
     plugins_stopped: list[str] = field(default_factory=list)
     restart_required: list[str] = field(default_factory=list)
+    outputs: dict[str, list[str]] = field(default_factory=dict)
+    """The `outputs:` entries started, stopped and restarted (vigild.service.outputs)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +60,7 @@ class Applied:
             },
             "plugins": {"kept": self.plugins_kept, "started": self.plugins_started, "stopped": self.plugins_stopped},
             "restart_required": self.restart_required,
+            "outputs": self.outputs or {"started": [], "stopped": [], "restarted": []},
         }
 
 
@@ -116,6 +120,11 @@ def prepare(plan: Plan, running: Running, pipeline: Pipeline) -> Prepared:
     """Make and start the new chain and make the arriving captures; ConfigError, with nothing changed, when a
     plugin refuses its new cameras or fails to start (named by its key, as at start)."""
     new = plan.new
+    if pipeline.outputs is not None:  # an output that cannot start refuses the change before anything is made
+        try:
+            pipeline.outputs.check(new)
+        except OutputRefused as exc:
+            raise new.error(exc.key, str(exc)) from None
     try:
         chain = Chain(
             new.chain,
@@ -123,7 +132,7 @@ def prepare(plan: Plan, running: Running, pipeline: Pipeline) -> Prepared:
             new.cameras,
             pipeline.threads.count,
             reuse=running.chain,
-            publish=pipeline.publisher.publish,
+            publish=pipeline.bus.publish,
         )
         chain.start()  # models load here, while the old chain keeps running
     except PluginStartError as exc:
@@ -151,7 +160,7 @@ def swap(prepared: Prepared, running: Running, pipeline: Pipeline) -> None:
     for stage, plugin, served in prepared.left_behind:
         for name in sorted(served & still_open):
             for event in running.chain.close_instance(stage, plugin, name, now):
-                pipeline.publisher.publish(event)
+                pipeline.bus.publish(event)
     scheduler.take_over(prepared.chain, plan.new.settings.scheduler, list(plan.new.cameras))
     for name in plan.restarted:
         scheduler.reopen_camera(name)
@@ -183,6 +192,7 @@ def settle(prepared: Prepared, running: Running, pipeline: Pipeline) -> Change[A
         plugins_started=started,
         plugins_stopped=sorted({stage.spec.id for stage, _, _ in prepared.left_behind}),
         restart_required=plan.restart_required,
+        outputs=pipeline.outputs.apply(plan.new.settings.outputs) if pipeline.outputs is not None else {},
     )
     paused = running.paused - set(plan.leaving)
     new_running = Running(plan.new, prepared.chain, captures, paused)

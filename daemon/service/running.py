@@ -4,18 +4,20 @@ change replaces (`Running`: one value, so that whoever reads it sees all of the 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from vigild.capture.camera import CameraCapture, Capture
 from vigild.capture.pool import CaptureWorkers
 from vigild.config.loading import Config
+from vigild.outputs.bus import EventBus
 from vigild.outputs.publisher import Publisher
 from vigild.pipeline.chain import Chain
 from vigild.pipeline.exchange import FrameExchange
 from vigild.pipeline.scheduler import Scheduler
 from vigild.service.control import CommandError
 from vigild.service.journaling import Journaling
+from vigild.service.outputs import Outputs
 from vigild.service.threads import ThreadChoice
 
 CAPTURE_JOIN_TIMEOUT_S = 2.0
@@ -35,6 +37,9 @@ class Pipeline:
     workers: CaptureWorkers | None = None
     """The capture worker processes (`capture.workers` > 0); None: capture threads in this process."""
     journaling: Journaling | None = None
+    bus: EventBus = field(default_factory=EventBus)
+    """Where every event goes (a part made without one, in tests, gets one of its own)."""
+    outputs: Outputs | None = None
 
     def capture(self, config: Config, name: str) -> Capture:
         """A capture of camera `name` of `config` into the exchange (not started): in a worker, or a thread here."""

@@ -133,9 +133,10 @@ def snapshot(running: Running, pipeline: Pipeline, rates: Rates, uptime_s: float
             "sent_by_type": dict(sorted(publisher.sent_by_type.items())),
             "dropped_queue_full": publisher.dropped_queue_full,
             "dropped_unsendable": publisher.dropped_unsendable,
-            "last_seq": pipeline.publisher.last_seq,
+            "last_seq": pipeline.bus.last_seq,
         },
         "journal": pipeline.journaling.status() if pipeline.journaling is not None else {"enabled": False},
+        "outputs": pipeline.outputs.status() if pipeline.outputs is not None else {},
     }
 
 
