@@ -63,7 +63,7 @@ class QueuedOutput:
 
     # ----- the bus's side
 
-    def offer(self, item: Stamped) -> None:
+    def feed(self, item: Stamped) -> None:
         with self._cond:
             if len(self._queue) >= self.queue_size:
                 self.drops["queue_full"] += 1

@@ -58,13 +58,13 @@ class Stamped:
 
 
 class Output(Protocol):
-    """What the bus feeds. `offer` is called on the publishing thread, under the bus's lock, for every event the
+    """What the bus feeds. `feed` is called on the publishing thread, under the bus's lock, for every event the
     output consumes (heartbeats only when `heartbeats` is true), in seq order: it must not block or raise."""
 
     id: str
     heartbeats: bool
 
-    def offer(self, item: Stamped) -> None: ...
+    def feed(self, item: Stamped) -> None: ...
 
     def start(self) -> None: ...
 
@@ -124,4 +124,4 @@ class EventBus:
                 item = Stamped(self._seq, event_id, self.run, event)
                 targets = self._events
             for output in targets:  # under the lock: every output sees the events in seq order
-                output.offer(item)
+                output.feed(item)

@@ -115,7 +115,7 @@ class CatchUpOutput(QueuedOutput):
 
     # ----- inside
 
-    def offer(self, item: Stamped) -> None:
+    def feed(self, item: Stamped) -> None:
         with self._cond:
             if len(self._queue) >= self.queue_size:
                 if self.journal is None:

@@ -241,7 +241,7 @@ PRUNE_INTERVAL_S = 60.0
 
 
 class JournalWriter:
-    """The journal's output: takes every event off the hot path (`offer` never blocks, whatever happens to the
+    """The journal's output: takes every event off the hot path (`feed` never blocks, whatever happens to the
     other outputs' queues) and stores them on a thread of its own, in batches, one transaction each; prunes by
     retention now and then.
 
@@ -279,7 +279,7 @@ class JournalWriter:
         """Store `record` (its body already has `seq`, `id` and `run`)."""
         self._append(record)
 
-    def offer(self, item: Stamped) -> None:
+    def feed(self, item: Stamped) -> None:
         """Store the event as the bus stamped it; cheap, never blocks."""
         self._append(item)
 

@@ -5,7 +5,6 @@ rates, the metrics' histograms, and the camera list with its secrets masked."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -14,6 +13,7 @@ from vigild.capture.camera import CameraState, Capture
 from vigild.capture.sources import redact
 from vigild.config.loading import Config
 from vigild.events import Event
+from vigild.lifecycle import ServiceThread
 from vigild.pipeline.chain import Chain, Stage, failures_by_camera
 from vigild.pipeline.durations import Timings
 from vigild.service.running import Pipeline, Running
@@ -186,20 +186,18 @@ class Heartbeat:
         self.interval = interval
         self._make = make
         self._publish = publish
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._thread = ServiceThread("heartbeat", self._run)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        self._thread.stop(timeout=10.0)
 
-    def _run(self) -> None:
+    def _run(self, thread: ServiceThread) -> None:
+        thread.ready()
         due = time.monotonic() + self.interval
-        while not self._stop.wait(max(0.0, due - time.monotonic())):
+        while not thread.stopping.wait(max(0.0, due - time.monotonic())):
             due += self.interval
             if due < time.monotonic():  # we fell behind: do not burst to catch up
                 due = time.monotonic() + self.interval
