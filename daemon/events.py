@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from vigild.frame import Detections, EndedTracks, Frame
+from vigild.frame import TRACK_UPDATE_FIELDS, Detections, EndedTracks, Frame
 from vigild.vision.snapshot import Snapshot
 
 SCHEMA_VERSION = 1
@@ -111,8 +111,8 @@ def object_payload(detections: Detections, i: int) -> dict[str, Any]:
 def add_track_events(frame: Frame) -> None:
     """The frame's `track.new`, `track.update` and `track.end` events, made from what its tracker decided
     (`frame.tracks`), put where the tracker stood among the frame's events. Called once a frame has been through
-    the whole chain, so that what later plugins added to its detections rides along (the action recognizer's
-    current top `actions` on `track.update`)."""
+    the whole chain, so that what later plugins added to its detections rides along (`TRACK_UPDATE_FIELDS`: the
+    action recognizer's current top `actions` on `track.update`)."""
     tracks = frame.tracks
     if tracks is None or not (len(tracks.new) or len(tracks.updated) or len(tracks.ended)):
         return
@@ -121,14 +121,11 @@ def add_track_events(frame: Frame) -> None:
         detections = tracks.detections  # a later plugin replaced the detections with other rows: as the tracker saw them
     camera, ts, index = frame.camera, frame.ts_wall, frame.index
     events = [Event("track.new", camera, ts, index, object_payload(detections, i)) for i in tracks.new.tolist()]
-    labels, scores = detections.data.get("actions"), detections.data.get("action_scores")
+    extra = detections.data.get(TRACK_UPDATE_FIELDS)  # what later plugins add to each object's update
     for i, age in zip(tracks.updated.tolist(), tracks.age_s.tolist(), strict=True):
         data: dict[str, Any] = {"age_s": round(age, 3)}
-        if labels is not None and scores is not None and len(scores[i]) and not np.isnan(scores[i][0]):
-            data["actions"] = [
-                {"action": str(label), "score": round(float(score), 4)}
-                for label, score in zip(labels[i], scores[i], strict=True)
-            ]
+        if extra is not None and extra[i]:
+            data.update(extra[i])
         events.append(Event("track.update", camera, ts, index, object_payload(detections, i), data))
     events += track_end_events(camera, ts, index, tracks.ended)
     frame.events[tracks.events_at : tracks.events_at] = events
@@ -138,9 +135,9 @@ def track_end_events(camera: str, ts_wall: float, frame_index: int, ended: Ended
     """A `track.end` for each ended track; `frame_index` -1 (a stop, after the last frame): each one's last frame."""
     if not len(ended):
         return []
-    seen, data = ended.last_seen, ended.last_seen.data
-    first_ts, last_ts, frames = data["first_ts"].tolist(), data["last_ts"].tolist(), data["frames"].tolist()
-    first_frame, last_frame = data["first_frame"].tolist(), data["last_frame"].tolist()
+    seen, life = ended.last_seen, ended.lifetime
+    first_ts, last_ts, frames = life.first_ts.tolist(), life.last_ts.tolist(), life.frames.tolist()
+    first_frame, last_frame = life.first_frame.tolist(), life.last_frame.tolist()
     return [
         Event(
             "track.end",

@@ -21,6 +21,13 @@ NO_TRACK = -1
 _EMPTY_NAMES: tuple[str, ...] = ()
 
 
+TRACK_UPDATE_FIELDS = "track_update_fields"
+"""The one `Detections.data` key the core reads: an object array, per row a dict of fields that a plugin adds to
+that object's `track.update` event (JSON values; None: nothing), merged after `age_s` (vigild.events). The action
+recognizer puts its current top `actions` there; any plugin may add its own fields (keys of its own: an envelope
+field is dropped as for any event data)."""
+
+
 def _as_array(name: str, value: object, dtype: type, shape: tuple[int | None, ...]) -> np.ndarray:
     array: np.ndarray = np.asarray(value, dtype=dtype)
     if array.ndim != len(shape) or any(
@@ -171,14 +178,38 @@ class SemanticSegmentation:
 
 
 @dataclass(frozen=True)
+class TrackLifetimes:
+    """Per ended track: `first_ts`, `last_ts` (float64, wall-clock seconds when confirmed and when last seen),
+    `first_frame`, `last_frame` (int64 frame indices) and `frames` (int64, frames it was seen on)."""
+
+    first_ts: np.ndarray
+    last_ts: np.ndarray
+    first_frame: np.ndarray
+    last_frame: np.ndarray
+    frames: np.ndarray
+
+    def __post_init__(self) -> None:
+        lengths = {column.shape for column in vars(self).values()}
+        if len(lengths) != 1 or len(next(iter(lengths))) != 1:
+            raise ValueError(f"track lifetimes need five 1-D columns of one length, got shapes {sorted(lengths)}")
+
+    def __len__(self) -> int:
+        return len(self.first_ts)
+
+
+@dataclass(frozen=True)
 class EndedTracks:
     """Tracks that ended, one row each. `last_seen`: each track's detection where it was last seen, with the
-    track's id as `tracker_id` and its lifetime in `data`: `first_ts`, `last_ts` (float64, wall-clock seconds when
-    confirmed and when last seen), `first_frame`, `last_frame`, `frames` (int64: frame indices, frames seen)."""
+    track's id as `tracker_id`; `lifetime`: when and for how long each was seen, row for row."""
 
     last_seen: Detections
     reason: str
     """Why they ended: `lost` (not seen for too long), `source_end` (their camera stopped)."""
+    lifetime: TrackLifetimes
+
+    def __post_init__(self) -> None:
+        if len(self.lifetime) != len(self.last_seen):
+            raise ValueError(f"{len(self.last_seen)} ended tracks but {len(self.lifetime)} lifetimes")
 
     @property
     def track_id(self) -> np.ndarray:

@@ -28,7 +28,7 @@ from torchvision.ops import box_iou
 
 from vigild.config.loading import CameraConfig, PluginSpec
 from vigild.events import Event
-from vigild.frame import Detections, EndedTracks, Frame, Tracks
+from vigild.frame import Detections, EndedTracks, Frame, TrackLifetimes, Tracks
 from vigild.plugin import PluginConfigError, PluginContext
 from vigild.plugins.actions.action_recognizer import ActionRecognizer, ActionRecognizerConfig
 from vigild.plugins.actions.video_models import TORCHVISION_VIDEO_MODELS
@@ -223,9 +223,9 @@ def tracked(ids: list[int]) -> Detections:
 
 def tracks_ending(detections: Detections, ids: list[int]) -> Tracks:
     """A tracker's verdict on a frame: the tracks `ids` ended (seen last where `tracked` puts them)."""
-    lifetime = {key: np.zeros(len(ids)) for key in ("first_ts", "last_ts", "frames", "first_frame", "last_frame")}
+    lifetime = TrackLifetimes(*(np.zeros(len(ids)) for _ in range(5)))
     none = np.zeros(0, np.int64)
-    return Tracks(detections, none, none, np.zeros(0), EndedTracks(tracked(ids).with_data(**lifetime), "lost"), 0)
+    return Tracks(detections, none, none, np.zeros(0), EndedTracks(tracked(ids), "lost", lifetime), 0)
 
 
 def test_tubes_are_freed_when_tracks_end_and_memory_stays_flat(motion_model):

@@ -20,6 +20,7 @@ In `mode: tracks` the plugin must come after a tracker in the chain (it reads `t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch
 from pydantic import Field, field_validator
 
 from vigild.events import Event
-from vigild.frame import Detections, Frame
+from vigild.frame import TRACK_UPDATE_FIELDS, Detections, Frame
 from vigild.pipeline.branch import CLOSE_WAIT_S, branch_share
 from vigild.plugin import BranchWork, FrameErrors, Plugin, PluginConfig, PluginConfigError, check_torchvision_weights
 from vigild.plugins.actions.classifier import Clips, ClipWorker, Release
@@ -366,7 +367,12 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
         labels = np.full((len(detections), top_labels.shape[1]), None, object)
         scores = np.full(labels.shape, np.nan, np.float32)
         labels[rows[has]], scores[rows[has]] = top_labels, top_scores
-        frame.detections = detections.with_data(actions=labels, action_scores=scores)
+        # on the track.update events: per track that has scores, its top actions (one dict per object updated)
+        fields = np.full(len(detections), None, object)
+        for row, names, values in zip(rows[has].tolist(), top_labels.tolist(), top_scores.tolist(), strict=True):
+            if values and not math.isnan(values[0]):
+                fields[row] = {"actions": [{"action": str(n), "score": round(v, 4)} for n, v in zip(names, values, strict=True)]}
+        frame.detections = detections.with_data(actions=labels, action_scores=scores, **{TRACK_UPDATE_FIELDS: fields})
 
     def on_source_end(self, camera: str, ts_wall: float, frame_index: int) -> list[Event]:
         state = self._cameras.get(camera)

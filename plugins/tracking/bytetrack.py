@@ -29,6 +29,7 @@ from vigild.plugins.tracking.multicamera_tracker import (
     FrameTracks,
     MultiCameraTracker,
 )
+from vigild.plugins.tracking.track_table import TrackTable
 
 
 class ByteTrackConfig(PluginConfig):
@@ -159,7 +160,7 @@ class ByteTrack(Plugin[ByteTrackConfig]):
             for frame, result in zip(batch, results, strict=True):
                 frame.detections = frame.detections.with_tracker_ids(result.tracker_id)
                 due, ages = self._cadence.due(frame.camera, frame.ts_wall, result)
-                ended = EndedTracks(result.ended, "lost")
+                ended = EndedTracks(result.ended, "lost", TrackTable.lifetimes(result.ended))
                 frame.tracks = Tracks(frame.detections, result.new, due, ages, ended, len(frame.events))
         if errors:
             raise FrameErrors(errors)
@@ -167,4 +168,4 @@ class ByteTrack(Plugin[ByteTrackConfig]):
     def on_source_end(self, camera: str, ts_wall: float, frame_index: int) -> list[Event]:
         ended = self._tracker.drop_camera(camera)
         self._cadence.forget(camera)
-        return track_end_events(camera, ts_wall, frame_index, EndedTracks(ended, "source_end"))
+        return track_end_events(camera, ts_wall, frame_index, EndedTracks(ended, "source_end", TrackTable.lifetimes(ended)))

@@ -13,7 +13,7 @@ from typing import Annotated, Any, ClassVar, get_type_hints
 
 import numpy as np
 
-from vigild.frame import Detections
+from vigild.frame import Detections, TrackLifetimes
 
 TRACKED, LOST = 0, 1
 
@@ -110,6 +110,12 @@ class TrackTable:
                     "first_frame": self.first_index[rows], "last_frame": self.last_index[rows]}  # fmt: skip
         return Detections.of_rows(self.xyxy[rows], self.confidence[rows], self.class_id[rows], self.uid[rows],
                                   self.names[rows], self.mask[rows], self.keypoints[rows], lifetime)  # fmt: skip
+
+    @staticmethod
+    def lifetimes(ended: Detections) -> TrackLifetimes:
+        """The lifetimes `ended()` put in its detections' `data`, typed, as `vigild.frame.EndedTracks` carries them."""
+        data = ended.data
+        return TrackLifetimes(data["first_ts"], data["last_ts"], data["first_frame"], data["last_frame"], data["frames"])
 
     def concat(self, other: TrackTable) -> TrackTable:
         theirs = vars(other)
