@@ -2,9 +2,9 @@
 between frames), which on a thread would take the interpreter from the chain.
 
 `ProcessPlugin` stands in the chain for the plugin. Its branch (vigild.pipeline.branch) calls it as it would call the
-plugin, on the branch's thread, and each call goes to a child process (`python -P -m vigild.pipeline.branch_process`,
-over a socket pair, as the capture workers do; -P: nothing from the daemon's working directory is imported before
-the daemon's own `sys.path` arrives) that builds the real plugin from its config and runs it. Frames go
+plugin, on the branch's thread, and each call (`Call`, answered by a `Reply`) goes to a child process started with
+vigild.children, as the capture workers are (`python -P -m vigild.pipeline.branch_process`), which builds the real
+plugin from its config and runs it. Frames go
 over the socket pickled (their image copied: at a branch's rate, the newest frame of each camera while it keeps up,
 a small cost beside a slow plugin's work); their events come back with what the plugin raised (`FrameErrors` or an
 exception), so the chain reports failures as for any plugin and publishes the events of every frame.
@@ -24,8 +24,6 @@ import logging
 import os
 import pickle
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -34,6 +32,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
+from vigild.children import Child, ChildGone, Stop, accept, describe_exit, exit_now
 from vigild.events import Event
 from vigild.frame import Frame
 from vigild.pipeline.branch import branch_threads, lower_priority
@@ -59,6 +58,37 @@ class Hello:
     log_level: str
 
 
+@dataclass(frozen=True, slots=True)
+class Call:
+    """To the child: run the plugin's `method(*args)`; answered by a `Reply`."""
+
+    method: str
+    args: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """From the child: what the call returned (for `process`: each frame's events) and what it raised, or None."""
+
+    value: Any
+    raised: BaseException | None
+
+
+@dataclass(frozen=True, slots=True)
+class SetCameras:
+    """To the child: the cameras its plugin serves from now on (a reload), before the next call."""
+
+    cameras: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """From the child, after its hello: the plugin started (`error` None) or what stopped it."""
+
+    pid: int
+    error: BaseException | None = None
+
+
 class ChildDied(RuntimeError):
     """The branch's process ended while it held a call: that call's frames fail."""
 
@@ -77,16 +107,15 @@ class ProcessPlugin(Plugin[PluginConfig]):
         self.batched = cls.batched  # type: ignore[misc]
         self.repeatable = cls.repeatable  # type: ignore[misc]
         self.threads = branch_threads(context.torch_threads)
-        self._connection: Connection | None = None
-        self._process: subprocess.Popen[bytes] | None = None
+        self._child: Child | None = None
         self._lock = threading.Lock()
         self._died_at = -RESTART_DELAY_S
         self.restarts = 0
 
     @property
     def pid(self) -> int | None:
-        process = self._process
-        return process.pid if process is not None and process.poll() is None else None
+        child = self._child
+        return child.pid if child is not None and child.alive else None
 
     # ----- the Plugin interface, each a call into the child
 
@@ -122,29 +151,21 @@ class ProcessPlugin(Plugin[PluginConfig]):
 
     def kill(self) -> None:
         """A branch stuck inside its plugin at stop: its process is killed (a thread could not be)."""
-        process = self._process
-        if process is not None and process.poll() is None:
-            log.warning("branch %s: killing its process (pid %d), stuck in the plugin", self.name, process.pid)
-            process.kill()
-            process.wait()
+        child = self._child
+        if child is not None and child.alive:
+            log.warning("branch %s: killing its process (pid %s), stuck in the plugin", self.name, child.pid)
+            child.kill()
 
     def stop(self) -> None:
         with self._lock:
-            connection, process = self._connection, self._process
-            self._connection = self._process = None
-            if connection is None or process is None:
+            child, self._child = self._child, None
+            if child is None:
                 return
-            with contextlib.suppress(OSError, EOFError):
-                connection.send(("stop", ()))
-                if connection.poll(STOP_WAIT_S):
-                    connection.recv()
-            connection.close()
-            try:
-                process.wait(STOP_WAIT_S)
-            except subprocess.TimeoutExpired:
-                log.warning("branch %s: its process (pid %d) did not exit; killing it", self.name, process.pid)
-                process.kill()
-                process.wait()
+            with contextlib.suppress(ChildGone):
+                child.send(Stop())  # it runs the plugin's `stop` and exits
+            if child.wait(STOP_WAIT_S) is None:
+                log.warning("branch %s: its process (pid %s) did not exit; killing it", self.name, child.pid)
+            child.stop(0, ask=False)
 
     # ----- the child's side, seen from here
 
@@ -156,26 +177,27 @@ class ProcessPlugin(Plugin[PluginConfig]):
 
     def _call_locked(self, method: str, *args: Any) -> tuple[Any, BaseException | None]:
         """`_call` with `_lock` held."""
-        if self._connection is None or self._process is None or self._process.poll() is not None:
+        if self._child is None or not self._child.alive:
             self._restart()
-        assert self._connection is not None and self._process is not None
+        child = self._child
+        assert child is not None
         try:
             if self.context.cameras is not self._cameras_sent:  # a reload handed it other cameras
-                self._connection.send(("cameras", (dict(self.context.cameras),)))
+                child.send(SetCameras(dict(self.context.cameras)))
                 self._cameras_sent = self.context.cameras
-            self._connection.send((method, args))
-            return self._connection.recv()
-        except (EOFError, OSError) as exc:
-            process = self._process
-            code = process.wait()
+            child.send(Call(method, args))
+            reply: Reply = child.recv()
+            return reply.value, reply.raised
+        except ChildGone as exc:
+            code = child.wait()
             self._forget()
-            raise ChildDied(f"its process (pid {process.pid}) ended (exit code {code})") from exc
+            raise ChildDied(f"its process (pid {child.pid}) ended ({describe_exit(code)})") from exc
 
     def _restart(self) -> None:
-        if self._process is not None:
-            code = self._process.wait()
-            log.error("branch %s: its process (pid %d) ended (exit code %s); starting a new one", self.name,
-                      self._process.pid, code)  # fmt: skip
+        if self._child is not None:
+            code = self._child.wait()
+            log.error("branch %s: its process (pid %s) ended (%s); starting a new one", self.name, self._child.pid,
+                      describe_exit(code))  # fmt: skip
             self._forget()
         time.sleep(max(0.0, self._died_at + RESTART_DELAY_S - time.monotonic()))
         self.restarts += 1
@@ -186,46 +208,25 @@ class ProcessPlugin(Plugin[PluginConfig]):
             raise
 
     def _forget(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-        self._connection, self._process, self._died_at = None, None, time.monotonic()
+        if self._child is not None:
+            self._child.close()
+        self._child, self._died_at = None, time.monotonic()
 
     def _spawn(self) -> None:
         """With `_lock` held: a child with the plugin built and started, or raise what stopped it."""
-        parent, child = socket.socketpair()
-        try:
-            process = subprocess.Popen(
-                [sys.executable, "-P", "-m", "vigild.pipeline.branch_process", str(child.fileno())],
-                pass_fds=(child.fileno(),),
-                stdin=subprocess.DEVNULL,
-                env=thread_environment(self.threads),
-            )
-        except OSError:
-            parent.close()
-            raise
-        finally:
-            child.close()
-        connection = Connection(parent.detach())
+        child = Child("vigild.pipeline.branch_process", env=thread_environment(self.threads))
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-        cameras = dict(self.context.cameras)
+        child.spawn(Hello(self.name, self.cls, self.config, self.context.device, dict(self.context.cameras),
+                          self.threads, level))  # fmt: skip
         try:
-            connection.send(list(sys.path))
-            connection.send(Hello(self.name, self.cls, self.config, self.context.device, cameras, self.threads, level))
-            status, value = connection.recv()
-        except (EOFError, OSError) as exc:
-            connection.close()
-            raise ChildDied(f"its process (pid {process.pid}) ended as it started (exit code {process.wait()})") from exc
-        except BaseException:  # (the config or class would not pickle): the child waits for its Hello, ended here
-            connection.close()
-            process.kill()
-            process.wait()
-            raise
-        if status != "ready":
-            connection.close()
-            process.wait()
-            raise value
-        self._connection, self._process, self._cameras_sent = connection, process, self.context.cameras
-        log.info("branch %s runs in process %d", self.name, process.pid)
+            started: Started = child.recv()
+        except ChildGone as exc:
+            raise ChildDied(f"its process (pid {child.pid}) ended as it started ({describe_exit(child.kill())})") from exc
+        if started.error is not None:
+            child.stop(STOP_WAIT_S, ask=False)
+            raise started.error
+        self._child, self._cameras_sent = child, self.context.cameras
+        log.info("branch %s runs in process %d", self.name, started.pid)
 
 
 def thread_environment(threads: int | None) -> dict[str, str]:
@@ -250,44 +251,44 @@ def portable(exc: BaseException) -> BaseException:
 
 
 def serve(connection: Connection, hello: Hello) -> None:
-    """The child's loop: build and start the plugin, then answer calls until `stop` or the daemon goes."""
+    """The child's loop: build and start the plugin, then answer calls until `Stop` or the daemon goes."""
     lower_priority(hello.threads)  # the main thread's, which the plugin's own threads inherit
     try:
         plugin = hello.cls(hello.config, PluginContext(hello.device, hello.cameras, hello.threads))
         plugin.start()
     except Exception as exc:
-        connection.send(("failed", portable(exc)))
+        connection.send(Started(os.getpid(), portable(exc)))
         return
     lower_priority(hello.threads)  # again: starting may have imported torch (and ultralytics sets its threads)
-    connection.send(("ready", os.getpid()))
+    connection.send(Started(os.getpid()))
     while True:
         try:
-            method, args = connection.recv()
+            message = connection.recv()
         except EOFError:  # the daemon is gone
             return
-        if method == "stop":
+        if isinstance(message, Stop):
             try:
                 plugin.stop()
             except Exception:
                 log.exception("branch %s: the plugin failed to stop cleanly", hello.name)
-            connection.send((None, None))
             return
-        if method == "cameras":
-            plugin.context = replace(plugin.context, cameras=args[0])
+        if isinstance(message, SetCameras):
+            plugin.context = replace(plugin.context, cameras=message.cameras)
             continue
-        if method == "process":
-            frames: list[Frame] = args[0]
+        assert isinstance(message, Call), message
+        if message.method == "process":
+            frames: list[Frame] = message.args[0]
             try:
                 plugin.process(frames)
                 raised = None
             except Exception as exc:
                 raised = portable(exc)
-            connection.send(([frame.events for frame in frames], raised))
+            connection.send(Reply([frame.events for frame in frames], raised))
             continue
         try:
-            connection.send((getattr(plugin, method)(*args), None))
+            connection.send(Reply(getattr(plugin, message.method)(*message.args), None))
         except Exception as exc:
-            connection.send((None, portable(exc)))
+            connection.send(Reply(None, portable(exc)))
 
 
 def main(argv: list[str]) -> int:
@@ -295,19 +296,19 @@ def main(argv: list[str]) -> int:
     # whole cgroup: the daemon stops its branches first); if the daemon dies, the socket closes
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    connection = Connection(int(argv[1]))
-    sys.path[:] = connection.recv()
-    hello: Hello = connection.recv()
+    connection, hello = accept(argv)
     logging.basicConfig(
         level=hello.log_level,
         format=f"%(asctime)s %(levelname)s %(name)s[branch {hello.name}]: %(message)s",
         stream=sys.stderr,
     )
     serve(connection, hello)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # threads a plugin left behind must not hold the process
+    exit_now()
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    # run as the imported module, not as __main__: the messages it sends pickle under their module's real name
+    from vigild.pipeline.branch_process import main as module_main
+
+    sys.exit(module_main(sys.argv))
