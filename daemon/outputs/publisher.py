@@ -169,7 +169,7 @@ class Publisher:
             socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, also a second one to the same topic
         socket.setsockopt(zmq.SNDHWM, self.config.hwm)
         socket.setsockopt(zmq.LINGER, self.config.linger_ms)
-        from vigild.service.curve import bind_secured
+        from vigild.curve import bind_secured
 
         try:
             self.curve = bind_secured(socket, self.config.endpoint, self.curve_config, self._context)
