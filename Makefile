@@ -47,11 +47,14 @@ demo: setup
 
 lint: setup
 	$(VENV)/bin/ruff check daemon plugins tests bench
-	@# mypy sees the packages under their installed names (vigild -> daemon/, vigild.plugins -> plugins/) through a
-	@# tree of links: on the plain directories it would treat every vigild import as unknown (Any)
+	@# mypy and lint-imports see the packages under their installed names (vigild -> daemon/, vigild.plugins ->
+	@# plugins/) through a tree of links: on the plain directories mypy would treat every vigild import as unknown
+	@# (Any), and lint-imports would not see the plugins as part of vigild
 	rm -rf .mypy-tree && mkdir -p .mypy-tree/vigild
 	for entry in daemon/*; do ln -s ../../$$entry .mypy-tree/vigild/; done; ln -sfn ../../plugins .mypy-tree/vigild/plugins
 	cd .mypy-tree && $(abspath $(VENV))/bin/mypy --config-file ../pyproject.toml -p vigild
+	@# the layers as an import contract ([tool.importlinter] in pyproject.toml, docs/design.md#layers)
+	cd .mypy-tree && $(abspath $(VENV))/bin/lint-imports --no-cache --no-logo ../pyproject.toml
 
 unit: setup
 	$(VENV)/bin/python -m pytest -m "not e2e"

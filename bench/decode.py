@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from vigild.capture.camera import CameraCapture
-from vigild.capture.sources import parse_source
+from vigild.capture.exchange import FrameExchange
 from vigild.config.loading import CameraConfig
-from vigild.pipeline.exchange import FrameExchange
+from vigild.config.sources import parse_source
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("VIGILD_SHARED", ROOT.parent / "shared")).resolve()

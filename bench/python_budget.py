@@ -123,9 +123,9 @@ def capture_ms(cameras: int, seconds: float) -> tuple[float, float, float, float
     from throughput import h264
 
     from vigild.capture.camera import CameraCapture
-    from vigild.capture.sources import parse_source
+    from vigild.capture.exchange import FrameExchange
     from vigild.config.loading import CameraConfig
-    from vigild.pipeline.exchange import FrameExchange
+    from vigild.config.sources import parse_source
 
     video = h264(1080)
     exchange = FrameExchange()
@@ -163,11 +163,11 @@ def capture_workers_ms(cameras: int, workers: int, seconds: float, slots: int) -
 
     from throughput import h264
 
+    from vigild.capture.exchange import FrameExchange
     from vigild.capture.pool import CaptureWorkers
-    from vigild.capture.sources import parse_source
     from vigild.config.loading import CameraConfig
-    from vigild.pipeline.exchange import FrameExchange
-    from vigild.service.threads import process_cpus
+    from vigild.config.sources import parse_source
+    from vigild.cpus import process_cpus
 
     video = h264(1080)
     exchange = FrameExchange()

@@ -360,7 +360,7 @@ def main() -> None:
           f"vigild precision {', '.join(args.precisions)}, "
           f"device {args.device}, {os.cpu_count()} CPUs, {args.seconds:.0f} s windows", flush=True)
     from vigild.config.settings import CaptureSettings
-    from vigild.service.threads import process_cpus
+    from vigild.cpus import process_cpus
     from vigild.service.workers import worker_count
 
     cpus = process_cpus()

@@ -16,9 +16,9 @@ from vigild.cli_args import integer, seconds
 from vigild.cli_clients import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 from vigild.client import DEFAULT_ENDPOINT
 from vigild.config.loading import Config, ConfigError, load_config
+from vigild.curve import ClientKeys, keygen
 from vigild.pipeline.chain import PluginStartError
 from vigild.plugin import PluginConfigError
-from vigild.service.curve import ClientKeys, keygen
 
 log = logging.getLogger("vigild")
 
@@ -183,8 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(config: Config, log_level: str | None) -> int:
     """`log_level`: from the command line; it then outlasts every reload and camera change."""
-    from vigild.service.control import CommandError
     from vigild.service.daemon import BindError, Daemon
+    from vigild.service.errors import CommandError
 
     logging.basicConfig(
         level=log_level or config.settings.log_level,

@@ -9,16 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vigild.client import DEFAULT_ENDPOINT, Subscriber
+from vigild.client import DEFAULT_ENDPOINT, ControlClient, Subscriber
 from vigild.config.loading import ConfigError, load_control_settings
-from vigild.service.curve import ClientKeys
+from vigild.curve import ClientKeys
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 
 def ctl(args: argparse.Namespace, keys: ClientKeys | None) -> int:
-    from vigild.service.control import ControlClient
-
     endpoint = args.endpoint
     if args.config and not endpoint:
         try:

@@ -24,7 +24,7 @@ from typing import Any
 import zmq
 
 from vigild import paths
-from vigild.service.curve import ClientKeys
+from vigild.curve import ClientKeys
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 GAP_TOPIC = "vigild.sys.gap"

@@ -16,10 +16,10 @@ from pathlib import Path
 import cv2
 
 from vigild.capture.camera import CameraCapture
-from vigild.capture.sources import parse_source
+from vigild.capture.exchange import FrameExchange, Notice
 from vigild.config.loading import CameraConfig
+from vigild.config.sources import parse_source
 from vigild.frame import Frame
-from vigild.pipeline.exchange import FrameExchange, Notice
 
 ROOT = Path(__file__).resolve().parent.parent
 RTSP_SERVER = ROOT / "tests" / "servers" / "rtsp_server.py"
@@ -244,7 +244,7 @@ def cut_hls(h264_mp4: Path, folder: Path, timeout: float = 60.0) -> Path:
     the hlssink2 element itself ends the wait, whether or not the pipeline's aggregated EOS follows.
     """
     from vigild.capture.gst_lockdown import launch  # no filesrc by name in this process once a reader ran
-    from vigild.capture.gst_pipeline import gst_modules
+    from vigild.gstreamer import gst_modules
 
     gst = gst_modules()[0]
     playlist = folder / "live.m3u8"

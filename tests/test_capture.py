@@ -9,9 +9,9 @@ import pytest
 from conftest import VTEST
 
 from vigild.capture.camera import CameraCapture, CameraState
-from vigild.capture.sources import parse_source
+from vigild.capture.exchange import FrameExchange, NoticeKind
 from vigild.config.loading import CameraConfig, ReconnectConfig
-from vigild.pipeline.exchange import FrameExchange, NoticeKind
+from vigild.config.sources import parse_source
 
 VTEST_FRAMES = 795
 BACKENDS = ["gstreamer", "opencv"]

@@ -101,9 +101,9 @@ def test_a_capture_whose_backend_is_missing_reports_why_and_reads_nothing():
     result = python(
         WITHOUT_GSTREAMER + "import time\n"
         "from vigild.capture.camera import CameraCapture\n"
-        "from vigild.capture.sources import parse_source\n"
+        "from vigild.config.sources import parse_source\n"
         "from vigild.config.settings import CameraConfig, ReconnectConfig\n"
-        "from vigild.pipeline.exchange import FrameExchange\n"
+        "from vigild.capture.exchange import FrameExchange\n"
         "exchange = FrameExchange()\n"
         "config = CameraConfig(source='rtsp://cam/x', backend='gstreamer', reconnect=ReconnectConfig(initial_delay=60))\n"
         "capture = CameraCapture('door', config, parse_source(config.source), exchange)\n"

@@ -15,9 +15,9 @@ from conftest import ROOT, VTEST, daemon_env, free_endpoint
 from service import Service, camera_yaml, service_config
 
 from vigild.client import GAP_TOPIC, Subscriber
+from vigild.curve import ClientKeys
+from vigild.curve import keygen as curve_keygen
 from vigild.service.control import ControlClient
-from vigild.service.curve import ClientKeys
-from vigild.service.curve import keygen as curve_keygen
 
 pytestmark = pytest.mark.e2e
 

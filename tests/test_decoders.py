@@ -21,6 +21,7 @@ from conftest import VTEST
 from streams import count_frames, encode, frames_at_least, run_camera  # count_frames: 59 or 60 frames, run by run
 
 from vigild.capture.camera import CameraCapture
+from vigild.capture.exchange import FrameExchange, NoticeKind
 from vigild.capture.gst_lockdown import launch
 from vigild.capture.gst_pipeline import (
     CORE_ERROR_DOMAIN,
@@ -28,17 +29,16 @@ from vigild.capture.gst_pipeline import (
     STREAM_ERROR_DECODE,
     STREAM_ERROR_DOMAIN,
     STREAM_ERROR_FAILED,
-    gst_modules,
     hardware_decoder_to_blame,
     is_hardware_decoder,
     nvmm_converter,
     pipeline_description,
     unusable_decoders,
 )
-from vigild.capture.sources import parse_source
 from vigild.config.loading import CameraConfig, ReconnectConfig
+from vigild.config.sources import parse_source
 from vigild.frame import Frame
-from vigild.pipeline.exchange import FrameExchange, NoticeKind
+from vigild.gstreamer import gst_modules
 
 Gst = gst_modules()[0]
 H264_CAPS = "video/x-h264,stream-format=byte-stream,alignment=au"

@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 
+from vigild.capture.exchange import FrameExchange, Notice, NoticeKind
 from vigild.frame import Frame
-from vigild.pipeline.exchange import FrameExchange, Notice, NoticeKind
 
 IMAGE = np.zeros((4, 4, 3), np.uint8)
 

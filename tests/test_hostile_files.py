@@ -19,9 +19,10 @@ from conftest import VTEST, daemon_env, free_endpoint
 from service import Service, camera_yaml, service_config
 
 from vigild.capture.gst_lockdown import launch
-from vigild.capture.gst_pipeline import DECODEBIN_NAME, gst_modules, gstreamer_available, pipeline_description
-from vigild.capture.sources import SourceKind, parse_source
+from vigild.capture.gst_pipeline import DECODEBIN_NAME, pipeline_description
 from vigild.config.loading import ConfigError, load_config
+from vigild.config.sources import SourceKind, parse_source
+from vigild.gstreamer import gst_modules, gstreamer_available
 from vigild.service.control import ControlClient
 
 VALID = "cameras:\n  door:\n    source: test://\n"

@@ -19,9 +19,10 @@ import pytest
 from streams import run_camera
 
 from vigild.capture.gst_lockdown import launch, lock_down
-from vigild.capture.gst_pipeline import LOCAL_SOURCE_REFUSED, gst_modules, names_local_uri, reads_local
+from vigild.capture.gst_pipeline import LOCAL_SOURCE_REFUSED, names_local_uri, reads_local
 from vigild.capture.reader_opencv import NETWORK_PROTOCOLS, OPTIONS_VARIABLE, network_options
 from vigild.config.loading import CameraConfig, ReconnectConfig
+from vigild.gstreamer import gst_modules
 
 BACKENDS = ["gstreamer", "opencv"]
 RETRY = ReconnectConfig(initial_delay=0.05, max_delay=0.1)

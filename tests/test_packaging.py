@@ -89,7 +89,7 @@ def test_the_installed_package_is_the_wheel_not_the_checkout(installed, tmp_path
     env.pop("PYTHONPATH", None)
     probe = (
         "import vigild, vigild.plugins.detection.detector as d, vigild.client as c\n"
-        "from vigild.pipeline.registry import load_plugin_class\n"
+        "from vigild.config.registry import load_plugin_class\n"
         "print(vigild.__file__); print(d.__file__); print(load_plugin_class('detector').__module__)\n"
     )
     result = subprocess.run(

@@ -14,12 +14,12 @@ import pytest
 import torch
 from conftest import VTEST, yolo_fastest
 
+from vigild.capture.exchange import FrameExchange, Notice, NoticeKind
 from vigild.config.loading import CameraConfig, PluginSpec, PublisherConfig, SchedulerConfig
 from vigild.frame import Frame
 from vigild.outputs.bus import EventBus
 from vigild.outputs.publisher import Publisher
 from vigild.pipeline.chain import Chain
-from vigild.pipeline.exchange import FrameExchange, Notice, NoticeKind
 from vigild.pipeline.scheduler import Scheduler
 from vigild.plugin import Plugin, PluginConfig
 from vigild.plugins.detection.detector import Detector, DetectorConfig

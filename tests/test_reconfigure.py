@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from conftest import VTEST
 
+from vigild.capture.exchange import FrameExchange
 from vigild.config.loading import Config, ConfigError, PluginSpec, load_config
 from vigild.frame import Frame
 from vigild.outputs.bus import EventBus
 from vigild.outputs.publisher import Publisher
 from vigild.pipeline.chain import Chain
-from vigild.pipeline.exchange import FrameExchange
 from vigild.pipeline.scheduler import Scheduler
 from vigild.plugin import Plugin, PluginConfig
 from vigild.service.reconfigure import reconfigure

@@ -10,12 +10,12 @@ from typing import Literal
 
 import numpy as np
 
+from vigild.capture.exchange import FrameExchange, Notice, NoticeKind
 from vigild.config.loading import CameraConfig, PluginSpec, PublisherConfig, SchedulerConfig
 from vigild.frame import Frame
 from vigild.outputs.bus import EventBus
 from vigild.outputs.publisher import Publisher
 from vigild.pipeline.chain import Chain
-from vigild.pipeline.exchange import FrameExchange, Notice, NoticeKind
 from vigild.pipeline.scheduler import Scheduler
 from vigild.plugin import Plugin, PluginConfig
 

@@ -23,9 +23,9 @@ from conftest import VTEST, daemon_env, free_endpoint, install_fake_distribution
 from service import FRAME_ECHO, camera_yaml, frames_of, service_config
 
 from vigild.capture import shm
+from vigild.capture.exchange import FrameExchange
 from vigild.capture.pool import CaptureWorkers
 from vigild.capture.worker import Hello, ShmSink, Worker
-from vigild.pipeline.exchange import FrameExchange
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="a file of another user can be planted only as root (chown)")
 
@@ -144,7 +144,7 @@ import json, os, signal, site, sys, time
 from pathlib import Path
 
 from vigild.capture.pool import CaptureWorkers
-from vigild.pipeline.exchange import FrameExchange
+from vigild.capture.exchange import FrameExchange
 
 runtime = Path(sys.argv[1])
 if not os.access(sys.executable, os.X_OK):

@@ -10,8 +10,8 @@ import pytest
 from conftest import VTEST, daemon_env
 
 from vigild.capture.camera import make_reader
-from vigild.capture.sources import PatternSpec, SourceKind, parse_source, redact, with_credentials
 from vigild.config.loading import ConfigError, load_config
+from vigild.config.sources import PatternSpec, SourceKind, parse_source, redact, with_credentials
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,8 @@ from conftest import VTEST
 from streams import HlsServer, MjpegServer, RtspServer, SilentServer, frames_at_least, free_port, run_camera
 
 from vigild.capture.camera import CameraState
+from vigild.capture.exchange import NoticeKind
 from vigild.config.loading import CameraConfig, ReconnectConfig
-from vigild.pipeline.exchange import NoticeKind
 
 FAST_RETRY = ReconnectConfig(initial_delay=0.1, max_delay=0.5)
 

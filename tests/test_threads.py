@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import VTEST, daemon_env, free_endpoint, vigild
 
-from vigild.service.threads import usable_cpus
+from vigild.cpus import usable_cpus
 
 # --- usable_cpus on cgroup file trees ---------------------------------------------------------------------------------
 

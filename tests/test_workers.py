@@ -24,10 +24,10 @@ from test_e2e import events_of
 
 from vigild.capture import shm
 from vigild.capture.camera import CameraCapture
+from vigild.capture.exchange import FrameExchange
 from vigild.capture.pool import CaptureWorkers, Doorbell, RemoteCapture
-from vigild.capture.sources import parse_source
 from vigild.config.settings import CameraConfig
-from vigild.pipeline.exchange import FrameExchange
+from vigild.config.sources import parse_source
 
 pytestmark = pytest.mark.e2e
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vigild.capture.gst_pipeline import gst_modules
 from vigild.capture.yuv import I420Layout, i420_to_bgr
+from vigild.gstreamer import gst_modules
 
 
 def pull(gst, description: str):

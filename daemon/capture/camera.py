@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from vigild.capture.backends import BackendUnavailable, camera_backend
-from vigild.capture.gst_pipeline import resolve_backend
+from vigild.capture.exchange import Notice, NoticeKind
 from vigild.capture.reader import EndOfStream, FrameReader, ReaderCounters, SourceError, SourceStalled
-from vigild.capture.sources import SourceSpec, redact
+from vigild.config.backends import BackendUnavailable, camera_backend
 from vigild.config.settings import CameraConfig
+from vigild.config.sources import SourceSpec, redact
 from vigild.frame import Frame
-from vigild.pipeline.exchange import Notice, NoticeKind
+from vigild.gstreamer import resolve_backend
 
 log = logging.getLogger("vigild.capture")
 

@@ -20,7 +20,8 @@ import re
 import threading
 from typing import Any
 
-from vigild.capture.gst_pipeline import NETWORK_URI_SCHEMES, gst_modules
+from vigild.capture.gst_pipeline import NETWORK_URI_SCHEMES
+from vigild.gstreamer import gst_modules
 
 log = logging.getLogger("vigild.capture")
 

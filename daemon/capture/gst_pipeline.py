@@ -1,4 +1,4 @@
-"""GStreamer pipeline descriptions for each kind of source, and the check that GStreamer is there at all.
+"""GStreamer pipeline descriptions for each kind of source (GStreamer itself is loaded by vigild.gstreamer).
 
 Kept apart from the reader so the pipelines can be read (and tested) as text. Every pipeline ends the same way:
 scale and rate-limit while still in YUV (cheaper than after conversion), settle on I420 (a no-op for most
@@ -9,31 +9,12 @@ building latency. Files read "as fast as possible" are the exception: their apps
 
 from __future__ import annotations
 
-import functools
-import logging
 import re
 from collections.abc import Callable, Sequence
 from fractions import Fraction
-from typing import Any
 
-from vigild.capture.sources import SourceKind, SourceSpec
-
-log = logging.getLogger("vigild.capture")
-
-HARDWARE_DECODERS = (
-    "nvh264dec",
-    "nvh265dec",
-    "nvv4l2decoder",
-    "vah264dec",
-    "vah265dec",
-    "vaapih264dec",
-    "vaapih265dec",
-    "v4l2slh264dec",
-    "v4l2h264dec",
-)
-"""Decoder factories that use a GPU or a video engine; `decoder: auto` ranks them above the software ones. Any
-other decoder whose element class says `Hardware` (GStreamer's convention, e.g. `Codec/Decoder/Video/Hardware`)
-counts as one too for error classification and `decoder: software`, but keeps its own rank."""
+from vigild.config.sources import SourceKind, SourceSpec
+from vigild.gstreamer import HARDWARE_DECODERS
 
 NVMM_DECODERS = ("nvv4l2decoder",)
 """Jetson decoders whose only output is `video/x-raw(memory:NVMM)`, which `videoconvert` cannot take."""
@@ -60,55 +41,6 @@ NETWORK_URI_SCHEMES = frozenset(
     | {"data"}  # inline content (`data:` keys in playlists): read from the stream itself, not from this machine
 )
 """URI schemes a network camera's pipeline may open on its own (segments, sockets rtspsrc opens for RTP)."""
-
-
-def gst_modules() -> Any:
-    """`(Gst, GstApp, GstVideo)`, initialised; raises ImportError when PyGObject or GStreamer is missing."""
-    return _gst_modules()
-
-
-@functools.cache
-def _gst_modules() -> Any:
-    import gi
-
-    gi.require_version("Gst", "1.0")
-    gi.require_version("GstApp", "1.0")
-    gi.require_version("GstVideo", "1.0")
-    from gi.repository import Gst, GstApp, GstVideo
-
-    Gst.init(None)
-    _prefer_hardware_decoders(Gst)
-    return Gst, GstApp, GstVideo
-
-
-@functools.cache
-def gstreamer_available() -> bool:
-    try:
-        gst_modules()
-    except (ImportError, ValueError) as exc:  # ValueError: gi present but the GStreamer typelib is not
-        log.debug("GStreamer unavailable: %s", exc)
-        return False
-    return True
-
-
-def resolve_backend(backend: str) -> str:
-    """`auto` → `gstreamer` when PyGObject and GStreamer are installed, else `opencv`."""
-    if backend != "auto":
-        return backend
-    return "gstreamer" if gstreamer_available() else "opencv"
-
-
-def _prefer_hardware_decoders(gst: Any) -> None:
-    """decodebin picks the highest-ranked decoder that can start; put the hardware ones first.
-
-    A hardware decoder whose device is missing fails to start, and decodebin moves on to the next one, so a
-    machine without a GPU falls back to software decoding on its own.
-    """
-    registry = gst.Registry.get()
-    for name in HARDWARE_DECODERS:
-        feature = registry.lookup_feature(name)
-        if feature is not None:
-            feature.set_rank(gst.Rank.PRIMARY + 100)
 
 
 def is_hardware_decoder(factory_name: str, klass: str) -> bool:

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from vigild.capture import shm
+from vigild.capture.exchange import FrameExchange, Notice, NoticeKind
 from vigild.capture.remote import Doorbell, RemoteCapture
-from vigild.capture.sources import SourceSpec
 from vigild.capture.worker import Hello
 from vigild.config.settings import CameraConfig
-from vigild.pipeline.exchange import FrameExchange, Notice, NoticeKind
+from vigild.config.sources import SourceSpec
 
 __all__ = ["CaptureWorkers", "Doorbell", "RemoteCapture", "WorkerHandle", "auto_workers"]
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vigild.capture.sources import SourceKind, SourceSpec
 from vigild.config.settings import CameraConfig
+from vigild.config.sources import SourceKind, SourceSpec
 
 
 class SourceError(Exception):

@@ -19,7 +19,6 @@ from vigild.capture.gst_pipeline import (
     DECODEBIN_NAME,
     LOCAL_SOURCE_REFUSED,
     SINK_NAME,
-    gst_modules,
     hardware_decoder_to_blame,
     is_hardware_decoder,
     names_local_uri,
@@ -30,9 +29,10 @@ from vigild.capture.gst_pipeline import (
     unusable_decoders,
 )
 from vigild.capture.reader import EndOfStream, FrameReader, RawFrame, SourceError, check_local_source
-from vigild.capture.sources import SourceKind, SourceSpec
 from vigild.capture.yuv import I420Layout, i420_to_bgr
 from vigild.config.settings import CameraConfig
+from vigild.config.sources import SourceKind, SourceSpec
+from vigild.gstreamer import gst_modules
 
 log = logging.getLogger("vigild.capture")
 

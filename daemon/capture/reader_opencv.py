@@ -17,8 +17,8 @@ import cv2
 import numpy as np
 
 from vigild.capture.reader import EndOfStream, FrameReader, RawFrame, SourceError, SourceStalled, check_local_source
-from vigild.capture.sources import SourceKind, SourceSpec, with_credentials
 from vigild.config.settings import CameraConfig
+from vigild.config.sources import SourceKind, SourceSpec, with_credentials
 
 OPTIONS_VARIABLE = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
 NETWORK_PROTOCOLS = "http,https,tls,tcp,udp,rtp,srtp,crypto,httpproxy,data"

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vigild.capture import shm
-from vigild.capture.backends import BackendUnavailable, camera_backend
 from vigild.capture.camera import CameraState, CameraStats
-from vigild.capture.gst_pipeline import resolve_backend
-from vigild.capture.sources import SourceSpec
+from vigild.capture.exchange import Notice, NoticeKind
+from vigild.config.backends import BackendUnavailable, camera_backend
 from vigild.config.settings import CameraConfig
+from vigild.config.sources import SourceSpec
 from vigild.frame import Frame
-from vigild.pipeline.exchange import Notice, NoticeKind
+from vigild.gstreamer import resolve_backend
 
 if TYPE_CHECKING:
     from vigild.capture.pool import WorkerHandle

@@ -32,10 +32,10 @@ import numpy as np
 
 from vigild.capture import shm
 from vigild.capture.camera import CameraCapture, CameraStats
-from vigild.capture.sources import SourceSpec
+from vigild.capture.exchange import Notice
 from vigild.config.settings import CameraConfig
+from vigild.config.sources import SourceSpec
 from vigild.frame import Frame
-from vigild.pipeline.exchange import Notice
 
 log = logging.getLogger("vigild.capture")
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from vigild.capture.sources import redact
+from vigild.config.sources import redact
 from vigild.config.yamlsource import KeyPath, Problem, YamlDocument
 
 _SECRET_KEYS = frozenset({"password", "username"})

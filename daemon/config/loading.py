@@ -2,8 +2,9 @@
 section with the plugin's own `Config` model (found by `type`); `with_camera` applies a control client's camera.
 
 Every problem is reported as `file:line: key.path: what was expected`, all of them at once, so a user fixes a
-config in one round. The chain is resolved and checked in vigild.config.resolve (`PluginSpec`), the typed settings
-live in vigild.config.settings, the wording of errors in vigild.config.errors; all are re-exported here.
+config in one round. The chain is resolved and checked in vigild.config.resolve (each entry a `PluginSpec`, of
+vigild.config.plugin_spec), the typed settings live in vigild.config.settings, the wording of errors in
+vigild.config.errors; all are re-exported here.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from vigild.capture.backends import BackendUnavailable, camera_backend
-from vigild.capture.sources import SourceKind, SourceSpec, parse_source
+from vigild.config.backends import BackendUnavailable, camera_backend
 from vigild.config.errors import problems_of
-from vigild.config.resolve import PluginSpec, resolve_chain
+from vigild.config.plugin_spec import PluginSpec
+from vigild.config.resolve import resolve_chain
 from vigild.config.settings import (
     MAX_FRAME_SIDE,
     CameraConfig,
@@ -35,6 +36,7 @@ from vigild.config.settings import (
     SchedulerConfig,
     StrictModel,
 )
+from vigild.config.sources import SourceKind, SourceSpec, parse_source
 from vigild.config.yamlsource import ConfigError, KeyPath, Problem, YamlDocument, expand_env, load_yaml
 from vigild.plugin import PLUGIN_ID_PATTERN
 

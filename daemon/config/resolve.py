@@ -1,49 +1,22 @@
 """The chain of a config, resolved: each `plugins:` entry's class and config (found by `type`), each camera's
 effective config with its overrides applied, and the chain checked camera by camera against what each plugin
-requires and provides (`Plugin.requirements`, `Plugin.provides`). Used by vigild.config.loading."""
+requires and provides (`Plugin.requirements`, `Plugin.provides`). Used by vigild.config.loading; each entry comes
+out as a `PluginSpec` (vigild.config.plugin_spec)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
 from vigild.config.errors import describe, problems_of
+from vigild.config.plugin_spec import PluginSpec
+from vigild.config.registry import PluginLookupError, load_plugin_class
 from vigild.config.settings import CameraConfig, DaemonSettings
 from vigild.config.yamlsource import KeyPath, Problem, YamlDocument
-from vigild.pipeline.registry import PluginLookupError, load_plugin_class
 from vigild.plugin import CAPABILITIES, Plugin, PluginConfig
 
 _BOOL = TypeAdapter(bool)
-
-
-@dataclass(frozen=True)
-class PluginSpec:
-    """One entry of the chain, resolved: its class, its own config, and each camera's effective config."""
-
-    id: str
-    cls: type[Plugin]
-    config: PluginConfig
-    per_camera: Mapping[str, PluginConfig]
-    """Effective config for each enabled camera that runs this plugin (with its overrides applied)."""
-
-    @property
-    def branch(self) -> bool:
-        """Runs beside the chain (vigild.pipeline.branch): `branch:` in its entry, else the plugin's own default."""
-        return bool(self.config.branch) if self.config.branch is not None else self.cls.branch_default
-
-    @property
-    def in_process(self) -> bool:
-        """A whole branch in a process of its own (`branch: process`; vigild.pipeline.branch_process)."""
-        return self.config.branch == "process"
-
-    @property
-    def whole_branch(self) -> bool:
-        """The chain runs the whole plugin beside it (a `Branch`); a branch plugin that `splits` stays in the chain
-        and runs its slow part on a worker of its own."""
-        return self.branch and not self.cls.splits
 
 
 def resolve_chain(document: YamlDocument, settings: DaemonSettings) -> tuple[list[PluginSpec], list[Problem]]:

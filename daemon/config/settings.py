@@ -11,8 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from vigild.capture.sources import SourceKind, parse_source
 from vigild.config.outputs import OutputConfig
+from vigild.config.sources import SourceKind, parse_source
 from vigild.events import SYSTEM_CAMERA
 from vigild.plugin import MAX_NAME_LENGTH
 
@@ -125,7 +125,7 @@ class CameraConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> CameraConfig:
-        """Values only: whether this machine has the back end is asked where capture starts (vigild.capture.backends)."""
+        """Values only: whether this machine has the back end is asked where capture starts (vigild.config.backends)."""
         if self.backend == "opencv" and parse_source(self.source).kind is SourceKind.TEST:
             raise ValueError("source: test:// patterns need the GStreamer back end, but backend: opencv")
         return self

@@ -134,7 +134,7 @@ class Publisher(QueuedOutput):
             self.tick_s = 0.02  # look for the awaited subscriptions often
         socket.setsockopt(zmq.SNDHWM, self.config.hwm)
         socket.setsockopt(zmq.LINGER, self.config.linger_ms)
-        from vigild.service.curve import bind_secured
+        from vigild.curve import bind_secured
 
         try:
             self.curve = bind_secured(socket, self.config.endpoint, self.curve_config, self._context)

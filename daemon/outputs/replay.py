@@ -229,7 +229,7 @@ class ReplayServer:
         socket.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
         socket.setsockopt(zmq.SNDHWM, SEND_HWM)  # a reply is a page: one at a time per client
         socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a client that left, or is not reading: its reply is dropped
-        from vigild.service.curve import bind_secured
+        from vigild.curve import bind_secured
 
         try:
             curve = bind_secured(socket, self.endpoint, self.curve_config, context)

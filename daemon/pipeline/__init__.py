@@ -1,1 +1,1 @@
-"""The pipeline: the frame exchange, the scheduler's batches and the plugin chain."""
+"""The pipeline: the scheduler's batches (taken from capture's frame exchange) and the plugin chain."""

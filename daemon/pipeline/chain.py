@@ -27,7 +27,8 @@ from functools import partial
 from types import MappingProxyType
 from typing import Any
 
-from vigild.config.loading import CameraConfig, PluginSpec
+from vigild.config.plugin_spec import PluginSpec
+from vigild.config.settings import CameraConfig
 from vigild.events import Event, add_track_events
 from vigild.frame import Frame
 from vigild.pipeline.branch import Branch, branch_share

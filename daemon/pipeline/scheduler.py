@@ -25,12 +25,12 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from vigild.capture.exchange import FrameExchange, Notice, NoticeKind, Taken
 from vigild.config.settings import SchedulerConfig
 from vigild.events import Event, Publish
 from vigild.frame import Frame
 from vigild.pipeline.chain import Chain
 from vigild.pipeline.durations import LATENCY_BUCKETS, Durations
-from vigild.pipeline.exchange import FrameExchange, Notice, NoticeKind, Taken
 
 log = logging.getLogger("vigild.scheduler")
 

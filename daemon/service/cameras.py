@@ -9,7 +9,7 @@ import dataclasses
 from functools import partial
 from typing import Any
 
-from vigild.service.control import CommandError
+from vigild.service.errors import CommandError
 from vigild.service.running import CAPTURE_JOIN_TIMEOUT_S, Change, Pipeline, Running
 
 

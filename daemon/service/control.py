@@ -27,10 +27,11 @@ from typing import Any, Protocol
 import zmq
 
 from vigild import paths
-from vigild.client import ControlClient, default_endpoint
+from vigild.client import ControlClient, default_endpoint  # re-exported: programs import them from here too
 from vigild.config.settings import ControlConfig, CurveConfig
 from vigild.config.yamlsource import ConfigError
 from vigild.outputs.publisher import is_loopback_endpoint
+from vigild.service.errors import CommandError
 
 log = logging.getLogger("vigild.control")
 
@@ -48,14 +49,6 @@ CHANGE_POLL_MS = 20
 COMMANDS = ("status", "cameras", "reload", "snapshot", "pause", "resume")
 MAX_REQUEST_DEPTH = 32
 """Deepest nesting of lists and objects in a request: a camera's settings need 6 (zones' points)."""
-
-
-class CommandError(Exception):
-    """A command that cannot be done; `code` is stable for programs, `message` is for people."""
-
-    def __init__(self, code: str, message: str):
-        self.code = code
-        super().__init__(message)
 
 
 def _prepare_ipc(path: Path) -> None:
@@ -133,7 +126,7 @@ class ControlServer:
         """`config_file`: the daemon's, whose default socket this is when control.endpoint is unset (per config file
         without XDG_RUNTIME_DIR: vigild.paths.control_endpoint)."""
         self.config = config
-        self.endpoint = config.endpoint or default_endpoint(config_file=config_file)
+        self.endpoint = config.endpoint or paths.control_endpoint(config_file)
         self._curve_config = curve
         self.curve: Any = None
         self._daemon = daemon
@@ -163,7 +156,7 @@ class ControlServer:
         socket.setsockopt(zmq.SNDHWM, 1000)
         try:
             if self._curve_config is not None:
-                from vigild.service.curve import CurveServer
+                from vigild.curve import CurveServer
 
                 self.curve = CurveServer(self._curve_config, self._context)
                 self.curve.secure(socket)

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from vigild.capture.camera import Capture
+from vigild.capture.exchange import FrameExchange
 from vigild.config.loading import Config, ConfigError, load_config, with_camera
 from vigild.config.yamlsource import KeyPath
 from vigild.events import SYSTEM_CAMERA, Event
@@ -24,7 +25,6 @@ from vigild.outputs.publisher import Publisher, PublisherError
 from vigild.outputs.replay import ReplayError
 from vigild.pipeline.chain import Chain
 from vigild.pipeline.durations import Timings
-from vigild.pipeline.exchange import FrameExchange
 from vigild.pipeline.scheduler import Scheduler
 from vigild.service import cameras, status
 from vigild.service.control import CommandError, ControlServer

@@ -24,7 +24,7 @@ from vigild.capture.camera import Capture
 from vigild.config.loading import Config
 from vigild.pipeline.chain import Chain, PluginStartError, Stage
 from vigild.plugin import Plugin, PluginConfigError
-from vigild.service.control import CommandError
+from vigild.service.errors import CommandError
 from vigild.service.outputs import OutputRefused
 from vigild.service.running import CAPTURE_JOIN_TIMEOUT_S, Change, Pipeline, Running
 from vigild.service.threads import apply_threads

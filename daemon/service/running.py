@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from vigild.capture.camera import CameraCapture, Capture
+from vigild.capture.exchange import FrameExchange
 from vigild.capture.pool import CaptureWorkers
 from vigild.config.loading import Config
 from vigild.outputs.bus import EventBus
 from vigild.outputs.publisher import Publisher
 from vigild.pipeline.chain import Chain
-from vigild.pipeline.exchange import FrameExchange
 from vigild.pipeline.scheduler import Scheduler
-from vigild.service.control import CommandError
+from vigild.service.errors import CommandError
 from vigild.service.journaling import Journaling
 from vigild.service.outputs import Outputs
 from vigild.service.threads import ThreadChoice

@@ -10,8 +10,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from vigild.capture.camera import CameraState, Capture
-from vigild.capture.sources import redact
 from vigild.config.loading import Config
+from vigild.config.sources import redact
 from vigild.events import Event
 from vigild.lifecycle import ServiceThread
 from vigild.pipeline.chain import Chain, Stage, failures_by_camera

@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 from vigild import paths
+from vigild.capture.exchange import FrameExchange
 from vigild.capture.pool import CaptureWorkers, auto_workers
 from vigild.config.settings import CaptureSettings
-from vigild.pipeline.exchange import FrameExchange
 
 log = logging.getLogger("vigild")
 

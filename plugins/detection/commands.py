@@ -18,9 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from vigild.capture.sources import SourceKind
 from vigild.cli_args import integer
 from vigild.config.loading import Config, ConfigError, load_config
+from vigild.config.sources import SourceKind
 from vigild.plugin import PluginConfigError
 
 EXIT_OK, EXIT_FAILURE, EXIT_INPUT = 0, 1, 2
@@ -99,8 +99,8 @@ def _export(config: Config, args: argparse.Namespace, out: Path) -> int:
 
 
 def _quantize(config: Config, args: argparse.Namespace, out: Path) -> int:
+    from vigild.cpus import process_cpus
     from vigild.plugins.detection.quantize import choose_detector, quantize
-    from vigild.service.threads import process_cpus
 
     chosen = choose_detector(config, args.camera, args.plugin)
     source = config.source(args.camera)

@@ -24,11 +24,11 @@ from typing import Annotated, ClassVar, Literal
 import numpy as np
 from pydantic import BeforeValidator, Field, FilePath, ValidationInfo, field_validator
 
+from vigild.cpus import process_cpus
 from vigild.events import Event, object_payload
 from vigild.frame import Detections, Frame
 from vigild.plugin import FrameErrors, Plugin, PluginConfig, PluginConfigError
 from vigild.plugins.detection.backend import DetectorBackend
-from vigild.service.threads import process_cpus
 from vigild.vision.device import default_half
 from vigild.vision.letterbox import sort_frames
 

@@ -2,7 +2,8 @@
 
 Parsed once, at config load, so that a malformed URI or an unknown scheme is a config error naming the camera
 instead of a camera that retries forever. Credentials never leave this module in clear: `display` is the
-source with any password replaced, for logs and events.
+source with any password replaced, for logs and events. Part of the config (the settings validate a `source:`
+with it), below capture, which opens what it parsed.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ A camera that is faster than the chain overwrites its unconsumed frame (the old 
 instead of queueing it, so latency never grows. A file read "as fast as possible" waits for its slot to empty
 instead, so benchmarks see every frame. Camera notices (up, down, ended) travel through the same place so the
 scheduler handles them in order with the frames; they also tell how many cameras stream, which sizes a batch.
+Capture's side of the hand-over, so it lives in capture: the pipeline above takes from it, capture never imports
+the pipeline.
 """
 
 from __future__ import annotations

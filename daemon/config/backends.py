@@ -3,13 +3,14 @@ the camera here named with the reason.
 
 Asked where capture starts and by `vigild check`/`run` before anything starts, never while a config is validated:
 settings check values only, and loading a config must not start GStreamer (`Gst.init`) or need it installed.
+Here in the config (`Config.backends`), below capture, which asks it too; GStreamer itself is vigild.gstreamer's.
 """
 
 from __future__ import annotations
 
-from vigild.capture.gst_pipeline import gstreamer_available, resolve_backend
-from vigild.capture.sources import SourceKind
 from vigild.config.settings import CameraConfig
+from vigild.config.sources import SourceKind
+from vigild.gstreamer import gstreamer_available, resolve_backend
 
 
 class BackendUnavailable(ValueError):

@@ -2,7 +2,8 @@
 
 Built-in plugins are registered in the same group by vigild's own pyproject, so a third-party plugin is found
 exactly like a built-in one. Only the plugins a config names are imported, and one that fails to import stops
-the daemon with the reason (unlike Frigate, which starts without it).
+the daemon with the reason (unlike Frigate, which starts without it). The config resolves each `type:` here
+(vigild.config.resolve), so this lives in the config, below the pipeline that runs the plugins.
 """
 
 from __future__ import annotations
