@@ -24,8 +24,9 @@ from service import FRAME_ECHO, camera_yaml, frames_of, service_config
 
 from vigild.capture import shm
 from vigild.capture.exchange import FrameExchange
+from vigild.capture.messages import WorkerHello as Hello
 from vigild.capture.pool import CaptureWorkers
-from vigild.capture.worker import Hello, ShmSink, Worker
+from vigild.capture.worker import ShmSink, Worker
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="a file of another user can be planted only as root (chown)")
 

@@ -25,6 +25,7 @@ from test_e2e import events_of
 from vigild.capture import shm
 from vigild.capture.camera import CameraCapture
 from vigild.capture.exchange import FrameExchange
+from vigild.capture.messages import CaptureStopped
 from vigild.capture.pool import CaptureWorkers, Doorbell, RemoteCapture
 from vigild.config.settings import CameraConfig
 from vigild.config.sources import parse_source
@@ -598,7 +599,7 @@ def test_frame_memory_a_worker_names_is_checked_before_it_is_mapped_or_unlinked(
                 shm.Segment.attach(mine, layout, count, prefix)
         rc.deliver(bell, mine, slots, shape, 1, 0, time.time(), time.monotonic(), None)
         assert exchange.waiting == 1  # the worker's own segment, as it made it
-        handle._handle(("stopped", 1, [theirs, neighbour, "../" + mine, mine]), bell)
+        handle._handle(CaptureStopped(1, [theirs, neighbour, "../" + mine, mine]), bell)
         assert not (shm.SHM_DIR / mine).exists()
         assert all((shm.SHM_DIR / name).exists() for name in (theirs, neighbour))
     finally:

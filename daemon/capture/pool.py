@@ -15,23 +15,28 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable
 from functools import partial
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from vigild.capture import shm
 from vigild.capture.exchange import FrameExchange, Notice, NoticeKind
+from vigild.capture.messages import (
+    Alive,
+    CaptureNotice,
+    CaptureStats,
+    CaptureStopped,
+    FrameReady,
+    RemoveCapture,
+    WorkerHello,
+)
 from vigild.capture.remote import Doorbell, RemoteCapture
-from vigild.capture.worker import Hello
+from vigild.children import Backoff, Child, ChildGone, Stop, describe_exit
 from vigild.config.settings import CameraConfig
 from vigild.config.sources import SourceSpec
 
@@ -57,17 +62,6 @@ def auto_workers(usable_cpus: int, cameras: int) -> int:
     return max(1, min(usable_cpus // 4, cameras, 16))
 
 
-def _describe(code: int | None) -> str:
-    if code is None:
-        return "no exit status"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit status {code}"
-
-
 class WorkerHandle:
     """One worker process and the cameras it serves; restarts it when it dies."""
 
@@ -83,7 +77,7 @@ class WorkerHandle:
         self._lock = threading.Lock()
         """Held while the capture set or the process changes: a camera added during a restart goes to the new one."""
         self._send_lock = threading.Lock()
-        self._connection: Connection | None = None
+        self._child: Child | None = None
         self._bell: Doorbell | None = None
         self._started_at = 0.0
         self._thread = threading.Thread(target=self._supervise, name=f"capture-worker-{index}", daemon=True)
@@ -102,48 +96,36 @@ class WorkerHandle:
         self._thread.start()
 
     def _spawn(self) -> None:
-        """With `_lock` held: a new process, told who it is and given every camera this handle serves. `-P`: the
-        worker imports the installed vigild, never a `vigild/` in the directory the daemon was started from."""
+        """With `_lock` held: a new process (vigild.children: `python -P`, the daemon's sys.path), told who it is
+        and given every camera this handle serves."""
         self.generation += 1
-        parent, child = socket.socketpair()
         bell = Doorbell()
-        try:
-            self.process = process = subprocess.Popen(
-                [sys.executable, "-P", "-m", "vigild.capture.worker", str(child.fileno()), str(bell.fd)],
-                pass_fds=(child.fileno(), bell.fd),
-                stdin=subprocess.DEVNULL,
-            )
-        except BaseException:
-            parent.close()
-            bell.close()
-            raise
-        finally:
-            child.close()
-        self._connection, self._bell, self._started_at = Connection(parent.detach()), bell, time.monotonic()
+        child = Child("vigild.capture.worker", args=(str(bell.fd),), pass_fds=(bell.fd,))
         pool = self.pool
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
         try:
-            self._send(Hello(pool.instance, self.index, self.generation, pool.slots, level, pool.cv2_threads))
+            child.spawn(WorkerHello(pool.instance, self.index, self.generation, pool.slots, level, pool.cv2_threads))
+        except BaseException:
+            bell.close()
+            raise
+        self._child, self.process, self._bell, self._started_at = child, child.process, bell, time.monotonic()
+        try:
             for rc in self.captures.values():
                 if not rc.stopping:
-                    self._send(rc.add_message())
+                    child.send(rc.add_message())
         except BaseException:  # (a camera that would not pickle): no half-told worker is left running
-            process.kill()
-            process.wait()
-            self._connection.close()
-            self._connection = None
+            child.kill()
+            child.close()
+            self._child = None
             bell.close()
             raise
 
     def _send(self, message: object) -> None:
-        connection = self._connection
-        if connection is None:
+        child = self._child
+        if child is None:
             return
-        try:
-            with self._send_lock:
-                connection.send(message)
-        except OSError:
-            pass  # it died: its thread sees the closed socket and restarts it with every camera
+        with contextlib.suppress(ChildGone):  # it died: its thread sees the closed socket and restarts it
+            child.send(message)
 
     def add(self, rc: RemoteCapture) -> None:
         with self._lock:
@@ -156,15 +138,15 @@ class WorkerHandle:
             rc.stopping = True
             if rc.capture_id not in self.captures:
                 return
-            if self._connection is None:  # no worker now (it died, the next one is not started): nothing runs it
+            if self._child is None:  # no worker now (it died, the next one is not started): nothing runs it
                 del self.captures[rc.capture_id]
                 rc.ended()
                 return
-            self._send(("remove", rc.capture_id))
+            self._send(RemoveCapture(rc.capture_id))
 
     def request_exit(self) -> None:
         """Ask the worker to exit (its captures were stopped)."""
-        self._send(("exit",))
+        self._send(Stop())
 
     def stop(self, deadline: float) -> None:
         """Wait for the worker asked to exit until `deadline` (monotonic), kill it if it has not; close its ends."""
@@ -179,9 +161,9 @@ class WorkerHandle:
         if self._thread.ident is not None:
             self._thread.join(max(0.1, deadline - time.monotonic()))
         with self._lock:
-            connection, self._connection = self._connection, None
-            if connection is not None:
-                connection.close()
+            child, self._child = self._child, None
+            if child is not None:
+                child.close()
             if self._bell is not None:
                 self._bell.close()
             for rc in self.captures.values():
@@ -193,12 +175,12 @@ class WorkerHandle:
     def _supervise(self) -> None:
         """Read the worker's messages; when it dies, clean up after it and start the next one. Nothing that goes
         wrong in a cleanup or a start ends this thread: that would leave the worker's cameras without one."""
-        failures = 0
+        backoff = Backoff(RESTART_INITIAL_S, RESTART_MAX_S, STABLE_S)
         while True:
-            connection, bell, process = self._connection, self._bell, self.process
-            if connection is None or bell is None or process is None:  # stopped meanwhile
+            child, bell, process = self._child, self._bell, self.process
+            if child is None or bell is None or process is None:  # stopped meanwhile
                 return
-            self._receive(connection, bell)
+            self._receive(child, bell)
             if self.pool.stopping.is_set():
                 return
             try:
@@ -206,13 +188,11 @@ class WorkerHandle:
             except subprocess.TimeoutExpired:  # it closed the socket but lives on: it is of no use any more
                 process.kill()
                 code = process.wait()
-            how = _describe(code)
-            lived = time.monotonic() - self._started_at
-            failures = 1 if lived >= STABLE_S else failures + 1
-            delay = min(RESTART_MAX_S, RESTART_INITIAL_S * 2 ** (failures - 1))
+            how = describe_exit(code)
+            delay = backoff.after(time.monotonic() - self._started_at)
             with self._lock:
-                self._connection = None
-                names = self._died(connection, bell, how)
+                self._child = None
+                names = self._died(child, bell, how)
             log.error(
                 "capture worker %d (pid %d) died (%s); restarting it in %.1f s for camera(s) %s",
                 self.index, process.pid, how, delay, ", ".join(sorted(names)) or "none",
@@ -224,7 +204,7 @@ class WorkerHandle:
                     try:
                         self._spawn()
                     except Exception as exc:  # no processes or descriptors left, for now: try again later
-                        delay = min(RESTART_MAX_S, delay * 2)
+                        delay = backoff.failed_start(delay)
                         log.error("capture worker %d: cannot start (%s); trying again in %.1f s", self.index, exc, delay)
                         continue
                     self.restarts += 1
@@ -232,11 +212,11 @@ class WorkerHandle:
             else:
                 return
 
-    def _died(self, connection: Connection, bell: Doorbell, how: str) -> list[str]:
+    def _died(self, child: Child, bell: Doorbell, how: str) -> list[str]:
         """With `_lock` held, after the worker died: its ends closed, its segments removed, its cameras told; the
         names of those it served. Each step is logged if it fails, and the next one taken."""
         names: list[str] = []
-        steps: list[Callable[[], object]] = [connection.close, bell.close]  # held frames ring a closed bell: no harm
+        steps: list[Callable[[], object]] = [child.close, bell.close]  # held frames ring a closed bell: no harm
         steps.append(partial(shm.unlink_prefix, shm.worker_prefix(self.pool.instance, self.index, self.generation)))
         for capture_id, rc in list(self.captures.items()):
             if rc.stopping:  # it was being stopped anyway: its capture has ended
@@ -257,11 +237,11 @@ class WorkerHandle:
         if notice is not None:
             self.pool.exchange.notify(notice)
 
-    def _receive(self, connection: Connection, bell: Doorbell) -> None:
+    def _receive(self, child: Child, bell: Doorbell) -> None:
         """Until the worker's socket closes: its messages, in order."""
         while True:
             try:
-                if not connection.poll(SILENT_S):
+                if not child.poll(SILENT_S):
                     process = self.process
                     log.error(
                         "capture worker %d (pid %s) sent nothing for %.0f s: killing it",
@@ -270,8 +250,8 @@ class WorkerHandle:
                     if process is not None:
                         process.kill()
                     return
-                message = connection.recv()
-            except (EOFError, OSError):
+                message = child.recv()
+            except ChildGone:
                 return
             except Exception as exc:  # not a message a worker of ours sends: it is of no use any more
                 log.error("capture worker %d: unreadable message (%s): killing it", self.index, exc)
@@ -283,27 +263,31 @@ class WorkerHandle:
             try:
                 self._handle(message, bell)
             except Exception:  # a bug here must not stop the frames of every camera of the worker
-                log.exception("capture worker %d: could not handle %r", self.index, message[:2])
+                log.exception("capture worker %d: could not handle %r", self.index, type(message).__name__)
 
-    def _handle(self, message: tuple[Any, ...], bell: Doorbell) -> None:
+    def _handle(self, message: object, bell: Doorbell) -> None:
+        if isinstance(message, Alive):
+            return
         exchange, captures = self.pool.exchange, self.captures
-        kind = message[0]
-        rc = captures.get(message[1])
+        rc = captures.get(message.capture_id)  # type: ignore[attr-defined]
         if rc is None:  # a capture already ended: nothing of it goes anywhere
             return
-        if kind == "frame":
-            rc.deliver(bell, *message[2:])
-        elif kind == "stats":
-            rc.update(*message[2:])
-        elif kind == "notice":
-            notice_kind = NoticeKind(message[2])
+        if isinstance(message, FrameReady):
+            m = message
+            rc.deliver(bell, m.segment, m.slots, m.shape, m.slot, m.index, m.ts_wall, m.ts_mono, m.pts_ms)
+        elif isinstance(message, CaptureStats):
+            m2 = message
+            rc.update(m2.state, m2.since, m2.decoded, m2.drops, m2.errors, m2.reconnects, m2.last_error, m2.fps,
+                      m2.backend, m2.decoder)  # fmt: skip
+        elif isinstance(message, CaptureNotice):
+            notice_kind = NoticeKind(message.kind)
             rc.noticed(notice_kind)
-            exchange.notify(Notice(rc.name, notice_kind, message[3], message[4], message[5]))
-        elif kind == "stopped":
+            exchange.notify(Notice(rc.name, notice_kind, message.ts_wall, message.frame_index, message.detail))
+        elif isinstance(message, CaptureStopped):
             with self._lock:
                 captures.pop(rc.capture_id, None)
             prefix = shm.worker_prefix(self.pool.instance, self.index, self.generation)
-            for name in message[2]:  # only what this worker made: a name it sends is never trusted as a path
+            for name in message.segments:  # only what this worker made: a name it sends is never trusted as a path
                 if isinstance(name, str) and name.startswith(prefix) and "/" not in name:
                     shm.unlink(name)
             rc.ended()

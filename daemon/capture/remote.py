@@ -12,13 +12,14 @@ import threading
 import time
 import weakref
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vigild.capture import shm
 from vigild.capture.camera import CameraState, CameraStats
 from vigild.capture.exchange import Notice, NoticeKind
+from vigild.capture.messages import AddCapture
 from vigild.config.backends import BackendUnavailable, camera_backend
 from vigild.config.settings import CameraConfig
 from vigild.config.sources import SourceSpec
@@ -119,8 +120,8 @@ class RemoteCapture:
 
     # ----- from the worker (its handle's thread)
 
-    def add_message(self) -> tuple[Any, ...]:
-        return ("add", self.capture_id, self.name, self.config, self.spec, self.next_index, self.down_reported)
+    def add_message(self) -> AddCapture:
+        return AddCapture(self.capture_id, self.name, self.config, self.spec, self.next_index, self.down_reported)
 
     def update(self, state: str, since: float, decoded: int, drops: int, errors: int, reconnects: int,
                last_error: str | None, fps: float | None, backend: str, decoder: str | None) -> None:  # fmt: skip

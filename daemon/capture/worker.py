@@ -24,7 +24,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -33,6 +32,18 @@ import numpy as np
 from vigild.capture import shm
 from vigild.capture.camera import CameraCapture, CameraStats
 from vigild.capture.exchange import Notice
+from vigild.capture.messages import (
+    AddCapture,
+    Alive,
+    CaptureNotice,
+    CaptureStats,
+    CaptureStopped,
+    FrameReady,
+    FreeSlot,
+    RemoveCapture,
+    WorkerHello,
+)
+from vigild.children import Stop, accept, exit_now
 from vigild.config.settings import CameraConfig
 from vigild.config.sources import SourceSpec
 from vigild.frame import Frame
@@ -45,33 +56,10 @@ WAIT_POLL_S = 0.5
 EXIT_JOIN_S = 1.5
 
 
-@dataclass(frozen=True)
-class Hello:
-    """The first message on the socket: who this worker is."""
-
-    instance: str
-    worker: int
-    generation: int
-    slots: int
-    log_level: str
-    cv2_threads: int
-
-
-def stats_message(capture_id: int, stats: CameraStats, slot_drops: int) -> tuple[Any, ...]:
-    return (
-        "stats",
-        capture_id,
-        stats.state.value,
-        stats.state_since,
-        stats.frames_decoded,
-        stats.source_drops + slot_drops,
-        stats.decode_errors,
-        stats.reconnects,
-        stats.last_error,
-        stats.source_fps,
-        stats.backend,
-        stats.decoder,
-    )
+def stats_message(capture_id: int, stats: CameraStats, slot_drops: int) -> CaptureStats:
+    return CaptureStats(capture_id, stats.state.value, stats.state_since, stats.frames_decoded,
+                        stats.source_drops + slot_drops, stats.decode_errors, stats.reconnects, stats.last_error,
+                        stats.source_fps, stats.backend, stats.decoder)  # fmt: skip
 
 
 class ShmSink:
@@ -155,28 +143,15 @@ class ShmSink:
             return False
         segment.states[slot] = shm.SENT
         self._last = (segment, slot)
-        self.worker.send(
-            (
-                "frame",
-                self.capture_id,
-                segment.name,
-                segment.slots,
-                shape,
-                slot,
-                frame.index,
-                frame.ts_wall,
-                frame.ts_mono,
-                frame.pts_ms,
-            )
-        )
+        self.worker.send(FrameReady(self.capture_id, segment.name, segment.slots, shape, slot, frame.index,
+                                    frame.ts_wall, frame.ts_mono, frame.pts_ms))  # fmt: skip
         return True
 
     def notify(self, notice: Notice) -> None:
         if self.capture is not None:  # the counters of the same moment first: a status read after it agrees
             self.worker.send(stats_message(self.capture_id, self.capture.stats, self.slot_drops))
-        self.worker.send(
-            ("notice", self.capture_id, notice.kind.value, notice.ts_wall, notice.frame_index, notice.detail)
-        )
+        self.worker.send(CaptureNotice(self.capture_id, notice.kind.value, notice.ts_wall, notice.frame_index,
+                                       dict(notice.detail)))  # fmt: skip
 
     def stop(self) -> None:
         self.stopped = True
@@ -204,12 +179,12 @@ class WorkerCapture(CameraCapture):
             segments = sink.close()
             worker = sink.worker
             worker.send(stats_message(sink.capture_id, self.stats, sink.slot_drops))
-            worker.send(("stopped", sink.capture_id, segments))
+            worker.send(CaptureStopped(sink.capture_id, segments))
             worker.forget(sink.capture_id)
 
 
 class Worker:
-    def __init__(self, connection: Connection, doorbell_fd: int, hello: Hello):
+    def __init__(self, connection: Connection, doorbell_fd: int, hello: WorkerHello):
         self.connection = connection
         self.hello = hello
         self.doorbell = threading.Condition()
@@ -219,7 +194,7 @@ class Worker:
         self._lock = threading.Lock()
         self._exit = threading.Event()
 
-    def send(self, message: tuple[Any, ...]) -> None:
+    def send(self, message: object) -> None:
         try:
             with self._send_lock:
                 self.connection.send(message)
@@ -250,7 +225,7 @@ class Worker:
             for capture in captures:
                 self.send(stats_message(capture.sink.capture_id, capture.stats, capture.sink.slot_drops))
             if not captures:
-                self.send(("alive", 0))
+                self.send(Alive())
 
     def add(self, capture_id: int, name: str, config: CameraConfig, spec: SourceSpec, first: int, down: bool) -> None:
         sink = ShmSink(self, capture_id, name)
@@ -287,14 +262,14 @@ class Worker:
                 message = self.connection.recv()
             except (EOFError, OSError):
                 break  # the daemon is gone
-            kind = message[0]
-            if kind == "add":
-                self.add(*message[1:])
-            elif kind == "remove":
-                self.remove(message[1])
-            elif kind == "free":  # the daemon could not map a frame it was sent: its slot is the worker's again
-                self.free(message[1], message[2])
-            elif kind == "exit":
+            if isinstance(message, AddCapture):
+                self.add(message.capture_id, message.name, message.config, message.spec, message.first_index,
+                         message.down_reported)  # fmt: skip
+            elif isinstance(message, RemoveCapture):
+                self.remove(message.capture_id)
+            elif isinstance(message, FreeSlot):
+                self.free(message.segment, message.slot)
+            elif isinstance(message, Stop):
                 orderly = True
                 break
         self._exit.set()
@@ -317,9 +292,8 @@ def main(argv: list[str]) -> int:
     # cgroup (the daemon sends `exit` once its captures are stopped; if it dies, the socket closes)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    socket_fd, doorbell_fd = int(argv[1]), int(argv[2])
-    connection = Connection(socket_fd)
-    hello: Hello = connection.recv()
+    connection, hello = accept(argv)
+    doorbell_fd = int(argv[2])
     logging.basicConfig(
         level=hello.log_level,
         format=f"%(asctime)s %(levelname)s %(name)s[worker {hello.worker}]: %(message)s",
@@ -328,11 +302,13 @@ def main(argv: list[str]) -> int:
     import cv2
 
     cv2.setNumThreads(hello.cv2_threads)
-    code = Worker(connection, doorbell_fd, hello).run()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # capture threads stuck in a source must not hold the process
+    Worker(connection, doorbell_fd, hello).run()
+    exit_now()  # capture threads stuck in a source must not hold the process
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    # run as the imported module, not as __main__: what it sends pickles under the classes' real names
+    from vigild.capture.worker import main as module_main
+
+    module_main(sys.argv)
