@@ -7,13 +7,13 @@ clip classified every `--interval` crops), the plugin's time per frame and the c
 
 Then what the plugin costs the daemon (`--pipeline-cameras`, 0 to skip): the real daemon, each run in a fresh
 process, on vtest.avi (real pedestrians, looping, read as fast as the chain consumes) with the shared Yolo-Fastest-XL
-person detector and ByteTrack, once without the action recognizer, then with it after the tracker as a branch (its
-default: clips classified beside the chain) and in the chain (`branch: false`), as `--modes` says: detection fps
+person detector and ByteTrack, once without the action recognizer, then with it after the tracker, placed as `--modes` says: `thread` (clips classified beside the chain on
+a thread), `process` (beside it, the model in a process of its own) and `chain` (classified in the chain): detection fps
 and its ratio to the run without, capture-to-publish latency, the clips classified per second and, for the branch,
 the clips it skipped per second.
 
     python bench/actions.py [--device cpu] [--model r3d_18] [--batches 1 4 16] [--tracks 10 100 500]
-                            [--pipeline-cameras 1 4] [--seconds-pipeline 30] [--modes branch chain]
+                            [--pipeline-cameras 1 4] [--seconds-pipeline 30] [--modes thread process chain]
 """
 
 from __future__ import annotations
@@ -78,10 +78,10 @@ SHARED = Path(os.environ.get("VIGILD_SHARED", Path(__file__).resolve().parents[2
 
 
 def pipeline_config(cameras: int, mode: str, args: argparse.Namespace) -> str:
-    """`mode`: `none` (no recognizer), `branch` or `chain`."""
+    """`mode`: `none` (no recognizer), or its placement: `thread`, `process` or `chain`."""
     recognizer = (
         f"  - type: action_recognizer\n    model: {args.model}\n    weights: null\n    interval: {args.interval}\n"
-        f"    max_batch: {args.max_batch}\n    branch: {'true' if mode == 'branch' else 'false'}\n"
+        f"    max_batch: {args.max_batch}\n    placement: {mode}\n"
         f"    stride: {args.stride}\n" + (f"    branch_share: {args.share}\n" if args.share else "")
     )
     return vtest_daemon_yaml(SHARED, cameras, recognizer if mode != "none" else "", args.device)
@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="per batch size")
     parser.add_argument("--pipeline-cameras", type=int, nargs="+", default=[1, 4], help="0: no daemon runs")
     parser.add_argument("--seconds-pipeline", type=float, default=30.0, help="measured window per daemon run")
-    parser.add_argument("--modes", nargs="+", choices=["branch", "chain"], default=["branch", "chain"])
+    parser.add_argument("--modes", nargs="+", choices=["thread", "process", "chain"], default=["thread", "process", "chain"])
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds before the window (loads, clips filling)")
     args = parser.parse_args()
     os.environ.setdefault("YOLO_OFFLINE", "1")

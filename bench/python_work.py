@@ -19,8 +19,7 @@ class PythonWorkConfig(PluginConfig):
 
 class PythonWork(Plugin[PythonWorkConfig]):
     Config = PythonWorkConfig
-    branchable = True
-    branch_default = True
+    placements = ("thread", "process", "chain")
 
     def process(self, frames: list[Frame]) -> None:
         for frame in frames:  # a bench of Python work: the loop is the point

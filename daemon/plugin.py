@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vigild.events import Event
 from vigild.frame import Frame
@@ -28,6 +28,13 @@ from vigild.frame import Frame
 PLUGIN_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
 MAX_NAME_LENGTH = 64
 """Longest camera name, plugin id, zone or line name: each is one segment of an event topic or a metric label."""
+
+
+Placement = Literal["chain", "thread", "process"]
+"""Where a plugin runs: in the chain, beside it on a thread, or beside it in a process (vigild.pipeline.placement)."""
+PLACEMENTS: tuple[Placement, ...] = get_args(Placement)
+_BRANCH: dict[bool | str, Placement] = {True: "thread", "thread": "thread", "process": "process", False: "chain"}
+"""`branch:` values, the older spelling of `placement:`."""
 
 
 class PluginConfig(BaseModel):
@@ -47,22 +54,42 @@ class PluginConfig(BaseModel):
         max_length=MAX_NAME_LENGTH,
         description="Name used by per-camera overrides; defaults to `type`.",
     )
+    placement: Placement | None = Field(
+        default=None,
+        description="Where the plugin runs: `chain` (in order, on every frame; what it adds reaches the plugins after "
+        "it), `thread` (beside the chain on a thread of its own, on the newest frames, never holding up the plugins "
+        "after it: for work that releases the interpreter, such as a torch forward pass) or `process` (beside the "
+        "chain in a process of its own: for work that holds the interpreter, which on a thread would take it from "
+        "the chain). Default: the plugin's own choice (`Plugin.placements`, measured for each built-in plugin).",
+    )
     branch: bool | Literal["thread", "process"] | None = Field(
         default=None,
-        description="Run beside the chain, on the newest frames, never holding up the plugins after it (only "
-        "plugins that can: `Plugin.branchable`): `true` or `thread` on a thread of its own (work that releases the "
-        "interpreter, such as a torch forward pass), `process` in a process of its own (pure Python work, which on "
-        "a thread would take the interpreter from the chain), `false` in the chain; default: the plugin's own "
-        "choice.",
+        description="The older spelling of `placement`, still accepted: `true` or `thread` is `placement: thread`, "
+        "`process` is `placement: process`, `false` is `placement: chain`.",
     )
     branch_share: float | None = Field(
         default=None,
         gt=0,
         le=1,
-        description="As a branch: the most of its time it may spend working; it rests between batches to keep to "
+        description="Beside the chain: the most of its time it may spend working; it rests between batches to keep to "
         "it, skipping (counted) what it has no time for. Default: 0.25 on a CPU (the chain keeps its cores), 1 on a "
         "GPU.",
     )
+
+    @model_validator(mode="after")
+    def _one_placement(self) -> PluginConfig:
+        if self.placement is not None and self.branch is not None and _BRANCH[self.branch] != self.placement:
+            raise ValueError(
+                f"`placement: {self.placement}` and `branch: {self.branch}` say different things: keep `placement:`"
+            )
+        return self
+
+    @property
+    def requested_placement(self) -> Placement | None:
+        """Where this entry asks the plugin to run (`placement:`, else `branch:`), or None for the plugin's default."""
+        if self.placement is not None:
+            return self.placement
+        return _BRANCH[self.branch] if self.branch is not None else None
 
     @classmethod
     def admin_only_keys(cls) -> frozenset[str]:
@@ -92,16 +119,16 @@ class PluginContext:
     cameras: Mapping[str, Any] = field(default_factory=dict)
     """Config of each camera this plugin instance serves, by name."""
     torch_threads: int | None = None
-    branch: bool = False
-    """For a plugin that `splits`: whether it runs its slow part beside the chain (its entry's `branch:`, else its
-    `branch_default`)."""
+    placement: Placement = "chain"
+    """Where its entry places it (`placement:`, else the plugin's default). The chain acts on it, except for a plugin
+    that `keeps_order`, which reads it to place its own slow part."""
     publish: Callable[[Event], None] = _unpublished
-    """Where a plugin that `splits` sends the events its own worker makes (thread-safe: the daemon's publisher)."""
+    """Where a plugin that `keeps_order` sends the events its own worker makes (thread-safe: the daemon's bus)."""
 
 
 class BranchWork(Protocol):
     """What the daemon shows of work that runs beside the chain (status `branch`, metrics): a `Branch`, or the
-    worker of a plugin that `splits`."""
+    worker of a plugin that `keeps_order`."""
 
     unit: str
     """What `pending` and `skipped_total` count: `frames`, `clips`..."""
@@ -114,7 +141,7 @@ class BranchWork(Protocol):
     def busy_s(self) -> float: ...
     @property
     def pid(self) -> int | None:
-        """The process it works in, when not the daemon's (`branch: process`)."""
+        """The process it works in, when not the daemon's (`placement: process`)."""
         ...
 
 
@@ -180,17 +207,17 @@ class Plugin(ABC, Generic[ConfigT]):
     error naming the plugin's key and the camera."""
     provides: ClassVar[frozenset[str]] = frozenset()
     """What this plugin adds to the frames it processes, for later plugins (words of `CAPABILITIES`)."""
-    branchable: ClassVar[bool] = False
-    """True for a plugin that can run as a branch (vigild.pipeline.branch): beside the chain, on the newest frame of
-    each camera, skipping frames it cannot keep up with. Its results are events only: nothing it adds to a frame
-    reaches later plugins, and its `process` and `on_source_end` run on the branch's thread."""
-    branch_default: ClassVar[bool] = False
-    """Whether it runs as a branch when its entry does not say (`branch:`)."""
-    splits: ClassVar[bool] = False
-    """For a `branchable` plugin: True when, as a branch, it stays in the chain for its cheap part (on every frame,
-    in order) and hands its slow part to a worker of its own, which it starts when `context.branch` is set, shows
-    through `branch_work()` and whose events it sends to `context.publish` (the action recognizer cuts tubes in the
-    chain and classifies clips beside it). False: the chain runs the whole plugin as a `Branch`."""
+    placements: ClassVar[tuple[Placement, ...]] = ("chain",)
+    """Where it can run (`placement:`), its default first. `chain`: in order, on every frame. `thread` and
+    `process` (vigild.pipeline.placement): beside the chain, on the newest frame of each camera, skipping frames it
+    cannot keep up with; its results are events only (nothing it adds to a frame reaches later plugins) and its
+    `process` and `on_source_end` run on the branch's thread, or in a process of its own. Only a plugin whose
+    results are events, and that keeps no state a skipped frame would break, may offer more than `chain`."""
+    keeps_order: ClassVar[bool] = False
+    """True for a plugin that, placed beside the chain, still runs `process` in the chain on every frame, in order
+    (its cheap part) and places only its slow part where `context.placement` says, on a worker of its own that it
+    starts, shows through `branch_work()` and whose events it sends to `context.publish` (the action recognizer cuts
+    tubes in the chain and classifies clips beside it). False: the chain places the whole plugin."""
     camera_settings: ClassVar[type[BaseModel] | None] = None
     """A model of keys this plugin reads from each camera's own section (next to `source:`), which the core's camera
     settings keep as plain mappings: the analytics plugin's `zones:` and `lines:`. Loading validates every camera's
@@ -232,7 +259,7 @@ class Plugin(ABC, Generic[ConfigT]):
         return None
 
     def branch_work(self) -> BranchWork | None:
-        """A plugin that `splits`: its worker beside the chain, while it has one."""
+        """A plugin that `keeps_order`: its worker beside the chain, while it has one."""
         return None
 
     def stop(self) -> None:

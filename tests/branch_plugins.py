@@ -29,7 +29,7 @@ class Where(Plugin[WhereConfig]):
     count as the frame reached it; a `closing` event per camera. Pure Python: it holds the interpreter."""
 
     Config = WhereConfig
-    branchable = True
+    placements = ("chain", "thread", "process")
 
     def start(self) -> None:
         if self.config.fail_start:

@@ -40,7 +40,7 @@ class FrameEchoConfig(PluginConfig):
 
 class FrameEcho(Plugin[FrameEchoConfig]):
     Config = FrameEchoConfig
-    branchable = True
+    placements = ("chain", "thread", "process")
 
     def on_source_end(self, camera, ts_wall, frame_index):
         if not self.config.closing:

@@ -78,9 +78,9 @@ def actions_by_person(events, truths) -> dict[int, set[str]]:
     return found
 
 
-def run_chain(motion_model, reverse: bool, branch: bool = False) -> tuple[list[Event], list[dict]]:
-    """The scene through the detector, ByteTrack and the recognizer (`branch`: classifying beside the chain, its
-    events published from its own thread, as the daemon's publisher gets them)."""
+def run_chain(motion_model, reverse: bool, placement: str = "chain") -> tuple[list[Event], list[dict]]:
+    """The scene through the detector, ByteTrack and the recognizer (`placement`: `thread` or `process` classify
+    beside the chain, its events published from its own thread, as the daemon's bus gets them)."""
     from conftest import yolo_fastest
 
     from vigild.pipeline.chain import Chain
@@ -88,7 +88,7 @@ def run_chain(motion_model, reverse: bool, branch: bool = False) -> tuple[list[E
     from vigild.plugins.tracking.bytetrack import ByteTrack, ByteTrackConfig
 
     detector, tracker = yolo_fastest(0.3), ByteTrackConfig(update_interval=1.0)
-    actions = action_config(*motion_model, branch=branch)
+    actions = action_config(*motion_model, placement=placement)
     published: list[Event] = []
     chain = Chain(
         (
@@ -109,7 +109,7 @@ def run_chain(motion_model, reverse: bool, branch: bool = False) -> tuple[list[E
         events.extend(frame.events)
     events.extend(chain.source_ended("r", 1000.0 + len(images) / 10, len(images) - 1))
     chain.stop()
-    if branch:
+    if placement != "chain":
         assert not any(e.type.startswith("action.") for e in events), "a branch's events are its own to publish"
         frames = [e.frame for e in published]
         assert frames == sorted(frames), "a branch publishes in frame order"
@@ -175,12 +175,13 @@ device: cpu
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("branch", [False, True], ids=["in-chain", "branch"])
-def test_played_backwards_walking_left_becomes_walking_right(motion_model, branch):
+@pytest.mark.parametrize("placement", ["chain", "thread", "process"])
+def test_played_backwards_walking_left_becomes_walking_right(motion_model, placement):
     """Through the real detector and tracker, in-process, on the scene played backwards: the model says what the
-    reversed motion is, so time order is kept from the capture to the clip; in the chain and as a branch."""
+    reversed motion is, so time order is kept from the capture to the clip; classified in the chain, beside it on a
+    thread, and in a process of its own."""
     reverse = True
-    events, truths = run_chain(motion_model, reverse, branch)
+    events, truths = run_chain(motion_model, reverse, placement)
     found = actions_by_person(events, truths)
     expected = {person: {FLIPPED[a] if reverse else a} for person, a in TRUE.items()}
     assert found == expected
@@ -712,7 +713,7 @@ def wait_until(condition, what: str, timeout: float = 60.0) -> None:
 
 def branch_recognizer(motion_model, published: list[Event], **overrides) -> ActionRecognizer:
     config = action_config(*motion_model, branch=True, **overrides)
-    context = PluginContext("cpu", {"r": CameraConfig(source="r")}, branch=True, publish=published.append)
+    context = PluginContext("cpu", {"r": CameraConfig(source="r")}, placement="thread", publish=published.append)
     plugin = ActionRecognizer(config, context)
     plugin.start()
     return plugin

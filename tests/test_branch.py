@@ -34,7 +34,7 @@ class Gate(Plugin[GateConfig]):
     were when the frame reached it; blocks while `closed` is clear, like a slow model."""
 
     Config = GateConfig
-    branchable = True
+    placements = ("chain", "thread", "process")
     open_: ClassVar[threading.Event] = threading.Event()
     entered: ClassVar[threading.Event] = threading.Event()
     threads: ClassVar[set[str]] = set()

@@ -43,7 +43,7 @@ class Follows(Plugin[FollowsConfig]):
     Config = FollowsConfig
     requires = frozenset({"detections"})
     provides = frozenset({"tracks"})
-    branchable = True  # (only to show that a branch provides nothing to later plugins)
+    placements = ("chain", "thread", "process")  # (to show that beside the chain it provides nothing to later plugins)
 
     def process(self, frames):
         pass
@@ -131,15 +131,23 @@ def test_what_a_branch_provides_never_reaches_later_plugins(tmp_path, requiring)
         load_config(path, environ={})
     assert str(info.value) == (
         f"{path}:9: plugins.1.branch: watches (plugins.2) needs tracks, which follows (plugins.1) provides only beside "
-        "the chain, as a branch: what a branch adds to a frame never reaches later plugins (set `branch: false` on it)"
+        "the chain (thread): what a plugin beside the chain adds to a frame never reaches later plugins (set "
+        "`placement: chain` on it)"
     )
+    chain = "plugins:\n  - type: finds\n  - type: follows\n    placement: process\n  - type: watches\n"
+    path = write(tmp_path, TWO_CAMERAS + chain)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert str(info.value).startswith(f"{path}:9: plugins.1.placement: watches (plugins.2) needs tracks"), info.value
 
 
 def test_only_a_plugin_that_can_runs_as_a_branch_and_never_per_camera(tmp_path, requiring):
     path = write(tmp_path, TWO_CAMERAS + "plugins:\n  - type: finds\n    branch: true\n")
     with pytest.raises(ConfigError) as info:
         load_config(path, environ={})
-    assert str(info.value).startswith(f"{path}:8: plugins.0.branch: plugin type 'finds' cannot run as a branch")
+    assert str(info.value).startswith(
+        f"{path}:8: plugins.0.branch: plugin type 'finds' cannot run beside the chain (thread): later plugins need"
+    )
     text = (
         f"cameras:\n  door:\n    source: {VTEST}\n    plugins:\n      follows: {{branch: true}}\n"
         "plugins:\n  - type: finds\n  - type: follows\n"
@@ -149,7 +157,7 @@ def test_only_a_plugin_that_can_runs_as_a_branch_and_never_per_camera(tmp_path, 
         load_config(path, environ={})
     assert f"{path}:5: cameras.door.plugins.follows.branch: `branch` cannot be overridden per camera" in str(info.value)
     config = load_config(write(tmp_path, TWO_CAMERAS + "plugins:\n  - type: finds\n  - type: follows\n    branch: true\n"))
-    assert [spec.branch for spec in config.chain] == [False, True]
+    assert [spec.placement for spec in config.chain] == ["chain", "thread"]
 
 
 def test_valid_chains_pass(tmp_path, requiring):
@@ -267,20 +275,32 @@ def test_a_camera_add_through_the_control_socket_that_would_disable_the_tracker_
         service.kill()
 
 
-def test_a_branch_runs_on_a_thread_or_in_a_process_and_a_plugin_that_splits_only_on_a_thread(tmp_path, requiring):
-    for value, in_process in (("true", False), ("thread", False), ("process", True), ("false", False)):
-        path = write(tmp_path, TWO_CAMERAS + f"plugins:\n  - type: finds\n  - type: follows\n    branch: {value}\n")
+def test_one_placement_knob_with_branch_as_its_older_spelling(tmp_path, requiring):
+    """`placement:` chooses where a plugin runs; `branch:` keeps working and means the same; a plugin's default is
+    its own; a placement the plugin does not offer, or two keys that disagree, is an error at its line."""
+    spellings = [("branch: true", "thread"), ("branch: thread", "thread"), ("branch: process", "process"),
+                 ("branch: false", "chain"), ("placement: thread", "thread"), ("placement: process", "process"),
+                 ("placement: chain", "chain"), ("placement: process\n    branch: process", "process")]  # fmt: skip
+    for line, placement in spellings:
+        path = write(tmp_path, TWO_CAMERAS + f"plugins:\n  - type: finds\n  - type: follows\n    {line}\n")
         follows = load_config(path, environ={}).chain[1]
-        assert (follows.branch, follows.in_process) == (value != "false", in_process), value
-    path = write(tmp_path, TWO_CAMERAS + "plugins:\n  - type: finds\n  - type: follows\n    branch: sideways\n")
+        assert (follows.placement, follows.beside) == (placement, placement != "chain"), line
+    assert load_config(write(tmp_path, TWO_CAMERAS + "plugins:\n  - type: finds\n"), environ={}).chain[0].placement == "chain"
+    for line, key, wanted in [("branch: sideways", "branch", "'thread' or 'process'"),
+                              ("placement: sideways", "placement", "'chain', 'thread' or 'process'"),
+                              ("placement: chain\n    branch: true", "", "say different things")]:  # fmt: skip
+        path = write(tmp_path, TWO_CAMERAS + f"plugins:\n  - type: finds\n  - type: follows\n    {line}\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(path, environ={})
+        assert f"{path}:" in str(info.value) and f"plugins.1{'.' + key if key else ''}" in str(info.value), line
+        assert wanted in str(info.value), (line, str(info.value))
+    path = write(tmp_path, TWO_CAMERAS + "plugins:\n  - type: finds\n    placement: process\n")
     with pytest.raises(ConfigError) as info:
         load_config(path, environ={})
-    assert f"{path}:9: plugins.1.branch" in str(info.value) and "'thread' or 'process'" in str(info.value)
-    text = TWO_CAMERAS + "plugins:\n  - type: action_recognizer\n    mode: frame\n    branch: process\n"
-    path = write(tmp_path, text)
-    with pytest.raises(ConfigError) as info:
-        load_config(path, environ={})
-    assert str(info.value).startswith(
-        f"{path}:9: plugins.0.branch: plugin type 'action_recognizer' runs its slow part beside the chain on a "
-        "thread of its own"
-    )
+    assert str(info.value).startswith(f"{path}:8: plugins.0.placement: plugin type 'finds' cannot run beside the chain")
+    # the action recognizer places its classification: beside on a thread by default, in a process, or in the chain
+    for line, placement in [("", "thread"), ("    placement: process\n", "process"), ("    branch: false\n", "chain")]:
+        text = TWO_CAMERAS + "plugins:\n  - type: action_recognizer\n    mode: frame\n" + line
+        assert load_config(write(tmp_path, text), environ={}).chain[0].placement == placement, line
+
+

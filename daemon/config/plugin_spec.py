@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from vigild.plugin import Plugin, PluginConfig
+from vigild.plugin import Placement, Plugin, PluginConfig
 
 
 @dataclass(frozen=True)
@@ -21,17 +21,12 @@ class PluginSpec:
     """Effective config for each enabled camera that runs this plugin (with its overrides applied)."""
 
     @property
-    def branch(self) -> bool:
-        """Runs beside the chain (vigild.pipeline.branch): `branch:` in its entry, else the plugin's own default."""
-        return bool(self.config.branch) if self.config.branch is not None else self.cls.branch_default
+    def placement(self) -> Placement:
+        """Where it runs: its entry's `placement:` (or `branch:`), else the plugin's default."""
+        return self.config.requested_placement or self.cls.placements[0]
 
     @property
-    def in_process(self) -> bool:
-        """A whole branch in a process of its own (`branch: process`; vigild.pipeline.branch_process)."""
-        return self.config.branch == "process"
-
-    @property
-    def whole_branch(self) -> bool:
-        """The chain runs the whole plugin beside it (a `Branch`); a branch plugin that `splits` stays in the chain
-        and runs its slow part on a worker of its own."""
-        return self.branch and not self.cls.splits
+    def beside(self) -> bool:
+        """It runs beside the chain (on a thread or in a process): what it adds to a frame never reaches the
+        plugins after it."""
+        return self.placement != "chain"

@@ -40,23 +40,10 @@ def resolve_chain(document: YamlDocument, settings: DaemonSettings) -> tuple[lis
             problems.extend(problems_of(document, exc, path, cls.Config))
             continue
         plugin_id = base.id or base.type
-        if base.branch and not cls.branchable:
-            problems.append(
-                document.problem(
-                    (*path, "branch"),
-                    f"plugin type '{type_name}' cannot run as a branch: later plugins need what it adds to each frame, "
-                    "or it keeps state from frame to frame (remove `branch:`)",
-                )
-            )
-            continue
-        if base.branch == "process" and cls.splits:
-            problems.append(
-                document.problem(
-                    (*path, "branch"),
-                    f"plugin type '{type_name}' runs its slow part beside the chain on a thread of its own and cuts "
-                    "its input in the chain: it cannot run in a process (use `branch: true`, or `false`)",
-                )
-            )
+        wanted = base.requested_placement
+        if wanted is not None and wanted not in cls.placements:
+            key = "placement" if base.placement is not None else "branch"
+            problems.append(document.problem((*path, key), _placement_refused(type_name, cls, wanted)))
             continue
         if plugin_id in ids:
             problems.append(
@@ -120,9 +107,9 @@ def _unmet_requirements(document: YamlDocument, settings: DaemonSettings, chain:
                 continue
             for need in sorted(spec.cls.requirements(config) - have):
                 providers = [index for index in range(position) if need in chain[index].cls.provides]
-                off = [index for index in providers if not chain[index].branch]
+                off = [index for index in providers if not chain[index].beside]
                 if not off:
-                    branches = [index for index in providers if chain[index].branch]
+                    branches = [index for index in providers if chain[index].beside]
                     if branches:
                         if (need, branches[-1]) in branch_only:  # said once, whichever cameras it concerns
                             continue
@@ -130,10 +117,11 @@ def _unmet_requirements(document: YamlDocument, settings: DaemonSettings, chain:
                         provider = chain[branches[-1]]
                         problems.append(
                             document.problem(
-                                ("plugins", branches[-1], "branch"),
+                                _placement_key(provider, branches[-1]),
                                 f"{spec.id} (plugins.{position}) needs {need}, which {provider.id} "
-                                f"(plugins.{branches[-1]}) provides only beside the chain, as a branch: what a branch "
-                                "adds to a frame never reaches later plugins (set `branch: false` on it)",
+                                f"(plugins.{branches[-1]}) provides only beside the chain ({provider.placement}): what "
+                                "a plugin beside the chain adds to a frame never reaches later plugins (set "
+                                "`placement: chain` on it)",
                             )
                         )
                         continue
@@ -162,7 +150,7 @@ def _unmet_requirements(document: YamlDocument, settings: DaemonSettings, chain:
                 )
             )
         for name, have in provided.items():
-            if name in spec.per_camera and not spec.branch:  # a branch's results never reach later plugins
+            if name in spec.per_camera and not spec.beside:  # results beside the chain never reach later plugins
                 have |= spec.cls.provides
     return problems
 
@@ -193,7 +181,7 @@ def _per_camera_configs(
         if not override:
             per_camera[name] = base
             continue
-        for fixed in ("type", "id", "branch", "branch_share"):
+        for fixed in ("type", "id", "placement", "branch", "branch_share"):
             if fixed in override:
                 problems.append(document.problem((*override_path, fixed), f"`{fixed}` cannot be overridden per camera"))
         try:
@@ -204,3 +192,19 @@ def _per_camera_configs(
                 where = override_path if key in override else path
                 problems.append(document.problem((*where, *problem.path), problem.message))
     return per_camera, problems
+
+
+def _placement_refused(type_name: str, cls: type[Plugin], wanted: str) -> str:
+    can = " or ".join(f"`{place}`" for place in cls.placements)
+    if cls.placements == ("chain",):
+        why = "later plugins need what it adds to each frame, or it keeps state from frame to frame"
+        return f"plugin type '{type_name}' cannot run beside the chain ({wanted}): {why}; it runs only in the chain"
+    return f"plugin type '{type_name}' cannot run as `{wanted}`: it runs as {can} (default `{cls.placements[0]}`)"
+
+
+def _placement_key(spec: PluginSpec, position: int) -> KeyPath:
+    """The key that placed `spec` beside the chain: its `placement:` or `branch:`, else its entry (the default)."""
+    for key in ("placement", "branch"):
+        if getattr(spec.config, key) is not None:
+            return ("plugins", position, key)
+    return ("plugins", position)

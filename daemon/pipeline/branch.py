@@ -86,8 +86,10 @@ class BranchThread:
     unit = "frames"
     """What `pending` and `skipped_total` count (vigild.plugin.BranchWork)."""
 
-    def __init__(self, name: str, threads: int | None, share: float):
+    def __init__(self, name: str, threads: int | None, share: float, pid: Callable[[], int | None] | None = None):
+        """`pid`: the process its work is done in, when not the daemon's (`placement: process`)."""
         self.name = name
+        self._pid = pid
         self.threads = branch_threads(threads)
         self.share = share
         """The most of its time it works (`branch_share`): it rests between batches."""
@@ -102,8 +104,8 @@ class BranchThread:
 
     @property
     def pid(self) -> int | None:
-        """The process it works in, when not the daemon's."""
-        return None
+        """The process its work is done in (`placement: process`), while there is one; None on a thread."""
+        return self._pid() if self._pid is not None else None
 
     def start(self) -> None:
         self._thread.start()
@@ -171,9 +173,8 @@ class Branch(BranchThread):
         """`run`: the plugin over a batch (returns the ids of the frames that failed; failures reported by the
         caller's rules); `close`: the plugin's `on_source_end`; `publish`: where events go; `observe`: the seconds
         and frames of each batch (the stage's counts)."""
-        super().__init__(name, threads, share)
+        super().__init__(name, threads, share, pid)
         self._run_batch = run
-        self._pid = pid
         self._close = close
         self._publish = publish
         self._observe = observe
@@ -223,11 +224,6 @@ class Branch(BranchThread):
     @property
     def skipped_total(self) -> int:
         return sum(dict(self.skipped).values())  # a copy: the scheduler may add a camera
-
-    @property
-    def pid(self) -> int | None:
-        """The process its plugin runs in (`branch: process`), while there is one; None on a thread."""
-        return self._pid() if self._pid is not None else None
 
     # ----- the branch's thread
 

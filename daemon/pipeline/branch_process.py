@@ -167,6 +167,10 @@ class ProcessPlugin(Plugin[PluginConfig]):
                 log.warning("branch %s: its process (pid %s) did not exit; killing it", self.name, child.pid)
             child.stop(0, ask=False)
 
+    def call(self, method: str, *args: Any) -> tuple[Any, BaseException | None]:
+        """Any other method of the plugin, in its process: (what it returned, what it raised or None)."""
+        return self._call(method, *args)
+
     # ----- the child's side, seen from here
 
     def _call(self, method: str, *args: Any) -> tuple[Any, BaseException | None]:

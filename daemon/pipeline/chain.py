@@ -34,6 +34,7 @@ from vigild.frame import Frame
 from vigild.pipeline.branch import Branch, branch_share
 from vigild.pipeline.branch_process import ProcessPlugin
 from vigild.pipeline.durations import PLUGIN_BUCKETS, Durations
+from vigild.pipeline.placement import Beside, InChain, Runner, in_own_process, whole_beside
 from vigild.plugin import BranchWork, FrameErrors, Plugin, PluginConfig, PluginContext
 
 log = logging.getLogger("vigild.chain")
@@ -60,6 +61,8 @@ class Stage:
     """The plugin's time per batch (the metrics read it)."""
     frames: int = 0
     """Frames the plugin ran on (a branch: those it took, not those it skipped)."""
+    runner: Runner | None = None
+    """How the chain runs it, by its placement (vigild.pipeline.placement); set once the chain is made."""
 
     @property
     def total_failures(self) -> int:
@@ -126,19 +129,20 @@ class Chain:
                             self.branches[id(plugin)] = branch
                             self._branch_handover.append((stage, plugin, branch))
                     else:
-                        context = PluginContext(device, served_cameras, torch_threads, spec.branch, self._publish)
-                        if spec.in_process:  # its stand-in here; the plugin is built in its process at start
+                        context = PluginContext(device, served_cameras, torch_threads, spec.placement, self._publish)
+                        if in_own_process(spec):  # its stand-in here; the plugin is built in its process at start
                             plugin = ProcessPlugin(spec.cls, spec.id, config, context)
                         else:
                             plugin = spec.cls(config, context)
                         self._fresh.append((stage, plugin))
-                        if spec.whole_branch:
+                        if whole_beside(spec):
                             self.branches[id(plugin)] = self._branch(stage, plugin)
                 except Exception as exc:
                     raise PluginStartError(spec.id, position, exc) from exc
                 self._keys[instance_key] = plugin
                 stage.instances.append((plugin, frozenset(served)))
                 stage.cameras |= served
+            stage.runner = Beside(stage, self.branches) if whole_beside(spec) else InChain(stage, self._run, self._observe)
             self.stages.append(stage)
         self._last_failure_log: dict[tuple[str, str], float] = {}
         self._cameras = frozenset(cameras)
@@ -220,20 +224,12 @@ class Chain:
 
     def branch_work(self, stage: Stage) -> list[BranchWork]:
         """What of `stage` runs beside the chain: the branches of its instances, or their own workers (a plugin
-        that `splits`); none for a plugin in the chain."""
+        that `keeps_order`); none for a plugin in the chain."""
         works = [self.branches.get(id(plugin)) or plugin.branch_work() for plugin, _ in stage.instances]
         return [work for work in works if work is not None]
 
     def close_instance(self, stage: Stage, plugin: Plugin, camera: str, ts_wall: float) -> list[Event]:
-        branch = self.branches.get(id(plugin))
-        if branch is not None:  # it publishes its own closing events, in turn with its frames
-            branch.close_camera(camera, ts_wall, -1)
-            return []
-        try:
-            return plugin.on_source_end(camera, ts_wall, -1)
-        except Exception:
-            log.exception("plugin '%s' failed to close camera %s", stage.spec.id, camera)
-            return []
+        return _runner(stage).close(plugin, camera, ts_wall, -1)
 
     def _stop_plugins(self, plugins: list[tuple[Stage, Plugin]]) -> None:
         """Branches first, all together against one deadline; a plugin whose branch is still inside it (stuck) is
@@ -257,19 +253,7 @@ class Chain:
         """Run every stage; returns the frames that came through without a plugin failure."""
         live = frames
         for stage in self.stages:
-            failed: set[int] = set()
-            started = time.perf_counter()
-            if stage.spec.whole_branch:  # beside the chain: handed over, never waited for; it counts its own time
-                for plugin, cameras in stage.instances:
-                    batch = [frame for frame in live if frame.camera in cameras]
-                    if batch:
-                        self.branches[id(plugin)].offer(batch)
-                continue
-            for plugin, cameras in stage.instances:
-                batch = [frame for frame in live if frame.camera in cameras]
-                if batch:
-                    failed.update(self._run(stage, plugin, batch))
-            self._observe(stage, time.perf_counter() - started, sum(frame.camera in stage.cameras for frame in live))
+            failed = _runner(stage).process(live)
             if failed:
                 live = [frame for frame in live if id(frame) not in failed]
         for frame in frames:  # the tracker's verdicts become events once every plugin has added its data; also on a
@@ -278,38 +262,19 @@ class Chain:
 
     def prefetch(self, frames: list[Frame]) -> list[Future[Any]]:
         """Let the first plugin start the device work of the next batch (`Plugin.prefetch`); `process` with the
-        same frames picks it up. Returns what was started (done once the results are ready). A branch, or a plugin
-        that cannot, does nothing ahead."""
-        if not self.stages or self.stages[0].spec.whole_branch:
-            return []
-        stage = self.stages[0]
-        started: list[Future[Any]] = []
-        for plugin, cameras in stage.instances:
-            batch = [frame for frame in frames if frame.camera in cameras]
-            if batch:
-                try:
-                    work = plugin.prefetch(batch)
-                except Exception:  # nothing is lost: `process` computes the batch itself
-                    log.exception("plugin '%s' failed to start a batch ahead", stage.spec.id)
-                    continue
-                if work is not None:
-                    started.append(work)
-        return started
+        same frames picks it up. Returns what was started (done once the results are ready). A plugin beside the
+        chain, or one that cannot, does nothing ahead."""
+        return _runner(self.stages[0]).prefetch(frames) if self.stages else []
 
     def source_ended(self, camera: str, ts_wall: float, frame_index: int) -> list[Event]:
-        events: list[Event] = []
-        for stage in self.stages:
-            for plugin, cameras in stage.instances:
-                if camera in cameras:
-                    branch = self.branches.get(id(plugin))
-                    if branch is not None:  # it publishes its own closing events, after its frames of the camera
-                        branch.close_camera(camera, ts_wall, frame_index)
-                        continue
-                    try:
-                        events.extend(plugin.on_source_end(camera, ts_wall, frame_index))
-                    except Exception:
-                        log.exception("plugin '%s' failed to close camera %s", stage.spec.id, camera)
-        return events
+        """Every instance serving `camera` closes it; the closing events of those in the chain, in chain order."""
+        return [
+            event
+            for stage in self.stages
+            for plugin, cameras in stage.instances
+            if camera in cameras
+            for event in _runner(stage).close(plugin, camera, ts_wall, frame_index)
+        ]
 
     def _run(self, stage: Stage, plugin: Plugin, batch: list[Frame]) -> set[int]:
         if not plugin.batched or len(batch) == 1:
@@ -379,6 +344,11 @@ class Chain:
                 exc,
                 exc_info=stage.failures[frame.camera] == 1,
             )
+
+
+def _runner(stage: Stage) -> Runner:
+    assert stage.runner is not None, "a stage gets its runner when the chain is made"
+    return stage.runner
 
 
 def _unpublished(event: Event) -> None:

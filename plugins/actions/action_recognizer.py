@@ -8,10 +8,12 @@ consecutive clips; `action.start` when a label stays at or above its threshold f
 the detections due a `track.update` go in their `data` (`actions`, `action_scores`), and from there on the event.
 `mode: frame` classifies each camera's whole view instead.
 
-As a branch (the default: `branch: true`), the tubes are cut in the chain as above, and the clips due are classified
-beside it, on a worker of the plugin's own (plugins/actions/classifier.py): the chain never waits for the model, the
-worker skips the oldest clips it cannot afford, and its events reach subscribers a little later than the frame's
-other events, with that frame's index and time. With `branch: false` the chain classifies them itself.
+Placed beside the chain (`placement: thread`, the default, or `process`), the tubes are cut in the chain as above,
+and the clips due are classified beside it, on a worker of the plugin's own (plugins/actions/classifier.py): the
+chain never waits for the model, the worker skips the oldest clips it cannot afford, and its events reach
+subscribers a little later than the frame's other events, with that frame's index and time. With `process` the
+model runs in a process of its own (the clips go there, their scores come back; vigild.pipeline.branch_process),
+so its Python never holds the chain's interpreter. With `placement: chain` the chain classifies them itself.
 With `half`, the model runs under autocast in float16 (CUDA) or bfloat16 (CPU); its weights, the clips'
 normalisation and the crop boxes stay float32, and the start-up probe runs in that same precision.
 
@@ -22,7 +24,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -33,6 +36,7 @@ from pydantic import Field, field_validator
 from vigild.events import Event
 from vigild.frame import TRACK_UPDATE_FIELDS, Detections, Frame
 from vigild.pipeline.branch import CLOSE_WAIT_S, branch_share
+from vigild.pipeline.branch_process import ProcessPlugin
 from vigild.plugin import BranchWork, FrameErrors, Plugin, PluginConfig, PluginConfigError, check_torchvision_weights
 from vigild.plugins.actions.classifier import Clips, ClipWorker, Release
 from vigild.plugins.actions.scoring import ActionScores, ScoreRules
@@ -85,7 +89,7 @@ class ActionRecognizerConfig(PluginConfig):
     backlog: int | None = Field(
         None,
         ge=1,
-        description="As a branch: clips waiting for the model at most; beyond, the oldest are skipped (counted). "
+        description="Beside the chain: clips waiting for the model at most; beyond, the oldest are skipped (counted). "
         "Default `max_batch`.",
     )
     half: bool | None = Field(
@@ -124,9 +128,8 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
     Config = ActionRecognizerConfig
     provides: ClassVar[frozenset[str]] = frozenset({"actions"})
     batched = True  # tubes are per track; a frame that fails is named with FrameErrors, never run twice
-    branchable = True
-    branch_default = True
-    splits = True  # tubes cut in the chain, clips classified beside it
+    placements = ("thread", "process", "chain")  # where clips are classified (measured: docs/actions.md)
+    keeps_order = True  # tubes are cut in the chain, on every frame, in order
 
     @classmethod
     def requirements(cls, config: PluginConfig) -> frozenset[str]:
@@ -135,15 +138,7 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
 
     def start(self) -> None:
         c = self.config
-        self.device = torch.device(self.context.device)
-        half = c.half if c.half is not None else default_half(self.context.device)
-        try:
-            video = load_video_model(c.model, c.weights, c.labels, ClipSettings(c.clip_len, c.size, c.mean, c.std))
-            self.run = ClipRunner(video, self.device, half_dtype(self.device) if half else None)
-            check_clip(video, self.run)  # on the device, in the precision (and autocast) of every later batch
-        except VideoModelError as exc:
-            raise PluginConfigError(exc.key, str(exc)) from exc
-        self.video: VideoModel = video
+        video = self._load_model()
         labels = video.labels
         for key, names in (("actions", c.actions), ("thresholds", list(c.thresholds))):
             unknown = [name for name in names if name not in labels]
@@ -157,7 +152,6 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
         self.scores = ActionScores(c.max_tracks, rules)
         self.cutter = TubeCutter(video.size, self.device)
         self.pool = TubePool(c.max_tracks, video.clip_len, video.size, self.device)
-        self.splitter = OomSplitter(f"action_recognizer {c.model}", self.context.device)
         n = c.max_tracks
         self.classified_at = np.zeros(n, np.int64)
         self.generation = np.zeros(n, np.int64)  # counts the tracks a slot has served
@@ -168,20 +162,44 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
         self.tubes_refused = 0
         self._wanted_classes: dict[tuple[str, ...], np.ndarray] = {}
         self.worker: ClipWorker | None = None
-        if self.context.branch:
+        self.remote: ProcessPlugin | None = None
+        if self.context.placement != "chain":
+            classify = self.classify
+            if self.context.placement == "process":  # the model in a process of its own; scores come back
+                self.remote = ProcessPlugin(ClipClassifier, c.id or c.type, c, replace(self.context, placement="chain"))
+                self.remote.start()
+                classify = partial(_classify_remote, self.remote)
             share = branch_share(c.branch_share, self.context.device)
-            self.worker = ClipWorker(c.id or c.type, self.classify, self.scores, self.context.publish,
+            self.worker = ClipWorker(c.id or c.type, classify, self.scores, self.context.publish,
                                      c.backlog or c.max_batch, c.max_batch, self.context.torch_threads,
-                                     share)  # fmt: skip
+                                     share, partial(getattr, self.remote, "pid") if self.remote else None)  # fmt: skip
             self.worker.start()
+        where = {"thread": ", classifying beside the chain", "process": ", classifying in a process of its own"}
         self.log.info(
             "%s (%d labels, clips %dx%dx%d) on %s, %s%s", c.model, len(labels), video.clip_len, video.size,
-            video.size, self.device, self.run.precision, ", classifying beside the chain" if self.worker else "",
+            video.size, self.device, self.run.precision, where.get(self.context.placement, ""),
         )  # fmt: skip
+
+    def _load_model(self) -> VideoModel:
+        """The video model on the device, checked with a clip of its size in the precision of every later batch."""
+        c = self.config
+        self.device = torch.device(self.context.device)
+        half = c.half if c.half is not None else default_half(self.context.device)
+        try:
+            video = load_video_model(c.model, c.weights, c.labels, ClipSettings(c.clip_len, c.size, c.mean, c.std))
+            self.run = ClipRunner(video, self.device, half_dtype(self.device) if half else None)
+            check_clip(video, self.run)  # on the device, in the precision (and autocast) of every later batch
+        except VideoModelError as exc:
+            raise PluginConfigError(exc.key, str(exc)) from exc
+        self.video: VideoModel = video
+        self.splitter = OomSplitter(f"action_recognizer {c.model}", self.context.device)
+        return video
 
     def stop(self) -> None:
         if self.worker is not None:
             self.worker.stop()
+        if self.remote is not None:
+            self.remote.stop()
 
     def branch_work(self) -> BranchWork | None:
         return getattr(self, "worker", None)  # (none before start: the status may be read while a change loads it)
@@ -381,3 +399,31 @@ class ActionRecognizer(Plugin[ActionRecognizerConfig]):
         events = self._release(camera, state.track_ids.copy(), ts_wall, frame_index, "source_end", CLOSE_WAIT_S)
         self._cameras.pop(camera, None)
         return events
+
+
+class ClipClassifier(ActionRecognizer):
+    """The action recognizer's model alone, in its process (`placement: process`, vigild.pipeline.branch_process):
+    the daemon's recognizer cuts the tubes and scores; this only classifies the clips it is sent (`classify`)."""
+
+    def start(self) -> None:
+        self._load_model()
+
+    def stop(self) -> None:
+        pass
+
+    def process(self, frames: list[Frame]) -> None:
+        raise RuntimeError("the clip classifier classifies clips, not frames")
+
+    def classify_array(self, clips: np.ndarray) -> np.ndarray:
+        """`classify` of clips sent as an array: a tensor would cross as a handle to shared memory, which torch's
+        sharing reaches through the daemon's multiprocessing listener (this process is not its child)."""
+        return self.classify(torch.from_numpy(clips).to(self.device))
+
+
+def _classify_remote(remote: ProcessPlugin, clips: torch.Tensor) -> np.ndarray:
+    """Clips classified in the model's process: its scores, or what it raised (a process that died raises
+    `ChildDied`, and the next batch starts a new one)."""
+    scores, raised = remote.call("classify_array", clips.cpu().numpy())
+    if raised is not None:
+        raise raised
+    return np.asarray(scores)

@@ -90,8 +90,9 @@ class ClipWorker(BranchThread):
         batch: int,
         chain_threads: int | None,
         share: float = 1.0,
+        pid: Callable[[], int | None] | None = None,
     ):
-        super().__init__(name, chain_threads, share)
+        super().__init__(name, chain_threads, share, pid)
         self._classify = classify
         self._scores = scores
         self._publish = publish

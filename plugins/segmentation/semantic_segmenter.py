@@ -62,9 +62,9 @@ class SemanticSegmenter(Plugin[SemanticSegmenterConfig]):
     repeatable = True  # stateless per frame: after a failed batch the chain reruns it frame by frame
     provides = frozenset({"segmentation"})
     # a slow model beside the chain by default, on the newest frame of each camera: detection never waits for it
-    # (`branch: false` puts it in the chain, on every frame, for a later plugin that reads frame.segmentation)
-    branchable = True
-    branch_default = True
+    # (`placement: chain` puts it in the chain, on every frame, for a later plugin that reads frame.segmentation;
+    # `process` gains nothing: its forward pass releases the interpreter, docs/performance.md)
+    placements = ("thread", "process", "chain")
 
     def start(self) -> None:
         config = self.config
