@@ -12,7 +12,9 @@ a thread), `process` (beside it, the model in a process of its own) and `chain` 
 and its ratio to the run without, capture-to-publish latency, the clips classified per second and, for the branch,
 the clips it skipped per second.
 
-    python bench/actions.py [--device cpu] [--model r3d_18] [--batches 1 4 16] [--tracks 10 100 500]
+With `--rounds N` the runs alternate (none, then each mode, N times) and a summary gives the medians and their spread.
+
+    python bench/actions.py [--device cpu] [--model r3d_18] [--batches 1 4 16] [--tracks 10 100 500] [--rounds 3]
                             [--pipeline-cameras 1 4] [--seconds-pipeline 30] [--modes thread process chain]
 """
 
@@ -166,6 +168,7 @@ def main() -> None:
     parser.add_argument("--seconds-pipeline", type=float, default=30.0, help="measured window per daemon run")
     parser.add_argument("--modes", nargs="+", choices=["thread", "process", "chain"], default=["thread", "process", "chain"])
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds before the window (loads, clips filling)")
+    parser.add_argument("--rounds", type=int, default=1, help="daemon runs: rounds of every mode, alternating")
     args = parser.parse_args()
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from vigild.service.threads import apply_threads, choose_threads
@@ -189,14 +192,32 @@ def main() -> None:
         print(f"{'cameras':>7} {'actions':>8} {'fps':>7} {'p50 ms':>8} {'p99 ms':>8} {'clips/s':>8} "
               f"{'skipped/s':>9} {'fps ratio':>9}")
     for cameras in cameras_list:
-        without = pipeline(cameras, "none", args)
-        print(f"{cameras:>7} {'none':>8} {without['fps']:>7.1f} {without['p50']:>8.0f} {without['p99']:>8.0f}"
-              f"{'':>9} {'':>10} {'':>9}  {stage_times(without)}  threads {without['threads']}", flush=True)
-        for mode in args.modes:
-            run = pipeline(cameras, mode, args)
-            ratio = run["fps"] / without["fps"] if without["fps"] else float("nan")
-            print(f"{cameras:>7} {mode:>8} {run['fps']:>7.1f} {run['p50']:>8.0f} {run['p99']:>8.0f} "
-                  f"{run['clips_s']:>8.1f} {run['skipped_s']:>9.1f} {ratio:>8.2f}x  {stage_times(run)}", flush=True)
+        runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in ["none", *args.modes]}
+        for _ in range(args.rounds):  # the contenders alternate, round after round
+            for mode in runs:
+                run = pipeline(cameras, mode, args)
+                runs[mode].append(run)
+                clips = f"{run['clips_s']:>8.1f} {run['skipped_s']:>9.1f}" if mode != "none" else f"{'':>8} {'':>9}"
+                print(f"{cameras:>7} {mode:>8} {run['fps']:>7.1f} {run['p50']:>8.0f} {run['p99']:>8.0f} {clips} "
+                      f"{'':>9}  {stage_times(run)}  threads {run['threads']}", flush=True)
+        if args.rounds > 1 or args.modes:
+            summary(cameras, runs)
+
+
+def summary(cameras: int, runs: dict[str, list[dict[str, Any]]]) -> None:
+    """Medians over the rounds: each placement's fps against the median without the recognizer, with the spread of
+    its rounds (min-max of each round's fps over that median)."""
+    alone = float(np.median([run["fps"] for run in runs["none"]]))
+    rounds = ", ".join(f"{run['fps']:.1f}" for run in runs["none"])
+    print(f"medians over {len(runs['none'])} rounds, {cameras} camera(s): detection alone {alone:.1f} fps ({rounds})")
+    for mode, done in runs.items():
+        if mode == "none" or not done:
+            continue
+        ratios = [run["fps"] / alone for run in done]
+        print(f"  {mode:>8}: {float(np.median([run['fps'] for run in done])):.1f} fps, "
+              f"{float(np.median([run['fps'] for run in done])) / alone:.2f}x (spread {min(ratios):.2f}-{max(ratios):.2f}), "
+              f"clips/s {float(np.median([run['clips_s'] for run in done])):.2f} per {cameras} camera(s), "
+              f"skipped/s {float(np.median([run['skipped_s'] for run in done])):.1f}", flush=True)
 
 
 def stage_times(run: dict[str, Any]) -> str:
