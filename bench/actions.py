@@ -85,6 +85,7 @@ def pipeline_config(cameras: int, mode: str, args: argparse.Namespace) -> str:
         f"  - type: action_recognizer\n    model: {args.model}\n    weights: null\n    interval: {args.interval}\n"
         f"    max_batch: {args.max_batch}\n    placement: {mode}\n"
         f"    stride: {args.stride}\n" + (f"    branch_share: {args.share}\n" if args.share else "")
+        + (f"    half: {'true' if args.half else 'false'}\n" if args.half is not None else "")
     )
     return vtest_daemon_yaml(SHARED, cameras, recognizer if mode != "none" else "", args.device)
 
@@ -162,6 +163,7 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=1, help="daemon runs: cut a crop every n-th frame")
     parser.add_argument("--share", type=float, default=None, help="daemon runs: branch_share (default: the plugin's)")
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--half", type=lambda v: v == "true", default=None, help="daemon runs: `half: true|false`")
     parser.add_argument("--frames", type=int, default=40, help="frames per track count (at least clip_len + interval)")
     parser.add_argument("--seconds", type=float, default=5.0, help="per batch size")
     parser.add_argument("--pipeline-cameras", type=int, nargs="+", default=[1, 4], help="0: no daemon runs")
@@ -187,7 +189,7 @@ def main() -> None:
     cameras_list = [c for c in args.pipeline_cameras if c > 0]
     if cameras_list:
         print(f"daemon on vtest.avi (768x576), Yolo-Fastest-XL 320 + ByteTrack [+ {args.model}, a clip every "
-              f"{args.interval} crops, a crop every {args.stride} frames, branch_share {args.share or 'default'}], "
+              f"{args.interval} crops, a crop every {args.stride} frames, branch_share {args.share or 'default'}, half {args.half}], "
               f"{args.seconds_pipeline:.0f} s windows")
         print(f"{'cameras':>7} {'actions':>8} {'fps':>7} {'p50 ms':>8} {'p99 ms':>8} {'clips/s':>8} "
               f"{'skipped/s':>9} {'fps ratio':>9}")

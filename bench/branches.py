@@ -3,7 +3,7 @@
 Side by side in one run, each in a fresh process: the real daemon on vtest.avi (real pedestrians, looping, read as
 fast as the chain consumes) with the shared Yolo-Fastest-XL person detector and ByteTrack, and
 - no further plugin,
-- the semantic segmenter as a branch (its default),
+- the semantic segmenter as a branch (its default, `placement: thread`), in a process of its own (`process`),
 - the semantic segmenter in the chain (`branch: false`),
 - a pure-Python plugin (bench/python_work.py, `--work-ms` a frame) as a branch on a thread (`py-thread`) and in a
   process of its own (`py-process`, `branch: process`),
@@ -11,7 +11,7 @@ each for `--cameras` cameras. It reports detection frames/s (frames through the 
 and the segmenter's own frames/s and skipped frames. The segmenter runs torchvision's `--model` with random weights
 (speed does not depend on them) at `--input-size`.
 
-    python bench/branches.py [--cameras 1 4] [--seconds 30] [--device cpu] [--modes none branch chain py-thread
+    python bench/branches.py [--cameras 1 4] [--seconds 30] [--device cpu] [--modes none branch process chain py-thread
                              py-process] [--work-ms 50]
 """
 
@@ -29,20 +29,21 @@ import numpy as np
 from contenders import in_fresh_process, start_daemon, vtest_daemon_yaml
 
 SHARED = Path(os.environ.get("VIGILD_SHARED", Path(__file__).resolve().parent.parent.parent / "shared")).resolve()
-MODES = {"none": None, "branch": "true", "chain": "false", "py-thread": "true", "py-process": "process"}
-"""`py-*`: the `python_work` bench plugin (bench/python_work.py, pure Python, `--work-ms` a frame) instead of the
-segmenter, as a branch on a thread and in a process of its own."""
+MODES = {"none": None, "branch": "thread", "process": "process", "chain": "chain", "py-thread": "thread",
+         "py-process": "process"}  # fmt: skip
+"""The segmenter's `placement:` (`branch`: its default, on a thread); `py-*`: the `python_work` bench plugin
+(bench/python_work.py, pure Python, `--work-ms` a frame) instead of the segmenter, on a thread and in a process."""
 
 
 def config(cameras: int, mode: str, args: argparse.Namespace) -> str:
     if MODES[mode] is None:
         plugin = ""
     elif mode.startswith("py-"):
-        plugin = f"  - type: python_work\n    work_ms: {args.work_ms}\n    branch: {MODES[mode]}\n"
+        plugin = f"  - type: python_work\n    work_ms: {args.work_ms}\n    placement: {MODES[mode]}\n"
     else:
         plugin = (
             f"  - type: semantic_segmenter\n    model: {args.model}\n    weights: null\n"
-            f"    input_size: {args.input_size}\n    branch: {MODES[mode]}\n"
+            f"    input_size: {args.input_size}\n    placement: {MODES[mode]}\n"
         )
     return vtest_daemon_yaml(SHARED, cameras, plugin, args.device, workers=0)
 

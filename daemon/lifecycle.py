@@ -30,7 +30,7 @@ class ServiceThread:
         self.stopping = threading.Event()
         """Set by `stop()`: the target's loop ends when it sees it."""
         self.error: str | None = None
-        """What ended the thread after it was ready (`Type: message`), None while it runs or after a clean end."""
+        """What ended the thread, or stopped its start (`Type: message`); None while it runs or after a clean end."""
         self._ready = threading.Event()
         self._setup_error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -46,6 +46,7 @@ class ServiceThread:
             raise StartError(f"{self.name} was not ready within {timeout} s")
         if self._setup_error is not None:
             self._thread.join()
+            self.error = f"{type(self._setup_error).__name__}: {self._setup_error}"  # the status says why
             raise StartError(str(self._setup_error)) from self._setup_error
 
     def ready(self) -> None:
@@ -63,6 +64,11 @@ class ServiceThread:
             log.error("%s did not stop within %s s", self.name, timeout)
             return False
         return True
+
+    @property
+    def is_ready(self) -> bool:
+        """The target said it was ready (and this start has not failed)."""
+        return self._ready.is_set() and self._setup_error is None
 
     @property
     def alive(self) -> bool:

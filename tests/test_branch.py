@@ -279,12 +279,12 @@ def test_a_reload_keeps_a_branch_that_did_not_change_and_stops_one_left_behind()
     new.activate()
     for stage, plugin, _ in left:
         old.stop_instance(stage, plugin)
-    assert kept._thread.is_alive()  # the branch taken over runs on
+    assert kept._thread.alive  # the branch taken over runs on
     for index in range(1, 4):
         new.process(batch(index, "a"))
         idle(kept)
     new.stop()
-    assert not kept._thread.is_alive()
+    assert not kept._thread.alive
     assert [e.frame for e in published if e.type == "seen" and e.camera == "a"] == [0, 1, 2, 3]
     assert new.stages[0].frames - old.stages[0].frames == 3  # counted into the new chain's stage after the swap
 

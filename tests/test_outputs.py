@@ -178,6 +178,30 @@ def test_an_output_catches_up_from_its_cursor_with_gap_notices_where_the_journal
     writer.journal.close()
 
 
+def test_an_output_that_cannot_start_shows_failed_with_its_error_and_the_next_reload_starts_it(tmp_path):
+    """Its file's directory is missing when it starts: the others go on, the status says `failed` and why; once the
+    directory is there, a reload with the same config starts it and it gets the events from then on."""
+    from vigild.service.outputs import Outputs
+
+    bus = EventBus()
+    good = FileOutputConfig(type="file", id="good", path=tmp_path / "good.jsonl")
+    late = FileOutputConfig(type="file", id="late", path=tmp_path / "later" / "late.jsonl")
+    outputs = Outputs(bus, lambda: None)
+    for entry in (good, late):
+        outputs._start(entry)
+    status = outputs.status()
+    assert status["good"]["state"] == "running", status
+    assert status["late"]["state"] == "failed" and "later" in status["late"]["error"], status
+    bus.publish(event(1))
+    (tmp_path / "later").mkdir()
+    assert outputs.apply([good, late]) == {"started": [], "stopped": [], "restarted": ["late"]}
+    assert outputs.status()["late"]["state"] == "running"
+    bus.publish(event(2))
+    outputs.stop()
+    assert read_lines(tmp_path / "good.jsonl") == [1, 2]
+    assert read_lines(tmp_path / "later" / "late.jsonl") == [2]
+
+
 def test_outputs_config_is_checked_with_its_line(tmp_path):
     from vigild.config.loading import ConfigError, load_config
 

@@ -137,17 +137,21 @@ def test_a_replay_thread_that_ends_anyway_is_started_again_by_the_status(served,
     ended = threading.Event()
     serve = ReplayServer._serve
 
-    def end(self):
+    def end(self, thread):
+        thread.ready()  # bound, serving: then it ends
         ended.set()
-        raise SystemExit  # ends a thread quietly
+        raise SystemExit
 
     monkeypatch.setattr(ReplayServer, "_serve", end)
     served.stop()  # the running thread ends; make it look as if it had died on its own
-    served._stop.clear()
+    served._thread.stopping.clear()
     served.ensure_running()
     assert ended.wait(10)
-    served._thread.join(10)
-    assert not served.alive and served.restarts == 1
+    deadline = time.monotonic() + 10
+    while served.alive:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert served.restarts == 1 and "SystemExit" in (served._thread.error or "")
     monkeypatch.setattr(ReplayServer, "_serve", serve)
     served.ensure_running()
     assert served.restarts == 2 and served.alive

@@ -23,6 +23,7 @@ from vigild.config.settings import CameraConfig
 from vigild.config.sources import SourceSpec, redact
 from vigild.frame import Frame
 from vigild.gstreamer import resolve_backend
+from vigild.lifecycle import ServiceThread
 
 log = logging.getLogger("vigild.capture")
 
@@ -157,7 +158,7 @@ class CameraCapture:
             self.backend, self._unavailable = resolve_backend(config.backend), str(exc)
         self.stats = CameraStats(backend=self.backend)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"capture-{name}", daemon=True)
+        self._thread = ServiceThread(f"capture-{name}", self._run)
         self._index = first_index
         self._down_reported = down_reported  # a `down` was sent and no `up` since: one report per outage
         self._software_only = False  # set after a hardware decoder failed: later connections decode in software
@@ -171,10 +172,10 @@ class CameraCapture:
         self._stop.set()
 
     def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
+        self._thread.stop(timeout)
 
     def is_alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.alive
 
     def _set_state(self, state: CameraState) -> None:
         self.stats.state = state
@@ -186,7 +187,8 @@ class CameraCapture:
         self._down_reported = kind is not NoticeKind.UP
         self.exchange.notify(Notice(self.name, kind, time.time(), index, detail))
 
-    def _run(self) -> None:
+    def _run(self, thread: ServiceThread) -> None:
+        thread.ready()
         failures = 0
         try:
             while not self._stop.is_set():

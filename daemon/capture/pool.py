@@ -39,6 +39,7 @@ from vigild.capture.remote import Doorbell, RemoteCapture
 from vigild.children import Backoff, Child, ChildGone, Stop, describe_exit
 from vigild.config.settings import CameraConfig
 from vigild.config.sources import SourceSpec
+from vigild.lifecycle import ServiceThread
 
 __all__ = ["CaptureWorkers", "Doorbell", "RemoteCapture", "WorkerHandle", "auto_workers"]
 
@@ -80,7 +81,7 @@ class WorkerHandle:
         self._child: Child | None = None
         self._bell: Doorbell | None = None
         self._started_at = 0.0
-        self._thread = threading.Thread(target=self._supervise, name=f"capture-worker-{index}", daemon=True)
+        self._thread = ServiceThread(f"capture-worker-{index}", self._supervise)
 
     @property
     def pid(self) -> int | None:
@@ -158,8 +159,7 @@ class WorkerHandle:
                 log.warning("capture worker %d (pid %d) did not exit; killing it", self.index, process.pid)
                 process.kill()
                 process.wait()
-        if self._thread.ident is not None:
-            self._thread.join(max(0.1, deadline - time.monotonic()))
+        self._thread.stop(max(0.1, deadline - time.monotonic()))  # (its loop ends with the worker, asked above)
         with self._lock:
             child, self._child = self._child, None
             if child is not None:
@@ -172,9 +172,10 @@ class WorkerHandle:
 
     # ----- the handle's thread
 
-    def _supervise(self) -> None:
+    def _supervise(self, thread: ServiceThread) -> None:
         """Read the worker's messages; when it dies, clean up after it and start the next one. Nothing that goes
         wrong in a cleanup or a start ends this thread: that would leave the worker's cameras without one."""
+        thread.ready()  # (the first worker was started by `start`)
         backoff = Backoff(RESTART_INITIAL_S, RESTART_MAX_S, STABLE_S)
         while True:
             child, bell, process = self._child, self._bell, self.process

@@ -47,6 +47,7 @@ from vigild.children import Stop, accept, exit_now
 from vigild.config.settings import CameraConfig
 from vigild.config.sources import SourceSpec
 from vigild.frame import Frame
+from vigild.lifecycle import ServiceThread
 
 log = logging.getLogger("vigild.capture")
 
@@ -171,9 +172,9 @@ class WorkerCapture(CameraCapture):
 
     sink: ShmSink
 
-    def _run(self) -> None:
+    def _run(self, thread: ServiceThread) -> None:
         try:
-            super()._run()
+            super()._run(thread)
         finally:
             sink = self.sink
             segments = sink.close()

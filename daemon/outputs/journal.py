@@ -34,10 +34,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vigild.lifecycle import ServiceThread
 from vigild.outputs.journal_files import (
     DATABASE,
     SNAPSHOTS,
@@ -52,6 +52,7 @@ from vigild.outputs.journal_files import (
     write_file,
 )
 from vigild.outputs.journal_query import Query, epoch, select, select_text, where_clause
+from vigild.outputs.journal_schema import SCHEMA, Record
 
 if TYPE_CHECKING:
     from vigild.outputs.bus import Stamped
@@ -59,57 +60,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("vigild.journal")
 
 PRUNE_ROUNDS = 8
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY,
-    id TEXT NOT NULL,
-    run TEXT NOT NULL,
-    ts REAL NOT NULL,
-    camera TEXT NOT NULL,
-    type TEXT NOT NULL,
-    track INTEGER,
-    label TEXT,
-    body TEXT NOT NULL,
-    snapshot TEXT,
-    snapshot_bytes INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
-CREATE INDEX IF NOT EXISTS events_camera_ts ON events (camera, ts);
-CREATE INDEX IF NOT EXISTS events_camera_type_ts ON events (camera, type, ts);
-CREATE INDEX IF NOT EXISTS events_type_ts ON events (type, ts);
-CREATE INDEX IF NOT EXISTS events_track ON events (camera, track) WHERE track IS NOT NULL;
-CREATE INDEX IF NOT EXISTS events_label ON events (label) WHERE label IS NOT NULL;
-CREATE TABLE IF NOT EXISTS output_cursors (output TEXT PRIMARY KEY, seq INTEGER NOT NULL, updated REAL NOT NULL);
-"""
-
-
-@dataclass(frozen=True)
-class Record:
-    """One event as the journal stores it: its wire JSON as published (`body`), the columns queries filter on, and
-    its snapshot's JPEG, if it has one. Made from the event the bus stamped (`from_stamped`): the journal never
-    parses the JSON it stores."""
-
-    seq: int
-    id: str
-    run: str
-    ts: float
-    camera: str
-    type: str
-    body: bytes
-    track: int | None = None
-    label: str | None = None
-    jpeg: bytes | None = None
-
-    @classmethod
-    def from_stamped(cls, item: Stamped) -> Record:
-        """ValueError when the event's JSON cannot be built."""
-        event, obj = item.event, item.event.object or {}
-        track, label = obj.get("track_id"), obj.get("label")
-        return cls(item.seq, item.id, item.run, event.ts_wall, event.camera, event.type, item.wire(),
-                   track if isinstance(track, int) else None, label if isinstance(label, str) else None,
-                   event.snapshot.jpeg if event.snapshot is not None else None)  # fmt: skip
-
-
 class Journal:
     def __init__(self, path: Path, retention_days: float = 30.0, max_bytes: int = 10 << 30):
         """Open the journal at `path` for writing, creating it and its directories owner-only (group-readable
@@ -270,7 +220,7 @@ class JournalWriter:
         self.error: str | None = None
         self.through = journal.last_seq()
         """Every seq up to this one has been stored, or given up (counted in `not_journaled`)."""
-        self._thread = threading.Thread(target=self._loop, name="journal", daemon=True)
+        self._thread = ServiceThread("journal", self._loop)
 
     def start(self) -> None:
         self._thread.start()
@@ -311,14 +261,13 @@ class JournalWriter:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread.ident is not None:  # started
-            self._thread.join(timeout)
-        if self._thread.is_alive():
+        if not self._thread.stop(timeout):
             log.error("the journal writer did not finish in time: %d events not journaled", len(self._queue))
             return
         self.journal.close()
 
-    def _loop(self) -> None:
+    def _loop(self, thread: ServiceThread) -> None:
+        thread.ready()  # (the journal is open already)
         next_prune = time.monotonic()  # at start: what retention says went while the daemon was stopped
         retry_at = 0.0
         while True:
@@ -380,7 +329,7 @@ class JournalWriter:
         with self._cond:
             queued, oldest = len(self._queue), self._queue[0] if self._queue else None
         ts = oldest.ts if isinstance(oldest, Record) else oldest.event.ts_wall if oldest is not None else None
-        return {"type": "JournalWriter", "state": "failed" if self.error else "running" if self._thread.is_alive()
+        return {"type": "JournalWriter", "state": "failed" if self.error else "running" if self._thread.alive
                 else "stopped", "error": self.error, "delivered": self.stored, "last_seq": self.through,
                 "lag_events": queued, "lag_s": round(max(0.0, time.time() - ts), 3) if ts is not None else 0.0,
                 "drops": {"not_journaled": self.not_journaled} if self.not_journaled else {}}  # fmt: skip

@@ -41,6 +41,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from vigild import paths
 from vigild.config.settings import CurveConfig
+from vigild.lifecycle import ServiceThread, StartError
 from vigild.outputs.journal import SNAPSHOTS, JournalWriter, open_read_only
 from vigild.outputs.journal_query import missing_ranges
 
@@ -142,10 +143,8 @@ class ReplayServer:
         """Requests answered with an error (not understood, or failed on the way)."""
         self._private_dir = private_dir
         self._restart = threading.Lock()
-        self._stop = threading.Event()
-        self._bound = threading.Event()
-        self._bind_error: str | None = None
-        self._thread = threading.Thread(target=self._run, name="replay", daemon=True)
+        self._thread = ServiceThread("replay", self._run)
+        self._started = False
 
     def start(self) -> None:
         from vigild.outputs.publisher import is_loopback_endpoint
@@ -169,11 +168,11 @@ class ReplayServer:
                 self._prepare_ipc(Path(self.endpoint[len("ipc://") :]))
             except OSError as exc:
                 raise ReplayError(f"cannot bind the replay socket to {self.endpoint}: {exc}") from None
-        self._thread.start()
-        self._bound.wait()
-        if self._bind_error is not None:
-            self._thread.join()
-            raise ReplayError(f"cannot bind the replay socket to {self.endpoint}: {self._bind_error}")
+        try:
+            self._thread.start()
+        except StartError as exc:
+            raise ReplayError(f"cannot bind the replay socket to {self.endpoint}: {exc}") from None
+        self._started = True
 
     def _prepare_ipc(self, path: Path) -> None:
         """An owner-only directory (vigild's own: made or tightened; another one: made if missing), and no second
@@ -192,36 +191,40 @@ class ReplayServer:
             raise OSError(f"another process is serving {path} (a second vigild?); give this one journal.replay_endpoint")
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        self._thread.stop()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.alive
 
     def ensure_running(self) -> None:
         """Start the thread again if it died (asked at every heartbeat): the socket must not stay silent."""
         with self._restart:  # the heartbeat and `vigild ctl status` may ask at once
-            if self._stop.is_set() or not self._bound.is_set() or self._thread.is_alive():
+            if not self._started or self._thread.stopping.is_set() or self._thread.alive:
                 return
             self.restarts += 1
             log.error("the replay thread had ended: serving %s again", self.endpoint)
-            self._thread = threading.Thread(target=self._run, name="replay", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
             try:
-                self._serve()
-                return  # stopped, or the first bind failed
+                self._thread.start()
+            except StartError as exc:  # tried again at the next heartbeat
+                log.error("cannot serve %s again: %s", self.endpoint, exc)
+
+    def _run(self, thread: ServiceThread) -> None:
+        """The serving thread: binds (its error is the start's), then serves until stopped; a socket that fails
+        once it served is bound again after `RESTART_DELAY_S`."""
+        while not thread.stopping.is_set():
+            try:
+                self._serve(thread)
+                return
             except Exception:
+                if not thread.is_ready:
+                    raise
                 self.restarts += 1
                 log.exception("the replay socket failed: serving %s again", self.endpoint)
-            if self._stop.wait(RESTART_DELAY_S):
+            if thread.stopping.wait(RESTART_DELAY_S):
                 return
 
-    def _serve(self) -> None:
+    def _serve(self, thread: ServiceThread) -> None:
         context = zmq.Context()
         socket = context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
@@ -233,13 +236,9 @@ class ReplayServer:
 
         try:
             curve = bind_secured(socket, self.endpoint, self.curve_config, context)
-        except (zmq.ZMQError, OSError, ValueError) as exc:
+        except (zmq.ZMQError, OSError, ValueError):
             context.term()
-            if self._bound.is_set():
-                raise  # a restart that cannot bind: tried again
-            self._bind_error = str(exc)
-            self._bound.set()
-            return
+            raise  # before `ready`: the start's error; after a failure: tried again
         self.curve = curve
         monitor = None
         database: sqlite3.Connection | None = None
@@ -248,8 +247,8 @@ class ReplayServer:
                 os.chmod(self.endpoint[len("ipc://") :], SOCKET_MODE)
             monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             self.peers = Peers(self.peers.limit)  # a new socket: no client holds a place on it
-            self._bound.set()
-            while not self._stop.is_set():
+            thread.ready()
+            while not thread.stopping.is_set():
                 if not socket.poll(POLL_MS):
                     continue
                 identity, fd, frames = self._next_request(socket)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from vigild.events import Event
 from vigild.frame import Frame
+from vigild.lifecycle import ServiceThread
 
 log = logging.getLogger("vigild.branch")
 
@@ -100,7 +101,7 @@ class BranchThread:
         self.busy_s = 0.0
         self.working = False
         """It holds work it took and has not finished."""
-        self._thread = threading.Thread(target=self._run, name=f"branch-{name}", daemon=True)
+        self._thread = ServiceThread(f"branch-{name}", self._run)
 
     @property
     def pid(self) -> int | None:
@@ -118,9 +119,8 @@ class BranchThread:
 
     def join(self, deadline: float) -> bool:
         """Wait for the thread until `deadline` (monotonic); whether it has ended (or never started)."""
-        if self._thread.is_alive():
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-        if self._thread.is_alive():
+        self._thread.stop(max(0.0, deadline - time.monotonic()))
+        if self._thread.alive:
             log.error("branch %s did not finish in time (stuck in its plugin): leaving it behind", self.name)
             return False
         return True
@@ -131,7 +131,7 @@ class BranchThread:
 
     def _await_closing(self, done: threading.Event, camera: str, wait_s: float) -> None:
         """Wait up to `wait_s` for a closing queued with `done`; unless it is behind already."""
-        if wait_s <= 0 or self._late or not self._thread.is_alive():
+        if wait_s <= 0 or self._late or not self._thread.alive:
             return
         if not done.wait(wait_s):
             self._late = True
@@ -141,7 +141,8 @@ class BranchThread:
         """No closing is queued any more (under `_cond`): callers wait for closings again."""
         self._late = False
 
-    def _run(self) -> None:
+    def _run(self, thread: ServiceThread) -> None:
+        thread.ready()
         lower_priority(self.threads)
         self._loop()
 

@@ -29,6 +29,7 @@ from vigild.capture.exchange import FrameExchange, Notice, NoticeKind, Taken
 from vigild.config.settings import SchedulerConfig
 from vigild.events import Event, Publish
 from vigild.frame import Frame
+from vigild.lifecycle import ServiceThread
 from vigild.pipeline.chain import Chain
 from vigild.pipeline.durations import LATENCY_BUCKETS, Durations
 
@@ -79,24 +80,24 @@ class Scheduler:
         """When the scheduler last went round its loop: stale while a plugin is stuck (the watchdog reads it)."""
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        self._thread = ServiceThread("scheduler", self._run)
 
     def start(self) -> None:
         self._thread.start()
 
     def is_alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.alive
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish the batch in flight, publish the closing events of every camera still open, and return."""
         self._stop.set()
-        self._thread.join(timeout)
+        self._thread.stop(timeout)
 
     def call(self, function: Callable[[], T], timeout: float) -> T:
         """Run `function` on the scheduler thread between two batches (to change the chain or the cameras without
         a lock on the hot path) and return its result. Raises TimeoutError, without running it, when the
         scheduler does not come round within `timeout` (a plugin is stuck)."""
-        if not self._thread.is_alive():
+        if not self._thread.alive:
             return function()
         future: Future[T] = Future()
         self._calls.put((function, future))
@@ -153,7 +154,8 @@ class Scheduler:
                 except BaseException as exc:
                     future.set_exception(exc)
 
-    def _run(self) -> None:
+    def _run(self, thread: ServiceThread) -> None:
+        thread.ready()
         try:
             self._loop()
         finally:

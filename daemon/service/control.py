@@ -30,6 +30,7 @@ from vigild import paths
 from vigild.client import ControlClient, default_endpoint  # re-exported: programs import them from here too
 from vigild.config.settings import ControlConfig, CurveConfig
 from vigild.config.yamlsource import ConfigError
+from vigild.lifecycle import ServiceThread
 from vigild.outputs.publisher import is_loopback_endpoint
 from vigild.service.errors import CommandError
 
@@ -132,8 +133,7 @@ class ControlServer:
         self._daemon = daemon
         self._context = zmq.Context()
         self._socket: zmq.Socket | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="control", daemon=True)
+        self._thread = ServiceThread("control", self._run)
         self._change: threading.Thread | None = None
         self._finished: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
         """Replies of changes, made on the change thread and sent by the control thread (sockets stay on one)."""
@@ -189,15 +189,14 @@ class ControlServer:
         self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(5.0)
+        self._thread.stop(5.0)
 
-    def _run(self) -> None:
+    def _run(self, thread: ServiceThread) -> None:
         socket = self._socket
         assert socket is not None
+        thread.ready()  # (bound already, on the caller's thread: its error is the caller's)
         try:
-            while not self._stop.is_set():
+            while not thread.stopping.is_set():
                 self._send_finished(socket)
                 changing = self._change is not None and self._change.is_alive()
                 if not socket.poll(CHANGE_POLL_MS if changing else POLL_MS):

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 
 from sdnotify import SystemdNotifier
+
+from vigild.lifecycle import ServiceThread
 
 log = logging.getLogger("vigild.notify")
 
@@ -41,8 +42,7 @@ class ServiceNotifier:
         self._healthy = healthy
         self._status = status
         self._watchdog_s = watchdog_interval_s()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sd-notify", daemon=True)
+        self._thread = ServiceThread("sd-notify", self._run)
         self._unhealthy_logged = False
 
     def send(self, *fields: str) -> None:
@@ -53,7 +53,7 @@ class ServiceNotifier:
         """Call once every camera has been started: READY=1, then status and watchdog pings until `stop()`."""
         self.send("READY=1", f"STATUS={self._status()}")
         if self.enabled:
-            self._thread.start()
+            self._thread.start()  # (nothing to set up: ready at once)
 
     def reloading(self) -> None:
         # MONOTONIC_USEC lets systemd (Type=notify-reload) tell this reload from an earlier one
@@ -63,13 +63,14 @@ class ServiceNotifier:
         self.send("READY=1", f"STATUS={self._status()}")
 
     def stopping(self) -> None:
-        self._stop.set()
+        self._thread.stopping.set()  # (it ends at its next wake-up; nothing waits for it)
         self.send("STOPPING=1", "STATUS=stopping")
 
-    def _run(self) -> None:
+    def _run(self, thread: ServiceThread) -> None:
+        thread.ready()
         period = self._watchdog_s / 2 if self._watchdog_s else 5.0  # sd_watchdog_enabled(3): ping at half the timeout
         status_every, last_status = 5.0, time.monotonic()
-        while not self._stop.wait(min(period, status_every)):
+        while not thread.stopping.wait(min(period, status_every)):
             if self._watchdog_s:
                 if self._healthy(period):
                     self.send("WATCHDOG=1")

@@ -5,7 +5,8 @@ as `outputs.<id>` (docs/outputs.md).
 A reload checks the entries that arrive or change before anything is changed (a file that cannot be opened refuses
 the reload, named by its key); once the rest of the change is committed, the entries that left or changed are
 stopped (a changed one first delivers what it holds and stores its cursor), then the new ones started: one that
-catches up goes on from where its predecessor stopped.
+catches up goes on from where its predecessor stopped. An entry that failed (it did not start, or its thread ended
+on an error) stays in the status as `failed` with its error, and the next reload starts it again, changed or not.
 """
 
 from __future__ import annotations
@@ -76,7 +77,10 @@ class Outputs:
     def apply(self, entries: Sequence[OutputConfig]) -> dict[str, list[str]]:
         """Make the running entries those of `entries`: what was stopped, started and restarted."""
         wanted = {entry.name: entry for entry in entries}
-        leaving = [name for name, (config, _) in self._entries.items() if wanted.get(name) != config]
+        leaving = [  # changed, gone, or failed (a reload tries it again)
+            name for name, (config, output) in self._entries.items()
+            if wanted.get(name) != config or output.state == "failed"
+        ]  # fmt: skip
         arriving = [name for name, entry in wanted.items() if name not in self._entries or name in leaving]
         for name in leaving:
             self._stop(name)
@@ -106,13 +110,13 @@ class Outputs:
 
     def _start(self, entry: OutputConfig) -> None:
         output = make_output(entry, self._journal())
+        self._entries[entry.name] = (entry, output)  # a failed one too: the status says why; a reload tries again
         try:
             output.start()
         except OutputError as exc:
             log.error("output %s did not start: %s; the other outputs go on", entry.name, exc)
             return
         self._bus.attach(output)
-        self._entries[entry.name] = (entry, output)
         log.info("output %s (%s) started", entry.name, entry.type)
 
     def _stop(self, name: str) -> None:
