@@ -280,19 +280,27 @@ def serve(connection: Connection, hello: Hello) -> None:
             plugin.context = replace(plugin.context, cameras=message.cameras)
             continue
         assert isinstance(message, Call), message
-        if message.method == "process":
-            frames: list[Frame] = message.args[0]
-            try:
-                plugin.process(frames)
-                raised = None
-            except Exception as exc:
-                raised = portable(exc)
-            connection.send(Reply([frame.events for frame in frames], raised))
-            continue
+        reply = _answer(plugin, message)
         try:
-            connection.send(Reply(getattr(plugin, message.method)(*message.args), None))
+            connection.send(reply)
+        except OSError:  # the daemon is gone (it exited without stopping us): nothing to answer
+            return
+
+
+def _answer(plugin: Plugin[Any], call: Call) -> Reply:
+    """The plugin's answer to `call`: for `process`, each frame's events; what it raised, made portable."""
+    if call.method == "process":
+        frames: list[Frame] = call.args[0]
+        try:
+            plugin.process(frames)
+            raised = None
         except Exception as exc:
-            connection.send(Reply(None, portable(exc)))
+            raised = portable(exc)
+        return Reply([frame.events for frame in frames], raised)
+    try:
+        return Reply(getattr(plugin, call.method)(*call.args), None)
+    except Exception as exc:
+        return Reply(None, portable(exc))
 
 
 def main(argv: list[str]) -> int:
