@@ -202,6 +202,26 @@ def test_an_output_that_cannot_start_shows_failed_with_its_error_and_the_next_re
     assert read_lines(tmp_path / "later" / "late.jsonl") == [2]
 
 
+def test_checking_a_file_output_creates_nothing_and_names_what_is_wrong(tmp_path):
+    """A reload checks its new outputs before anything changes; a reload refused later must leave no file behind."""
+    from vigild.service.outputs import check_output
+
+    check_output(FileOutputConfig(type="file", path=tmp_path / "new.jsonl"))
+    assert not (tmp_path / "new.jsonl").exists()
+    (tmp_path / "old.jsonl").write_text("kept\n")
+    check_output(FileOutputConfig(type="file", path=tmp_path / "old.jsonl"))
+    assert (tmp_path / "old.jsonl").read_text() == "kept\n"
+    (tmp_path / "a_directory").mkdir()
+    for path, reason in [(tmp_path / "missing" / "a.jsonl", "no directory"), (tmp_path / "a_directory", "Is a directory")]:
+        with pytest.raises(OSError) as caught:
+            check_output(FileOutputConfig(type="file", path=path))
+        assert reason in str(caught.value), caught.value
+    (tmp_path / "target.jsonl").write_text("")
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "target.jsonl")
+    with pytest.raises(OSError):  # never through a symbolic link
+        check_output(FileOutputConfig(type="file", path=tmp_path / "link.jsonl"))
+
+
 def test_outputs_config_is_checked_with_its_line(tmp_path):
     from vigild.config.loading import ConfigError, load_config
 

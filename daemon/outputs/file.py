@@ -10,6 +10,7 @@ before the output's cursor moves past it: a crash may write a batch twice, never
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -36,6 +37,20 @@ def open_for_append(path: Path) -> IO[bytes]:
     except BaseException:
         os.close(fd)
         raise
+
+
+def check_appendable(path: Path) -> None:
+    """What `open_for_append(path)` would refuse, without creating the file (a reload refused later leaves nothing
+    behind): OSError with the reason. An existing file is opened (and closed); for a new one, its directory must be
+    there and writable."""
+    if os.path.lexists(path):
+        open_for_append(path).close()
+        return
+    directory = path.parent
+    if not directory.is_dir():
+        raise FileNotFoundError(errno.ENOENT, f"no directory {directory}")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"{directory} is not writable by this user")
 
 
 class FileOutput(CatchUpOutput):

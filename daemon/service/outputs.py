@@ -21,7 +21,7 @@ from vigild.config.yamlsource import KeyPath
 from vigild.outputs.base import OutputError, QueuedOutput
 from vigild.outputs.bus import EventBus, Output
 from vigild.outputs.catchup import JournalLink
-from vigild.outputs.file import FileOutput, open_for_append
+from vigild.outputs.file import FileOutput, check_appendable
 
 log = logging.getLogger("vigild.outputs")
 
@@ -44,7 +44,7 @@ def make_output(config: OutputConfig, journal: JournalLink | None) -> QueuedOutp
 def check_output(config: OutputConfig) -> None:
     """What can be checked before the output starts; OSError (or ValueError) saying what is wrong."""
     if isinstance(config, FileOutputConfig):
-        open_for_append(config.path).close()
+        check_appendable(config.path)
 
 
 class Outputs:
