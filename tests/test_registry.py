@@ -49,7 +49,7 @@ def test_third_party_plugin_is_found_and_its_config_validated(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert "crowd (crowd)" in ok.stdout
     bad = check(site, config_with(tmp_path, "- type: crowd\n  min_peeple: 12\n"))
-    assert bad.returncode == 2 and "plugins.0.min_peeple: unknown key (allowed: type, id, branch, branch_share, min_people)" in bad.stderr
+    assert bad.returncode == 2 and "plugins.0.min_peeple: unknown key (allowed: type, id, placement, branch, branch_share, min_people)" in bad.stderr
 
 
 def test_a_configured_plugin_that_fails_to_import_stops_the_daemon(tmp_path):
