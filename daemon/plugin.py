@@ -32,7 +32,6 @@ MAX_NAME_LENGTH = 64
 
 Placement = Literal["chain", "thread", "process"]
 """Where a plugin runs: in the chain, beside it on a thread, or beside it in a process (vigild.pipeline.placement)."""
-PLACEMENTS: tuple[Placement, ...] = get_args(Placement)
 _BRANCH: dict[bool | str, Placement] = {True: "thread", "thread": "thread", "process": "process", False: "chain"}
 """`branch:` values, the older spelling of `placement:`."""
 

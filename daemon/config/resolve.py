@@ -42,8 +42,9 @@ def resolve_chain(document: YamlDocument, settings: DaemonSettings) -> tuple[lis
         plugin_id = base.id or base.type
         wanted = base.requested_placement
         if wanted is not None and wanted not in cls.placements:
-            key = "placement" if base.placement is not None else "branch"
-            problems.append(document.problem((*path, key), _placement_refused(type_name, cls, wanted)))
+            problems.append(
+                document.problem(_placement_key(base, position), _placement_refused(type_name, cls, wanted))
+            )
             continue
         if plugin_id in ids:
             problems.append(
@@ -117,7 +118,7 @@ def _unmet_requirements(document: YamlDocument, settings: DaemonSettings, chain:
                         provider = chain[branches[-1]]
                         problems.append(
                             document.problem(
-                                _placement_key(provider, branches[-1]),
+                                _placement_key(provider.config, branches[-1]),
                                 f"{spec.id} (plugins.{position}) needs {need}, which {provider.id} "
                                 f"(plugins.{branches[-1]}) provides only beside the chain ({provider.placement}): what "
                                 "a plugin beside the chain adds to a frame never reaches later plugins (set "
@@ -202,9 +203,10 @@ def _placement_refused(type_name: str, cls: type[Plugin], wanted: str) -> str:
     return f"plugin type '{type_name}' cannot run as `{wanted}`: it runs as {can} (default `{cls.placements[0]}`)"
 
 
-def _placement_key(spec: PluginSpec, position: int) -> KeyPath:
-    """The key that placed `spec` beside the chain: its `placement:` or `branch:`, else its entry (the default)."""
+def _placement_key(config: PluginConfig, position: int) -> KeyPath:
+    """The key that placed the entry at `position`: its `placement:`, else its `branch:`, else the entry itself (the
+    plugin's default)."""
     for key in ("placement", "branch"):
-        if getattr(spec.config, key) is not None:
+        if getattr(config, key) is not None:
             return ("plugins", position, key)
     return ("plugins", position)
