@@ -206,20 +206,19 @@ def test_checking_a_file_output_creates_nothing_and_names_what_is_wrong(tmp_path
     """A reload checks its new outputs before anything changes; a reload refused later must leave no file behind."""
     from vigild.service.outputs import check_output
 
-    check_output(FileOutputConfig(type="file", path=tmp_path / "new.jsonl"))
+    assert check_output(FileOutputConfig(type="file", path=tmp_path / "new.jsonl")) == ("", "")
     assert not (tmp_path / "new.jsonl").exists()
     (tmp_path / "old.jsonl").write_text("kept\n")
-    check_output(FileOutputConfig(type="file", path=tmp_path / "old.jsonl"))
+    assert check_output(FileOutputConfig(type="file", path=tmp_path / "old.jsonl")) == ("", "")
     assert (tmp_path / "old.jsonl").read_text() == "kept\n"
     (tmp_path / "a_directory").mkdir()
     for path, reason in [(tmp_path / "missing" / "a.jsonl", "no directory"), (tmp_path / "a_directory", "Is a directory")]:
-        with pytest.raises(OSError) as caught:
-            check_output(FileOutputConfig(type="file", path=path))
-        assert reason in str(caught.value), caught.value
+        key, problem = check_output(FileOutputConfig(type="file", path=path))
+        assert key == "path" and f"cannot open {path}: " in problem and reason in problem, problem
     (tmp_path / "target.jsonl").write_text("")
     (tmp_path / "link.jsonl").symlink_to(tmp_path / "target.jsonl")
-    with pytest.raises(OSError):  # never through a symbolic link
-        check_output(FileOutputConfig(type="file", path=tmp_path / "link.jsonl"))
+    key, problem = check_output(FileOutputConfig(type="file", path=tmp_path / "link.jsonl"))
+    assert key == "path" and problem  # never through a symbolic link
 
 
 def test_outputs_config_is_checked_with_its_line(tmp_path):
@@ -230,7 +229,9 @@ def test_outputs_config_is_checked_with_its_line(tmp_path):
         ("outputs:\n  - type: file\n    path: a.jsonl\n  - type: file\n    path: b.jsonl\n",
          "entry 1's id 'file' is entry 0's too"),
         ("outputs:\n  - type: file\n    id: journal\n    path: a.jsonl\n", "the built-in output's too"),
-        ("outputs:\n  - type: mqtt\n    path: a.jsonl\n", "'file'"),
+        ("outputs:\n  - type: kafka\n    path: a.jsonl\n", "'file', 'mqtt'"),
+        ("outputs:\n  - type: mqtt\n    path: a.jsonl\n", "outputs.0.url: required key is missing"),
+        ("outputs:\n  - type: file\n    path: a.jsonl\n    url: x\n", "outputs.0.url: unknown key (allowed: id, queue_size, catch_up, type, path, fsync)"),
         ("outputs:\n  - type: file\n", "path"),
         ("outputs:\n  - type: file\n    path: a.jsonl\n    colour: red\n", "colour"),
     ]:  # fmt: skip

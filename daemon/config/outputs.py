@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from vigild.plugin import MAX_NAME_LENGTH
 
@@ -44,5 +45,106 @@ class FileOutputConfig(OutputEntry):
     fsync: bool = Field(False, description="Sync the file to disk after each batch (slower; survives a power cut).")
 
 
-OutputConfig = FileOutputConfig
-"""Every output type's model; with a second type: `Annotated[A | B, Field(discriminator="type")]`."""
+def mqtt_topic_part(value: str, what: str) -> str:
+    """A topic prefix (one or more levels): no wildcard, no NUL, no empty level, at most 128 bytes."""
+    if not value or any(c in value for c in "+#\0"):
+        raise ValueError(f"{what} must be non-empty without `+`, `#` or NUL (MQTT wildcards are not allowed in a "
+                         "topic that is published to)")  # fmt: skip
+    if any(not level for level in value.split("/")):
+        raise ValueError(f"{what} has an empty level (a leading, trailing or doubled `/`)")
+    if len(value.encode()) > 128:
+        raise ValueError(f"{what} is longer than 128 bytes")
+    return value
+
+
+class MqttTls(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ca: Path | None = Field(None, description="CA certificate(s) (PEM) the broker's certificate must chain to; "
+                            "default: the system's.")  # fmt: skip
+    cert: Path | None = Field(None, description="Client certificate (PEM), for brokers that require one.")
+    key: Path | None = Field(None, description="The client certificate's private key (PEM).")
+
+    @model_validator(mode="after")
+    def _pair(self) -> MqttTls:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("`cert` and `key` go together: give both or neither")
+        return self
+
+
+class MqttOutputConfig(OutputEntry):
+    """Events, retained state and Home Assistant discovery on an MQTT broker (docs/mqtt.md)."""
+
+    type: Literal["mqtt"]
+    url: str = Field(description="`mqtt://host[:port]` (default port 1883) or `mqtts://host[:port]` (TLS, 8883).")
+    username: str | None = Field(None, description="Use ${VAR} to take it from the environment.")
+    password: SecretStr | None = Field(None, description="Use ${VAR} to take it from the environment; never shown.")
+    protocol: Literal["3.1.1", "5"] = Field("3.1.1", description="MQTT protocol version.")
+    tls: MqttTls = Field(MqttTls(), description="Certificates for `mqtts://`.")
+    topic_prefix: str = Field("vigild", description="First level(s) of every topic this output publishes.")
+    daemon_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = Field(
+        None, description="This daemon's name on the broker (availability topic, client id, Home Assistant unique "
+        "ids); default: the host name and 8 hex digits of the config file's path.")  # fmt: skip
+    client_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,128}$")] | None = Field(
+        None, description="MQTT client id; default `vigild-<daemon_id>-<output id>` (unique per daemon and output).")
+    keepalive: int = Field(30, ge=5, le=3600, description="Seconds between MQTT keepalive pings.")
+    qos_events: Literal[0, 1, 2] = Field(1, description="QoS of events (1: at least once).")
+    qos_heartbeats: Literal[0, 1] = Field(0, description="QoS of heartbeats.")
+    inflight: int = Field(100, ge=1, le=65535, description="QoS 1/2 messages awaiting the broker's ack at most.")
+    state: bool = Field(True, description="Publish retained state under `<prefix>/<camera>/state/...`.")
+    snapshots: bool = Field(True, description="Publish the latest snapshot per camera and per zone (retained JPEG).")
+    homeassistant: bool = Field(False, description="Publish Home Assistant discovery configs (needs `state`).")
+    discovery_prefix: str = Field("homeassistant", description="Home Assistant's discovery prefix.")
+    commands: bool = Field(False, description="Subscribe to `<prefix>/<camera>/set/enabled` (ON/OFF) to pause and "
+                           "resume a camera: anyone who can publish there can.")  # fmt: skip
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError("expected mqtt://host[:port] or mqtts://host[:port]")
+        if parts.username or parts.password:
+            raise ValueError("give the credentials as `username` and `password`, not in the URL")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError("the port is not a number from 1 to 65535") from None
+        if not parts.hostname or port == 0 or parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("expected mqtt://host[:port] or mqtts://host[:port], without path or query")
+        return value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        return mqtt_topic_part(value, "the topic prefix")
+
+    @field_validator("discovery_prefix")
+    @classmethod
+    def _discovery(cls, value: str) -> str:
+        return mqtt_topic_part(value, "the discovery prefix")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MqttOutputConfig:
+        if self.homeassistant and not self.state:
+            raise ValueError("`homeassistant: true` needs `state: true` (its entities read the state topics)")
+        if self.password is not None and self.username is None:
+            raise ValueError("a `password` needs a `username`")
+        return self
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def secure(self) -> bool:
+        return self.url.startswith("mqtts://")
+
+
+OutputConfig = Annotated[FileOutputConfig | MqttOutputConfig, Field(discriminator="type")]
+"""Every output type's model."""

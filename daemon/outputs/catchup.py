@@ -53,6 +53,8 @@ class Delivery:
     seq: int
     topic: str
     body: bytes
+    snapshot: bytes | None = None
+    """Its snapshot's JPEG, live events only (the journal's pages carry none)."""
 
 
 class Cursor:
@@ -89,7 +91,7 @@ class Cursor:
 
 class CatchUpOutput(QueuedOutput):
     """A `QueuedOutput` that catches up from the journal (see the module). A subclass provides `send` and `gap`,
-    and may override `flush` (called after each batch, before the cursor is stored)."""
+    and may override `flush` (called after each batch, before the cursor is stored, which it may hold back)."""
 
     def __init__(self, output_id: str, queue_size: int, journal: JournalLink | None):
         super().__init__(output_id, queue_size)
@@ -98,6 +100,8 @@ class CatchUpOutput(QueuedOutput):
         self.from_journal = 0
         """Events delivered from the journal (missed while stopped, or when the queue ran over)."""
         self.gaps = 0
+        self.heartbeat: Stamped | None = None
+        """The latest heartbeat not yet taken, for an output with `heartbeats = True`."""
         self._cursor: Cursor | None = None
 
     # ----- what a subclass provides
@@ -110,12 +114,17 @@ class CatchUpOutput(QueuedOutput):
         or there is no journal to read them from (`queue_full`, `stopped`)."""
         raise NotImplementedError
 
-    def flush(self) -> None:
-        """Make what was sent durable (called before the cursor moves past it)."""
+    def flush(self) -> bool:
+        """Make what was sent durable (called before the cursor moves past it); False: it is not (the output is
+        stopping first), and the stored cursor stays where it was."""
+        return True
 
     # ----- inside
 
     def feed(self, item: Stamped) -> None:
+        if item.event.is_heartbeat:  # with `heartbeats = True`: the latest only, never caught up (a seq of its own)
+            self.heartbeat = item
+            return
         with self._cond:
             if len(self._queue) >= self.queue_size:
                 if self.journal is None:
@@ -147,7 +156,8 @@ class CatchUpOutput(QueuedOutput):
             if self.cursor is not None and item.seq <= self.cursor:
                 continue  # delivered from the journal already
             try:
-                delivery = Delivery(item.seq, item.event.topic, item.wire())
+                snapshot = item.event.snapshot
+                delivery = Delivery(item.seq, item.event.topic, item.wire(), snapshot.jpeg if snapshot else None)
             except ValueError:
                 self.drop("unsendable")
                 continue
@@ -166,8 +176,7 @@ class CatchUpOutput(QueuedOutput):
             self.delivered += len(deliveries)
 
     def _commit(self) -> None:
-        self.flush()
-        if self._cursor is not None and self.cursor is not None:
+        if self.flush() and self._cursor is not None and self.cursor is not None:
             self._cursor.store(self.cursor)
 
     def _fill(self, until: int) -> None:
@@ -193,6 +202,7 @@ class CatchUpOutput(QueuedOutput):
             self._merge(events, missing)
             self.from_journal += len(events)
             self.cursor = through
+            self._commit()  # page by page: a long backlog never waits in memory whole
             deadline = time.monotonic() + JOURNAL_WAIT_S
 
     def _merge(self, events: list[Delivery], missing: list[dict[str, Any]]) -> None:

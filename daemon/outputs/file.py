@@ -77,8 +77,9 @@ class FileOutput(CatchUpOutput):
         line = json.dumps({"gap": {"first": first, "last": last, "reason": reason}}, separators=(",", ":"))
         self._file.write(line.encode() + b"\n")
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
         assert self._file is not None
         self._file.flush()
         if self.config.fsync:
             os.fsync(self._file.fileno())
+        return True

@@ -80,7 +80,8 @@ class Daemon:
         self.workers = capture_workers(settings.capture, exchange, threads.usable_cpus, cameras, config.file)
         self.journaling = journaling = Journaling(settings.journal, config.file, bus, settings.curve)
         self.outputs = Outputs(bus, lambda: journaling.writer,
-                               lambda: [publisher, *([journaling.writer] if journaling.writer is not None else [])])
+                               lambda: [publisher, *([journaling.writer] if journaling.writer is not None else [])],
+                               config.file, self)  # fmt: skip
         self.pipeline = Pipeline(exchange, scheduler, publisher, device, threads, self.workers, self.journaling,
                                  bus, self.outputs)  # fmt: skip
         self.exchange, self.scheduler, self.publisher = exchange, scheduler, publisher

@@ -11,17 +11,23 @@ on an error) stays in the status as `failed` with its error, and the next reload
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
+import socket
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+from vigild import __version__
 from vigild.config.loading import Config
-from vigild.config.outputs import FileOutputConfig, OutputConfig
+from vigild.config.outputs import FileOutputConfig, MqttOutputConfig, OutputConfig
 from vigild.config.yamlsource import KeyPath
 from vigild.outputs.base import OutputError, QueuedOutput
 from vigild.outputs.bus import EventBus, Output
 from vigild.outputs.catchup import JournalLink
 from vigild.outputs.file import FileOutput, check_appendable
+from vigild.outputs.mqtt import CameraSwitch, MqttContext, MqttOutput, check_mqtt
 
 log = logging.getLogger("vigild.outputs")
 
@@ -34,24 +40,49 @@ class OutputRefused(Exception):
         super().__init__(message)
 
 
-def make_output(config: OutputConfig, journal: JournalLink | None) -> QueuedOutput:
+def default_daemon_id(config_file: Path | None) -> str:
+    """This daemon's name where several meet (an MQTT broker): the host name and 8 hex digits of the config file's
+    absolute path, so that two daemons on one host (one config file each) differ, and a restart keeps it."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0])[:40] or "host"
+    path = str(config_file.resolve()) if config_file is not None else ""
+    return f"{host}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+
+
+def make_output(config: OutputConfig, journal: JournalLink | None, context: MqttContext) -> QueuedOutput:
     """The output an `outputs:` entry describes (not started)."""
     if isinstance(config, FileOutputConfig):
         return FileOutput(config, journal)
+    if isinstance(config, MqttOutputConfig):
+        if config.daemon_id is not None:
+            context = MqttContext(config.daemon_id, context.version, context.cameras)
+        return MqttOutput(config, journal, context)
     raise TypeError(f"no output of type {config.type!r}")  # pragma: no cover: the config's union says which
 
 
-def check_output(config: OutputConfig) -> None:
-    """What can be checked before the output starts; OSError (or ValueError) saying what is wrong."""
-    if isinstance(config, FileOutputConfig):
-        check_appendable(config.path)
+def check_output(config: OutputConfig) -> tuple[str, str]:
+    """What can be checked before the output starts: (the key, what is wrong), or ("", "")."""
+    try:
+        if isinstance(config, FileOutputConfig):
+            check_appendable(config.path)
+        elif isinstance(config, MqttOutputConfig):
+            check_mqtt(config)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if isinstance(config, FileOutputConfig):
+            return "path", f"cannot open {config.path}: {reason}"
+        name = getattr(exc, "filename", None)
+        return "tls", f"cannot use {name}: {reason}" if name else reason
+    return "", ""
 
 
 class Outputs:
     def __init__(self, bus: EventBus, journal: Callable[[], JournalLink | None],
-                 builtin: Callable[[], list[Output]] = list):  # fmt: skip
+                 builtin: Callable[[], list[Output]] = list, config_file: Path | None = None,
+                 cameras: CameraSwitch | None = None):  # fmt: skip
         """`journal`: the journal's writer once it is open (None: none this run); `builtin`: the publisher and the
-        journal's writer, which have sections of their own and are reported with the rest."""
+        journal's writer, which have sections of their own and are reported with the rest; `cameras`: what MQTT
+        commands pause and resume."""
+        self._context = MqttContext(default_daemon_id(config_file), __version__, cameras)
         self._bus = bus
         self._journal = journal
         self._builtin = builtin
@@ -63,11 +94,9 @@ class Outputs:
             running = self._entries.get(entry.name)
             if running is not None and running[0] == entry:
                 continue
-            try:
-                check_output(entry)
-            except (OSError, ValueError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                raise OutputRefused(("outputs", position, "path"), f"cannot open {entry.path}: {reason}") from None
+            key, problem = check_output(entry)
+            if problem:
+                raise OutputRefused(("outputs", position, key), problem)
 
     def start(self, config: Config) -> None:
         """Start every entry (at daemon start, after `check`)."""
@@ -109,7 +138,7 @@ class Outputs:
         return report
 
     def _start(self, entry: OutputConfig) -> None:
-        output = make_output(entry, self._journal())
+        output = make_output(entry, self._journal(), self._context)
         self._entries[entry.name] = (entry, output)  # a failed one too: the status says why; a reload tries again
         try:
             output.start()
