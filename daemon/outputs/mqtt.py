@@ -103,7 +103,10 @@ class MqttOutput(CatchUpOutput):
         self.published_state = 0
         self._connected = threading.Event()
         self._client: mqtt.Client | None = None
-        self._unacked: deque[mqtt.MQTTMessageInfo] = deque()
+        self._unacked: deque[int] = deque()
+        """The mids of what this thread sent with QoS > 0, in order, until the broker acknowledged them."""
+        self._acked: set[int] = set()
+        """Mids paho reported as acknowledged (or, for QoS 0, sent), on its thread."""
         self._commands: deque[tuple[str, bool]] = deque(maxlen=64)
         self._secrets = (config.password.get_secret_value(),) if config.password else ()
         self.state_topics = StateTopics(self.topics, config.snapshots) if config.state else None
@@ -132,6 +135,7 @@ class MqttOutput(CatchUpOutput):
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         self._client = client
         client.connect_async(config.host, config.port, keepalive=config.keepalive)
         client.loop_start()
@@ -167,8 +171,8 @@ class MqttOutput(CatchUpOutput):
         """Wait until the broker acknowledged everything sent (it may be away: paho sends it again once it is
         back); False when the output stops first: the cursor stays where the broker confirmed."""
         while self._unacked:
-            if self._unacked[0].is_published():
-                self._unacked.popleft()
+            if self._unacked[0] in self._acked:
+                self._acked.discard(self._unacked.popleft())
                 continue
             if self._thread.stopping.is_set():
                 log.warning("output %s: stopping with %d events not acknowledged by the broker; they are sent "
@@ -176,6 +180,7 @@ class MqttOutput(CatchUpOutput):
                 return False
             self.alive_at = time.monotonic()
             time.sleep(ACK_POLL_S)
+        self._acked.clear()  # what is left are QoS 0 messages (heartbeats), whose mids paho reuses
         return True
 
     def tick(self) -> None:
@@ -196,7 +201,7 @@ class MqttOutput(CatchUpOutput):
     def _publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> None:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)  # type: ignore[union-attr]
         if qos > 0:
-            self._unacked.append(info)
+            self._unacked.append(info.mid)  # paho sends it again after a reconnect until it is acknowledged
 
     def _publish_state(self, messages: list[tuple[str, bytes]]) -> None:
         """Retained state and discovery configs: QoS 1, acknowledged like the events."""
@@ -249,6 +254,11 @@ class MqttOutput(CatchUpOutput):
         self._connected.clear()
         if was_connected and not self._thread.stopping.is_set():
             self._problem(f"lost the connection to the broker: {reason}")
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        if getattr(reason, "is_failure", False):  # MQTT 5: the broker took it and refused it (not authorized...)
+            self.drop("broker_refused")
+        self._acked.add(mid)  # once a message: paho reports the first acknowledgement only
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         camera = self.topics.command_camera(message.topic)
