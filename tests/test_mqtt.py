@@ -155,7 +155,7 @@ def test_broker_restarted_10_times_and_away_60_s_and_a_daemon_stopped_meanwhile_
         broker.stop()
     assert disconnected["state"] == "disconnected" and disconnected["connected"] is False
     assert disconnected["connection_error"], disconnected
-    assert disconnected["lag_events"] > 100 and disconnected["lag_s"] > 0 or disconnected["unacked"] > 0, disconnected
+    assert (disconnected["lag_events"] > 100 and disconnected["lag_s"] > 0) or disconnected["unacked"] > 0, disconnected
     stored = journal_bodies(tmp_path)
     events = unique_in_order(events_of(sub.messages()))
     seqs = [e["seq"] for e in events]
