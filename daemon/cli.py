@@ -177,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  journal: {journal.path or default_path(config.file)} (replay on {replay})")
         else:
             print("  journal: off")
+        for output in config.settings.outputs:
+            print(f"  output {output.name}: {output.describe()}")
         return EXIT_OK
     return _run(config, args.log_level)
 

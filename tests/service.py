@@ -143,8 +143,9 @@ class Service:
         notify: Path | None = None,
         watchdog_s: float | None = None,
         args: tuple[str, ...] = (),
+        environ: dict[str, str] | None = None,
     ):
-        env = daemon_env(PYTHONPATH=str(plugin_site(tmp_path)))
+        env = daemon_env(PYTHONPATH=str(plugin_site(tmp_path)), **(environ or {}))
         if notify is not None:
             env["NOTIFY_SOCKET"] = str(notify)
         if watchdog_s is not None:

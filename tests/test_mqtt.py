@@ -4,6 +4,7 @@ loopback ports with configs, password files and CAs they make; subscribers are p
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import VTEST, PlainSubscriber
-from mqtt_broker import Broker, Subscriber
+from mqtt_broker import Broker, Subscriber, make_ca
 from service import Service, camera_yaml, service_config
 
 pytestmark = pytest.mark.timeout(600)
@@ -34,6 +35,7 @@ def mqtt_entry(broker: Broker, **keys: object) -> str:
 def status(service: Service) -> dict:
     out = subprocess.run([sys.executable, "-m", "vigild", "ctl", "--endpoint", service.control_endpoint, "status"],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
 
@@ -140,7 +142,7 @@ def test_broker_restarted_10_times_and_away_60_s_and_a_daemon_stopped_meanwhile_
         assert code == 0, service.log_text()[-3000:]
         stopped_at = journal_last()
         broker.start()
-        (tmp_path / "second").mkdir()
+        (tmp_path / "second").mkdir(mode=0o700)
         service = Service(tmp_path / "second", config)  # the same config and journal: its cursor says where it was
         wait(lambda: max(mqtt_seqs(), default=0) > stopped_at + 20, "the second run's events", service)
         caught_up("the second run live")
@@ -170,3 +172,150 @@ def test_broker_restarted_10_times_and_away_60_s_and_a_daemon_stopped_meanwhile_
     available = [m["payload"] for m in sub.messages() if m["topic"] == "vigild/sys/testd/available"]
     assert available[-3:] == ["offline", "online", "offline"] or available[-2:] == ["online", "offline"]
     assert "offline" in available[:-1] and available.count("online") >= 2
+
+
+def check_output(config: Path, environ: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`vigild check`, with the test plugin installed."""
+    from conftest import daemon_env
+    from service import plugin_site
+
+    env = daemon_env(PYTHONPATH=str(plugin_site(config.parent / "check")), **(environ or {}))
+    return subprocess.run([sys.executable, "-m", "vigild", "check", "--config", str(config)], capture_output=True,
+                          text=True, env=env, timeout=120)  # fmt: skip
+
+
+@pytest.mark.e2e
+def test_a_wrong_password_is_a_clear_error_the_daemon_and_its_other_outputs_go_on_and_fixing_it_delivers_the_backlog(
+    tmp_path,
+):
+    """MQTT 5 this time. The broker refuses the wrong password: the status and the log say so (the password itself
+    shown nowhere, nor in `vigild check`), the ZeroMQ publisher and a file output go on; a reload with the right
+    password (from ${MQTT_PASSWORD}) delivers every event from the daemon's first on, in order."""
+    secret, right = "wrong-secret-123", "right-horse-battery"
+    broker = Broker(tmp_path / "broker", users={"vigild": right, "watcher": "watch"}).start()
+    sub = Subscriber(broker, tmp_path / "got.jsonl", "vigild/#", "watcher", username="watcher", password="watch")
+    events_file = tmp_path / "events.jsonl"
+    file_entry = f"  - type: file\n    path: {events_file}\n"
+    wrong = mqtt_entry(broker, username="vigild", password=secret, protocol="5")
+    config = daemon_config(tmp_path, wrong + file_entry)
+    checked = check_output(config)
+    assert checked.returncode == 0, checked.stderr
+    assert f"output mqtt: mqtt mqtt://127.0.0.1:{broker.port} as vigild with a password (MQTT 5" in checked.stdout
+    assert "output file: file" in checked.stdout and secret not in checked.stdout + checked.stderr
+    service = Service(tmp_path, config, environ={"MQTT_PASSWORD": right})
+    try:
+        refused = wait(lambda: (s := status(service)["outputs"])["mqtt"]["connection_error"] and s, "an error", service)
+        mqtt = refused["mqtt"]
+        assert mqtt["state"] == "disconnected" and not mqtt["connected"]
+        assert "the broker refused the connection" in mqtt["connection_error"], mqtt
+        assert "Bad user name or password" in mqtt["connection_error"] or "Not authorized" in mqtt["connection_error"]
+        lines = lambda: len(events_file.read_text().splitlines()) if events_file.exists() else 0  # noqa: E731
+        before, sent = lines(), refused["publisher"]["delivered"]
+        wait(lambda: lines() > before + 30 and status(service)["outputs"]["publisher"]["delivered"] > sent + 30,
+             "the file output and the publisher go on", service)  # fmt: skip
+        assert events_of(sub.messages()) == []
+        applied = service.log_text().count("configuration applied")
+        config.write_text(config.read_text().replace(json.dumps(secret), json.dumps("${MQTT_PASSWORD}")))
+        service.signal(signal.SIGHUP)
+        wait(lambda: service.log_text().count("configuration applied") > applied, "the reload", service)
+        target = max(journal_bodies(tmp_path))
+        wait(lambda: max((e["seq"] for e in events_of(sub.messages())), default=0) > target, "the backlog", service)
+        fixed = status(service)["outputs"]["mqtt"]
+    finally:
+        code, _ = service.stop()
+        sub.stop()
+        broker.stop()
+    assert code == 0
+    assert fixed["connected"] and fixed["connection_error"] is None and fixed["from_journal"] > 30, fixed
+    seqs = [e["seq"] for e in unique_in_order(events_of(sub.messages()))]
+    assert seqs[0] == 1 and seqs == list(range(1, seqs[-1] + 1))  # from the daemon's first event, none lost
+    log = service.log_text()
+    assert "refused the connection" in log and secret not in log and right not in log
+    assert secret not in json.dumps(refused) and right not in json.dumps(fixed)
+
+
+@pytest.mark.e2e
+def test_tls_with_a_client_certificate_works_an_untrusted_broker_certificate_and_a_refused_client_id_are_clear_errors(
+    tmp_path,
+):
+    """One daemon, three MQTT outputs to a broker that requires TLS and client certificates and takes only client
+    ids starting `allowed-`: the one with the right CA and an allowed id delivers; the one whose CA did not sign the
+    broker's certificate says so; the one with the default client id says the broker refused it. The daemon runs on."""
+    ca, other = make_ca(tmp_path / "pki"), make_ca(tmp_path / "pki", "other")
+    broker = Broker(tmp_path / "broker", tls=ca, extra=("require_certificate true",
+                                                        "clientid_prefixes allowed-")).start()  # fmt: skip
+    url = f"mqtts://127.0.0.1:{broker.port}"
+    tls = {"ca": str(ca["ca"]), "cert": str(ca["cert"]), "key": str(ca["key"])}
+    outputs = (mqtt_entry(broker, url=url, id="good", tls=tls, client_id="allowed-good")
+               + mqtt_entry(broker, url=url, id="untrusted", tls={**tls, "ca": str(other["ca"])}, client_id="allowed-x")
+               + mqtt_entry(broker, url=url, id="refused", tls=tls))  # fmt: skip
+    service = Service(tmp_path, daemon_config(tmp_path, outputs))
+    try:
+        outs = wait(lambda: (o := status(service)["outputs"])["good"]["delivered"] > 20
+                    and o["untrusted"]["connection_error"] and o["refused"]["connection_error"] and o,
+                    "one delivering, two errors", service)  # fmt: skip
+        assert status(service)["cameras"]["door"]["state"] == "streaming"
+    finally:
+        code, _ = service.stop()
+        broker.stop()
+    assert code == 0
+    assert outs["good"]["connected"] and outs["good"]["connection_error"] is None and outs["good"]["connects"] == 1
+    assert outs["untrusted"]["connection_error"].startswith("the broker's certificate is not trusted: "), outs
+    # MQTT says "identifier rejected"; mosquitto 2.0 answers a client id outside `clientid_prefixes` "not authorized"
+    assert outs["refused"]["connection_error"] in ("the broker refused the connection: Client identifier not valid",
+                                                   "the broker refused the connection: Not authorized"), outs  # fmt: skip
+    assert outs["refused"]["client_id"] == "vigild-testd-refused"
+    log = service.log_text()
+    assert "output untrusted: the broker's certificate is not trusted" in log
+    assert "output refused: the broker refused the connection: " in log
+
+
+@pytest.mark.e2e
+def test_two_daemons_on_one_broker_each_have_their_own_client_id_and_availability_and_never_kick_each_other(tmp_path):
+    broker = Broker(tmp_path / "broker").start()
+    sub = Subscriber(broker, tmp_path / "got.jsonl", "vigild/sys/+/available", "watcher", clean=True)
+    services = []
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir(mode=0o700)
+        entry = f"  - type: mqtt\n    url: {broker.url}\n"
+        services.append(Service(tmp_path / name, daemon_config(tmp_path / name, entry)))
+    try:
+        for service in services:
+            wait(lambda: status(service)["outputs"]["mqtt"]["delivered"] > 50, "50 events delivered", service)  # noqa: B023
+        first = [status(service)["outputs"]["mqtt"] for service in services]
+        time.sleep(3)
+        then = [status(service)["outputs"]["mqtt"] for service in services]
+    finally:
+        for service in services:
+            service.stop()
+        sub.stop()
+        broker.stop()
+    ids = {o["client_id"] for o in then}
+    assert len(ids) == 2 and all(i.startswith("vigild-") and i.endswith("-mqtt") for i in ids), ids
+    assert all(o["connects"] == 1 and o["connected"] for o in first + then)  # nobody was kicked off and came back
+    onlines = {m["topic"] for m in sub.messages() if m["payload"] == "online"}
+    assert len(onlines) == 2 and all(t.startswith("vigild/sys/") and t.endswith("/available") for t in onlines)
+
+
+def test_a_topic_prefix_with_a_wildcard_or_nul_and_bad_urls_are_config_errors_with_their_line(tmp_path):
+    from vigild.config.loading import ConfigError, load_config
+
+    base = f"cameras:\n  door:\n    source: {VTEST}\noutputs:\n  - type: mqtt\n"
+    for lines, expected in [
+        ('    url: mqtt://127.0.0.1\n    topic_prefix: "cams/+"\n', ":7: outputs.0.topic_prefix: the topic prefix must be non-empty without `+`, `#` or NUL"),
+        ('    url: mqtt://127.0.0.1\n    topic_prefix: "cams/#"\n', ":7: outputs.0.topic_prefix: the topic prefix must be"),
+        ('    url: mqtt://127.0.0.1\n    topic_prefix: "cams\\0x"\n', ":7: outputs.0.topic_prefix: the topic prefix must be"),
+        ('    url: mqtt://127.0.0.1\n    topic_prefix: "cams//x"\n', ":7: outputs.0.topic_prefix: the topic prefix has an empty level"),
+        ('    url: mqtt://127.0.0.1\n    discovery_prefix: "#"\n', ":7: outputs.0.discovery_prefix: the discovery prefix must be"),
+        ("    url: http://127.0.0.1\n", ":6: outputs.0.url: expected mqtt://host[:port] or mqtts://host[:port]"),
+        ("    url: mqtt://user:pw@127.0.0.1\n", ":6: outputs.0.url: give the credentials as `username` and `password`"),
+        ("    url: mqtt://127.0.0.1:99999\n", ":6: outputs.0.url: the port is not a number from 1 to 65535"),
+        ("    url: mqtt://127.0.0.1\n    tls:\n      cert: /a.pem\n", ":7: outputs.0.tls: `cert` and `key` go together"),
+        ("    url: mqtt://127.0.0.1\n    qos_events: 3\n", ":7: outputs.0.qos_events: "),
+    ]:  # fmt: skip
+        config = tmp_path / "vigild.yaml"
+        config.write_text(base + lines)
+        with pytest.raises(ConfigError) as caught:
+            load_config(config)
+        assert f"{config}{expected}" in str(caught.value), str(caught.value)
+        assert "pw@" not in str(caught.value)

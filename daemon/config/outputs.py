@@ -23,8 +23,13 @@ class OutputEntry(BaseModel):
 
     id: OutputId | None = Field(None, description="The output's name in the status and in the journal's cursors; "
                                 "default: its type. Unique among the outputs.")  # fmt: skip
-    queue_size: int = Field(10_000, ge=1, le=1_000_000, description="Events waiting for the output at most; "
-                            "beyond, a catching-up output reads them from the journal, another drops them (counted).")
+    queue_size: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="Events waiting for the output at most; "
+        "beyond, a catching-up output reads them from the journal, another drops them (counted).",
+    )
     catch_up: bool = Field(
         True,
         description="After a stop, a reload or a queue that ran over, deliver what it missed from the journal, from "
@@ -35,6 +40,10 @@ class OutputEntry(BaseModel):
     def name(self) -> str:
         return self.id or self.type  # type: ignore[attr-defined]
 
+    def describe(self) -> str:
+        """One line for `vigild check` (never a secret)."""
+        raise NotImplementedError
+
 
 class FileOutputConfig(OutputEntry):
     """Every event's wire JSON, one per line, appended to a file (JSON Lines)."""
@@ -43,6 +52,9 @@ class FileOutputConfig(OutputEntry):
     path: Path = Field(description="The file the events are appended to (created 0640; relative: to the daemon's "
                        "working directory).")  # fmt: skip
     fsync: bool = Field(False, description="Sync the file to disk after each batch (slower; survives a power cut).")
+
+    def describe(self) -> str:
+        return f"file {self.path}" + (" (fsync)" if self.fsync else "")
 
 
 def mqtt_topic_part(value: str, what: str) -> str:
@@ -86,7 +98,8 @@ class MqttOutputConfig(OutputEntry):
         None, description="This daemon's name on the broker (availability topic, client id, Home Assistant unique "
         "ids); default: the host name and 8 hex digits of the config file's path.")  # fmt: skip
     client_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,128}$")] | None = Field(
-        None, description="MQTT client id; default `vigild-<daemon_id>-<output id>` (unique per daemon and output).")
+        None, description="MQTT client id; default `vigild-<daemon_id>-<output id>` (unique per daemon and output)."
+    )
     keepalive: int = Field(30, ge=5, le=3600, description="Seconds between MQTT keepalive pings.")
     qos_events: Literal[0, 1, 2] = Field(1, description="QoS of events (1: at least once).")
     qos_heartbeats: Literal[0, 1] = Field(0, description="QoS of heartbeats.")
@@ -131,6 +144,14 @@ class MqttOutputConfig(OutputEntry):
         if self.password is not None and self.username is None:
             raise ValueError("a `password` needs a `username`")
         return self
+
+    def describe(self) -> str:
+        user = (
+            f" as {self.username}" + (" with a password" if self.password is not None else "") if self.username else ""
+        )
+        discovery = f", Home Assistant discovery under {self.discovery_prefix}/" if self.homeassistant else ""
+        commands = ", commands on" if self.commands else ""
+        return f"mqtt {self.url}{user} (MQTT {self.protocol}, topics under {self.topic_prefix}/{discovery}{commands})"
 
     @property
     def host(self) -> str:

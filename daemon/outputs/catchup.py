@@ -100,6 +100,8 @@ class CatchUpOutput(QueuedOutput):
         self.from_journal = 0
         """Events delivered from the journal (missed while stopped, or when the queue ran over)."""
         self.gaps = 0
+        self.stored: int | None = None
+        """The cursor as stored: everything up to it is delivered (for MQTT: acknowledged by the broker)."""
         self.heartbeat: Stamped | None = None
         """The latest heartbeat not yet taken, for an output with `heartbeats = True`."""
         self._cursor: Cursor | None = None
@@ -136,7 +138,7 @@ class CatchUpOutput(QueuedOutput):
     def open(self) -> None:
         if self.journal is not None:
             self._cursor = Cursor(self.journal.database, self.id)
-            self.cursor = self._cursor.load()
+            self.cursor = self.stored = self._cursor.load()
 
     def close(self) -> None:
         if self._cursor is not None:
@@ -151,6 +153,11 @@ class CatchUpOutput(QueuedOutput):
                 self._commit()
 
     def deliver(self, batch: list[Stamped]) -> None:
+        if self.cursor is None and batch and self._cursor is not None:
+            # a new id: it starts here, stored at once, so that a restart before the first batch is confirmed
+            # (a broker that never answered) still catches up from here
+            self.cursor = self.stored = batch[0].seq - 1
+            self._cursor.store(self.cursor)
         live: list[Delivery] = []
         for item in batch:
             if self.cursor is not None and item.seq <= self.cursor:
@@ -178,6 +185,7 @@ class CatchUpOutput(QueuedOutput):
     def _commit(self) -> None:
         if self.flush() and self._cursor is not None and self.cursor is not None:
             self._cursor.store(self.cursor)
+            self.stored = self.cursor
 
     def _fill(self, until: int) -> None:
         """Deliver (cursor, until] from the journal, gap notices where it has nothing; the cursor ends at `until`."""
@@ -220,6 +228,6 @@ class CatchUpOutput(QueuedOutput):
 
     def status(self) -> dict[str, Any]:
         status = super().status()
-        status.update(cursor=self.cursor, from_journal=self.from_journal, gaps=self.gaps,
+        status.update(cursor=self.stored if self.journal is not None else self.cursor, from_journal=self.from_journal, gaps=self.gaps,
                       catch_up=self.journal is not None)  # fmt: skip
         return status

@@ -147,7 +147,9 @@ class MqttOutput(CatchUpOutput):
         if client is None:
             return
         if self._connected.is_set():  # a clean disconnect: the broker keeps the Will to itself, so say it here
-            with contextlib.suppress(RuntimeError, ValueError):  # the connection went meanwhile: the broker sends the Will
+            with contextlib.suppress(
+                RuntimeError, ValueError
+            ):  # the connection went meanwhile: the broker sends the Will
                 client.publish(self.topics.available, OFFLINE, qos=1, retain=True).wait_for_publish(2.0)
         client.disconnect()
         client.loop_stop()

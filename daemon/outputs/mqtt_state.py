@@ -289,9 +289,16 @@ class Discovery:
                         "name": f"{zone} {label}", "unit_of_measurement": "objects", "state_class": "measurement",
                         "state_topic": state_of(camera, "zones", zone, "objects", label)})  # fmt: skip
                 if zone in cam.zone_snapshots:
-                    entity.add("image", f"zone_{zone}_snapshot", {
-                        "name": f"{zone} snapshot", "content_type": "image/jpeg",
-                        "image_topic": state_of(camera, "zones", zone, "snapshot")}, camera_available=False)
+                    entity.add(
+                        "image",
+                        f"zone_{zone}_snapshot",
+                        {
+                            "name": f"{zone} snapshot",
+                            "content_type": "image/jpeg",
+                            "image_topic": state_of(camera, "zones", zone, "snapshot"),
+                        },
+                        camera_available=False,
+                    )
             for line in sorted(cam.lines):
                 for direction in ("in", "out"):
                     entity.add("sensor", f"line_{line}_{direction}", {
