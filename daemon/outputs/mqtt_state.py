@@ -82,6 +82,8 @@ class Camera:
     zones: dict[str, dict[str, int]] = field(default_factory=dict)
     lines: dict[str, dict[str, int]] = field(default_factory=dict)
     zone_snapshots: set[str] = field(default_factory=set)
+    watched: dict[str, tuple[list[str], list[str]]] = field(default_factory=dict)
+    """Per analytics plugin, the zones and lines it said it watches (`analytics.start`)."""
 
 
 class StateTopics:
@@ -121,10 +123,7 @@ class StateTopics:
         elif kind == "line.cross":
             out += self._line(camera, state, str(event["line"]), str(event.get("direction")))
         elif kind == "analytics.start":
-            for zone in event.get("zones", []):
-                out += self._zone(camera, state, str(zone), state.zones.get(str(zone), {}))
-            for line in event.get("lines", []):
-                out += self._line(camera, state, str(line), None)
+            out += self._watch(camera, state, event)
         if snapshot is not None and self.snapshots:
             out += self._set(self.topics.state(camera, "snapshot"), snapshot)
             if kind == "zone.enter" and "zone" in event:
@@ -213,15 +212,40 @@ class StateTopics:
             out += self._set(self.topics.state(camera, "lines", line, direction_), str(counts[direction_]).encode())
         return out
 
-    def _remove(self, camera: str) -> list[Message]:
-        head = self.topics.state(camera) + "/"
+    def _watch(self, camera: str, state: Camera, event: dict[str, Any]) -> list[Message]:
+        """An analytics plugin's zones and lines from its start: each known at once (zone total 0, line counts 0
+        since now); those no plugin watches any more (a reload removed them) are cleared."""
+        zones, lines = [str(z) for z in event.get("zones", [])], [str(n) for n in event.get("lines", [])]
+        state.watched[str(event.get("plugin"))] = (zones, lines)
+        out: list[Message] = []
+        for zone in zones:
+            out += self._zone(camera, state, zone, state.zones.get(zone, {}))
+        for line in lines:
+            if line not in state.lines:
+                out += self._line(camera, state, line, None)
+        kept_zones = {z for watched, _ in state.watched.values() for z in watched}
+        kept_lines = {n for _, watched in state.watched.values() for n in watched}
+        for zone in [z for z in state.zones if z not in kept_zones]:
+            del state.zones[zone]
+            state.zone_snapshots.discard(zone)
+            out += self._clear(self.topics.state(camera, "zones", zone))
+        for line in [n for n in state.lines if n not in kept_lines]:
+            del state.lines[line]
+            out += self._clear(self.topics.state(camera, "lines", line))
+        return out
+
+    def _clear(self, topic: str) -> list[Message]:
+        """`topic` and everything under it, cleared (empty retained payloads)."""
         with self._lock:
-            gone = [topic for topic in self._published if topic.startswith(head)]
-            for topic in gone:
-                del self._published[topic]
-        if self.cameras.pop(camera, None) is not None:
-            self.version += 1
-        return [(topic, b"") for topic in gone]
+            gone = [t for t in self._published if t == topic or t.startswith(topic + "/")]
+            for t in gone:
+                del self._published[t]
+        self.version += 1
+        return [(t, b"") for t in gone]
+
+    def _remove(self, camera: str) -> list[Message]:
+        self.cameras.pop(camera, None)
+        return self._clear(self.topics.state(camera))
 
 
 def _json(value: Any) -> bytes:

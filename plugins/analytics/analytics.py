@@ -160,7 +160,12 @@ class Analytics(Plugin[AnalyticsConfig]):
             self._analyse(frame)
 
     def _analyse(self, frame: Frame) -> None:
+        first = frame.camera not in self._cameras
         state = self._camera(frame)
+        if first:  # what this camera is watched for, so that a consumer knows its zones and lines before any count
+            data = {"plugin": self.config.id or self.config.type, "zones": sorted(state.zones),
+                    "lines": sorted(state.lines)}  # fmt: skip
+            frame.events.append(Event("analytics.start", frame.camera, frame.ts_wall, frame.index, data=data))
         detections = frame.detections
         keep = detections.tracker_id >= 0
         if self.config.classes is not None:
