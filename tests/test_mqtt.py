@@ -9,19 +9,21 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from conftest import VTEST, PlainSubscriber
-from mqtt_broker import Broker, Subscriber, make_ca
+from mqtt_broker import Broker, Subscriber, free_port, make_ca
 from service import Service, camera_yaml, service_config
 
 pytestmark = pytest.mark.timeout(600)
 
 
-def daemon_config(tmp_path: Path, output: str, cameras: str | None = None, plugins: str = "  - type: frame_echo\n"):
+def daemon_config(tmp_path: Path, output: str, cameras: str | None = None, plugins: str = "  - type: frame_echo\n",
+                  extra: str = ""):
     journal = tmp_path / "journal.db"
-    extra = f"journal:\n  path: {journal}\n  replay_endpoint: ipc://{tmp_path}/replay\noutputs:\n{output}"
+    extra += f"journal:\n  path: {journal}\n  replay_endpoint: ipc://{tmp_path}/replay\noutputs:\n{output}"
     cameras = cameras or camera_yaml("door", VTEST, loop=True)
     return service_config(tmp_path, cameras, f"ipc://{tmp_path}/pub", plugins=plugins, extra=extra)
 
@@ -201,7 +203,8 @@ def test_a_wrong_password_is_a_clear_error_the_daemon_and_its_other_outputs_go_o
     events_file = tmp_path / "events.jsonl"
     file_entry = f"  - type: file\n    path: {events_file}\n"
     wrong = mqtt_entry(broker, username="vigild", password=secret, protocol="5")
-    config = daemon_config(tmp_path, wrong + file_entry)
+    metrics_port = free_port()
+    config = daemon_config(tmp_path, wrong + file_entry, extra=f"metrics:\n  enabled: true\n  port: {metrics_port}\n")
     checked = check_output(config)
     assert checked.returncode == 0, checked.stderr
     assert f"output mqtt: mqtt mqtt://127.0.0.1:{broker.port} as vigild with a password (MQTT 5" in checked.stdout
@@ -218,6 +221,7 @@ def test_a_wrong_password_is_a_clear_error_the_daemon_and_its_other_outputs_go_o
         wait(lambda: lines() > before + 30 and status(service)["outputs"]["publisher"]["delivered"] > sent + 30,
              "the file output and the publisher go on", service)  # fmt: skip
         assert events_of(sub.messages()) == []
+        down = scrape(metrics_port)
         applied = service.log_text().count("configuration applied")
         config.write_text(config.read_text().replace(json.dumps(secret), json.dumps("${MQTT_PASSWORD}")))
         service.signal(signal.SIGHUP)
@@ -225,6 +229,7 @@ def test_a_wrong_password_is_a_clear_error_the_daemon_and_its_other_outputs_go_o
         target = max(journal_bodies(tmp_path))
         wait(lambda: max((e["seq"] for e in events_of(sub.messages())), default=0) > target, "the backlog", service)
         fixed = status(service)["outputs"]["mqtt"]
+        up = scrape(metrics_port)
     finally:
         code, _ = service.stop()
         sub.stop()
@@ -236,6 +241,18 @@ def test_a_wrong_password_is_a_clear_error_the_daemon_and_its_other_outputs_go_o
     log = service.log_text()
     assert "refused the connection" in log and secret not in log and right not in log
     assert secret not in json.dumps(refused) and right not in json.dumps(fixed)
+    assert down['vigild_output_connected{output="mqtt"}'] == 0 and up['vigild_output_connected{output="mqtt"}'] == 1
+    assert down['vigild_output_state{output="mqtt",state="disconnected"}'] == 1
+    assert up['vigild_output_state{output="mqtt",state="running"}'] == 1
+    assert down['vigild_output_lag_events{output="mqtt"}'] > 30 and down['vigild_output_lag_seconds{output="mqtt"}'] > 0
+    assert down['vigild_output_state{output="file",state="running"}'] == 1
+    assert 'vigild_output_connected{output="file"}' not in down
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The daemon's /metrics, sample by sample."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line and line[0] != "#"}
 
 
 @pytest.mark.e2e

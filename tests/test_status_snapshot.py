@@ -30,6 +30,9 @@ SNAPSHOT = {
                   "dropped_unsendable": 2, "last_seq": 301},
     "journal": {"enabled": True, "path": "/var/lib/vigild/journal.db", "stored": 280, "not_journaled": 21,
                 "queued": 4, "error": "OSError: [Errno 28] No space left on device", "replay": "tcp://127.0.0.1:5556"},
+    "outputs": {"publisher": {"state": "running", "delivered": 300, "lag_events": 0, "lag_s": 0.0, "drops": {}},
+                "home": {"state": "disconnected", "delivered": 90, "lag_events": 41, "lag_s": 12.5,
+                         "drops": {"retention": 3}, "connected": False}},
 }  # fmt: skip
 
 
@@ -114,3 +117,16 @@ def test_the_histograms_are_the_pipelines_counts():
     assert got['vigild_plugin_seconds_bucket{le="0.001",plugin="detector"}'] == 0
     assert got['vigild_plugin_seconds_bucket{le="0.0025",plugin="detector"}'] == 1
     assert got['vigild_plugin_seconds_created{plugin="detector"}'] == detector.created
+
+
+def test_each_output_has_its_state_lag_and_drops():
+    got = scrape()
+    assert got['vigild_output_state{output="home",state="disconnected"}'] == 1
+    assert got['vigild_output_state{output="home",state="running"}'] == 0
+    assert got['vigild_output_state{output="publisher",state="running"}'] == 1
+    assert got['vigild_output_lag_events{output="home"}'] == 41
+    assert got['vigild_output_lag_seconds{output="home"}'] == 12.5
+    assert got['vigild_output_delivered_total{output="publisher"}'] == 300
+    assert got['vigild_output_dropped_total{output="home",reason="retention"}'] == 3
+    assert got['vigild_output_connected{output="home"}'] == 0
+    assert 'vigild_output_connected{output="publisher"}' not in got

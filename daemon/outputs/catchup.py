@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,28 +65,39 @@ class Cursor:
         self.output_id = output_id
         self._db = sqlite3.connect(uri(database, "rw"), uri=True, timeout=30, isolation_level=None,
                                    check_same_thread=False)  # fmt: skip
+        self._lock = threading.Lock()
+        """The output's thread and the status (another thread) share the connection."""
 
     def load(self) -> int | None:
-        row = self._db.execute("SELECT seq FROM output_cursors WHERE output = ?", (self.output_id,)).fetchone()
+        with self._lock:
+            row = self._db.execute("SELECT seq FROM output_cursors WHERE output = ?", (self.output_id,)).fetchone()
         return int(row[0]) if row is not None else None
 
     def store(self, seq: int) -> None:
-        self._db.execute("INSERT INTO output_cursors VALUES (?, ?, ?) ON CONFLICT (output) DO UPDATE SET "
-                         "seq = excluded.seq, updated = excluded.updated", (self.output_id, seq, time.time()))  # fmt: skip
+        with self._lock:
+            self._db.execute("INSERT INTO output_cursors VALUES (?, ?, ?) ON CONFLICT (output) DO UPDATE SET "
+                             "seq = excluded.seq, updated = excluded.updated", (self.output_id, seq, time.time()))  # fmt: skip
+
+    def ts_after(self, seq: int) -> float | None:
+        """The wall time of the first stored event after `seq` (the oldest one not delivered), if any."""
+        with self._lock:
+            row = self._db.execute("SELECT ts FROM events WHERE seq > ? ORDER BY seq LIMIT 1", (seq,)).fetchone()
+        return float(row[0]) if row is not None else None
 
     def read(self, after: int, upper: int) -> tuple[list[Delivery], list[dict[str, Any]], int]:
         """The stored events of (after, upper], at most a page: (events, missing ranges, the seq the page ends at)."""
-        rows = self._db.execute(
-            "SELECT seq, camera, type, body FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
-            (after, upper, PAGE_EVENTS),
-        ).fetchall()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, camera, type, body FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                (after, upper, PAGE_EVENTS),
+            ).fetchall()
+            oldest = self._db.execute("SELECT min(seq) FROM events").fetchone()[0]
         through = rows[-1][0] if len(rows) == PAGE_EVENTS else upper
-        oldest = self._db.execute("SELECT min(seq) FROM events").fetchone()[0]
         events = [Delivery(seq, f"vigild.{camera}.{kind}", body.encode()) for seq, camera, kind, body in rows]
         return events, missing_ranges(after, through, [d.seq for d in events], oldest), through
 
     def close(self) -> None:
-        with contextlib.suppress(sqlite3.Error):
+        with self._lock, contextlib.suppress(sqlite3.Error):
             self._db.close()
 
 
@@ -230,4 +242,10 @@ class CatchUpOutput(QueuedOutput):
         status = super().status()
         status.update(cursor=self.stored if self.journal is not None else self.cursor, from_journal=self.from_journal, gaps=self.gaps,
                       catch_up=self.journal is not None)  # fmt: skip
+        cursor, stored = self._cursor, self.stored
+        if cursor is not None and stored is not None:  # behind: the oldest event not confirmed yet is in the journal
+            with contextlib.suppress(sqlite3.Error):
+                ts = cursor.ts_after(stored)
+                if ts is not None:
+                    status["lag_s"] = max(status["lag_s"], round(max(0.0, time.time() - ts), 3))
         return status

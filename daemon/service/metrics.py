@@ -106,6 +106,7 @@ class DaemonCollector(Collector):
             yield GaugeMetricFamily(
                 "vigild_journal_error", "1 while the journal cannot be written (see the log)", value=float(bool(journal["error"]))
             )
+        yield from _outputs(status.get("outputs") or {})
         yield CounterMetricFamily("vigild_batches", "Batches through the chain", value=status["scheduler"]["batches"])
         plugin_failures = CounterMetricFamily("vigild_plugin_failures", "Frames a plugin failed on", labels=["plugin"])
         batch_failures = CounterMetricFamily(
@@ -147,6 +148,38 @@ class DaemonCollector(Collector):
             memory.add_metric([device, "allocated"], torch.cuda.memory_allocated(device))
             memory.add_metric([device, "reserved"], torch.cuda.memory_reserved(device))
         yield memory
+
+
+OUTPUT_STATES = ("running", "disconnected", "failed", "stopped")
+
+
+def _outputs(outputs: dict[str, Any]) -> Iterator[Metric]:
+    """Each output's state, lag and drops (`outputs` of the status: the ZeroMQ publisher, the journal, each entry of
+    `outputs:`)."""
+    state = GaugeMetricFamily("vigild_output_state", "1 for the output's current state", labels=["output", "state"])
+    lag = GaugeMetricFamily("vigild_output_lag_events", "Events the output is behind the bus", labels=["output"])
+    lag_s = GaugeMetricFamily(
+        "vigild_output_lag_seconds", "Age of the oldest event the output has not delivered", labels=["output"]
+    )
+    delivered = CounterMetricFamily("vigild_output_delivered", "Events the output delivered", labels=["output"])
+    drops = CounterMetricFamily(
+        "vigild_output_dropped", "Events the output could not deliver, by reason", labels=["output", "reason"]
+    )
+    connected = GaugeMetricFamily(
+        "vigild_output_connected", "1 while the output is connected to its broker", labels=["output"]
+    )
+    for name, output in outputs.items():
+        for value in OUTPUT_STATES:
+            state.add_metric([name, value], 1.0 if value == output.get("state") else 0.0)
+        lag.add_metric([name], output.get("lag_events", 0))
+        lag_s.add_metric([name], output.get("lag_s", 0.0))
+        if "delivered" in output:
+            delivered.add_metric([name], output["delivered"])
+        for reason, count in (output.get("drops") or {}).items():
+            drops.add_metric([name, reason], count)
+        if "connected" in output:
+            connected.add_metric([name], float(bool(output["connected"])))
+    yield from (state, lag, lag_s, delivered, drops, connected)
 
 
 def _histogram(family: HistogramMetricFamily, labels: list[str], histogram: Histogram) -> None:
