@@ -90,6 +90,7 @@ bench: setup
 	$(VENV)/bin/python bench/decode.py
 	$(VENV)/bin/python bench/stuck_subscriber.py
 	$(VENV)/bin/python bench/journal.py
+	$(VENV)/bin/python bench/mqtt.py
 	$(VENV)/bin/python bench/quantize.py
 
 clean:

@@ -76,9 +76,9 @@ def daemon_ratio(args: argparse.Namespace) -> None:
     print(f"detection with the journal on / off: {on:.1f} / {off:.1f} frames/s = {on / off:.2f}x")
 
 
-def generate_day(path: Path, cameras: int, rate: float, t0: float) -> int:
-    """A day of `cameras` cameras at `rate` events/s each, stored as the journal stores them (rows straight into its
-    table, a million at a time: the writer's own rate is measured in 1)."""
+def generate_day(path: Path, cameras: int, rate: float, t0: float, seconds: float = 86400) -> int:
+    """A day (or `seconds`) of `cameras` cameras at `rate` events/s each, stored as the journal stores them (rows
+    straight into its table, a million at a time: the writer's own rate is measured in 1)."""
     import json
     import random
 
@@ -86,7 +86,7 @@ def generate_day(path: Path, cameras: int, rate: float, t0: float) -> int:
 
     journal = Journal(path, retention_days=36_500, max_bytes=1 << 50)
     db = journal._db  # bulk insert: the same schema, without building each event
-    total = int(cameras * rate * 86400)
+    total = int(cameras * rate * seconds)
     step = 1.0 / (cameras * rate)
     rng = random.Random(7)
     batch = []
@@ -100,7 +100,9 @@ def generate_day(path: Path, cameras: int, rate: float, t0: float) -> int:
                 "frame": seq // cameras, "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + ".000Z",
                 "object": {"track_id": track, "label": "person", "confidence": 0.8, "bbox": [1.0, 2.0, 3.0, 4.0]}}  # fmt: skip
         if kind == "line.cross":
-            body["direction"] = "in" if rng.random() < 0.5 else "out"
+            body.update(line="entry", direction="in" if rng.random() < 0.5 else "out")
+        elif kind.startswith("zone."):
+            body["zone"] = "path"
         batch.append((seq, body["id"], run, ts, camera, kind, track, "person", json.dumps(body), None, 0))
         if len(batch) == 1_000_000:
             db.execute("BEGIN")

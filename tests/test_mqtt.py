@@ -147,6 +147,7 @@ def test_broker_restarted_10_times_and_away_60_s_and_a_daemon_stopped_meanwhile_
         code, _ = service.stop()
         assert code == 0, service.log_text()[-3000:]
         stopped_at = journal_last()
+        service_log = service.log_text()
         broker.start()
         (tmp_path / "second").mkdir(mode=0o700)
         service = Service(tmp_path / "second", config)  # the same config and journal: its cursor says where it was
@@ -162,7 +163,9 @@ def test_broker_restarted_10_times_and_away_60_s_and_a_daemon_stopped_meanwhile_
         sub.stop()
         broker.stop()
     assert disconnected["state"] == "disconnected" and disconnected["connected"] is False
-    assert disconnected["connection_error"], disconnected
+    # the broker unreachable: said in the status and the log, the events waiting in the journal
+    assert disconnected["connection_error"] == f"cannot connect to 127.0.0.1:{broker.port}: Connection refused"
+    assert "output mqtt: cannot connect to 127.0.0.1:" in service_log and "the events wait in the journal" in service_log
     assert (disconnected["lag_events"] > 100 and disconnected["lag_s"] > 0) or disconnected["unacked"] > 0, disconnected
     stored = journal_bodies(tmp_path)
     events = unique_in_order(events_of(sub.messages()))
@@ -355,6 +358,21 @@ def test_the_discovery_fixture_refuses_what_home_assistant_would():
     assert problems("homeassistant/sensor/no de/obj/config", good)
     assert problems("homeassistant/image/node/obj/config", {"unique_id": "x"})
     assert problems("homeassistant/sensor/node/obj/config", {**good, "availability": [{"payload_available": "on"}]})
+
+
+def test_an_event_without_the_fields_of_its_type_leaves_the_state_as_it_was():
+    """Events from other producers (a plugin of one's own, an older journal) may lack a field: the state skips them,
+    counts them, and goes on with the next."""
+    from vigild.outputs.mqtt_state import StateTopics, Topics
+
+    state = StateTopics(Topics("vigild", "d"), snapshots=True)
+    head = {"run": "r1", "ts": "2026-12-06T10:00:00.000Z"}
+    assert state.update("gate", "line.cross", json.dumps({**head, "direction": "in"}).encode()) == []
+    assert state.update("gate", "zone.count", json.dumps({**head, "zone": "z", "counts": [1]}).encode()) == []
+    assert state.update("gate", "track.new", json.dumps({**head, "object": {"label": "car"}}).encode()) == []
+    assert state.malformed == 3 and state.cameras == {}
+    got = dict(state.update("gate", "line.cross", json.dumps({**head, "line": "entry", "direction": "in"}).encode()))
+    assert got["vigild/gate/state/lines/entry/in"] == b"1" and got["vigild/gate/state/lines/entry/out"] == b"0"
 
 
 def latest(messages: list[dict]) -> dict[str, object]:

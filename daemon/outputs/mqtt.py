@@ -36,6 +36,8 @@ log = logging.getLogger("vigild.outputs")
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 10
 PROBE_TIMEOUT_S = 5.0
 ACK_POLL_S = 0.02
+STOP_ACK_WAIT_S = 3.0
+"""How long a stopping output waits for a connected broker's last acknowledgements."""
 ONLINE, OFFLINE = b"online", b"offline"
 
 
@@ -108,6 +110,8 @@ class MqttOutput(CatchUpOutput):
         self._acked: set[int] = set()
         """Mids paho reported as acknowledged (or, for QoS 0, sent), on its thread."""
         self._commands: deque[tuple[str, bool]] = deque(maxlen=64)
+        self._stop_by: float | None = None
+        self._stop_warned = False
         self._secrets = (config.password.get_secret_value(),) if config.password else ()
         self.state_topics = StateTopics(self.topics, config.snapshots) if config.state else None
         self.discovery = (
@@ -176,10 +180,15 @@ class MqttOutput(CatchUpOutput):
             if self._unacked[0] in self._acked:
                 self._acked.discard(self._unacked.popleft())
                 continue
-            if self._thread.stopping.is_set():
-                log.warning("output %s: stopping with %d events not acknowledged by the broker; they are sent "
-                            "again from the journal at the next start", self.id, len(self._unacked))  # fmt: skip
-                return False
+            if self._thread.stopping.is_set():  # a connected broker gets a moment to acknowledge the last batch
+                if self._stop_by is None:
+                    self._stop_by = time.monotonic() + STOP_ACK_WAIT_S
+                if not self._connected.is_set() or time.monotonic() > self._stop_by:
+                    if not self._stop_warned:
+                        self._stop_warned = True
+                        log.warning("output %s: stopping with %d events not acknowledged by the broker; they are "
+                                    "sent again from the journal at the next start", self.id, len(self._unacked))  # fmt: skip
+                    return False
             self.alive_at = time.monotonic()
             time.sleep(ACK_POLL_S)
         self._acked.clear()  # what is left are QoS 0 messages (heartbeats), whose mids paho reuses
@@ -287,6 +296,7 @@ class MqttOutput(CatchUpOutput):
             connects=self.connects,
             unacked=len(self._unacked),
             state_messages=self.published_state,
+            state_skipped=self.state_topics.malformed if self.state_topics is not None else 0,
         )
         if status["state"] == "running" and not self._connected.is_set():
             status["state"] = "disconnected"

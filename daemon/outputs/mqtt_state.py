@@ -10,6 +10,7 @@ they published, for a broker that lost its retained messages (one without persis
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ DOWN_STATES = {"paused": "paused", "stopped": "stopped", "end_of_stream": "ended
 """A `camera.down`'s reason → the camera's state (any other reason: `down`, until the heartbeat says more)."""
 _UNSAFE_LEVEL = re.compile(r"[/+#\x00]")
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9_-]")
+log = logging.getLogger("vigild.outputs")
 
 
 def level(name: str) -> str:
@@ -93,6 +95,8 @@ class StateTopics:
         self.cameras: dict[str, Camera] = {}
         self.version = 0
         """Bumped whenever the set of entities changes (a camera, class, zone or line appears or goes)."""
+        self.malformed = 0
+        """Events the state could not follow (a field missing or of the wrong kind)."""
         self._published: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
@@ -102,10 +106,20 @@ class StateTopics:
             return list(self._published.items())
 
     def update(self, camera: str, kind: str, body: bytes, snapshot: bytes | None = None) -> list[Message]:
-        """The retained messages that change with this event."""
+        """The retained messages that change with this event (none for an event without the fields its type has:
+        it is still delivered, only the state cannot follow it)."""
         if kind not in STATE_EVENTS and (snapshot is None or not self.snapshots):
             return []
         event = json.loads(body)
+        if not _complete(kind, event):  # checked before anything changes: the state never follows half an event
+            self.malformed += 1
+            if self.malformed == 1 or self.malformed % 1000 == 0:
+                log.warning("MQTT state: %d event(s) without the fields their type has, the latest a %s; "
+                            "delivered, not counted", self.malformed, kind)  # fmt: skip
+            return []
+        return self._update(camera, kind, event, snapshot)
+
+    def _update(self, camera: str, kind: str, event: dict[str, Any], snapshot: bytes | None) -> list[Message]:
         if kind == "camera.down" and event.get("reason") == "removed":
             return self._remove(camera)
         state = self._camera(camera, event)
@@ -246,6 +260,27 @@ class StateTopics:
     def _remove(self, camera: str) -> list[Message]:
         self.cameras.pop(camera, None)
         return self._clear(self.topics.state(camera))
+
+
+def _complete(kind: str, event: Any) -> bool:
+    """Whether `event` has the fields the state reads for its `kind` (events of other producers may not)."""
+    if not isinstance(event, dict):
+        return False
+    if kind in ("track.new", "track.end"):
+        obj = event.get("object")
+        return isinstance(obj, dict) and isinstance(obj.get("track_id"), int)
+    if kind == "zone.count":
+        counts = event.get("counts", {})
+        return isinstance(event.get("zone"), str) and isinstance(counts, dict) and all(
+            isinstance(n, int) for n in counts.values())  # fmt: skip
+    if kind == "line.cross":
+        return isinstance(event.get("line"), str)
+    if kind == "analytics.start":
+        zones, lines = event.get("zones", []), event.get("lines", [])
+        return isinstance(zones, list) and isinstance(lines, list)
+    if kind == "zone.enter" and "zone" in event:
+        return isinstance(event["zone"], str)
+    return True
 
 
 def _json(value: Any) -> bytes:
