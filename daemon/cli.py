@@ -168,6 +168,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in config.cameras:
             source = config.source(name)
             print(f"  {name}: {source.kind.value} {source.display} via {backends[name]}")
+            for kind in ("zones", "lines"):  # merged with the web console's edits: where each one comes from
+                for entry in getattr(config.cameras[name], kind):
+                    print(f"    {kind[:-1]} {entry}: {config.edits.origins.get((name, kind, entry), config.file)}")
+        for warning in config.edits.warnings:
+            print(f"  warning: {warning}")
+        if config.edits.file is not None:
+            print(f"  edits: {config.edits.file} (the web console's zones and lines, merged over the file)")
+        if config.settings.web is not None:
+            web = config.settings.web
+            scheme = "https" if web.tls is not None else "http"
+            print(f"  web console: {scheme}://{web.listen}/" + (" (INSECURE: no TLS beyond loopback)"
+                                                              if web.insecure and not web.loopback else ""))  # fmt: skip
         journal = config.settings.journal
         if journal.enabled:
             from vigild.outputs.journal import default_path

@@ -28,7 +28,7 @@ def problems_of(document: YamlDocument, exc: ValidationError, prefix: KeyPath, m
         path = (*prefix, *(part for i, part in enumerate(loc) if i not in tags))  # `outputs.0.url`, not `.0.mqtt.url`
         problem = document.problem(path, describe(error, model, loc))
         shown = tuple(_shorten(part) if isinstance(part, str) else part for part in path)  # a 70,000-character name
-        problems.append(Problem(shown, problem.message, problem.line))
+        problems.append(Problem(shown, problem.message, problem.line, problem.file))
     return problems
 
 

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from vigild.config.backends import BackendUnavailable, camera_backend
+from vigild.config.edits import Merged, edits_path, load_edits, merge_edits
 from vigild.config.errors import problems_of
 from vigild.config.plugin_spec import PluginSpec
 from vigild.config.resolve import resolve_chain
@@ -59,6 +60,8 @@ class Config:
     file_instances: int | None = None
     """Plugin instances of the config file as loaded, before control clients changed cameras (`with_camera` carries
     it over); None: this config is the file's own."""
+    edits: Merged = dataclasses.field(default_factory=Merged)
+    """The web console's edits merged in: where each zone and line came from, warnings (vigild.config.edits)."""
 
     @functools.cached_property
     def instances(self) -> int:
@@ -100,13 +103,24 @@ class Config:
         return found
 
 
-def load_config(file: str | Path, environ: Mapping[str, str] | None = None) -> Config:
-    """Read, expand and validate a config file; raises `ConfigError` listing every problem found."""
+def load_config(file: str | Path, environ: Mapping[str, str] | None = None, edits: bool = True,
+                edits_text: str | None = None) -> Config:  # fmt: skip
+    """Read, expand and validate a config file, with the web console's edits (vigild.config.edits) merged over its
+    cameras unless `edits` is False (`edits_text`: the edits file's text as it would be); raises `ConfigError`
+    listing every problem found."""
     document = load_yaml(file)
     problems = expand_env(document, environ)
     if problems:
         raise ConfigError(document.file, problems)
-    return validate_document(document)
+    path = edits_path(document.file, environ)
+    if edits_text is not None:
+        edits_document: YamlDocument | None = load_yaml(path, text=edits_text)
+    else:
+        edits_document = load_edits(path) if edits else None
+    merged, problems = merge_edits(document, edits_document)
+    if problems:
+        raise ConfigError(document.file, problems)
+    return dataclasses.replace(validate_document(document), edits=merged)
 
 
 def load_control_settings(file: str | Path, environ: Mapping[str, str] | None = None) -> ControlConfig:
@@ -156,9 +170,9 @@ def with_camera(config: Config, name: str, camera: dict[str, Any] | None) -> Con
         if refused:
             raise ControlRefused(config.file, refused)
         cameras[name] = camera
-    changed = validate_document(YamlDocument(config.file, data, config.document.lines))
+    changed = validate_document(YamlDocument(config.file, data, config.document.lines, config.document.sources))
     own = config.instances if config.file_instances is None else config.file_instances
-    changed = dataclasses.replace(changed, file_instances=own)
+    changed = dataclasses.replace(changed, file_instances=own, edits=config.edits)
     if camera is not None and changed.instances > max(config.instances, changed.instance_limit):
         limit = config.settings.control.max_instances
         raise ConfigError(

@@ -320,6 +320,59 @@ class MetricsConfig(StrictModel):
     port: int = Field(9108, ge=0, le=65535, description="TCP port of `/metrics`.")
 
 
+class WebTls(StrictModel):
+    cert: Path = Field(description="Certificate chain (PEM) the console serves.")
+    key: Path = Field(description="Its private key (PEM).")
+
+
+class WebConfig(StrictModel):
+    """The web console (docs/web.md): off unless the section is there (`web: {}` turns it on)."""
+
+    listen: str = Field("127.0.0.1:8080", description="HOST:PORT the console binds (port 0: any free port).")
+    tls: WebTls | None = Field(None, description="Serve HTTPS with this certificate and key.")
+    insecure: bool = Field(False, description="Allow a bind beyond loopback without TLS (logged as INSECURE).")
+    live_fps: float = Field(10.0, gt=0, le=60, description="Live pictures per second per camera, at most.")
+    live_quality: int = Field(80, ge=10, le=100, description="JPEG quality of the live pictures.")
+    live_max_side: int = Field(
+        1280, ge=64, le=MAX_FRAME_SIDE, description="Live pictures are scaled to at most this many pixels a side."
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError("expected HOST:PORT, for example 127.0.0.1:8080")
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    @property
+    def loopback(self) -> bool:
+        import ipaddress
+
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @model_validator(mode="after")
+    def _safe_bind(self) -> WebConfig:
+        if not self.loopback and self.tls is None and not self.insecure:
+            raise ValueError(f"the console would listen on {self.host}, beyond loopback, without TLS: give `tls` "
+                             "(cert and key) or set `insecure: true` (anyone on the network could watch the cameras "
+                             "if they get the token)")  # fmt: skip
+        return self
+
+
 class DaemonSettings(StrictModel):
     """The top level of the file, with the plugin list still raw (its entries are validated per plugin)."""
 
@@ -333,6 +386,7 @@ class DaemonSettings(StrictModel):
     control: ControlConfig = ControlConfig()
     curve: CurveConfig | None = Field(None, description="Require CURVE authentication (docs/security.md).")
     metrics: MetricsConfig = MetricsConfig()
+    web: WebConfig | None = Field(None, description="The web console (docs/web.md); `web: {}` turns it on.")
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
     torch_threads: int | None = Field(
         None,

@@ -10,7 +10,7 @@ import os
 import re
 import stat
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ class Problem:
     path: KeyPath
     message: str
     line: int | None = None
+    file: str | None = None
+    """Another file than the config's (the web console's edits, merged over it)."""
 
     def dotted(self) -> str:
         return ".".join(str(part) for part in self.path) or "(top level)"
@@ -40,7 +42,8 @@ class ConfigError(Exception):
     def __str__(self) -> str:
         lines = []
         for problem in self.problems:
-            where = f"{self.file}:{problem.line}" if problem.line is not None else self.file
+            file = problem.file or self.file
+            where = f"{file}:{problem.line}" if problem.line is not None else file
             lines.append(f"{where}: {problem.dotted()}: {problem.message}")
         return "\n".join(lines)
 
@@ -50,6 +53,8 @@ class YamlDocument:
     file: Path
     data: Any
     lines: dict[KeyPath, int]
+    sources: dict[KeyPath, tuple[Path, int]] = field(default_factory=dict)
+    """Keys merged in from another file (vigild.config.edits): that file and the line there."""
 
     def line_of(self, path: KeyPath) -> int | None:
         """Line of the deepest key on `path` that the file spells out (1-based)."""
@@ -60,7 +65,14 @@ class YamlDocument:
         return None
 
     def problem(self, path: KeyPath, message: str) -> Problem:
-        return Problem(tuple(path), message, self.line_of(path))
+        for end in range(len(path), -1, -1):
+            key = tuple(path[:end])
+            if key in self.sources:
+                file, line = self.sources[key]
+                return Problem(tuple(path), message, line, str(file))
+            if key in self.lines:
+                return Problem(tuple(path), message, self.lines[key])
+        return Problem(tuple(path), message, None)
 
 
 MAX_FILE_BYTES = 4 * 1024 * 1024

@@ -25,6 +25,9 @@ class Query:
     label: str | None = None
     after_seq: int | None = None
     limit: int | None = None
+    before_seq: int | None = None
+    newest_first: bool = False
+    """Descending seq order (a timeline's pages: `before_seq` the last page's oldest)."""
 
 
 def epoch(iso: str) -> float:
@@ -42,6 +45,7 @@ def where_clause(query: Query) -> tuple[str, list[Any]]:
         ("track", "=", query.track),
         ("label", "=", query.label),
         ("seq", ">", query.after_seq),
+        ("seq", "<", query.before_seq),
     ):
         if value is not None:
             clauses.append(f"{column} {op} ?")
@@ -55,9 +59,9 @@ def where_clause(query: Query) -> tuple[str, list[Any]]:
 
 def select_text(db: sqlite3.Connection, query: Query) -> Iterator[str]:
     """The wire JSON, as stored (compact, as published), of the events `query` selects from the journal's database
-    `db`, in seq order."""
+    `db`, in seq order (descending with `newest_first`)."""
     where, args = where_clause(query)
-    sql = f"SELECT body FROM events{where} ORDER BY seq"
+    sql = f"SELECT body FROM events{where} ORDER BY seq" + (" DESC" if query.newest_first else "")
     if query.limit is not None:
         sql += " LIMIT ?"
         args.append(query.limit)

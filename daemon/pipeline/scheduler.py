@@ -70,6 +70,8 @@ class Scheduler:
         self.latencies_s: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         """Capture-to-publish time of the latest frames (all cameras), for percentiles."""
         self.latency = Durations(LATENCY_BUCKETS)
+        self.tap: Callable[[Frame], None] | None = None
+        """Sees each frame the chain finished (the web console's live pictures): must not block."""
         """Capture-to-publish time of every frame (all cameras), counted into buckets (the metrics read it)."""
         self._ended: set[str] = set()
         self._down: set[str] = set()
@@ -226,6 +228,8 @@ class Scheduler:
         for frame in passed:
             self.processed[frame.camera] += 1
             self.latest[frame.camera] = frame
+            if self.tap is not None:
+                self.tap(frame)
             latency = now - frame.ts_mono
             self.last_latency_s[frame.camera] = latency
             self.latencies_s.append(latency)

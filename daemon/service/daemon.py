@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from vigild.capture.camera import Capture
 from vigild.capture.exchange import FrameExchange
+from vigild.config.edits import camera_edit, edits_path, edits_text, file_camera, read_edit_entries, write_edits_text
 from vigild.config.loading import Config, ConfigError, load_config, with_camera
 from vigild.config.yamlsource import KeyPath
 from vigild.events import SYSTEM_CAMERA, Event
@@ -98,6 +99,12 @@ class Daemon:
             from vigild.service.metrics import MetricsServer
 
             self.metrics = MetricsServer(settings.metrics, self)
+        self.web: Any = None
+        if settings.web is not None:
+            from vigild.web.server import WebConsole  # imports aiohttp: only with a console
+
+            self.web = WebConsole(settings.web, self)
+            scheduler.tap = self.web.live.offer
         self._reconfiguring = threading.Lock()
         self._started = threading.Event()
         """Set once `start` has started the captures: a change before that would race it (a camera started twice)."""
@@ -160,6 +167,12 @@ class Daemon:
                     address = f"{self.metrics.config.address}:{self.metrics.config.port}"
                     raise BindError(("metrics", "port"), f"cannot serve metrics on {address}: {exc}") from exc
                 started.append(self.metrics)
+            if self.web is not None:
+                try:
+                    self.web.start()
+                except Exception as exc:
+                    raise BindError(("web", "listen"), str(exc.__cause__ or exc)) from exc
+                started.append(self.web)
             if self.workers is not None:  # they start while the models load
                 self.workers.start()
                 started.append(self.workers)
@@ -200,6 +213,8 @@ class Daemon:
         self.notifier.stopping()
         if self.control is not None:
             self.control.stop()
+        if self.web is not None:
+            self.web.stop()
         with self._reconfiguring:
             captures = self._running.captures
             for capture in captures.values():
@@ -246,7 +261,10 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         """The daemon's state as the heartbeat, `vigild ctl status`, STATUS= and the metrics report it."""
-        return status.snapshot(self._running, self.pipeline, self._rates, self.uptime_s)
+        snapshot = status.snapshot(self._running, self.pipeline, self._rates, self.uptime_s)
+        if self.web is not None:
+            snapshot["web"] = self.web.status()
+        return snapshot
 
     def status_line(self) -> str:
         """systemd's STATUS=, from the same snapshot as the heartbeat, `vigild ctl status` and the metrics."""
@@ -316,6 +334,33 @@ class Daemon:
                 logging.getLogger().setLevel(new.settings.log_level)
             log.info("configuration applied: %s", applied.as_dict())
             return applied
+
+    def edit_geometry(self, camera: str, zones: dict[str, Any], lines: dict[str, Any]) -> dict[str, Any]:
+        """The web console's editor: make `zones` and `lines` the camera's, saved in the edits file of the state
+        directory (vigild.config.edits) and applied without restarting the camera. Validated whole as a reload is
+        first: ConfigError (each problem's key), with nothing changed. The running config becomes the file's with
+        the edits (as a reload would: a control client's camera changes since the last reload are dropped)."""
+        if camera not in self.config.settings.cameras:
+            raise CommandError("unknown_camera", f"no camera named {camera!r}")
+        file = self.config.file
+        path = edits_path(file)
+        entries = read_edit_entries(path)
+        entries[camera] = camera_edit(file_camera(file, camera), zones, lines)
+        text = edits_text(entries)
+        new = load_config(file, edits_text=text)
+        new.backends()
+        before = path.read_text() if path.exists() else None
+        write_edits_text(path, text)
+        try:
+            applied = self.apply(new)
+        except BaseException:
+            if before is None:
+                path.unlink(missing_ok=True)
+            else:
+                write_edits_text(path, before)
+            raise
+        log.info("camera %s: zones %s and lines %s saved to %s", camera, sorted(zones), sorted(lines), path)
+        return applied.as_dict()
 
     def pause(self, name: str) -> dict[str, str]:
         """Stop capturing `name` (its connection is closed, `camera.down` with reason `paused`) until `resume`."""

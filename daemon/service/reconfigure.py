@@ -31,7 +31,8 @@ from vigild.service.threads import apply_threads
 
 log = logging.getLogger("vigild")
 
-RESTART_REQUIRED = ("publisher", "journal", "control", "curve", "metrics", "device", "torch_threads", "capture")
+RESTART_REQUIRED = ("publisher", "journal", "control", "curve", "metrics", "web", "device", "torch_threads",
+                    "capture")
 """Settings a reload cannot change in a running process (sockets, the compute device): they wait for a restart."""
 
 
@@ -100,11 +101,18 @@ class Prepared:
     """Of the arriving cameras, not started."""
 
 
+GEOMETRY: dict[str, Any] = {"zones": {}, "lines": {}}
+"""A camera's settings that its plugins read at each frame: changing only these restarts nothing."""
+
+
 def diff(old: Config, new: Config) -> Plan:
     old_cameras, new_cameras = old.cameras, new.cameras
     both = set(old_cameras) & set(new_cameras)
     restarted = sorted(
-        name for name in both if old_cameras[name] != new_cameras[name] or old.source(name) != new.source(name)
+        name
+        for name in both
+        if old_cameras[name].model_copy(update=GEOMETRY) != new_cameras[name].model_copy(update=GEOMETRY)
+        or old.source(name) != new.source(name)
     )
     return Plan(
         new=new,

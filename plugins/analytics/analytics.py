@@ -91,6 +91,8 @@ class _Camera:
     counts: dict[str, _Count] = field(default_factory=dict)
     seen: Detections | None = None
     """The tracked detections of its latest frame."""
+    source: tuple[Any, Any] = ((), ())
+    """The camera's `zones:` and `lines:` settings these were made of (an edit changes them without a restart)."""
 
 
 def anchor_points(xyxy: np.ndarray, anchor: Anchor) -> np.ndarray:
@@ -119,11 +121,14 @@ class Analytics(Plugin[AnalyticsConfig]):
                 if missing:
                     raise PluginConfigError(kind, f"camera {camera} has no {kind} named {', '.join(missing)}")
 
-    def _camera(self, frame: Frame) -> _Camera:
+    def _camera(self, frame: Frame) -> tuple[_Camera, bool]:
+        """The camera's state, and whether what it watches is new (its first frame, or zones or lines changed)."""
         state = self._cameras.get(frame.camera)
-        if state is not None and state.size == frame.size:
-            return state
         config = self.context.cameras[frame.camera]
+        if state is not None and state.size == frame.size:
+            zones_, lines_ = state.source
+            if (zones_ is config.zones or zones_ == config.zones) and (lines_ is config.lines or lines_ == config.lines):
+                return state, False
         width, height = frame.size
         zones, lines = {}, {}
         geometry = CameraGeometry.of_camera(config)  # checked when the config was loaded (camera_settings)
@@ -134,11 +139,30 @@ class Analytics(Plugin[AnalyticsConfig]):
             if self.config.lines is None or name in self.config.lines:
                 points = self._on_frame(frame, "lines", name, line.pixels(list(line.points), width, height))
                 lines[name] = (points[0], points[1])
-        fresh = _Camera(frame.size, zones, lines)
-        if state is not None:  # the frame size changed (a reconnect at another resolution): keep the tracks
-            fresh.tracks, fresh.counts = state.tracks, state.counts
+        fresh = _Camera(frame.size, zones, lines, source=(config.zones, config.lines))
+        if state is None:
+            self._cameras[frame.camera] = fresh
+            return fresh, True
+        # the frame size changed (a reconnect at another resolution) or an edit changed the geometry: the tracks go
+        # on; a visit to a zone that is gone or moved ends (`reconfigured`), a line that is gone or moved forgets
+        # which side each object was on
+        fresh.tracks = state.tracks
+        fresh.counts = {zone: count for zone, count in state.counts.items() if zone in zones}
+        moved_zones = {z for z in state.zones if z not in zones or not np.array_equal(state.zones[z], zones[z])}
+        moved_lines = {n for n in state.lines if n not in lines or not all(
+            np.array_equal(a, b) for a, b in zip(state.lines[n], lines[n], strict=True))}  # fmt: skip
+        for track in fresh.tracks.values():
+            for moved in moved_zones & set(track.zones):
+                presence = track.zones.pop(moved)
+                if presence.inside:
+                    frame.events.append(Event("zone.exit", frame.camera, frame.ts_wall, frame.index,
+                                              object_payload(*track.last_seen),
+                                              {"zone": moved, "dwell_s": round(frame.ts_wall - presence.entered_ts, 3),
+                                               "reason": "reconfigured"}))  # fmt: skip
+            for gone in moved_lines:
+                track.lines.pop(gone, None)
         self._cameras[frame.camera] = fresh
-        return fresh
+        return fresh, bool(moved_zones or moved_lines or set(zones) != set(state.zones) or set(lines) != set(state.lines))
 
     def _on_frame(self, frame: Frame, kind: str, name: str, points: np.ndarray) -> np.ndarray:
         width, height = frame.size
@@ -160,9 +184,8 @@ class Analytics(Plugin[AnalyticsConfig]):
             self._analyse(frame)
 
     def _analyse(self, frame: Frame) -> None:
-        first = frame.camera not in self._cameras
-        state = self._camera(frame)
-        if first:  # what this camera is watched for, so that a consumer knows its zones and lines before any count
+        state, new = self._camera(frame)
+        if new:  # what this camera is watched for, so that a consumer knows its zones and lines before any count
             data = {"plugin": self.config.id or self.config.type, "zones": sorted(state.zones),
                     "lines": sorted(state.lines)}  # fmt: skip
             frame.events.append(Event("analytics.start", frame.camera, frame.ts_wall, frame.index, data=data))
