@@ -65,8 +65,11 @@ def test_the_wheel_holds_every_module_and_declares_the_command_and_the_plugins(b
         entry_points = next(wheel.read(name).decode() for name in names if name.endswith(".dist-info/entry_points.txt"))
     expected = {f"vigild/{path.relative_to(ROOT / 'daemon')}" for path in (ROOT / "daemon").rglob("*.py")}
     expected |= {f"vigild/plugins/{path.relative_to(ROOT / 'plugins')}" for path in (ROOT / "plugins").rglob("*.py")}
+    # the web console's assets are package data (docs/web.md): no CDN, nothing fetched at run time
+    expected |= {f"vigild/web/static/{path.name}" for path in (ROOT / "daemon" / "web" / "static").iterdir()}
     missing = sorted(expected - names)
     assert not missing, f"modules missing from the wheel: {missing}"
+    assert {"vigild/web/static/index.html", "vigild/web/static/app.js"} <= names
     assert "vigild = vigild.cli:main" in entry_points
     for plugin in ("detector", "bytetrack", "botsort", "analytics", "action_recognizer", "semantic_segmenter"):
         assert f"{plugin} = vigild.plugins." in entry_points, (plugin, entry_points)
