@@ -112,6 +112,10 @@ def live_frames(url: str, token: str, camera: str, count: int, origin: str | Non
     return asyncio.run(asyncio.wait_for(run(), 60))
 
 
+async def _both(make):
+    return await asyncio.gather(make(), make())
+
+
 def handshake_status(url: str, token: str, camera: str, origin: str | None) -> int:
     import aiohttp
 
@@ -179,7 +183,14 @@ def test_the_token_origins_and_the_api(tmp_path):
         assert api(url, token, "/api/v1/events/abc/snapshot.jpg")[0] == 400
         assert api(url, token, "/api/v1/cameras/nope/geometry")[0] == 404
 
-        frames = live_frames(url, token, "plaza", 10)
+        assert api(url, token, "/api/v1/status")[1]["web"]["live_encoded"] == 0, "nobody watched: nothing encoded"
+        frames, second = asyncio.run(_both(lambda: asyncio.to_thread(live_frames, url, token, "plaza", 20)))
+        encoded = api(url, token, "/api/v1/status")[1]["web"]["live_encoded"]
+        common = {f["frame"] for f in frames} & {f["frame"] for f in second}
+        assert len(common) >= 10, "two viewers at once get the same frames"
+        assert encoded < len(frames) + len(second) - len(common) + 5, "each frame encoded once for both viewers"
+        time.sleep(2)
+        assert api(url, token, "/api/v1/status")[1]["web"]["live_encoded"] <= encoded + 2, "nobody watches: none"
         assert all(f["jpeg"] and f["camera"] == "plaza" and (f["width"], f["height"]) == (768, 576) for f in frames)
         assert [f["frame"] for f in frames] == sorted({f["frame"] for f in frames}), "newer frames, each once"
         assert any(box[5] == "person" and box[4] >= 0 for f in frames for box in f["boxes"])
