@@ -233,6 +233,44 @@ def test_a_bind_beyond_loopback_needs_tls_or_insecure(tmp_path):
     assert checked.returncode == 0 and "INSECURE" in checked.stdout, checked.stdout + checked.stderr
 
 
+def test_the_console_over_tls(tmp_path):
+    """`web.tls`: HTTPS with the given certificate (a CA the test makes); the cookie is then `Secure`."""
+    import ssl
+
+    from mqtt_broker import make_ca
+
+    pki = make_ca(tmp_path / "pki", "console")
+    web = f"  listen: 127.0.0.1:0\n  tls: {{cert: {pki['cert']}, key: {pki['key']}}}\n"
+    config = config_for(tmp_path, f"  plaza:\n    source: {VTEST}\n    loop: true\n", web=web)
+    service = Service(tmp_path, config)
+    try:
+        deadline = time.monotonic() + 120
+        while not (found := re.search(r"web console: (https://[^/\s]+/)\?token=([A-Za-z0-9_-]+)", service.log_text())):
+            assert service.process.poll() is None and time.monotonic() < deadline, service.log_text()[-2000:]
+            time.sleep(0.2)
+        url, token = found.group(1), found.group(2)
+        host = url.split("//")[1].rstrip("/")
+        context = ssl.create_default_context(cafile=str(pki["ca"]))
+
+        def get(path: str, headers: dict[str, str]) -> tuple[int, dict[str, str]]:
+            connection = http.client.HTTPSConnection(host, timeout=30, context=context)
+            connection.request("GET", path, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            connection.close()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}
+
+        assert get("/api/v1/cameras", {})[0] == 401
+        assert get("/api/v1/cameras", {"Authorization": f"Bearer {token}"})[0] == 200
+        status, headers = get(f"/?token={token}", {})
+        assert status == 303 and "Secure" in headers["set-cookie"] and "HttpOnly" in headers["set-cookie"]
+        with pytest.raises(ssl.SSLError):  # a client that does not trust the console's CA
+            http.client.HTTPSConnection(host, timeout=30, context=ssl.create_default_context()).request("GET", "/")
+    finally:
+        code, _ = service.stop()
+    assert code == 0, service.log_text()[-3000:]
+
+
 # ----- in a real browser
 
 
