@@ -69,7 +69,7 @@ def test_a_plugin_after_the_tracker_sees_its_decisions_as_typed_state_and_the_ev
         assert tracks is not None and tracks is frame.tracks
         assert not any(kind.startswith("track.") for kind in events_then)  # made after the chain, not by the tracker
         kinds = [e.type for e in frame.events]
-        ids = {kind: [e.object["track_id"] for e in frame.events if e.type == kind] for kind in kinds}
+        ids = {kind: [e.object["track_id"] for e in frame.events if e.type == kind] for kind in kinds if kind.startswith("track.")}
         assert detections.tracker_id[tracks.new].tolist() == ids.get("track.new", [])
         assert detections.tracker_id[tracks.updated].tolist() == ids.get("track.update", [])
         assert tracks.ended.track_id.tolist() == ids.get("track.end", [])
