@@ -417,3 +417,33 @@ def test_the_wheel_ships_the_console_assets(tmp_path):
     files = static_files()
     assert {"index.html", "app.js", "style.css"} <= set(files)
     assert b"<script" in files["index.html"][0] and b"onclick" not in files["index.html"][0]
+
+
+def test_edits_merge_over_the_file_name_their_lines_and_warn_for_a_camera_gone(tmp_path):
+    """The console's edits file: a `null` removes the file's entry, an edit replaces or adds one, `vigild check` names
+    where each comes from; a problem inside an edit names the edits file and its line; an edit for a camera the
+    config no longer has is a warning, not a refusal."""
+    from vigild.config.edits import edits_path
+    from vigild.config.loading import ConfigError, load_config
+
+    config = config_for(tmp_path, f"  plaza:\n    source: {VTEST}\n{CROSSING}")
+    state = tmp_path / "state"
+    environ = daemon_env(XDG_STATE_HOME=str(state))
+    edits = edits_path(config, environ)
+    edits.parent.mkdir(parents=True)
+    edits.write_text("cameras:\n  plaza:\n    lines:\n      crossing: null\n      door: {points: [[0.5, 0], [0.5, 1]], "
+                     "normalized: true}\n  gone:\n    zones: {}\n")  # fmt: skip
+    loaded = load_config(config, environ)
+    assert set(loaded.cameras["plaza"].lines) == {"door"}
+    assert loaded.edits.origins[("plaza", "lines", "door")] == f"{edits}:5"
+    assert loaded.edits.warnings == [f"{edits}:6: cameras.gone: the config has no such camera any more; its edits "
+                                     "are ignored"]  # fmt: skip
+    assert set(load_config(config, environ, edits=False).cameras["plaza"].lines) == {"crossing"}
+    edits.write_text("cameras:\n  plaza:\n    zones:\n      z:\n        points: [[0, 0], [1, 1], [1, 0], [0, 1]]\n"
+                     "        normalized: true\n")  # fmt: skip
+    with pytest.raises(ConfigError) as refused:
+        load_config(config, environ)
+    assert str(refused.value).startswith(f"{edits}:4: cameras.plaza.zones.z: ") and "intersects itself" in str(refused.value)
+    checked = subprocess.run([sys.executable, "-m", "vigild", "check", "--config", str(config)], capture_output=True,
+                             text=True, env=environ, timeout=120)  # fmt: skip
+    assert checked.returncode == 2 and f"{edits}:4: cameras.plaza.zones.z" in checked.stderr, checked.stderr

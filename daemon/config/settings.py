@@ -331,7 +331,7 @@ class WebConfig(StrictModel):
     listen: str = Field("127.0.0.1:8080", description="HOST:PORT the console binds (port 0: any free port).")
     tls: WebTls | None = Field(None, description="Serve HTTPS with this certificate and key.")
     insecure: bool = Field(False, description="Allow a bind beyond loopback without TLS (logged as INSECURE).")
-    live_fps: float = Field(10.0, gt=0, le=60, description="Live pictures per second per camera, at most.")
+    live_fps: float = Field(5.0, gt=0, le=60, description="Live pictures per second per camera, at most.")
     live_quality: int = Field(80, ge=10, le=100, description="JPEG quality of the live pictures.")
     live_max_side: int = Field(
         1280, ge=64, le=MAX_FRAME_SIDE, description="Live pictures are scaled to at most this many pixels a side."
