@@ -9,6 +9,7 @@ so the console is one thread of the daemon (no second process to supervise, no A
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -91,8 +92,9 @@ class WebConsole:
 
     def stop(self) -> None:
         loop, stopped = self._loop, self._stopped
-        if loop is not None and stopped is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(stopped.set)
+        if loop is not None and stopped is not None:
+            with contextlib.suppress(RuntimeError):  # the loop ended meanwhile
+                loop.call_soon_threadsafe(stopped.set)
         self._thread.stop(10)
         self.live.stop()
 
