@@ -137,8 +137,11 @@ def test_killed_resumed_and_slow_subscribers_end_with_exactly_the_journals_event
         b = subprocess.Popen([*b_command, "--after-seq", "0"], stdout=b_out.open("w"), env=daemon_env(), cwd=ROOT)
         started = [a, b, c]
         wait_for(lambda: len(events_of(lines_of(b_out))) >= 40, "B has 40 events")
+        # SIGINT as at a terminal, even where this test runs with it ignored (a background job of a script: then
+        # Python in the child would install no KeyboardInterrupt handler and Ctrl-C could not stop it)
         d = subprocess.Popen([sys.executable, "-m", "vigild", "events", "--config", str(config), "--follow"],
-                             stdout=d_out.open("w"), env=daemon_env(), cwd=ROOT)  # fmt: skip
+                             stdout=d_out.open("w"), env=daemon_env(), cwd=ROOT,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
         started.append(d)
         b.kill()
         b.wait()
