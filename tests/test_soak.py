@@ -195,7 +195,11 @@ class Soaked:
         assert sum(threads[-third:]) / third <= sum(threads[:third]) / third + 0.5, (
             f"{mode}: threads drifted up\n{report}"
         )
-        assert {s[3] for s in settled} == {first[3]}, f"{mode}: descriptor count changed\n{report}"
+        # descriptors: a file's loop (GStreamer reopening it) can hold one more for a moment, as it starts a thread;
+        # a leak shows as a count that stays up, so the last third's median must be the first count
+        fds = [s[3] for s in settled]
+        assert max(fds) <= first[3] + 2, f"{mode}: descriptor count changed\n{report}"
+        assert sorted(fds[-third:])[third // 2] == first[3], f"{mode}: descriptor count drifted\n{report}"
         if self.workers:
             self.check_workers()
 
