@@ -14,8 +14,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
+from vigild.capture.clips import ClipOrder, ClipReport, ClipState, RecorderSettings
 from vigild.capture.exchange import Notice, NoticeKind
 from vigild.capture.reader import EndOfStream, FrameReader, ReaderCounters, SourceError, SourceStalled
 from vigild.config.backends import BackendUnavailable, camera_backend
@@ -85,6 +86,10 @@ class FrameSink(Protocol):
 
     def notify(self, notice: Notice) -> None: ...
 
+    def clip(self, report: ClipReport) -> None:
+        """A clip of this camera started, was saved or was dropped (vigild.capture.recorder); must not block."""
+        ...
+
 
 class Capture(Protocol):
     """One camera's capture as the service drives it: a thread here (`CameraCapture`) or in a capture worker
@@ -106,15 +111,21 @@ class Capture(Protocol):
 
     def is_alive(self) -> bool: ...
 
+    def record(self, order: ClipOrder) -> None:
+        """Write (or extend) a clip (docs/recording.md); its result comes back through the exchange."""
+        ...
+
 
 def make_reader(
-    camera: str, config: CameraConfig, spec: SourceSpec, backend: str, *, software_only: bool = False
+    camera: str, config: CameraConfig, spec: SourceSpec, backend: str, *, software_only: bool = False,
+    recorder: Any = None,
 ) -> FrameReader:
-    """`backend`: a resolved name, `gstreamer` or `opencv` (the GStreamer one is imported only when used)."""
+    """`backend`: a resolved name, `gstreamer` or `opencv` (the GStreamer one is imported only when used);
+    `recorder`: the camera's `CameraRecorder`, which only the GStreamer back end feeds."""
     if backend == "gstreamer":
         from vigild.capture.reader_gst import GstReader
 
-        return GstReader(camera, config, spec, software_only=software_only)
+        return GstReader(camera, config, spec, software_only=software_only, recorder=recorder)
     from vigild.capture.reader_opencv import OpenCVReader
 
     return OpenCVReader(camera, config, spec, software_only=software_only)
@@ -142,9 +153,11 @@ class CameraCapture:
         *,
         first_index: int = 0,
         down_reported: bool = False,
+        recording: RecorderSettings | None = None,
     ):
         """`first_index`, `down_reported`: where a capture restarted in a new worker process takes over (its frame
-        numbers go on; a `down` already sent for the outage is not sent again)."""
+        numbers go on; a `down` already sent for the outage is not sent again); `recording`: keep the encoded
+        stream and write clips (docs/recording.md)."""
         self.name = name
         self.config = config
         self.spec = spec
@@ -164,6 +177,19 @@ class CameraCapture:
         self._software_only = False  # set after a hardware decoder failed: later connections decode in software
         self._retry_now = False  # the hardware decoder just failed: reconnect in software at once, no backoff
         self._frame_size: tuple[int, ...] = (0, 0)  # (height, width) of the last frame delivered
+        self.recorder: Any = None
+        if recording is not None and self.backend == "gstreamer" and self._unavailable is None:
+            from vigild.capture.recorder import CameraRecorder  # GStreamer: only where a camera records
+
+            self.recorder = CameraRecorder(name, recording, exchange.clip)
+
+    def record(self, order: ClipOrder) -> None:
+        if self.recorder is None:
+            why = "this camera is not recorded here (recording needs the GStreamer back end)"
+            self.exchange.clip(ClipReport(order.clip_id, self.name, ClipState.DROPPED, order.path, reason="error",
+                                          error=why))  # fmt: skip
+            return
+        self.recorder.order(order)
 
     def start(self) -> None:
         self._thread.start()
@@ -217,6 +243,8 @@ class CameraCapture:
                 self._set_state(CameraState.BACKOFF)
                 self._stop.wait(delay)
         finally:
+            if self.recorder is not None:  # the clips being written are finished and saved before we end
+                self.recorder.close()
             if self.stats.state is not CameraState.ENDED:  # a file that ended stays `ended`, even once stopped
                 self._set_state(CameraState.STOPPED if self._stop.is_set() else CameraState.ENDED)
 
@@ -225,7 +253,8 @@ class CameraCapture:
         if self._unavailable is not None:
             self.stats.last_error = self._unavailable
             return Outcome.FAILED
-        reader = make_reader(self.name, self.config, self.spec, self.backend, software_only=self._software_only)
+        reader = make_reader(self.name, self.config, self.spec, self.backend, software_only=self._software_only,
+                             recorder=self.recorder)  # fmt: skip
         try:
             reader.open()
             return self._stream(reader)

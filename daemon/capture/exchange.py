@@ -10,6 +10,7 @@ the pipeline.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter, deque
@@ -17,7 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from vigild.capture.clips import ClipReport
 from vigild.frame import Frame
+
+log = logging.getLogger("vigild.capture")
 
 
 class NoticeKind(StrEnum):
@@ -55,6 +59,8 @@ class FrameExchange:
         """Cameras whose last notice was `up` (posted as their capture starts streaming)."""
         self.drops: Counter[str] = Counter()
         self._on_taken: dict[str, Callable[[], None]] = {}
+        self.clip_listener: Callable[[ClipReport], None] | None = None
+        """Takes the recorders' clip reports (set by the daemon when a camera records)."""
 
     def put(self, frame: Frame, wait: bool = False, on_taken: Callable[[], None] | None = None) -> bool:
         """Offer `frame`; with `wait`, block until the previous one was taken. False once the exchange is closed.
@@ -115,6 +121,15 @@ class FrameExchange:
                 self._streaming.discard(notice.camera)
             self._notices.append(notice)
             self._cond.notify_all()
+
+    def clip(self, report: ClipReport) -> None:
+        """A camera's clip started, was saved or dropped: to whoever listens (the daemon's recording), at once,
+        on the caller's thread (it must not block); before anyone listens, it is logged and forgotten."""
+        listener = self.clip_listener
+        if listener is not None:
+            listener(report)
+        else:
+            log.warning("camera %s: clip %s %s with no one to tell", report.camera, report.clip_id, report.state.value)
 
     @property
     def waiting(self) -> int:

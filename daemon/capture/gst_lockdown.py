@@ -25,8 +25,9 @@ from vigild.gstreamer import gst_modules
 
 log = logging.getLogger("vigild.capture")
 
-KEPT = ("filesrc", "v4l2src")
-"""Removed from the registry, but kept for the daemon's own pipelines (configured files and V4L2 devices)."""
+KEPT = ("filesrc", "v4l2src", "appsrc")
+"""Removed from the registry, but kept for the daemon's own pipelines (configured files and V4L2 devices; the
+recorder's clip writers, fed by the daemon itself)."""
 NETWORK_ALIASES = frozenset({"icy", "icyx", "rtsp-sdp"})
 """Other schemes of network sources, kept with them: souphttpsrc's Shoutcast (`icy://`: HTTP) and rtspsrc's
 `rtsp-sdp://` (an SDP carried in the URI itself)."""

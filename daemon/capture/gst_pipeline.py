@@ -32,6 +32,10 @@ FLOW_REASONS_AFTER_A_HARDWARE_DECODER = ("reason not-negotiated", "reason not-li
 
 SINK_NAME = "sink"
 DECODEBIN_NAME = "decode"
+RECORD_SINK_NAME = "record"
+"""The end of the recording branch of a raw source (its H.264, for the recorder's probe)."""
+RAW_SOURCES = (SourceKind.TEST, SourceKind.V4L2)
+"""Sources that send raw video (a V4L2 camera's MJPEG is decoded first): recording encodes them."""
 
 LOCAL_SOURCE_REFUSED = "source tried to open a local file: refused"
 """A network camera's `last_error` when its stream (an HLS or DASH playlist) names a local file or device: the same
@@ -183,15 +187,20 @@ def pipeline_description(
     sync: bool,
     drop: bool,
     converter: str | None = None,
+    encode_kbps: int | None = None,
 ) -> str:
     """The whole pipeline. `sync`: play at the stream's own pace (files in real time, HLS); `drop`: keep only the
     newest frame in the appsink (everything but files read as fast as possible); `converter`: an element that
     brings a hardware decoder's frames into system memory (`nvvidconv`, see `nvmm_converter`), placed right after
-    the decoder; test patterns have no decoder and take none."""
+    the decoder; test patterns have no decoder and take none. `encode_kbps`: recording is on for a raw source
+    (`RAW_SOURCES`): a branch encodes H.264 for the recorder (never on what the chain sees)."""
     head, branches = source_description(spec)
     steps = [head]
     if converter is not None and spec.kind is not SourceKind.TEST:
         steps += [converter, "video/x-raw"]
+    if encode_kbps is not None and spec.kind in RAW_SOURCES:
+        branches = (branches + " " if branches else "") + recording_branch(spec, encode_kbps)
+        steps += ["tee name=rawtee", "queue max-size-buffers=2 leaky=downstream"]
     if fps is not None and pipeline_limits_fps(fps):
         # drop-only + max-rate: never duplicates, works for sources without a fixed rate (MJPEG, many RTSP
         # cameras) and for a limit above the source's rate; placed first so dropped frames are never scaled
@@ -208,3 +217,16 @@ def pipeline_description(
         f"sync={'true' if sync else 'false'} enable-last-sample=false"
     )
     return " ! ".join(steps) + (" " + branches if branches else "")
+
+
+def recording_branch(spec: SourceSpec, kbps: int) -> str:
+    """H.264 for the recorder from a raw source's frames, as browsers play it (constrained baseline: no B-frames),
+    a keyframe every 2 s; its queue drops rather than slow the frames the chain sees."""
+    fps = spec.test.fps if spec.kind is SourceKind.TEST else 30.0
+    gop = max(1, round(2 * fps))
+    return (
+        "rawtee. ! queue max-size-buffers=30 leaky=downstream ! videoconvert ! video/x-raw,format=I420 ! "
+        f"x264enc speed-preset=veryfast tune=zerolatency bitrate={kbps} key-int-max={gop} bframes=0 ! "
+        "video/x-h264,profile=constrained-baseline ! h264parse ! "
+        f"video/x-h264,stream-format=avc,alignment=au ! fakesink name={RECORD_SINK_NAME} sync=false async=false"
+    )

@@ -18,6 +18,8 @@ from vigild.capture.gst_lockdown import launch
 from vigild.capture.gst_pipeline import (
     DECODEBIN_NAME,
     LOCAL_SOURCE_REFUSED,
+    RAW_SOURCES,
+    RECORD_SINK_NAME,
     SINK_NAME,
     hardware_decoder_to_blame,
     is_hardware_decoder,
@@ -29,6 +31,7 @@ from vigild.capture.gst_pipeline import (
     unusable_decoders,
 )
 from vigild.capture.reader import EndOfStream, FrameReader, RawFrame, SourceError, check_local_source
+from vigild.capture.recorder import CameraRecorder
 from vigild.capture.yuv import I420Layout, i420_to_bgr
 from vigild.config.settings import CameraConfig
 from vigild.config.sources import SourceKind, SourceSpec
@@ -47,9 +50,13 @@ AUTOPLUG_TRY, AUTOPLUG_SKIP = 0, 2
 class GstReader(FrameReader):
     backend = "gstreamer"
 
-    def __init__(self, camera: str, config: CameraConfig, spec: SourceSpec, *, software_only: bool = False):
+    def __init__(self, camera: str, config: CameraConfig, spec: SourceSpec, *, software_only: bool = False,
+                 recorder: CameraRecorder | None = None):  # fmt: skip
         super().__init__(camera, config, spec, software_only=software_only)
         self._gst, _, self._gst_video = gst_modules()
+        self.recorder = recorder
+        """Gets the encoded stream (the decoder's input, or the recording branch's H.264 for raw sources)."""
+        self._record_probes: list[tuple[Any, int]] = []
         self._pipeline: Any = None
         self._sink: Any = None
         self._bus: Any = None
@@ -96,6 +103,7 @@ class GstReader(FrameReader):
             sync=(is_file and self.config.realtime) or self.spec.uri.split("?")[0].endswith(".m3u8"),
             drop=self._sink_drops,
             converter=nvmm_converter(registry_has, self.software_only),
+            encode_kbps=self.recorder.settings.encode_kbps if self.recorder is not None else None,
         )
         check_local_source(self.spec)
         decoder_error_log(gst).watch(self)
@@ -117,6 +125,9 @@ class GstReader(FrameReader):
         self._element_added_id = self._pipeline.connect("deep-element-added", self._element_added)
         pad = self._sink.get_static_pad("sink")
         self._probe = (pad, pad.add_probe(gst.PadProbeType.BUFFER, self._count_buffer))
+        record_sink = self._pipeline.get_by_name(RECORD_SINK_NAME)
+        if record_sink is not None:
+            self._record_from(record_sink.get_static_pad("sink"))
         if self._pipeline.set_state(gst.State.PLAYING) == gst.StateChangeReturn.FAILURE:
             self._raise_bus_error(default="the pipeline refused to start")
         if self._refused:
@@ -152,6 +163,10 @@ class GstReader(FrameReader):
         klass = factory.get_metadata("klass") or ""
         if is_hardware_decoder(factory.get_name(), klass):
             self.hardware_decoder = str(factory.get_name())
+        if self.recorder is not None and self.spec.kind not in RAW_SOURCES and "Decoder" in klass and "Video" in klass:
+            pad = element.get_static_pad("sink")
+            if pad is not None:  # the camera's own encoded stream, parsed, as it enters the decoder
+                self._record_from(pad)
         if self._guard_local:
             uri, protocols = None, ()
             if isinstance(element, self._gst.URIHandler) and element.get_uri_type() == self._gst.URIType.SRC:
@@ -167,6 +182,24 @@ class GstReader(FrameReader):
         element.set_state(self._gst.State.NULL)
         self._refused = True
         log.warning("camera %s: its stream asked for %r, a local source: refused", self.camera, what)
+
+    def _record_from(self, pad: Any) -> None:
+        self._record_probes.append((pad, pad.add_probe(self._gst.PadProbeType.BUFFER, self._record_buffer)))
+
+    def _record_buffer(self, pad: Any, info: Any) -> Any:
+        recorder = self.recorder
+        if recorder is not None:
+            buffer = info.get_buffer()
+            if buffer is not None:
+                gst = self._gst
+                pts = buffer.pts if buffer.pts != gst.CLOCK_TIME_NONE else buffer.dts
+                segment = pad.get_sticky_event(gst.EventType.SEGMENT, 0)
+                if pts != gst.CLOCK_TIME_NONE and segment is not None:
+                    # running time: the same clock on every branch (an encoder shifts its PTS by 1000 hours)
+                    running = segment.parse_segment().to_running_time(gst.Format.TIME, pts)
+                    if running != gst.CLOCK_TIME_NONE:
+                        recorder.encoded(buffer, pad.get_current_caps(), running)
+        return self._gst.PadProbeReturn.OK
 
     def _count_buffer(self, _pad: Any, _info: Any) -> Any:
         self.counters.decoded += 1
@@ -207,6 +240,10 @@ class GstReader(FrameReader):
         pts = buffer.pts
         pts_ms = pts / 1e6 if pts != gst.CLOCK_TIME_NONE else None
         ts_wall, ts_mono = self._capture_time(sample, buffer)
+        if self.recorder is not None and pts != gst.CLOCK_TIME_NONE:
+            running = sample.get_segment().to_running_time(gst.Format.TIME, pts)
+            if running != gst.CLOCK_TIME_NONE:
+                self.recorder.frame_time(running, ts_wall)
         return RawFrame(image, ts_wall, ts_mono, pts_ms)
 
     def _new_caps(self, caps: Any) -> None:
@@ -322,6 +359,8 @@ class GstReader(FrameReader):
         gst = self._gst
         self._eos = False
         self._next_due_ns = 0
+        if self.recorder is not None:  # the file starts again: its timestamps go back to 0
+            self.recorder.discontinuity("stream_ended")
         if not self._pipeline.seek_simple(gst.Format.TIME, gst.SeekFlags.FLUSH | gst.SeekFlags.KEY_UNIT, 0):
             raise SourceError("cannot seek back to the start of the file")
 
@@ -333,7 +372,12 @@ class GstReader(FrameReader):
             pad, probe_id = self._probe
             pad.remove_probe(probe_id)
             self._probe = None
+        for pad, probe_id in self._record_probes:
+            pad.remove_probe(probe_id)
+        self._record_probes.clear()
         self._pipeline.set_state(self._gst.State.NULL)
+        if self.recorder is not None:  # clips end where the stream ended
+            self.recorder.discontinuity("stream_ended")
         if self._element_added_id is not None:
             self._pipeline.disconnect(self._element_added_id)
             self._element_added_id = None

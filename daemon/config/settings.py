@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from vigild.config.outputs import OutputConfig
+from vigild.config.recording import CameraRecordingConfig, RecordingConfig, effective
 from vigild.config.sources import SourceKind, parse_source
 from vigild.events import SYSTEM_CAMERA
 from vigild.plugin import MAX_NAME_LENGTH
@@ -108,6 +109,9 @@ class CameraConfig(StrictModel):
     lines: dict[ShapeName, dict[str, Any]] = Field(
         default_factory=dict,
         description="Named directed lines for the analytics plugin (docs/analytics.md), which validates them.",
+    )
+    recording: CameraRecordingConfig | None = Field(
+        None, description="This camera's recording (docs/recording.md): overrides the top-level section's keys."
     )
 
     @field_validator("source")
@@ -387,6 +391,9 @@ class DaemonSettings(StrictModel):
     curve: CurveConfig | None = Field(None, description="Require CURVE authentication (docs/security.md).")
     metrics: MetricsConfig = MetricsConfig()
     web: WebConfig | None = Field(None, description="The web console (docs/web.md); `web: {}` turns it on.")
+    recording: RecordingConfig | None = Field(
+        None, description="Clips around events and continuous segments (docs/recording.md); off without it."
+    )
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
     torch_threads: int | None = Field(
         None,
@@ -396,6 +403,26 @@ class DaemonSettings(StrictModel):
         "its cgroup CPU quota), whatever OMP_NUM_THREADS or MKL_NUM_THREADS say. Reported in the heartbeat.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def camera_recording(self, name: str) -> CameraRecordingConfig | None:
+        """Camera `name`'s recording settings (the top level's, overridden by its own); None: not recorded."""
+        return effective(self.recording, self.cameras[name].recording)
+
+    @model_validator(mode="after")
+    def _recording_possible(self) -> DaemonSettings:
+        recorded = [name for name in self.cameras if self.camera_recording(name) is not None]
+        if self.recording is not None and self.recording.enabled and not recorded:
+            raise ValueError("recording: no camera records anything: give `events` (what starts a clip) or "
+                             "`continuous`, at the top or under a camera")  # fmt: skip
+        if recorded and not self.journal.enabled:
+            raise ValueError("recording needs the journal (clips are found from their events there): remove "
+                             "`journal: {enabled: false}` or the recording sections")  # fmt: skip
+        for name in recorded:
+            if self.cameras[name].backend == "opencv":
+                raise ValueError(f"cameras.{name}: recording keeps the camera's own encoded stream, which only the "
+                                 "GStreamer back end gives: set `backend: gstreamer` (or auto), or "
+                                 "`recording: {enabled: false}` for this camera")  # fmt: skip
+        return self
 
     @field_validator("outputs")
     @classmethod
