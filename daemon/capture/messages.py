@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from vigild.capture.clips import ClipOrder, ClipReport, RecorderSettings
 from vigild.config.settings import CameraConfig
 from vigild.config.sources import SourceSpec
 
@@ -34,6 +35,15 @@ class AddCapture:
     spec: SourceSpec
     first_index: int
     down_reported: bool
+    recording: RecorderSettings | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordClip:
+    """Write or extend a clip of the capture (vigild.capture.recorder)."""
+
+    capture_id: int
+    order: ClipOrder
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +99,14 @@ class CaptureNotice:
     ts_wall: float
     frame_index: int
     detail: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ClipDone:
+    """A clip of the capture started, was saved or dropped."""
+
+    capture_id: int
+    report: ClipReport
 
 
 @dataclass(frozen=True, slots=True)

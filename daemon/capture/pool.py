@@ -25,13 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from vigild.capture import shm
+from vigild.capture.clips import ClipReport, RecorderSettings
 from vigild.capture.exchange import FrameExchange, Notice, NoticeKind
 from vigild.capture.messages import (
     Alive,
     CaptureNotice,
     CaptureStats,
     CaptureStopped,
+    ClipDone,
     FrameReady,
+    RecordClip,
     RemoveCapture,
     WorkerHello,
 )
@@ -144,6 +147,12 @@ class WorkerHandle:
                 rc.ended()
                 return
             self._send(RemoveCapture(rc.capture_id))
+
+    def record(self, message: RecordClip) -> None:
+        """A clip order for one of its cameras (lost with the worker if it dies: the daemon's recording gives up
+        on a clip it hears nothing of)."""
+        with self._lock:
+            self._send(message)
 
     def request_exit(self) -> None:
         """Ask the worker to exit (its captures were stopped)."""
@@ -284,6 +293,9 @@ class WorkerHandle:
             notice_kind = NoticeKind(message.kind)
             rc.noticed(notice_kind)
             exchange.notify(Notice(rc.name, notice_kind, message.ts_wall, message.frame_index, message.detail))
+        elif isinstance(message, ClipDone):
+            if isinstance(message.report, ClipReport) and message.report.camera == rc.name:
+                exchange.clip(message.report)
         elif isinstance(message, CaptureStopped):
             with self._lock:
                 captures.pop(rc.capture_id, None)
@@ -326,11 +338,12 @@ class CaptureWorkers:
             len(self.handles), ", ".join(str(h.pid) for h in self.handles), self.instance,
         )  # fmt: skip
 
-    def capture(self, name: str, config: CameraConfig, spec: SourceSpec) -> RemoteCapture:
+    def capture(self, name: str, config: CameraConfig, spec: SourceSpec,
+                recording: RecorderSettings | None = None) -> RemoteCapture:  # fmt: skip
         """A capture of `name` (not started) in the worker serving the fewest cameras."""
         with self._lock:
             handle = min(self.handles, key=lambda h: (h.load(), h.index))
-            rc = RemoteCapture(handle, next(self._ids), name, config, spec)
+            rc = RemoteCapture(handle, next(self._ids), name, config, spec, recording)
             handle.assigned.add(rc)
             return rc
 

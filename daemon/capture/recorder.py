@@ -255,6 +255,8 @@ class CameraRecorder:
         self._segment_started: float | None = None
         self._writers: list[ClipWriter] = []
         self._keep_s = settings.pre_s + KEEP_SLACK_S
+        self._concluded: deque[str] = deque(maxlen=1024)
+        """Clips already ended here: a late order for one (a trigger the daemon saw in its window) changes nothing."""
         self.counters: Counter[str] = Counter()
         self._unsupported_logged = False
 
@@ -303,6 +305,8 @@ class CameraRecorder:
 
     def order(self, order: ClipOrder) -> None:
         with self._lock:
+            if order.clip_id in self._concluded:
+                return
             clip = self._clips.get(order.clip_id)
             if clip is not None:  # a later trigger: the same clip, a later end (never past max_s)
                 clip.end_ts = max(clip.end_ts, order.end_ts)
@@ -439,6 +443,7 @@ class CameraRecorder:
 
     def _end(self, clip: _Clip, reason: str) -> None:
         self._clips.pop(clip.order.clip_id, None)
+        self._concluded.append(clip.order.clip_id)
         if clip.writer is not None:
             clip.writer.finish(reason)
         else:
@@ -453,6 +458,7 @@ class CameraRecorder:
             self._segment = None
 
     def _dropped(self, order: ClipOrder, reason: str, error: str) -> None:
+        self._concluded.append(order.clip_id)
         self.counters[f"dropped_{reason}"] += 1
         self._report(ClipReport(order.clip_id, self.camera, ClipState.DROPPED, order.path, reason=reason,
                                 error=error))  # fmt: skip

@@ -18,8 +18,9 @@ import numpy as np
 
 from vigild.capture import shm
 from vigild.capture.camera import CameraState, CameraStats
+from vigild.capture.clips import ClipOrder, RecorderSettings
 from vigild.capture.exchange import Notice, NoticeKind
-from vigild.capture.messages import AddCapture
+from vigild.capture.messages import AddCapture, RecordClip
 from vigild.config.backends import BackendUnavailable, camera_backend
 from vigild.config.settings import CameraConfig
 from vigild.config.sources import SourceSpec
@@ -74,7 +75,9 @@ def taken(states: np.ndarray, slot: int, bell: Doorbell) -> None:
 class RemoteCapture:
     """A camera captured in a worker process, driven like a `CameraCapture` (the `Capture` protocol)."""
 
-    def __init__(self, handle: WorkerHandle, capture_id: int, name: str, config: CameraConfig, spec: SourceSpec):
+    def __init__(self, handle: WorkerHandle, capture_id: int, name: str, config: CameraConfig, spec: SourceSpec,
+                 recording: RecorderSettings | None = None):  # fmt: skip
+        self.recording = recording
         self.handle = handle
         self.capture_id = capture_id
         self.name = name
@@ -121,7 +124,11 @@ class RemoteCapture:
     # ----- from the worker (its handle's thread)
 
     def add_message(self) -> AddCapture:
-        return AddCapture(self.capture_id, self.name, self.config, self.spec, self.next_index, self.down_reported)
+        return AddCapture(self.capture_id, self.name, self.config, self.spec, self.next_index, self.down_reported,
+                          self.recording)  # fmt: skip
+
+    def record(self, order: ClipOrder) -> None:
+        self.handle.record(RecordClip(self.capture_id, order))
 
     def update(self, state: str, since: float, decoded: int, drops: int, errors: int, reconnects: int,
                last_error: str | None, fps: float | None, backend: str, decoder: str | None) -> None:  # fmt: skip

@@ -31,6 +31,7 @@ import numpy as np
 
 from vigild.capture import shm
 from vigild.capture.camera import CameraCapture, CameraStats
+from vigild.capture.clips import ClipOrder, ClipReport, RecorderSettings
 from vigild.capture.exchange import Notice
 from vigild.capture.messages import (
     AddCapture,
@@ -38,8 +39,10 @@ from vigild.capture.messages import (
     CaptureNotice,
     CaptureStats,
     CaptureStopped,
+    ClipDone,
     FrameReady,
     FreeSlot,
+    RecordClip,
     RemoveCapture,
     WorkerHello,
 )
@@ -154,6 +157,9 @@ class ShmSink:
         self.worker.send(CaptureNotice(self.capture_id, notice.kind.value, notice.ts_wall, notice.frame_index,
                                        dict(notice.detail)))  # fmt: skip
 
+    def clip(self, report: ClipReport) -> None:
+        self.worker.send(ClipDone(self.capture_id, report))
+
     def stop(self) -> None:
         self.stopped = True
         with self.worker.doorbell:
@@ -228,9 +234,10 @@ class Worker:
             if not captures:
                 self.send(Alive())
 
-    def add(self, capture_id: int, name: str, config: CameraConfig, spec: SourceSpec, first: int, down: bool) -> None:
+    def add(self, capture_id: int, name: str, config: CameraConfig, spec: SourceSpec, first: int, down: bool,
+            recording: RecorderSettings | None = None) -> None:  # fmt: skip
         sink = ShmSink(self, capture_id, name)
-        capture = WorkerCapture(name, config, spec, sink, first_index=first, down_reported=down)
+        capture = WorkerCapture(name, config, spec, sink, first_index=first, down_reported=down, recording=recording)
         capture.sink = sink
         sink.capture = capture
         with self._lock:
@@ -246,6 +253,12 @@ class Worker:
                 segment.states[slot] = shm.FREE
                 with self.doorbell:
                     self.doorbell.notify_all()
+
+    def record(self, capture_id: int, order: ClipOrder) -> None:
+        with self._lock:
+            capture = self._captures.get(capture_id)
+        if capture is not None:
+            capture.record(order)
 
     def remove(self, capture_id: int) -> None:
         with self._lock:
@@ -265,7 +278,9 @@ class Worker:
                 break  # the daemon is gone
             if isinstance(message, AddCapture):
                 self.add(message.capture_id, message.name, message.config, message.spec, message.first_index,
-                         message.down_reported)  # fmt: skip
+                         message.down_reported, message.recording)  # fmt: skip
+            elif isinstance(message, RecordClip):
+                self.record(message.capture_id, message.order)
             elif isinstance(message, RemoveCapture):
                 self.remove(message.capture_id)
             elif isinstance(message, FreeSlot):

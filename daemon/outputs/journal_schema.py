@@ -30,7 +30,42 @@ CREATE INDEX IF NOT EXISTS events_type_ts ON events (type, ts);
 CREATE INDEX IF NOT EXISTS events_track ON events (camera, track) WHERE track IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_label ON events (label) WHERE label IS NOT NULL;
 CREATE TABLE IF NOT EXISTS output_cursors (output TEXT PRIMARY KEY, seq INTEGER NOT NULL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS clips (
+    id TEXT PRIMARY KEY,
+    camera TEXT NOT NULL,
+    root TEXT NOT NULL,
+    path TEXT NOT NULL,
+    state TEXT NOT NULL,
+    segment INTEGER NOT NULL DEFAULT 0,
+    run TEXT NOT NULL,
+    created REAL NOT NULL,
+    retain_until REAL NOT NULL,
+    start_ts REAL,
+    end_ts REAL,
+    frames INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0,
+    codec TEXT,
+    width INTEGER,
+    height INTEGER,
+    reason TEXT,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS clips_camera_start ON clips (camera, start_ts);
+CREATE INDEX IF NOT EXISTS clips_state ON clips (state, created);
+CREATE TABLE IF NOT EXISTS clip_events (
+    clip TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    event_id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    PRIMARY KEY (clip, seq)
+);
+CREATE INDEX IF NOT EXISTS clip_events_seq ON clip_events (seq);
+CREATE INDEX IF NOT EXISTS clip_events_id ON clip_events (event_id);
 """
+"""`clips` and `clip_events`: the recordings' side tables (docs/recording.md), written by vigild.recording. A clip
+row is every clip ever ordered, with its state (`pending`, `writing`, `saved`, `dropped`, `expired`); `clip_events`
+links it to the events that started (`start`) or extended (`extend`) it. Events themselves are never changed: an
+event's clip is found through this table."""
 
 
 @dataclass(frozen=True)

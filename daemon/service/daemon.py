@@ -83,8 +83,20 @@ class Daemon:
         self.outputs = Outputs(bus, lambda: journaling.writer,
                                lambda: [publisher, *([journaling.writer] if journaling.writer is not None else [])],
                                config.file, self)  # fmt: skip
+        self.recording: Any = None
+        recording_root = None
+        if any(settings.camera_recording(name) is not None for name in config.cameras):
+            from vigild.recording.manager import Recording, default_root  # GStreamer: only when recording
+
+            recording_root = (settings.recording.path if settings.recording is not None and
+                              settings.recording.path is not None else default_root(journaling.path))  # fmt: skip
+            self.recording = Recording(recording_root, journaling.path, settings.recording,
+                                       lambda camera: self.config.settings.camera_recording(camera)
+                                       if camera in self.config.cameras else None,
+                                       lambda: self._running.captures, bus.publish, bus.run)  # fmt: skip
+            exchange.clip_listener = self.recording.report
         self.pipeline = Pipeline(exchange, scheduler, publisher, device, threads, self.workers, self.journaling,
-                                 bus, self.outputs)  # fmt: skip
+                                 bus, self.outputs, recording_root, self.recording)  # fmt: skip
         self.exchange, self.scheduler, self.publisher = exchange, scheduler, publisher
         self.device, self.threads = device, threads
         self._running = Running(config, chain, {name: self.pipeline.capture(config, name) for name in config.cameras})
@@ -152,6 +164,10 @@ class Daemon:
                 raise BindError(exc.key, str(exc)) from exc
             self.outputs.start(self.config)
             started.append(self.outputs)
+            if self.recording is not None:
+                self.recording.start()
+                self.bus.attach(self.recording)
+                started.append(self.recording)
             self.heartbeat.start()
             started.append(self.heartbeat)
             if self.control is not None:
@@ -228,6 +244,12 @@ class Daemon:
                 )
             else:
                 self.chain.stop()
+            if self.recording is not None:  # the clips being written are saved, and announced, before outputs stop
+                deadline = time.monotonic() + CAPTURE_JOIN_TIMEOUT_S
+                for capture in captures.values():
+                    capture.join(max(0.0, deadline - time.monotonic()))
+                self.bus.detach(self.recording)
+                self.recording.stop()
             self.heartbeat.stop()
             self.outputs.stop()  # first: one catching up may still read what the journal's writer stores
             self.publisher.stop()

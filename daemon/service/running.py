@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 from vigild.capture.camera import CameraCapture, Capture
+from vigild.capture.clips import RecorderSettings
 from vigild.capture.exchange import FrameExchange
 from vigild.capture.pool import CaptureWorkers
 from vigild.config.loading import Config
@@ -40,12 +42,24 @@ class Pipeline:
     bus: EventBus = field(default_factory=EventBus)
     """Where every event goes (a part made without one, in tests, gets one of its own)."""
     outputs: Outputs | None = None
+    recording_root: Path | None = None
+    """Where clips go (None: no camera records)."""
+    recording: Any = None
+    """The daemon's recording (vigild.recording.manager.Recording), when a camera records."""
+
+    def recorder_settings(self, config: Config, name: str) -> RecorderSettings | None:
+        settings = config.settings.camera_recording(name)
+        if settings is None or self.recording_root is None:
+            return None
+        segment_s = settings.continuous.segment_s if settings.continuous is not None else None
+        return RecorderSettings(self.recording_root, settings.pre_s, settings.encode_kbps, segment_s)
 
     def capture(self, config: Config, name: str) -> Capture:
         """A capture of camera `name` of `config` into the exchange (not started): in a worker, or a thread here."""
+        recording = self.recorder_settings(config, name)
         if self.workers is not None:
-            return self.workers.capture(name, config.cameras[name], config.source(name))
-        return CameraCapture(name, config.cameras[name], config.source(name), self.exchange)
+            return self.workers.capture(name, config.cameras[name], config.source(name), recording)
+        return CameraCapture(name, config.cameras[name], config.source(name), self.exchange, recording=recording)
 
     def on_scheduler(self, function: Callable[[], None], timeout: float) -> None:
         """Run `function` between two batches; CommandError `busy`, with `function` not run, when the scheduler

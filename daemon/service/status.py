@@ -137,6 +137,7 @@ def snapshot(running: Running, pipeline: Pipeline, rates: Rates, uptime_s: float
         },
         "journal": pipeline.journaling.status() if pipeline.journaling is not None else {"enabled": False},
         "outputs": pipeline.outputs.status() if pipeline.outputs is not None else {},
+        "recording": pipeline.recording.status() if pipeline.recording is not None else {"enabled": False},
     }
 
 
