@@ -1,4 +1,4 @@
-"""`vigild run | check | sub | ctl | events | keygen | export | quantize`. Exit codes: 0 success, 2 a config the daemon refuses, 1 anything else."""
+"""`vigild run | check | sub | ctl | events | clip | keygen | export | quantize`. Exit codes: 0 success, 2 a config the daemon refuses, 1 anything else."""
 
 from __future__ import annotations
 
@@ -109,6 +109,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     _curve_arguments(events)
 
+    clip = commands.add_parser("clip", help="copy out the recorded clip of an event (docs/recording.md)")
+    clip.add_argument("event", help="the event's id (32 hex digits) or its seq")
+    source = clip.add_mutually_exclusive_group(required=True)
+    source.add_argument("--journal", "-j", help="the journal's database file")
+    source.add_argument("--config", "-c", help="the daemon's config file: its journal")
+    clip.add_argument("--output", "-o", required=True, help="where to write the MP4 (`-`: standard output)")
+
     keygen = commands.add_parser("keygen", help="make a CURVE key pair (NAME.key public, NAME.key_secret private)")
     keygen.add_argument("name", help="e.g. server, or a client's name")
     keygen.add_argument("--dir", "-d", default=".", help="where to write the two files")
@@ -139,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"vigild {args.command}: CURVE keys: {exc}", file=sys.stderr)
             return EXIT_FAILURE
         return {"sub": cli_clients.sub, "ctl": cli_clients.ctl, "events": cli_clients.events}[args.command](args, keys)
+    if args.command == "clip":
+        return cli_clients.clip(args)
     if args.command in ("export", "quantize"):
         from vigild.plugins.detection import commands as model_tools
 

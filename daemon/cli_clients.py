@@ -96,7 +96,8 @@ def events(args: argparse.Namespace, keys: ClientKeys | None) -> int:
         if fields is not None:
             history.write_counts(history.counts(db, query, fields), args.format)
         elif not args.follow and args.format == "json":
-            sys.stdout.writelines(body + "\n" for body in history.select_text(db, query))  # as stored: no parsing
+            # as stored, no parsing; an event with a clip gets `clip` added (docs/recording.md)
+            sys.stdout.writelines(body + "\n" for body in history.with_clips(db, history.select_text(db, query)))
         elif not args.follow:
             history.write(history.select(db, query), args.format)
         else:
@@ -115,6 +116,57 @@ def events(args: argparse.Namespace, keys: ClientKeys | None) -> int:
     return EXIT_OK
 
 
+def clip(args: argparse.Namespace) -> int:
+    """`vigild clip EVENT -o FILE`: the clip an event started or extended, copied out as it is stored."""
+    import shutil
+
+    from vigild.outputs import history
+    from vigild.outputs.clip_store import clip_of_event, has_clip_tables
+
+    event: str | int = args.event.strip().lower()
+    if isinstance(event, str) and event.isdigit():
+        event = int(event)
+    elif not (len(event) == 32 and all(c in "0123456789abcdef" for c in event)):
+        print(f"vigild clip: {args.event!r} is neither an event id (32 hex digits) nor a seq", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        path, _, _ = journal_of(args)
+        db = history.open_journal(path)
+    except (history.HistoryError, ConfigError) as exc:
+        print(f"vigild clip: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        column = "seq" if isinstance(event, int) else "id"
+        if db.execute(f"SELECT 1 FROM events WHERE {column} = ?", (event,)).fetchone() is None:
+            print(f"vigild clip: no event {event} in {path}", file=sys.stderr)
+            return EXIT_FAILURE
+        found = clip_of_event(db, event) if has_clip_tables(db) else None
+    finally:
+        db.close()
+    if found is None:
+        print(f"vigild clip: event {event} has no clip (it did not start or extend one)", file=sys.stderr)
+        return EXIT_FAILURE
+    if found.state != "saved":
+        why = {"pending": "is not written yet", "writing": "is still being written",
+               "expired": f"was removed by retention ({found.error})",
+               "dropped": f"was dropped ({found.reason}{': ' + found.error if found.error else ''})"}  # fmt: skip
+        print(f"vigild clip: the clip of event {event} {why.get(found.state, found.state)}", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        source = found.checked_file()
+        if args.output == "-":
+            with source.open("rb") as f:
+                shutil.copyfileobj(f, sys.stdout.buffer)
+        else:
+            shutil.copyfile(source, args.output)
+    except (OSError, ValueError) as exc:
+        print(f"vigild clip: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.output != "-":
+        print(json.dumps(found.describe()))
+    return EXIT_OK
+
+
 def journal_of(args: argparse.Namespace) -> tuple[Path, str, str]:
     """The journal's path, the publisher's endpoint and the replay endpoint: from the config file (its `journal:`
     and `publisher:` sections only, so no plugin is imported), or `--journal`, `--endpoint` and `--replay-endpoint`.
@@ -125,12 +177,13 @@ def journal_of(args: argparse.Namespace) -> tuple[Path, str, str]:
     from vigild.config.settings import JournalConfig, PublisherConfig
     from vigild.outputs.journal import default_path
 
+    endpoint_arg, replay_arg = getattr(args, "endpoint", None), getattr(args, "replay_endpoint", None)
     if args.config is None:
-        return Path(args.journal), args.endpoint or DEFAULT_ENDPOINT, args.replay_endpoint or paths.replay_endpoint()
+        return Path(args.journal), endpoint_arg or DEFAULT_ENDPOINT, replay_arg or paths.replay_endpoint()
     journal = load_section(args.config, "journal", JournalConfig)
     publisher = load_section(args.config, "publisher", PublisherConfig)
-    endpoint = args.endpoint or publisher.endpoint
-    replay = args.replay_endpoint or journal.replay_endpoint or paths.replay_endpoint(args.config)
+    endpoint = endpoint_arg or publisher.endpoint
+    replay = replay_arg or journal.replay_endpoint or paths.replay_endpoint(args.config)
     return journal.path or default_path(Path(args.config)), endpoint, replay
 
 

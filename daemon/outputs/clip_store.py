@@ -48,6 +48,18 @@ class ClipRow:
     def file(self) -> Path:
         return Path(self.root) / self.path
 
+    def checked_file(self) -> Path:
+        """`file`, or ValueError when its path would leave its root (a database someone edited)."""
+        root = Path(self.root).resolve()
+        target = (root / self.path).resolve()
+        if not target.is_relative_to(root) or target == root:
+            raise ValueError(f"clip {self.id}: its path {self.path!r} leaves the recordings root {self.root}")
+        return target
+
+    def brief(self) -> dict[str, Any]:
+        """What `vigild events` adds to an event that has a clip."""
+        return {"id": self.id, "state": self.state, "path": self.path, "duration_s": self.duration_s}
+
     @property
     def duration_s(self) -> float | None:
         if self.start_ts is None or self.end_ts is None:

@@ -16,7 +16,7 @@ import re
 import sqlite3
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -148,6 +148,37 @@ def matches(query: Query, event: dict[str, Any]) -> bool:
     )
 
 
+def with_clips(db: sqlite3.Connection, bodies: Iterable[str], chunk: int = 500) -> Iterator[str]:
+    """Stored bodies, each event that started or extended a clip with `"clip": {id, state, path, duration_s}` added
+    at its end (from the journal's side table: the event as published is unchanged); the others as they are."""
+    from vigild.outputs.clip_store import clips_of_events, has_clip_tables
+
+    if not has_clip_tables(db):
+        yield from bodies
+        return
+    batch: list[str] = []
+    for body in bodies:
+        batch.append(body)
+        if len(batch) >= chunk:
+            yield from _annotated(db, batch, clips_of_events)
+            batch = []
+    yield from _annotated(db, batch, clips_of_events)
+
+
+_SEQ = re.compile(r'"seq":(\d+)')
+
+
+def _annotated(db: sqlite3.Connection, batch: list[str], clips_of_events: Any) -> Iterator[str]:
+    seqs = [int(m.group(1)) if (m := _SEQ.search(body[:64])) else -1 for body in batch]
+    found = clips_of_events(db, [s for s in seqs if s >= 0])
+    for seq, body in zip(seqs, batch, strict=True):
+        clip = found.get(seq)
+        if clip is None or not body.endswith("}"):
+            yield body
+        else:
+            yield body[:-1] + ',"clip":' + json.dumps(clip.brief(), separators=(",", ":")) + "}"
+
+
 def last_seq(db: sqlite3.Connection) -> int:
     return int(db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0])
 
@@ -161,4 +192,4 @@ def _row(event: dict[str, Any]) -> list[Any]:
 
 
 __all__ = ["HistoryError", "count_fields", "counts", "last_seq", "matches", "open_journal", "parse_time", "select",
-           "select_text", "write", "write_counts"]  # fmt: skip
+           "select_text", "with_clips", "write", "write_counts"]  # fmt: skip
