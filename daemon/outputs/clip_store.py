@@ -58,7 +58,8 @@ class ClipRow:
 
     def brief(self) -> dict[str, Any]:
         """What `vigild events` adds to an event that has a clip."""
-        return {"id": self.id, "state": self.state, "path": self.path, "duration_s": self.duration_s}
+        return {"id": self.id, "state": self.state, "path": self.path, "duration_s": self.duration_s,
+                "codec": self.codec}
 
     @property
     def duration_s(self) -> float | None:
@@ -194,6 +195,11 @@ def clips_of_events(db: sqlite3.Connection, seqs: Sequence[int]) -> dict[int, Cl
         f"JOIN clips c ON c.id = e.clip WHERE e.seq IN ({marks}) ORDER BY c.created", list(seqs)
     ).fetchall()  # fmt: skip
     return {int(r[0]): _row(r[1:]) for r in rows}
+
+
+def clip_by_id(db: sqlite3.Connection, clip_id: str) -> ClipRow | None:
+    found = db.execute(f"SELECT {_COLUMNS} FROM clips WHERE id = ?", (clip_id,)).fetchone()
+    return _row(found) if found else None
 
 
 def has_clip_tables(db: sqlite3.Connection) -> bool:

@@ -264,7 +264,7 @@ class Recording:
         kind = {"writing": "clip.start", "saved": "clip.saved", "dropped": "clip.dropped"}.get(row.state)
         if kind is None:
             return
-        data: dict[str, Any] = {"clip": row.id, "path": row.path}
+        data: dict[str, Any] = {"clip_id": row.id, "path": row.path}
         if row.start_ts is not None:
             data["start"] = iso_utc(row.start_ts)
         if kind == "clip.saved" and row.end_ts is not None:

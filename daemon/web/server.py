@@ -25,6 +25,7 @@ from aiohttp import WSMsgType, web
 from vigild.config.loading import Config, ConfigError
 from vigild.config.settings import WebConfig
 from vigild.lifecycle import ServiceThread
+from vigild.outputs.clip_store import ClipRow, clip_by_id, clips_of_events, has_clip_tables
 from vigild.outputs.history import HistoryError, open_journal, parse_time
 from vigild.outputs.journal_files import SNAPSHOTS, default_path, snapshot_name
 from vigild.outputs.journal_query import Query, select
@@ -168,6 +169,7 @@ class WebConsole:
         app.router.add_get(f"{API}/cameras/{{camera}}/live", self.api_live)
         app.router.add_get(f"{API}/events", self.api_events)
         app.router.add_get(f"{API}/events/{{seq}}/snapshot.jpg", self.api_event_snapshot)
+        app.router.add_get(f"{API}/clips/{{clip}}", self.api_clip)
 
     # ----- pages
 
@@ -273,7 +275,45 @@ class WebConsole:
         except HistoryError:
             return []
         try:
-            return list(select(db, selection))
+            events = list(select(db, selection))
+            if has_clip_tables(db):  # the clip each event started or extended (docs/recording.md)
+                clips = clips_of_events(db, [event["seq"] for event in events])
+                for event in events:
+                    if event["seq"] in clips:
+                        event["clip"] = clips[event["seq"]].brief()
+            return events
+        finally:
+            db.close()
+
+    async def api_clip(self, request: web.Request) -> web.StreamResponse:
+        """A clip's MP4 by its id (`<id>.mp4`), served with ranges (a `<video>` seeks with them)."""
+        name = request.match_info["clip"]
+        clip_id = name.removesuffix(".mp4")
+        if not name.endswith(".mp4") or len(clip_id) != 32 or any(c not in "0123456789abcdef" for c in clip_id):
+            raise _error(web.HTTPNotFound, "no_clip", "a clip is /clips/<32 hex digits>.mp4")
+        row = await self._call(self._clip_row, clip_id)
+        if row is None or row.state != "saved":
+            state = "no such clip" if row is None else f"the clip is {row.state}"
+            raise _error(web.HTTPNotFound, "no_clip", state)
+        try:
+            path = row.checked_file()
+        except ValueError as exc:
+            raise _error(web.HTTPNotFound, "no_clip", str(exc)) from None
+        if not path.is_file():
+            raise _error(web.HTTPNotFound, "no_clip", "the clip's file is gone")
+        return web.FileResponse(path, headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"})
+
+    def _clip_row(self, clip_id: str) -> ClipRow | None:
+        if not self.source.config.settings.journal.enabled:
+            return None
+        try:
+            db = open_journal(self._journal())
+        except HistoryError:
+            return None
+        try:
+            return clip_by_id(db, clip_id) if has_clip_tables(db) else None
+        except sqlite3.Error:
+            return None
         finally:
             db.close()
 

@@ -145,19 +145,37 @@ function describe(event) {
   return parts.join(" · ");
 }
 
+function clipOf(event) {
+  // the clip an event started or extended, or a clip event's own clip (docs/recording.md)
+  if (event.clip && event.clip.state === "saved") return { id: event.clip.id, codec: event.clip.codec };
+  if (event.type === "clip.saved" && event.clip_id) return { id: event.clip_id, codec: event.codec };
+  return null;
+}
+
+function clipPlayer(clip) {
+  const video = el("video", { id: "clip", controls: "", muted: "", playsinline: "", preload: "metadata",
+    src: `${API}/clips/${clip.id}.mp4` });
+  video.muted = true;
+  const parts = [video, el("a", { href: `${API}/clips/${clip.id}.mp4`, download: `${clip.id}.mp4`, text: "Download the clip" })];
+  // Chromium (and so the console in most browsers) plays H.264; an H.265 clip is offered for download
+  if (clip.codec === "h265") parts.unshift(el("p", { class: "error", text: "H.265 clip: your browser may not play it; download it instead." }));
+  return el("div", { class: "clip" }, ...parts);
+}
+
 function eventRow(event, viewer) {
+  const clip = clipOf(event);
   const row = el("tr", { "data-seq": event.seq },
     el("td", { text: event.ts }), el("td", { text: event.camera }), el("td", { text: event.type }),
     el("td", { text: describe(event) }), el("td", {}, event.snapshot ? el("img", {
-      class: "thumb", loading: "lazy", alt: "snapshot", src: `${API}/events/${event.seq}/snapshot.jpg` }) : ""));
-  if (event.snapshot) {
-    row.classList.add("has-snapshot");
+      class: "thumb", loading: "lazy", alt: "snapshot", src: `${API}/events/${event.seq}/snapshot.jpg` }) : ""),
+    el("td", { class: "has-clip", text: clip ? "▶" : "" }));
+  if (event.snapshot || clip) {
+    row.classList.add(event.snapshot ? "has-snapshot" : "has-clip");
     row.addEventListener("click", () => {
       viewer.replaceChildren(
         el("p", { text: `${event.camera} · ${event.type} · ${event.ts}` }),
-        el("img", { id: "snapshot", alt: "snapshot", src: `${API}/events/${event.seq}/snapshot.jpg` }),
-        // where recordings exist, the event's clip goes here (docs/web.md)
-        el("div", { class: "clip", "data-seq": event.seq }));
+        event.snapshot ? el("img", { id: "snapshot", alt: "snapshot", src: `${API}/events/${event.seq}/snapshot.jpg` }) : "",
+        clip ? clipPlayer(clip) : "");
     });
   }
   return row;
@@ -177,7 +195,7 @@ async function eventsPage(main, fixed = {}) {
   for (const name of ["type", "label", "since", "until"]) form.append(fields[name]);
   form.append(el("button", { type: "submit", text: "Show" }));
   const table = el("table", { id: "events" }, el("thead", {}, el("tr", {},
-    ...["time", "camera", "type", "what", "snapshot"].map((h) => el("th", { text: h })))));
+    ...["time", "camera", "type", "what", "snapshot", "clip"].map((h) => el("th", { text: h })))));
   const rows = el("tbody");
   table.append(rows);
   const more = el("button", { id: "older", text: "Older events" });
