@@ -45,6 +45,8 @@ RING_MAX_BYTES = 96 << 20
 FINISH_TIMEOUT_S = 10.0
 """How long a finished clip's muxer may take to write its last fragment and index."""
 PART = ".part"
+SHALLOW = 0
+"""Gst.BufferCopyFlags for a copy that shares the memory (set once GStreamer is loaded: `_shallow`)."""
 CODECS = {"video/x-h264": ("h264", "h264parse"), "video/x-h265": ("h265", "h265parse")}
 """What MP4 keeps as it is, and the parser that frames it for the muxer."""
 MUXER = "mp4mux fragment-duration=1000"
@@ -85,12 +87,19 @@ def _size(caps: Any) -> tuple[int | None, int | None]:
     return (width if ok_w else None), (height if ok_h else None)
 
 
+def _shallow(gst: Any) -> Any:
+    flags = gst.BufferCopyFlags
+    return flags.FLAGS | flags.TIMESTAMPS | flags.META | flags.MEMORY
+
+
 class ClipWriter:
     """One MP4 file from encoded packets; finished (`finish`) on a thread of its own, which reports the result."""
 
     def __init__(self, camera: str, clip_id: str, root: Path, relative: str, caps: Any,
                  report: Callable[[ClipReport], None], *, segment: bool = False):  # fmt: skip
+        global SHALLOW
         self._gst = gst_modules()[0]
+        SHALLOW = _shallow(self._gst)
         self.camera, self.clip_id, self.relative, self.segment = camera, clip_id, relative, segment
         self._report = report
         codec = codec_of(caps)
@@ -137,10 +146,12 @@ class ClipWriter:
         if self.base is None:
             self.base = min(packet.pts, packet.dts) if packet.dts != gst.CLOCK_TIME_NONE else packet.pts
             self.first_wall, self.first_pts = wall, packet.pts
+        if packet.pts < self.first_pts:  # shown before the first keyframe (an open GOP's leading pictures): they
+            return  # refer to the GOP before, which the clip does not have
         pts = packet.pts - self.base
-        if pts < 0:  # a frame shown before the first keyframe (an open GOP's leading B-frames): not decodable
-            return
-        out = packet.buffer.copy()  # a new buffer sharing the same memory: its timestamps are ours to set
+        # a new buffer sharing the same memory, whose timestamps are ours to set (PyGObject's `copy()` would hand
+        # back the same buffer: the ring's, still in use)
+        out = packet.buffer.copy_region(SHALLOW, 0, packet.size)
         out.pts = pts
         out.dts = packet.dts - self.base if packet.dts != gst.CLOCK_TIME_NONE and packet.dts >= self.base else pts
         self._src.push_buffer(out)
@@ -198,10 +209,12 @@ class ClipWriter:
         state, size, reason = ClipState.SAVED, 0, self.reason or "stopped"
         if self.failed is None and self.frames:
             try:
-                os.replace(self.part, self.final)
+                # the fragments remuxed with the index first: a browser then knows the duration at once
+                if not remux(self.part, self.final):
+                    os.replace(self.part, self.final)  # fragmented as written: it plays too
                 size = self.final.stat().st_size
             except OSError as exc:
-                self.failed = f"{exc.strerror or exc}"
+                self.failed = _disk_full_os(exc) or f"{exc.strerror or exc}"
         if self.failed is not None or not self.frames:
             state = ClipState.DROPPED
             reason = "disk_full" if self.failed == "disk_full" else ("error" if self.failed else self.reason)
@@ -213,6 +226,10 @@ class ClipWriter:
             self.clip_id, self.camera, state, self.relative, self.first_wall, end, self.frames, size, self.codec,
             self.width, self.height, reason, None if self.failed == "disk_full" else self.failed, self.segment,
         ))  # fmt: skip
+
+
+def _disk_full_os(exc: OSError) -> str | None:
+    return "disk_full" if exc.errno == errno.ENOSPC else None
 
 
 def _disk_full(error: Any, debug: str | None) -> str | None:
@@ -471,13 +488,12 @@ class CameraRecorder:
         self._report(report)
 
 
-def repair(root: Path, part: Path) -> Path | None:
-    """A `.part` a killed run left: its complete fragments remuxed (no re-encode) into the final file, returned; None
-    (and the part removed) when nothing in it plays."""
+def remux(source: Path, target: Path) -> bool:
+    """`source`'s video (a fragmented MP4, complete or cut off) remuxed into `target` with the index at the front,
+    without decoding (`qtdemux ! parsebin ! mp4mux faststart=true`); `source` removed on success. False (nothing
+    written at `target`) when nothing in it could be read."""
     gst = gst_modules()[0]
-    final = part.with_name(part.name[: -len(PART)])
-    fixed = part.with_name(part.name + ".fix")
-    location_in = str(part)
+    fixed = target.with_name(target.name + ".fix")
     location_out = '"' + str(fixed).replace("\\", "\\\\").replace('"', '\\"') + '"'
     ok = False
     try:
@@ -485,24 +501,34 @@ def repair(root: Path, part: Path) -> Path | None:
                           f"filesink location={location_out}")  # fmt: skip
         src = kept_source("filesrc")
         if src is not None:
-            src.set_property("location", location_in)
+            src.set_property("location", str(source))
             pipeline.add(src)
             src.link(pipeline.get_by_name("demux"))
             pipeline.set_state(gst.State.PLAYING)
-            message = pipeline.get_bus().timed_pop_filtered(int(30e9), gst.MessageType.EOS | gst.MessageType.ERROR)
+            message = pipeline.get_bus().timed_pop_filtered(int(60e9), gst.MessageType.EOS | gst.MessageType.ERROR)
             ok = message is not None and message.type == gst.MessageType.EOS
             pipeline.set_state(gst.State.NULL)
-            ok = ok and fixed.exists() and fixed.stat().st_size > 1024 and _plays(fixed)
+            ok = ok and fixed.exists() and _plays(fixed)
     except Exception as exc:  # GLib errors of a file that is not MP4 at all
-        log.debug("repairing %s: %s", part, exc)
+        log.debug("remuxing %s: %s", source, exc)
         ok = False
     if ok:
-        os.replace(fixed, final)
-        part.unlink(missing_ok=True)
+        os.replace(fixed, target)
+        source.unlink(missing_ok=True)
+        return True
+    with contextlib.suppress(OSError):
+        fixed.unlink()
+    return False
+
+
+def repair(part: Path) -> Path | None:
+    """A `.part` a killed run left: its complete fragments remuxed (no re-encode) into the final file, returned; None
+    (and the part removed) when nothing in it plays."""
+    final = part.with_name(part.name[: -len(PART)])
+    if remux(part, final):
         return final
-    for path in (fixed, part):
-        with contextlib.suppress(OSError):
-            path.unlink()
+    with contextlib.suppress(OSError):
+        part.unlink()
     return None
 
 

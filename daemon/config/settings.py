@@ -9,7 +9,16 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from vigild.config.outputs import OutputConfig
 from vigild.config.recording import CameraRecordingConfig, RecordingConfig, effective
@@ -408,20 +417,39 @@ class DaemonSettings(StrictModel):
         """Camera `name`'s recording settings (the top level's, overridden by its own); None: not recorded."""
         return effective(self.recording, self.cameras[name].recording)
 
-    @model_validator(mode="after")
-    def _recording_possible(self) -> DaemonSettings:
-        recorded = [name for name in self.cameras if self.camera_recording(name) is not None]
-        if self.recording is not None and self.recording.enabled and not recorded:
-            raise ValueError("recording: no camera records anything: give `events` (what starts a clip) or "
-                             "`continuous`, at the top or under a camera")  # fmt: skip
-        if recorded and not self.journal.enabled:
+    @field_validator("recording")
+    @classmethod
+    def _recording_possible(cls, value: RecordingConfig | None, info: ValidationInfo) -> RecordingConfig | None:
+        """Checked here (not on the whole model) so that the error names `recording` and its line."""
+        cameras: dict[str, CameraConfig] = info.data.get("cameras") or {}
+        journal: JournalConfig | None = info.data.get("journal")
+        if value is None or not value.enabled:
+            return value
+        recorded = [name for name, camera in cameras.items() if effective(value, camera.recording) is not None]
+        if cameras and not recorded:
+            raise ValueError("no camera records anything: give `events` (what starts a clip) or `continuous`, at "
+                             "the top or under a camera")  # fmt: skip
+        if journal is not None and not journal.enabled:
             raise ValueError("recording needs the journal (clips are found from their events there): remove "
-                             "`journal: {enabled: false}` or the recording sections")  # fmt: skip
+                             "`journal: {enabled: false}` or this section")  # fmt: skip
         for name in recorded:
-            if self.cameras[name].backend == "opencv":
-                raise ValueError(f"cameras.{name}: recording keeps the camera's own encoded stream, which only the "
-                                 "GStreamer back end gives: set `backend: gstreamer` (or auto), or "
-                                 "`recording: {enabled: false}` for this camera")  # fmt: skip
+            if cameras[name].backend == "opencv":
+                raise ValueError(f"camera {name} has `backend: opencv`, but recording keeps the camera's own encoded "
+                                 "stream, which only the GStreamer back end gives: set `backend: gstreamer` (or "
+                                 f"auto), or `recording: {{enabled: false}}` under camera {name}")  # fmt: skip
+        return value
+
+    @model_validator(mode="after")
+    def _camera_recording_possible(self) -> DaemonSettings:
+        """Cameras with a `recording:` of their own (and no top-level section, which is checked above)."""
+        for name, camera in self.cameras.items():
+            if self.recording is None and camera.recording is not None and camera.recording.records:
+                if not self.journal.enabled:
+                    raise ValueError(f"cameras.{name}.recording needs the journal (clips are found from their "
+                                     "events there): remove `journal: {enabled: false}`")  # fmt: skip
+                if camera.backend == "opencv":
+                    raise ValueError(f"cameras.{name}.recording keeps the camera's own encoded stream, which only "
+                                     "the GStreamer back end gives: set `backend: gstreamer` (or auto)")  # fmt: skip
         return self
 
     @field_validator("outputs")

@@ -319,7 +319,7 @@ class Recording:
         assert store is not None
         for row in store.unfinished(self._run):
             part = row.file.with_name(row.file.name + PART)
-            fixed = repair(self.root, part) if part.exists() else None
+            fixed = repair(part) if part.exists() else None
             info = probe_file(fixed) if fixed is not None else None
             if fixed is not None and info is not None:
                 size = fixed.stat().st_size
