@@ -278,7 +278,8 @@ def test_a_sigkill_in_the_middle_of_a_clip_leaves_a_playable_prefix_after_the_ne
     finally:
         service.kill()
     (part,) = list(recordings.rglob("*.part"))
-    service = Service(tmp_path, config)
+    (tmp_path / "again").mkdir()
+    service = Service(tmp_path / "again", config)  # the same config, journal and recordings
     try:
         wait(lambda: journal_rows(tmp_path, "SELECT state FROM clips WHERE state IN ('saved', 'dropped') AND "
                                   "reason IN ('repaired', 'killed')"), "the cut-off clip concluded", service)  # fmt: skip
@@ -365,6 +366,8 @@ def test_a_line_crossing_on_the_plaza_makes_a_clip_that_plays_in_the_console(tmp
         page = browser.new_page()
         page.goto(f"{url}?token={token}")
         page.goto(f"{url}#/events")
+        page.fill("#filters input[name=type]", "line.cross")  # as a user finds it among the track updates
+        page.click("#filters button[type=submit]")
         row = page.locator(f"tr[data-seq='{crossing['seq']}']")
         row.wait_for(timeout=60_000)
         row.click()
