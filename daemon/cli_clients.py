@@ -121,12 +121,11 @@ def clip(args: argparse.Namespace) -> int:
     import shutil
 
     from vigild.outputs import history
-    from vigild.outputs.clip_store import clip_of_event, has_clip_tables
+    from vigild.outputs.clip_store import clip_of_event, export_relative, has_clip_tables, segments_between
 
-    event: str | int = args.event.strip().lower()
-    if isinstance(event, str) and event.isdigit():
-        event = int(event)
-    elif not (len(event) == 32 and all(c in "0123456789abcdef" for c in event)):
+    text = args.event.strip().lower()
+    event: str | int = int(text) if text.isdigit() else text
+    if not text.isdigit() and not (len(text) == 32 and all(c in "0123456789abcdef" for c in text)):
         print(f"vigild clip: {args.event!r} is neither an event id (32 hex digits) nor a seq", file=sys.stderr)
         return EXIT_CONFIG
     try:
@@ -141,6 +140,7 @@ def clip(args: argparse.Namespace) -> int:
             print(f"vigild clip: no event {event} in {path}", file=sys.stderr)
             return EXIT_FAILURE
         found = clip_of_event(db, event) if has_clip_tables(db) else None
+        segments = segments_between(db, found.camera, found.start_ts or 0.0, found.end_ts or 0.0) if found else []
     finally:
         db.close()
     if found is None:
@@ -153,7 +153,14 @@ def clip(args: argparse.Namespace) -> int:
         print(f"vigild clip: the clip of event {event} {why.get(found.state, found.state)}", file=sys.stderr)
         return EXIT_FAILURE
     try:
-        source = found.checked_file()
+        if found.path:
+            source = found.checked_file()
+        else:  # a window of the continuous segments: cut from them without decoding (GStreamer, from here on)
+            from vigild.capture.recorder import exported
+
+            files = [(s.checked_file(), s.start_ts) for s in segments if s.state == "saved" and s.start_ts is not None]
+            source = exported(Path(found.root), export_relative(found.id), found.camera, found.id, files,
+                              found.start_ts or 0.0, found.end_ts or 0.0)  # fmt: skip
         if args.output == "-":
             with source.open("rb") as f:
                 shutil.copyfileobj(f, sys.stdout.buffer)

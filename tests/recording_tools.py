@@ -129,7 +129,8 @@ def record_camera(tmp_path: Path, source: str, settings: CameraRecordingConfig, 
                           lambda: holder, recorded.published.append, "run-1")  # fmt: skip
     exchange.clip_listener = recording.report
     capture = CameraCapture("cam", config, parse_source(source), exchange,
-                            recording=RecorderSettings(root, settings.pre_s, settings.encode_kbps))  # fmt: skip
+                            recording=RecorderSettings(root, settings.pre_s, settings.encode_kbps,
+                                                       settings.continuous.segment_s if settings.continuous else None))  # fmt: skip
     holder["cam"] = capture
     recording.start()
     capture.start()

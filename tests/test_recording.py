@@ -157,6 +157,39 @@ def test_h265_is_kept_as_it_is(tmp_path, encoded_media):
     assert video_info(clip_file(tmp_path, data))["fourcc"].lower() in H265
 
 
+@pytest.mark.timeout(180)
+def test_with_continuous_segments_a_clip_is_a_reference_cut_from_them_when_asked(tmp_path, encoded_media):
+    """`continuous: {segment_s: 4}`: segments follow one another without a gap (together, a run of the source's
+    pictures); a crossing's clip is a window of them (no file of its own, no bytes) until it is asked for, then cut
+    from them without re-encoding, from the keyframe within one GOP before `ts - pre_s` to `ts + post_s`."""
+    from vigild.capture.recorder import exported
+    from vigild.outputs.clip_store import ClipStore, export_relative
+
+    source = encoded_media["h264"]
+    recorded = record_camera(tmp_path, str(source), settings(continuous={"segment_s": 4}), [7.0], timeout=60)
+    (data,) = saved_clips(recorded)
+    assert data["reference"] is True and data["path"] == "" and len(data["segments"]) >= 2, data
+    truth = pictures(source, "h264")
+    store = ClipStore(tmp_path / "journal.db")
+    row = store.get(data["clip_id"])
+    segments = store.segments_between("cam", 0, 1e12)
+    store.close()
+    assert row is not None and row.ref and row.bytes == 0
+    saved_segments = [s for s in segments if s.state == "saved"]
+    assert len(saved_segments) >= 3
+    run = [picture for s in saved_segments for picture in pictures(s.file, "h264")]
+    assert position_in(truth, run) == 0, "the segments are the source's pictures, one after the other"
+    assert all(pictures(s.file, "h264")[0].key for s in saved_segments)
+    files = [(s.file, s.start_ts) for s in saved_segments]
+    path = exported(tmp_path / "recordings", export_relative(row.id), "cam", row.id, files, row.start_ts, row.end_ts)
+    clip = pictures(path, "h264")
+    start = position_in(truth, clip)
+    (_, frame) = recorded.triggers[0]
+    wanted = source_frame(frame) - PRE * FPS
+    assert clip[0].key and wanted - GOP < start <= wanted, (start, wanted)
+    assert abs(start + len(clip) - (source_frame(frame) + POST * FPS)) <= GOP, (start, len(clip))
+
+
 @pytest.mark.timeout(120)
 def test_a_raw_source_is_encoded_for_recording_only(tmp_path):
     """test:// sends raw video: the recording branch encodes H.264 (a keyframe every 2 s), which a player reads."""

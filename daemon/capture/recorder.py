@@ -573,3 +573,101 @@ def probe_file(path: Path) -> dict[str, Any] | None:
 def _plays(path: Path) -> bool:
     info = probe_file(path)
     return info is not None and info["frames"] > 0
+
+
+def export(camera: str, clip_id: str, root: Path, relative: str, segments: list[tuple[Path, float]],
+           start_ts: float, end_ts: float) -> ClipReport:  # fmt: skip
+    """A clip cut from continuous segments, without decoding: from the keyframe at or before `start_ts` to `end_ts`
+    (wall clock), across segment files (`(file, wall-clock time of its first frame)`, oldest first), written as an
+    event clip is. A change of format between segments ends the clip there. Synchronous: the report says how it
+    went (`dropped`, `no_keyframe`, when the segments hold nothing of the window)."""
+    gst = gst_modules()[0]
+    results: list[ClipReport] = []
+    writer: ClipWriter | None = None
+    writer_caps: Any = None
+    base_wall: float | None = None
+    pending: list[tuple[Packet, float]] = []
+    """Packets from the last keyframe before `start_ts`, waiting for the window to begin."""
+    try:
+        for file, first_wall in segments:
+            ended = False
+            for buffer, caps, pts0 in _demuxed(file):
+                wall = first_wall + (buffer.pts - pts0) / 1e9
+                key = not buffer.has_flags(gst.BufferFlags.DELTA_UNIT)
+                if writer is not None and not caps.is_equal(writer_caps):
+                    ended = True
+                    break
+                if base_wall is None:
+                    base_wall = wall
+                offset = int((wall - base_wall) * 1e9)
+                dts = buffer.dts - buffer.pts + offset if buffer.dts != gst.CLOCK_TIME_NONE else gst.CLOCK_TIME_NONE
+                packet = Packet(offset, dts, offset, key, buffer, caps, buffer.get_size())
+                if wall > end_ts:
+                    ended = True
+                    break
+                if writer is None:
+                    if key:
+                        pending = [(packet, wall)]
+                    elif pending:
+                        pending.append((packet, wall))
+                    if wall < start_ts or not pending:
+                        continue
+                    writer = ClipWriter(camera, clip_id, root, relative, pending[0][0].caps, results.append)
+                    writer_caps = pending[0][0].caps
+                    for waiting, at in pending:
+                        writer.push(waiting, at)
+                    continue
+                writer.push(packet, wall)
+            if ended:
+                break
+    except (OSError, ValueError) as exc:
+        if writer is None:
+            reason = "disk_full" if isinstance(exc, OSError) and exc.errno == errno.ENOSPC else "error"
+            return ClipReport(clip_id, camera, ClipState.DROPPED, relative, reason=reason, error=str(exc))
+    if writer is None:
+        return ClipReport(clip_id, camera, ClipState.DROPPED, relative, reason="no_keyframe",
+                          error="the segments hold no keyframe of the clip's window")  # fmt: skip
+    writer.finish("done")
+    writer.join(FINISH_TIMEOUT_S * 2)
+    return results[0] if results else ClipReport(clip_id, camera, ClipState.DROPPED, relative, reason="error",
+                                                 error="the export did not finish")  # fmt: skip
+
+
+def _demuxed(file: Path) -> Any:
+    """`(buffer, caps, first pts)` of each video packet of an MP4, in decode order (qtdemux to an appsink)."""
+    gst = gst_modules()[0]
+    pipeline = launch("qtdemux name=demux demux.video_0 ! appsink name=sink sync=false max-buffers=64")
+    src = kept_source("filesrc")
+    if src is None:  # pragma: no cover
+        return
+    src.set_property("location", str(file))
+    pipeline.add(src)
+    src.link(pipeline.get_by_name("demux"))
+    sink = pipeline.get_by_name("sink")
+    pipeline.set_state(gst.State.PLAYING)
+    first = None
+    try:
+        while True:
+            sample = sink.try_pull_sample(int(10e9))
+            if sample is None:
+                return
+            buffer = sample.get_buffer()
+            if buffer.pts == gst.CLOCK_TIME_NONE:
+                continue
+            first = buffer.pts if first is None else first
+            yield buffer, sample.get_caps(), first
+    finally:
+        pipeline.set_state(gst.State.NULL)
+
+
+def exported(root: Path, relative: str, camera: str, clip_id: str, segments: list[tuple[Path, float]],
+             start_ts: float, end_ts: float) -> Path:  # fmt: skip
+    """A reference clip's file (`relative` under `root`), exported from its segments the first time it is asked for;
+    ValueError saying why when there is nothing to play."""
+    target = inside(root, relative)
+    if target.is_file():
+        return target
+    report = export(camera, clip_id, root, relative, segments, start_ts, end_ts)
+    if report.state is not ClipState.SAVED:
+        raise ValueError(f"the clip cannot be cut from its segments ({report.reason}: {report.error})")
+    return target

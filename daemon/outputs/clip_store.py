@@ -43,6 +43,8 @@ class ClipRow:
     height: int | None
     reason: str | None
     error: str | None
+    ref: bool = False
+    """A reference into the camera's continuous segments (its `path` is empty until it is exported)."""
 
     @property
     def file(self) -> Path:
@@ -81,6 +83,7 @@ _COLUMNS = ", ".join(ClipRow.__dataclass_fields__)
 def _row(values: Sequence[Any]) -> ClipRow:
     fields = list(values)
     fields[5] = bool(fields[5])
+    fields[18] = bool(fields[18])
     return ClipRow(*fields)
 
 
@@ -107,13 +110,13 @@ class ClipStore:
         self._db.execute("COMMIT")
 
     def add(self, clip_id: str, camera: str, root: Path, path: str, run: str, retain_until: float, *,
-            segment: bool = False, links: Sequence[tuple[int, str, str]] = ()) -> None:  # fmt: skip
+            segment: bool = False, ref: bool = False, links: Sequence[tuple[int, str, str]] = ()) -> None:  # fmt: skip
         """A clip ordered (`pending`), with the events that started it: `(seq, event id, role)`."""
         with self._transaction():
             self._db.execute(
-                "INSERT OR IGNORE INTO clips (id, camera, root, path, state, segment, run, created, retain_until) "
-                "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
-                (clip_id, camera, str(root), path, int(segment), run, time.time(), retain_until),
+                "INSERT OR IGNORE INTO clips (id, camera, root, path, state, segment, run, created, retain_until, "
+                "ref) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
+                (clip_id, camera, str(root), path, int(segment), run, time.time(), retain_until, int(ref)),
             )
             self._link(clip_id, links)
 
@@ -161,6 +164,22 @@ class ClipStore:
                                 "coalesce(start_ts, created) LIMIT ?", (limit,))  # fmt: skip
         return [_row(r) for r in rows]
 
+    def segments_between(self, camera: str, start_ts: float, end_ts: float) -> list[ClipRow]:
+        """`camera`'s continuous segments (any state) that overlap [start_ts, end_ts], oldest first."""
+        return segments_between(self._db, camera, start_ts, end_ts)
+
+    def references_into(self, segment: ClipRow) -> list[ClipRow]:
+        """Saved reference clips (without a file of their own) that `segment` holds part of."""
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM clips WHERE ref = 1 AND path = '' AND state = 'saved' AND camera = ? AND "
+            "start_ts <= ? AND end_ts >= ?", (segment.camera, segment.end_ts or 0, segment.start_ts or 0)
+        )  # fmt: skip
+        return [_row(r) for r in rows]
+
+    def open_references(self) -> list[ClipRow]:
+        """Reference clips waiting for their segments to be saved."""
+        return [_row(r) for r in self._db.execute(f"SELECT {_COLUMNS} FROM clips WHERE ref = 1 AND state = 'writing'")]
+
     def saved_bytes(self) -> int:
         (total,) = self._db.execute("SELECT coalesce(sum(bytes), 0) FROM clips WHERE state = 'saved'").fetchone()
         return int(total)
@@ -170,6 +189,18 @@ class ClipStore:
 
     def counts(self) -> dict[str, int]:
         return {state: int(n) for state, n in self._db.execute("SELECT state, count(*) FROM clips GROUP BY state")}
+
+
+EXPORTS = ".exports"
+
+
+def exported_file(root: Path | str, clip_id: str) -> Path:
+    """Where a reference clip (a window of continuous segments) is exported to be played or copied out."""
+    return Path(root) / EXPORTS / f"{clip_id}.mp4"
+
+
+def export_relative(clip_id: str) -> str:
+    return f"{EXPORTS}/{clip_id}.mp4"
 
 
 # ----- readers (`vigild events`, `vigild clip`, the console): a read-only connection
@@ -200,6 +231,14 @@ def clips_of_events(db: sqlite3.Connection, seqs: Sequence[int]) -> dict[int, Cl
 def clip_by_id(db: sqlite3.Connection, clip_id: str) -> ClipRow | None:
     found = db.execute(f"SELECT {_COLUMNS} FROM clips WHERE id = ?", (clip_id,)).fetchone()
     return _row(found) if found else None
+
+
+def segments_between(db: sqlite3.Connection, camera: str, start_ts: float, end_ts: float) -> list[ClipRow]:
+    rows = db.execute(
+        f"SELECT {_COLUMNS} FROM clips WHERE segment = 1 AND camera = ? AND start_ts <= ? AND "
+        "coalesce(end_ts, 1e18) >= ? ORDER BY start_ts", (camera, end_ts, start_ts)
+    )  # fmt: skip
+    return [_row(r) for r in rows]
 
 
 def has_clip_tables(db: sqlite3.Connection) -> bool:

@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS clips (
     width INTEGER,
     height INTEGER,
     reason TEXT,
-    error TEXT
+    error TEXT,
+    ref INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS clips_camera_start ON clips (camera, start_ts);
 CREATE INDEX IF NOT EXISTS clips_state ON clips (state, created);
@@ -64,7 +65,9 @@ CREATE INDEX IF NOT EXISTS clip_events_id ON clip_events (event_id);
 """
 """`clips` and `clip_events`: the recordings' side tables (docs/recording.md), written by vigild.recording. A clip
 row is every clip ever ordered, with its state (`pending`, `writing`, `saved`, `dropped`, `expired`); `clip_events`
-links it to the events that started (`start`) or extended (`extend`) it. Events themselves are never changed: an
+links it to the events that started (`start`) or extended (`extend`) it. A continuous segment is a row with
+`segment` 1; an event clip of a camera recorded continuously is a reference into its segments (`ref` 1, no file of
+its own until it is exported, or kept longer than the segments it refers to). Events themselves are never changed: an
 event's clip is found through this table."""
 
 

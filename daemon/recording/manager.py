@@ -28,12 +28,12 @@ from typing import Any
 
 from vigild.capture.camera import Capture
 from vigild.capture.clips import ClipOrder, ClipReport, ClipState
-from vigild.capture.recorder import PART, probe_file, repair
+from vigild.capture.recorder import PART, export, probe_file, repair
 from vigild.config.recording import CameraRecordingConfig, RecordingConfig, day_seconds
 from vigild.events import SYSTEM_CAMERA, Event, Publish, iso_utc
 from vigild.lifecycle import ServiceThread
 from vigild.outputs.bus import Stamped
-from vigild.outputs.clip_store import ClipRow, ClipStore
+from vigild.outputs.clip_store import ClipRow, ClipStore, exported_file
 
 log = logging.getLogger("vigild.recording")
 
@@ -167,6 +167,7 @@ class Recording:
                 try:
                     self._retention()
                     self._give_up_lost()
+                    self._conclude_references()
                 except Exception:
                     log.exception("recording: retention failed (going on)")
         self._store.close()
@@ -191,20 +192,31 @@ class Recording:
         ts = event.ts_wall
         retain = ts + day_seconds(max(t.retain_days or settings.retain_days for t in matched))
         current = self._open.get(event.camera)
+        reference = settings.continuous is not None  # the clip is a window of the continuous segments
         if current is not None and ts <= current.end_ts and ts + settings.post_s <= current.cap_ts:
             current.end_ts = max(current.end_ts, ts + settings.post_s)
             current.retain_until = max(current.retain_until, retain)
             self._store.link(current.clip_id, [(item.seq, item.id, "extend")], current.retain_until)
-            self._order(event.camera, current, settings)
+            if reference:
+                self._store.update(current.clip_id, end_ts=current.end_ts)
+            else:
+                self._order(event.camera, current, settings)
             return
         clip_id = uuid.uuid4().hex
         start = ts - settings.pre_s
-        opened = _Open(clip_id, start, ts + settings.post_s, start + settings.pre_s + settings.max_s, retain,
-                       settings.post_s)  # fmt: skip
+        opened = _Open(clip_id, start, ts + settings.post_s, start + settings.max_s, retain, settings.post_s)
         self._open[event.camera] = opened
-        self._store.add(clip_id, event.camera, self.root, clip_path(event.camera, clip_id, ts), self._run, retain,
+        path = "" if reference else clip_path(event.camera, clip_id, ts)
+        self._store.add(clip_id, event.camera, self.root, path, self._run, retain, ref=reference,
                         links=[(item.seq, item.id, "start")])  # fmt: skip
-        self._order(event.camera, opened, settings)
+        if reference:
+            self._store.update(clip_id, state="writing", start_ts=start, end_ts=opened.end_ts)
+            self._writing.add(clip_id)
+            row = self._store.get(clip_id)
+            if row is not None:
+                self._announce(row, self._store.events_of(clip_id), reference=True)
+        else:
+            self._order(event.camera, opened, settings)
 
     def _order(self, camera: str, clip: _Open, settings: CameraRecordingConfig) -> None:
         assert self._store is not None
@@ -302,6 +314,40 @@ class Recording:
             self.bytes_on_disk += report.bytes
         else:
             self.drops[f"segment_{report.reason or 'error'}"] += 1
+        self._conclude_references()
+
+    def _conclude_references(self) -> None:
+        """Reference clips whose window has passed and whose segments are all written: saved (or dropped, when
+        no segment holds any of it)."""
+        store = self._store
+        assert store is not None
+        now = time.time()
+        for row in store.open_references():
+            if row.end_ts is None or row.start_ts is None or now < row.end_ts:
+                continue
+            segments = store.segments_between(row.camera, row.start_ts, row.end_ts)
+            still = [s for s in segments if s.state in ("pending", "writing")]
+            if still and now - row.end_ts < LOST_AFTER_S + 3600:  # the segment holding its end is being written
+                continue
+            kept = [s for s in segments if s.state == "saved"]
+            current = self._open.get(row.camera)
+            if current is not None and current.clip_id == row.id:
+                del self._open[row.camera]
+            self._writing.discard(row.id)
+            if not kept:
+                store.update(row.id, state="dropped", reason="no_segments",
+                             error="no continuous segment holds any of its window")  # fmt: skip
+                self.drops["no_segments"] += 1
+            else:
+                end = min(row.end_ts, max(s.end_ts or row.end_ts for s in kept))
+                first = kept[0]
+                store.update(row.id, state="saved", end_ts=end, reason="done", codec=first.codec, width=first.width,
+                             height=first.height)  # fmt: skip
+                self.counters["saved"] += 1
+            concluded = store.get(row.id)
+            if concluded is not None:
+                extra = {"reference": True, "segments": [s.path for s in kept]} if kept else {"reference": True}
+                self._announce(concluded, store.events_of(row.id), **extra)
 
     def _give_up_lost(self) -> None:
         now = time.time()
@@ -318,6 +364,8 @@ class Recording:
         store = self._store
         assert store is not None
         for row in store.unfinished(self._run):
+            if row.ref:  # a window of the segments: concluded by them (_conclude_references)
+                continue
             part = row.file.with_name(row.file.name + PART)
             fixed = repair(part) if part.exists() else None
             info = probe_file(fixed) if fixed is not None else None
@@ -369,14 +417,43 @@ class Recording:
         self.bytes_on_disk = store.saved_bytes()
 
     def _remove(self, row: ClipRow, why: str) -> None:
-        """A saved clip's file goes; its row stays (`expired`), and so do its events."""
+        """A saved clip's file goes; its row stays (`expired`), and so do its events. A segment that goes takes the
+        reference clips into it along, except those kept longer than the segment (`retain_days` of their trigger),
+        which are exported to files of their own first."""
+        store = self._store
+        assert store is not None
+        if row.segment:
+            for clip in store.references_into(row):
+                if why == "retention" and clip.retain_until > time.time():
+                    self._export(clip)
+                else:
+                    self._forget(clip, why)
+        if row.path:
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                row.checked_file().unlink()
+            with contextlib.suppress(OSError, ValueError):  # an empty day directory goes too
+                row.checked_file().parent.rmdir()
+        self._forget(row, why)
+
+    def _forget(self, row: ClipRow, why: str) -> None:
         assert self._store is not None
-        with contextlib.suppress(FileNotFoundError):
-            row.file.unlink()
         self._store.update(row.id, state="expired", error=why)
         self.counters["expired"] += 1
-        with contextlib.suppress(OSError):  # an empty day directory goes too
-            row.file.parent.rmdir()
+        export = exported_file(self.root, row.id)
+        export.unlink(missing_ok=True)
+
+    def _export(self, clip: ClipRow) -> None:
+        """A reference clip becomes a file of its own (its segments are about to go, it is kept longer)."""
+        store = self._store
+        assert store is not None and clip.start_ts is not None and clip.end_ts is not None
+        segments = [(s.checked_file(), s.start_ts) for s in store.segments_between(clip.camera, clip.start_ts,
+                    clip.end_ts) if s.state == "saved" and s.start_ts is not None]  # fmt: skip
+        relative = clip_path(clip.camera, clip.id, clip.start_ts)
+        report = export(clip.camera, clip.id, self.root, relative, segments, clip.start_ts, clip.end_ts)
+        if report.state is ClipState.SAVED:
+            store.update(clip.id, path=relative, bytes=report.bytes, frames=report.frames, end_ts=report.end_ts)
+        else:
+            log.warning("recording: clip %s could not be kept beyond its segments: %s", clip.id, report.error)
 
 
 def _free_bytes(path: Path) -> int:

@@ -25,7 +25,14 @@ from aiohttp import WSMsgType, web
 from vigild.config.loading import Config, ConfigError
 from vigild.config.settings import WebConfig
 from vigild.lifecycle import ServiceThread
-from vigild.outputs.clip_store import ClipRow, clip_by_id, clips_of_events, has_clip_tables
+from vigild.outputs.clip_store import (
+    ClipRow,
+    clip_by_id,
+    clips_of_events,
+    export_relative,
+    has_clip_tables,
+    segments_between,
+)
 from vigild.outputs.history import HistoryError, open_journal, parse_time
 from vigild.outputs.journal_files import SNAPSHOTS, default_path, snapshot_name
 from vigild.outputs.journal_query import Query, select
@@ -296,12 +303,27 @@ class WebConsole:
             state = "no such clip" if row is None else f"the clip is {row.state}"
             raise _error(web.HTTPNotFound, "no_clip", state)
         try:
-            path = row.checked_file()
+            path = await self._call(self._playable, row)
         except ValueError as exc:
             raise _error(web.HTTPNotFound, "no_clip", str(exc)) from None
         if not path.is_file():
             raise _error(web.HTTPNotFound, "no_clip", "the clip's file is gone")
         return web.FileResponse(path, headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"})
+
+    def _playable(self, row: ClipRow) -> Path:
+        """The clip's file; a reference into continuous segments exported once (docs/recording.md)."""
+        if row.path:
+            return row.checked_file()
+        from vigild.capture.recorder import exported  # GStreamer: loaded by the daemon already
+
+        db = open_journal(self._journal())
+        try:
+            segments = segments_between(db, row.camera, row.start_ts or 0.0, row.end_ts or 0.0)
+        finally:
+            db.close()
+        files = [(s.checked_file(), s.start_ts) for s in segments if s.state == "saved" and s.start_ts is not None]
+        return exported(Path(row.root), export_relative(row.id), row.camera, row.id, files, row.start_ts or 0.0,
+                        row.end_ts or 0.0)  # fmt: skip
 
     def _clip_row(self, clip_id: str) -> ClipRow | None:
         if not self.source.config.settings.journal.enabled:
