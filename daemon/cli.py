@@ -180,6 +180,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             for kind in ("zones", "lines"):  # merged with the web console's edits: where each one comes from
                 for entry in getattr(config.cameras[name], kind):
                     print(f"    {kind[:-1]} {entry}: {config.edits.origins.get((name, kind, entry), config.file)}")
+            recording = config.settings.camera_recording(name)
+            if recording is not None:
+                triggers = ", ".join(t.type + "".join(f" {k}={v}" for k, v in t.model_dump(exclude_none=True).items()
+                                                      if k != "type") for t in recording.events) or "none"  # fmt: skip
+                continuous = (f", continuous {recording.continuous.segment_s:g} s segments kept "
+                              f"{recording.continuous.retain_days:g} d") if recording.continuous else ""  # fmt: skip
+                print(f"    recording: clips on {triggers} ({recording.pre_s:g} s before, {recording.post_s:g} s "
+                      f"after, at most {recording.max_s:g} s, kept {recording.retain_days:g} d){continuous}")  # fmt: skip
         for warning in config.edits.warnings:
             print(f"  warning: {warning}")
         if config.edits.file is not None:
@@ -200,6 +208,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("  journal: off")
         for output in config.settings.outputs:
             print(f"  output {output.name}: {output.describe()}")
+        if any(config.settings.camera_recording(name) is not None for name in config.cameras):
+            from vigild.config.recording import recordings_root
+            from vigild.outputs.journal import default_path as journal_path
+
+            section = config.settings.recording
+            root = recordings_root(section, journal.path or journal_path(config.file))
+            cap = section.max_size_mb if section is not None else 20480
+            print(f"  recordings: {root} (at most {cap:g} MB)")
         return EXIT_OK
     return _run(config, args.log_level)
 

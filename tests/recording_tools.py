@@ -114,10 +114,14 @@ class Recorded:
 
 def record_camera(tmp_path: Path, source: str, settings: CameraRecordingConfig, trigger_after_s: list[float],
                   *, until_saved: int = 1, timeout: float = 60.0, section: RecordingConfig | None = None,
-                  camera: dict[str, Any] | None = None, linger_s: float = 0.0) -> Recorded:  # fmt: skip
+                  camera: dict[str, Any] | None = None, linger_s: float = 0.0,
+                  actions: dict[float, Any] | None = None) -> Recorded:  # fmt: skip
     """Camera `cam` on `source`, captured for real with its recorder, and the daemon's `Recording` on a real journal
     database: a `line.cross` of a person fed at the first frame `trigger_after_s[i]` seconds after the first one,
-    until `until_saved` clips were saved or dropped (then `linger_s` more seconds), or `timeout`."""
+    until `until_saved` clips were saved or dropped (then `linger_s` more seconds), or `timeout`. `actions`: what to
+    do (a callable) that many seconds after the first frame (on the test's thread, between frames)."""
+    todo = sorted((actions or {}).items())
+    started = None
     database = tmp_path / "journal.db"
     Journal(database).close()  # its tables
     root = section.path if section is not None and section.path is not None else tmp_path / "recordings"
@@ -148,7 +152,10 @@ def record_camera(tmp_path: Path, source: str, settings: CameraRecordingConfig, 
                 finished = finished or time.monotonic()
                 if time.monotonic() - finished >= linger_s:
                     break
+            if todo and started is not None and time.monotonic() - started >= todo[0][0]:
+                todo.pop(0)[1]()
             for frame in exchange.take(8, 0, 1, 0.1).frames:
+                started = started or time.monotonic()
                 recorded.frames += 1
                 first_ts = frame.ts_wall if first_ts is None else first_ts
                 if pending and frame.ts_wall - first_ts >= pending[0]:

@@ -147,6 +147,68 @@ def test_over_rtsp_two_crossings_make_one_clip_of_the_cameras_pictures(tmp_path,
 
 
 @pytest.mark.timeout(180)
+def test_a_camera_that_drops_mid_clip_ends_the_clip_cleanly_where_the_stream_ended(tmp_path, encoded_media):
+    """The RTSP server killed (a camera losing power) 4 s into a clip meant to last 23 s: the clip is saved where
+    the stream ended (`stream_ended`), playable, the camera's pictures up to then."""
+    from streams import RtspServer
+
+    server = RtspServer({"/cam": encoded_media["h264"]}).start()
+    try:
+        recorded = record_camera(tmp_path, server.url("/cam"), settings(post_s=20.0), [4.0], timeout=60,
+                                 actions={8.0: server.kill}, camera={"stall_timeout": 3})  # fmt: skip
+    finally:
+        server.kill()
+    (data,) = saved_clips(recorded)
+    assert data["reason"] == "stream_ended", data
+    clip = pictures(clip_file(tmp_path, data), "h264")
+    position_in(pictures(encoded_media["h264"], "h264"), clip)
+    assert (PRE + 2.0) * FPS <= len(clip) <= (PRE + 6.0) * FPS + GOP, len(clip)
+    assert video_info(clip_file(tmp_path, data))["frames"] == len(clip)
+
+
+@pytest.mark.timeout(180)
+def test_a_resolution_change_ends_the_clip_at_the_change(tmp_path):
+    """An H.264 stream whose size changes from 640x480 to 320x240 (new SPS and keyframe, as a camera does when its
+    setting changes) 6 s in, a clip asked from 3 s to 12 s: it ends at the change (`format_changed`), playable, all
+    640x480; capture goes on."""
+    from conftest import VTEST
+    from streams import encode_size_change
+
+    stream, counts = encode_size_change(VTEST, tmp_path / "sizes.h264", ((640, 480), (320, 240)), 60)
+    recorded = record_camera(tmp_path, str(stream), settings(pre_s=1.0, post_s=8.0), [4.0], timeout=60,
+                             linger_s=2.0)  # fmt: skip
+    (data,) = saved_clips(recorded)
+    assert data["reason"] == "format_changed" and (data["width"], data["height"]) == (640, 480), data
+    info = video_info(clip_file(tmp_path, data))
+    assert (info["width"], info["height"]) == (640, 480) and 15 <= info["frames"] <= counts[0], (info, counts)
+    assert recorded.frames_after_last_report > 5, "capture went on at the new size"
+
+
+@pytest.mark.timeout(180)
+def test_a_stream_without_keyframes_for_longer_than_memory_starts_clips_late_or_drops_them(tmp_path, monkeypatch):
+    """Keyframes 10 s apart and room in memory for under a second of stream: a clip whose window holds no keyframe
+    is dropped (`no_keyframe`); one whose window reaches the next keyframe starts there (later than asked)."""
+    from conftest import VTEST
+
+    import vigild.capture.recorder as recorder
+
+    monkeypatch.setattr(recorder, "RING_MAX_BYTES", 150_000)
+    source = tmp_path / "long_gop.mp4"
+    subprocess.run(["gst-launch-1.0", "-q", *f"filesrc location={VTEST} ! decodebin ! identity eos-after=200 ! "
+                    "videoconvert ! x264enc speed-preset=ultrafast key-int-max=100 bitrate=2000 ! h264parse ! mp4mux ! "
+                    f"filesink location={source}".split()], check=True, timeout=120)  # fmt: skip
+    recorded = record_camera(tmp_path, str(source), settings(pre_s=1.0, post_s=3.0), [2.0, 7.5], until_saved=2,
+                             timeout=60)  # fmt: skip
+    (dropped,) = recorded.of_type("clip.dropped")
+    assert dropped.data["reason"] == "no_keyframe" and dropped.data["events"] == [recorded.triggers[0][0].id]
+    (data,) = saved_clips(recorded)
+    clip = pictures(clip_file(tmp_path, data), "h264")
+    assert position_in(pictures(source, "h264"), clip) == 100 and clip[0].key  # the keyframe at 10 s
+    late = datetime.fromisoformat(data["start"]).timestamp() - (recorded.triggers[1][0].event.ts_wall - 1.0)
+    assert 3.2 < late < 3.7, late  # asked from 6.5 s, started at 10 s: 3.5 s later (to within a frame or two)
+
+
+@pytest.mark.timeout(180)
 def test_h265_is_kept_as_it_is(tmp_path, encoded_media):
     source = encoded_media["h265"]
     recorded = record_camera(tmp_path, str(source), settings(pre_s=1.0, post_s=2.0), [4.0], timeout=40)

@@ -138,3 +138,10 @@ def effective(top: RecordingConfig | None, camera: CameraRecordingConfig | None)
 
 def day_seconds(days: float) -> float:
     return days * _DAY
+
+
+def recordings_root(section: RecordingConfig | None, journal_path: Path) -> Path:
+    """Where recordings go: the section's `path`, else `recordings/` beside the journal's database."""
+    if section is not None and section.path is not None:
+        return section.path
+    return journal_path.parent / "recordings"

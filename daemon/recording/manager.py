@@ -463,9 +463,4 @@ def _free_bytes(path: Path) -> int:
         return 1 << 62
 
 
-def default_root(journal_path: Path) -> Path:
-    """`recordings/` beside the journal's database (the state directory by default)."""
-    return journal_path.parent / "recordings"
-
-
-__all__ = ["Recording", "clip_path", "default_root"]
+__all__ = ["Recording", "clip_path"]

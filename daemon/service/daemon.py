@@ -86,10 +86,10 @@ class Daemon:
         self.recording: Any = None
         recording_root = None
         if any(settings.camera_recording(name) is not None for name in config.cameras):
-            from vigild.recording.manager import Recording, default_root  # GStreamer: only when recording
+            from vigild.config.recording import recordings_root
+            from vigild.recording.manager import Recording  # GStreamer: only when recording
 
-            recording_root = (settings.recording.path if settings.recording is not None and
-                              settings.recording.path is not None else default_root(journaling.path))  # fmt: skip
+            recording_root = recordings_root(settings.recording, journaling.path)
             self.recording = Recording(recording_root, journaling.path, settings.recording,
                                        lambda camera: self.config.settings.camera_recording(camera)
                                        if camera in self.config.cameras else None,

@@ -107,6 +107,7 @@ class DaemonCollector(Collector):
                 "vigild_journal_error", "1 while the journal cannot be written (see the log)", value=float(bool(journal["error"]))
             )
         yield from _outputs(status.get("outputs") or {})
+        yield from _recording(status.get("recording") or {})
         yield CounterMetricFamily("vigild_batches", "Batches through the chain", value=status["scheduler"]["batches"])
         plugin_failures = CounterMetricFamily("vigild_plugin_failures", "Frames a plugin failed on", labels=["plugin"])
         batch_failures = CounterMetricFamily(
@@ -180,6 +181,24 @@ def _outputs(outputs: dict[str, Any]) -> Iterator[Metric]:
         if "connected" in output:
             connected.add_metric([name], float(bool(output["connected"])))
     yield from (state, lag, lag_s, delivered, drops, connected)
+
+
+def _recording(recording: dict[str, Any]) -> Iterator[Metric]:
+    """The heartbeat's `recording` (docs/recording.md#status-and-metrics); nothing when no camera records."""
+    if "saved" not in recording:
+        return
+    clips = CounterMetricFamily("vigild_recording_clips", "Clips and segments by result", labels=["result"])
+    for result in ("saved", "segments", "expired", "repaired"):
+        clips.add_metric([result], recording.get(result, 0))
+    clips.add_metric(["dropped"], sum((recording.get("dropped") or {}).values()))
+    dropped = CounterMetricFamily("vigild_recording_dropped", "Clips dropped, by reason", labels=["reason"])
+    for reason, count in (recording.get("dropped") or {}).items():
+        dropped.add_metric([reason], count)
+    size = GaugeMetricFamily("vigild_recording_bytes", "Bytes of the clips and segments on disk")
+    size.add_metric([], recording.get("bytes", 0))
+    writing = GaugeMetricFamily("vigild_recording_writing", "Clips and segments being written")
+    writing.add_metric([], recording.get("writing", 0))
+    yield from (clips, dropped, size, writing)
 
 
 def _histogram(family: HistogramMetricFamily, labels: list[str], histogram: Histogram) -> None:
