@@ -9,6 +9,8 @@ must be a run of the source's, byte for byte, starting at a keyframe within one 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -101,9 +103,14 @@ def test_crossings_make_clips_of_the_source_pictures_and_two_crossings_2s_apart_
     ends `post_s` after its last trigger (within a GOP), has the source's codec and size, and its events are found
     from it (`events`)."""
     source = encoded_media["h264"]
-    recorded = record_camera(tmp_path, str(source), settings(), [6.0, 8.0, 17.0], until_saved=2, timeout=60)
+    crossings = {"type": "line.cross", "labels": ["person"], "retain_days": 30}  # kept longer than the default 10
+    recorded = record_camera(tmp_path, str(source), settings(events=[crossings]), [6.0, 8.0, 17.0], until_saved=2,
+                             timeout=60)  # fmt: skip
     saved = saved_clips(recorded)
     assert len(saved) == 2, [e.type for e in recorded.published]
+    kept = dict(sqlite3.connect(tmp_path / "journal.db").execute("SELECT id, retain_until FROM clips"))
+    for data, (item, _) in ((saved[0], recorded.triggers[1]), (saved[1], recorded.triggers[2])):
+        assert abs(kept[data["clip_id"]] - (item.event.ts_wall + 30 * 86400)) < 1  # the last trigger's ts + 30 d
     truth = pictures(source, "h264")
     (first, first_frame), (second, second_frame), (third, third_frame) = recorded.triggers
     for data, triggers in ((saved[0], [(first, first_frame), (second, second_frame)]), (saved[1], [(third, third_frame)])):
@@ -437,6 +444,40 @@ def test_retention_removes_the_oldest_clips_and_keeps_their_events(tmp_path, enc
                           capture_output=True, text=True, cwd=ROOT, env=daemon_env(), timeout=60)  # fmt: skip
     assert gone.returncode == 1 and "removed by retention (size_cap)" in gone.stderr
     assert sqlite3.connect(database).execute("SELECT count(*) FROM events").fetchone() == (5,), "events stay"
+
+
+@pytest.mark.timeout(120)
+def test_the_free_space_floor_removes_the_oldest_clips(tmp_path, small_disk):
+    """Recordings on a 1 MiB tmpfs, 800 KB of clips in it, `min_free_mb` asking for more free space than is left:
+    the oldest clips go until it is free; the newer stay."""
+    from vigild.outputs.clip_store import ClipStore
+    from vigild.outputs.journal import Journal
+    from vigild.recording.manager import Recording
+
+    database, root = tmp_path / "journal.db", small_disk / "rec"
+    Journal(database).close()
+    store = ClipStore(database)
+    now = time.time()
+    for i in range(4):
+        (root / "cam").mkdir(parents=True, exist_ok=True)
+        (root / f"cam/clip{i}.mp4").write_bytes(os.urandom(200_000))
+        store.add(f"{i:032x}", "cam", root, f"cam/clip{i}.mp4", "old-run", now + 86400)
+        store.update(f"{i:032x}", state="saved", start_ts=now - (10 - i) * 60, bytes=200_000)
+    store.close()
+    floor_mb = 0.45
+    section = RecordingConfig.model_validate({"events": ["line.cross"], "min_free_mb": floor_mb})
+    recording = Recording(root, database, section, lambda name: None, dict, lambda event: None, "new-run")
+    recording.start()
+    try:
+        deadline = time.monotonic() + 30
+        while recording.counters["expired"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        recording.stop()
+    assert sorted(p.name for p in (root / "cam").iterdir()) == ["clip2.mp4", "clip3.mp4"]
+    assert shutil.disk_usage(root).free >= floor_mb * (1 << 20)
+    errors = dict(sqlite3.connect(database).execute("SELECT path, error FROM clips WHERE state = 'expired'"))
+    assert errors == {"cam/clip0.mp4": "free_space", "cam/clip1.mp4": "free_space"}
 
 
 @pytest.mark.e2e

@@ -409,11 +409,10 @@ class Recording:
                 excess -= row.bytes
         floor = int(self.section.min_free_mb * MB)
         while floor and _free_bytes(self.root) < floor:
-            rows = store.oldest_saved(8)
+            rows = store.oldest_saved(1)
             if not rows:
                 break
-            for row in rows:
-                self._remove(row, "free_space")
+            self._remove(rows[0], "free_space")
         self.bytes_on_disk = store.saved_bytes()
 
     def _remove(self, row: ClipRow, why: str) -> None:
