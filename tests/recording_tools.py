@@ -175,3 +175,31 @@ def record_camera(tmp_path: Path, source: str, settings: CameraRecordingConfig, 
     recorded.frames_after_last_report = recorded.frames - frames_at_report
     recorded.status = recording.status()
     return recorded
+
+
+def audio_seconds(mp4: Path) -> float:
+    """Seconds of audio in an MP4's first audio track (decoded by gst-launch to 8 kHz mono), 0 without one."""
+    raw = mp4.with_name(mp4.name + ".pcm")
+    done = subprocess.run(
+        ["gst-launch-1.0", "-q", "filesrc", f"location={mp4}", "!", "qtdemux", "name=d", "d.audio_0", "!", "queue",
+         "!", "aacparse", "!", "avdec_aac", "!", "audioconvert", "!", "audioresample", "!",
+         "audio/x-raw,format=S16LE,channels=1,rate=8000", "!", "filesink", f"location={raw}"],
+        capture_output=True, timeout=120,
+    )  # fmt: skip
+    seconds = raw.stat().st_size / 16000 if done.returncode == 0 and raw.exists() else 0.0
+    raw.unlink(missing_ok=True)
+    return seconds
+
+
+def encode_with_audio(out: Path, audio: str, frames: int = 200) -> Path:
+    """vtest.avi's first `frames` frames as H.264 (a keyframe every 10) with a tone as `audio` (`aac`: MP4, `opus`:
+    Matroska, which MP4 does not take as it is)."""
+    from conftest import VTEST
+
+    encoder, mux = {"aac": ("avenc_aac ! aacparse", "mp4mux"), "opus": ("opusenc", "matroskamux")}[audio]
+    subprocess.run(["gst-launch-1.0", "-q", *f"{mux} name=mux ! filesink location={out} filesrc location={VTEST} ! "
+                    f"decodebin ! identity eos-after={frames} ! videoconvert ! x264enc speed-preset=ultrafast "
+                    "key-int-max=10 bframes=0 ! h264parse ! mux. audiotestsrc wave=sine "
+                    f"num-buffers={int(frames / 10 * 44100 / 1024)} ! audioconvert ! {encoder} ! mux.".split()],
+                   check=True, timeout=300)  # fmt: skip
+    return out

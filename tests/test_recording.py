@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, daemon_env, fill, yolo_fastest_yaml
-from recording_tools import pictures, position_in, record_camera, video_info
+from recording_tools import audio_seconds, encode_with_audio, pictures, position_in, record_camera, video_info
 from service import Service, service_config
 
 from vigild.config.loading import ConfigError, load_config
@@ -213,6 +213,26 @@ def test_a_stream_without_keyframes_for_longer_than_memory_starts_clips_late_or_
     assert position_in(pictures(source, "h264"), clip) == 100 and clip[0].key  # the keyframe at 10 s
     late = datetime.fromisoformat(data["start"]).timestamp() - (recorded.triggers[1][0].event.ts_wall - 1.0)
     assert 3.2 < late < 3.7, late  # asked from 6.5 s, started at 10 s: 3.5 s later (to within a frame or two)
+
+
+@pytest.mark.timeout(180)
+def test_aac_audio_is_kept_other_audio_is_dropped(tmp_path):
+    """A camera that sends AAC with its H.264: the clip has both, the audio as long as the video (within 0.3 s);
+    one that sends Opus: the clip has the video alone."""
+    for codec in ("aac", "opus"):
+        folder = tmp_path / codec
+        folder.mkdir()
+        source = encode_with_audio(folder / f"with_{codec}.{'mp4' if codec == 'aac' else 'mkv'}", codec)
+        recorded = record_camera(folder, str(source), settings(pre_s=1.0, post_s=3.0), [4.0], timeout=40)
+        (data,) = saved_clips(recorded)
+        path = folder / "recordings" / data["path"]
+        clip = pictures(path, "h264")
+        assert position_in(pictures(source, "h264") if codec == "aac" else clip, clip) >= 0
+        sound = audio_seconds(path)
+        if codec == "aac":
+            assert abs(sound - len(clip) / FPS) < 0.3, (sound, len(clip))
+        else:
+            assert sound == 0.0
 
 
 @pytest.mark.timeout(180)

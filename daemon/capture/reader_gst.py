@@ -163,10 +163,12 @@ class GstReader(FrameReader):
         klass = factory.get_metadata("klass") or ""
         if is_hardware_decoder(factory.get_name(), klass):
             self.hardware_decoder = str(factory.get_name())
-        if self.recorder is not None and self.spec.kind not in RAW_SOURCES and "Decoder" in klass and "Video" in klass:
+        if self.recorder is not None and self.spec.kind not in RAW_SOURCES and "Decoder" in klass:
             pad = element.get_static_pad("sink")
-            if pad is not None:  # the camera's own encoded stream, parsed, as it enters the decoder
+            if pad is not None and "Video" in klass:  # the camera's own encoded stream, parsed, entering the decoder
                 self._record_from(pad)
+            elif pad is not None and "Audio" in klass:  # its sound, as it enters the audio decoder
+                self._record_probes.append((pad, pad.add_probe(self._gst.PadProbeType.BUFFER, self._record_audio)))
         if self._guard_local:
             uri, protocols = None, ()
             if isinstance(element, self._gst.URIHandler) and element.get_uri_type() == self._gst.URIType.SRC:
@@ -200,6 +202,18 @@ class GstReader(FrameReader):
                     if running != gst.CLOCK_TIME_NONE:
                         recorder.encoded(buffer, pad.get_current_caps(), running)
         return self._gst.PadProbeReturn.OK
+
+    def _record_audio(self, pad: Any, info: Any) -> Any:
+        recorder = self.recorder
+        buffer = info.get_buffer()
+        gst = self._gst
+        if recorder is not None and buffer is not None and buffer.pts != gst.CLOCK_TIME_NONE:
+            segment = pad.get_sticky_event(gst.EventType.SEGMENT, 0)
+            if segment is not None:
+                running = segment.parse_segment().to_running_time(gst.Format.TIME, buffer.pts)
+                if running != gst.CLOCK_TIME_NONE:
+                    recorder.audio(buffer, pad.get_current_caps(), running)
+        return gst.PadProbeReturn.OK
 
     def _count_buffer(self, _pad: Any, _info: Any) -> Any:
         self.counters.decoded += 1

@@ -96,7 +96,8 @@ class ClipWriter:
     """One MP4 file from encoded packets; finished (`finish`) on a thread of its own, which reports the result."""
 
     def __init__(self, camera: str, clip_id: str, root: Path, relative: str, caps: Any,
-                 report: Callable[[ClipReport], None], *, segment: bool = False):  # fmt: skip
+                 report: Callable[[ClipReport], None], *, segment: bool = False, audio: Any = None):  # fmt: skip
+        """`audio`: the caps of the camera's AAC, when it sends some: the file gets it as a second track."""
         global SHALLOW
         self._gst = gst_modules()[0]
         SHALLOW = _shallow(self._gst)
@@ -120,17 +121,13 @@ class ClipWriter:
         self.failed: str | None = None
         self.done = threading.Event()
         location = '"' + str(self.part).replace("\\", "\\\\").replace('"', '\\"') + '"'
-        self._pipeline = launch(f"{parser} name=parse ! {MUXER} ! filesink name=file location={location} "
-                                "sync=false async=false")  # fmt: skip
-        src = kept_source("appsrc")
-        if src is None:  # pragma: no cover: appsrc is in gst-plugins-base, which the daemon needs anyway
-            raise ValueError("GStreamer's appsrc is not installed")
-        src.set_property("caps", caps)
-        src.set_property("format", self._gst.Format.TIME)
-        src.set_property("max-bytes", 0)  # never blocks the camera's streaming thread: the muxer keeps up
-        self._pipeline.add(src)
-        src.link(self._pipeline.get_by_name("parse"))
-        self._src = src
+        audio_branch = " aacparse name=aparse ! mux." if audio is not None else ""
+        self._pipeline = launch(f"{parser} name=parse ! {MUXER} name=mux ! filesink name=file location={location} "
+                                f"sync=false async=false{audio_branch}")  # fmt: skip
+        self._src = self._appsrc(caps, "parse")
+        self._audio_src = self._appsrc(audio, "aparse") if audio is not None else None
+        self.first_run: int | None = None
+        """Running time of the first video packet: audio is placed against it."""
         self._bus = self._pipeline.get_bus()
         self._finishing = False
         if self._pipeline.set_state(self._gst.State.PLAYING) == self._gst.StateChangeReturn.FAILURE:
@@ -139,13 +136,36 @@ class ClipWriter:
         self._thread = ServiceThread(f"clip-{camera}", self._watch)
         self._thread.start()
 
+    def _appsrc(self, caps: Any, downstream: str) -> Any:
+        src = kept_source("appsrc")
+        if src is None:  # pragma: no cover: appsrc is in gst-plugins-base, which the daemon needs anyway
+            raise ValueError("GStreamer's appsrc is not installed")
+        src.set_property("caps", caps)
+        src.set_property("format", self._gst.Format.TIME)
+        src.set_property("max-bytes", 0)  # never blocks the camera's streaming thread: the muxer keeps up
+        self._pipeline.add(src)
+        src.link(self._pipeline.get_by_name(downstream))
+        return src
+
+    def push_audio(self, packet: Packet) -> None:
+        """An AAC frame, placed by its running time against the first video frame's (dropped before it)."""
+        if self._audio_src is None or self.failed is not None or self._finishing or self.first_run is None:
+            return
+        assert self.base is not None
+        pts = packet.run - self.first_run + (self.first_pts - self.base)
+        if pts < 0:
+            return
+        out = packet.buffer.copy_region(SHALLOW, 0, packet.size)
+        out.pts = out.dts = pts
+        self._audio_src.push_buffer(out)
+
     def push(self, packet: Packet, wall: float) -> None:
         if self.failed is not None or self._finishing:
             return
         gst = self._gst
         if self.base is None:
             self.base = min(packet.pts, packet.dts) if packet.dts != gst.CLOCK_TIME_NONE else packet.pts
-            self.first_wall, self.first_pts = wall, packet.pts
+            self.first_wall, self.first_pts, self.first_run = wall, packet.pts, packet.run
         if packet.pts < self.first_pts:  # shown before the first keyframe (an open GOP's leading pictures): they
             return  # refer to the GOP before, which the clip does not have
         pts = packet.pts - self.base
@@ -173,6 +193,8 @@ class ClipWriter:
             return
         self._finishing, self.reason = True, reason
         self._src.end_of_stream()
+        if self._audio_src is not None:
+            self._audio_src.end_of_stream()
 
     def join(self, timeout: float) -> None:
         self.done.wait(timeout)
@@ -272,6 +294,10 @@ class CameraRecorder:
         self._segment_started: float | None = None
         self._writers: list[ClipWriter] = []
         self._keep_s = settings.pre_s + KEEP_SLACK_S
+        self._audio: deque[Packet] = deque()
+        """AAC frames since the ring's oldest video packet (`Packet` with `key` true, `dts` unset)."""
+        self._audio_caps: Any = None
+        self._audio_logged = False
         self._concluded: deque[str] = deque(maxlen=1024)
         """Clips already ended here: a late order for one (a trigger the daemon saw in its window) changes nothing."""
         self.counters: Counter[str] = Counter()
@@ -308,6 +334,33 @@ class CameraRecorder:
             if self.settings.segment_s is not None:
                 self._continuous(packet, wall)
 
+    def audio(self, buffer: Any, caps: Any, running_ns: int) -> None:
+        """One audio frame as it enters the audio decoder: kept (and written with the clips) when it is AAC, which
+        MP4 holds as it is; any other audio is dropped (logged once)."""
+        if caps is None:
+            return
+        structure = caps.get_structure(0)
+        ok, version = structure.get_int("mpegversion")
+        if structure.get_name() != "audio/mpeg" or not ok or version not in (2, 4):
+            if not self._audio_logged:
+                self._audio_logged = True
+                log.info("camera %s: its audio (%s) is not recorded: MP4 keeps AAC as it is, nothing else",
+                         self.camera, structure.get_name())  # fmt: skip
+            return
+        packet = Packet(buffer.pts, buffer.pts, running_ns, True, buffer, caps, buffer.get_size())
+        with self._lock:
+            if self._audio_caps is None or not caps.is_equal(self._audio_caps):
+                self._audio_caps = caps
+            self._audio.append(packet)
+            oldest = self._ring[0].run if self._ring else running_ns
+            while self._audio and self._audio[0].run < oldest - 1_000_000_000:  # a second of slack: never more
+                self._audio.popleft()
+            for clip in self._clips.values():
+                if clip.writer is not None and self._wall(packet) <= clip.end_ts:
+                    clip.writer.push_audio(packet)
+            if self._segment is not None:
+                self._segment.push_audio(packet)
+
     def discontinuity(self, reason: str) -> None:
         """The stream ended (the connection closed, a file went back to its start): every clip and the segment end
         here, cleanly; the ring starts again."""
@@ -315,6 +368,8 @@ class CameraRecorder:
             self._end_all(reason)
             self._ring.clear()
             self._ring_bytes = 0
+            self._audio.clear()
+            self._audio_caps = None
             self._caps = None
             self._offset = None
 
@@ -346,6 +401,10 @@ class CameraRecorder:
                 if clip.writer is None or order.clip_id not in self._clips:
                     break
                 self._live(clip, packet, self._wall(packet))
+            if clip.writer is not None:  # the audio of the same stretch (the muxer interleaves by time)
+                for sound in list(self._audio):
+                    if self._wall(sound) <= clip.end_ts:
+                        clip.writer.push_audio(sound)
 
     def close(self, timeout: float = FINISH_TIMEOUT_S) -> None:
         """The capture stops: finish everything and wait (up to `timeout`) for the files to be saved."""
@@ -394,7 +453,7 @@ class CameraRecorder:
         order = clip.order
         try:
             writer = ClipWriter(self.camera, order.clip_id, self.settings.root, order.path, first.caps,
-                                self._finished)  # fmt: skip
+                                self._finished, audio=self._audio_caps)  # fmt: skip
         except (OSError, ValueError) as exc:
             del self._clips[order.clip_id]
             reason = "disk_full" if isinstance(exc, OSError) and exc.errno == errno.ENOSPC else "error"
@@ -437,7 +496,8 @@ class CameraRecorder:
             relative = f"{self.camera}/continuous/{started}-{int(wall * 1000) % 1000:03d}.mp4"
             try:
                 self._segment = ClipWriter(self.camera, f"segment-{self.camera}-{int(wall * 1000)}",
-                                           self.settings.root, relative, packet.caps, self._finished, segment=True)
+                                           self.settings.root, relative, packet.caps, self._finished, segment=True,
+                                           audio=self._audio_caps)  # fmt: skip
             except (OSError, ValueError) as exc:
                 self.counters["segment_errors"] += 1
                 if self.counters["segment_errors"] == 1:
@@ -497,13 +557,27 @@ def remux(source: Path, target: Path) -> bool:
     location_out = '"' + str(fixed).replace("\\", "\\\\").replace('"', '\\"') + '"'
     ok = False
     try:
-        pipeline = launch(f"qtdemux name=demux demux.video_0 ! queue ! parsebin ! mp4mux faststart=true ! "
-                          f"filesink location={location_out}")  # fmt: skip
+        pipeline = launch(f"qtdemux name=demux mp4mux name=mux faststart=true ! filesink location={location_out}")
+        demux, mux = pipeline.get_by_name("demux"), pipeline.get_by_name("mux")
+
+        def plug(_demux: Any, pad: Any) -> None:  # each track the file has: its parser, into the muxer
+            caps = pad.get_current_caps() or pad.query_caps(None)
+            name = caps.get_structure(0).get_name() if caps is not None and caps.get_size() else ""
+            parser = {"video/x-h264": "h264parse", "video/x-h265": "h265parse", "audio/mpeg": "aacparse"}.get(name)
+            if parser is None:
+                return
+            chain = gst.parse_bin_from_description(f"queue ! {parser}", True)
+            pipeline.add(chain)
+            chain.sync_state_with_parent()
+            pad.link(chain.get_static_pad("sink"))
+            chain.link(mux)
+
+        demux.connect("pad-added", plug)
         src = kept_source("filesrc")
         if src is not None:
             src.set_property("location", str(source))
             pipeline.add(src)
-            src.link(pipeline.get_by_name("demux"))
+            src.link(demux)
             pipeline.set_state(gst.State.PLAYING)
             message = pipeline.get_bus().timed_pop_filtered(int(60e9), gst.MessageType.EOS | gst.MessageType.ERROR)
             ok = message is not None and message.type == gst.MessageType.EOS
