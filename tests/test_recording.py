@@ -222,7 +222,7 @@ def test_aac_audio_is_kept_other_audio_is_dropped(tmp_path):
     for codec in ("aac", "opus"):
         folder = tmp_path / codec
         folder.mkdir()
-        source = encode_with_audio(folder / f"with_{codec}.{'mp4' if codec == 'aac' else 'mkv'}", codec)
+        source = encode_with_audio(folder / f"with_{codec}.{'mp4' if codec == 'aac' else 'mkv'}", codec, 100)
         recorded = record_camera(folder, str(source), settings(pre_s=1.0, post_s=3.0), [4.0], timeout=40)
         (data,) = saved_clips(recorded)
         path = folder / "recordings" / data["path"]

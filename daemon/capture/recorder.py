@@ -286,6 +286,8 @@ class CameraRecorder:
         self._report = report
         self._lock = threading.Lock()
         self._ring: deque[Packet] = deque()
+        self._keys: deque[Packet] = deque()
+        """The ring's keyframes, oldest first (the ring starts at `_keys[0]` once it has one)."""
         self._ring_bytes = 0
         self._caps: Any = None
         self._offset: float | None = None
@@ -367,6 +369,7 @@ class CameraRecorder:
         with self._lock:
             self._end_all(reason)
             self._ring.clear()
+            self._keys.clear()
             self._ring_bytes = 0
             self._audio.clear()
             self._audio_caps = None
@@ -424,18 +427,22 @@ class CameraRecorder:
         ring = self._ring
         if not ring:
             return
+        keys = self._keys
+        if ring[-1].key:
+            keys.append(ring[-1])
         newest = ring[-1].run
         keep_ns = int(self._keep_s * 1e9)
-        # drop whole GOPs from the front while the next keyframe is still older than what we keep
-        while True:
-            cut = next((i for i, p in enumerate(ring) if i > 0 and p.key), None)
-            if cut is None or newest - ring[cut].run < keep_ns:
-                break
-            for _ in range(cut):
+        # drop the first GOP while the next keyframe is still older than what we keep (amortised: each packet goes
+        # once, and only the keyframes are looked at)
+        while len(keys) >= 2 and newest - keys[1].run >= keep_ns:
+            keys.popleft()
+            while ring[0] is not keys[0]:
                 self._ring_bytes -= ring.popleft().size
         while self._ring_bytes > RING_MAX_BYTES and ring:  # no keyframe for long: what is left is undecodable
+            if keys and ring[0] is keys[0]:
+                keys.popleft()
             self._ring_bytes -= ring.popleft().size
-            while ring and not ring[0].key:
+            while ring and not (keys and ring[0] is keys[0]):
                 self._ring_bytes -= ring.popleft().size
 
     def _start_index(self, start_ts: float) -> int | None:
@@ -511,6 +518,7 @@ class CameraRecorder:
         if self._caps is not None:
             self._end_all("format_changed")
             self._ring.clear()
+            self._keys.clear()
             self._ring_bytes = 0
         self._caps = caps
         if codec_of(caps) is None and not self._unsupported_logged:
