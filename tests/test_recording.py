@@ -266,6 +266,7 @@ def test_with_continuous_segments_a_clip_is_a_reference_cut_from_them_when_asked
     assert row is not None and row.ref and row.bytes == 0
     saved_segments = [s for s in segments if s.state == "saved"]
     assert len(saved_segments) >= 3
+    assert all(abs(s.retain_until - (s.start_ts + 86400)) < 5 for s in saved_segments), "kept continuous.retain_days"
     run = [picture for s in saved_segments for picture in pictures(s.file, "h264")]
     assert position_in(truth, run) == 0, "the segments are the source's pictures, one after the other"
     assert all(pictures(s.file, "h264")[0].key for s in saved_segments)

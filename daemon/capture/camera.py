@@ -274,6 +274,8 @@ class CameraCapture:
                 return self._lost("stalled") if was_streaming else Outcome.FAILED
             return self._lost("error") if was_streaming else Outcome.FAILED
         finally:
+            if self.recorder is not None and self._stop.is_set():  # the clips end because we stop, not the stream
+                self.recorder.discontinuity("stopped")
             reader.close()
             self.stats.close_connection(reader.counters)
 

@@ -231,8 +231,9 @@ class ClipWriter:
         state, size, reason = ClipState.SAVED, 0, self.reason or "stopped"
         if self.failed is None and self.frames:
             try:
-                # the fragments remuxed with the index first: a browser then knows the duration at once
-                if not remux(self.part, self.final):
+                # the fragments remuxed with the index first: a browser then knows the duration at once; not while the
+                # daemon stops (a remux of every camera's clip and segment at once would hold the stop up)
+                if self.reason == "stopped" or not remux(self.part, self.final):
                     os.replace(self.part, self.final)  # fragmented as written: it plays too
                 size = self.final.stat().st_size
             except OSError as exc:
@@ -243,7 +244,10 @@ class ClipWriter:
             for path in (self.part, self.final):
                 with contextlib.suppress(OSError):
                     path.unlink()
-        end = (self.first_wall + self.duration_s) if self.first_wall is not None else None
+        # the last frame's wall-clock time plus one frame: where the next segment starts, even when the stream runs
+        # slower or faster than the wall clock (a file read as fast as the chain goes)
+        frame = self.duration_s - (self.last_pts - self.first_pts) / 1e9
+        end = self.last_wall + frame if self.last_wall is not None else None
         self._report(ClipReport(
             self.clip_id, self.camera, state, self.relative, self.first_wall, end, self.frames, size, self.codec,
             self.width, self.height, reason, None if self.failed == "disk_full" else self.failed, self.segment,
@@ -512,6 +516,9 @@ class CameraRecorder:
                 return
             self._writers.append(self._segment)
             self._segment_started = wall
+            self._report(ClipReport(self._segment.clip_id, self.camera, ClipState.WRITING, relative, wall,
+                                    codec=self._segment.codec, width=self._segment.width,
+                                    height=self._segment.height, segment=True))  # fmt: skip
         self._segment.push(packet, wall)
 
     def _new_format(self, caps: Any) -> None:
@@ -556,10 +563,10 @@ class CameraRecorder:
         self._report(report)
 
 
-def remux(source: Path, target: Path) -> bool:
-    """`source`'s video (a fragmented MP4, complete or cut off) remuxed into `target` with the index at the front,
-    without decoding (`qtdemux ! parsebin ! mp4mux faststart=true`); `source` removed on success. False (nothing
-    written at `target`) when nothing in it could be read."""
+def remux(source: Path, target: Path, check: bool = False) -> bool:
+    """`source`'s tracks (a fragmented MP4, complete or cut off) remuxed into `target` with the index at the front,
+    without decoding (`qtdemux`, a parser per track, `mp4mux faststart=true`); `source` removed on success. False
+    (nothing written at `target`) when nothing in it could be read (`check`: or what was written has no frame)."""
     gst = gst_modules()[0]
     fixed = target.with_name(target.name + ".fix")
     location_out = '"' + str(fixed).replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -590,7 +597,7 @@ def remux(source: Path, target: Path) -> bool:
             message = pipeline.get_bus().timed_pop_filtered(int(60e9), gst.MessageType.EOS | gst.MessageType.ERROR)
             ok = message is not None and message.type == gst.MessageType.EOS
             pipeline.set_state(gst.State.NULL)
-            ok = ok and fixed.exists() and _plays(fixed)
+            ok = ok and fixed.exists() and (not check or _plays(fixed))
     except Exception as exc:  # GLib errors of a file that is not MP4 at all
         log.debug("remuxing %s: %s", source, exc)
         ok = False
@@ -607,7 +614,7 @@ def repair(part: Path) -> Path | None:
     """A `.part` a killed run left: its complete fragments remuxed (no re-encode) into the final file, returned; None
     (and the part removed) when nothing in it plays."""
     final = part.with_name(part.name[: -len(PART)])
-    if remux(part, final):
+    if remux(part, final, check=True):
         return final
     with contextlib.suppress(OSError):
         part.unlink()

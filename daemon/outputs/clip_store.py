@@ -93,6 +93,7 @@ class ClipStore:
     def __init__(self, database: Path):
         self._db = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
         self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL (the journal set it): a power cut may lose the last rows
         self._db.executescript(SCHEMA)  # (the journal made them already; a journal from before recordings had none)
 
     def close(self) -> None:

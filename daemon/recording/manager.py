@@ -305,8 +305,9 @@ class Recording:
             self._writing.add(report.clip_id)
             return
         self._writing.discard(report.clip_id)
-        if store.get(report.clip_id) is None:
-            store.add(report.clip_id, report.camera, self.root, report.path, self._run, time.time(), segment=True)
+        if store.get(report.clip_id) is None:  # (its start was not heard: a report lost as a worker restarted)
+            store.add(report.clip_id, report.camera, self.root, report.path, self._run,
+                      (report.start_ts or time.time()) + day_seconds(days), segment=True)  # fmt: skip
         store.update(report.clip_id, state=report.state.value, start_ts=report.start_ts, end_ts=report.end_ts,
                      frames=report.frames, bytes=report.bytes, reason=report.reason, error=report.error)  # fmt: skip
         if report.state is ClipState.SAVED:
@@ -367,6 +368,14 @@ class Recording:
             if row.ref:  # a window of the segments: concluded by them (_conclude_references)
                 continue
             part = row.file.with_name(row.file.name + PART)
+            if not part.exists() and row.path and row.file.is_file():  # finished after the last run stopped listening
+                info = probe_file(row.file)
+                if info is not None:
+                    end = row.start_ts + info["duration_s"] if row.start_ts is not None else None
+                    store.update(row.id, state="saved", end_ts=end, frames=info["frames"], reason="stopped",
+                                 bytes=row.file.stat().st_size, codec=info["codec"], width=info["width"],
+                                 height=info["height"])  # fmt: skip
+                    continue
             fixed = repair(part) if part.exists() else None
             info = probe_file(fixed) if fixed is not None else None
             if fixed is not None and info is not None:
