@@ -56,21 +56,45 @@ def daemon_yaml(source: Path, cameras: int, mode: str) -> str:
             "device: cpu\nlog_level: WARNING\n")  # fmt: skip
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of this process's threads so far, by name (Python's, else the kernel's; digits folded)."""
+    import re
+
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    found: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        name = re.sub(r"\d+", "N", names.get(int(tid), stat[stat.index("(") + 1 : stat.rindex(")")]))
+        found[f"{name}/{tid}"] = (int(fields[11]) + int(fields[12])) / tick
+    return found
+
+
 def run_daemon(text: str, warmup: float, seconds: float, results: Any) -> None:
-    """(In a fresh process.) Frames/s through the chain over `seconds` after `warmup`, and the recording's status."""
+    """(In a fresh process.) Frames/s through the chain over `seconds` after `warmup`, the recording's status, and
+    the CPU of the process and of the recording's own threads (its thread, the writers' and the muxers')."""
     daemon = start_daemon(text)
     daemon.start()
     try:
         time.sleep(warmup)
         frames0 = sum(daemon.scheduler.processed.values())
+        cpu0, threads0 = time.process_time(), thread_cpu()
         began = time.monotonic()
         time.sleep(seconds)
         elapsed = time.monotonic() - began
+        cpu, threads = time.process_time() - cpu0, thread_cpu()
         frames = sum(daemon.scheduler.processed.values()) - frames0
         recording = daemon.recording.status() if daemon.recording is not None else {}
     finally:
         daemon.stop()
-    results.put({"fps": frames / elapsed, "recording": recording})
+    mine = ("recording", "clip-", "mux", "appsrc", "parse", "queue")
+    used = sum(v - threads0.get(k, 0.0) for k, v in threads.items() if k.split("/")[0].startswith(mine))
+    results.put({"fps": frames / elapsed, "recording": recording, "cpu_s": cpu / elapsed,
+                 "recording_cpu_s": used / elapsed})  # fmt: skip
 
 
 def capture_cpu(source: str, record: bool, seconds: float, results: Any) -> None:
@@ -125,6 +149,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--capture-seconds", type=float, default=20.0)
     parser.add_argument("--skip-daemon", action="store_true")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--skip-capture", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("YOLO_OFFLINE", "1")
     source = encode_720p(Path(tempfile.mkdtemp(prefix="vigild-bench-720p-")))
@@ -135,10 +161,11 @@ def main() -> None:
             print(f"\n1. {cameras} cameras, Yolo-Fastest-XL 320 + ByteTrack, cpu, {args.seconds:.0f} s windows after "
                   f"{args.warmup:.0f} s; clips on every track.new", flush=True)  # fmt: skip
             print(f"{'round':>5} {'mode':>10} {'fps':>7} {'clips':>6} {'segments':>8} {'writing':>7} {'dropped':>8} "
-                  f"{'MB':>6}")  # fmt: skip
-            fps: dict[str, list[float]] = {mode: [] for mode in MODES}
+                  f"{'MB':>6} {'CPU/s':>6} {'rec CPU/s':>9}")  # fmt: skip
+            modes = tuple(args.modes)
+            fps: dict[str, list[float]] = {mode: [] for mode in modes}
             for round_ in range(args.rounds):
-                order = MODES[round_ % 3 :] + MODES[: round_ % 3]
+                order = modes[round_ % len(modes) :] + modes[: round_ % len(modes)]
                 for mode in order:
                     text = daemon_yaml(source, cameras, mode)
                     result = in_fresh_process(run_daemon, (text, args.warmup, args.seconds), 900)
@@ -147,12 +174,15 @@ def main() -> None:
                     print(f"{round_:>5} {mode:>10} {result['fps']:>7.1f} {rec.get('saved', '-'):>6} "
                           f"{rec.get('segments', '-'):>8} {rec.get('writing', '-'):>7} "
                           f"{sum((rec.get('dropped') or {}).values()) if rec else '-':>8} "
-                          f"{rec.get('bytes', 0) / 1e6:>6.1f}", flush=True)  # fmt: skip
+                          f"{rec.get('bytes', 0) / 1e6:>6.1f} {result['cpu_s']:>6.2f} {result['recording_cpu_s']:>9.3f}",
+                          flush=True)  # fmt: skip
             off = statistics.median(fps["off"])
-            for mode in MODES[1:]:
+            for mode in modes[1:]:
                 on = statistics.median(fps[mode])
                 print(f"{cameras} cameras, {mode}: {on:.1f} frames/s ({spread(fps[mode])}) against off {off:.1f} "
                       f"({spread(fps['off'])}) = {on / off:.3f}x", flush=True)  # fmt: skip
+    if args.skip_capture:
+        return
     print(f"\n2. one camera's capture alone (720p H.264 decoded as fast as it goes, frames dropped), "
           f"{args.capture_seconds:.0f} s, continuous recording (5 s segments) on and off", flush=True)  # fmt: skip
     print(f"{'round':>5} {'record':>7} {'CPU s / video s':>15} {'video s':>8} {'bytes / video s':>15}")
