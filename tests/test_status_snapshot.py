@@ -33,6 +33,9 @@ SNAPSHOT = {
     "outputs": {"publisher": {"state": "running", "delivered": 300, "lag_events": 0, "lag_s": 0.0, "drops": {}},
                 "home": {"state": "disconnected", "delivered": 90, "lag_events": 41, "lag_s": 12.5,
                          "drops": {"retention": 3}, "connected": False}},
+    "recording": {"state": "running", "error": None, "root": "/var/lib/vigild/recordings", "writing": 2, "saved": 17,
+                  "segments": 40, "dropped": {"disk_full": 2, "no_keyframe": 1}, "expired": 5, "repaired": 1,
+                  "bytes": 123456789},
 }  # fmt: skip
 
 
@@ -130,3 +133,15 @@ def test_each_output_has_its_state_lag_and_drops():
     assert got['vigild_output_dropped_total{output="home",reason="retention"}'] == 3
     assert got['vigild_output_connected{output="home"}'] == 0
     assert 'vigild_output_connected{output="publisher"}' not in got
+
+
+def test_recording_has_its_clips_drops_and_bytes():
+    got = scrape()
+    assert got['vigild_recording_clips_total{result="saved"}'] == 17
+    assert got['vigild_recording_clips_total{result="segments"}'] == 40
+    assert got['vigild_recording_clips_total{result="dropped"}'] == 3
+    assert got['vigild_recording_clips_total{result="expired"}'] == 5
+    assert got['vigild_recording_clips_total{result="repaired"}'] == 1
+    assert got['vigild_recording_dropped_total{reason="disk_full"}'] == 2
+    assert got["vigild_recording_bytes"] == 123456789
+    assert got["vigild_recording_writing"] == 2
