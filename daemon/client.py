@@ -326,9 +326,17 @@ class ControlClient:
         self.timeout = timeout
 
     def request(self, command: str, **arguments: Any) -> tuple[dict[str, Any], bytes | None]:
-        """The reply's JSON and its attachment (a snapshot's JPEG). Raises TimeoutError if none comes."""
-        self.socket.send_multipart([b"", json.dumps({"cmd": command, **arguments}).encode()])
-        if not self.socket.poll(int(self.timeout * 1000)):
+        """The reply's JSON and its attachment (a snapshot's JPEG). Raises TimeoutError if none comes.
+
+        A DEALER blocks on send while it has no connected peer (a daemon not up yet, or a CURVE handshake the
+        daemon refused and keeps refusing), so the send is bounded by the same deadline as the reply."""
+        deadline = time.monotonic() + self.timeout
+        self.socket.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeout * 1000)))
+        try:
+            self.socket.send_multipart([b"", json.dumps({"cmd": command, **arguments}).encode()])
+        except zmq.Again:
+            raise TimeoutError(f"could not reach {self.endpoint} within {self.timeout:g} s") from None
+        if not self.socket.poll(max(0, int((deadline - time.monotonic()) * 1000))):
             raise TimeoutError(f"no reply from {self.endpoint} within {self.timeout:g} s")
         frames = self.socket.recv_multipart()
         if frames and frames[0] == b"":
