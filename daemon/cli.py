@@ -16,6 +16,7 @@ from vigild.cli_args import integer, seconds
 from vigild.cli_clients import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 from vigild.client import DEFAULT_ENDPOINT
 from vigild.config.loading import Config, ConfigError, load_config
+from vigild.config.motion import mask_warnings
 from vigild.curve import ClientKeys, keygen
 from vigild.pipeline.chain import PluginStartError
 from vigild.plugin import PluginConfigError
@@ -188,6 +189,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                               f"{recording.continuous.retain_days:g} d") if recording.continuous else ""  # fmt: skip
                 print(f"    recording: clips on {triggers} ({recording.pre_s:g} s before, {recording.post_s:g} s "
                       f"after, at most {recording.max_s:g} s, kept {recording.retain_days:g} d){continuous}")  # fmt: skip
+            motion = config.settings.camera_motion(name)
+            if motion is not None:
+                print(f"    motion: threshold {motion.threshold}, min area {motion.min_area:g} px, "
+                      f"{len(motion.masks)} mask(s), detect {motion.detect}, still tracks detected every "
+                      f"{motion.stationary_interval_s:g} s")  # fmt: skip
+                resize = config.cameras[name].resize
+                for warning in mask_warnings(motion, *resize) if resize is not None else []:
+                    print(f"  warning: camera {name}: {warning}")
         for warning in config.edits.warnings:
             print(f"  warning: {warning}")
         if config.edits.file is not None:

@@ -240,6 +240,26 @@ class Tracks:
 
 
 @dataclass
+class Motion:
+    """What the motion gate (vigild.pipeline.gate) decided about a frame of a camera with `motion:` on."""
+
+    fraction: float
+    """Share of the frame's unmasked area that moved."""
+    boxes: np.ndarray
+    """(N, 4) float32 xyxy frame pixels: the areas that moved."""
+    regions: np.ndarray | None = None
+    """`detect: regions`: (M, 4) float32 xyxy frame pixels where the detector looks (what moved and the tracks it
+    follows, padded); None: the whole frame."""
+    full_above: float = 1.0
+    """`detect: regions`: crops covering more than this share of the frame mean the whole frame instead."""
+    crops: int = 0
+    """Set by the detector: the crops it ran on (0: the whole frame)."""
+    gated: bool = False
+    """The frame skipped the chain (nothing moved, no track needed it): its detections are the last detected
+    frame's."""
+
+
+@dataclass
 class Frame:
     """One captured image and everything the chain has learned about it so far."""
 
@@ -259,6 +279,8 @@ class Frame:
     events: list[Event] = field(default_factory=list)
     tracks: Tracks | None = None
     """Set by a tracker: which tracks started, are due an update and ended on this frame."""
+    motion: Motion | None = None
+    """Set by the motion gate on the frames of cameras with `motion:` (docs/motion.md)."""
 
     @property
     def size(self) -> tuple[int, int]:

@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from vigild.config.motion import MotionConfig, effective_motion
 from vigild.config.outputs import OutputConfig
 from vigild.config.recording import CameraRecordingConfig, RecordingConfig, effective
 from vigild.config.sources import SourceKind, parse_source
@@ -121,6 +122,10 @@ class CameraConfig(StrictModel):
     )
     recording: CameraRecordingConfig | None = Field(
         None, description="This camera's recording (docs/recording.md): overrides the top-level section's keys."
+    )
+    motion: MotionConfig | None = Field(
+        None, description="This camera's motion gating (docs/motion.md): overrides the top-level section's keys; "
+        "`motion: {}` turns it on for this camera alone, `motion: {enabled: false}` off."
     )
 
     @field_validator("source")
@@ -403,6 +408,10 @@ class DaemonSettings(StrictModel):
     recording: RecordingConfig | None = Field(
         None, description="Clips around events and continuous segments (docs/recording.md); off without it."
     )
+    motion: MotionConfig | None = Field(
+        None, description="Detect only where and when something moved (docs/motion.md), for every camera; "
+        "`motion: {}` turns it on with the defaults. Off without it."
+    )
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
     torch_threads: int | None = Field(
         None,
@@ -412,6 +421,14 @@ class DaemonSettings(StrictModel):
         "its cgroup CPU quota), whatever OMP_NUM_THREADS or MKL_NUM_THREADS say. Reported in the heartbeat.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def camera_motion(self, name: str) -> MotionConfig | None:
+        """Camera `name`'s motion settings (the top level's, overridden by its own); None: every frame detected."""
+        return effective_motion(self.motion, self.cameras[name].motion)
+
+    def motion_by_camera(self) -> dict[str, MotionConfig]:
+        """The cameras whose frames are gated by motion, with their settings."""
+        return {name: motion for name in self.cameras if (motion := self.camera_motion(name)) is not None}
 
     def camera_recording(self, name: str) -> CameraRecordingConfig | None:
         """Camera `name`'s recording settings (the top level's, overridden by its own); None: not recorded."""

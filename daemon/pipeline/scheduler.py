@@ -21,17 +21,19 @@ import queue
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from vigild.capture.exchange import FrameExchange, Notice, NoticeKind, Taken
+from vigild.config.motion import MotionConfig
 from vigild.config.settings import SchedulerConfig
 from vigild.events import Event, Publish
 from vigild.frame import Frame
 from vigild.lifecycle import ServiceThread
 from vigild.pipeline.chain import Chain
 from vigild.pipeline.durations import LATENCY_BUCKETS, Durations
+from vigild.pipeline.gate import MotionGate
 
 log = logging.getLogger("vigild.scheduler")
 
@@ -53,9 +55,11 @@ class Scheduler:
         cameras: list[str],
         all_ended: threading.Event | None = None,
         device: str = "cpu",
+        gate: MotionGate | None = None,
     ):
         """`all_ended`: set once every camera has ended (files that were read to their end), for the owner to stop.
-        `device`: where the chain computes (`scheduler.pipeline` is on by default on a GPU only)."""
+        `device`: where the chain computes (`scheduler.pipeline` is on by default on a GPU only). `gate`: which
+        frames of cameras with `motion:` go through the chain (vigild.pipeline.gate); the others are gated."""
         self.config = config
         self.device = device
         self.exchange = exchange
@@ -77,7 +81,8 @@ class Scheduler:
         self._down: set[str] = set()
         """Cameras whose `camera.down` was published and which have not come up since."""
         self.latest: dict[str, Frame] = {}
-        """The last frame of each camera that came through the chain (for snapshots)."""
+        """The last frame of each camera that came through the chain, or was gated (for snapshots)."""
+        self.gate = gate if gate is not None else MotionGate()
         self.alive_at = time.monotonic()
         """When the scheduler last went round its loop: stale while a plugin is stuck (the watchdog reads it)."""
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
@@ -122,11 +127,15 @@ class Scheduler:
         pipeline = self.config.pipeline
         return pipeline if pipeline is not None else self.device.startswith("cuda")
 
-    def take_over(self, chain: Chain, config: SchedulerConfig, cameras: list[str]) -> None:
-        """Scheduler thread, at a reconfiguration's swap: run `chain` (activated here) with `config` over `cameras`."""
+    def take_over(
+        self, chain: Chain, config: SchedulerConfig, cameras: list[str], motion: Mapping[str, MotionConfig]
+    ) -> None:
+        """Scheduler thread, at a reconfiguration's swap: run `chain` (activated here) with `config` over `cameras`,
+        gated by their `motion` settings."""
         chain.activate()
         self.chain = chain
         self.config = config
+        self.gate.configure(motion)
         self.set_cameras(cameras)
 
     def set_cameras(self, cameras: list[str]) -> None:
@@ -184,6 +193,8 @@ class Scheduler:
                     taken = self.exchange.take(self.config.max_batch, max_wait, want, AHEAD_POLL_S)
                     if taken.frames or taken.opened or taken.closed or all(w.done() for w in work):
                         break
+            if taken.frames and self.gate.cameras:
+                taken = self._gated(taken)
             started = False
             if ahead is not None:
                 if taken.frames and self.pipelined:
@@ -193,7 +204,7 @@ class Scheduler:
                 ahead = None
             for notice in taken.opened:
                 self._down.discard(notice.camera)
-                self._publish_camera_event(notice, "camera.up")
+                self._publish_camera_event(self.gate.checked(notice), "camera.up")
             if taken.frames and self.pipelined:
                 if not started:
                     work = self.chain.prefetch(taken.frames)
@@ -205,6 +216,19 @@ class Scheduler:
         for camera in self.cameras:
             if camera not in self._down:  # cameras already down (or ended) were closed then
                 self._close_camera(Notice(camera, NoticeKind.DOWN, time.time(), -1, {"reason": "stopped"}))
+
+    def _gated(self, taken: Taken) -> Taken:
+        """`taken` with only the frames that go through the chain; gated ones are the cameras' latest (snapshots)
+        and go to the tap (the live view) as they are."""
+        through = self.gate.select(taken.frames)
+        if len(through) < len(taken.frames):
+            kept = {id(frame) for frame in through}
+            for frame in taken.frames:
+                if id(frame) not in kept:
+                    self.latest[frame.camera] = frame
+                    if self.tap is not None:
+                        self.tap(frame)
+        return Taken(through, taken.opened, taken.closed)
 
     def _finish(self, taken: Taken) -> None:
         """Run the chain on the batch, publish its events, then close the cameras whose notices came with it."""
@@ -223,6 +247,7 @@ class Scheduler:
             for event in frame.events:
                 self.publish(event)
         now = time.monotonic()  # handed to the bus: capture to publish
+        self.gate.observe(frames)
         self.batches += 1
         self.frames_in_batches += len(frames)
         for frame in passed:
@@ -239,6 +264,7 @@ class Scheduler:
         """Let plugins close what they hold for the camera (tracks...), then say it is down."""
         for event in self.chain.source_ended(notice.camera, notice.ts_wall, notice.frame_index):
             self.publish(event)
+        self.gate.camera_down(notice.camera)
         self._publish_camera_event(notice, "camera.down")
         self._down.add(notice.camera)
         if notice.kind is NoticeKind.ENDED:

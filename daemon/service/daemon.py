@@ -26,6 +26,7 @@ from vigild.outputs.publisher import Publisher, PublisherError
 from vigild.outputs.replay import ReplayError
 from vigild.pipeline.chain import Chain
 from vigild.pipeline.durations import Timings
+from vigild.pipeline.gate import MotionGate
 from vigild.pipeline.scheduler import Scheduler
 from vigild.service import cameras, status
 from vigild.service.control import CommandError, ControlServer
@@ -74,9 +75,8 @@ class Daemon:
         publisher = Publisher(settings.publisher, curve=settings.curve)
         chain = Chain(config.chain, device, config.cameras, threads.count, publish=bus.publish)
         # every camera ended (files read to their end): the scheduler sets our stop request
-        scheduler = Scheduler(
-            settings.scheduler, exchange, chain, bus.publish, list(config.cameras), self._stop_requested, device
-        )
+        scheduler = Scheduler(settings.scheduler, exchange, chain, bus.publish, list(config.cameras),
+                              self._stop_requested, device, MotionGate(settings.motion_by_camera()))  # fmt: skip
         cameras = len(config.cameras)
         self.workers = capture_workers(settings.capture, exchange, threads.usable_cpus, cameras, config.file)
         self.journaling = journaling = Journaling(settings.journal, config.file, bus, settings.curve)

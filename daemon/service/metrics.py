@@ -84,6 +84,7 @@ class DaemonCollector(Collector):
             for value in CAMERA_STATES:
                 state.add_metric([name, value], 1.0 if value == camera["state"] else 0.0)
         yield from (fps, *per_camera.values(), state)
+        yield from _motion(status["cameras"])
 
         publisher = status["publisher"]
         events = CounterMetricFamily("vigild_events_published", "Events sent, by type", labels=["type"])
@@ -181,6 +182,27 @@ def _outputs(outputs: dict[str, Any]) -> Iterator[Metric]:
         if "connected" in output:
             connected.add_metric([name], float(bool(output["connected"])))
     yield from (state, lag, lag_s, delivered, drops, connected)
+
+
+def _motion(cameras: dict[str, Any]) -> Iterator[Metric]:
+    """Each gated camera's `motion` (docs/motion.md#status-and-metrics); nothing when no camera has `motion:`."""
+    gated = {name: camera["motion"] for name, camera in cameras.items() if "motion" in camera}
+    if not gated:
+        return
+    frames = CounterMetricFamily("vigild_motion_frames", "Frames of cameras with motion gating, by what was done "
+                                 "(detected, gated)", labels=["camera", "result"])  # fmt: skip
+    fraction = GaugeMetricFamily("vigild_motion_fraction", "Share of the last frame that moved", labels=["camera"])
+    crops = GaugeMetricFamily("vigild_motion_crops_per_frame", "Crops per detected frame (detect: regions)",
+                              labels=["camera"])  # fmt: skip
+    changes = CounterMetricFamily("vigild_motion_global_changes", "Frames on which most of the picture changed at "
+                                  "once (background taken anew)", labels=["camera"])  # fmt: skip
+    for name, motion in gated.items():
+        frames.add_metric([name, "detected"], motion["detected"])
+        frames.add_metric([name, "gated"], motion["gated"])
+        fraction.add_metric([name], motion["fraction"])
+        crops.add_metric([name], motion["crops_per_frame"])
+        changes.add_metric([name], motion["global_changes"])
+    yield from (frames, fraction, crops, changes)
 
 
 def _recording(recording: dict[str, Any]) -> Iterator[Metric]:

@@ -101,8 +101,9 @@ class Prepared:
     """Of the arriving cameras, not started."""
 
 
-GEOMETRY: dict[str, Any] = {"zones": {}, "lines": {}}
-"""A camera's settings that its plugins read at each frame: changing only these restarts nothing."""
+GEOMETRY: dict[str, Any] = {"zones": {}, "lines": {}, "motion": None}
+"""A camera's settings that its plugins (and the motion gate) read at each frame: changing only these restarts
+nothing."""
 
 
 def diff(old: Config, new: Config) -> Plan:
@@ -169,7 +170,8 @@ def swap(prepared: Prepared, running: Running, pipeline: Pipeline) -> None:
         for name in sorted(served & still_open):
             for event in running.chain.close_instance(stage, plugin, name, now):
                 pipeline.bus.publish(event)
-    scheduler.take_over(prepared.chain, plan.new.settings.scheduler, list(plan.new.cameras))
+    scheduler.take_over(prepared.chain, plan.new.settings.scheduler, list(plan.new.cameras),
+                        plan.new.settings.motion_by_camera())  # fmt: skip
     for name in plan.restarted:
         scheduler.reopen_camera(name)
 

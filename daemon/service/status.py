@@ -76,6 +76,7 @@ def snapshot(running: Running, pipeline: Pipeline, rates: Rates, uptime_s: float
     failures = failures_by_camera(chain)
     processed = dict(scheduler.processed)
     camera_fps = rates.by_camera
+    motion = scheduler.gate.counts()
     cameras: dict[str, Any] = {}
     for name, capture in running.captures.items():
         stats = capture.stats
@@ -96,6 +97,8 @@ def snapshot(running: Running, pipeline: Pipeline, rates: Rates, uptime_s: float
             "last_error": stats.last_error,
             "worker": capture.worker,
         }
+        if name in motion:
+            cameras[name]["motion"] = motion[name]
     batches = scheduler.batches
     publisher = pipeline.publisher.stats
     return {

@@ -11,6 +11,8 @@ from vigild.frame import Detections
 
 class DetectorBackend(ABC):
     class_names: tuple[str, ...]
+    input_size: tuple[int, int]
+    """(width, height) of the model's input: crops for `detect: regions` are cut at least this size."""
     class_filter: np.ndarray | None = None
     """Class ids to keep (sorted), or None for all; set by the plugin once `class_names` is known."""
 

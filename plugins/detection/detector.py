@@ -31,6 +31,7 @@ from vigild.plugin import FrameErrors, Plugin, PluginConfig, PluginConfigError
 from vigild.plugins.detection.backend import DetectorBackend
 from vigild.vision.device import default_half
 from vigild.vision.letterbox import sort_frames
+from vigild.vision.regions import join_crops, plan_crops
 
 Size = Annotated[int, Field(gt=0, le=8192, multiple_of=32)]
 
@@ -144,6 +145,9 @@ class Detector(Plugin[DetectorConfig]):
             names_file = config.names
             backend.class_filter = self._class_ids(config.classes, backend.class_names, names_file)
         self.backend = backend
+        self._masks = getattr(backend, "task", "detect") == "segment"
+        """Instance masks are made for the frame the model saw: a segment model detects whole frames, never crops
+        (`detect: regions` is ignored for it, docs/motion.md)."""
         self._lock = threading.Lock()
         self._ahead: ThreadPoolExecutor | None = None
         self._prefetched: dict[tuple[int, ...], Future[list[Detections]]] = {}
@@ -219,8 +223,7 @@ class Detector(Plugin[DetectorConfig]):
             threads = self.context.torch_threads
             self._ahead = ThreadPoolExecutor(1, f"forward-{self.config.id or self.config.type}",
                                              initializer=_forward_thread, initargs=(threads, self.context.device))  # fmt: skip
-        images = [frame.image for frame in good]
-        future = self._ahead.submit(self._detect, images)
+        future = self._ahead.submit(self._detect_frames, good)
         self._prefetched[tuple(map(id, good))] = future
         while len(self._prefetched) > MAX_AHEAD:  # started and never asked for (the chain was replaced meanwhile)
             self._prefetched.pop(next(iter(self._prefetched))).cancel()  # not run, if it has not begun
@@ -229,6 +232,39 @@ class Detector(Plugin[DetectorConfig]):
     def _detect(self, images: list[np.ndarray]) -> list[Detections]:
         with self._lock:  # the back end reuses buffers (the letterbox's staging): one batch at a time
             return self.backend.detect(images)
+
+    def _detect_frames(self, frames: list[Frame]) -> list[Detections]:
+        """Each frame whole, or, where the motion gate gives regions (`detect: regions`), the crops around them
+        (views of the frame: no copies) in the same batch, their detections joined back (vigild.vision.regions).
+        Sets `frame.motion.crops`."""
+        plans = [self._crops(frame) for frame in frames]
+        if all(plan is None for plan in plans):
+            return self._detect([frame.image for frame in frames])
+        images: list[np.ndarray] = []
+        for frame, plan in zip(frames, plans, strict=True):
+            if plan is None:
+                images.append(frame.image)
+            else:
+                images.extend(frame.image[y0:y1, x0:x1] for x0, y0, x1, y1 in plan.tolist())
+        found = self._detect(images)
+        results: list[Detections] = []
+        at = 0
+        for frame, plan in zip(frames, plans, strict=True):
+            if plan is None:
+                results.append(found[at])
+                at += 1
+            else:
+                results.append(join_crops(found[at : at + len(plan)], plan, frame.size, self.config.nms_iou))
+                at += len(plan)
+        return results
+
+    def _crops(self, frame: Frame) -> np.ndarray | None:
+        motion = frame.motion
+        if motion is None or motion.regions is None or self._masks:
+            return None
+        plan = plan_crops(motion.regions, frame.size, self.backend.input_size, motion.full_above)
+        motion.crops = 0 if plan is None else len(plan)
+        return plan
 
     def stop(self) -> None:
         ahead = getattr(self, "_ahead", None)  # (none if start failed)
@@ -241,7 +277,7 @@ class Detector(Plugin[DetectorConfig]):
         if good:
             ahead = self._prefetched.pop(tuple(map(id, good)), None)
             # a batch started ahead: its exception, if any, is the batch's (the chain reruns it frame by frame)
-            found = ahead.result() if ahead is not None else self._detect([frame.image for frame in good])
+            found = ahead.result() if ahead is not None else self._detect_frames(good)
             for frame, detections in zip(good, found, strict=True):
                 frame.detections = detections
             if self.config.publish:  # after every frame has its detections: a failure here costs one frame
