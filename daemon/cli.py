@@ -17,6 +17,7 @@ from vigild.cli_clients import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 from vigild.client import DEFAULT_ENDPOINT
 from vigild.config.loading import Config, ConfigError, load_config
 from vigild.config.motion import mask_warnings
+from vigild.cpus import prefer_passive_waits
 from vigild.curve import ClientKeys, keygen
 from vigild.pipeline.chain import PluginStartError
 from vigild.plugin import PluginConfigError
@@ -149,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return {"sub": cli_clients.sub, "ctl": cli_clients.ctl, "events": cli_clients.events}[args.command](args, keys)
     if args.command == "clip":
         return cli_clients.clip(args)
+    prefer_passive_waits()  # the commands below load torch
     if args.command in ("export", "quantize"):
         from vigild.plugins.detection import commands as model_tools
 

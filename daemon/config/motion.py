@@ -63,7 +63,7 @@ class MotionConfig(_Strict):
         "frame's aspect ratio)."
     )
     alpha: float = Field(
-        0.1, gt=0, le=1, description="How fast the background follows the frames (a running average): a car "
+        0.2, gt=0, le=1, description="How fast the background follows the frames (a running average): a car "
         "that parks becomes background after about 1/alpha frames."
     )
     global_change: float = Field(

@@ -186,11 +186,16 @@ class Scheduler:
                 self._run_calls()
             max_wait = self.config.max_wait_ms / 1000.0
             want = max(1, min(self.config.max_batch, self.exchange.streaming()))
+            # with motion gating (and no pipelining), every waiting frame is taken: the gate keeps few, and those
+            # go through in batches of at most max_batch (`_process`), fuller than the few of max_batch frames taken
+            limit = self.config.max_batch
+            if self.gate.cameras and not self.pipelined:
+                limit = max(limit, self.exchange.waiting)
             if ahead is None:
-                taken = self.exchange.take(self.config.max_batch, max_wait, want, POLL_S)
+                taken = self.exchange.take(limit, max_wait, want, POLL_S)
             else:  # frames for the next batch while the one in flight is detected, not longer
                 while True:
-                    taken = self.exchange.take(self.config.max_batch, max_wait, want, AHEAD_POLL_S)
+                    taken = self.exchange.take(limit, max_wait, want, AHEAD_POLL_S)
                     if taken.frames or taken.opened or taken.closed or all(w.done() for w in work):
                         break
             if taken.frames and self.gate.cameras:
@@ -238,6 +243,11 @@ class Scheduler:
             self._close_camera(notice)
 
     def _process(self, frames: list[Frame]) -> None:
+        size = self.config.max_batch
+        for at in range(0, len(frames), size):
+            self._process_batch(frames[at : at + size])
+
+    def _process_batch(self, frames: list[Frame]) -> None:
         try:
             passed = self.chain.process(frames)
         except Exception:  # the chain isolates plugin failures; this is a bug in vigild itself, keep running

@@ -20,6 +20,7 @@ from vigild.capture.exchange import FrameExchange
 from vigild.config.edits import camera_edit, edits_path, edits_text, file_camera, read_edit_entries, write_edits_text
 from vigild.config.loading import Config, ConfigError, load_config, with_camera
 from vigild.config.yamlsource import KeyPath
+from vigild.cpus import prefer_passive_waits
 from vigild.events import SYSTEM_CAMERA, Event
 from vigild.outputs.bus import EventBus
 from vigild.outputs.publisher import Publisher, PublisherError
@@ -62,6 +63,7 @@ class Daemon:
         """`log_level_override`: the level given on the command line, which configs applied later never change."""
         self._log_level_override = log_level_override
         settings = config.settings
+        prefer_passive_waits()  # before torch loads
         from vigild.vision.device import resolve_device  # imports torch: only once a daemon is made
 
         device = resolve_device(settings.device)
