@@ -2,6 +2,8 @@
 
 Per frame, on the scheduler thread, before the batch is detected: motion on a small grey copy
 (vigild.vision.motion). A frame goes through the chain when
+- it is the camera's first (since it started or came back): the background for motion, and the tracker's first
+  frame, on which a tracker confirms what it sees at once, as without gating, or
 - something moved on it (outside the masks), or
 - a track the chain follows is moving (its box moved within `stationary_after_s`), or was not seen on the last
   frame that went through (lost: it must be found again, or end, at the camera's rate), or
@@ -99,6 +101,7 @@ class CameraGate:
     def decide(self, frame: Frame) -> bool:
         """Motion on `frame`, and whether it goes through the chain (sets `frame.motion`)."""
         config, tracks, now = self.config, self.tracks, frame.ts_mono
+        first = self.last_through is None  # the camera's first frame (or the first since it came back)
         moved = self.motion(frame.image)
         counts = self.counts
         counts.fraction = moved.fraction
@@ -106,7 +109,8 @@ class CameraGate:
         self.quiet = 0 if len(moved.boxes) else self.quiet + 1
         live = len(tracks.ids) > 0
         through = bool(
-            len(moved.boxes)
+            first  # the background for motion; the tracker's first frame, as without gating
+            or len(moved.boxes)
             or (live and not tracks.seen.all())  # a track lost: found again or ended at the camera's rate
             or (tracks.seen & (now - tracks.moved_at < config.stationary_after_s)).any()  # moving tracks
             or (len(tracks.untracked) and self.quiet <= TENTATIVE_FRAMES)  # detections being confirmed
