@@ -146,10 +146,11 @@ def accuracy(model: Path, place: Path) -> None:
           "track.new (frames) | gated |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     recalls = []
-    for phase in PHASES:
+    rows = [(phase, "full") for phase in PHASES] + [(phase, "regions") for phase in PHASES[:2]]
+    for phase, detect in rows:
         images = quiet_scene(60, phase_s=phase)[::2]
         truth = through_chain(images, chain, None, place)
-        gated = through_chain(images, chain, {}, place)
+        gated = through_chain(images, chain, {"detect": detect}, place)
         found = matched(truth.boxes, gated.boxes)
         recall = sum(v is not None for v in found.values()) / max(1, len(found))
         recalls.append(recall)
@@ -157,9 +158,10 @@ def accuracy(model: Path, place: Path) -> None:
         lag = max((first_gated[o] - first_truth[t] for t, o in found.items()
                    if o is not None and t in first_truth and o in first_gated), default=0)  # fmt: skip
         extra = sum(v is None for v in matched(gated.boxes, truth.boxes).values())
-        print(f"| quiet plaza, phase {phase:g} s | {len(truth.boxes)} | {len(gated.boxes)} | {recall:.3f} | {extra} | "
+        print(f"| quiet plaza, phase {phase:g} s, `detect: {detect}` | {len(truth.boxes)} | {len(gated.boxes)} | {recall:.3f} | {extra} | "
               f"{lag} | {gated.counts['saved']:.1%} |", flush=True)  # fmt: skip
-    print(f"\nrecall: median {statistics.median(recalls):.3f}, lowest {min(recalls):.3f}")
+    print(f"\nrecall: median {statistics.median(recalls):.3f}, lowest {min(recalls):.3f} (crops per frame with "
+          f"regions: {gated.counts['crops_per_frame']:.2f})")  # fmt: skip
     frames = 300
     truth_run = through_chain(list(footage((640, 480))[:frames]), chain, None, place)
     truth = {t: {k: to_distant(b, (640, 480)) for k, b in seen.items()}
