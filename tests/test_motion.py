@@ -268,3 +268,31 @@ def test_the_daemon_gates_a_quiet_camera_and_shows_it_in_status_metrics_and_came
     ups = [json.loads(line) for line in events.stdout.splitlines() if line.strip()]
     assert ups, events.stderr
     assert ups[0]["warnings"] == ["motion mask 0 has a corner outside the 640x360 frame (drawn for another size?)"]
+
+
+def test_the_gate_detects_what_tracks_need_and_forgets_a_track_its_tracker_never_ends():
+    """The gate alone, fed what a tracker would say (set by the test, not a tracker): a still frame throughout."""
+    from vigild.config.motion import MotionConfig as Config
+    from vigild.pipeline.gate import LOST_FRAMES, MotionGate
+
+    gate = MotionGate({"a": Config(stationary_after_s=1, stationary_interval_s=4)})
+    image = grey_frame()
+    person = Detections(np.array([[100, 100, 140, 200]], np.float32), np.array([0.9], np.float32),
+                        np.array([0]), np.array([7]), ("person",))  # fmt: skip
+
+    def step(k: int, seen: bool) -> bool:
+        frame = Frame("a", k, 1000.0 + k / 5, k / 5, image)
+        if not gate.select([frame]):
+            assert frame.motion is not None and frame.motion.gated
+            return False
+        frame.detections = person if seen else Detections.empty(("person",))
+        gate.observe([frame])
+        return True
+
+    # a track standing still, seen whenever detected: through while it is new (1 s), then every 4 s
+    through = [k for k in range(60) if step(k, seen=True)]
+    assert through == [0, 1, 2, 3, 4, 24, 44], through  # 5 frames a second: moving until 1 s, then every 4 s
+    # then not found on its next detection (64, 4 s after 44; its tracker never says it ended): through on every
+    # frame while it is lost, forgotten after LOST_FRAMES of them, gated after that
+    lost = [k for k in range(60, 64 + LOST_FRAMES + 20) if step(k, seen=False)]
+    assert lost == list(range(64, 64 + LOST_FRAMES + 1)), (lost[:3], lost[-3:])

@@ -38,6 +38,9 @@ log = logging.getLogger("vigild.motion")
 
 TENTATIVE_FRAMES = 3
 """Quiet frames after one with detections but no track id (a track being confirmed) that still go through."""
+LOST_FRAMES = 150
+"""A track the gate has not seen on this many frames that went through is forgotten, ended or not (a tracker that
+never reports `ended`, or keeps lost tracks for minutes, must not keep the detector running forever)."""
 STILL_IOU = 0.8
 """A track's box with at least this IoU with where it was when it last moved has not moved."""
 _NO_BOXES = np.zeros((0, 4), np.float32)
@@ -80,6 +83,8 @@ class _Tracks:
     moved_at: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
     seen: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     """Seen on the last frame that went through."""
+    unseen: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """Frames that went through since each was last seen."""
     untracked: np.ndarray = field(default_factory=lambda: _NO_BOXES)
     """Boxes of that frame's detections without a track id."""
 
@@ -157,7 +162,7 @@ class CameraGate:
         order = np.argsort(now_ids, kind="stable")
         now_ids, now_boxes = now_ids[order], now_boxes[order]
         ended = frame.tracks.ended.track_id if frame.tracks is not None else np.zeros(0, np.int64)
-        kept = ~np.isin(tracks.ids, ended) & ~np.isin(tracks.ids, now_ids)
+        kept = ~np.isin(tracks.ids, ended) & ~np.isin(tracks.ids, now_ids) & (tracks.unseen < LOST_FRAMES)
         fresh = ~np.isin(now_ids, tracks.ids)
         # the tracks seen now: moved (or new) ones get a new anchor
         at = np.searchsorted(tracks.ids, now_ids)
@@ -175,6 +180,7 @@ class CameraGate:
             np.concatenate([tracks.anchor[kept], anchor])[order].astype(np.float32),
             np.concatenate([tracks.moved_at[kept], moved_at])[order],
             np.concatenate([np.zeros(int(kept.sum()), bool), np.ones(len(now_ids), bool)])[order],
+            np.concatenate([tracks.unseen[kept] + 1, np.zeros(len(now_ids), np.int64)])[order],
             detections.xyxy[~tracked],
         )
 
