@@ -117,6 +117,14 @@ def test_an_object_cut_by_a_crops_edge_is_counted_once_and_two_objects_twice():
                                  np.array([0.8, 0.7], np.float32), np.array([0, 0]), names)  # fmt: skip
     joined = join_crops([cut, whole], crops, (1280, 720), 0.45)
     np.testing.assert_allclose(joined.xyxy, [[290, 50, 340, 150], [400, 60, 440, 160]])
+    # an object cut by both crops (x 250-450 in crops 0-400 and 300-700): both halves are cut, neither is dropped as
+    # a duplicate of the other, and the NMS keeps one
+    wide = np.array([[0, 0, 400, 320], [300, 0, 700, 320]])
+    left = Detections.untracked(np.array([[250, 50, 400, 150]], np.float32), np.array([0.9], np.float32),
+                                np.array([0]), names)  # fmt: skip
+    right = Detections.untracked(np.array([[0, 50, 150, 150]], np.float32), np.array([0.8], np.float32),
+                                 np.array([0]), names)  # fmt: skip
+    np.testing.assert_allclose(join_crops([left, right], wide, (1280, 720), 0.45).xyxy, [[250, 50, 400, 150]])
     # an object on the frame's own edge is not cut: kept as the crop gives it
     edge = Detections.untracked(np.array([[0, 50, 30, 150]], np.float32), np.array([0.9], np.float32),
                                 np.array([0]), names)  # fmt: skip

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -38,6 +39,8 @@ log = logging.getLogger("vigild.motion")
 
 TENTATIVE_FRAMES = 3
 """Quiet frames after one with detections but no track id (a track being confirmed) that still go through."""
+FAILURE_LOG_S = 60.0
+"""A camera's gate failures are logged at most this often."""
 LOST_FRAMES = 150
 """A track the gate has not seen on this many frames that went through is forgotten, ended or not (a tracker that
 never reports `ended`, or keeps lost tracks for minutes, must not keep the detector running forever)."""
@@ -190,6 +193,7 @@ class CameraGate:
         self.motion.reset()
         self.last_through = None
         self.last_detections = None
+        self.quiet = 0
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -207,6 +211,7 @@ class MotionGate:
 
     def __init__(self, settings: Mapping[str, MotionConfig] | None = None):
         self.cameras: dict[str, CameraGate] = {}
+        self._logged: dict[str, float] = {}
         self.configure(settings or {})
 
     def configure(self, settings: Mapping[str, MotionConfig]) -> None:
@@ -222,15 +227,41 @@ class MotionGate:
         """The frames that go through the chain; the others are gated (counted, `frame.motion.gated`)."""
         if not self.cameras:
             return frames
-        return [frame for frame in frames if (gate := self.cameras.get(frame.camera)) is None or gate.decide(frame)]
+        return [frame for frame in frames if self._decide(frame)]
+
+    def _decide(self, frame: Frame) -> bool:
+        gate = self.cameras.get(frame.camera)
+        if gate is None:
+            return True
+        try:
+            return gate.decide(frame)
+        except Exception:  # a bug here must not stop the scheduler: the frame goes through, as without gating
+            self._failed(frame.camera, "deciding on")
+            return True
 
     def observe(self, frames: Iterable[Frame]) -> None:
         """Frames that went through the chain."""
         if self.cameras:
             for frame in frames:
                 gate = self.cameras.get(frame.camera)
-                if gate is not None:
+                if gate is None:
+                    continue
+                try:
                     gate.observe(frame)
+                except Exception:
+                    self._failed(frame.camera, "learning the tracks of")
+                    gate.forget_tracks()
+
+    def _failed(self, camera: str, doing: str) -> None:
+        now = time.monotonic()
+        if now - self._logged.get(camera, -FAILURE_LOG_S) >= FAILURE_LOG_S:
+            self._logged[camera] = now
+            log.exception("camera %s: the motion gate failed %s a frame (it goes through)", camera, doing)
+
+    def tracks_ended(self, camera: str) -> None:
+        """The tracker instance that followed `camera` was replaced (a reload): what the gate knew of its tracks is
+        gone; the next frame goes through as the new tracker's first."""
+        self.camera_down(camera)
 
     def camera_down(self, camera: str) -> None:
         gate = self.cameras.get(camera)

@@ -198,8 +198,9 @@ class Scheduler:
                     taken = self.exchange.take(limit, max_wait, want, AHEAD_POLL_S)
                     if taken.frames or taken.opened or taken.closed or all(w.done() for w in work):
                         break
+            gated: list[Frame] = []
             if taken.frames and self.gate.cameras:
-                taken = self._gated(taken)
+                taken, gated = self._gated(taken)
             started = False
             if ahead is not None:
                 if taken.frames and self.pipelined:
@@ -207,6 +208,7 @@ class Scheduler:
                     started = True
                 self._finish(ahead)
                 ahead = None
+            self._show(gated)  # after the batch before: the newest frames are shown last
             for notice in taken.opened:
                 self._down.discard(notice.camera)
                 self._publish_camera_event(self.gate.checked(notice), "camera.up")
@@ -222,18 +224,20 @@ class Scheduler:
             if camera not in self._down:  # cameras already down (or ended) were closed then
                 self._close_camera(Notice(camera, NoticeKind.DOWN, time.time(), -1, {"reason": "stopped"}))
 
-    def _gated(self, taken: Taken) -> Taken:
-        """`taken` with only the frames that go through the chain; gated ones are the cameras' latest (snapshots)
-        and go to the tap (the live view) as they are."""
+    def _gated(self, taken: Taken) -> tuple[Taken, list[Frame]]:
+        """`taken` with only the frames that go through the chain, and the gated ones."""
         through = self.gate.select(taken.frames)
-        if len(through) < len(taken.frames):
-            kept = {id(frame) for frame in through}
-            for frame in taken.frames:
-                if id(frame) not in kept:
-                    self.latest[frame.camera] = frame
-                    if self.tap is not None:
-                        self.tap(frame)
-        return Taken(through, taken.opened, taken.closed)
+        if len(through) == len(taken.frames):
+            return taken, []
+        kept = {id(frame) for frame in through}
+        return Taken(through, taken.opened, taken.closed), [frame for frame in taken.frames if id(frame) not in kept]
+
+    def _show(self, gated: list[Frame]) -> None:
+        """Gated frames are their cameras' latest (snapshots) and go to the tap (the live view) as they are."""
+        for frame in gated:
+            self.latest[frame.camera] = frame
+            if self.tap is not None:
+                self.tap(frame)
 
     def _finish(self, taken: Taken) -> None:
         """Run the chain on the batch, publish its events, then close the cameras whose notices came with it."""

@@ -7,7 +7,8 @@ the crops would cover most of the frame (the whole frame is then detected, lette
 
 `join_crops` maps each crop's detections back to the frame and keeps one detection per object: a class-aware NMS
 across crops, after dropping each detection cut by a crop's inner edge (one not on the frame's edge) that lies
-mostly inside a detection of the same class from another crop (the object was cut: the other crop saw it whole).
+mostly inside a detection of the same class from another crop that is not cut itself (the object was cut: the
+other crop saw it whole). More than `MAX_CROPS` crops on a frame: the whole frame is detected.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ EDGE_PX = 2.0
 """A box within this many pixels of a crop's side touches it."""
 CUT_INSIDE = 0.6
 """A cut detection whose area lies at least this much inside another one of its class is the same object."""
+MAX_CROPS = 4
+"""More crops than this on a frame (regions spread over a large frame): the whole frame is detected instead."""
 
 
 def plan_crops(
@@ -47,7 +50,7 @@ def plan_crops(
             merged = _fit(np.concatenate([lo[i, j], hi[i, j]]), frame_size, input_size)
             crops = np.concatenate([np.delete(crops, [i, j], axis=0), merged])
             changed = True
-    if _area(crops).sum() > full_above * width * height:
+    if len(crops) > MAX_CROPS or _area(crops).sum() > full_above * width * height:
         return None
     return crops
 
@@ -137,11 +140,15 @@ def _cut_duplicates(detections: Detections, crop: np.ndarray, frame_size: tuple[
     cut = touches.any(axis=1)
     if not cut.any():
         return cut
-    lo = np.maximum(xyxy[:, None, :2], xyxy[None, :, :2])
-    hi = np.minimum(xyxy[:, None, 2:], xyxy[None, :, 2:])
+    rows = np.flatnonzero(cut)  # only the cut ones are compared: (cut, N), not (N, N)
+    lo = np.maximum(xyxy[rows, None, :2], xyxy[None, :, :2])
+    hi = np.minimum(xyxy[rows, None, 2:], xyxy[None, :, 2:])
     inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
-    own = np.maximum(np.prod(xyxy[:, 2:] - xyxy[:, :2], axis=1), 1e-6)
-    same = (detections.class_id[:, None] == detections.class_id[None, :]) & ~np.eye(len(xyxy), dtype=bool)
-    other_crop = (crop[:, None, :] != crop[None, :, :]).any(axis=2)
-    inside = (inter / own[:, None] >= CUT_INSIDE) & same & other_crop
-    return cut & inside.any(axis=1)
+    own = np.maximum(np.prod(xyxy[rows, 2:] - xyxy[rows, :2], axis=1), 1e-6)
+    same = detections.class_id[rows, None] == detections.class_id[None, :]
+    other_crop = (crop[rows, None, :] != crop[None, :, :]).any(axis=2)
+    # inside a box that is not cut itself: two cut halves of one object are both kept (the NMS picks between them)
+    inside = (inter / own[:, None] >= CUT_INSIDE) & same & other_crop & ~cut[None, :]
+    duplicate = np.zeros(len(xyxy), bool)
+    duplicate[rows] = inside.any(axis=1)
+    return duplicate
