@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from vigild.config.overrides import overridden
+
 Coordinate = Annotated[float, Field(ge=0)]
 
 
@@ -96,14 +98,7 @@ class MotionConfig(_Strict):
 def effective_motion(top: MotionConfig | None, camera: MotionConfig | None) -> MotionConfig | None:
     """The motion settings of one camera: the top-level defaults, overridden by what the camera's section sets;
     None when the camera's frames are all detected (no section, or `enabled: false`)."""
-    if camera is None:
-        result = top
-    elif top is None:
-        result = camera
-    else:
-        merged = {name: getattr(top, name) for name in MotionConfig.model_fields}
-        merged.update({name: getattr(camera, name) for name in camera.model_fields_set})
-        result = MotionConfig.model_construct(**merged)  # each value validated in its own section
+    result = overridden(MotionConfig, top, camera)
     if result is None or not result.enabled:
         return None
     return result

@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from vigild.config.overrides import overridden
+
 _DAY = 86_400.0
 MAX_RETAIN_DAYS = 36_500.0
 TYPE_PATTERN = r"^[A-Za-z0-9_.*-]+$"
@@ -123,14 +125,7 @@ class RecordingConfig(CameraRecordingConfig):
 def effective(top: RecordingConfig | None, camera: CameraRecordingConfig | None) -> CameraRecordingConfig | None:
     """The recording settings of one camera: the top-level defaults, overridden by what the camera's section sets;
     None when the camera is not recorded."""
-    if camera is None:
-        result: CameraRecordingConfig | None = top
-    elif top is None:
-        result = camera
-    else:
-        merged = {name: getattr(top, name) for name in CameraRecordingConfig.model_fields}
-        merged.update({name: getattr(camera, name) for name in camera.model_fields_set})
-        result = CameraRecordingConfig.model_construct(**merged)  # each value validated in its own section
+    result = overridden(CameraRecordingConfig, top, camera)
     if result is None or not result.records:
         return None
     return result

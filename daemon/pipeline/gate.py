@@ -60,8 +60,6 @@ class MotionCounts:
     global_changes: int = 0
     crops: int = 0
     """Crops the detector ran on (`detect: regions`), over the `detected` frames."""
-    whole: int = 0
-    """Detected frames the detector ran on whole."""
 
     def snapshot(self) -> dict[str, float | int]:
         frames = self.gated + self.detected
@@ -157,7 +155,6 @@ class CameraGate:
         detections, tracks, now = frame.detections, self.tracks, frame.ts_mono
         if frame.motion is not None:
             self.counts.crops += frame.motion.crops
-            self.counts.whole += frame.motion.crops == 0
         self.last_detections = detections
         ids = detections.tracker_id
         tracked = ids != NO_TRACK
@@ -258,12 +255,9 @@ class MotionGate:
             self._logged[camera] = now
             log.exception("camera %s: the motion gate failed %s a frame (it goes through)", camera, doing)
 
-    def tracks_ended(self, camera: str) -> None:
-        """The tracker instance that followed `camera` was replaced (a reload): what the gate knew of its tracks is
-        gone; the next frame goes through as the new tracker's first."""
-        self.camera_down(camera)
-
     def camera_down(self, camera: str) -> None:
+        """`camera` went down, or a reload replaced a plugin instance serving it (its tracks ended with it): the gate
+        forgets its tracks and background; its next frame goes through as the tracker's first."""
         gate = self.cameras.get(camera)
         if gate is not None:
             gate.forget_tracks()

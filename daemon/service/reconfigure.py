@@ -170,7 +170,7 @@ def swap(prepared: Prepared, running: Running, pipeline: Pipeline) -> None:
         for name in sorted(served & still_open):
             for event in running.chain.close_instance(stage, plugin, name, now):
                 pipeline.bus.publish(event)
-            scheduler.gate.tracks_ended(name)  # its tracks ended with the instance
+            scheduler.gate.camera_down(name)  # its tracks ended with the instance
     scheduler.take_over(prepared.chain, plan.new.settings.scheduler, list(plan.new.cameras),
                         plan.new.settings.motion_by_camera())  # fmt: skip
     for name in plan.restarted:
