@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from vigild.config.cluster import BUCKET, NatsServer, nats_url
 from vigild.plugin import MAX_NAME_LENGTH
 
 OutputId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$", max_length=MAX_NAME_LENGTH)]
@@ -167,5 +168,40 @@ class MqttOutputConfig(OutputEntry):
         return self.url.startswith("mqtts://")
 
 
-OutputConfig = Annotated[FileOutputConfig | MqttOutputConfig, Field(discriminator="type")]
+class NatsOutputConfig(OutputEntry, NatsServer):
+    """Events into a NATS JetStream stream, deduplicated by id (docs/cluster.md#the-nats-output)."""
+
+    type: Literal["nats"]
+    url: str | None = Field(None, description="`nats://host[:port]` (comma-separated for several); default: the "
+                            "`cluster:` section's server, with its credentials and its one connection.")  # fmt: skip
+    stream: Annotated[str, Field(pattern=BUCKET)] = Field("VIGILD", description="The JetStream stream (created if "
+                                                          "missing, with the limits below).")  # fmt: skip
+    subject_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = Field(
+        "vigild", description="Events go to `<prefix>.<camera>.<type>`; the stream takes `<prefix>.>`."
+    )
+    replicas: int = Field(1, ge=1, le=5, description="The stream's replicas, when vigild creates it.")
+    storage: Literal["file", "memory"] = Field("file", description="The stream's storage, when vigild creates it.")
+    max_age_days: float = Field(7.0, gt=0, le=3650, description="The stream keeps events this long (0: forever).")
+    max_bytes: int = Field(-1, ge=-1, description="The stream's size limit in bytes (-1: none).")
+    duplicate_window_s: float = Field(
+        120.0, ge=1, le=86_400, description="JetStream drops a second event with the same id within this window: "
+        "an outage longer than it can deliver an event twice (drop duplicates by `id`)."
+    )  # fmt: skip
+    snapshots: bool = Field(True, description="Publish each event's snapshot on `<prefix>_snapshots.<camera>` "
+                            "(outside the stream); one larger than the server's max_payload is counted, not sent.")  # fmt: skip
+    ack_timeout_s: float = Field(5.0, gt=0, le=600, description="Seconds to wait for the stream's acknowledgement "
+                                 "before publishing again (deduplicated by id).")  # fmt: skip
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return nats_url(value) if value is not None else None
+
+    def describe(self) -> str:
+        where = self.url or "the cluster's NATS"
+        return (f"nats {where} stream {self.stream} ({self.subject_prefix}.>, duplicate window "
+                f"{self.duplicate_window_s:g} s)")  # fmt: skip
+
+
+OutputConfig = Annotated[FileOutputConfig | MqttOutputConfig | NatsOutputConfig, Field(discriminator="type")]
 """Every output type's model."""

@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from vigild.config.cluster import ClusterConfig
 from vigild.config.motion import MotionConfig, effective_motion
 from vigild.config.outputs import OutputConfig
 from vigild.config.recording import CameraRecordingConfig, RecordingConfig, effective
@@ -412,6 +413,9 @@ class DaemonSettings(StrictModel):
         None, description="Detect only where and when something moved (docs/motion.md), for every camera; "
         "`motion: {}` turns it on with the defaults. Off without it."
     )
+    cluster: ClusterConfig | None = Field(
+        None, description="Share the cameras with other daemons through NATS JetStream leases (docs/cluster.md)."
+    )
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
     torch_threads: int | None = Field(
         None,
@@ -455,6 +459,14 @@ class DaemonSettings(StrictModel):
                                  "stream, which only the GStreamer back end gives: set `backend: gstreamer` (or "
                                  f"auto), or `recording: {{enabled: false}}` under camera {name}")  # fmt: skip
         return value
+
+    @model_validator(mode="after")
+    def _nats_output_server(self) -> DaemonSettings:
+        for position, entry in enumerate(self.outputs):
+            if getattr(entry, "type", None) == "nats" and entry.url is None and self.cluster is None:  # type: ignore[union-attr]
+                raise ValueError(f"outputs.{position}: a nats output needs `url` (or a `cluster:` section, whose "
+                                 "server it then shares)")  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _camera_recording_possible(self) -> DaemonSettings:

@@ -56,6 +56,9 @@ class Delivery:
     body: bytes
     snapshot: bytes | None = None
     """Its snapshot's JPEG, live events only (the journal's pages carry none)."""
+    event_id: str = ""
+    run: str = ""
+    """The run that made it (the bus's), not necessarily this one: a catch-up delivers an earlier run's events."""
 
 
 class Cursor:
@@ -88,12 +91,13 @@ class Cursor:
         """The stored events of (after, upper], at most a page: (events, missing ranges, the seq the page ends at)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, camera, type, body FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                "SELECT seq, camera, type, body, id, run FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
                 (after, upper, PAGE_EVENTS),
             ).fetchall()
             oldest = self._db.execute("SELECT min(seq) FROM events").fetchone()[0]
         through = rows[-1][0] if len(rows) == PAGE_EVENTS else upper
-        events = [Delivery(seq, f"vigild.{camera}.{kind}", body.encode()) for seq, camera, kind, body in rows]
+        events = [Delivery(seq, f"vigild.{camera}.{kind}", body.encode(), None, event_id, run)
+                  for seq, camera, kind, body, event_id, run in rows]  # fmt: skip
         return events, missing_ranges(after, through, [d.seq for d in events], oldest), through
 
     def close(self) -> None:
@@ -176,7 +180,8 @@ class CatchUpOutput(QueuedOutput):
                 continue  # delivered from the journal already
             try:
                 snapshot = item.event.snapshot
-                delivery = Delivery(item.seq, item.event.topic, item.wire(), snapshot.jpeg if snapshot else None)
+                delivery = Delivery(item.seq, item.event.topic, item.wire(), snapshot.jpeg if snapshot else None,
+                                    item.id, item.run)  # fmt: skip
             except ValueError:
                 self.drop("unsendable")
                 continue

@@ -22,6 +22,7 @@ from vigild.config.loading import Config, ConfigError, load_config, with_camera
 from vigild.config.yamlsource import KeyPath
 from vigild.cpus import prefer_passive_waits
 from vigild.events import SYSTEM_CAMERA, Event
+from vigild.natslink import NatsLinks
 from vigild.outputs.bus import EventBus
 from vigild.outputs.publisher import Publisher, PublisherError
 from vigild.outputs.replay import ReplayError
@@ -82,9 +83,12 @@ class Daemon:
         cameras = len(config.cameras)
         self.workers = capture_workers(settings.capture, exchange, threads.usable_cpus, cameras, config.file)
         self.journaling = journaling = Journaling(settings.journal, config.file, bus, settings.curve)
+        cluster = settings.cluster
+        self.nats_links = NatsLinks(cluster.name if cluster is not None else "vigild")
+        """The daemon's NATS connections: the nats output and the cluster share one per server and login."""
         self.outputs = Outputs(bus, lambda: journaling.writer,
                                lambda: [publisher, *([journaling.writer] if journaling.writer is not None else [])],
-                               config.file, self)  # fmt: skip
+                               config.file, self, self.nats_links, cluster)  # fmt: skip
         self.recording: Any = None
         recording_root = None
         if any(settings.camera_recording(name) is not None for name in config.cameras):

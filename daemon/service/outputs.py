@@ -16,18 +16,22 @@ import logging
 import re
 import socket
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vigild import __version__
+from vigild.config.cluster import ClusterConfig, NatsServer
 from vigild.config.loading import Config
-from vigild.config.outputs import FileOutputConfig, MqttOutputConfig, OutputConfig
+from vigild.config.outputs import FileOutputConfig, MqttOutputConfig, NatsOutputConfig, OutputConfig
 from vigild.config.yamlsource import KeyPath
+from vigild.natslink import NatsLink, NatsLinks, NatsLogin
 from vigild.outputs.base import OutputError, QueuedOutput
 from vigild.outputs.bus import EventBus, Output
 from vigild.outputs.catchup import JournalLink
 from vigild.outputs.file import FileOutput, check_appendable
 from vigild.outputs.mqtt import CameraSwitch, MqttContext, MqttOutput, check_mqtt
+from vigild.outputs.nats import NatsOutput
 
 log = logging.getLogger("vigild.outputs")
 
@@ -48,8 +52,37 @@ def default_daemon_id(config_file: Path | None) -> str:
     return f"{host}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
 
 
-def make_output(config: OutputConfig, journal: JournalLink | None, context: MqttContext) -> QueuedOutput:
+def nats_login(url: str, server: NatsServer) -> NatsLogin:
+    username, password, creds = server.login()
+    return NatsLogin(url, username, password, creds)
+
+
+@dataclass(frozen=True)
+class NatsContext:
+    """What a `nats` output needs beyond its entry: the daemon's connections, the `cluster:` section whose server an
+    entry without `url` shares, and the name its headers carry."""
+
+    links: NatsLinks
+    cluster: ClusterConfig | None
+    member: str
+
+    def login(self, config: NatsOutputConfig) -> NatsLogin:
+        if config.url is not None:
+            return nats_login(config.url, config)
+        assert self.cluster is not None, "checked at load: a nats output without url needs a cluster section"
+        return nats_login(self.cluster.nats, self.cluster)
+
+    def link(self, config: NatsOutputConfig) -> Callable[[], NatsLink]:
+        login = self.login(config)
+        return lambda: self.links.get(login)
+
+
+def make_output(config: OutputConfig, journal: JournalLink | None, context: MqttContext,
+                nats: NatsContext | None = None) -> QueuedOutput:  # fmt: skip
     """The output an `outputs:` entry describes (not started)."""
+    if isinstance(config, NatsOutputConfig):
+        nats = nats or NatsContext(NatsLinks(context.daemon_id), None, context.daemon_id)
+        return NatsOutput(config, journal, nats.link(config), nats.member)
     if isinstance(config, FileOutputConfig):
         return FileOutput(config, journal)
     if isinstance(config, MqttOutputConfig):
@@ -78,11 +111,14 @@ def check_output(config: OutputConfig) -> tuple[str, str]:
 class Outputs:
     def __init__(self, bus: EventBus, journal: Callable[[], JournalLink | None],
                  builtin: Callable[[], list[Output]] = list, config_file: Path | None = None,
-                 cameras: CameraSwitch | None = None):  # fmt: skip
+                 cameras: CameraSwitch | None = None, links: NatsLinks | None = None,
+                 cluster: ClusterConfig | None = None):  # fmt: skip
         """`journal`: the journal's writer once it is open (None: none this run); `builtin`: the publisher and the
         journal's writer, which have sections of their own and are reported with the rest; `cameras`: what MQTT
         commands pause and resume."""
         self._context = MqttContext(default_daemon_id(config_file), __version__, cameras)
+        member = cluster.name if cluster is not None else self._context.daemon_id
+        self._nats = NatsContext(links or NatsLinks(member), cluster, member)
         self._bus = bus
         self._journal = journal
         self._builtin = builtin
@@ -138,7 +174,7 @@ class Outputs:
         return report
 
     def _start(self, entry: OutputConfig) -> None:
-        output = make_output(entry, self._journal(), self._context)
+        output = make_output(entry, self._journal(), self._context, self._nats)
         self._entries[entry.name] = (entry, output)  # a failed one too: the status says why; a reload tries again
         try:
             output.start()

@@ -31,7 +31,7 @@ from vigild.service.threads import apply_threads
 
 log = logging.getLogger("vigild")
 
-RESTART_REQUIRED = ("publisher", "journal", "control", "curve", "metrics", "web", "device", "torch_threads",
+RESTART_REQUIRED = ("publisher", "journal", "cluster", "control", "curve", "metrics", "web", "device", "torch_threads",
                     "capture", "recording")
 """Settings a reload cannot change in a running process (sockets, the compute device): they wait for a restart."""
 

@@ -1,0 +1,1 @@
+"""Many daemons sharing one camera list: NATS JetStream leases (docs/cluster.md)."""
