@@ -12,7 +12,7 @@ APT_PACKAGES := python3-venv libgl1 libglib2.0-0 \
 	gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-rtsp-server-1.0 \
 	gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly \
 	gstreamer1.0-libav gstreamer1.0-tools \
-	systemd mosquitto chromium
+	systemd mosquitto chromium nats-server iproute2
 TORCH := torch==2.14.1 torchvision==0.29.1
 
 export VIGILD_MEDIA ?= $(abspath $(SHARED)/media)

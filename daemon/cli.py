@@ -118,6 +118,17 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--config", "-c", help="the daemon's config file: its journal")
     clip.add_argument("--output", "-o", required=True, help="where to write the MP4 (`-`: standard output)")
 
+    cluster = commands.add_parser("cluster", help="who holds which camera in a cluster (docs/cluster.md)")
+    cluster_actions = cluster.add_subparsers(dest="action", required=True)
+    status = cluster_actions.add_parser("status", help="the members and leases, read from NATS")
+    status.add_argument("--json", action="store_true", help="as JSON")
+    ready = cluster_actions.add_parser("ready", help="exit 0 once this host's daemon registered and streams what it "
+                                       "holds (a readiness probe)")  # fmt: skip
+    ready.add_argument("--timeout", "-t", type=seconds, default=5.0, help="seconds to wait for the daemon")
+    for command in (status, ready):
+        command.add_argument("--config", "-c", required=True, help="the daemon's config file")
+        _curve_arguments(command)
+
     keygen = commands.add_parser("keygen", help="make a CURVE key pair (NAME.key public, NAME.key_secret private)")
     keygen.add_argument("name", help="e.g. server, or a client's name")
     keygen.add_argument("--dir", "-d", default=".", help="where to write the two files")
@@ -141,13 +152,14 @@ def _client_keys(args: argparse.Namespace) -> ClientKeys | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command in ("sub", "ctl", "events"):
+    if args.command in ("sub", "ctl", "events", "cluster"):
         try:
             keys = _client_keys(args)
         except (OSError, ValueError) as exc:
             print(f"vigild {args.command}: CURVE keys: {exc}", file=sys.stderr)
             return EXIT_FAILURE
-        return {"sub": cli_clients.sub, "ctl": cli_clients.ctl, "events": cli_clients.events}[args.command](args, keys)
+        return {"sub": cli_clients.sub, "ctl": cli_clients.ctl, "events": cli_clients.events,
+                "cluster": cli_clients.cluster}[args.command](args, keys)  # fmt: skip
     if args.command == "clip":
         return cli_clients.clip(args)
     prefer_passive_waits()  # the commands below load torch

@@ -234,3 +234,53 @@ def sub(args: argparse.Namespace, keys: ClientKeys | None) -> int:
         except BrokenPipeError:  # `vigild sub | head` closes our stdout: that is a normal end
             sys.stderr.close()
     return EXIT_OK if received or args.timeout is None else EXIT_FAILURE
+
+
+def cluster(args: argparse.Namespace, keys: ClientKeys | None) -> int:
+    """`vigild cluster status` (the buckets, read directly) and `vigild cluster ready` (this host's daemon, through
+    its control socket: a readiness probe)."""
+    from vigild.config.cluster import ClusterConfig
+    from vigild.config.loading import load_section
+    from vigild.config.yamlsource import load_yaml
+
+    try:
+        settings = load_section(args.config, "cluster", ClusterConfig) if args.action == "status" else None
+        control = load_control_settings(args.config)
+    except ConfigError as exc:
+        print(f"vigild: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if settings is not None:
+        from vigild.cluster.view import cluster_report, format_report
+
+        data = load_yaml(args.config).data
+        cameras = list(data.get("cameras") or {}) if isinstance(data, dict) else []
+        try:
+            report = cluster_report(settings, cameras)
+        except Exception as exc:  # unreachable, refused: say which
+            message = str(exc) or type(exc).__name__
+            if settings.password is not None:
+                message = message.replace(settings.password.get_secret_value(), "***")
+            print(f"vigild cluster: cannot read the cluster at {settings.nats}: {message}", file=sys.stderr)
+            return EXIT_FAILURE
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        return EXIT_OK
+    from vigild.paths import control_endpoint
+
+    endpoint = control.endpoint or control_endpoint(args.config)
+    with ControlClient(endpoint, keys, args.timeout) as client:
+        try:
+            reply, _ = client.request("status")
+        except TimeoutError as exc:
+            print(f"vigild cluster ready: not ready: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+    state = (reply.get("result") or {}).get("cluster") if reply.get("ok") else None
+    if state is None:
+        print("vigild cluster ready: not ready: the daemon has no `cluster:` section or did not answer",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_FAILURE
+    if not state.get("ready"):
+        reason = state.get("error") or ("not registered yet" if not state.get("registered") else "starting cameras")
+        print(f"vigild cluster ready: not ready: {reason}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"ready: {state['member']} holds {len(state['held'])} camera(s)")
+    return EXIT_OK

@@ -190,8 +190,12 @@ class NatsLinks:
 
     def get(self, login: NatsLogin) -> NatsLink:
         """The link to `login`, started (one more user: `release` it)."""
+        return self.link(login).acquire()
+
+    def link(self, login: NatsLogin) -> NatsLink:
+        """The link to `login`, not acquired (its user acquires it when it starts)."""
         with self._lock:
             link = self._links.get(login)
             if link is None:
                 link = self._links[login] = NatsLink(login, self.name)
-        return link.acquire()
+        return link

@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import threading
 import uuid
+from collections.abc import Callable
 from typing import Any, Protocol
 
-from vigild.events import Event
+from vigild.events import SYSTEM_CAMERA, Event
 
 _WIRE_LOCK = threading.Lock()
 
@@ -82,6 +83,10 @@ class EventBus:
         self._lock = threading.Lock()
         self._events: tuple[Output, ...] = ()
         self._heartbeats: tuple[Output, ...] = ()
+        self.fence: Callable[[str, float], bool] | None = None
+        """In a cluster: may an event of this camera with this `ts` leave? (vigild.cluster.placement.Fence)"""
+        self.fenced = 0
+        """Camera events the fence refused: made outside a period this daemon held the camera's lease."""
 
     def continue_from(self, seq: int) -> None:
         """Go on from `seq` (the journal's last): the next event gets `seq + 1`."""
@@ -114,6 +119,11 @@ class EventBus:
     def publish(self, event: Event) -> None:
         """Stamp `event` and offer it to the outputs; never blocks on them. Thread-safe."""
         event_id = uuid.uuid4().hex
+        fence = self.fence
+        camera_event = not event.is_heartbeat and event.camera != SYSTEM_CAMERA
+        if fence is not None and camera_event and not fence(event.camera, event.ts_wall):
+            self.fenced += 1
+            return
         with self._lock:
             if event.is_heartbeat:
                 self._beats += 1

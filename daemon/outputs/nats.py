@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from nats.errors import Error as NatsError
+
 from vigild.config.outputs import NatsOutputConfig
 from vigild.natslink import NatsLink
 from vigild.outputs.catchup import CatchUpOutput, Delivery, JournalLink
@@ -55,6 +57,8 @@ class NatsOutput(CatchUpOutput):
         """Message id → (subject, body, headers), in the order sent, until the stream acknowledged it."""
         self._stream_ok_on = -1
         """The connection (`connects`) on which the stream was checked."""
+        self._gave_up = False
+        self._unexpected: str | None = None
 
     # ----- the output's thread
 
@@ -91,10 +95,13 @@ class NatsOutput(CatchUpOutput):
             link = self._link
             assert link is not None
             if self._thread.stopping.is_set():
+                if self._gave_up:  # the next pages of a catch-up: the stop goes on
+                    return False
                 stop_by = stop_by or time.monotonic() + STOP_ACK_WAIT_S
                 if not link.connected.is_set() or time.monotonic() > stop_by:
                     log.warning("output %s: stopping with %d events not acknowledged by the stream; they are sent "
                                 "again from the journal at the next start", self.id, len(self._unacked))  # fmt: skip
+                    self._gave_up = True
                     return False
             self.alive_at = time.monotonic()
             if not link.connected.is_set():
@@ -111,12 +118,16 @@ class NatsOutput(CatchUpOutput):
                     log.error("output %s: %s; retrying every %.0f s, the events wait in the journal", self.id, exc,
                               RETRY_S)  # fmt: skip
                 self.stream_error = str(exc)
-                self._thread.stopping.wait(RETRY_S)
+                time.sleep(RETRY_S)
                 continue
             except Exception as exc:  # a timeout, a connection lost under way: publish again (deduplicated)
-                log.debug("output %s: publish: %s: %s", self.id, type(exc).__name__, exc)
+                problem = f"{type(exc).__name__}: {exc}"
+                if not isinstance(exc, TimeoutError | NatsError) and problem != self._unexpected:
+                    log.error("output %s: publishing failed: %s; retrying", self.id, problem)
+                    self._unexpected = problem
+                log.debug("output %s: publish: %s", self.id, problem)
                 self._stream_ok_on = -1  # "no stream" after a server lost its store: checked again
-                self._thread.stopping.wait(RETRY_S / 4)
+                time.sleep(RETRY_S / 4)
                 continue
             for message_id in acked:
                 del self._unacked[message_id]
@@ -169,7 +180,7 @@ class NatsOutput(CatchUpOutput):
             "max_bytes": have.max_bytes if have.max_bytes is not None else -1,
             "duplicate_window": float(have.duplicate_window or 0.0),
             "num_replicas": have.num_replicas or 1,
-            "storage": have.storage.value if have.storage is not None else "file",
+            "storage": str(getattr(have.storage, "value", have.storage) or "file"),
         }
         if wanted["subjects"] not in (have.subjects or []) and ">" not in (have.subjects or []):
             raise StreamProblem(f"the stream {config.stream} takes {actual['subjects']!r}, not "

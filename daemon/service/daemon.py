@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from vigild.capture.camera import Capture
 from vigild.capture.exchange import FrameExchange
+from vigild.cluster.placement import Placement
 from vigild.config.edits import camera_edit, edits_path, edits_text, file_camera, read_edit_entries, write_edits_text
 from vigild.config.loading import Config, ConfigError, load_config, with_camera
 from vigild.config.yamlsource import KeyPath
@@ -34,7 +35,7 @@ from vigild.service import cameras, status
 from vigild.service.control import CommandError, ControlServer
 from vigild.service.journaling import JournalBusy, Journaling
 from vigild.service.notify import ServiceNotifier
-from vigild.service.outputs import OutputRefused, Outputs
+from vigild.service.outputs import OutputRefused, Outputs, nats_login
 from vigild.service.reconfigure import RESTART_REQUIRED, Applied, reconfigure
 from vigild.service.running import CAPTURE_JOIN_TIMEOUT_S, Change, Pipeline, Running
 from vigild.service.status import Heartbeat, Rates, status_line
@@ -44,6 +45,8 @@ from vigild.service.workers import capture_workers
 log = logging.getLogger("vigild")
 
 SCHEDULER_JOIN_TIMEOUT_S = 6.0
+HOLD_ATTEMPTS = 3
+"""Tries to start or stop a camera for the placement while another change holds the configuration lock."""
 """With the captures' 2 s and the publisher's linger, a stop ends well within systemd's 10 s expectation."""
 
 __all__ = ["RESTART_REQUIRED", "Applied", "BindError", "Daemon", "status_line"]
@@ -101,11 +104,18 @@ class Daemon:
                                        if camera in self.config.cameras else None,
                                        lambda: self._running.captures, bus.publish, bus.run)  # fmt: skip
             exchange.clip_listener = self.recording.report
+        self.placement: Placement | None = None
+        if cluster is not None:  # leases of the cameras, shared with the other members (docs/cluster.md)
+            link = self.nats_links.link(nats_login(cluster.nats, cluster))
+            self.placement = Placement(cluster, link, self, bus.run)
+            bus.fence = self.placement.fence.allows
         self.pipeline = Pipeline(exchange, scheduler, publisher, device, threads, self.workers, self.journaling,
-                                 bus, self.outputs, recording_root, self.recording)  # fmt: skip
+                                 bus, self.outputs, recording_root, self.recording, self.placement)  # fmt: skip
         self.exchange, self.scheduler, self.publisher = exchange, scheduler, publisher
         self.device, self.threads = device, threads
-        self._running = Running(config, chain, {name: self.pipeline.capture(config, name) for name in config.cameras})
+        unheld = frozenset(config.cameras) if cluster is not None else frozenset()  # until the placement claims them
+        self._running = Running(config, chain, {name: self.pipeline.capture(config, name) for name in config.cameras},
+                                unheld=unheld, clustered=cluster is not None)  # fmt: skip
         """Replaced whole by a change, never altered: readers on other threads see the old state or the new."""
         self._rates = Rates()
         self.heartbeat = Heartbeat(settings.publisher.heartbeat_interval, self._heartbeat, bus.publish)
@@ -207,9 +217,12 @@ class Daemon:
         self.publisher.await_subscribers(self._stop_requested)
         self.scheduler.start()
         with self._reconfiguring:  # a change that got the lock before this point has answered `busy`
-            for capture in self._running.captures.values():
-                capture.start()
+            for name, capture in self._running.captures.items():
+                if name not in self._running.unheld:
+                    capture.start()
             self._started.set()
+        if self.placement is not None:
+            self.placement.start()
         log.info(
             "running %d camera(s) on %s (%d threads, %s), publishing on %s%s",
             len(self._running.captures),
@@ -250,6 +263,9 @@ class Daemon:
                 )
             else:
                 self.chain.stop()
+            if self.placement is not None:  # the closing events are out: hand the cameras over at once
+                self.placement.released_all()
+                self.placement.stop()
             if self.recording is not None:  # the clips being written are saved, and announced, before outputs stop
                 deadline = time.monotonic() + CAPTURE_JOIN_TIMEOUT_S
                 for capture in captures.values():
@@ -398,6 +414,35 @@ class Daemon:
     def resume(self, name: str) -> dict[str, str]:
         with self._changing():
             return self._commit(cameras.resume(self._running, name, self.pipeline, self._timeout)).result
+
+    # ----- the cluster's placement (vigild.cluster.placement.CameraHolder)
+
+    def hold(self, name: str) -> None:
+        """This daemon now holds `name`'s lease: capture it (a change made like a resume)."""
+        for attempt in range(HOLD_ATTEMPTS):
+            try:
+                with self._changing():
+                    self._commit(cameras.hold(self._running, name, self.pipeline, self._timeout))
+                return
+            except CommandError as exc:
+                if exc.code != "busy" or self._stop_requested.is_set() or attempt == HOLD_ATTEMPTS - 1:
+                    raise
+
+    def release(self, name: str, reason: str) -> None:
+        """This daemon gives up (or lost) `name`'s lease: stop capturing it. During a stop, the stop does it."""
+        for attempt in range(HOLD_ATTEMPTS):
+            if self._stop_requested.is_set():
+                return
+            try:
+                with self._changing():
+                    self._commit(cameras.release(self._running, name, self.pipeline, self._timeout, reason))
+                return
+            except CommandError as exc:  # the fence already keeps its events in: this only frees the capture
+                if exc.code != "busy" or attempt == HOLD_ATTEMPTS - 1:
+                    raise
+
+    def cluster_cameras(self) -> list[str]:
+        return list(self._running.config.cameras)
 
     @property
     def _timeout(self) -> float:

@@ -52,7 +52,7 @@ class MetricsSource(StatusSource, TimingSource, Protocol):
     """All the metrics server asks of the daemon."""
 
 
-CAMERA_STATES = (*(state.value for state in CameraState), "paused")
+CAMERA_STATES = (*(state.value for state in CameraState), "paused", "elsewhere", "unassigned")
 
 
 class DaemonCollector(Collector):

@@ -164,7 +164,7 @@ def swap(prepared: Prepared, running: Running, pipeline: Pipeline) -> None:
         scheduler.close_camera(name, "removed")
     for name in plan.restarted:
         scheduler.close_camera(name, "reconfigured")
-    still_open = set(plan.unchanged) - running.paused
+    still_open = set(plan.unchanged) - running.paused - running.unheld
     now = time.time()
     for stage, plugin, served in prepared.left_behind:
         for name in sorted(served & still_open):
@@ -206,8 +206,11 @@ def settle(prepared: Prepared, running: Running, pipeline: Pipeline) -> Change[A
         outputs=pipeline.outputs.apply(plan.new.settings.outputs) if pipeline.outputs is not None else {},
     )
     paused = running.paused - set(plan.leaving)
-    new_running = Running(plan.new, prepared.chain, captures, paused)
-    return Change(new_running, applied, tuple(prepared.captures[name] for name in plan.arriving))
+    # in a cluster, a camera restarted stays held or not as it was, and one added waits for the placement to claim it
+    unheld = (running.unheld - set(plan.removed)) | (set(plan.added) if running.clustered else set())
+    new_running = Running(plan.new, prepared.chain, captures, paused, frozenset(unheld), running.clustered)
+    starting = tuple(prepared.captures[name] for name in plan.arriving if name not in unheld)
+    return Change(new_running, applied, starting)
 
 
 def reconfigure(running: Running, new: Config, pipeline: Pipeline, timeout: float) -> Change[Applied]:

@@ -12,6 +12,7 @@ from vigild.capture.camera import CameraCapture, Capture
 from vigild.capture.clips import RecorderSettings
 from vigild.capture.exchange import FrameExchange
 from vigild.capture.pool import CaptureWorkers
+from vigild.cluster.placement import Placement
 from vigild.config.loading import Config
 from vigild.outputs.bus import EventBus
 from vigild.outputs.publisher import Publisher
@@ -46,6 +47,8 @@ class Pipeline:
     """Where clips go (None: no camera records)."""
     recording: Any = None
     """The daemon's recording (vigild.recording.manager.Recording), when a camera records."""
+    placement: Placement | None = None
+    """In a cluster: who holds which camera (vigild.cluster.placement)."""
 
     def recorder_settings(self, config: Config, name: str) -> RecorderSettings | None:
         settings = config.settings.camera_recording(name)
@@ -81,6 +84,10 @@ class Running:
     captures: Mapping[str, Capture]
     """Of every enabled camera, paused ones included (their capture is stopped)."""
     paused: frozenset[str] = frozenset()
+    unheld: frozenset[str] = frozenset()
+    """In a cluster: cameras this daemon does not hold the lease of (their capture is stopped, docs/cluster.md)."""
+    clustered: bool = False
+    """Cameras a change adds start unheld (the placement claims them)."""
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,10 @@ def status_line(status: Mapping[str, Any]) -> str:
     cameras = status["cameras"].values()
     streaming = sum(1 for camera in cameras if camera["state"] == CameraState.STREAMING.value)
     paused = sum(1 for camera in cameras if camera["state"] == "paused")
+    elsewhere = sum(1 for camera in cameras if camera["state"] == "elsewhere")
     fps = sum(camera["fps"] for camera in cameras)
     drops = sum(camera["drops"] for camera in cameras)
-    shown = f", {paused} paused" if paused else ""
+    shown = (f", {paused} paused" if paused else "") + (f", {elsewhere} held elsewhere" if elsewhere else "")
     return f"{streaming}/{len(cameras)} cameras streaming{shown}, {fps:.1f} frames/s, {drops} dropped"
 
 
@@ -99,9 +100,15 @@ def snapshot(running: Running, pipeline: Pipeline, rates: Rates, uptime_s: float
         }
         if name in motion:
             cameras[name]["motion"] = motion[name]
+    placement = pipeline.placement
+    if placement is not None:  # a camera another member holds is not down: it is `elsewhere`
+        for name, entry in cameras.items():
+            entry["holder"] = placement.holder_of(name)
+            if name in running.unheld and entry["state"] != "paused":
+                entry["state"] = "elsewhere" if entry["holder"] is not None else "unassigned"
     batches = scheduler.batches
     publisher = pipeline.publisher.stats
-    return {
+    report: dict[str, Any] = {
         "uptime_s": round(uptime_s, 1),
         "device": pipeline.device,
         "threads": thread_report(pipeline.threads),
@@ -142,6 +149,9 @@ def snapshot(running: Running, pipeline: Pipeline, rates: Rates, uptime_s: float
         "outputs": pipeline.outputs.status() if pipeline.outputs is not None else {},
         "recording": pipeline.recording.status() if pipeline.recording is not None else {"enabled": False},
     }
+    if placement is not None:
+        report["cluster"] = {**placement.status(), "fenced": pipeline.bus.fenced}
+    return report
 
 
 def branch_report(chain: Chain, stage: Stage) -> dict[str, Any]:
