@@ -231,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("  journal: off")
         for output in config.settings.outputs:
             print(f"  output {output.name}: {output.describe()}")
+        if config.settings.cluster is not None:
+            print(f"  {config.settings.cluster.describe()}")
         if any(config.settings.camera_recording(name) is not None for name in config.cameras):
             from vigild.config.recording import recordings_root
             from vigild.outputs.journal import default_path as journal_path

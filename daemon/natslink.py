@@ -38,6 +38,16 @@ class NatsLogin:
         return text.replace(self.password, "***") if self.password else text
 
 
+def describe(exc: BaseException) -> str:
+    """A failure to talk to the server, in words."""
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
+        return f"cannot connect: {exc.strerror or text}"
+    if "authorization" in text.lower() or "authentication" in text.lower():
+        return f"the server refused the credentials: {text}"
+    return f"{type(exc).__name__}: {text}"
+
+
 class NatsLink:
     def __init__(self, login: NatsLogin, name: str):
         self.login = login
@@ -148,7 +158,7 @@ class NatsLink:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._problem(f"cannot connect: {type(exc).__name__}: {exc}")
+                self._problem(describe(exc))
                 await asyncio.sleep(delay)
                 delay = min(RETRY_MAX_S, delay * 2)
         await self._reconnected()
@@ -171,7 +181,8 @@ class NatsLink:
             self._problem("lost the connection to the server")
 
     async def _error(self, exc: Exception) -> None:
-        self._problem(f"{type(exc).__name__}: {exc}")
+        """nats-py's report of a failure (while it retries on its own)."""
+        self._problem(describe(exc))
 
     def _problem(self, problem: str) -> None:
         problem = self.login.redact(problem)

@@ -9,6 +9,7 @@ made) and from the stream itself, read back message by message with its headers.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sqlite3
@@ -48,7 +49,7 @@ class Member:
     """One daemon of the cluster: its config, its namespace, its process."""
 
     def __init__(self, directory: Path, index: int, nats_url: str, name: str, site: Path, network: Network | None,
-                 capacity: int = 64, extra: str = ""):  # fmt: skip
+                 capacity: int = 64, extra: str = "", cameras: list[str] = CAMERAS, login: str = ""):  # fmt: skip
         self.directory = directory / f"d{index}"
         self.directory.mkdir(parents=True, exist_ok=True)
         os.chmod(self.directory, 0o700)
@@ -57,14 +58,15 @@ class Member:
         self.network = network
         self.namespace = network.add()[0] if network is not None else None
         self.site = site
-        cameras = "".join(f"  {c}: {{source: 'test://?width=96&height=64&fps=2'}}\n" for c in CAMERAS)
+        self.cameras = cameras
+        listed = "".join(f"  {c}: {{source: 'test://?width=96&height=64&fps=2'}}\n" for c in cameras)
         self.config = self.directory / "vigild.yaml"
         self.config.write_text(
-            f"cameras:\n{cameras}plugins:\n  - type: frame_echo\n"
+            f"cameras:\n{listed}plugins:\n  - type: frame_echo\n"
             f"publisher: {{endpoint: 'tcp://127.0.0.1:0', heartbeat_interval: 1}}\n"
             f"control: {{endpoint: 'ipc://{self.directory}/control'}}\n"
             f"journal: {{path: '{self.directory}/journal.db', replay_endpoint: 'ipc://{self.directory}/replay'}}\n"
-            f"cluster: {{nats: '{nats_url}', name: {name}, lease_ttl_s: {TTL}, capacity: {capacity}}}\n"
+            f"cluster: {{nats: '{nats_url}', name: {name}, lease_ttl_s: {TTL}, capacity: {capacity}{login}}}\n"
             f"outputs:\n  - {{type: nats, stream: {STREAM}}}\n"
             f"torch_threads: 1\nlog_level: INFO\n{extra}"
         )
@@ -268,7 +270,7 @@ def test_daemons_share_the_cameras_hand_them_over_and_never_publish_one_camera_a
     # per camera: publishers never overlap in `ts` (each run of one publisher ends before the next begins)
     runs = runs_by_camera(messages)
     for camera, cut in runs.items():
-        for before, after in zip(cut, cut[1:], strict=False):
+        for before, after in itertools.pairwise(cut):
             assert before[2] < after[1], f"{camera}: {before} overlaps {after}"
     killed_run = d3.journal()[0][3]  # its first run: the one SIGKILLed (it came back as another run)
     stopped_run = d2.journal()[-1][3]
@@ -285,3 +287,82 @@ def test_daemons_share_the_cameras_hand_them_over_and_never_publish_one_camera_a
     print(f"graceful hand-over, from the last event of the stopped daemon to the first of the next: "
           f"{', '.join(f'{g:.2f}' for g in sorted(gaps))} s")
     assert max(gaps) < TTL / 2, gaps
+
+
+def test_bad_input_is_a_clear_error_retried_until_fixed_and_nothing_is_lost(tmp_path):
+    """On loopback (the namespaces add nothing here). The server is down at start; when it comes it holds a lease
+    bucket with another TTL, a member value vigild did not write and a stream with other limits: each a clear error
+    in the status and the log, retried, never a crash; once fixed, every camera is held and every event journaled
+    meanwhile reaches the stream."""
+    cameras = ["g1", "g2"]
+    server = NatsServer(tmp_path / "nats")
+
+    async def prepare() -> None:
+        nc = await connect(server.url)
+        js = nc.jetstream()
+        await js.create_key_value(bucket="vigild_leases", history=1)  # no TTL: leases would never expire
+        members = await js.create_key_value(bucket="vigild_members", history=1, ttl=TTL)
+        await members.put("intruder", b"not json at all")
+        await js.add_stream(name=STREAM, subjects=["vigild.>"], max_age=86_400.0)  # one day, not seven
+        await nc.close()
+
+    server.start()
+    run(prepare())
+    server.stop()
+    member = Member(tmp_path, 1, server.url, "lone", plugin_site(tmp_path), None, cameras=cameras).start()
+    try:
+        wait_until(lambda: "cannot connect" in str((member.status() or {}).get("cluster", {}).get("error")),
+                   "the unreachable server reported", 60)  # fmt: skip
+        status = member.status()
+        assert status is not None
+        assert {c["state"] for c in status["cameras"].values()} == {"unassigned"}
+        assert "cannot connect" in str(status["outputs"]["nats"]["connection_error"])
+        assert status["cluster"]["ready"] is False
+
+        server.start()
+        wait_until(lambda: "keeps keys 0 s" in str(member.cluster().get("error")), "the bucket's TTL reported", 60)
+        wait_until(lambda: "other limits" in str((member.status() or {})["outputs"]["nats"]["stream_error"]),
+                   "the stream's limits reported", 60)  # fmt: skip
+        status = member.status()
+        assert status is not None and status["cluster"]["held"] == []
+        assert "lease_ttl_s" in status["cluster"]["error"]
+        assert "max_age 86400.0 (the config says 604800.0)" in status["outputs"]["nats"]["stream_error"]
+        assert member.process is not None and member.process.poll() is None
+
+        async def fix() -> None:
+            nc = await connect(server.url)
+            js = nc.jetstream()
+            await js.delete_key_value("vigild_leases")
+            await js.delete_stream(STREAM)
+            await nc.close()
+
+        run(fix())
+        wait_until(lambda: member.held() == set(cameras), "both cameras held once the bucket is fixed", 60)
+        wait_until(lambda: (member.status() or {})["outputs"]["nats"]["stream_error"] is None, "stream made", 60)
+        time.sleep(2)
+    finally:
+        member.stop()
+    log = member.log()
+    assert "Traceback" not in log, log[-3000:]
+    assert "holds a value vigild did not write under 'intruder'" in log
+    messages = stream_messages(server.url, STREAM)
+    server.stop()
+    journaled = [row[0] for row in member.journal()]
+    stored = {m["body"]["id"] for m in messages if "id" in m["body"]}
+    assert journaled and set(journaled) <= stored, f"{len(set(journaled) - stored)} of {len(journaled)} missing"
+
+
+def test_wrong_credentials_are_reported_without_the_password(tmp_path):
+    server = NatsServer(tmp_path / "nats", users={"vigild": "right-password"}).start()
+    secret = "wrong-password-3141"
+    login = f", username: vigild, password: {secret}"
+    member = Member(tmp_path, 1, server.url, "lone", plugin_site(tmp_path), None, cameras=["w1"], login=login).start()
+    try:
+        wait_until(lambda: "Authorization" in str(member.cluster().get("error")), "the refusal reported", 60)
+        status = member.status()
+        assert status is not None and member.process is not None and member.process.poll() is None
+        assert status["cameras"]["w1"]["state"] == "unassigned"
+    finally:
+        member.stop()
+        server.stop()
+    assert secret not in member.log() and secret not in str(status)

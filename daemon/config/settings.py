@@ -399,6 +399,9 @@ class DaemonSettings(StrictModel):
     plugins: list[dict[str, Any]] = Field(default_factory=list)
     publisher: PublisherConfig = PublisherConfig()
     journal: JournalConfig = JournalConfig()
+    cluster: ClusterConfig | None = Field(
+        None, description="Share the cameras with other daemons through NATS JetStream leases (docs/cluster.md)."
+    )
     outputs: list[OutputConfig] = Field(default_factory=list, description="Further outputs (docs/outputs.md).")
     scheduler: SchedulerConfig = SchedulerConfig()
     capture: CaptureSettings = CaptureSettings()
@@ -412,9 +415,6 @@ class DaemonSettings(StrictModel):
     motion: MotionConfig | None = Field(
         None, description="Detect only where and when something moved (docs/motion.md), for every camera; "
         "`motion: {}` turns it on with the defaults. Off without it."
-    )
-    cluster: ClusterConfig | None = Field(
-        None, description="Share the cameras with other daemons through NATS JetStream leases (docs/cluster.md)."
     )
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
     torch_threads: int | None = Field(
@@ -460,13 +460,16 @@ class DaemonSettings(StrictModel):
                                  f"auto), or `recording: {{enabled: false}}` under camera {name}")  # fmt: skip
         return value
 
-    @model_validator(mode="after")
-    def _nats_output_server(self) -> DaemonSettings:
-        for position, entry in enumerate(self.outputs):
-            if getattr(entry, "type", None) == "nats" and entry.url is None and self.cluster is None:  # type: ignore[union-attr]
-                raise ValueError(f"outputs.{position}: a nats output needs `url` (or a `cluster:` section, whose "
-                                 "server it then shares)")  # fmt: skip
-        return self
+    @field_validator("outputs")
+    @classmethod
+    def _nats_output_server(cls, value: list[OutputConfig], info: ValidationInfo) -> list[OutputConfig]:
+        """A nats output without `url` shares the cluster's server (`cluster` is validated before `outputs`)."""
+        if "cluster" in info.data and info.data["cluster"] is None:  # absent, rather than wrong (reported itself)
+            for position, entry in enumerate(value):
+                if getattr(entry, "type", None) == "nats" and entry.url is None:  # type: ignore[union-attr]
+                    raise ValueError(f"outputs.{position}: a nats output needs `url` (or a `cluster:` section, "
+                                     "whose server it then shares)")  # fmt: skip
+        return value
 
     @model_validator(mode="after")
     def _camera_recording_possible(self) -> DaemonSettings:

@@ -58,6 +58,7 @@ class NatsOutput(CatchUpOutput):
         self._stream_ok_on = -1
         """The connection (`connects`) on which the stream was checked."""
         self._gave_up = False
+        self._next_check = 0.0
         self._unexpected: str | None = None
 
     # ----- the output's thread
@@ -107,19 +108,11 @@ class NatsOutput(CatchUpOutput):
             if not link.connected.is_set():
                 link.connected.wait(RETRY_S / 4)
                 continue
-            try:
-                if self._stream_ok_on != link.connects:
-                    link.call(self._ensure_stream(link), self.config.ack_timeout_s + 2)
-                    self._stream_ok_on = link.connects
-                    self.stream_error = None
-                acked = link.call(self._publish(link, list(self._unacked.items())), self.config.ack_timeout_s + 2)
-            except StreamProblem as exc:
-                if str(exc) != self.stream_error:
-                    log.error("output %s: %s; retrying every %.0f s, the events wait in the journal", self.id, exc,
-                              RETRY_S)  # fmt: skip
-                self.stream_error = str(exc)
-                time.sleep(RETRY_S)
+            if not self._check_stream(link):
+                time.sleep(RETRY_S / 4)
                 continue
+            try:
+                acked = link.call(self._publish(link, list(self._unacked.items())), self.config.ack_timeout_s + 2)
             except Exception as exc:  # a timeout, a connection lost under way: publish again (deduplicated)
                 problem = f"{type(exc).__name__}: {exc}"
                 if not isinstance(exc, TimeoutError | NatsError) and problem != self._unexpected:
@@ -131,6 +124,37 @@ class NatsOutput(CatchUpOutput):
                 continue
             for message_id in acked:
                 del self._unacked[message_id]
+        return True
+
+    def tick(self) -> None:
+        """Check the stream as soon as connected (and after each reconnection), events or not."""
+        link = self._link
+        if link is not None and link.connected.is_set():
+            self._check_stream(link)
+        super().tick()
+
+    def _check_stream(self, link: NatsLink) -> bool:
+        """The stream is there as configured (checked once per connection, made if missing); False: not now (the
+        problem is in `stream_error` and the log), tried again after `RETRY_S`."""
+        if self._stream_ok_on == link.connects:
+            return True
+        if time.monotonic() < self._next_check:
+            return False
+        try:
+            link.call(self._ensure_stream(link), self.config.ack_timeout_s + 2)
+        except StreamProblem as exc:
+            if str(exc) != self.stream_error:
+                log.error("output %s: %s; retrying every %.0f s, the events wait in the journal", self.id, exc,
+                          RETRY_S)  # fmt: skip
+            self.stream_error = str(exc)
+            self._next_check = time.monotonic() + RETRY_S
+            return False
+        except Exception as exc:  # the connection went under way: the next try
+            log.debug("output %s: stream check: %s: %s", self.id, type(exc).__name__, exc)
+            self._next_check = time.monotonic() + RETRY_S / 4
+            return False
+        self._stream_ok_on = link.connects
+        self.stream_error = None
         return True
 
     def _snapshot(self, delivery: Delivery, camera: str) -> None:
