@@ -43,7 +43,10 @@ class Network:
         self.bridge = f"vgb{self.id}"
         self.host = SUBNET.format(self.net, 1)
         self.namespaces: list[str] = []
-        _ip("link", "add", self.bridge, "type", "bridge")
+        # a fixed address: a bridge otherwise takes the lowest of its ports', and changes it when a port joins, which
+        # leaves the namespaces' ARP entries for the host stale (connections fail until they expire, ~1 min)
+        mac = f"02:76:67:{self.id[0:2]}:{self.id[2:4]}:{self.id[4:6]}"
+        _ip("link", "add", self.bridge, "address", mac, "type", "bridge")
         _ip("addr", "add", f"{self.host}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
 

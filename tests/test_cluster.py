@@ -232,6 +232,8 @@ def test_daemons_share_the_cameras_hand_them_over_and_never_publish_one_camera_a
         print(f"takeover after a graceful stop: {handed:.2f} s (seen through the status)")
 
         # SIGSTOP past the TTL: the others take its cameras; once continued it publishes nothing in their periods
+        wait_until(lambda: all(states_agree(m) for m in (d1, d4)), "the hand-over's cameras streaming", 30)
+        time.sleep(2)  # their events reach the stream (the hand-over's gap is measured from them below)
         frozen = d1.held()
         d1.signal(signal.SIGSTOP)
         wait_until(lambda: one_holder_each([d4], [6]), "the paused daemon's cameras taken over", TTL * 3)

@@ -211,8 +211,8 @@ class Placement:
         self._task: concurrent.futures.Future[None] | None = None
         self._members: Any = None
         self._leases: Any = None
-        self._watcher: Any = None
-        self._watching: asyncio.Future[None] | None = None
+        self._watchers: list[Any] = []
+        self._watching: list[asyncio.Future[None]] = []
         self._bucket_conn = -1
         self._stopping = False
         self._first_round = threading.Event()
@@ -291,6 +291,7 @@ class Placement:
         deadlines = asyncio.create_task(self._deadlines())
         try:
             while not self._stopping:
+                self._wake.clear()  # before the round: a change seen during it starts the next one at once
                 if self.link.connected.is_set():
                     try:
                         await self._round()
@@ -304,7 +305,6 @@ class Placement:
                     except Exception as exc:  # a timeout, the connection lost under way: the next round retries
                         self._report(f"{type(exc).__name__}: {exc}")
                         self._bucket_conn = -1
-                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.config.renew_s)
         finally:
@@ -340,18 +340,20 @@ class Placement:
             opened.append(kv)
         self._members, self._leases = opened
         self.kv_ops += 4
-        if self._watcher is not None:
+        for watcher in self._watchers:
             try:
-                await self._watcher.stop()
+                await watcher.stop()
             except Exception:
                 log.debug("cluster: old watcher", exc_info=True)
-        self._watcher = await self._leases.watchall(include_history=False, ignore_deletes=False)
-        self._watching = asyncio.ensure_future(self._watch(self._watcher))
+        self._watchers = [await kv.watchall(include_history=False) for kv in (self._members, self._leases)]
+        self._watching = [asyncio.ensure_future(self._watch(watcher, members))
+                          for watcher, members in zip(self._watchers, (True, False), strict=True)]  # fmt: skip
         self._bucket_conn = self.link.connects
 
-    async def _watch(self, watcher: Any) -> None:
-        """A lease deleted (a graceful release) or a new member: a round at once, for the shortest hand-over."""
-        while not self._stopping and watcher is self._watcher:
+    async def _watch(self, watcher: Any, members: bool) -> None:
+        """A lease deleted (a graceful release), a member come or gone: a round at once, for the shortest hand-over.
+        Renewals (of leases and registrations) start none."""
+        while not self._stopping and watcher in self._watchers:
             try:
                 entry = await watcher.updates(timeout=self.config.lease_ttl_s)
             except asyncio.CancelledError:
@@ -360,7 +362,9 @@ class Placement:
                 continue
             if entry is not None and not hasattr(entry, "operation"):  # the watch ended (nats-py's sentinel)
                 return
-            if entry is not None and entry.operation is not None and self._wake is not None:
+            if entry is None or self._wake is None:
+                continue
+            if entry.operation is not None or (members and entry.key not in self.view.members):
                 self._wake.set()
 
     async def _read(self, kv: Any, bucket: str) -> dict[str, tuple[bytes, int]]:
@@ -521,16 +525,14 @@ class Placement:
         self._stopping = True
         if self._leases is None or not self.link.connected.is_set():
             return
-        for camera in list(self.held):
-            self.releasing.add(camera)
-            await self._delete(camera)
-        try:
+        try:  # first: the others' shares grow before they see the leases go
             await self._members.delete(self.member)
         except Exception as exc:
             log.debug("cluster: deregister: %s", exc)
-        if self._watcher is not None:
+        await asyncio.gather(*(self._delete(camera) for camera in list(self.held)))
+        for watcher in self._watchers:
             try:
-                await self._watcher.stop()
+                await watcher.stop()
             except Exception:
                 log.debug("cluster: watcher stop", exc_info=True)
 
