@@ -77,7 +77,8 @@ def daemon_ratio(args: argparse.Namespace, server: NatsServer) -> None:
     for round_ in range(args.rounds):
         for on in (False, True) if round_ % 2 == 0 else (True, False):
             text = vtest_daemon_yaml(SHARED, 1, ANALYTICS, "cpu", camera_extra=GEOMETRY)
-            text += f"outputs:\n  - {{type: nats, url: '{server.url}', stream: BENCH{round_}}}\n" if on else ""
+            text += (f"outputs:\n  - {{type: nats, url: '{server.url}', stream: BENCH{round_}, subject_prefix: "
+                     f"bench{round_}}}\n") if on else ""  # fmt: skip
             result = in_fresh_process(run_daemon, (text, args.warmup, args.seconds), args.warmup + args.seconds + 600)
             fps[on].append(result["fps"])
             nats = result["nats"]
@@ -109,7 +110,7 @@ def drain(server: NatsServer, database: Path, total: int, stream: str) -> float:
     db.execute("INSERT OR REPLACE INTO output_cursors VALUES ('nats', 0, 0)")  # catch up from the start
     db.commit()
     db.close()
-    config = NatsOutputConfig(type="nats", url=server.url, stream=stream)
+    config = NatsOutputConfig(type="nats", url=server.url, stream=stream, subject_prefix=stream.lower())
     links = NatsLinks("bench")
     output = NatsOutput(config, Stored(database, total), lambda: links.get(NatsLogin(server.url)), "bench")
     began = time.monotonic()

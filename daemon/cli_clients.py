@@ -279,7 +279,9 @@ def cluster(args: argparse.Namespace, keys: ClientKeys | None) -> int:
               file=sys.stderr)  # fmt: skip
         return EXIT_FAILURE
     if not state.get("ready"):
-        reason = state.get("error") or ("not registered yet" if not state.get("registered") else "starting cameras")
+        waiting = ", ".join(state.get("not_streaming") or [])
+        reason = state.get("error") or ("not registered yet" if not state.get("registered") else
+                                        f"cameras held but not streaming: {waiting}" if waiting else "starting cameras")  # fmt: skip
         print(f"vigild cluster ready: not ready: {reason}", file=sys.stderr)
         return EXIT_FAILURE
     print(f"ready: {state['member']} holds {len(state['held'])} camera(s)")

@@ -36,8 +36,10 @@ class NatsServer:
         self.directory = directory
         self.host = host
         self.port = free_port(host)
+        self.monitor = free_port(host)
         self.log = directory / "nats.log"
-        lines = [f'listen: "{host}:{self.port}"', f'jetstream {{ store_dir: "{directory}/store" }}']
+        lines = [f'listen: "{host}:{self.port}"', f'http: "{host}:{self.monitor}"',
+                 f'jetstream {{ store_dir: "{directory}/store" }}']  # fmt: skip
         if users:
             entries = ", ".join(f'{{user: "{u}", password: "{p}"}}' for u, p in users.items())
             lines.append(f"authorization {{ users: [{entries}] }}")
@@ -61,6 +63,13 @@ class NatsServer:
                 assert self.process.poll() is None, self.log.read_text()[-2000:]
                 time.sleep(0.05)
         raise AssertionError(f"nats-server did not listen on {self.url}: {self.log.read_text()[-2000:]}")
+
+    def connections(self) -> list[dict[str, Any]]:
+        """The server's client connections (its monitoring endpoint /connz): name, ip, port..."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://{self.host}:{self.monitor}/connz?limit=1024", timeout=5) as reply:
+            return list(json.load(reply).get("connections") or [])
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -24,12 +24,19 @@ def available() -> str | None:
         return "iproute2's `ip` is not installed"
     if os.geteuid() != 0:
         return "not root (network namespaces need CAP_NET_ADMIN)"
-    name = f"vgp{uuid.uuid4().hex[:8]}"
-    try:
+    probe = uuid.uuid4().hex[:6]
+    name, bridge, outside, inside = f"vgp{probe}", f"vgpb{probe}", f"vgpo{probe}", f"vgpi{probe}"
+    try:  # everything the tests make: a namespace, a bridge, a veth pair into the namespace
         _ip("netns", "add", name)
-        _ip("netns", "del", name)
+        _ip("link", "add", bridge, "type", "bridge")
+        _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
+        _ip("link", "set", inside, "netns", name)
+        _ip("link", "set", outside, "master", bridge)
     except subprocess.CalledProcessError as exc:
-        return f"`ip netns add` failed: {exc.stderr.strip()}"
+        return f"`{' '.join(exc.cmd)}` failed: {exc.stderr.strip()}"
+    finally:
+        for argv in (["ip", "netns", "del", name], ["ip", "link", "del", outside], ["ip", "link", "del", bridge]):
+            subprocess.run(argv, capture_output=True)
     return None
 
 

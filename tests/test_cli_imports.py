@@ -78,3 +78,17 @@ def test_events_imports_none_of_them_either(tmp_path):
     code, heavy, err = imported("events", "--journal", str(tmp_path / "none.db"))
     assert code == 2 and "no event journal at" in err, err
     assert heavy == [], heavy
+
+
+def test_cluster_commands_are_clients_too(tmp_path):
+    """`vigild cluster status` reads NATS (here: nobody listens), `vigild cluster ready` asks the daemon (none runs):
+    both fail with the reason, having imported nothing heavy."""
+    config = tmp_path / "vigild.yaml"
+    config.write_text("cameras:\n  a: {source: 'test://'}\ncluster: {nats: 'nats://127.0.0.1:1'}\n"
+                      f"control: {{endpoint: 'ipc://{tmp_path}/control'}}\n")  # fmt: skip
+    code, heavy, err = imported("cluster", "status", "--config", str(config))
+    assert code == 1 and "cannot read the cluster at nats://127.0.0.1:1" in err, err
+    assert heavy == [], heavy
+    code, heavy, err = imported("cluster", "ready", "--config", str(config), "--timeout", "0.3")
+    assert code == 1 and "not ready" in err, err
+    assert heavy == [], heavy

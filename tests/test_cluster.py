@@ -180,6 +180,13 @@ def runs_by_camera(messages: list[dict[str, Any]]) -> dict[str, list[tuple[str, 
 def test_daemons_share_the_cameras_hand_them_over_and_never_publish_one_camera_at_once(tmp_path, network):
     host = network.host if network is not None else "127.0.0.1"
     server = NatsServer(tmp_path / "nats", host=host).start()
+    try:
+        check_cluster(tmp_path, network, server)
+    finally:
+        server.stop()
+
+
+def check_cluster(tmp_path: Path, network: Network | None, server: NatsServer) -> None:
     site = plugin_site(tmp_path)
     members: list[Member] = []
     try:
@@ -199,6 +206,11 @@ def test_daemons_share_the_cameras_hand_them_over_and_never_publish_one_camera_a
                     and {c for c, s in states.items() if s == "elsewhere"} == set(CAMERAS) - held)  # fmt: skip
 
         wait_until(lambda: all(states_agree(m) for m in members), "camera states agree with the leases", 30)
+        # the output and the placement share one connection: one per daemon (each its own address in its namespace)
+        vigild = [c for c in server.connections() if str(c.get("name", "")).startswith("vigild ")]
+        assert len(vigild) == 3, vigild
+        if network is not None:
+            assert len({c["ip"] for c in vigild}) == 3, vigild
         env = daemon_env()
         shown = subprocess.run([sys.executable, "-m", "vigild", "cluster", "status", "--json", "-c", str(d1.config)],
                                env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -259,7 +271,6 @@ def test_daemons_share_the_cameras_hand_them_over_and_never_publish_one_camera_a
     for index, text in logs.items():
         assert "Traceback" not in text, f"daemon {index}:\n{text[-3000:]}"
     messages = stream_messages(server.url, STREAM)
-    server.stop()
 
     # one consumer sees every camera; every event every daemon journaled is in the stream, each once
     ids = [m["headers"]["Nats-Msg-Id"] for m in messages if "camera" in m["body"]]
@@ -313,6 +324,14 @@ def test_bad_input_is_a_clear_error_retried_until_fixed_and_nothing_is_lost(tmp_
     server.stop()
     member = Member(tmp_path, 1, server.url, "lone", plugin_site(tmp_path), None, cameras=cameras).start()
     try:
+        check_bad_input(member, server, cameras)
+    finally:
+        member.stop()
+        server.stop()
+
+
+def check_bad_input(member: Member, server: NatsServer, cameras: list[str]) -> None:
+    try:
         wait_until(lambda: "cannot connect" in str((member.status() or {}).get("cluster", {}).get("error")),
                    "the unreachable server reported", 60)  # fmt: skip
         status = member.status()
@@ -348,7 +367,6 @@ def test_bad_input_is_a_clear_error_retried_until_fixed_and_nothing_is_lost(tmp_
     assert "Traceback" not in log, log[-3000:]
     assert "holds a value vigild did not write under 'intruder'" in log
     messages = stream_messages(server.url, STREAM)
-    server.stop()
     journaled = [row[0] for row in member.journal()]
     stored = {m["body"]["id"] for m in messages if "id" in m["body"]}
     assert journaled and set(journaled) <= stored, f"{len(set(journaled) - stored)} of {len(journaled)} missing"

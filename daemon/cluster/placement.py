@@ -215,7 +215,6 @@ class Placement:
         self._watching: list[asyncio.Future[None]] = []
         self._bucket_conn = -1
         self._stopping = False
-        self._first_round = threading.Event()
 
     # ----- from the daemon's threads
 

@@ -177,7 +177,7 @@ class NatsOutput(CatchUpOutput):
     async def _ensure_stream(self, link: NatsLink) -> None:
         """The stream exists with the configured limits (created if missing); StreamProblem if it differs."""
         from nats.js.api import StorageType
-        from nats.js.errors import NotFoundError
+        from nats.js.errors import APIError, NotFoundError
 
         config = self.config
         js = link.nc.jetstream()
@@ -192,9 +192,13 @@ class NatsOutput(CatchUpOutput):
         try:
             info = await js.stream_info(config.stream)
         except NotFoundError:
-            await js.add_stream(name=config.stream, subjects=[wanted["subjects"]], max_age=wanted["max_age"],
-                                max_bytes=config.max_bytes, duplicate_window=config.duplicate_window_s,
-                                num_replicas=config.replicas, storage=StorageType(config.storage))  # fmt: skip
+            try:
+                await js.add_stream(name=config.stream, subjects=[wanted["subjects"]], max_age=wanted["max_age"],
+                                    max_bytes=config.max_bytes, duplicate_window=config.duplicate_window_s,
+                                    num_replicas=config.replicas, storage=StorageType(config.storage))  # fmt: skip
+            except APIError as exc:  # another stream takes these subjects, replicas the server cannot give...
+                raise StreamProblem(f"cannot create the stream {config.stream} ({wanted['subjects']}): "
+                                    f"{exc.description or exc}") from None  # fmt: skip
             log.info("output %s: created the stream %s (%s)", self.id, config.stream, wanted["subjects"])
             return
         have = info.config

@@ -431,7 +431,7 @@ class Daemon:
     def release(self, name: str, reason: str) -> None:
         """This daemon gives up (or lost) `name`'s lease: stop capturing it. During a stop, the stop does it."""
         for attempt in range(HOLD_ATTEMPTS):
-            if self._stop_requested.is_set():
+            if self._stop_requested.is_set() or name not in self._running.config.cameras:  # stopping, or removed
                 return
             try:
                 with self._changing():

@@ -150,7 +150,11 @@ def snapshot(running: Running, pipeline: Pipeline, rates: Rates, uptime_s: float
         "recording": pipeline.recording.status() if pipeline.recording is not None else {"enabled": False},
     }
     if placement is not None:
-        report["cluster"] = {**placement.status(), "fenced": pipeline.bus.fenced}
+        cluster = placement.status()
+        waiting = [name for name in cluster["held"] if cameras.get(name, {}).get("state") not in ("streaming", "paused")]
+        # ready (Kubernetes' probe): registered, and every camera it holds streams (or was paused on purpose)
+        cluster.update(ready=cluster["ready"] and not waiting, not_streaming=waiting, fenced=pipeline.bus.fenced)
+        report["cluster"] = cluster
     return report
 
 
