@@ -93,23 +93,27 @@ async def connect(url: str, **options: Any) -> Any:
 
 
 def stream_messages(url: str, stream: str, **options: Any) -> list[dict[str, Any]]:
-    """Every message of `stream` in order: subject, headers, body (parsed JSON) and stream seq."""
+    """Every message of `stream` in order, as one durable JetStream consumer (a pull consumer from the start) gets
+    them: subject, headers, body (parsed JSON) and stream seq."""
 
     async def read() -> list[dict[str, Any]]:
+        import nats.errors
+
         nc = await connect(url, **options)
         try:
             js = nc.jetstream()
-            info = await js.stream_info(stream)
+            consumer = await js.pull_subscribe(">", durable="test-reader", stream=stream)
             out = []
-            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            while True:
                 try:
-                    message = await js.get_msg(stream, seq)
-                except Exception:  # removed (limits)
-                    continue
-                out.append({"subject": message.subject, "headers": dict(message.headers or {}),
-                            "body": json.loads(message.data), "seq": seq})  # fmt: skip
-            return out
+                    batch = await consumer.fetch(500, timeout=2)
+                except nats.errors.TimeoutError:
+                    return out
+                for message in batch:
+                    out.append({"subject": message.subject, "headers": dict(message.headers or {}),
+                                "body": json.loads(message.data), "seq": message.metadata.sequence.stream})  # fmt: skip
+                    await message.ack()
         finally:
             await nc.close()
 
-    return run(read(), 120)
+    return run(read(), 300)

@@ -423,9 +423,12 @@ class Placement:
             for camera in sorted(mine, key=lambda c: self._order(c), reverse=True)[: len(mine) - target]:
                 self._release(camera, "released")
         elif len(mine) < target:
-            free = [c for c in cameras if c not in leases and c not in self.held]
-            for camera in sorted(free, key=self._order)[: target - len(mine)]:
-                await self._claim(camera)
+            wanted = target - len(mine)
+            for camera in sorted((c for c in cameras if c not in leases and c not in self.held), key=self._order):
+                if wanted == 0:
+                    break
+                if await self._claim(camera):  # another member may be first: then the next free one
+                    wanted -= 1
         for camera in [c for c in self.held if c not in cameras and c not in self.releasing]:
             self._release(camera, "released")  # removed from the configuration
 
@@ -437,7 +440,8 @@ class Placement:
         return json.dumps({"member": self.member, "name": self.config.name, "run": self.run, "since": since,
                            "renewed": self._clock()}).encode()  # fmt: skip
 
-    async def _claim(self, camera: str) -> None:
+    async def _claim(self, camera: str) -> bool:
+        """Create `camera`'s lease and start it; False if another member holds it."""
         from nats.js.errors import KeyWrongLastSequenceError
 
         sent = self._clock()
@@ -445,7 +449,7 @@ class Placement:
             revision = await self._leases.create(camera, self._value(sent))
         except KeyWrongLastSequenceError:
             self.kv_ops += 1
-            return  # another member was first
+            return False  # another member was first
         self.kv_ops += 1
         since = self._clock()  # the server took it by now: no other member's period reaches past this
         self.held[camera] = Lease(camera, revision, since)
@@ -458,6 +462,7 @@ class Placement:
             loop.call_soon_threadsafe(self.starting.discard, camera)
 
         self._mover.run(lambda: self.holder.hold(camera), started)
+        return True
 
     async def _renew(self, lease: Lease) -> None:
         from nats.js.errors import KeyWrongLastSequenceError
