@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,8 @@ async def connect(url: str, **options: Any) -> Any:
 
 def stream_messages(url: str, stream: str, **options: Any) -> list[dict[str, Any]]:
     """Every message of `stream` in order, as one durable JetStream consumer (a pull consumer from the start) gets
-    them: subject, headers, body (parsed JSON) and stream seq."""
+    them: subject, headers, body (parsed JSON) and stream seq. Each call makes a consumer of its own, so a second
+    call reads from the start again rather than resuming where the first one acked."""
 
     async def read() -> list[dict[str, Any]]:
         import nats.errors
@@ -102,7 +104,7 @@ def stream_messages(url: str, stream: str, **options: Any) -> list[dict[str, Any
         nc = await connect(url, **options)
         try:
             js = nc.jetstream()
-            consumer = await js.pull_subscribe(">", durable="test-reader", stream=stream)
+            consumer = await js.pull_subscribe(">", durable=f"test-reader-{uuid.uuid4().hex[:12]}", stream=stream)
             out = []
             while True:
                 try:
